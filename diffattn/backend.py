@@ -1,0 +1,72 @@
+"""Which implementation runs: ``"triton"`` (the fused kernels), ``"torch"`` (two SDPA calls) or
+``"auto"`` (triton where it can run, else torch).
+
+The fused kernels run on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set
+before diffattn was imported. Asking for ``"triton"`` where it cannot run raises; ``"auto"``
+falls back to torch with one warning per reason, so the backend in use is never a secret.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+try:
+    from .kernels import INTERPRET, MAX_HEAD_DIM
+    _TRITON_IMPORT_ERROR = None
+except ImportError as exc:  # triton missing (e.g. macOS or Windows wheels of torch)
+    INTERPRET, MAX_HEAD_DIM = False, 128
+    _TRITON_IMPORT_ERROR = exc
+
+_warned: set = set()
+
+
+def check_backend_name(backend) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def triton_unavailable_reason(device: torch.device, dtype: torch.dtype, head_dim: int,
+                              features: tuple = ()) -> str | None:
+    """Why the fused kernels cannot run this call, or None when they can.
+
+    features: names of requested features the kernels lack (e.g. "dropout"), each a reason.
+    """
+    if _TRITON_IMPORT_ERROR is not None:
+        return f"triton could not be imported ({_TRITON_IMPORT_ERROR})"
+    if device.type == "cuda":
+        if INTERPRET:
+            return "TRITON_INTERPRET=1 is set, so the kernels only run on CPU tensors"
+        if dtype == torch.float64:
+            return "float64 is supported by the fused kernels only under TRITON_INTERPRET=1"
+    elif device.type == "cpu":
+        if not INTERPRET:
+            return ("the fused kernels need a CUDA device (or TRITON_INTERPRET=1 set before "
+                    "importing diffattn, to run them on CPU through the Triton interpreter)")
+    else:
+        return f"the fused kernels do not run on {device.type} tensors"
+    if head_dim > MAX_HEAD_DIM:
+        return f"head_dim {head_dim} is above the fused kernels' maximum of {MAX_HEAD_DIM}"
+    if features:
+        return f"the fused kernels do not support {', '.join(features)}"
+    return None
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int,
+                    features: tuple = ()) -> str:
+    """Return "triton" or "torch" for this call; raise if "triton" was asked for and cannot run."""
+    check_backend_name(backend)
+    if backend == "torch":
+        return "torch"
+    reason = triton_unavailable_reason(device, dtype, head_dim, features)
+    if reason is None:
+        return "triton"
+    if backend == "triton":
+        raise RuntimeError(f"backend='triton' cannot run here: {reason}. "
+                           "Use backend='torch' (or 'auto') for the PyTorch path.")
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"diffattn: using the torch backend because {reason}.", stacklevel=3)
+    return "torch"

@@ -1,0 +1,106 @@
+"""Plain-math differential attention: the readable reference every fused path is tested against.
+
+It materialises both (N x M) softmax maps, so it is slow and memory hungry, but it is written
+straight from the formulas (../shared/reference/kernel-math.md) and runs in any dtype,
+float64 included, which makes it the ground truth of the test suite.
+
+Layouts (flash-attn style, batch first):
+    q   (B, N, 2H, d)   q heads 2h and 2h+1 are the two maps of differential head h
+    k   (B, M, 2Hk, d)  key heads 2g and 2g+1 of key/value group g
+    v   (B, M, Hk, 2d)  one value head of width 2d per group
+    out (B, N, H, 2d)
+Differential head h reads group g = h // (H // Hk).
+"""
+from __future__ import annotations
+
+import math
+import torch
+
+
+def causal_keep_mask(seq_q: int, seq_k: int, device=None) -> torch.Tensor:
+    """Bool (N, M) mask, True where query i may see key j under diffattn's causal rule.
+
+    The diagonal is aligned to the bottom-right corner (FlashAttention's convention): query i
+    sees keys j <= i + (M - N). For N == M that is the usual j <= i. When N > M the first
+    N - M queries see no key at all and their output is zero.
+    """
+    rows = torch.arange(seq_q, device=device)[:, None]
+    cols = torch.arange(seq_k, device=device)[None, :]
+    return cols <= rows + (seq_k - seq_q)
+
+
+def expand_lambda(lambda_, num_heads: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Return lambda as a (H,) tensor of ``dtype`` (differentiable when lambda_ is a tensor)."""
+    if isinstance(lambda_, torch.Tensor):
+        return lambda_.to(device=device, dtype=dtype).reshape(-1).expand(num_heads)
+    return torch.full((num_heads,), float(lambda_), dtype=dtype, device=device)
+
+
+def rms_norm_epilogue(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                      out_scale: float) -> torch.Tensor:
+    """Per-head RMSNorm over the last dim, times the weight, times out_scale.
+
+    Computed in float32 (float64 for float64 inputs) and cast back to x's dtype, as the
+    DiffCLIP release does.
+    """
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.to(compute)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.to(compute)
+    return (y * out_scale).to(x.dtype)
+
+
+def differential_maps(q, k, *, lambda_, causal=False, key_padding_mask=None,
+                      scale=None, attn_bias=None):
+    """Both softmax maps and their difference, each (B, H, N, M), in q's dtype.
+
+    attn_bias, if given, is an additive float (or bool keep=False -> -inf) bias broadcastable to
+    (B, 2H, N, M), applied to the scores of every q/k head before the softmax.
+    Rows with no visible key are all zeros.
+    """
+    B, N, H2, d = q.shape
+    M, Hk2 = k.shape[1], k.shape[2]
+    H, Hk = H2 // 2, Hk2 // 2
+    scale = d ** -0.5 if scale is None else scale
+    group = H // Hk
+    # Repeat each key group's pair of heads for the H // Hk differential heads that read it.
+    k_heads = k.reshape(B, M, Hk, 2, d).repeat_interleave(group, dim=2).reshape(B, M, H2, d)
+    scores = torch.einsum("bnhd,bmhd->bhnm", q, k_heads) * scale
+    keep = torch.ones(N, M, dtype=torch.bool, device=q.device)
+    if causal:
+        keep = causal_keep_mask(N, M, q.device)
+    keep = keep.expand(B, H2, N, M)
+    if key_padding_mask is not None:
+        keep = keep & ~key_padding_mask[:, None, None, :]
+    if attn_bias is not None:
+        if attn_bias.dtype == torch.bool:
+            keep = keep & ~attn_bias
+        else:
+            scores = scores + attn_bias
+            keep = keep & ~torch.isneginf(attn_bias)
+    scores = scores.masked_fill(~keep, -math.inf)
+    row_has_key = keep.any(-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(~row_has_key, 0.0), dim=-1) * row_has_key
+    a1, a2 = probs[:, 0::2], probs[:, 1::2]
+    lam = expand_lambda(lambda_, H, q.dtype, q.device)[None, :, None, None]
+    return a1, a2, a1 - lam * a2
+
+
+def diff_attention_ref(q, k, v, lambda_, *, causal=False, key_padding_mask=None, scale=None,
+                       norm_weight=None, eps=1e-5, out_scale=1.0, attn_bias=None):
+    """Differential attention by explicit matmuls and softmax (materialises the maps).
+
+    Returns (B, N, H, 2d) in q's dtype. Same arguments and semantics as
+    :func:`diffattn.diff_attention`; ``norm_weight`` switches on the per-head RMSNorm epilogue
+    (y = rmsnorm(x) * norm_weight * out_scale); without it the output is x * out_scale.
+    """
+    B, N, H2, d = q.shape
+    M, Hk = v.shape[1], v.shape[2]
+    H = H2 // 2
+    *_, diff = differential_maps(q, k, lambda_=lambda_, causal=causal,
+                                 key_padding_mask=key_padding_mask, scale=scale,
+                                 attn_bias=attn_bias)
+    v_heads = v.repeat_interleave(H // Hk, dim=2)  # (B, M, H, 2d)
+    x = torch.einsum("bhnm,bmhe->bnhe", diff, v_heads)
+    if norm_weight is None:
+        return x * out_scale
+    return rms_norm_epilogue(x, norm_weight, eps, out_scale)

@@ -1,0 +1,175 @@
+"""Image preprocessing for the CLIP image towers (PIL + torch, no torchvision).
+
+Two recipes:
+
+- ``"squash"`` (the DiffCLIP release demo): bilinear resize to ``(size, size)`` without
+  keeping the aspect ratio, scale to [0, 1], ImageNet mean/std.
+- ``"shortest"`` (open_clip / OpenAI CLIP): bicubic resize of the short side to ``size``
+  (long side ``int(size * long / short)``, as torchvision's ``Resize(int)``), centre crop
+  ``(size, size)`` (torchvision's ``CenterCrop`` rounding), scale to [0, 1], OpenAI mean/std.
+
+Every input (PIL image, file path, uint8 tensor) is turned into an RGB PIL image first, so
+all input kinds go through the same resampling code and agree exactly.
+"""
+import dataclasses
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+RESIZE_MODES = ("squash", "shortest")
+_DEFAULT_MEAN_STD = {
+    "squash": (IMAGENET_MEAN, IMAGENET_STD),
+    "shortest": (OPENAI_MEAN, OPENAI_STD),
+}
+
+
+def load_rgb_image(image) -> Image.Image:
+    """An RGB PIL image from a PIL image, a file path or a uint8 tensor.
+
+    Args:
+        image: ``PIL.Image.Image`` (any mode, converted to RGB); ``str`` or ``os.PathLike``
+            path of an image file; or a ``torch.uint8`` tensor of shape (3, H, W) or
+            (H, W, 3) -- channels-last when the last dim is 3 and the first is not.
+
+    Returns:
+        PIL image in mode RGB, size (W, H).
+    """
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if isinstance(image, (str, os.PathLike)):
+        if not os.path.isfile(image):
+            raise FileNotFoundError(f"image file not found: {os.fspath(image)!r}")
+        with Image.open(image) as opened:
+            return opened.convert("RGB")
+    if isinstance(image, torch.Tensor):
+        if image.dtype != torch.uint8:
+            raise TypeError(f"image tensor must have dtype torch.uint8, got {image.dtype}")
+        if image.dim() != 3 or 3 not in (image.shape[0], image.shape[-1]):
+            raise ValueError(f"image tensor must have shape (3, H, W) or (H, W, 3), got {tuple(image.shape)}")
+        channels_last = image.shape[0] != 3
+        pixels_hwc = image if channels_last else image.permute(1, 2, 0)
+        return Image.fromarray(pixels_hwc.detach().cpu().contiguous().numpy())
+    raise TypeError(
+        "image must be a PIL.Image.Image, a str/os.PathLike path or a uint8 torch.Tensor, "
+        f"got {type(image).__name__}"
+    )
+
+
+def _resize_shortest_side(image: Image.Image, size: int) -> Image.Image:
+    """Bicubic resize so that the short side is ``size`` (torchvision ``Resize(int)`` sizes)."""
+    width, height = image.size
+    short_side, long_side = min(width, height), max(width, height)
+    new_long_side = int(size * long_side / short_side)
+    new_size = (size, new_long_side) if width <= height else (new_long_side, size)
+    return image.resize(new_size, Image.Resampling.BICUBIC)
+
+
+def _center_crop(image: Image.Image, size: int) -> Image.Image:
+    """Central (size, size) crop, with torchvision ``CenterCrop``'s rounding of the offsets."""
+    width, height = image.size
+    top = int(round((height - size) / 2.0))
+    left = int(round((width - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+def _validate_mean_std(name: str, values) -> tuple[float, float, float]:
+    if not isinstance(values, (tuple, list)) or len(values) != 3:
+        raise ValueError(f"{name} must be 3 numbers (one per RGB channel), got {values!r}")
+    if not all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in values):
+        raise TypeError(f"{name} must hold numbers, got {values!r}")
+    return tuple(float(value) for value in values)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageTransform:
+    """Callable turning one image into a normalised float32 tensor of shape (3, size, size).
+
+    Attributes:
+        image_size: output side length in pixels.
+        resize_mode: ``"squash"`` (bilinear resize to a square, the DiffCLIP release) or
+            ``"shortest"`` (bicubic short-side resize + centre crop, open_clip).
+        mean: per-channel mean subtracted after scaling to [0, 1].
+        std: per-channel standard deviation divided by after subtracting the mean.
+    """
+
+    image_size: int
+    resize_mode: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __post_init__(self):
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int):
+            raise TypeError(f"image_size must be an int, got {type(self.image_size).__name__}")
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {self.image_size}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        object.__setattr__(self, "mean", _validate_mean_std("mean", self.mean))
+        std = _validate_mean_std("std", self.std)
+        if min(std) <= 0:
+            raise ValueError(f"std must be positive, got {std!r}")
+        object.__setattr__(self, "std", std)
+
+    def __call__(self, image) -> torch.Tensor:
+        """Preprocess one image (see ``load_rgb_image`` for the accepted inputs).
+
+        Returns:
+            float32 tensor of shape (3, image_size, image_size).
+        """
+        rgb_image = load_rgb_image(image)
+        size = self.image_size
+        if self.resize_mode == "squash":
+            rgb_image = rgb_image.resize((size, size), Image.Resampling.BILINEAR)
+        else:
+            rgb_image = _center_crop(_resize_shortest_side(rgb_image, size), size)
+        pixels_hwc = torch.from_numpy(np.array(rgb_image, dtype=np.uint8))
+        pixels = pixels_hwc.permute(2, 0, 1).to(torch.float32) / 255.0
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+        return (pixels - mean) / std
+
+
+def make_transform(image_size: int = 224, mode: str = "squash", mean=None, std=None) -> ImageTransform:
+    """An ``ImageTransform`` for ``mode``, with that mode's usual normalisation.
+
+    Args:
+        image_size: output side length (224 for ViT-B/16).
+        mode: ``"squash"`` (DiffCLIP release, ImageNet mean/std) or ``"shortest"``
+            (open_clip, OpenAI mean/std).
+        mean, std: 3 numbers each, overriding the mode's default normalisation.
+    """
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"mode must be one of {RESIZE_MODES}, got {mode!r}")
+    default_mean, default_std = _DEFAULT_MEAN_STD[mode]
+    return ImageTransform(
+        image_size=image_size,
+        resize_mode=mode,
+        mean=default_mean if mean is None else mean,
+        std=default_std if std is None else std,
+    )
+
+
+def preprocess_batch(images, transform) -> torch.Tensor:
+    """Preprocess a list of images into one batch.
+
+    Args:
+        images: non-empty list/tuple of images (anything ``transform`` accepts).
+        transform: an ``ImageTransform`` (or any callable image -> (3, size, size) tensor).
+
+    Returns:
+        float32 tensor of shape (n, 3, size, size).
+    """
+    if not isinstance(images, (list, tuple)):
+        raise TypeError(f"images must be a list or tuple of images, got {type(images).__name__}")
+    if len(images) == 0:
+        raise ValueError("images is empty")
+    if not callable(transform):
+        raise TypeError(f"transform must be callable, got {type(transform).__name__}")
+    return torch.stack([transform(image) for image in images])

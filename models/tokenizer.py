@@ -1,0 +1,246 @@
+"""CLIP byte-level BPE tokenizer (the text side of CLIP, open_clip and DiffCLIP).
+
+Text is cleaned (ftfy, HTML entities unescaped twice, whitespace collapsed, lower-cased),
+split into words by the CLIP regular expression, each word is mapped byte by byte onto
+printable unicode characters, and the characters are merged by byte-pair encoding with the
+48,894 ranked merges of ``bpe_simple_vocab_16e6.txt.gz`` (OpenAI CLIP, MIT licence, see
+``BPE_LICENSE.txt``). The vocabulary has 49,408 entries:
+
+- ids 0..255: the 256 byte characters,
+- ids 256..511: the same characters with the end-of-word marker ``</w>``,
+- ids 512..49405: the merges, in rank order,
+- 49406 ``<start_of_text>`` and 49407 ``<end_of_text>``.
+
+``tokenize`` builds the model input: ``[49406] + ids + [49407]``, zero-padded to the
+context length (77), a too-long text cut with its last kept token replaced by 49407.
+"""
+import functools
+import gzip
+import html
+import numbers
+import os
+
+import ftfy
+import regex
+import torch
+
+SOT_TOKEN_ID = 49406
+EOT_TOKEN_ID = 49407
+VOCAB_SIZE = 49408
+DEFAULT_CONTEXT_LENGTH = 77
+
+SOT_TOKEN = "<start_of_text>"
+EOT_TOKEN = "<end_of_text>"
+END_OF_WORD = "</w>"
+NUM_MERGES = VOCAB_SIZE - 2 * 256 - 2  # 48,894
+
+MERGES_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")
+
+# The CLIP word pattern. The special tokens come first so that a literal special token in
+# the text stays one token; they are spelled as in the vocabulary so that
+# ``encode(decode(ids))`` keeps them.
+_WORD_PATTERN = regex.compile(
+    regex.escape(SOT_TOKEN)
+    + "|"
+    + regex.escape(EOT_TOKEN)
+    + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    regex.IGNORECASE,
+)
+_WHITESPACE_RUN = regex.compile(r"\s+")
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """Map every byte 0..255 to a printable unicode character, in CLIP's vocabulary order.
+
+    Bytes that are printable Latin-1 characters (``!``..``~``, ``¡``..``¬``, ``®``..``ÿ``)
+    map to themselves and come first; the remaining 68 bytes (control characters, space,
+    soft hyphen, ...) map, in increasing byte order, to ``chr(256)``, ``chr(257)``, ...
+    The dict's insertion order is the order of vocabulary ids 0..255.
+    """
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    byte_to_char = {byte: chr(byte) for byte in printable}
+    next_codepoint = 256
+    for byte in range(256):
+        if byte not in byte_to_char:
+            byte_to_char[byte] = chr(next_codepoint)
+            next_codepoint += 1
+    return byte_to_char
+
+
+def clean_text(text: str) -> str:
+    """Normalise text as CLIP does before splitting it into words.
+
+    ftfy repair, HTML entities unescaped twice (``&amp;lt;`` -> ``<``), runs of whitespace
+    collapsed to one space, leading/trailing whitespace removed, lower-cased.
+    """
+    text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text))
+    text = _WHITESPACE_RUN.sub(" ", text).strip()
+    return text.lower()
+
+
+def _read_merges(merges_path: str) -> list[tuple[str, str]]:
+    """The first NUM_MERGES merges of a CLIP merges file (the header line is skipped)."""
+    with gzip.open(merges_path, "rt", encoding="utf-8") as merges_file:
+        lines = merges_file.read().split("\n")
+    merge_lines = lines[1 : NUM_MERGES + 1]
+    if len(merge_lines) != NUM_MERGES:
+        raise ValueError(
+            f"merges file {merges_path!r} holds {len(merge_lines)} merges after its header, "
+            f"expected at least {NUM_MERGES}"
+        )
+    merges = []
+    for line in merge_lines:
+        left, right = line.split()
+        merges.append((left, right))
+    return merges
+
+
+class SimpleTokenizer:
+    """CLIP byte-level BPE tokenizer: ``encode`` text to ids, ``decode`` ids to text.
+
+    Args:
+        merges_path: gzip-compressed merges file; defaults to the copy shipped next to this
+            module (``bpe_simple_vocab_16e6.txt.gz``).
+        cache_size: how many distinct words the BPE result cache keeps.
+    """
+
+    def __init__(self, merges_path: str = MERGES_PATH, cache_size: int = 65536):
+        self.byte_to_char = bytes_to_unicode()
+        self.char_to_byte = {char: byte for byte, char in self.byte_to_char.items()}
+        merges = _read_merges(merges_path)
+        self.merge_ranks = {pair: rank for rank, pair in enumerate(merges)}
+
+        byte_chars = list(self.byte_to_char.values())
+        vocab = byte_chars + [char + END_OF_WORD for char in byte_chars]
+        vocab += [left + right for left, right in merges]
+        vocab += [SOT_TOKEN, EOT_TOKEN]
+        self.token_to_id = {token: token_id for token_id, token in enumerate(vocab)}
+        self.id_to_token = vocab
+        self.special_token_ids = {SOT_TOKEN: SOT_TOKEN_ID, EOT_TOKEN: EOT_TOKEN_ID}
+        self._word_to_tokens = functools.lru_cache(maxsize=cache_size)(self._merge_word)
+
+    def _merge_word(self, word: str) -> tuple[str, ...]:
+        """Split one word (already in byte characters) into BPE tokens.
+
+        The word starts as single characters, the last one carrying ``</w>``; the adjacent
+        pair with the lowest merge rank is merged everywhere (left to right, without
+        overlap) until no adjacent pair is a known merge.
+        """
+        symbols = list(word[:-1]) + [word[-1] + END_OF_WORD]
+        while len(symbols) > 1:
+            pairs = set(zip(symbols, symbols[1:]))
+            best_pair = min(pairs, key=lambda pair: self.merge_ranks.get(pair, NUM_MERGES))
+            if best_pair not in self.merge_ranks:
+                break
+            merged = []
+            index = 0
+            while index < len(symbols):
+                if index + 1 < len(symbols) and (symbols[index], symbols[index + 1]) == best_pair:
+                    merged.append(symbols[index] + symbols[index + 1])
+                    index += 2
+                else:
+                    merged.append(symbols[index])
+                    index += 1
+            symbols = merged
+        return tuple(symbols)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, without start/end-of-text tokens or padding.
+
+        Args:
+            text: any string; it is cleaned (see ``clean_text``) first.
+
+        Returns:
+            list of ints in ``[0, VOCAB_SIZE)``, one per BPE token (length >= 0).
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        token_ids = []
+        for word in _WORD_PATTERN.findall(clean_text(text)):
+            if word in self.special_token_ids:
+                token_ids.append(self.special_token_ids[word])
+                continue
+            byte_chars = "".join(self.byte_to_char[byte] for byte in word.encode("utf-8"))
+            token_ids.extend(self.token_to_id[token] for token in self._word_to_tokens(byte_chars))
+        return token_ids
+
+    def decode(self, ids) -> str:
+        """Text of a sequence of token ids.
+
+        Args:
+            ids: ints in ``[0, VOCAB_SIZE)`` (a list, or a 1-D tensor). Padding zeros are
+                not skipped (id 0 is the token ``!``): cut them off first.
+
+        Returns:
+            the text, words separated by one space, no trailing space; special tokens are
+            written as ``<start_of_text>`` / ``<end_of_text>``; byte sequences that are not
+            valid UTF-8 become U+FFFD.
+        """
+        if isinstance(ids, torch.Tensor):
+            if ids.dim() != 1:
+                raise ValueError(f"ids must be 1-D, got a tensor of shape {tuple(ids.shape)}")
+            ids = ids.tolist()
+        text_bytes = bytearray()
+        for token_id in ids:
+            if isinstance(token_id, bool) or not isinstance(token_id, numbers.Integral):
+                raise TypeError(f"ids must hold ints, got {type(token_id).__name__}")
+            token_id = int(token_id)
+            if not 0 <= token_id < VOCAB_SIZE:
+                raise ValueError(f"ids must lie in [0, {VOCAB_SIZE}), got {token_id}")
+            token = self.id_to_token[token_id]
+            ends_word = token.endswith(END_OF_WORD)
+            if ends_word:
+                token = token[: -len(END_OF_WORD)]
+            text_bytes.extend(self.char_to_byte[char] for char in token)
+            if ends_word:
+                text_bytes.extend(b" ")
+        return text_bytes.decode("utf-8", errors="replace").rstrip(" ")
+
+
+@functools.lru_cache(maxsize=1)
+def _default_tokenizer() -> SimpleTokenizer:
+    """The shared tokenizer over the packaged merges file, built on first use."""
+    return SimpleTokenizer()
+
+
+def tokenize(texts, context_length: int = DEFAULT_CONTEXT_LENGTH) -> torch.Tensor:
+    """Model input ids for one text or a list of texts.
+
+    Each row is ``[SOT_TOKEN_ID] + encode(text) + [EOT_TOKEN_ID]`` followed by zeros. A text
+    whose row would be longer than ``context_length`` is cut to ``context_length`` tokens
+    and its last kept token is replaced by ``EOT_TOKEN_ID``, so every row holds exactly one
+    end-of-text token (the largest id in the row, which the text tower pools on).
+
+    Args:
+        texts: a str, or a list/tuple of str.
+        context_length: tokens per row, >= 2 (CLIP: 77).
+
+    Returns:
+        LongTensor of shape (n, context_length); n = 1 for a single str.
+    """
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, (list, tuple)):
+        raise TypeError(f"texts must be a str or a list of str, got {type(texts).__name__}")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts must be a str or a list of str, texts[{index}] is {type(text).__name__}")
+    if isinstance(context_length, bool) or not isinstance(context_length, int):
+        raise TypeError(f"context_length must be an int, got {type(context_length).__name__}")
+    if context_length < 2:
+        raise ValueError(f"context_length must be >= 2 (room for start and end tokens), got {context_length}")
+
+    tokenizer = _default_tokenizer()
+    token_ids = torch.zeros(len(texts), context_length, dtype=torch.long)
+    for row, text in enumerate(texts):
+        row_ids = [SOT_TOKEN_ID] + tokenizer.encode(text) + [EOT_TOKEN_ID]
+        if len(row_ids) > context_length:
+            row_ids = row_ids[:context_length]
+            row_ids[-1] = EOT_TOKEN_ID
+        token_ids[row, : len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
+    return token_ids

@@ -1,0 +1,213 @@
+"""Tests for diffattn.models.checkpoint: safe loading, unwrapping, layouts, key checks."""
+import argparse
+import json
+import os
+import pathlib
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffattn.models.checkpoint import (
+    UnsafeCheckpointError,
+    check_keys,
+    detect_layout,
+    load_state_dict_file,
+    read_checkpoint_metadata,
+    save_checkpoint,
+)
+
+
+def _shared_data_dir() -> Path:
+    if "DIFFATTN_SHARED" in os.environ:
+        return Path(os.environ["DIFFATTN_SHARED"]) / "data"
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def _tiny_state_dict() -> dict:
+    return {"visual.proj": torch.randn(4, 3), "logit_scale": torch.tensor(2.6592)}
+
+
+class _WritesMarkerFile:
+    """Unpickling this runs ``os.system`` -- a loader that executes it is unsafe."""
+
+    def __init__(self, marker_path: Path):
+        self.marker_path = marker_path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker_path}",))
+
+
+class _CustomObject:
+    pass
+
+
+def test_release_style_training_checkpoint_is_unwrapped(tmp_path):
+    weights = _tiny_state_dict()
+    checkpoint = {
+        "epoch": 40,
+        "state_dict": OrderedDict((f"module.{key}", value) for key, value in weights.items()),
+        "optimizer": {"state": {0: {"exp_avg": torch.zeros(4, 3), "step": torch.tensor(7.0)}}, "param_groups": [{"lr": 5e-4, "params": [0]}]},
+        "scaler": {"scale": 65536.0, "growth_factor": 2.0, "_growth_tracker": 12},
+        "best_acc1": np.float64(14.4),
+        "args": argparse.Namespace(output_dir=pathlib.Path("/runs/diffclip"), lr=5e-4, epochs=40, use_amp=True),
+    }
+    checkpoint_path = tmp_path / "checkpoint_best.pt"
+    torch.save(checkpoint, checkpoint_path)
+
+    state_dict = load_state_dict_file(checkpoint_path)
+    assert type(state_dict) is dict
+    assert list(state_dict) == list(weights)
+    for key, value in weights.items():
+        assert torch.equal(state_dict[key], value)
+
+
+def test_numpy_scalars_of_several_dtypes_are_allowed(tmp_path):
+    checkpoint_path = tmp_path / "scalars.pt"
+    extras = {name: dtype(1) for name, dtype in [("f32", np.float32), ("i32", np.int32), ("i64", np.int64), ("b", np.bool_)]}
+    torch.save({"model": _tiny_state_dict(), "extras": extras}, checkpoint_path)
+    assert set(load_state_dict_file(checkpoint_path)) == set(_tiny_state_dict())
+
+
+def test_bare_state_dict_keeps_its_keys(tmp_path):
+    weights = {"module.a": torch.zeros(1), "b": torch.ones(2)}  # prefix not shared by all keys
+    checkpoint_path = tmp_path / "bare.pth"
+    torch.save(weights, checkpoint_path)
+    assert set(load_state_dict_file(checkpoint_path)) == {"module.a", "b"}
+
+
+def test_code_executing_pickle_is_refused(tmp_path):
+    marker_path = tmp_path / "pwned"
+    checkpoint_path = tmp_path / "malicious.pt"
+    torch.save({"state_dict": _tiny_state_dict(), "payload": _WritesMarkerFile(marker_path)}, checkpoint_path)
+    assert not marker_path.exists()
+
+    with pytest.raises(UnsafeCheckpointError) as raised:
+        load_state_dict_file(checkpoint_path)
+    message = str(raised.value)
+    assert "malicious.pt" in message
+    assert "system" in message  # the refused global: posix.system / nt.system
+    assert "Nothing from the file was executed" in message
+    assert not marker_path.exists()
+    assert isinstance(raised.value, ValueError)
+
+
+def test_custom_class_is_refused(tmp_path):
+    checkpoint_path = tmp_path / "custom.pt"
+    torch.save({"state_dict": _tiny_state_dict(), "extra": _CustomObject()}, checkpoint_path)
+    with pytest.raises(UnsafeCheckpointError, match="_CustomObject"):
+        load_state_dict_file(checkpoint_path)
+
+
+def test_garbage_file_is_refused(tmp_path):
+    checkpoint_path = tmp_path / "garbage.pt"
+    checkpoint_path.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(UnsafeCheckpointError, match="garbage.pt"):
+        load_state_dict_file(checkpoint_path)
+
+
+def test_non_tensor_state_dict_values_are_rejected(tmp_path):
+    checkpoint_path = tmp_path / "mixed.pt"
+    torch.save({"state_dict": {"weight": torch.zeros(1), "note": "hello"}}, checkpoint_path)
+    with pytest.raises(ValueError, match="note"):
+        load_state_dict_file(checkpoint_path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="absent.pt"):
+        load_state_dict_file(tmp_path / "absent.pt")
+
+
+def test_safetensors_round_trip_with_metadata(tmp_path):
+    weights = _tiny_state_dict()
+    config = {"embed_dim": 512, "vision": {"width": 768, "layers": 12}, "lambda_init": 0.8}
+    checkpoint_path = tmp_path / "model.safetensors"
+    save_checkpoint(checkpoint_path, weights, config)
+
+    assert not Path(str(checkpoint_path) + ".tmp").exists()
+    loaded = load_state_dict_file(checkpoint_path)
+    assert set(loaded) == set(weights)
+    for key, value in weights.items():
+        assert torch.equal(loaded[key], value)
+    metadata = read_checkpoint_metadata(checkpoint_path)
+    assert metadata == {"format": "diffattn", "config": config}
+    assert detect_layout(loaded, metadata) == "diffattn"
+
+
+def test_save_checkpoint_bad_inputs(tmp_path):
+    with pytest.raises(ValueError, match="safetensors"):
+        save_checkpoint(tmp_path / "model.pt", _tiny_state_dict(), {})
+    with pytest.raises(TypeError, match="state_dict"):
+        save_checkpoint(tmp_path / "model.safetensors", {"a": 1}, {})
+    with pytest.raises(TypeError, match="config"):
+        save_checkpoint(tmp_path / "model.safetensors", _tiny_state_dict(), "config")
+
+
+def test_metadata_of_other_files_is_none(tmp_path):
+    import safetensors.torch
+
+    plain_path = tmp_path / "plain.safetensors"
+    safetensors.torch.save_file(_tiny_state_dict(), plain_path, metadata={"format": "pt"})
+    assert read_checkpoint_metadata(plain_path) is None
+    pickled_path = tmp_path / "plain.pt"
+    torch.save(_tiny_state_dict(), pickled_path)
+    assert read_checkpoint_metadata(pickled_path) is None
+
+
+def _state_dict_from_key_list(file_name: str) -> dict:
+    key_list_path = _shared_data_dir() / file_name
+    if not key_list_path.is_file():
+        pytest.skip(f"{key_list_path} not found")
+    return {key: torch.zeros(1) for key in json.loads(key_list_path.read_text())}
+
+
+def test_detect_layout_diffclip():
+    state_dict = _state_dict_from_key_list("diffclip_vitb16_state_dict.json")
+    assert detect_layout(state_dict) == "diffclip"
+
+
+@pytest.mark.parametrize("file_name", ["open_clip_ViT-B-16_state_dict.json", "open_clip_ViT-B-32_state_dict.json"])
+def test_detect_layout_open_clip(file_name):
+    state_dict = _state_dict_from_key_list(file_name)
+    assert detect_layout(state_dict) == "open_clip"
+
+
+def test_detect_layout_from_marker_keys():
+    diffclip = {"visual.patch_embed.proj.weight": torch.zeros(1), "image_projection": torch.zeros(1)}
+    open_clip = {"visual.conv1.weight": torch.zeros(1), "visual.class_embedding": torch.zeros(1)}
+    assert detect_layout(diffclip) == "diffclip"
+    assert detect_layout(open_clip) == "open_clip"
+    assert detect_layout(diffclip, {"format": "diffattn", "config": {}}) == "diffattn"
+
+
+def test_detect_layout_unknown_lists_keys():
+    with pytest.raises(ValueError, match="encoder.layer.0.weight"):
+        detect_layout({"encoder.layer.0.weight": torch.zeros(1)})
+
+
+def test_check_keys_accepts_matching_state_dict():
+    got = {"a": torch.zeros(2, 3), "b": torch.zeros(4)}
+    check_keys({"a": torch.Size([2, 3]), "b": torch.Size([4])}, got)
+
+
+def test_check_keys_reports_every_problem():
+    expected = {"a": torch.Size([2, 3]), "b": torch.Size([4]), "c": torch.Size([1])}
+    got = {"a": torch.zeros(3, 2), "b": torch.zeros(4), "extra": torch.zeros(1)}
+    with pytest.raises(ValueError) as raised:
+        check_keys(expected, got)
+    message = str(raised.value)
+    assert "1 missing keys:\n  c" in message
+    assert "1 unexpected keys:\n  extra" in message
+    assert "1 shape mismatches:\n  a: expected (2, 3), got (3, 2)" in message
+
+
+def test_check_keys_lists_only_the_first_20():
+    expected = {f"layer{index}": torch.Size([1]) for index in range(25)}
+    with pytest.raises(ValueError) as raised:
+        check_keys(expected, {})
+    message = str(raised.value)
+    assert "25 missing keys" in message
+    assert "layer19" in message and "layer20" not in message
+    assert "... and 5 more" in message

@@ -1,0 +1,167 @@
+"""Tests for diffattn.models.preprocess: geometry, normalisation and input kinds."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffattn.models.preprocess import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    OPENAI_MEAN,
+    OPENAI_STD,
+    ImageTransform,
+    make_transform,
+    preprocess_batch,
+)
+
+MODES = ("squash", "shortest")
+
+
+def _random_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def _normalised(colour, mean, std) -> torch.Tensor:
+    """(c / 255 - mean) / std per channel, as a (3, 1, 1) float32 tensor."""
+    pixels = torch.tensor(colour, dtype=torch.float32).view(3, 1, 1) / 255.0
+    return (pixels - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_shape_and_dtype(mode):
+    transform = make_transform(image_size=32, mode=mode)
+    output = transform(_random_image(50, 40))
+    assert output.shape == (3, 32, 32)
+    assert output.dtype == torch.float32
+
+
+def test_make_transform_picks_mean_std_by_mode():
+    squash = make_transform(mode="squash")
+    shortest = make_transform(mode="shortest")
+    assert (squash.image_size, squash.resize_mode) == (224, "squash")
+    assert (squash.mean, squash.std) == (IMAGENET_MEAN, IMAGENET_STD)
+    assert (shortest.mean, shortest.std) == (OPENAI_MEAN, OPENAI_STD)
+    custom = make_transform(mode="shortest", mean=(0.5, 0.5, 0.5), std=[1, 1, 1])
+    assert (custom.mean, custom.std) == ((0.5, 0.5, 0.5), (1.0, 1.0, 1.0))
+
+
+@pytest.mark.parametrize("mode, mean, std", [("squash", IMAGENET_MEAN, IMAGENET_STD), ("shortest", OPENAI_MEAN, OPENAI_STD)])
+def test_solid_colour_values(mode, mean, std):
+    colour = (200, 100, 30)
+    image = Image.new("RGB", (37, 23), colour)
+    output = make_transform(image_size=16, mode=mode)(image)
+    torch.testing.assert_close(output, _normalised(colour, mean, std).expand(3, 16, 16))
+
+
+def test_identity_normalisation_gives_pixels_over_255():
+    image = _random_image(8, 8)
+    output = make_transform(image_size=8, mode="squash", mean=(0, 0, 0), std=(1, 1, 1))(image)
+    expected = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255.0
+    torch.testing.assert_close(output, expected, rtol=0, atol=0)
+
+
+def test_shortest_centre_crop_geometry():
+    # 60x20 image: black, with a white vertical stripe in the central 20 columns. The short
+    # side is already 20, so "shortest" at 20 only crops columns 20..39: all white.
+    pixels = np.zeros((20, 60, 3), dtype=np.uint8)
+    pixels[:, 20:40] = 255
+    image = Image.fromarray(pixels)
+    identity = {"mean": (0, 0, 0), "std": (1, 1, 1)}
+    cropped = make_transform(image_size=20, mode="shortest", **identity)(image)
+    assert torch.equal(cropped, torch.ones(3, 20, 20))
+    # "squash" keeps the whole width: black left and right, white in the middle.
+    squashed = make_transform(image_size=20, mode="squash", **identity)(image)
+    assert squashed[:, :, 0].max() == 0 and squashed[:, :, -1].max() == 0
+    assert torch.equal(squashed[:, :, 10], torch.ones(3, 20))
+
+
+def test_shortest_crop_offsets_follow_torchvision_rounding():
+    # 10 wide, 13 high: short side 10 stays, the crop starts at row round(3 / 2) = 2.
+    pixels = np.zeros((13, 10, 3), dtype=np.uint8)
+    pixels[:, :, 0] = np.arange(13, dtype=np.uint8)[:, None]  # red channel = row index
+    output = make_transform(image_size=10, mode="shortest", mean=(0, 0, 0), std=(1, 1, 1))(Image.fromarray(pixels))
+    first_rows = (output[0, :, 0] * 255).round().to(torch.int64).tolist()
+    assert first_rows == list(range(2, 12))
+
+
+def test_shortest_resize_long_side_size():
+    # 30x20 -> short side 10, long side int(10 * 30 / 20) = 15, then a central crop of 10.
+    image = _random_image(30, 20)
+    expected = image.resize((15, 10), Image.Resampling.BICUBIC).crop((2, 0, 12, 10))
+    output = make_transform(image_size=10, mode="shortest", mean=(0, 0, 0), std=(1, 1, 1))(image)
+    expected_tensor = torch.from_numpy(np.array(expected)).permute(2, 0, 1).float() / 255.0
+    torch.testing.assert_close(output, expected_tensor, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tensor_and_pil_inputs_agree(mode):
+    image = _random_image(45, 31, seed=1)
+    pixels_hwc = torch.from_numpy(np.array(image))
+    transform = make_transform(image_size=24, mode=mode)
+    from_pil = transform(image)
+    assert torch.equal(transform(pixels_hwc), from_pil)
+    assert torch.equal(transform(pixels_hwc.permute(2, 0, 1)), from_pil)
+
+
+def test_non_rgb_pil_image_is_converted():
+    grey = Image.new("L", (12, 12), 128)
+    output = make_transform(image_size=12, mode="squash", mean=(0, 0, 0), std=(1, 1, 1))(grey)
+    torch.testing.assert_close(output, torch.full((3, 12, 12), 128 / 255.0))
+
+
+def test_path_input(tmp_path):
+    image = _random_image(33, 27, seed=2)
+    image_path = tmp_path / "image.png"
+    image.save(image_path)
+    transform = make_transform(image_size=16, mode="shortest")
+    assert torch.equal(transform(image_path), transform(image))
+    assert torch.equal(transform(str(image_path)), transform(image))
+
+
+def test_preprocess_batch():
+    images = [_random_image(20, 30, seed=seed) for seed in range(3)]
+    transform = make_transform(image_size=16)
+    batch = preprocess_batch(images, transform)
+    assert batch.shape == (3, 3, 16, 16)
+    assert batch.dtype == torch.float32
+    assert torch.equal(batch[1], transform(images[1]))
+
+
+def test_bad_image_inputs(tmp_path):
+    transform = make_transform(image_size=8)
+    with pytest.raises(TypeError, match="image"):
+        transform(torch.zeros(3, 8, 8, dtype=torch.float32))
+    with pytest.raises(ValueError, match="image"):
+        transform(torch.zeros(8, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="image"):
+        transform(torch.zeros(4, 8, 8, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="image"):
+        transform(np.zeros((8, 8, 3), dtype=np.uint8))
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        transform(tmp_path / "missing.png")
+
+
+def test_bad_transform_settings():
+    with pytest.raises(ValueError, match="mode"):
+        make_transform(mode="crop")
+    with pytest.raises(ValueError, match="resize_mode"):
+        ImageTransform(image_size=8, resize_mode="crop", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    with pytest.raises(ValueError, match="image_size"):
+        make_transform(image_size=0)
+    with pytest.raises(TypeError, match="image_size"):
+        make_transform(image_size=22.5)
+    with pytest.raises(ValueError, match="mean"):
+        make_transform(mean=(0.5, 0.5))
+    with pytest.raises(ValueError, match="std"):
+        make_transform(std=(0.5, 0.0, 0.5))
+
+
+def test_bad_batch_inputs():
+    transform = make_transform(image_size=8)
+    with pytest.raises(TypeError, match="images"):
+        preprocess_batch(_random_image(8, 8), transform)
+    with pytest.raises(ValueError, match="images"):
+        preprocess_batch([], transform)
+    with pytest.raises(TypeError, match="transform"):
+        preprocess_batch([_random_image(8, 8)], "squash")

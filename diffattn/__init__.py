@@ -9,14 +9,18 @@
 """
 from .backend import BACKENDS, resolve_backend
 from .functional import diff_attention
+from .module import DiffMultiheadAttention, HeadRMSNorm, lambda_init_for_depth
 from .reference import causal_keep_mask, diff_attention_ref
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "DiffMultiheadAttention",
+    "HeadRMSNorm",
     "causal_keep_mask",
     "diff_attention",
     "diff_attention_ref",
+    "lambda_init_for_depth",
     "resolve_backend",
 ]

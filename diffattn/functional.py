@@ -97,6 +97,24 @@ def check_inputs(q, k, v, lambda_, key_padding_mask=None, norm_weight=None, scal
         raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
 
 
+def _check_attn_mask(attn_mask, q, k) -> None:
+    if attn_mask is None:
+        return
+    B, N, H2, _ = q.shape
+    M = k.shape[1]
+    if not isinstance(attn_mask, Tensor) or not (attn_mask.dtype == torch.bool
+                                                 or attn_mask.is_floating_point()):
+        raise TypeError("attn_mask must be a bool (True = masked out) or float (additive) tensor")
+    shape = tuple(attn_mask.shape)
+    ok = shape == (N, M) or (len(shape) == 4 and shape[0] in (1, B) and shape[1] in (1, H2)
+                             and shape[2:] == (N, M))
+    if not ok:
+        raise ValueError(f"attn_mask must have shape (seq_q, seq_k) = {(N, M)} or "
+                         f"(batch | 1, 2 * heads | 1, seq_q, seq_k) = {(B, H2, N, M)}, got {shape}")
+    if attn_mask.device != q.device:
+        raise ValueError(f"attn_mask must be on q's device {q.device}, got {attn_mask.device}")
+
+
 def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -104,7 +122,8 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
 def diff_attention(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Tensor], *,
                    causal: bool = False, key_padding_mask: Optional[Tensor] = None,
                    scale: Optional[float] = None, norm_weight: Optional[Tensor] = None,
-                   eps: float = 1e-5, out_scale: float = 1.0, backend: str = "auto") -> Tensor:
+                   eps: float = 1e-5, out_scale: float = 1.0, dropout_p: float = 0.0,
+                   attn_mask: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
     """Differential attention, fused: softmax(s q1 k1^T) v - lambda softmax(s q2 k2^T) v.
 
     Args:
@@ -119,12 +138,19 @@ def diff_attention(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Tensor
         norm_weight: (2d,) switches on the per-head RMSNorm epilogue of DiffCLIP:
             y = x * rsqrt(mean(x^2) + eps) * norm_weight * out_scale, computed in fp32.
             Without it, y = x * out_scale.
+        dropout_p: attention dropout, applied to both maps before the difference (torch
+            backend only: the fused kernels refuse it).
+        attn_mask: bool (True = masked out) or additive float mask, (N, M) or broadcastable
+            (B | 1, 2H | 1, N, M), per q head (torch backend only).
         backend: "auto" | "triton" | "torch" (see diffattn.backend).
     Returns:
         (B, N, H, 2d) in q's dtype (the autocast dtype under autocast); fp32 accumulation.
     """
     check_backend_name(backend)
     check_inputs(q, k, v, lambda_, key_padding_mask, norm_weight, scale)
+    _check_attn_mask(attn_mask, q, k)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     device_type = q.device.type
     if torch.is_autocast_enabled(device_type) and q.dtype == torch.float32:
         dtype = torch.get_autocast_dtype(device_type)
@@ -135,7 +161,9 @@ def diff_attention(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Tensor
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     lam = expand_lambda(lambda_, H2 // 2, acc_dtype, q.device)
     weight = norm_weight.to(acc_dtype) if norm_weight is not None else None
-    chosen = resolve_backend(backend, q.device, q.dtype, d)
+    unsupported = tuple(name for name, used in (("dropout", dropout_p > 0),
+                                                 ("attn_mask", attn_mask is not None)) if used)
+    chosen = resolve_backend(backend, q.device, q.dtype, d, unsupported)
     with torch.autocast(device_type, enabled=False):
         if chosen == "triton":
             from .ops import fused_diff_attention
@@ -143,4 +171,5 @@ def diff_attention(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Tensor
                                         scale, causal, eps, float(out_scale))
         return diff_attention_torch(q, k, v, lam, causal=causal,
                                     key_padding_mask=key_padding_mask, scale=scale,
-                                    norm_weight=weight, eps=eps, out_scale=out_scale)
+                                    norm_weight=weight, eps=eps, out_scale=out_scale,
+                                    dropout_p=dropout_p, attn_bias=attn_mask)

@@ -18,7 +18,7 @@ from einops import rearrange
 from .reference import causal_keep_mask, rms_norm_epilogue
 
 
-def _sdpa_masks(B, H2, N, M, device, causal, key_padding_mask, attn_bias):
+def _sdpa_masks(B, H2, N, M, device, dtype, causal, key_padding_mask, attn_bias):
     """Build what SDPA needs for one call per map.
 
     Returns (bias1, bias2, use_is_causal, row_valid): biases are bool keep-masks or additive
@@ -42,7 +42,7 @@ def _sdpa_masks(B, H2, N, M, device, causal, key_padding_mask, attn_bias):
         if attn_bias.dtype == torch.bool:
             keep = keep & ~attn_bias
         else:
-            float_bias = attn_bias
+            float_bias = attn_bias.to(dtype)
             keep = keep & ~torch.isneginf(attn_bias)
     row_any = keep.any(-1, keepdim=True)
     row_valid = None if bool(row_any.all()) else row_any
@@ -80,7 +80,7 @@ def diff_attention_torch(q, k, v, lam: torch.Tensor, *, causal=False,
     if Hk != H:  # grouped-query attention: group g serves heads g*(H//Hk) ... (g+1)*(H//Hk)-1
         k1, k2, vh = (t.repeat_interleave(H // Hk, dim=1) for t in (k1, k2, vh))
     bias1, bias2, is_causal, row_valid = _sdpa_masks(
-        B, H2, N, M, q.device, causal, key_padding_mask, attn_bias)
+        B, H2, N, M, q.device, q.dtype, causal, key_padding_mask, attn_bias)
     o1 = F.scaled_dot_product_attention(q1, k1, vh, attn_mask=bias1, dropout_p=dropout_p,
                                         is_causal=is_causal, scale=scale)
     o2 = F.scaled_dot_product_attention(q2, k2, vh, attn_mask=bias2, dropout_p=dropout_p,

@@ -1,0 +1,388 @@
+"""diff_attention (both backends) against the float64 reference, forward and every gradient.
+
+The Triton kernels run on CPU through the interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1). Shapes are small but cover the edges: a single token, CLIP's 77 and 197,
+ragged tiles, M != N, causal with N < M and N > M, padding with fully padded rows, grouped
+keys/values, scalar and per-head lambda, head dims 16 to 128 (and odd ones), the RMSNorm
+epilogue.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from diffattn import diff_attention, diff_attention_ref
+from helpers import REL_TOL, assert_close_rel, poison_empty, requires_interpreter  # noqa: F401
+
+
+@dataclass
+class Case:
+    B: int = 1
+    N: int = 77
+    M: int = 77
+    H: int = 2
+    Hk: int = 2
+    d: int = 16
+    causal: bool = False
+    padding: bool = False
+    lam: str = "heads"  # "heads" (H,) tensor, "scalar" 0-dim tensor, "float"
+    norm: bool = False
+    strided: bool = False  # q/k/v as views of one packed projection output
+    dtype: torch.dtype = torch.float32
+    extra: dict = field(default_factory=dict)
+
+    def __str__(self):
+        flags = [f for f in ("causal", "padding", "norm", "strided") if getattr(self, f)]
+        return (f"B{self.B}-N{self.N}-M{self.M}-H{self.H}-Hk{self.Hk}-d{self.d}-{self.lam}-"
+                f"{str(self.dtype)[6:]}-{'-'.join(flags)}")
+
+
+CASES = [
+    Case(N=1, M=1, H=1, Hk=1, d=16),
+    Case(N=1, M=77, d=32, causal=True, padding=True),
+    Case(B=2, N=77, M=77, d=64, causal=True, lam="scalar"),
+    Case(B=2, N=197, M=197, H=2, Hk=1, d=32, padding=True, strided=True),
+    Case(N=45, M=70, d=128, causal=True, padding=True),
+    Case(N=70, M=45, d=16, causal=True),  # bottom-right: the first 25 queries see no key
+    Case(B=2, N=33, M=100, H=4, Hk=2, d=48, padding=True, lam="float"),
+    Case(B=2, N=77, M=77, d=64, causal=True, padding=True, norm=True, strided=True),
+    Case(B=2, N=50, M=61, H=4, Hk=1, d=24, padding=True, norm=True, lam="scalar"),
+    Case(N=77, M=77, d=32, causal=True, norm=True, dtype=torch.float16),
+    Case(B=2, N=40, M=40, H=2, Hk=1, d=16, padding=True, dtype=torch.float16),
+    Case(N=37, M=29, d=16, causal=True, padding=True, norm=True, dtype=torch.float64),
+]
+
+
+def make_inputs(c: Case, seed: int = 0):
+    """Random inputs for a case (never zeros); returns tensors in c.dtype, requiring grad."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, dtype=c.dtype):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+    if c.strided:  # one projection output (B, L, 2H*d + 2Hk*d + Hk*2d), sliced: no copies
+        assert c.N == c.M
+        packed = rnd(c.B, c.N, 2 * c.H * c.d + 4 * c.Hk * c.d).requires_grad_()
+        q, k, v = packed.split([2 * c.H * c.d, 2 * c.Hk * c.d, 2 * c.Hk * c.d], dim=-1)
+        q = q.unflatten(-1, (2 * c.H, c.d))
+        k = k.unflatten(-1, (2 * c.Hk, c.d))
+        v = v.unflatten(-1, (c.Hk, 2 * c.d))
+        leaves = [packed]
+    else:
+        q = rnd(c.B, c.N, 2 * c.H, c.d).requires_grad_()
+        k = rnd(c.B, c.M, 2 * c.Hk, c.d).requires_grad_()
+        v = rnd(c.B, c.M, c.Hk, 2 * c.d).requires_grad_()
+        leaves = [q, k, v]
+    acc = torch.float64 if c.dtype == torch.float64 else torch.float32
+    if c.lam == "heads":
+        lam = (0.2 + 0.6 * torch.rand(c.H, generator=g, dtype=torch.float64)).to(acc)
+        lam.requires_grad_()
+    elif c.lam == "scalar":
+        lam = torch.tensor(0.37, dtype=acc, requires_grad=True)
+    else:
+        lam = 0.42
+    mask = None
+    if c.padding:
+        mask = torch.rand(c.B, c.M, generator=g) < 0.3
+        mask[0] = True  # batch 0: every key ignored -> fully masked rows
+    weight = None
+    if c.norm:
+        weight = (1.0 + 0.5 * rnd(2 * c.d, dtype=torch.float64)).to(acc).requires_grad_()
+    return q, k, v, lam, mask, weight, leaves
+
+
+def grad_leaves(leaves, lam, weight):
+    out = list(leaves)
+    if isinstance(lam, torch.Tensor):
+        out.append(lam)
+    if weight is not None:
+        out.append(weight)
+    return out
+
+
+def run_case(c: Case, backend: str):
+    """Output and gradients of every input from `backend`, and the same from the float64
+    reference on identical values."""
+    q, k, v, lam, mask, weight, leaves = make_inputs(c)
+    out_scale = 0.2 if c.norm else 1.0
+    out = diff_attention(q, k, v, lam, causal=c.causal, key_padding_mask=mask,
+                         norm_weight=weight, out_scale=out_scale, backend=backend)
+    assert out.dtype == c.dtype and out.shape == (c.B, c.N, c.H, 2 * c.d)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1),
+                           dtype=torch.float64)
+    inputs = grad_leaves(leaves, lam, weight)
+    grads = torch.autograd.grad(out, inputs, grad_out.to(out.dtype))
+
+    ref_leaves = [t.detach().double().requires_grad_() for t in inputs]
+    r = iter(ref_leaves)
+    if c.strided:
+        packed = next(r)
+        rq, rk, rv = packed.split([2 * c.H * c.d, 2 * c.Hk * c.d, 2 * c.Hk * c.d], dim=-1)
+        rq = rq.unflatten(-1, (2 * c.H, c.d))
+        rk = rk.unflatten(-1, (2 * c.Hk, c.d))
+        rv = rv.unflatten(-1, (c.Hk, 2 * c.d))
+    else:
+        rq, rk, rv = next(r), next(r), next(r)
+    rlam = next(r) if isinstance(lam, torch.Tensor) else lam
+    rweight = next(r) if weight is not None else None
+    ref = diff_attention_ref(rq, rk, rv, rlam, causal=c.causal, key_padding_mask=mask,
+                             norm_weight=rweight, out_scale=out_scale)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out)
+    return out, grads, ref, ref_grads
+
+
+def _check(c: Case, backend: str):
+    out, grads, ref, ref_grads = run_case(c, backend)
+    assert_close_rel("out", out, ref, c.dtype)
+    names = ["packed_qkv"] if c.strided else ["q", "k", "v"]
+    names += ["lambda"] * (c.lam != "float") + ["norm_weight"] * c.norm
+    for name, g, rg in zip(names, grads, ref_grads):
+        # lambda and the norm weight are reductions over every row: allow for the sum.
+        dtype = c.dtype if name in ("q", "k", "v", "packed_qkv") or c.dtype != torch.float16 \
+            else torch.bfloat16
+        assert_close_rel(f"d{name}", g, rg, dtype)
+
+
+@requires_interpreter
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_triton_matches_float64_reference(case, poison_empty):
+    _check(case, "triton")
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_torch_backend_matches_float64_reference(case):
+    _check(case, "torch")
+
+
+@requires_interpreter
+def test_fully_masked_rows_are_zero_in_forward_and_backward():
+    c = Case(B=2, N=20, M=30, H=2, Hk=1, d=16, padding=True, norm=True)
+    q, k, v, lam, mask, weight, leaves = make_inputs(c)
+    out = diff_attention(q, k, v, lam, key_padding_mask=mask, norm_weight=weight,
+                         backend="triton")
+    assert torch.equal(out[0], torch.zeros_like(out[0]))  # batch 0 has no visible key
+    out.sum().backward()
+    assert torch.equal(q.grad[0], torch.zeros_like(q.grad[0]))
+    assert torch.equal(k.grad[0], torch.zeros_like(k.grad[0]))
+    assert torch.equal(v.grad[0], torch.zeros_like(v.grad[0]))
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v, lam, weight))
+
+
+@requires_interpreter
+@pytest.mark.parametrize("N,M", [(5, 9), (9, 5)])
+def test_causal_rule_is_bottom_right(N, M):
+    """Query i sees key j iff j <= i + (M - N): changing a key it must not see changes nothing."""
+    c = Case(N=N, M=M, H=1, Hk=1, d=16)
+    q, k, v, *_ = make_inputs(c)
+    out = diff_attention(q, k, v, 0.5, causal=True, backend="triton")
+    i = N - 2  # sees keys 0 .. i + M - N
+    v2 = v.detach().clone()
+    v2[:, i + M - N + 1:] += 10.0
+    out2 = diff_attention(q, k, v2, 0.5, causal=True, backend="triton")
+    torch.testing.assert_close(out[:, : i + 1], out2[:, : i + 1])
+    assert not torch.allclose(out[:, -1], out2[:, -1])
+
+
+@requires_interpreter
+def test_gradcheck_triton_float64():
+    """torch.autograd.gradcheck through the kernels (fp64 tl.dot is exact in the interpreter).
+    Head dim 4 is padded to a 16-wide tile inside the kernel; causal, padding, GQA, per-head
+    lambda and the norm epilogue all take part. fast_mode checks random projections of the
+    Jacobian (the interpreter is slow); the full Jacobian is checked on a tiny shape below."""
+    g = torch.Generator().manual_seed(3)
+    B, N, M, H, Hk, d = 2, 6, 9, 2, 1, 4
+    q = torch.randn(B, N, 2 * H, d, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, M, 2 * Hk, d, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, M, Hk, 2 * d, generator=g, dtype=torch.float64, requires_grad=True)
+    lam = torch.tensor([0.3, 0.7], dtype=torch.float64, requires_grad=True)
+    w = torch.rand(2 * d, generator=g, dtype=torch.float64).add(0.5).requires_grad_()
+    mask = torch.zeros(B, M, dtype=torch.bool)
+    mask[0, 6:] = True
+    mask[1, :] = True
+
+    def fn(q, k, v, lam, w):
+        return diff_attention(q, k, v, lam, causal=True, key_padding_mask=mask, norm_weight=w,
+                              out_scale=0.4, backend="triton")
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, lam, w), eps=1e-6, atol=1e-5, rtol=1e-4,
+                                    fast_mode=True)
+
+
+@requires_interpreter
+def test_gradcheck_triton_float64_full_jacobian():
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 3, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 4, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 4, 1, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    lam = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
+
+    def fn(q, k, v, lam):
+        return diff_attention(q, k, v, lam, causal=True, backend="triton")
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, lam), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_gradcheck_torch_backend_float64():
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 5, 4, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 7, 2, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 7, 1, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    lam = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(16, generator=g, dtype=torch.float64).add(0.5).requires_grad_()
+
+    def fn(q, k, v, lam, w):
+        return diff_attention(q, k, v, lam, causal=True, norm_weight=w, backend="torch")
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, lam, w), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@requires_interpreter
+def test_stride_zero_and_noncontiguous_output_gradients():
+    c = Case(B=2, N=30, M=30, d=16)
+    q, k, v, lam, *_ = make_inputs(c)
+    out = diff_attention(q, k, v, lam, backend="triton")
+    out.sum().backward()  # gradient with stride 0 everywhere
+    ref = [t.grad.clone() for t in (q, k, v, lam)]
+    for t in (q, k, v, lam):
+        t.grad = None
+    out = diff_attention(q, k, v, lam, backend="triton")
+    ones = torch.ones(out.shape[::-1]).permute(3, 2, 1, 0)  # last dim not contiguous
+    out.backward(ones)
+    for r, t in zip(ref, (q, k, v, lam)):
+        torch.testing.assert_close(t.grad, r)
+
+
+@requires_interpreter
+def test_last_dim_noncontiguous_inputs_are_accepted():
+    c = Case(N=20, M=20, d=16)
+    q, k, v, lam, *_ = make_inputs(c)
+    qt = q.detach().transpose(-1, -2).contiguous().transpose(-1, -2)  # stride(-1) != 1
+    assert qt.stride(-1) != 1
+    torch.testing.assert_close(diff_attention(qt, k, v, lam, backend="triton"),
+                               diff_attention(q, k, v, lam, backend="triton"))
+
+
+@requires_interpreter
+def test_backward_is_deterministic():
+    c = Case(B=2, N=50, M=50, H=4, Hk=1, d=16, padding=True, norm=True)
+    results = []
+    for _ in range(2):
+        q, k, v, lam, mask, w, leaves = make_inputs(c)
+        out = diff_attention(q, k, v, lam, key_padding_mask=mask, norm_weight=w,
+                             backend="triton")
+        results.append(torch.autograd.grad(out.square().sum(), [q, k, v, lam, w]))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@requires_interpreter
+def test_autocast_casts_inputs_and_returns_input_dtype_gradients():
+    c = Case(N=20, M=20, d=16)
+    q, k, v, lam, *_ = make_inputs(c)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = diff_attention(q, k, v, lam, backend="triton")
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert q.grad.dtype == k.grad.dtype == v.grad.dtype == torch.float32
+    ref = diff_attention_ref(q.detach().double(), k.detach().double(), v.detach().double(),
+                             lam.detach().double())
+    assert (out.double() - ref).abs().max() / ref.abs().max() < 3e-2
+
+
+@requires_interpreter
+def test_auto_backend_uses_triton_under_interpreter_and_torch_beyond_head_dim_128():
+    c = Case(N=8, M=8, d=16)
+    q, k, v, lam, *_ = make_inputs(c)
+    torch.testing.assert_close(diff_attention(q, k, v, lam),
+                               diff_attention(q, k, v, lam, backend="triton"))
+    big = Case(N=8, M=8, H=1, Hk=1, d=160)
+    q, k, v, lam, *_ = make_inputs(big)
+    with pytest.warns(UserWarning, match="head_dim 160"):
+        diff_attention(q, k, v, lam)
+    with pytest.raises(RuntimeError, match="head_dim 160"):
+        diff_attention(q, k, v, lam, backend="triton")
+
+
+def test_triton_without_a_device_is_an_error_not_a_fallback(monkeypatch):
+    import diffattn.backend as backend
+    monkeypatch.setattr(backend, "INTERPRET", False)
+    c = Case(N=4, M=4, d=16)
+    q, k, v, lam, *_ = make_inputs(c)
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run here"):
+        diff_attention(q, k, v, lam, backend="triton")
+    monkeypatch.setattr(backend, "_warned", set())
+    with pytest.warns(UserWarning, match="using the torch backend"):
+        diff_attention(q, k, v, lam, backend="auto")
+
+
+def test_dropout_and_attn_mask_run_on_the_torch_path():
+    c = Case(N=10, M=12, d=16)
+    q, k, v, lam, *_ = make_inputs(c)
+    bias = torch.randn(10, 12)
+    bias[3] = float("-inf")  # one query row fully masked -> zeros
+    out = diff_attention(q, k, v, lam, attn_mask=bias, backend="torch")
+    ref = diff_attention_ref(q.double(), k.double(), v.double(), lam.double(),
+                             attn_bias=bias.double())
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-4)
+    assert torch.equal(out[:, 3], torch.zeros_like(out[:, 3]))
+    with pytest.raises(RuntimeError, match="attn_mask"):
+        diff_attention(q, k, v, lam, attn_mask=bias, backend="triton")
+    with pytest.raises(RuntimeError, match="dropout"):
+        diff_attention(q, k, v, lam, dropout_p=0.1, backend="triton")
+    torch.manual_seed(0)
+    dropped = diff_attention(q, k, v, lam, dropout_p=0.5, backend="torch")
+    assert not torch.allclose(dropped, diff_attention(q, k, v, lam, backend="torch"))
+
+
+def _bad_inputs():
+    q = torch.randn(2, 5, 4, 16)
+    k = torch.randn(2, 6, 2, 16)
+    v = torch.randn(2, 6, 1, 32)
+    ok = dict(q=q, k=k, v=v, lambda_=0.5)
+    yield "q rank", dict(ok, q=q[0]), ValueError, "q must have shape"
+    yield "q odd heads", dict(ok, q=torch.randn(2, 5, 3, 16)), ValueError, "even number of heads"
+    yield "k odd heads", dict(ok, k=torch.randn(2, 6, 3, 16)), ValueError, "k must have an even"
+    yield "k head dim", dict(ok, k=torch.randn(2, 6, 2, 8)), ValueError, "k must have shape"
+    yield "v width", dict(ok, v=torch.randn(2, 6, 1, 16)), ValueError, "v must have shape"
+    yield "v length", dict(ok, v=torch.randn(2, 7, 1, 32)), ValueError, "v must have shape"
+    yield "batch", dict(ok, k=torch.randn(3, 6, 2, 16)), ValueError, "k must have shape"
+    yield ("H % Hk", dict(ok, q=torch.randn(2, 5, 6, 16), k=torch.randn(2, 6, 4, 16),
+                          v=torch.randn(2, 6, 2, 32)), ValueError, "multiple of the number")
+    yield "mixed dtypes", dict(ok, k=k.double()), TypeError, "k must have q's dtype"
+    yield "int dtype", dict(ok, q=q.long()), TypeError, "q must be float16"
+    yield "not a tensor", dict(ok, v=[1.0]), TypeError, "v must be a torch.Tensor"
+    yield "lambda shape", dict(ok, lambda_=torch.ones(3)), ValueError, "lambda_ must be"
+    yield "lambda type", dict(ok, lambda_="0.5"), TypeError, "lambda_ must be a float"
+    yield "lambda int tensor", dict(ok, lambda_=torch.tensor(1)), TypeError, "lambda_ must be"
+    yield ("mask dtype", dict(ok, key_padding_mask=torch.zeros(2, 6)), TypeError,
+           "key_padding_mask must be a bool")
+    yield ("mask shape", dict(ok, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool)),
+           ValueError, "key_padding_mask must have shape")
+    yield ("norm weight", dict(ok, norm_weight=torch.ones(16)), ValueError,
+           "norm_weight must have shape")
+    yield "scale", dict(ok, scale=-1.0), ValueError, "scale must be"
+    yield "backend", dict(ok, backend="cuda"), ValueError, "backend must be one of"
+    yield ("attn_mask shape", dict(ok, attn_mask=torch.zeros(5, 5)), ValueError,
+           "attn_mask must have shape")
+    yield "dropout", dict(ok, dropout_p=1.5), ValueError, "dropout_p"
+
+
+@pytest.mark.parametrize("name,kwargs,exc,match", list(_bad_inputs()),
+                         ids=[b[0] for b in _bad_inputs()])
+def test_bad_inputs_raise_named_errors(name, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        diff_attention(**kwargs)
+
+
+def test_device_mismatch_is_named():
+    q = torch.randn(1, 3, 2, 16)
+    k = torch.randn(1, 3, 2, 16, device="meta")
+    v = torch.randn(1, 3, 1, 32)
+    with pytest.raises(ValueError, match="k must be on q's device"):
+        diff_attention(q, k, v, 0.5)
+
+
+def test_tolerances_cover_every_supported_dtype():
+    assert set(REL_TOL) == {torch.float16, torch.bfloat16, torch.float32, torch.float64}

@@ -107,10 +107,10 @@ def _check_attn_mask(attn_mask, q, k) -> None:
         raise TypeError("attn_mask must be a bool (True = masked out) or float (additive) tensor")
     shape = tuple(attn_mask.shape)
     ok = shape == (N, M) or (len(shape) == 4 and shape[0] in (1, B) and shape[1] in (1, H2)
-                             and shape[2:] == (N, M))
+                             and shape[2] in (1, N) and shape[3] == M)
     if not ok:
-        raise ValueError(f"attn_mask must have shape (seq_q, seq_k) = {(N, M)} or "
-                         f"(batch | 1, 2 * heads | 1, seq_q, seq_k) = {(B, H2, N, M)}, got {shape}")
+        raise ValueError(f"attn_mask must have shape (seq_q, seq_k) = {(N, M)} or broadcast "
+                         f"to (batch, 2 * heads, seq_q, seq_k) = {(B, H2, N, M)}, got {shape}")
     if attn_mask.device != q.device:
         raise ValueError(f"attn_mask must be on q's device {q.device}, got {attn_mask.device}")
 
@@ -140,8 +140,8 @@ def diff_attention(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Tensor
             Without it, y = x * out_scale.
         dropout_p: attention dropout, applied to both maps before the difference (torch
             backend only: the fused kernels refuse it).
-        attn_mask: bool (True = masked out) or additive float mask, (N, M) or broadcastable
-            (B | 1, 2H | 1, N, M), per q head (torch backend only).
+        attn_mask: bool (True = masked out) or additive float mask, (N, M) or 4-D
+            broadcastable to (B, 2H, N, M), per q head (torch backend only).
         backend: "auto" | "triton" | "torch" (see diffattn.backend).
     Returns:
         (B, N, H, 2d) in q's dtype (the autocast dtype under autocast); fp32 accumulation.

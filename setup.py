@@ -15,7 +15,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.9",
-    packages=["diffattn", "diffattn.kernels", "diffattn.models"],
+    packages=["diffattn", "diffattn.training", "diffattn.kernels", "diffattn.models"],
     package_dir={
         "diffattn": "diffattn",
         "diffattn.kernels": "kernels",

@@ -532,7 +532,9 @@ class CLIP(nn.Module):
         if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
             raise ValueError(f"tokens must be an integer tensor of token ids, got dtype "
                              f"{tokens.dtype}")
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= text.vocab_size):
+        # Data-dependent check: skipped while torch.compile traces (it would break the graph).
+        if tokens.numel() and not torch.compiler.is_compiling() and (
+                tokens.min() < 0 or tokens.max() >= text.vocab_size):
             raise ValueError(f"tokens must hold ids in [0, {text.vocab_size}), got values in "
                              f"[{int(tokens.min())}, {int(tokens.max())}]")
 

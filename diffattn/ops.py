@@ -70,8 +70,9 @@ def fused_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lam: Tensor,
 def _(dout, q, k, v, lam, key_padding_mask, norm_weight, x, o2, lse, rstd, scale, causal,
       out_scale):
     dw = lam.new_empty(norm_weight.shape if norm_weight is not None else _EMPTY_SHAPE)
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            torch.empty_like(lam), dw)
+    # The kernels write contiguous gradients whatever the inputs' strides.
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), \
+        lam.new_empty(lam.shape), dw
 
 
 def _setup_context(ctx, inputs, output):

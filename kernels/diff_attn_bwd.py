@@ -27,6 +27,18 @@ import triton.language as tl
 
 from .config import BWD_CONFIGS, PRE_BLOCK_M, head_block
 from .diff_attn_fwd import LOG2E, dot_precision
+from .tiles import causal_key_end, causal_keep, key_keep, load_head_pair, load_tile
+
+
+@triton.jit
+def _load_row_stats(lse_base, delta_base, rows, row_ok, N):
+    """Both maps' log-sum-exp and D terms of a query tile. Rows past N load LSE = +inf, so
+    their recomputed probabilities are 0."""
+    lse1 = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
+    lse2 = tl.load(lse_base + N + rows, mask=row_ok, other=float("inf"))
+    d1 = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+    d2 = tl.load(delta_base + N + rows, mask=row_ok, other=0.0)
+    return lse1, lse2, d1, d2
 
 
 @triton.jit
@@ -48,8 +60,8 @@ def _diff_attn_bwd_preprocess_kernel(
     dv_ok = offs_dv < 2 * HEAD_DIM
     mask = row_ok[:, None] & dv_ok[None, :]
 
-    dy = tl.load(DY + b * stride_dyb + h * stride_dyh + rows[:, None] * stride_dyn
-                 + offs_dv[None, :], mask=mask, other=0.0).to(acc_dtype)
+    dy = load_tile(DY + b * stride_dyb + h * stride_dyh, rows, row_ok, stride_dyn, offs_dv,
+                   dv_ok).to(acc_dtype)
     off = ((b * N + rows[:, None]) * H + h) * (2 * HEAD_DIM) + offs_dv[None, :]
     x = tl.load(X + off, mask=mask, other=0.0).to(acc_dtype)
     o2 = tl.load(O2 + off, mask=mask, other=0.0).to(acc_dtype)
@@ -104,16 +116,10 @@ def _diff_attn_bwd_dkdv_kernel(
     d_ok = offs_d < HEAD_DIM
     dv_ok = offs_dv < 2 * HEAD_DIM
 
-    k_ptrs = K + b * stride_kb + 2 * g * stride_kh + cols[:, None] * stride_km + offs_d[None, :]
-    k_mask = col_ok[:, None] & d_ok[None, :]
-    k1 = tl.load(k_ptrs, mask=k_mask, other=0.0)
-    k2 = tl.load(k_ptrs + stride_kh, mask=k_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + g * stride_vh + cols[:, None] * stride_vm + offs_dv[None, :],
-                mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
-    col_keep = col_ok
-    if HAS_KPM:
-        ignored = tl.load(KPM + b * stride_kpm_b + cols, mask=col_ok, other=1)
-        col_keep = col_keep & (ignored == 0)
+    k1, k2 = load_head_pair(K + b * stride_kb + 2 * g * stride_kh, stride_kh,
+                            cols, col_ok, stride_km, offs_d, d_ok)
+    v = load_tile(V + b * stride_vb + g * stride_vh, cols, col_ok, stride_vm, offs_dv, dv_ok)
+    col_keep = key_keep(KPM + b * stride_kpm_b, cols, col_ok, HAS_KPM)
 
     dk1 = tl.zeros([BLOCK_N, BLOCK_D], dtype=acc_dtype)
     dk2 = tl.zeros([BLOCK_N, BLOCK_D], dtype=acc_dtype)
@@ -135,21 +141,13 @@ def _diff_attn_bwd_dkdv_kernel(
         for start_m in range(lo, N, BLOCK_M):
             rows = start_m + tl.arange(0, BLOCK_M)
             row_ok = rows < N
-            q_ptrs = q_base + rows[:, None] * stride_qn + offs_d[None, :]
-            q_mask = row_ok[:, None] & d_ok[None, :]
-            q1 = tl.load(q_ptrs, mask=q_mask, other=0.0)
-            q2 = tl.load(q_ptrs + stride_qh, mask=q_mask, other=0.0)
-            do = tl.load(do_base + rows[:, None] * stride_don + offs_dv[None, :],
-                         mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
-            # Rows past N load LSE = +inf so their recomputed probabilities are 0.
-            lse1 = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
-            lse2 = tl.load(lse_base + N + rows, mask=row_ok, other=float("inf"))
-            d1 = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-            d2 = tl.load(delta_base + N + rows, mask=row_ok, other=0.0)
+            q1, q2 = load_head_pair(q_base, stride_qh, rows, row_ok, stride_qn, offs_d, d_ok)
+            do = load_tile(do_base, rows, row_ok, stride_don, offs_dv, dv_ok)
+            lse1, lse2, d1, d2 = _load_row_stats(lse_base, delta_base, rows, row_ok, N)
 
             keep = col_keep[:, None] & row_ok[None, :]
             if CAUSAL:
-                keep = keep & (cols[:, None] <= rows[None, :] + (M - N))
+                keep = keep & causal_keep(rows[None, :], cols[:, None], N, M)
             sT1 = tl.dot(k1, tl.trans(q1), input_precision=PRECISION).to(acc_dtype) * qk_scale
             sT2 = tl.dot(k2, tl.trans(q2), input_precision=PRECISION).to(acc_dtype) * qk_scale
             pT1 = tl.where(keep, tl.exp2(sT1 - lse1[None, :]), 0.0)
@@ -163,6 +161,7 @@ def _diff_attn_bwd_dkdv_kernel(
             dk2 += tl.dot(dsT2.to(q2.dtype), q2, input_precision=PRECISION)
 
     dk_ptrs = DK + ((b * M + cols[:, None]) * (2 * HK) + 2 * g) * HEAD_DIM + offs_d[None, :]
+    k_mask = col_ok[:, None] & d_ok[None, :]
     tl.store(dk_ptrs, (dk1 * sm_scale).to(DK.dtype.element_ty), mask=k_mask)
     tl.store(dk_ptrs + HEAD_DIM, (dk2 * sm_scale).to(DK.dtype.element_ty), mask=k_mask)
     dv_ptrs = DV + ((b * M + cols[:, None]) * HK + g) * (2 * HEAD_DIM) + offs_dv[None, :]
@@ -198,42 +197,31 @@ def _diff_attn_bwd_dq_kernel(
     d_ok = offs_d < HEAD_DIM
     dv_ok = offs_dv < 2 * HEAD_DIM
 
-    q_ptrs = Q + b * stride_qb + 2 * h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :]
-    q_mask = row_ok[:, None] & d_ok[None, :]
-    q1 = tl.load(q_ptrs, mask=q_mask, other=0.0)
-    q2 = tl.load(q_ptrs + stride_qh, mask=q_mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_don
-                 + offs_dv[None, :], mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
+    q1, q2 = load_head_pair(Q + b * stride_qb + 2 * h * stride_qh, stride_qh,
+                            rows, row_ok, stride_qn, offs_d, d_ok)
+    do = load_tile(DO + b * stride_dob + h * stride_doh, rows, row_ok, stride_don, offs_dv,
+                   dv_ok)
     lse_base = LSE + ((b * H + h) * 2) * N
     delta_base = DELTA + ((b * H + h) * 2) * N
-    lse1 = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
-    lse2 = tl.load(lse_base + N + rows, mask=row_ok, other=float("inf"))
-    d1 = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-    d2 = tl.load(delta_base + N + rows, mask=row_ok, other=0.0)
+    lse1, lse2, d1, d2 = _load_row_stats(lse_base, delta_base, rows, row_ok, N)
     lam = tl.load(LAM + h).to(acc_dtype)
     k_base = K + b * stride_kb + 2 * g * stride_kh
     v_base = V + b * stride_vb + g * stride_vh
 
     dq1 = tl.zeros([BLOCK_M, BLOCK_D], dtype=acc_dtype)
     dq2 = tl.zeros([BLOCK_M, BLOCK_D], dtype=acc_dtype)
+    kpm_row = KPM + b * stride_kpm_b
     hi = M
     if CAUSAL:
-        hi = tl.minimum(M, tl.maximum((pid_m + 1) * BLOCK_M + (M - N), 0))
+        hi = causal_key_end((pid_m + 1) * BLOCK_M, N, M)
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         col_ok = cols < M
-        k_ptrs = k_base + cols[:, None] * stride_km + offs_d[None, :]
-        k_mask = col_ok[:, None] & d_ok[None, :]
-        k1 = tl.load(k_ptrs, mask=k_mask, other=0.0)
-        k2 = tl.load(k_ptrs + stride_kh, mask=k_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vm + offs_dv[None, :],
-                    mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
-        keep = row_ok[:, None] & col_ok[None, :]
-        if HAS_KPM:
-            ignored = tl.load(KPM + b * stride_kpm_b + cols, mask=col_ok, other=1)
-            keep = keep & (ignored == 0)[None, :]
+        k1, k2 = load_head_pair(k_base, stride_kh, cols, col_ok, stride_km, offs_d, d_ok)
+        v = load_tile(v_base, cols, col_ok, stride_vm, offs_dv, dv_ok)
+        keep = row_ok[:, None] & key_keep(kpm_row, cols, col_ok, HAS_KPM)[None, :]
         if CAUSAL:
-            keep = keep & (cols[None, :] <= rows[:, None] + (M - N))
+            keep = keep & causal_keep(rows[:, None], cols[None, :], N, M)
         s1 = tl.dot(q1, tl.trans(k1), input_precision=PRECISION).to(acc_dtype) * qk_scale
         s2 = tl.dot(q2, tl.trans(k2), input_precision=PRECISION).to(acc_dtype) * qk_scale
         p1 = tl.where(keep, tl.exp2(s1 - lse1[:, None]), 0.0)
@@ -245,6 +233,7 @@ def _diff_attn_bwd_dq_kernel(
         dq2 += tl.dot(ds2.to(k2.dtype), k2, input_precision=PRECISION)
 
     dq_ptrs = DQ + ((b * N + rows[:, None]) * (2 * H) + 2 * h) * HEAD_DIM + offs_d[None, :]
+    q_mask = row_ok[:, None] & d_ok[None, :]
     tl.store(dq_ptrs, (dq1 * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
     tl.store(dq_ptrs + HEAD_DIM, (dq2 * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
 

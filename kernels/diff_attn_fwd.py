@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .config import FWD_CONFIGS, head_block
+from .tiles import causal_key_end, causal_keep, key_keep, load_head_pair, load_tile
 
 LOG2E = 1.4426950408889634
 
@@ -73,12 +74,11 @@ def _diff_attn_fwd_kernel(
     d_ok = offs_d < HEAD_DIM
     dv_ok = offs_dv < 2 * HEAD_DIM
 
-    q_ptrs = Q + b * stride_qb + 2 * h * stride_qh + rows[:, None] * stride_qn + offs_d[None, :]
-    q_mask = row_ok[:, None] & d_ok[None, :]
-    q1 = tl.load(q_ptrs, mask=q_mask, other=0.0)
-    q2 = tl.load(q_ptrs + stride_qh, mask=q_mask, other=0.0)
+    q1, q2 = load_head_pair(Q + b * stride_qb + 2 * h * stride_qh, stride_qh,
+                            rows, row_ok, stride_qn, offs_d, d_ok)
     k_base = K + b * stride_kb + 2 * g * stride_kh
     v_base = V + b * stride_vb + g * stride_vh
+    kpm_row = KPM + b * stride_kpm_b
     lam = tl.load(LAM + h).to(acc_dtype)
 
     m1 = tl.full([BLOCK_M], float("-inf"), dtype=acc_dtype)
@@ -91,27 +91,19 @@ def _diff_attn_fwd_kernel(
     # Causal: key tiles entirely above this query tile's diagonal are never visited.
     hi = M
     if CAUSAL:
-        hi = tl.minimum(M, tl.maximum((pid_m + 1) * BLOCK_M + (M - N), 0))
+        hi = causal_key_end((pid_m + 1) * BLOCK_M, N, M)
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         col_ok = cols < M
-        kT_ptrs = k_base + cols[None, :] * stride_km + offs_d[:, None]
-        kT_mask = col_ok[None, :] & d_ok[:, None]
-        kT1 = tl.load(kT_ptrs, mask=kT_mask, other=0.0)
-        kT2 = tl.load(kT_ptrs + stride_kh, mask=kT_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vm + offs_dv[None, :],
-                    mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
-
-        keep = col_ok[None, :] & row_ok[:, None]
-        if HAS_KPM:
-            ignored = tl.load(KPM + b * stride_kpm_b + cols, mask=col_ok, other=1)
-            keep = keep & (ignored == 0)[None, :]
+        k1, k2 = load_head_pair(k_base, stride_kh, cols, col_ok, stride_km, offs_d, d_ok)
+        v = load_tile(v_base, cols, col_ok, stride_vm, offs_dv, dv_ok)
+        keep = row_ok[:, None] & key_keep(kpm_row, cols, col_ok, HAS_KPM)[None, :]
         if CAUSAL:
-            keep = keep & (cols[None, :] <= rows[:, None] + (M - N))
+            keep = keep & causal_keep(rows[:, None], cols[None, :], N, M)
 
-        s1 = tl.dot(q1, kT1, input_precision=PRECISION).to(acc_dtype) * qk_scale
+        s1 = tl.dot(q1, tl.trans(k1), input_precision=PRECISION).to(acc_dtype) * qk_scale
         m1, l1, acc1 = _online_softmax_step(s1, keep, m1, l1, acc1, v, PRECISION)
-        s2 = tl.dot(q2, kT2, input_precision=PRECISION).to(acc_dtype) * qk_scale
+        s2 = tl.dot(q2, tl.trans(k2), input_precision=PRECISION).to(acc_dtype) * qk_scale
         m2, l2, acc2 = _online_softmax_step(s2, keep, m2, l2, acc2, v, PRECISION)
 
     # A row that saw no key: O = 0 and LSE = +inf, so backward recomputes P = 0 there.

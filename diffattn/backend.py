@@ -54,6 +54,11 @@ def triton_unavailable_reason(device: torch.device, dtype: torch.dtype, head_dim
     return None
 
 
+def unsupported_features(dropout_p: float = 0.0, attn_mask=None) -> tuple:
+    """The requested features the fused kernels lack, as names for resolve_backend."""
+    return ("dropout",) * (dropout_p > 0) + ("attn_mask",) * (attn_mask is not None)
+
+
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int,
                     features: tuple = ()) -> str:
     """Return "triton" or "torch" for this call; raise if "triton" was asked for and cannot run."""

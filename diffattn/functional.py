@@ -17,7 +17,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .backend import check_backend_name, resolve_backend
+from .backend import check_backend_name, resolve_backend, unsupported_features
 from .reference import expand_lambda
 from .torch_path import diff_attention_torch
 
@@ -161,9 +161,8 @@ def diff_attention(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Tensor
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     lam = expand_lambda(lambda_, H2 // 2, acc_dtype, q.device)
     weight = norm_weight.to(acc_dtype) if norm_weight is not None else None
-    unsupported = tuple(name for name, used in (("dropout", dropout_p > 0),
-                                                 ("attn_mask", attn_mask is not None)) if used)
-    chosen = resolve_backend(backend, q.device, q.dtype, d, unsupported)
+    chosen = resolve_backend(backend, q.device, q.dtype, d,
+                             unsupported_features(dropout_p, attn_mask))
     with torch.autocast(device_type, enabled=False):
         if chosen == "triton":
             from .ops import fused_diff_attention

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .backend import check_backend_name, resolve_backend
+from .backend import check_backend_name, resolve_backend, unsupported_features
 from .functional import diff_attention
 from .reference import causal_keep_mask, differential_maps
 
@@ -248,8 +248,8 @@ class DiffMultiheadAttention(nn.Module):
             causal, attn_mask = True, None
         bias, key_padding_mask = self._attn_bias(attn_mask, key_padding_mask, B, N, M)
         dropout_p = self.dropout if self.training else 0.0
-        unsupported = ("dropout",) * (dropout_p > 0) + ("attn_mask",) * (bias is not None)
-        self.last_backend = resolve_backend(self.backend, q.device, q.dtype, d, unsupported)
+        self.last_backend = resolve_backend(self.backend, q.device, q.dtype, d,
+                                            unsupported_features(dropout_p, bias))
         out = diff_attention(q, k, v, lam, causal=causal, key_padding_mask=key_padding_mask,
                              norm_weight=self.diff_norm.weight, eps=self.diff_norm.eps,
                              out_scale=1.0 - self.lambda_init, dropout_p=dropout_p,

@@ -1,7 +1,8 @@
 """Tile loads and visibility masks shared by the forward and backward kernels.
 
-Every tensor is addressed as base + index * stride_index + offset (last dimension contiguous);
-out-of-range rows and padded columns load as zeros.
+Every tensor is addressed as base + index * stride_index + offset (last dimension contiguous),
+with the index product in int64: one batch element may hold more than 2^31 elements.
+Out-of-range rows and padded columns load as zeros.
 """
 import triton
 import triton.language as tl
@@ -10,14 +11,14 @@ import triton.language as tl
 @triton.jit
 def load_tile(base, idx, idx_ok, stride_idx, offs, offs_ok):
     """(len(idx), len(offs)) tile at base, zero where idx or offs is out of range."""
-    return tl.load(base + idx[:, None] * stride_idx + offs[None, :],
+    return tl.load(base + idx[:, None].to(tl.int64) * stride_idx + offs[None, :],
                    mask=idx_ok[:, None] & offs_ok[None, :], other=0.0)
 
 
 @triton.jit
 def load_head_pair(base, stride_head, idx, idx_ok, stride_idx, offs, offs_ok):
     """The tiles of heads 2g and 2g+1 (at base and base + stride_head): a map pair's q or k."""
-    ptrs = base + idx[:, None] * stride_idx + offs[None, :]
+    ptrs = base + idx[:, None].to(tl.int64) * stride_idx + offs[None, :]
     mask = idx_ok[:, None] & offs_ok[None, :]
     return tl.load(ptrs, mask=mask, other=0.0), tl.load(ptrs + stride_head, mask=mask, other=0.0)
 

@@ -52,6 +52,10 @@ CASES = [
     Case(N=77, M=77, d=32, causal=True, norm=True, dtype=torch.float16),
     Case(B=2, N=40, M=40, H=2, Hk=1, d=16, padding=True, dtype=torch.float16),
     Case(N=37, M=29, d=16, causal=True, padding=True, norm=True, dtype=torch.float64),
+    Case(N=197, M=197, H=1, Hk=1, d=128, causal=True, norm=True, dtype=torch.float16),
+    Case(B=2, N=77, M=197, H=4, Hk=1, d=64, causal=True, padding=True),
+    # bf16: under the interpreter the kernels compute it in fp32 (its bf16 math is wrong)
+    Case(N=50, M=50, d=32, causal=True, norm=True, dtype=torch.bfloat16),
 ]
 
 

@@ -4,7 +4,7 @@
 #
 #   benchmarks/gpu_check.sh OUTDIR [throughput.py arguments]
 #
-# Sized to finish in under 8 minutes: the tests get TEST_LIMIT_S seconds (default 210; pytest
+# Sized to finish in under 8 minutes: the tests get TEST_LIMIT_S seconds (default 240; pytest
 # is interrupted after that and still reports what ran), the benchmark starts no new case
 # after BENCH_LIMIT_S seconds (default 180; the issue's target measurements run first) and is
 # interrupted at BENCH_LIMIT_S + 50. Without extra arguments the benchmark runs its --quick
@@ -30,7 +30,7 @@ mkdir -p "$1" || exit 2
 OUT=$(cd "$1" && pwd)
 shift
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-TEST_LIMIT_S=${TEST_LIMIT_S:-210}
+TEST_LIMIT_S=${TEST_LIMIT_S:-240}
 BENCH_LIMIT_S=${BENCH_LIMIT_S:-180}
 LOG="$OUT/bench.log"
 : > "$LOG"
@@ -87,7 +87,9 @@ fi
 
 note "== tests/test_gpu.py (limit ${TEST_LIMIT_S} s) -> $OUT/gpu_tests.log"
 start=$SECONDS
-timeout -s INT -k 20 "$TEST_LIMIT_S" python -m pytest "$ROOT/tests/test_gpu.py" -q -rA \
+# One tile configuration per kernel variant in the tests (no autotuning): compile time is
+# what limits this stage; the benchmark below autotunes.
+DIFFATTN_AUTOTUNE=0 timeout -s INT -k 20 "$TEST_LIMIT_S" python -m pytest "$ROOT/tests/test_gpu.py" -q -rA \
     -p no:cacheprovider --rootdir "$ROOT" --durations=10 > "$OUT/gpu_tests.log" 2>&1
 test_rc=$?
 note "tests: exit status $test_rc after $((SECONDS - start)) s; $(tail -n 1 "$OUT/gpu_tests.log")"

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import BWD_CONFIGS, PRE_BLOCK_M, head_block
+from .config import BWD_CANDIDATES, PRE_BLOCK_M, autotune_space, head_block, preprocess_warps
 from .diff_attn_fwd import LOG2E, dot_precision
 from .tiles import causal_key_end, causal_keep, key_keep, load_head_pair, load_tile
 
@@ -41,7 +41,7 @@ def _load_row_stats(lse_base, delta_base, rows, row_ok, N):
     return lse1, lse2, d1, d2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "H"])
 def _diff_attn_bwd_preprocess_kernel(
     DY, X, O2, LAM, W, RSTD, DX, DELTA, DLAM_ROWS, DW_PART,
     stride_dyb, stride_dyn, stride_dyh,
@@ -88,8 +88,12 @@ def _diff_attn_bwd_preprocess_kernel(
     tl.store(DLAM_ROWS + (b * H + h) * N + rows, -dx_o2, mask=row_ok)
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=["N", "M", "HEAD_DIM", "CAUSAL"])
-@triton.jit
+_BWD_CONFIGS, _BWD_PRUNE = autotune_space(BWD_CANDIDATES)
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=["N", "M", "HEAD_DIM", "CAUSAL"],
+                 prune_configs_by=_BWD_PRUNE)
+@triton.jit(do_not_specialize=["N", "M", "H", "HK", "GROUP", "stride_kpm_b"])
 def _diff_attn_bwd_dkdv_kernel(
     Q, K, V, LAM, KPM, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qn, stride_qh,
@@ -168,8 +172,9 @@ def _diff_attn_bwd_dkdv_kernel(
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & dv_ok[None, :])
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=["N", "M", "HEAD_DIM", "CAUSAL"])
-@triton.jit
+@triton.autotune(configs=_BWD_CONFIGS, key=["N", "M", "HEAD_DIM", "CAUSAL"],
+                 prune_configs_by=_BWD_PRUNE)
+@triton.jit(do_not_specialize=["N", "M", "H", "GROUP", "stride_kpm_b"])
 def _diff_attn_bwd_dq_kernel(
     Q, K, V, LAM, KPM, DO, LSE, DELTA, DQ,
     stride_qb, stride_qn, stride_qh,
@@ -269,11 +274,11 @@ def diff_attn_bwd(dout, q, k, v, lam, key_padding_mask, norm_weight, x, o2, lse,
         dout.stride(0), dout.stride(1), dout.stride(2),
         N, H, out_scale,
         HEAD_DIM=d, BLOCK_DV=block_dv, HAS_NORM=has_norm, STORE_DX=store_dx,
-        ACC_FP64=acc_fp64, BLOCK_M=PRE_BLOCK_M,
+        ACC_FP64=acc_fp64, BLOCK_M=PRE_BLOCK_M, num_warps=preprocess_warps(block_dv),
     )
 
     if key_padding_mask is not None:
-        kpm = key_padding_mask.to(torch.uint8)
+        kpm = key_padding_mask.to(torch.uint8).contiguous()
         stride_kpm_b = kpm.stride(0)
     else:
         kpm, stride_kpm_b = lse, 0  # never read

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import FWD_CONFIGS, head_block
+from .config import FWD_CANDIDATES, autotune_space, head_block
 from .tiles import causal_key_end, causal_keep, key_keep, load_head_pair, load_tile
 
 LOG2E = 1.4426950408889634
@@ -46,8 +46,14 @@ def _online_softmax_step(s, keep, m, l, acc, v, PRECISION: tl.constexpr):
     return m_new, l, acc
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=["N", "M", "HEAD_DIM", "CAUSAL"])
-@triton.jit
+_FWD_CONFIGS, _FWD_PRUNE = autotune_space(FWD_CANDIDATES)
+
+
+# Sizes are not specialised on == 1 (N = 1 would otherwise compile a second copy of each
+# variant); the kernels mask ragged edges and need no divisibility hints.
+@triton.autotune(configs=_FWD_CONFIGS, key=["N", "M", "HEAD_DIM", "CAUSAL"],
+                 prune_configs_by=_FWD_PRUNE)
+@triton.jit(do_not_specialize=["N", "M", "H", "GROUP", "stride_kpm_b"])
 def _diff_attn_fwd_kernel(
     Q, K, V, LAM, KPM, W, OUT, X, O2, LSE, RSTD,
     stride_qb, stride_qn, stride_qh,
@@ -165,7 +171,7 @@ def diff_attn_fwd(q, k, v, lam, key_padding_mask, norm_weight, scale, causal, ep
     lse = torch.empty(B, H, 2, N, device=q.device, dtype=acc_dtype)
     rstd = torch.empty(B, H, N if has_norm else 0, device=q.device, dtype=acc_dtype)
     if key_padding_mask is not None:
-        kpm = key_padding_mask.to(torch.uint8)
+        kpm = key_padding_mask.to(torch.uint8).contiguous()
         stride_kpm_b = kpm.stride(0)
     else:
         kpm, stride_kpm_b = lse, 0  # never read

@@ -129,7 +129,6 @@ def check_against_reference(problem: dict, dtype: torch.dtype, **extra) -> None:
                         GRAD_FACTOR)
 
 
-# ------------------------------------------------------------------------------ accuracy
 # Feature sets: each is its own compiled kernel variant (CAUSAL, HAS_KPM, HAS_NORM are
 # constexprs); the first four are also what benchmarks/throughput.py runs (op level: plain and
 # causal; layer and model level: with the norm), so the GPU check compiles them once.
@@ -141,45 +140,6 @@ VARIANTS = {
     "causal_gqa_norm": dict(causal=True, problem=_NORM),
     "causal_padding_gqa_norm": dict(causal=True, problem=dict(_NORM, padding=True)),
 }
-
-
-@pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("seq_len", [1, 77, 197, 1000])
-@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=DTYPE_IDS.get)
-def test_low_precision_matches_reference(dtype, seq_len, variant):
-    spec = VARIANTS[variant]
-    problem = make_problem(seq_q=seq_len, dtype=dtype, **spec["problem"])
-    check_against_reference(problem, dtype, causal=spec["causal"])
-
-
-@pytest.mark.parametrize("head_dim", [16, 128])
-def test_other_head_dims_bf16(head_dim):
-    """The smallest and largest head dims (32 is covered by the interpreter suite)."""
-    problem = make_problem(seq_q=197, head_dim=head_dim, norm=True)
-    check_against_reference(problem, torch.bfloat16, causal=False)
-
-
-@pytest.mark.parametrize("seq_q,seq_k", [(77, 197), (197, 77)])
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_cross_attention_bf16(seq_q, seq_k, causal):
-    """N != M; causal is aligned to the bottom-right corner (for N > M the first N - M
-    queries see no key)."""
-    problem = make_problem(seq_q=seq_q, seq_k=seq_k, per_head_lambda=True)
-    check_against_reference(problem, torch.bfloat16, causal=causal)
-
-
-@pytest.mark.parametrize("seq_len", [77, 197])
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_fp32_matches_reference(seq_len, causal):
-    problem = make_problem(seq_q=seq_len, dtype=torch.float32, norm=True, per_head_lambda=True)
-    check_against_reference(problem, torch.float32, causal=causal)
-
-
-def test_autocast_bf16_returns_bf16():
-    problem = make_problem(seq_q=77, dtype=torch.float32)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = diff_attention(problem["q"], problem["k"], problem["v"], 0.5, backend="triton")
-    assert out.dtype == torch.bfloat16
 
 
 # ------------------------------------------------------------------------------ determinism
@@ -199,7 +159,7 @@ def test_backward_is_bitwise_deterministic():
 class _Block(nn.Module):
     """A pre-norm residual attention block on DiffMultiheadAttention (fused backend)."""
 
-    def __init__(self, width: int = 256, heads: int = 8):
+    def __init__(self, width: int = 512, heads: int = 8):
         super().__init__()
         self.norm = nn.LayerNorm(width)
         self.attn = DiffMultiheadAttention(width, heads, batch_first=True, backend="triton")
@@ -210,12 +170,15 @@ class _Block(nn.Module):
         return self.fc(x + h)
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_torch_compile_fullgraph_matches_eager(causal):
+def test_torch_compile_fullgraph_matches_eager():
+    """fp32, causal, head dim 64 with the norm: the kernel variant test_fp32_matches_reference
+    compiles anyway (fp32 compiles are the slow ones). bf16 is no good here: parameter
+    gradients summed in bf16 differ between eager and inductor by bf16 rounding."""
+    causal = True
     torch.manual_seed(0)
     model = _Block().to(DEVICE)
     compiled = torch.compile(model, fullgraph=True)
-    x = torch.randn(2, 197, 256, device=DEVICE)
+    x = torch.randn(2, 197, 512, device=DEVICE)
     grad = torch.randn_like(x)
 
     def step(fn):
@@ -262,6 +225,55 @@ def test_opcheck_bwd():
     torch.library.opcheck(torch.ops.diffattn.bwd.default,
                           (dout, q, k, v, lam, kpm, weight, x, o2, lse, rstd, scale, causal,
                            out_scale))
+
+
+# ------------------------------------------------------------------------------ accuracy
+# Every variant in bf16 at N = 197; the sequence-length edges and fp16 on the variant with
+# every feature. (Each variant and dtype is a separate compile: the GPU check's time budget.)
+ACCURACY_CASES = (
+    [(torch.bfloat16, 197, variant) for variant in VARIANTS]
+    + [(torch.bfloat16, n, "causal_padding_gqa_norm") for n in (1, 77, 1000)]
+    + [(torch.float16, n, "causal_padding_gqa_norm") for n in (1, 197)]
+    + [(torch.float16, 197, "plain")]
+)
+
+
+@pytest.mark.parametrize("dtype,seq_len,variant", ACCURACY_CASES,
+                         ids=[f"{DTYPE_IDS[d]}-N{n}-{v}" for d, n, v in ACCURACY_CASES])
+def test_low_precision_matches_reference(dtype, seq_len, variant):
+    spec = VARIANTS[variant]
+    problem = make_problem(seq_q=seq_len, dtype=dtype, **spec["problem"])
+    check_against_reference(problem, dtype, causal=spec["causal"])
+
+
+@pytest.mark.parametrize("head_dim", [16, 128])
+def test_other_head_dims_bf16(head_dim):
+    """The smallest and largest head dims (32 is covered by the interpreter suite)."""
+    problem = make_problem(seq_q=197, head_dim=head_dim, norm=True)
+    check_against_reference(problem, torch.bfloat16, causal=False)
+
+
+@pytest.mark.parametrize("seq_q,seq_k", [(77, 197), (197, 77)])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_cross_attention_bf16(seq_q, seq_k, causal):
+    """N != M; causal is aligned to the bottom-right corner (for N > M the first N - M
+    queries see no key)."""
+    problem = make_problem(seq_q=seq_q, seq_k=seq_k, per_head_lambda=True)
+    check_against_reference(problem, torch.bfloat16, causal=causal)
+
+
+@pytest.mark.parametrize("seq_len", [77, 197])
+def test_fp32_matches_reference(seq_len):
+    """fp32 with exact ("ieee") products: one variant (these compile slowly)."""
+    problem = make_problem(seq_q=seq_len, dtype=torch.float32, norm=True, per_head_lambda=True)
+    check_against_reference(problem, torch.float32, causal=True)
+
+
+def test_autocast_bf16_returns_bf16():
+    problem = make_problem(seq_q=77, dtype=torch.float32)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = diff_attention(problem["q"], problem["k"], problem["v"], 0.5, backend="triton")
+    assert out.dtype == torch.bfloat16
 
 
 # ------------------------------------------------------------------------------ 2^31 offsets

@@ -11,9 +11,9 @@ times log2(e) folded in). Nothing of size N x M is ever stored.
 Epilogue, per row:  O_a = acc_a / l_a,   X = O1 - lambda_h * O2,
                     Y = X * rsqrt(mean(X^2) + eps) * w * c   (with the norm)
                     Y = X * c                                 (without)
-Saved for backward: X (only when it differs from Y), O2, the base-2 log-sum-exp of each map's
-scaled scores (+inf for a row that sees no key, so recomputed probabilities are 0) and, with
-the norm, the row's rsqrt.
+Saved for backward (skipped for inference, SAVE_FOR_BWD=False): X (only when it differs from
+Y), O2, the base-2 log-sum-exp of each map's scaled scores (+inf for a row that sees no key, so
+recomputed probabilities are 0) and, with the norm, the row's rsqrt.
 
 Layouts (element strides, last dimension contiguous):
     Q (B, N, 2H, d), K (B, M, 2Hk, d), V (B, M, Hk, 2d), KPM (B, M) uint8 (1 = ignore key)
@@ -63,7 +63,8 @@ def _diff_attn_fwd_kernel(
     N, M, H, GROUP,
     qk_scale, eps, out_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_NORM: tl.constexpr, STORE_X: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_NORM: tl.constexpr,
+    SAVE_FOR_BWD: tl.constexpr, STORE_X: tl.constexpr,
     ACC_FP64: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
@@ -127,17 +128,18 @@ def _diff_attn_fwd_kernel(
         w = tl.load(W + offs_dv, mask=dv_ok, other=0.0).to(acc_dtype)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1) / (2 * HEAD_DIM) + eps)
         y = y * rstd[:, None] * w[None, :]
-        tl.store(RSTD + (b * H + h) * N + rows, rstd, mask=row_ok)
+        if SAVE_FOR_BWD:
+            tl.store(RSTD + (b * H + h) * N + rows, rstd, mask=row_ok)
     tl.store(OUT + out_off, y.to(OUT.dtype.element_ty), mask=out_mask)
-    if STORE_X:
-        tl.store(X + out_off, x.to(X.dtype.element_ty), mask=out_mask)
-    tl.store(O2 + out_off, o2.to(O2.dtype.element_ty), mask=out_mask)
-
-    lse1 = tl.where(l1 > 0, m1 + tl.log2(l1_safe), float("inf"))
-    lse2 = tl.where(l2 > 0, m2 + tl.log2(l2_safe), float("inf"))
-    lse_ptrs = LSE + ((b * H + h) * 2) * N + rows
-    tl.store(lse_ptrs, lse1, mask=row_ok)
-    tl.store(lse_ptrs + N, lse2, mask=row_ok)
+    if SAVE_FOR_BWD:  # inference writes the output alone
+        if STORE_X:
+            tl.store(X + out_off, x.to(X.dtype.element_ty), mask=out_mask)
+        tl.store(O2 + out_off, o2.to(O2.dtype.element_ty), mask=out_mask)
+        lse1 = tl.where(l1 > 0, m1 + tl.log2(l1_safe), float("inf"))
+        lse2 = tl.where(l2 > 0, m2 + tl.log2(l2_safe), float("inf"))
+        lse_ptrs = LSE + ((b * H + h) * 2) * N + rows
+        tl.store(lse_ptrs, lse1, mask=row_ok)
+        tl.store(lse_ptrs + N, lse2, mask=row_ok)
 
 
 def dot_precision(dtype) -> str:
@@ -145,7 +147,8 @@ def dot_precision(dtype) -> str:
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 
 
-def diff_attn_fwd(q, k, v, lam, key_padding_mask, norm_weight, scale, causal, eps, out_scale):
+def diff_attn_fwd(q, k, v, lam, key_padding_mask, norm_weight, scale, causal, eps, out_scale,
+                  save_for_backward=True):
     """Launch the forward kernel.
 
     Args (already validated by diffattn.functional):
@@ -154,6 +157,8 @@ def diff_attn_fwd(q, k, v, lam, key_padding_mask, norm_weight, scale, causal, ep
         lam (H,) float32 (float64 for float64 inputs), contiguous.
         key_padding_mask (B, M) bool (True = ignore) or None.
         norm_weight (2d,) or None: switches on the RMSNorm epilogue.
+        save_for_backward: False (inference) writes the output only; x, o2, lse and rstd are
+            then empty.
     Returns:
         out (B, N, H, 2d) in q's dtype; x (the pre-epilogue difference, ``out`` itself when the
         epilogue is the identity); o2 (B, N, H, 2d); lse (B, H, 2, N) base-2 log-sum-exp of the
@@ -166,10 +171,16 @@ def diff_attn_fwd(q, k, v, lam, key_padding_mask, norm_weight, scale, causal, ep
     out = torch.empty(B, N, H, 2 * d, device=q.device, dtype=q.dtype)
     has_norm = norm_weight is not None
     store_x = has_norm or out_scale != 1.0
-    x = torch.empty_like(out) if store_x else out
-    o2 = torch.empty_like(out)
-    lse = torch.empty(B, H, 2, N, device=q.device, dtype=acc_dtype)
-    rstd = torch.empty(B, H, N if has_norm else 0, device=q.device, dtype=acc_dtype)
+    if save_for_backward:
+        x = torch.empty_like(out) if store_x else out
+        o2 = torch.empty_like(out)
+        lse = torch.empty(B, H, 2, N, device=q.device, dtype=acc_dtype)
+        rstd = torch.empty(B, H, N if has_norm else 0, device=q.device, dtype=acc_dtype)
+    else:
+        x = out
+        o2 = out.new_empty(0)
+        lse = torch.empty(0, device=q.device, dtype=acc_dtype)
+        rstd = torch.empty(0, device=q.device, dtype=acc_dtype)
     if key_padding_mask is not None:
         kpm = key_padding_mask.to(torch.uint8).contiguous()
         stride_kpm_b = kpm.stride(0)
@@ -190,7 +201,7 @@ def diff_attn_fwd(q, k, v, lam, key_padding_mask, norm_weight, scale, causal, ep
         scale * LOG2E, eps, out_scale,
         HEAD_DIM=d, BLOCK_D=head_block(d), BLOCK_DV=head_block(2 * d),
         CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_NORM=has_norm,
-        STORE_X=store_x, ACC_FP64=acc_dtype == torch.float64,
+        SAVE_FOR_BWD=save_for_backward, STORE_X=store_x, ACC_FP64=acc_dtype == torch.float64,
         PRECISION=dot_precision(q.dtype),
     )
     return out, x, o2, lse, rstd

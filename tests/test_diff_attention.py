@@ -175,6 +175,23 @@ def test_fully_masked_rows_are_zero_in_forward_and_backward():
 
 
 @requires_interpreter
+def test_inference_writes_only_the_output(poison_empty):
+    """Without autograd the forward stores the output alone (no O2, X, LSE, rstd) and gives
+    the same values."""
+    from diffattn import ops
+    c = Case(B=2, N=40, M=40, H=2, Hk=1, d=16, causal=True, padding=True, norm=True)
+    q, k, v, lam, mask, weight, _ = make_inputs(c)
+    with_grad = diff_attention(q, k, v, lam, causal=True, key_padding_mask=mask,
+                               norm_weight=weight, out_scale=0.2, backend="triton")
+    with torch.no_grad():
+        inference = diff_attention(q, k, v, lam, causal=True, key_padding_mask=mask,
+                                   norm_weight=weight, out_scale=0.2, backend="triton")
+        saved = ops.fused_fwd(q, k, v, lam, mask, weight, 0.25, True, 1e-5, 0.2, False)
+    assert torch.equal(inference, with_grad.detach())
+    assert all(t.numel() == 0 for t in saved[1:])
+
+
+@requires_interpreter
 @pytest.mark.parametrize("N,M", [(5, 9), (9, 5)])
 def test_causal_rule_is_bottom_right(N, M):
     """Query i sees key j iff j <= i + (M - N): changing a key it must not see changes nothing."""

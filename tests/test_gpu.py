@@ -198,7 +198,7 @@ def test_torch_compile_fullgraph_matches_eager():
 
 
 # ------------------------------------------------------------------------------ opcheck
-def _op_inputs(norm: bool, requires_grad: bool):
+def _op_inputs(norm: bool, requires_grad: bool, save_for_backward: bool = True):
     """Arguments of torch.ops.diffattn.fwd (causal; with the norm also key padding)."""
     problem = make_problem(batch=1, seq_q=77, heads=2, padding=norm, norm=norm,
                            per_head_lambda=True)
@@ -207,20 +207,21 @@ def _op_inputs(norm: bool, requires_grad: bool):
     weight = problem["norm_weight"].float() if norm else None
     out_scale = 0.2 if norm else 1.0
     return (q, k, v, lam, problem["kwargs"].get("key_padding_mask"), weight, 64 ** -0.5, True,
-            1e-5, out_scale), problem["dout"]
+            1e-5, out_scale, save_for_backward), problem["dout"]
 
 
-@pytest.mark.parametrize("norm", [False, True], ids=["plain", "norm"])
-def test_opcheck_fwd(norm):
+@pytest.mark.parametrize("norm,save", [(False, True), (True, True), (True, False)],
+                         ids=["plain", "norm", "norm-inference"])
+def test_opcheck_fwd(norm, save):
     from diffattn import ops  # noqa: F401  (registers torch.ops.diffattn)
-    args, _ = _op_inputs(norm, requires_grad=True)
+    args, _ = _op_inputs(norm, requires_grad=save, save_for_backward=save)
     torch.library.opcheck(torch.ops.diffattn.fwd.default, args)
 
 
 def test_opcheck_bwd():
     from diffattn import ops  # noqa: F401
     args, dout = _op_inputs(norm=True, requires_grad=False)
-    q, k, v, lam, kpm, weight, scale, causal, eps, out_scale = args
+    q, k, v, lam, kpm, weight, scale, causal, eps, out_scale, _ = args
     out, x, o2, lse, rstd = torch.ops.diffattn.fwd(*args)
     torch.library.opcheck(torch.ops.diffattn.bwd.default,
                           (dout, q, k, v, lam, kpm, weight, x, o2, lse, rstd, scale, causal,

@@ -2,14 +2,18 @@
 
 Two recipes:
 
-- ``"squash"`` (the DiffCLIP release demo): bilinear resize to ``(size, size)`` without
-  keeping the aspect ratio, scale to [0, 1], ImageNet mean/std.
+- ``"squash"`` (the DiffCLIP release demo, ``img.convert("RGB").resize((size, size))``):
+  conversion to RGB, then PIL's default (bicubic) resize to ``(size, size)`` without keeping
+  the aspect ratio, scale to [0, 1], ImageNet mean/std.
 - ``"shortest"`` (open_clip / OpenAI CLIP): bicubic resize of the short side to ``size``
   (long side ``int(size * long / short)``, as torchvision's ``Resize(int)``), centre crop
-  ``(size, size)`` (torchvision's ``CenterCrop`` rounding), scale to [0, 1], OpenAI mean/std.
+  ``(size, size)`` (torchvision's ``CenterCrop`` rounding), then conversion to RGB (after the
+  crop, as open_clip and OpenAI CLIP do: a palette, RGBA, LA, CMYK... image is resampled in
+  its own mode), scale to [0, 1], OpenAI mean/std.
 
-Every input (PIL image, file path, uint8 tensor) is turned into an RGB PIL image first, so
-all input kinds go through the same resampling code and agree exactly.
+Every input (PIL image, file path, uint8 tensor) becomes a PIL image first (a file is opened
+in its own mode, a tensor as RGB), so all input kinds go through the same resampling code and
+agree exactly.
 """
 import dataclasses
 import os
@@ -28,6 +32,20 @@ _DEFAULT_MEAN_STD = {
     "squash": (IMAGENET_MEAN, IMAGENET_STD),
     "shortest": (OPENAI_MEAN, OPENAI_STD),
 }
+
+
+def load_image(image) -> Image.Image:
+    """A PIL image from a PIL image (returned as is, in its own mode), a file path (opened and
+    loaded, in the file's own mode) or a uint8 tensor (RGB); see ``load_rgb_image``."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        if not os.path.isfile(image):
+            raise FileNotFoundError(f"image file not found: {os.fspath(image)!r}")
+        with Image.open(image) as opened:
+            opened.load()
+            return opened.copy()
+    return load_rgb_image(image)
 
 
 def load_rgb_image(image) -> Image.Image:
@@ -93,7 +111,7 @@ class ImageTransform:
 
     Attributes:
         image_size: output side length in pixels.
-        resize_mode: ``"squash"`` (bilinear resize to a square, the DiffCLIP release) or
+        resize_mode: ``"squash"`` (bicubic resize to a square, the DiffCLIP release demo) or
             ``"shortest"`` (bicubic short-side resize + centre crop, open_clip).
         mean: per-channel mean subtracted after scaling to [0, 1].
         std: per-channel standard deviation divided by after subtracting the mean.
@@ -123,12 +141,14 @@ class ImageTransform:
         Returns:
             float32 tensor of shape (3, image_size, image_size).
         """
-        rgb_image = load_rgb_image(image)
         size = self.image_size
         if self.resize_mode == "squash":
-            rgb_image = rgb_image.resize((size, size), Image.Resampling.BILINEAR)
+            # The DiffCLIP demo: convert first, then PIL's default resize filter (bicubic).
+            rgb_image = load_rgb_image(image).resize((size, size), Image.Resampling.BICUBIC)
         else:
-            rgb_image = _center_crop(_resize_shortest_side(rgb_image, size), size)
+            # open_clip / OpenAI CLIP: resize and crop in the image's own mode, then convert.
+            rgb_image = _center_crop(_resize_shortest_side(load_image(image), size), size)
+            rgb_image = rgb_image if rgb_image.mode == "RGB" else rgb_image.convert("RGB")
         pixels_hwc = torch.from_numpy(np.array(rgb_image, dtype=np.uint8))
         pixels = pixels_hwc.permute(2, 0, 1).to(torch.float32) / 255.0
         mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)

@@ -165,3 +165,28 @@ def test_bad_batch_inputs():
         preprocess_batch([], transform)
     with pytest.raises(TypeError, match="transform"):
         preprocess_batch([_random_image(8, 8)], "squash")
+
+
+def _to_tensor(image: Image.Image, mean, std) -> torch.Tensor:
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float() / 255
+    return (pixels - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def test_squash_is_the_release_demo_resize():
+    """The DiffCLIP demo: img.convert("RGB").resize((224, 224)), PIL's default (bicubic) filter."""
+    image = _random_image(300, 180, seed=3)
+    got = make_transform(224, mode="squash")(image)
+    expected = _to_tensor(image.convert("RGB").resize((224, 224)), IMAGENET_MEAN, IMAGENET_STD)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "LA"])
+def test_shortest_resamples_in_the_image_mode_then_converts(mode):
+    """open_clip and OpenAI CLIP resize and crop first and convert to RGB last."""
+    image = _random_image(90, 60, seed=4).convert(mode)
+    got = make_transform(32, mode="shortest")(image)
+    resized = image.resize((int(32 * 90 / 60), 32), Image.Resampling.BICUBIC)
+    left = int(round((resized.width - 32) / 2.0))
+    expected_image = resized.crop((left, 0, left + 32, 32)).convert("RGB")
+    torch.testing.assert_close(got, _to_tensor(expected_image, OPENAI_MEAN, OPENAI_STD),
+                               rtol=0, atol=1e-6)

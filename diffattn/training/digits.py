@@ -3,7 +3,7 @@
 ``sklearn.datasets.load_digits`` ships 1,797 real 8x8 grey-level scans (values 0..16) of the
 digits 0-9 with the package, so no download is needed. Each image is scaled to 0..255 uint8,
 repeated to 3 channels and put through the model's own preprocessing (``model.preprocess``:
-bilinear resize to the model's input size, then its mean/std). A training caption is one of
+resize to the model's input size, then its mean/std). A training caption is one of
 ``DIGIT_TEMPLATES`` filled with the digit's number word ("a photo of the number seven"), drawn
 at random each time the image is read. The images are split 80/20, stratified by digit, with
 the fixed seed ``SPLIT_SEED`` (independent of the training seed), and the 20% are the held-out

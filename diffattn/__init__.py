@@ -4,13 +4,16 @@
 
 - ``diff_attention``: the functional op on (batch, seq, heads, dim) tensors, fused Triton
   kernels or a PyTorch path (``backend="auto" | "triton" | "torch"``).
-- ``diff_attention_ref``: the plain-math reference (materialises the maps, any dtype).
+- ``diff_attention_v2``: the Differential Transformer V2 op (one key per group, per-token
+  lambda, no norm) on the same kernels.
+- ``diff_attention_ref`` / ``diff_attention_v2_ref``: the plain-math references (materialise
+  the maps, any dtype).
 - ``DiffMultiheadAttention``: the nn.MultiheadAttention-style module, DiffCLIP's layer.
 """
 from .backend import BACKENDS, resolve_backend
-from .functional import diff_attention
+from .functional import diff_attention, diff_attention_v2
 from .module import DiffMultiheadAttention, HeadRMSNorm, lambda_init_for_depth
-from .reference import causal_keep_mask, diff_attention_ref
+from .reference import causal_keep_mask, diff_attention_ref, diff_attention_v2_ref
 
 __version__ = "0.1.0"
 
@@ -21,6 +24,8 @@ __all__ = [
     "causal_keep_mask",
     "diff_attention",
     "diff_attention_ref",
+    "diff_attention_v2",
+    "diff_attention_v2_ref",
     "lambda_init_for_depth",
     "resolve_backend",
 ]

@@ -9,10 +9,13 @@
 - ``diff_attention_ref`` / ``diff_attention_v2_ref``: the plain-math references (materialise
   the maps, any dtype).
 - ``DiffMultiheadAttention``: the nn.MultiheadAttention-style module, DiffCLIP's layer.
+- ``DiffMultiheadAttentionV2``: the Differential Transformer V2 layer, same interface;
+  ``DiffMultiheadAttentionV2.from_plain`` starts it from a plain layer.
 """
 from .backend import BACKENDS, resolve_backend
 from .functional import diff_attention, diff_attention_v2
 from .module import DiffMultiheadAttention, HeadRMSNorm, lambda_init_for_depth
+from .module_v2 import DiffMultiheadAttentionV2
 from .reference import causal_keep_mask, diff_attention_ref, diff_attention_v2_ref
 
 __version__ = "0.1.0"
@@ -20,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "DiffMultiheadAttention",
+    "DiffMultiheadAttentionV2",
     "HeadRMSNorm",
     "causal_keep_mask",
     "diff_attention",

@@ -130,6 +130,11 @@ def _check_scalars(causal, scale) -> None:
         raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
 
 
+def _check_dropout(dropout_p) -> None:
+    if not _is_real(dropout_p) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+
+
 def _check_lambda(lambda_, q: Tensor, per_token: bool) -> None:
     B, N, H = q.shape[0], q.shape[1], q.shape[2] // 2
     shapes = [(), (H,)] + [(B, N, H)] * per_token
@@ -233,7 +238,7 @@ def run_diff_attention(q, k, v, lambda_, backend, *, causal=False, key_padding_m
 
 
 def run_diff_attention_v2(q, k, v, lambda_, backend, *, causal=False, key_padding_mask=None,
-                          scale=None) -> Tensor:
+                          scale=None, dropout_p=0.0, attn_mask=None) -> Tensor:
     """diff_attention_v2 without the argument checks; ``backend`` "triton" or "torch"."""
     q, k, v = _autocast(q, k, v)
     scale = q.shape[3] ** -0.5 if scale is None else float(scale)
@@ -245,7 +250,8 @@ def run_diff_attention_v2(q, k, v, lambda_, backend, *, causal=False, key_paddin
                                None, scale, causal, 1.0, 1.0)
     with torch.autocast(q.device.type, enabled=False):
         return diff_attention_v2_torch(q, k, v, lambda_, causal=causal,
-                                       key_padding_mask=key_padding_mask, scale=scale)
+                                       key_padding_mask=key_padding_mask, scale=scale,
+                                       dropout_p=dropout_p, attn_bias=attn_mask)
 
 
 # ------------------------------------------------------------------ public API
@@ -280,8 +286,7 @@ def diff_attention(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Tensor
     check_backend_name(backend)
     check_inputs(q, k, v, lambda_, key_padding_mask, norm_weight, scale, causal, eps, out_scale)
     _check_attn_mask(attn_mask, q, k)
-    if not _is_real(dropout_p) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    _check_dropout(dropout_p)
     chosen = resolve_backend(backend, q.device, q.dtype, q.shape[3],
                              unsupported_features(dropout_p, attn_mask))
     return run_diff_attention(q, k, v, lambda_, chosen, causal=causal,
@@ -292,7 +297,8 @@ def diff_attention(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Tensor
 
 def diff_attention_v2(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Tensor], *,
                       causal: bool = False, key_padding_mask: Optional[Tensor] = None,
-                      scale: Optional[float] = None, backend: str = "auto") -> Tensor:
+                      scale: Optional[float] = None, dropout_p: float = 0.0,
+                      attn_mask: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
     """Differential attention V2 (Differential Transformer V2), fused:
     out[:, :, h] = softmax(s q_2h k_g^T) v_g - lambda softmax(s q_2h+1 k_g^T) v_g.
 
@@ -305,11 +311,17 @@ def diff_attention_v2(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Ten
         lambda_: float, 0-dim tensor, (H,) or per token (B, N, H); differentiable when a
             tensor. It multiplies directly (DiffMultiheadAttentionV2 applies the sigmoid).
         causal, key_padding_mask, scale, backend: as in diff_attention.
+        dropout_p, attn_mask: as in diff_attention (torch backend only); attn_mask per q head,
+            broadcastable to (B, 2H, N, M).
     Returns:
         (B, N, H, d) in q's dtype (the autocast dtype under autocast); fp32 accumulation.
     """
     check_backend_name(backend)
     check_inputs_v2(q, k, v, lambda_, key_padding_mask, scale, causal)
-    chosen = resolve_backend(backend, q.device, q.dtype, q.shape[3])
+    _check_attn_mask(attn_mask, q, k)
+    _check_dropout(dropout_p)
+    chosen = resolve_backend(backend, q.device, q.dtype, q.shape[3],
+                             unsupported_features(dropout_p, attn_mask))
     return run_diff_attention_v2(q, k, v, lambda_, chosen, causal=causal,
-                                 key_padding_mask=key_padding_mask, scale=scale)
+                                 key_padding_mask=key_padding_mask, scale=scale,
+                                 dropout_p=dropout_p, attn_mask=attn_mask)

@@ -102,19 +102,23 @@ def diff_attention_torch(q, k, v, lam: torch.Tensor, *, causal=False,
 
 
 def diff_attention_v2_torch(q, k, v, lambda_, *, causal=False,
-                            key_padding_mask: Optional[torch.Tensor] = None, scale=None):
+                            key_padding_mask: Optional[torch.Tensor] = None, scale=None,
+                            dropout_p=0.0, attn_bias: Optional[torch.Tensor] = None):
     """V2: one SDPA call over the 2H q heads (keys/values grouped), then map 2h minus lambda
-    times map 2h+1. lambda_: a float, () or (H,) or (B, N, H) tensor."""
+    times map 2h+1. lambda_: a float, () or (H,) or (B, N, H) tensor. attn_bias: bool
+    (True = masked out) or additive float, broadcastable to (B, 2H, N, M); dropout_p applies
+    to every map."""
     B, N, H2, d = q.shape
     M = k.shape[1]
     bias, is_causal, row_valid = _sdpa_masks(B, H2, N, M, q.device, q.dtype, causal,
-                                             key_padding_mask, None)
+                                             key_padding_mask, attn_bias)
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       attn_mask=bias, is_causal=is_causal, scale=scale,
-                                       enable_gqa=k.shape[2] != H2)       # (B, 2H, N, d)
+                                       attn_mask=bias, dropout_p=dropout_p, is_causal=is_causal,
+                                       scale=scale, enable_gqa=k.shape[2] != H2)  # (B, 2H, N, d)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     lam = lambda_for_maps(lambda_, H2 // 2, compute, q.device)          # (B|1, H, N|1, 1)
     x = o[:, 0::2].to(compute) - lam * o[:, 1::2].to(compute)
     if row_valid is not None:
-        x = x * row_valid
+        valid1, valid2 = _pair_maps(row_valid, H2)
+        x = x * (valid1 & valid2)
     return x.transpose(1, 2).to(q.dtype)

@@ -12,6 +12,7 @@
 - ``DiffMultiheadAttentionV2``: the Differential Transformer V2 layer, same interface;
   ``DiffMultiheadAttentionV2.from_plain`` starts it from a plain layer.
 """
+from . import attention_inputs
 from .backend import BACKENDS, resolve_backend
 from .functional import diff_attention, diff_attention_v2
 from .module import DiffMultiheadAttention, HeadRMSNorm, lambda_init_for_depth

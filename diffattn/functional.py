@@ -16,6 +16,7 @@ values, so no call waits for the device.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Union
 
@@ -194,10 +195,22 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
 def _autocast(q: Tensor, k: Tensor, v: Tensor):
     """Under autocast, float32 inputs run in the autocast dtype (as SDPA does)."""
     device_type = q.device.type
-    if q.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+    if q.dtype == torch.float32 and _autocast_available(device_type) and \
+            torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     return _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+
+
+def _autocast_available(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type)
+
+
+def _autocast_off(device_type: str):
+    """A context without autocast for the torch path's own dtype handling."""
+    if _autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _kernel_lambda(lambda_, acc_dtype: torch.dtype, device: torch.device):
@@ -230,7 +243,7 @@ def run_diff_attention(q, k, v, lambda_, backend, *, causal=False, key_padding_m
         return fused_attention(q, k, v, lam, lam_value, _mask_for_kernels(key_padding_mask),
                                weight, scale, causal, eps, float(out_scale))
     lam = expand_lambda(lambda_, q.shape[2] // 2, acc_dtype, q.device)
-    with torch.autocast(q.device.type, enabled=False):
+    with _autocast_off(q.device.type):
         return diff_attention_torch(q, k, v, lam, causal=causal,
                                     key_padding_mask=key_padding_mask, scale=scale,
                                     norm_weight=weight, eps=eps, out_scale=out_scale,
@@ -248,7 +261,7 @@ def run_diff_attention_v2(q, k, v, lambda_, backend, *, causal=False, key_paddin
         lam, lam_value = _kernel_lambda(lambda_, acc_dtype, q.device)
         return fused_attention(q, k, v, lam, lam_value, _mask_for_kernels(key_padding_mask),
                                None, scale, causal, 1.0, 1.0)
-    with torch.autocast(q.device.type, enabled=False):
+    with _autocast_off(q.device.type):
         return diff_attention_v2_torch(q, k, v, lambda_, causal=causal,
                                        key_padding_mask=key_padding_mask, scale=scale,
                                        dropout_p=dropout_p, attn_bias=attn_mask)

@@ -85,7 +85,14 @@ class FusedDiffAttention(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------ registered ops (traced)
-@torch.library.triton_op("diffattn::fwd", mutates_args=())
+# On a GPU the ops are triton_ops: torch.compile traces through their bodies to the kernels.
+# Under the interpreter the kernels cannot run on the fake tensors of a trace (they read
+# memory), so there the ops are opaque custom ops with shape-only fake implementations.
+_register_op = torch.library.custom_op if INTERPRET else torch.library.triton_op
+_WRAP = None if INTERPRET else torch.library.wrap_triton
+
+
+@_register_op("diffattn::fwd", mutates_args=())
 def fused_fwd(q: Tensor, k: Tensor, v: Tensor, lam: Optional[Tensor], lam_value: float,
               key_padding_mask: Optional[Tensor], norm_weight: Optional[Tensor], scale: float,
               causal: bool, eps: float, out_scale: float, save_for_backward: bool
@@ -93,8 +100,7 @@ def fused_fwd(q: Tensor, k: Tensor, v: Tensor, lam: Optional[Tensor], lam_value:
     """Forward kernel. Returns (out, x, o2, lse, rstd); x is empty when it would be out (outputs
     of an op may not alias), and all but out are empty without save_for_backward."""
     out, x, o2, lse, rstd = _forward(q, k, v, lam, lam_value, key_padding_mask, norm_weight,
-                                     scale, causal, eps, out_scale, save_for_backward,
-                                     torch.library.wrap_triton)
+                                     scale, causal, eps, out_scale, save_for_backward, _WRAP)
     if not save_for_backward:
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         return (out, out.new_empty(_EMPTY), out.new_empty(_EMPTY),
@@ -104,7 +110,7 @@ def fused_fwd(q: Tensor, k: Tensor, v: Tensor, lam: Optional[Tensor], lam_value:
     return out, x, o2, lse, rstd
 
 
-@torch.library.triton_op("diffattn::bwd", mutates_args=())
+@_register_op("diffattn::bwd", mutates_args=())
 def fused_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lam: Optional[Tensor],
               lam_value: float, key_padding_mask: Optional[Tensor],
               norm_weight: Optional[Tensor], x: Tensor, o2: Tensor, lse: Tensor, rstd: Tensor,
@@ -114,7 +120,7 @@ def fused_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lam: Optional[Tenso
     empty where not needed."""
     dq, dk, dv, dlam, dw = _backward(dout, q, k, v, lam, lam_value, key_padding_mask,
                                      norm_weight, x, o2, lse, rstd, scale, causal, out_scale,
-                                     need_dlam, need_dw, torch.library.wrap_triton)
+                                     need_dlam, need_dw, _WRAP)
     acc = lse.dtype
     dlam = lse.new_empty(_EMPTY, dtype=acc) if dlam is None else dlam
     dw = lse.new_empty(_EMPTY, dtype=acc) if dw is None else dw
@@ -122,17 +128,21 @@ def fused_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lam: Optional[Tenso
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, lam, lam_value, kpm, norm_weight, scale, causal, eps, out_scale, _ = inputs
+    q, k, v, lam, lam_value, kpm, norm_weight, scale, causal, eps, out_scale, saved = inputs
     out, x, o2, lse, rstd = output
     ctx.save_for_backward(q, k, v, lam, kpm, norm_weight, x if x.numel() > 0 else out, o2, lse,
                           rstd)
     ctx.args = (lam_value, scale, causal, out_scale)
+    ctx.saved = saved
     ctx.need = (lam is not None and lam.requires_grad,
                 norm_weight is not None and norm_weight.requires_grad)
 
 
 def _op_backward(ctx, dout, _dx, _do2, _dlse, _drstd):
     q, k, v, lam, kpm, norm_weight, x, o2, lse, rstd = ctx.saved_tensors
+    if not ctx.saved:
+        raise RuntimeError("diffattn::fwd ran with save_for_backward=False, so it kept nothing "
+                           "to differentiate; call it with save_for_backward=True")
     lam_value, scale, causal, out_scale = ctx.args
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
@@ -144,6 +154,28 @@ def _op_backward(ctx, dout, _dx, _do2, _dlse, _drstd):
 
 
 fused_fwd.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+if INTERPRET:
+    @fused_fwd.register_fake
+    def _(q, k, v, lam, lam_value, key_padding_mask, norm_weight, scale, causal, eps,
+          out_scale, save_for_backward):
+        B, N, H2, _ = q.shape
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out = q.new_empty(B, N, H2 // 2, v.shape[3])
+        if not save_for_backward:
+            return (out, q.new_empty(_EMPTY), q.new_empty(_EMPTY), q.new_empty(_EMPTY, dtype=acc),
+                    q.new_empty(_EMPTY, dtype=acc))
+        x = out.new_empty(out.shape if norm_weight is not None or out_scale != 1.0 else _EMPTY)
+        rstd = q.new_empty(B, H2 // 2, N if norm_weight is not None else 0, dtype=acc)
+        return out, x, out.new_empty(out.shape), q.new_empty(B, H2 // 2, 2, N, dtype=acc), rstd
+
+    @fused_bwd.register_fake
+    def _(dout, q, k, v, lam, lam_value, key_padding_mask, norm_weight, x, o2, lse, rstd, scale,
+          causal, out_scale, need_dlam, need_dw):
+        dlam = lse.new_empty(lam.shape if need_dlam and lam is not None else _EMPTY)
+        dw = lse.new_empty((v.shape[3],) if need_dw and norm_weight is not None else _EMPTY)
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dlam, dw
 
 
 # ------------------------------------------------------------------ entry point

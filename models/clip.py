@@ -1,7 +1,9 @@
 """Config-driven CLIP: a vision transformer and a text transformer with projections and a logit scale.
 
-The attention layers are ``diffattn.DiffMultiheadAttention`` (``attention="diff"``, DiffCLIP) or
-``torch.nn.MultiheadAttention`` (``attention="plain"``, CLIP). The module tree, and so the
+The attention layers are ``diffattn.DiffMultiheadAttention`` (``attention="diff"``, DiffCLIP),
+``diffattn.DiffMultiheadAttentionV2`` (``attention="diff2"``, the Differential Transformer V2)
+or plain attention (``attention="plain"``, CLIP: ``diffattn.models.attention.MultiheadAttention``,
+nn.MultiheadAttention with a lean self-attention forward). The module tree, and so the
 state-dict key names, follows one of two published layouts (``layout``):
 
 - ``"diffclip"``: the DiffCLIP release (a timm-style vision transformer)::
@@ -20,7 +22,11 @@ Both share OpenAI CLIP's text tower: ``token_embedding``, ``positional_embedding
 ``transformer.resblocks.{i}.ln_1/attn/ln_2/mlp.c_fc/mlp.c_proj``, ``ln_final``,
 ``text_projection`` and ``logit_scale``. Plain attention layers hold ``in_proj_weight``,
 ``in_proj_bias`` and ``out_proj``; differential ones ``q_proj``, ``k_proj``, ``v_proj``,
-``out_proj``, ``lambda_q1/k1/q2/k2`` and ``diff_norm.weight``.
+``out_proj``, ``lambda_q1/k1/q2/k2`` and ``diff_norm.weight``; V2 ones ``q_proj``,
+``lambda_proj``, ``k_proj``, ``v_proj`` and ``out_proj``.
+
+No step of a forward or backward waits for the device: token ids on the CPU are range-checked
+on the host, token ids on a GPU with an asynchronous device-side assertion.
 """
 from __future__ import annotations
 
@@ -33,16 +39,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from diffattn import BACKENDS, DiffMultiheadAttention, lambda_init_for_depth
+from diffattn import (BACKENDS, DiffMultiheadAttention, DiffMultiheadAttentionV2,
+                      lambda_init_for_depth)
 
+from .attention import MultiheadAttention
 from .preprocess import RESIZE_MODES, make_transform
 from .tokenizer import tokenize
 
 LAYOUTS = ("diffclip", "open_clip")
-ATTENTIONS = ("diff", "plain")
+ATTENTIONS = ("diff", "diff2", "plain")
 ACTIVATIONS = ("gelu", "quick_gelu")
 LAMBDA_SCHEDULES = ("constant", "depth")
 VISION_POOLS = ("cls",)
+
+DIFF_LAYERS = (DiffMultiheadAttention, DiffMultiheadAttentionV2)
 
 # Submodule names of a residual block: (attention norm, MLP norm, MLP input, MLP output).
 _BLOCK_NAMES = {
@@ -96,7 +106,8 @@ class VisionConfig:
 
     Attributes:
         width, layers, heads: transformer width W, depth and heads (nn.MultiheadAttention's
-            count: a differential layer has heads // 2 differential heads).
+            count: a "diff" layer has heads // 2 differential heads of width 2 W / heads, a
+            "diff2" layer heads differential heads of width W / heads).
         patch_size, image_size: square patches and images; image_size % patch_size == 0.
         mlp_ratio: MLP hidden width = int(W * mlp_ratio).
         patch_bias: bias on the patch-embedding conv (DiffCLIP: True, open_clip: False).
@@ -174,9 +185,10 @@ class CLIPConfig:
         embed_dim: joint embedding width E.
         vision, text: the towers.
         layout: state-dict key layout, "diffclip" (DiffCLIP release) or "open_clip".
-        attention: "diff" (DiffMultiheadAttention) or "plain" (nn.MultiheadAttention).
-        lambda_init: lambda_init of every differential layer when lambda_schedule is
-            "constant" (DiffCLIP: 0.8).
+        attention: "diff" (DiffMultiheadAttention), "diff2" (DiffMultiheadAttentionV2) or
+            "plain" (nn.MultiheadAttention's parameters).
+        lambda_init: lambda_init of every "diff" layer when lambda_schedule is
+            "constant" (DiffCLIP: 0.8). V2 layers learn lambda per token and ignore it.
         lambda_schedule: "constant", or "depth" for the Differential Transformer's
             0.8 - 0.6 * exp(-0.3 * i) at layer i of each tower (DiffCLIP*).
         preprocess: image preprocessing recipe, "squash" (DiffCLIP release) or "shortest"
@@ -202,7 +214,7 @@ class CLIPConfig:
         _check_choice("attention", self.attention, ATTENTIONS)
         _check_choice("lambda_schedule", self.lambda_schedule, LAMBDA_SCHEDULES)
         _check_choice("preprocess", self.preprocess, RESIZE_MODES)
-        if self.attention == "diff":
+        if self.attention == "diff":  # V2 layers take any head count
             for tower, heads in (("vision", self.vision.heads), ("text", self.text.heads)):
                 if heads % 2:
                     raise ValueError(f"{tower}.heads must be even for differential attention "
@@ -274,8 +286,11 @@ class ResidualBlock(nn.Module):
             self.attn = DiffMultiheadAttention(width, heads, batch_first=True,
                                                lambda_init=lambda_init, backend=backend,
                                                **factory)
+        elif attention == "diff2":
+            self.attn = DiffMultiheadAttentionV2(width, heads, batch_first=True,
+                                                 backend=backend, **factory)
         else:
-            self.attn = nn.MultiheadAttention(width, heads, batch_first=True, **factory)
+            self.attn = MultiheadAttention(width, heads, batch_first=True, **factory)
         self.add_module(norm_mlp, _layer_norm(width, ln_eps, ln_fp32, factory))
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential(OrderedDict([
@@ -287,14 +302,7 @@ class ResidualBlock(nn.Module):
     def forward(self, x: Tensor, causal: bool = False) -> Tensor:
         """x (B, N, W); ``causal`` masks keys after each query (text tower)."""
         norm_attn, norm_mlp = (getattr(self, name) for name in self._norm_names)
-        h = norm_attn(x)
-        if isinstance(self.attn, DiffMultiheadAttention):
-            h = self.attn(h, need_weights=False, is_causal=causal)[0]
-        else:
-            n = h.shape[1]
-            mask = torch.ones(n, n, dtype=torch.bool, device=h.device).triu_(1) if causal else None
-            h = self.attn(h, h, h, need_weights=False, attn_mask=mask, is_causal=causal)[0]
-        x = x + h
+        x = x + self.attn(norm_attn(x), need_weights=False, is_causal=causal)[0]
         return x + self.mlp(norm_mlp(x))
 
 
@@ -468,7 +476,7 @@ class CLIP(nn.Module):
             out_std = attn_std * (2 * len(blocks)) ** -0.5
             for block in blocks:
                 attn = block.attn
-                if isinstance(attn, DiffMultiheadAttention):
+                if isinstance(attn, DIFF_LAYERS):
                     for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
                         nn.init.normal_(proj.weight, std=attn_std)
                 else:
@@ -492,10 +500,10 @@ class CLIP(nn.Module):
         return [block.attn for name in towers for block in self._blocks(name)]
 
     def set_backend(self, backend: str) -> None:
-        """Set ``backend`` ("auto" | "triton" | "torch") on every DiffMultiheadAttention."""
+        """Set ``backend`` ("auto" | "triton" | "torch") on every differential attention layer."""
         _check_choice("backend", backend, BACKENDS)
         for layer in self.attention_layers():
-            if isinstance(layer, DiffMultiheadAttention):
+            if isinstance(layer, DIFF_LAYERS):
                 layer.backend = backend
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -505,9 +513,10 @@ class CLIP(nn.Module):
         tower = self.visual if self.config.layout == "diffclip" else self.visual.transformer
         tower.grad_checkpointing = bool(enable)
 
-    def tokenize(self, texts) -> Tensor:
-        """CLIP token ids (n, context_length) for a string or a list of strings."""
-        return tokenize(texts, context_length=self.config.text.context_length)
+    def tokenize(self, texts, trim: bool = False) -> Tensor:
+        """CLIP token ids (n, context_length) for a string or a list of strings; with ``trim``
+        only the columns the longest text needs (the embeddings are the same)."""
+        return tokenize(texts, context_length=self.config.text.context_length, trim=trim)
 
     # ------------------------------------------------------------------ inputs
     def _check_images(self, images) -> None:
@@ -532,11 +541,16 @@ class CLIP(nn.Module):
         if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
             raise ValueError(f"tokens must be an integer tensor of token ids, got dtype "
                              f"{tokens.dtype}")
-        # Data-dependent check: skipped while torch.compile traces (it would break the graph).
-        if tokens.numel() and not torch.compiler.is_compiling() and (
-                tokens.min() < 0 or tokens.max() >= text.vocab_size):
-            raise ValueError(f"tokens must hold ids in [0, {text.vocab_size}), got values in "
-                             f"[{int(tokens.min())}, {int(tokens.max())}]")
+        if tokens.numel() == 0 or torch.compiler.is_compiling():
+            return  # compiled code checks its indices on the device itself
+        if tokens.device.type == "cpu":  # the values are on the host: check them there
+            low, high = int(tokens.min()), int(tokens.max())
+            if low < 0 or high >= text.vocab_size:
+                raise ValueError(f"tokens must hold ids in [0, {text.vocab_size}), got values "
+                                 f"in [{low}, {high}]")
+        else:  # no host synchronisation: the device raises if the ids are out of range
+            torch._assert_async(((tokens >= 0) & (tokens < text.vocab_size)).all(),
+                                f"tokens must hold ids in [0, {text.vocab_size})")
 
     # ------------------------------------------------------------------ encoders
     def encode_image(self, images: Tensor, normalize: bool = False) -> Tensor:

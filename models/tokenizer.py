@@ -12,7 +12,12 @@ printable unicode characters, and the characters are merged by byte-pair encodin
 - 49406 ``<start_of_text>`` and 49407 ``<end_of_text>``.
 
 ``tokenize`` builds the model input: ``[49406] + ids + [49407]``, zero-padded to the
-context length (77), a too-long text cut with its last kept token replaced by 49407.
+context length (77), a too-long text cut with its last kept token replaced by 49407; with
+``trim=True`` the padding columns no row needs are left out (the text tower's embeddings do not
+change: it is causal and pools at the end-of-text token).
+
+Text cleaning needs the packages ftfy and regex (``pip install "diffattn[models]"``); they are
+imported on first use, so the rest of diffattn.models works without them.
 """
 import functools
 import gzip
@@ -20,8 +25,6 @@ import html
 import numbers
 import os
 
-import ftfy
-import regex
 import torch
 
 SOT_TOKEN_ID = 49406
@@ -36,17 +39,28 @@ NUM_MERGES = VOCAB_SIZE - 2 * 256 - 2  # 48,894
 
 MERGES_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")
 
-# The CLIP word pattern. The special tokens come first so that a literal special token in
-# the text stays one token; they are spelled as in the vocabulary so that
-# ``encode(decode(ids))`` keeps them.
-_WORD_PATTERN = regex.compile(
-    regex.escape(SOT_TOKEN)
-    + "|"
-    + regex.escape(EOT_TOKEN)
-    + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
-    regex.IGNORECASE,
-)
-_WHITESPACE_RUN = regex.compile(r"\s+")
+
+
+@functools.lru_cache(maxsize=1)
+def _text_tools():
+    """(ftfy.fix_text, the CLIP word pattern, the whitespace-run pattern), imported and
+    compiled on first use."""
+    try:
+        import ftfy
+        import regex
+    except ImportError as exc:
+        raise ImportError(f"the CLIP tokenizer needs the packages ftfy and regex ({exc}); "
+                          f"install them with: pip install \"diffattn[models]\"") from exc
+    # The special tokens come first so that a literal special token in the text stays one
+    # token; they are spelled as in the vocabulary so that ``encode(decode(ids))`` keeps them.
+    word_pattern = regex.compile(
+        regex.escape(SOT_TOKEN)
+        + "|"
+        + regex.escape(EOT_TOKEN)
+        + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+        regex.IGNORECASE,
+    )
+    return ftfy.fix_text, word_pattern, regex.compile(r"\s+")
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -77,9 +91,10 @@ def clean_text(text: str) -> str:
     ftfy repair, HTML entities unescaped twice (``&amp;lt;`` -> ``<``), runs of whitespace
     collapsed to one space, leading/trailing whitespace removed, lower-cased.
     """
-    text = ftfy.fix_text(text)
+    fix_text, _, whitespace_run = _text_tools()
+    text = fix_text(text)
     text = html.unescape(html.unescape(text))
-    text = _WHITESPACE_RUN.sub(" ", text).strip()
+    text = whitespace_run.sub(" ", text).strip()
     return text.lower()
 
 
@@ -161,7 +176,7 @@ class SimpleTokenizer:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         token_ids = []
-        for word in _WORD_PATTERN.findall(clean_text(text)):
+        for word in _text_tools()[1].findall(clean_text(text)):
             if word in self.special_token_ids:
                 token_ids.append(self.special_token_ids[word])
                 continue
@@ -208,7 +223,8 @@ def _default_tokenizer() -> SimpleTokenizer:
     return SimpleTokenizer()
 
 
-def tokenize(texts, context_length: int = DEFAULT_CONTEXT_LENGTH) -> torch.Tensor:
+def tokenize(texts, context_length: int = DEFAULT_CONTEXT_LENGTH, *,
+             trim: bool = False) -> torch.Tensor:
     """Model input ids for one text or a list of texts.
 
     Each row is ``[SOT_TOKEN_ID] + encode(text) + [EOT_TOKEN_ID]`` followed by zeros. A text
@@ -219,9 +235,13 @@ def tokenize(texts, context_length: int = DEFAULT_CONTEXT_LENGTH) -> torch.Tenso
     Args:
         texts: a str, or a list/tuple of str.
         context_length: tokens per row, >= 2 (CLIP: 77).
+        trim: keep only as many columns as the longest row needs (through its end-of-text
+            token), never more than context_length. The text tower is causal and pools at the
+            end-of-text token, so its embeddings are the same; it runs on fewer tokens.
 
     Returns:
-        LongTensor of shape (n, context_length); n = 1 for a single str.
+        LongTensor of shape (n, context_length), or (n, longest row) with trim; n = 1 for a
+        single str.
     """
     if isinstance(texts, str):
         texts = [texts]
@@ -235,12 +255,32 @@ def tokenize(texts, context_length: int = DEFAULT_CONTEXT_LENGTH) -> torch.Tenso
     if context_length < 2:
         raise ValueError(f"context_length must be >= 2 (room for start and end tokens), got {context_length}")
 
+    if not isinstance(trim, bool):
+        raise TypeError(f"trim must be a bool, got {type(trim).__name__}")
+
     tokenizer = _default_tokenizer()
-    token_ids = torch.zeros(len(texts), context_length, dtype=torch.long)
-    for row, text in enumerate(texts):
+    rows = []
+    for text in texts:
         row_ids = [SOT_TOKEN_ID] + tokenizer.encode(text) + [EOT_TOKEN_ID]
         if len(row_ids) > context_length:
             row_ids = row_ids[:context_length]
             row_ids[-1] = EOT_TOKEN_ID
-        token_ids[row, : len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
+        rows.append(row_ids)
+    width = max((len(r) for r in rows), default=2) if trim else context_length
+    token_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    for index, row_ids in enumerate(rows):
+        token_ids[index, : len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
     return token_ids
+
+
+def trim_padding(tokens: torch.Tensor) -> torch.Tensor:
+    """Drop the trailing columns of a (n, L) batch of token ids that no row needs: keep through
+    the last end-of-text token (each row's largest id) of any row. A view, no copy. For token
+    batches formed per text (e.g. in a data loader, on the CPU: it reads the values), equal to
+    tokenizing them with ``trim=True``."""
+    if tokens.dim() != 2 or tokens.shape[1] == 0:
+        raise ValueError(f"tokens must have shape (n, L) with L >= 1, got {tuple(tokens.shape)}")
+    if tokens.shape[0] == 0:
+        return tokens
+    width = int(tokens.argmax(dim=1).max()) + 1
+    return tokens[:, :width]

@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from diffattn import DiffMultiheadAttention, HeadRMSNorm, lambda_init_for_depth
+from diffattn import (DiffMultiheadAttention, DiffMultiheadAttentionV2, HeadRMSNorm,
+                      lambda_init_for_depth)
 from diffattn.models import (CLIP, CLIPConfig, TextConfig, UnsafeCheckpointError, VisionConfig,
                              create_model, get_config, list_models, save_pretrained)
 
@@ -137,7 +138,7 @@ def test_attention_override_turns_open_clip_layout_differential():
     assert not any("in_proj" in key for key in keys)
     assert all(isinstance(layer, DiffMultiheadAttention) for layer in model.attention_layers())
     plain = create_model("DiffCLIP-Tiny", attention="plain")
-    assert all(type(layer) is nn.MultiheadAttention for layer in plain.attention_layers())
+    assert all(isinstance(layer, nn.MultiheadAttention) for layer in plain.attention_layers())
     with pytest.raises(ValueError, match="attention"):
         create_model("DiffCLIP-Tiny", attention="linear")
 
@@ -415,3 +416,76 @@ def test_unsafe_pickle_is_refused_unexecuted(tmp_path):
 def test_missing_checkpoint_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         create_model("DiffCLIP-Tiny", pretrained=tmp_path / "nope.pt")
+
+
+# ------------------------------------------------------------------ model step and text length
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_plain_attention_equals_nn_multihead_attention(batch_first):
+    """The lean self-attention forward (one GEMM, SDPA on views) against nn.MultiheadAttention
+    itself, forward and backward; other calls take nn.MultiheadAttention's own path."""
+    from diffattn.models.attention import MultiheadAttention
+    torch.manual_seed(0)
+    plain = nn.MultiheadAttention(64, 4, batch_first=batch_first).double()
+    lean = MultiheadAttention(64, 4, batch_first=batch_first).double()
+    lean.load_state_dict(plain.state_dict(), strict=True)
+    assert list(lean.state_dict()) == list(plain.state_dict())
+    x = torch.randn(3, 11, 64, dtype=torch.float64)
+    x = x if batch_first else x.transpose(0, 1)
+    mask = torch.ones(11, 11, dtype=torch.bool).triu(1)
+    for kwargs, lean_kwargs in (({}, {}), ({"attn_mask": mask, "is_causal": True},
+                                           {"is_causal": True})):
+        want = plain(x, x, x, need_weights=False, **kwargs)[0]
+        got = lean(x, need_weights=False, **lean_kwargs)[0]
+        torch.testing.assert_close(got, want)
+        gw = torch.autograd.grad(want.sum(), list(plain.parameters()))
+        gg = torch.autograd.grad(got.sum(), list(lean.parameters()))
+        for a, b in zip(gg, gw):
+            torch.testing.assert_close(a, b)
+    out, weights = lean(x, x, x, is_causal=True)  # weights asked for: nn.MultiheadAttention's path
+    assert weights.shape == (3, 11, 11)
+    torch.testing.assert_close(out, plain(x, x, x, attn_mask=mask)[0])
+
+
+@pytest.mark.parametrize("name,backend,dtype,tol", [
+    ("DiffCLIP-Tiny", "triton" if INTERPRET else "torch", torch.float32, 0.0),
+    ("DiffCLIPv2-Tiny", "triton" if INTERPRET else "torch", torch.float32, 0.0),
+    ("DiffCLIP-Tiny", "torch", torch.float64, 1e-12),
+    ("CLIP-Tiny", "torch", torch.float64, 1e-12),
+])
+def test_trimmed_tokens_give_the_same_text_embeddings(name, backend, dtype, tol):
+    """The text tower is causal and pools at the end-of-text token: columns after the longest
+    row's end add nothing. Through the fused kernels the embeddings are bitwise equal."""
+    model = create_model(name, backend=backend).to(dtype)
+    texts = ["a photo of a cat.", "a dog", "a drawing of a small red bird on a branch"]
+    full, trimmed = model.tokenize(texts), model.tokenize(texts, trim=True)
+    assert trimmed.shape[1] < full.shape[1]
+    with torch.no_grad():
+        a, b = model.encode_text(full), model.encode_text(trimmed)
+    assert (a - b).abs().max().item() <= tol * a.abs().max().item()
+
+
+def test_token_ids_out_of_range_are_named_on_the_host():
+    model = create_model("CLIP-Tiny")
+    tokens = model.tokenize(["a cat"])
+    tokens[0, 1] = 49408
+    with pytest.raises(ValueError, match=r"ids in \[0, 49408\), got values in \[0, 49408\]"):
+        model.encode_text(tokens)
+
+
+def test_v2_configs_and_gradients_reach_lambda_projection():
+    assert {"DiffCLIPv2-ViT-B-16", "DiffCLIPv2-Tiny"} <= set(list_models())
+    big = create_model("DiffCLIPv2-ViT-B-16", device="meta")
+    layers = big.attention_layers()
+    assert all(isinstance(layer, DiffMultiheadAttentionV2) for layer in layers)
+    assert (layers[0].num_heads, layers[0].head_dim) == (12, 64)
+    keys = set(big.state_dict())
+    assert "visual.transformer.resblocks.0.attn.lambda_proj.weight" in keys
+    plain_keys = set(create_model("ViT-B-16", device="meta").state_dict())
+    assert {k for k in keys if "attn" not in k} == {k for k in plain_keys if "attn" not in k}
+    model = create_model("DiffCLIPv2-Tiny", backend="torch")
+    images, tokens = torch.randn(2, 3, 32, 32), model.tokenize(["a cat", "a dog"])
+    image_features, text_features, _ = model(images, tokens)
+    (image_features.sum() + text_features.sum()).backward()
+    for layer in model.attention_layers():
+        lambda_rows = layer.in_proj_weight.grad[2 * layer.embed_dim:][:layer.num_heads]
+        assert lambda_rows.abs().sum() > 0

@@ -12,6 +12,7 @@ from diffattn.models.tokenizer import (
     VOCAB_SIZE,
     _default_tokenizer,
     tokenize,
+    trim_padding,
 )
 
 # The reference cases of shared/data/clip_tokenizer_cases.json, kept here so they always run.
@@ -134,3 +135,38 @@ def test_bad_encode_and_decode_inputs():
         tokenizer.decode([VOCAB_SIZE])
     with pytest.raises(TypeError, match="ids"):
         tokenizer.decode(["a"])
+
+
+def test_trim_keeps_only_the_columns_the_longest_text_needs():
+    texts = ["a photo of a cat.", "dog", "a " * 100]
+    full = tokenize(texts[:2])
+    trimmed = tokenize(texts[:2], trim=True)
+    assert trimmed.shape == (2, 8) and torch.equal(trimmed, full[:, :8])
+    assert tokenize(texts, trim=True).shape == (3, 77)  # never more than the context length
+    assert tokenize(texts, context_length=10, trim=True)[2, -1] == EOT_TOKEN_ID
+    assert torch.equal(trim_padding(full), trimmed)
+    assert trim_padding(full).data_ptr() == full.data_ptr()  # a view
+    with pytest.raises(TypeError, match="trim"):
+        tokenize("a cat", trim="yes")
+    with pytest.raises(ValueError, match="tokens must have shape"):
+        trim_padding(torch.zeros(3, dtype=torch.long))
+
+
+def test_missing_text_libraries_are_named(monkeypatch):
+    import builtins
+    import diffattn.models.tokenizer as tokenizer_module
+
+    real_import = builtins.__import__
+
+    def no_ftfy(name, *args, **kwargs):
+        if name == "ftfy":
+            raise ImportError("No module named 'ftfy'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ftfy)
+    tokenizer_module._text_tools.cache_clear()
+    try:
+        with pytest.raises(ImportError, match=r"needs the packages ftfy and regex.*diffattn\[models\]"):
+            tokenizer_module.clean_text("a cat")
+    finally:
+        tokenizer_module._text_tools.cache_clear()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -60,9 +59,18 @@ ROWS_BLOCK_M = 32 if INTERPRET else 64
 RED_ROWS, RED_COLS = 64, 32
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the launch grids (triton.cdiv is slower to call from the host)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def head_block(head_dim: int) -> int:
     """Padded tile width of a head dim: the next power of two, at least 16 (tl.dot's minimum)."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def rows_warps(block_dv: int) -> int:

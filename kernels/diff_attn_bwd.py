@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import RED_COLS, RED_ROWS, ROWS_BLOCK_M, head_block, rows_warps
+from .config import RED_COLS, RED_ROWS, ROWS_BLOCK_M, cdiv, head_block, rows_warps
 from .diff_attn_fwd import LOG2E, dot_precision, lambda_strides
 from .tiles import (causal_key_end, causal_keep, full_tiles_end, key_keep, load_head_pair,
                     load_lambda_rows, load_tile)
@@ -428,7 +428,7 @@ def diff_attn_bwd(dout, q, k, v, lam, lam_value, key_padding_mask, norm_weight, 
     need_dw = need_dw and has_norm
     block_d, block_dv = head_block(d), head_block(DV)
     acc_fp64 = acc_dtype == torch.float64
-    n_row_tiles = triton.cdiv(N, ROWS_BLOCK_M)
+    n_row_tiles = cdiv(N, ROWS_BLOCK_M)
 
     dx = torch.empty((B, N, H, DV), device=device, dtype=dtype) if store_dx else dout
     delta = torch.empty((B, H, 2, N), device=device, dtype=acc_dtype)
@@ -463,7 +463,7 @@ def diff_attn_bwd(dout, q, k, v, lam, lam_value, key_padding_mask, norm_weight, 
     dv = torch.empty(v.shape, device=device, dtype=dtype)
     kpm = q if key_padding_mask is None else key_padding_mask.view(torch.uint8)
     n_dlam_progs = {DLAM_PER_HEAD: H, DLAM_SCALAR: 1}.get(dlam_reduce, 0) if need_dlam else 0
-    n_red_progs = n_dlam_progs + (triton.cdiv(DV, RED_COLS) if need_dw else 0)
+    n_red_progs = n_dlam_progs + (cdiv(DV, RED_COLS) if need_dw else 0)
     tensors = (q, k, v, lam_ptr, kpm, dx, lse, delta, dq, dk, dv,
                q if dlam_part is None else dlam_part, q if dlam is None else dlam,
                q if dw_part is None else dw_part, q if dw is None else dw)
@@ -479,8 +479,8 @@ def diff_attn_bwd(dout, q, k, v, lam, lam_value, key_padding_mask, norm_weight, 
 
     def run(config):
         kwargs = BWD_TILES.launch_kwargs(config)
-        n_kv_tiles = triton.cdiv(M, kwargs["BLOCK_N1"])
-        n_q_tiles = triton.cdiv(N, kwargs["BLOCK_M2"])
+        n_kv_tiles = cdiv(M, kwargs["BLOCK_N1"])
+        n_q_tiles = cdiv(N, kwargs["BLOCK_M2"])
         n_kv_progs, n_q_progs = n_kv_tiles * B * Hk, n_q_tiles * B * H
         kernel[(n_kv_progs + n_q_progs + n_red_progs,)](
             *tensors, *strides, N, M, H, Hk, H // Hk, n_kv_tiles, n_q_tiles, n_kv_progs,

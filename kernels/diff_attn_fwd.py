@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import head_block
+from .config import cdiv, head_block
 from .tiles import (causal_key_end, causal_keep, full_tiles_end, key_keep, load_head_pair,
                     load_lambda_rows, load_tile, online_softmax_step)
 from .tuning import FWD_TILES
@@ -245,7 +245,7 @@ def diff_attn_fwd(q, k, v, lam, lam_value, key_padding_mask, norm_weight, scale,
 
     def run(config):
         kwargs = FWD_TILES.launch_kwargs(config)
-        grid = (triton.cdiv(N, kwargs["BLOCK_M"]), B * H)
+        grid = (cdiv(N, kwargs["BLOCK_M"]), B * H)
         kernel[grid](*tensors, *strides, *scalars, **flags, **kwargs)
 
     key = FWD_TILES.key(device, dtype, block_d, block_dv, key_pair, causal, N, M)

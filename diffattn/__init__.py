@@ -7,7 +7,7 @@
 - ``diff_attention_ref``: the plain-math reference (materialises the maps, any dtype).
 - ``DiffMultiheadAttention``: the nn.MultiheadAttention-style module, DiffCLIP's layer.
 """
-from .backend import BACKENDS, resolve_backend
+from .backend import BACKENDS, BackendFallbackWarning, resolve_backend
 from .functional import diff_attention
 from .module import DiffMultiheadAttention, HeadRMSNorm, lambda_init_for_depth
 from .reference import causal_keep_mask, diff_attention_ref
@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "BackendFallbackWarning",
     "DiffMultiheadAttention",
     "HeadRMSNorm",
     "causal_keep_mask",

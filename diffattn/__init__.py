@@ -6,8 +6,12 @@
   kernels or a PyTorch path (``backend="auto" | "triton" | "torch"``).
 - ``diff_attention_ref``: the plain-math reference (materialises the maps, any dtype).
 - ``DiffMultiheadAttention``: the nn.MultiheadAttention-style module, DiffCLIP's layer.
+- ``replace_attention``: turn a model's nn.MultiheadAttention layers into
+  DiffMultiheadAttention layers that carry their weights.
+- ``diffattn.integrations.timm``: timm's DiffAttention on the fused kernels (optional extra).
 """
 from .backend import BACKENDS, BackendFallbackWarning, resolve_backend
+from .convert import replace_attention
 from .functional import diff_attention
 from .module import DiffMultiheadAttention, HeadRMSNorm, lambda_init_for_depth
 from .reference import causal_keep_mask, diff_attention_ref
@@ -23,5 +27,6 @@ __all__ = [
     "diff_attention",
     "diff_attention_ref",
     "lambda_init_for_depth",
+    "replace_attention",
     "resolve_backend",
 ]

@@ -9,7 +9,8 @@
 
 - ``create_model`` / ``list_models`` / ``get_config`` / ``save_pretrained``: bundled configs
   (DiffCLIP-ViT-B-16, DiffCLIP-ViT-L-14, ViT-B-16, ViT-B-32, DiffCLIP-Tiny, CLIP-Tiny) and safe
-  loading of DiffCLIP release checkpoints, open_clip state dicts and diffattn's own files.
+  loading of DiffCLIP release checkpoints, open_clip state dicts and diffattn's own files
+  (an open_clip file into ``attention="diff"`` is a warm start).
 - ``CLIP`` / ``CLIPConfig``: the model and its configuration (attention "diff" or "plain").
 - ``tokenize``, ``make_transform``, ``preprocess_batch``: text and image inputs.
 - ``build_zero_shot_classifier``, ``zero_shot_predict``: zero-shot classification
@@ -20,7 +21,8 @@
 from .attention_maps import attention_maps, cls_attention_map, save_attention_overlay
 from .checkpoint import UnsafeCheckpointError
 from .clip import CLIP, CLIPConfig, TextConfig, VisionConfig
-from .factory import create_model, get_config, list_models, save_pretrained
+from .factory import (PretrainedNotFoundError, create_model, get_config, list_models,
+                      save_pretrained)
 from .imagenet_classes import IMAGENET_CLASSNAMES, IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 from .preprocess import make_transform, preprocess_batch
 from .tokenizer import tokenize
@@ -42,6 +44,7 @@ __all__ = [
     "CLIPConfig",
     "IMAGENET_CLASSNAMES",
     "IMAGENET_TEMPLATES",
+    "PretrainedNotFoundError",
     "SIMPLE_IMAGENET_TEMPLATES",
     "TextConfig",
     "UnsafeCheckpointError",

@@ -16,6 +16,8 @@ plain attention weights loaded into a differential model (``attention="diff"``) 
 start: the projections come from the file, the lambda vectors and norm weights keep their
 initialisation, and one warning lists them.
 
+open_clip-style entry points: ``create_model_and_transforms(name, pretrained)`` returns
+(model, train transform, eval transform); ``get_tokenizer(name)`` the tokenizer callable.
 Weights come from local files only; anything else (e.g. open_clip's tags "openai",
 "laion2b_s34b_b88k") is a ``PretrainedNotFoundError`` naming what is supported.
 """
@@ -34,9 +36,11 @@ import torch
 
 from diffattn import DiffMultiheadAttention
 
+from .augment import make_train_transform
 from .checkpoint import (check_keys, detect_layout, load_state_dict_file,
                          read_checkpoint_metadata, save_checkpoint)
 from .clip import ATTENTIONS, CLIP, CLIPConfig
+from .tokenizer import tokenize
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -262,3 +266,51 @@ def _warm_start_message(path: str, initialised: dict) -> str:
             f"and these {count} tensors were newly initialised (lambda vectors ~ N(0, 0.1), "
             f"diff_norm.weight = 1, as DiffMultiheadAttention initialises them); fine-tune "
             f"before use:\n  " + "\n  ".join(_grouped_tensor_names(initialised)))
+
+
+# --------------------------------------------------------------------------- open_clip style
+@dataclasses.dataclass(frozen=True)
+class Tokenizer:
+    """CLIP's BPE tokenizer bound to a model's context length.
+
+    tokenizer(texts) -> (n, context_length) int64 token ids, for a string or a list of
+    strings (``diffattn.models.tokenize``); ``context_length=`` overrides it for one call.
+    """
+
+    context_length: int
+
+    def __call__(self, texts, context_length: Optional[int] = None) -> torch.Tensor:
+        length = self.context_length if context_length is None else context_length
+        return tokenize(texts, context_length=length)
+
+
+def get_tokenizer(name: Union[str, CLIPConfig]) -> Tokenizer:
+    """The tokenizer of model ``name`` (a bundled config name or a CLIPConfig), like
+    open_clip.get_tokenizer: a callable texts -> (n, context_length) token ids."""
+    config = _resolve_config(name, None)
+    if config is None:
+        raise TypeError("name must be a model name or a CLIPConfig, got None")
+    return Tokenizer(config.text.context_length)
+
+
+def create_model_and_transforms(name: Union[str, CLIPConfig, None], pretrained=None,
+                                **kwargs) -> tuple:
+    """Like open_clip.create_model_and_transforms: (model, train transform, eval transform).
+
+    Args:
+        name, pretrained: as create_model (``pretrained`` a local file; see there).
+        **kwargs: create_model's keywords (attention, device, dtype, backend).
+    Returns:
+        model: the CLIP, in training mode (as create_model returns it).
+        train transform: ``RandomResizedCropTransform``, a random crop of 90-100% of the image
+            area with aspect ratio in [3/4, 4/3], bicubic resize to the model's image size and
+            the model's normalisation (open_clip's training default, PIL and torch only; see
+            diffattn.models.augment).
+        eval transform: ``model.preprocess``, the model's deterministic preprocessing.
+    Each transform maps one image (PIL image, file path or uint8 tensor) to a float32
+    (3, S, S) tensor.
+    """
+    model = create_model(name, pretrained, **kwargs)
+    preprocess = model.preprocess
+    train = make_train_transform(preprocess.image_size, mean=preprocess.mean, std=preprocess.std)
+    return model, train, preprocess

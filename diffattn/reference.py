@@ -1,7 +1,7 @@
 """Plain-math differential attention: the readable reference every fused path is tested against.
 
 It materialises both (N x M) softmax maps, so it is slow and memory hungry, but it is written
-straight from the formulas (../shared/reference/kernel-math.md) and runs in any dtype,
+straight from the formulas (docs/kernel-math.md in the repository) and runs in any dtype,
 float64 included, which makes it the ground truth of the test suite.
 
 Layouts (flash-attn style, batch first):

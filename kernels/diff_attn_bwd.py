@@ -18,6 +18,7 @@
 
 Layouts as in diff_attn_fwd.py; dX, when stored, is (B, N, H, 2d) contiguous in q's dtype;
 DELTA (B, H, 2, N) holds D1, D2.
+The math, derived: docs/kernel-math.md in the repository.
 """
 from __future__ import annotations
 

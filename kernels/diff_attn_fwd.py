@@ -19,6 +19,7 @@ Layouts (element strides, last dimension contiguous):
     Q (B, N, 2H, d), K (B, M, 2Hk, d), V (B, M, Hk, 2d), KPM (B, M) uint8 (1 = ignore key)
     OUT, X, O2 (B, N, H, 2d) contiguous; LSE (B, H, 2, N); RSTD (B, H, N)
 Causal rule: query i sees keys j <= i + (M - N) (diagonal aligned bottom-right).
+The math, derived: docs/kernel-math.md in the repository.
 """
 from __future__ import annotations
 

@@ -7,15 +7,14 @@ falls back to torch with one warning per reason, so the backend in use is never 
 
 The warning is a ``BackendFallbackWarning`` (filter it by that category), printed once per
 process and reason, and attributed to the first caller outside diffattn, torch and timm: it
-names the user's own line, never a line of library source.
+names the user's own line, never a line of library source (under diffattn's own command lines,
+the program, without a source line).
 """
 from __future__ import annotations
 
-import os
-import sys
-import warnings
-
 import torch
+
+from .user_warnings import warn_at_user_code
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -33,34 +32,13 @@ class BackendFallbackWarning(UserWarning):
     """diffattn ran another implementation than the fused kernels (the reason is in the text)."""
 
 
-_LIBRARY_PACKAGES = ("diffattn", "diffattn.kernels", "diffattn.models", "torch", "timm")
-
-
-def _library_dirs() -> tuple:
-    """Directories of the imported packages whose frames a warning skips (``diffattn.models``
-    and ``diffattn.kernels`` may live outside ``diffattn/``: see setup.py's package_dir)."""
-    return tuple(os.path.join(os.path.abspath(path), "")
-                 for name in _LIBRARY_PACKAGES if name in sys.modules
-                 for path in getattr(sys.modules[name], "__path__", ()))
-
-
-def _user_stacklevel() -> int:
-    """The stacklevel, for warnings.warn called by this function's caller, of the first frame
-    outside the library packages (the outermost frame when all of them are library code)."""
-    library = _library_dirs()
-    frame, level = sys._getframe(1), 1
-    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(library):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
 def warn_once(reason: str, message: str) -> None:
     """Issue ``message`` as a BackendFallbackWarning, the first time ``reason`` comes up in
-    this process only, attributed to the user's code."""
+    this process only, attributed to the user's code (see diffattn.user_warnings)."""
     if reason in _warned:
         return
     _warned.add(reason)
-    warnings.warn(message, BackendFallbackWarning, stacklevel=_user_stacklevel())
+    warn_at_user_code(message, BackendFallbackWarning)
 
 
 def check_backend_name(backend) -> None:

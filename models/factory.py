@@ -28,13 +28,13 @@ import functools
 import json
 import os
 import re
-import warnings
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
 from diffattn import DiffMultiheadAttention
+from diffattn.user_warnings import warn_at_user_code
 
 from .augment import make_train_transform
 from .checkpoint import (check_keys, detect_layout, load_state_dict_file,
@@ -157,7 +157,7 @@ def create_model(name: Union[str, CLIPConfig, None], pretrained=None, *,
         raise ValueError(f"checkpoint {path!r} does not fit the model: {error}") from None
     model.load_state_dict(state_dict, strict=True)
     if initialised:
-        warnings.warn(_warm_start_message(path, initialised), stacklevel=2)
+        warn_at_user_code(_warm_start_message(path, initialised))
     return model
 
 

@@ -50,3 +50,24 @@ def test_fallback_warning_can_be_filtered_by_category(tmp_path):
     result = run_user_script(tmp_path, source)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
+
+
+def test_fallback_warning_under_a_diffattn_command_line_has_no_source_line(tmp_path):
+    from PIL import Image
+
+    from diffattn.models import create_model, save_pretrained
+    save_pretrained(create_model("DiffCLIP-Tiny", backend="torch"), tmp_path / "tiny.safetensors")
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "images" / "red.png")
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("TRITON_INTERPRET", "PYTHONWARNINGS")}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    result = subprocess.run(
+        [sys.executable, "-m", "diffattn.models.zero_shot", "--pretrained", "tiny.safetensors",
+         "--images", "images", "--classes", "cat,dog"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("zero_shot.py:0: BackendFallbackWarning: diffattn: using the "
+                               "torch backend because")

@@ -126,3 +126,13 @@ def test_vit_b_32_open_clip_keys_warm_start_with_one_grouped_warning(tmp_path):
     loaded = model.state_dict()
     assert loaded["transformer.resblocks.11.attn.out_proj.bias"][0].item() == pytest.approx(
         state_dict["transformer.resblocks.11.attn.out_proj.bias"][0].item())
+
+
+def test_warm_start_warning_names_the_callers_line(tmp_path):
+    from diffattn.models import create_model_and_transforms
+    config = _open_clip_tiny()
+    _, path = _random_plain_file(tmp_path, config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        create_model_and_transforms(config, pretrained=path, attention="diff", backend="torch")
+    assert [Path(w.filename).name for w in caught] == [Path(__file__).name]

@@ -184,8 +184,8 @@ def _check_pretrained_file(pretrained) -> str:
     path = os.fspath(pretrained)
     if not os.path.isfile(path):
         raise PretrainedNotFoundError(
-            f"pretrained={path!r} is not a local file. diffattn loads weights from local files "
-            "only and downloads nothing; supported: a DiffCLIP release checkpoint (e.g. "
+            f"checkpoint file not found: {path!r}. pretrained must be a local file (diffattn "
+            "downloads nothing): a DiffCLIP release checkpoint (e.g. "
             "checkpoint_best.pt), an open_clip state dict (torch.save(model.state_dict(), "
             "path)), or a diffattn .safetensors file written by save_pretrained. Names such as "
             "'openai' or 'laion2b_s34b_b88k' are open_clip download tags: load that model with "

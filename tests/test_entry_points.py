@@ -61,7 +61,8 @@ def test_pretrained_that_is_not_a_file_names_what_is_supported(entry_point, pret
         entry_point("ViT-B-32", pretrained=pretrained)
     assert isinstance(error.value, ValueError) and isinstance(error.value, FileNotFoundError)
     message = str(error.value)
-    assert f"pretrained={pretrained!r} is not a local file" in message
+    assert message.startswith(f"checkpoint file not found: {pretrained!r}. pretrained must be "
+                              "a local file")
     for supported in ("DiffCLIP release checkpoint", "open_clip state dict", ".safetensors",
                       "save_pretrained", "download tags"):
         assert supported in message

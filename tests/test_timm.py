@@ -133,7 +133,8 @@ def test_vit_with_fused_layers_matches_timm(dtype, backend):
         assert len(layers) == 2 and all(type(m) is FusedDiffAttention for m in layers)
         for layer in layers:
             layer.backend = backend
-    assert [b.attn.lambda_init for b in built.blocks] == [b.attn.lambda_init for b in reference.blocks]
+    assert [b.attn.lambda_init for b in built.blocks] == \
+        [b.attn.lambda_init for b in reference.blocks]
 
     images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2),
                          dtype=torch.float64)
@@ -173,8 +174,8 @@ def test_unsupported_calls_run_timm_forward_visibly(case, monkeypatch):
     x = torch.randn(2, 6, 32, dtype=torch.float64)
     forward_kwargs = {}
     if case == "attn_mask":
-        forward_kwargs["attn_mask"] = torch.rand(6, 6, generator=torch.Generator().manual_seed(3)) > 0.3
-        forward_kwargs["attn_mask"].fill_diagonal_(True)
+        keep = torch.rand(6, 6, generator=torch.Generator().manual_seed(3)) > 0.3
+        forward_kwargs["attn_mask"] = keep.fill_diagonal_(True)  # SDPA's bool mask: True = attend
     else:
         fused.train(), reference.train()
     with pytest.warns(BackendFallbackWarning, match="runs timm's own DiffAttention forward"):

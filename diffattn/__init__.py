@@ -4,17 +4,23 @@
 
 - ``diff_attention``: the functional op on (batch, seq, heads, dim) tensors, fused Triton
   kernels or a PyTorch path (``backend="auto" | "triton" | "torch"``).
-- ``diff_attention_ref``: the plain-math reference (materialises the maps, any dtype).
+- ``diff_attention_v2``: the Differential Transformer V2 op (one key per group, per-token
+  lambda, no norm) on the same kernels.
+- ``diff_attention_ref`` / ``diff_attention_v2_ref``: the plain-math references (materialise
+  the maps, any dtype).
 - ``DiffMultiheadAttention``: the nn.MultiheadAttention-style module, DiffCLIP's layer.
+- ``DiffMultiheadAttentionV2``: the Differential Transformer V2 layer, same interface;
+  ``DiffMultiheadAttentionV2.from_plain`` starts it from a plain layer.
 - ``replace_attention``: turn a model's nn.MultiheadAttention layers into
   DiffMultiheadAttention layers that carry their weights.
 - ``diffattn.integrations.timm``: timm's DiffAttention on the fused kernels (optional extra).
 """
 from .backend import BACKENDS, BackendFallbackWarning, resolve_backend
 from .convert import replace_attention
-from .functional import diff_attention
+from .functional import diff_attention, diff_attention_v2
 from .module import DiffMultiheadAttention, HeadRMSNorm, lambda_init_for_depth
-from .reference import causal_keep_mask, diff_attention_ref
+from .module_v2 import DiffMultiheadAttentionV2
+from .reference import causal_keep_mask, diff_attention_ref, diff_attention_v2_ref
 
 __version__ = "0.1.0"
 
@@ -22,10 +28,13 @@ __all__ = [
     "BACKENDS",
     "BackendFallbackWarning",
     "DiffMultiheadAttention",
+    "DiffMultiheadAttentionV2",
     "HeadRMSNorm",
     "causal_keep_mask",
     "diff_attention",
     "diff_attention_ref",
+    "diff_attention_v2",
+    "diff_attention_v2_ref",
     "lambda_init_for_depth",
     "replace_attention",
     "resolve_backend",

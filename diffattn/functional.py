@@ -1,13 +1,18 @@
-"""``diff_attention``: the functional API (argument checks, autocast, backend choice).
+"""``diff_attention`` and ``diff_attention_v2``: the functional API (argument checks, autocast,
+backend choice).
 
-    out = diff_attention(q, k, v, lambda_)            # (B, N, H, 2d)
+    out = diff_attention(q, k, v, lambda_)        # Differential Transformer V1 / DiffCLIP
+    out = diff_attention_v2(q, k, v, lambda_)     # Differential Transformer V2
 
-Layouts, batch first like flash-attn:
-    q (B, N, 2H, d)   q heads 2h and 2h+1 are the two maps of differential head h
-    k (B, M, 2Hk, d)  key heads 2g and 2g+1 of key/value group g
-    v (B, M, Hk, 2d)  one value head of width 2d per group; head h reads g = h // (H // Hk)
+Layouts, batch first like flash-attn; q heads 2h and 2h+1 are the two maps of differential
+head h, which reads key/value group g = h // (H // Hk):
+
+    V1  q (B, N, 2H, d), k (B, M, 2Hk, d) (key heads 2g, 2g+1), v (B, M, Hk, 2d) -> (B, N, H, 2d)
+    V2  q (B, N, 2H, d), k (B, M, Hk, d) (one key head per group), v (B, M, Hk, d) -> (B, N, H, d)
+
 Any strides work as long as the last dimension is contiguous (views of a fused projection's
-output are used without copies; other inputs are made contiguous).
+output are used without copies; other inputs are made contiguous). Nothing here reads tensor
+values, so no call waits for the device.
 """
 from __future__ import annotations
 
@@ -19,11 +24,12 @@ from torch import Tensor
 
 from .backend import check_backend_name, resolve_backend, unsupported_features
 from .reference import expand_lambda
-from .torch_path import diff_attention_torch
+from .torch_path import diff_attention_torch, diff_attention_v2_torch
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+# ------------------------------------------------------------------ argument checks
 def _check_tensor(name: str, t, ndim: int, layout: str) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(t).__name__}")
@@ -33,56 +39,51 @@ def _check_tensor(name: str, t, ndim: int, layout: str) -> None:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
-def check_inputs(q, k, v, lambda_, key_padding_mask=None, norm_weight=None, scale=None) -> None:
-    """Raise a ValueError/TypeError naming the first bad argument of diff_attention."""
+def _check_same(q: Tensor, **tensors) -> None:
+    for name, t in tensors.items():
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+
+
+def _check_q(q: Tensor) -> None:
     _check_tensor("q", q, 4, "(batch, seq_q, 2 * heads, head_dim)")
+    if q.shape[2] < 2 or q.shape[2] % 2:
+        raise ValueError(f"q must have a positive even number of heads (two maps per "
+                         f"differential head), got q.shape[2] = {q.shape[2]}")
+    if q.shape[3] < 1:
+        raise ValueError(f"q must have head_dim >= 1, got q.shape[3] = {q.shape[3]}")
+
+
+def _check_groups(H: int, Hk: int, kv_name: str) -> None:
+    if H % Hk:
+        raise ValueError(f"the number of differential heads ({H} = q.shape[2] // 2) must be a "
+                         f"multiple of the number of key/value groups ({Hk} = {kv_name}), so "
+                         f"that both maps of a head pair read the same group")
+
+
+def check_inputs(q, k, v, lambda_, key_padding_mask=None, norm_weight=None, scale=None,
+                 causal=False, eps=1e-5, out_scale=1.0) -> None:
+    """Raise a ValueError/TypeError naming the first bad argument of diff_attention (V1)."""
+    _check_q(q)
     _check_tensor("k", k, 4, "(batch, seq_k, 2 * kv_heads, head_dim)")
     _check_tensor("v", v, 4, "(batch, seq_k, kv_heads, 2 * head_dim)")
     B, N, H2, d = q.shape
-    if H2 % 2:
-        raise ValueError(f"q must have an even number of heads (two maps per differential "
-                         f"head), got q.shape[2] = {H2}")
-    if k.shape[2] % 2:
-        raise ValueError(f"k must have an even number of heads, got k.shape[2] = {k.shape[2]}")
-    H, Hk = H2 // 2, k.shape[2] // 2
+    if k.shape[2] < 2 or k.shape[2] % 2:
+        raise ValueError(f"k must have a positive even number of heads (a key pair per "
+                         f"group), got k.shape[2] = {k.shape[2]}")
+    Hk = k.shape[2] // 2
     if k.shape[0] != B or k.shape[3] != d:
         raise ValueError(f"k must have shape ({B}, seq_k, 2 * kv_heads, {d}) to match q "
                          f"{tuple(q.shape)}, got {tuple(k.shape)}")
     if tuple(v.shape) != (B, k.shape[1], Hk, 2 * d):
         raise ValueError(f"v must have shape {(B, k.shape[1], Hk, 2 * d)} = (batch, seq_k, "
                          f"kv_heads, 2 * head_dim) to match q and k, got {tuple(v.shape)}")
-    if H % Hk:
-        raise ValueError(f"the number of differential heads ({H} = q.shape[2] // 2) must be a "
-                         f"multiple of the number of key/value groups ({Hk} = k.shape[2] // 2)")
-    if d < 1:
-        raise ValueError(f"q must have head_dim >= 1, got q.shape[3] = {d}")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
-    if isinstance(lambda_, Tensor):
-        if lambda_.dim() > 1 or (lambda_.dim() == 1 and lambda_.shape[0] != H):
-            raise ValueError(f"lambda_ must be a float, a 0-dim tensor or a tensor of shape "
-                             f"({H},) (one per differential head), got {tuple(lambda_.shape)}")
-        if not lambda_.is_floating_point():
-            raise TypeError(f"lambda_ must be a floating-point tensor, got {lambda_.dtype}")
-        if lambda_.device != q.device:
-            raise ValueError(f"lambda_ must be on q's device {q.device}, got {lambda_.device}")
-    elif isinstance(lambda_, bool) or not isinstance(lambda_, (int, float)):
-        raise TypeError(f"lambda_ must be a float or a tensor, got {type(lambda_).__name__}")
-    if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
-            got = key_padding_mask.dtype if isinstance(key_padding_mask, Tensor) \
-                else type(key_padding_mask).__name__
-            raise TypeError(f"key_padding_mask must be a bool tensor (True = ignore the key), "
-                            f"got {got}")
-        if tuple(key_padding_mask.shape) != (B, k.shape[1]):
-            raise ValueError(f"key_padding_mask must have shape (batch, seq_k) = "
-                             f"{(B, k.shape[1])}, got {tuple(key_padding_mask.shape)}")
-        if key_padding_mask.device != q.device:
-            raise ValueError(f"key_padding_mask must be on q's device {q.device}, got "
-                             f"{key_padding_mask.device}")
+    _check_groups(H2 // 2, Hk, "k.shape[2] // 2")
+    _check_same(q, k=k, v=v)
+    _check_lambda(lambda_, q, per_token=False)
+    _check_key_padding_mask(key_padding_mask, q, k)
     if norm_weight is not None:
         if not isinstance(norm_weight, Tensor) or not norm_weight.is_floating_point():
             raise TypeError("norm_weight must be a floating-point tensor of shape (2 * head_dim,)")
@@ -92,9 +93,79 @@ def check_inputs(q, k, v, lambda_, key_padding_mask=None, norm_weight=None, scal
         if norm_weight.device != q.device:
             raise ValueError(f"norm_weight must be on q's device {q.device}, got "
                              f"{norm_weight.device}")
-    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0
-                                  and math.isfinite(scale)):
+    _check_scalars(causal, scale)
+    if not _is_real(eps) or not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a positive finite float, got {eps!r}")
+    if not _is_real(out_scale) or not math.isfinite(out_scale):
+        raise ValueError(f"out_scale must be a finite float, got {out_scale!r}")
+
+
+def check_inputs_v2(q, k, v, lambda_, key_padding_mask=None, scale=None, causal=False) -> None:
+    """Raise a ValueError/TypeError naming the first bad argument of diff_attention_v2."""
+    _check_q(q)
+    _check_tensor("k", k, 4, "(batch, seq_k, kv_heads, head_dim)")
+    _check_tensor("v", v, 4, "(batch, seq_k, kv_heads, head_dim)")
+    B, N, H2, d = q.shape
+    if k.shape[0] != B or k.shape[2] < 1 or k.shape[3] != d:
+        raise ValueError(f"k must have shape ({B}, seq_k, kv_heads >= 1, {d}) to match q "
+                         f"{tuple(q.shape)}, got {tuple(k.shape)}")
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v must have k's shape {tuple(k.shape)} = (batch, seq_k, kv_heads, "
+                         f"head_dim), got {tuple(v.shape)}")
+    _check_groups(H2 // 2, k.shape[2], "k.shape[2]")
+    _check_same(q, k=k, v=v)
+    _check_lambda(lambda_, q, per_token=True)
+    _check_key_padding_mask(key_padding_mask, q, k)
+    _check_scalars(causal, scale)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_scalars(causal, scale) -> None:
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")
+    if scale is not None and not (_is_real(scale) and scale > 0 and math.isfinite(scale)):
         raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
+
+
+def _check_dropout(dropout_p) -> None:
+    if not _is_real(dropout_p) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+
+
+def _check_lambda(lambda_, q: Tensor, per_token: bool) -> None:
+    B, N, H = q.shape[0], q.shape[1], q.shape[2] // 2
+    shapes = [(), (H,)] + [(B, N, H)] * per_token
+    if isinstance(lambda_, Tensor):
+        if tuple(lambda_.shape) not in shapes:
+            wanted = "a 0-dim tensor, (H,)" + (" or (B, N, H)" if per_token else "")
+            raise ValueError(f"lambda_ must be a float, {wanted} = "
+                             f"{' or '.join(str(s) for s in shapes[1:])} tensor, got "
+                             f"{tuple(lambda_.shape)}")
+        if not lambda_.is_floating_point():
+            raise TypeError(f"lambda_ must be a floating-point tensor, got {lambda_.dtype}")
+        if lambda_.device != q.device:
+            raise ValueError(f"lambda_ must be on q's device {q.device}, got {lambda_.device}")
+    elif not _is_real(lambda_):
+        raise TypeError(f"lambda_ must be a float or a tensor, got {type(lambda_).__name__}")
+
+
+def _check_key_padding_mask(key_padding_mask, q: Tensor, k: Tensor) -> None:
+    if key_padding_mask is None:
+        return
+    if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
+        got = key_padding_mask.dtype if isinstance(key_padding_mask, Tensor) \
+            else type(key_padding_mask).__name__
+        raise TypeError(f"key_padding_mask must be a bool tensor (True = ignore the key), "
+                        f"got {got}")
+    if tuple(key_padding_mask.shape) != (q.shape[0], k.shape[1]):
+        raise ValueError(f"key_padding_mask must have shape (batch, seq_k) = "
+                         f"{(q.shape[0], k.shape[1])}, got {tuple(key_padding_mask.shape)}")
+    if key_padding_mask.device != q.device:
+        raise ValueError(f"key_padding_mask must be on q's device {q.device}, got "
+                         f"{key_padding_mask.device}")
 
 
 def _check_attn_mask(attn_mask, q, k) -> None:
@@ -115,16 +186,82 @@ def _check_attn_mask(attn_mask, q, k) -> None:
         raise ValueError(f"attn_mask must be on q's device {q.device}, got {attn_mask.device}")
 
 
+# ------------------------------------------------------------------ running
 def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _autocast(q: Tensor, k: Tensor, v: Tensor):
+    """Under autocast, float32 inputs run in the autocast dtype (as SDPA does)."""
+    device_type = q.device.type
+    if q.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    return _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+
+
+def _kernel_lambda(lambda_, acc_dtype: torch.dtype, device: torch.device):
+    """(lam tensor or None, float value) as the kernels take lambda: a float stays a kernel
+    argument (except in float64, whose kernel arguments would round it to float32)."""
+    if isinstance(lambda_, Tensor):
+        return lambda_.to(acc_dtype), 0.0
+    if acc_dtype == torch.float64:
+        return torch.tensor(float(lambda_), dtype=acc_dtype, device=device), 0.0
+    return None, float(lambda_)
+
+
+def _mask_for_kernels(key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
+    return None if key_padding_mask is None else _last_dim_contiguous(key_padding_mask)
+
+
+def run_diff_attention(q, k, v, lambda_, backend, *, causal=False, key_padding_mask=None,
+                       scale=None, norm_weight=None, eps=1e-5, out_scale=1.0, dropout_p=0.0,
+                       attn_mask=None) -> Tensor:
+    """diff_attention without the argument checks: for callers whose inputs are already known
+    to be right (DiffMultiheadAttention). ``backend`` is "triton" or "torch" (resolved)."""
+    q, k, v = _autocast(q, k, v)
+    d = q.shape[3]
+    scale = d ** -0.5 if scale is None else float(scale)
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    weight = None if norm_weight is None else norm_weight.to(acc_dtype)
+    if backend == "triton":
+        from .ops import fused_attention
+        lam, lam_value = _kernel_lambda(lambda_, acc_dtype, q.device)
+        return fused_attention(q, k, v, lam, lam_value, _mask_for_kernels(key_padding_mask),
+                               weight, scale, causal, eps, float(out_scale))
+    lam = expand_lambda(lambda_, q.shape[2] // 2, acc_dtype, q.device)
+    with torch.autocast(q.device.type, enabled=False):
+        return diff_attention_torch(q, k, v, lam, causal=causal,
+                                    key_padding_mask=key_padding_mask, scale=scale,
+                                    norm_weight=weight, eps=eps, out_scale=out_scale,
+                                    dropout_p=dropout_p, attn_bias=attn_mask)
+
+
+def run_diff_attention_v2(q, k, v, lambda_, backend, *, causal=False, key_padding_mask=None,
+                          scale=None, dropout_p=0.0, attn_mask=None) -> Tensor:
+    """diff_attention_v2 without the argument checks; ``backend`` "triton" or "torch"."""
+    q, k, v = _autocast(q, k, v)
+    scale = q.shape[3] ** -0.5 if scale is None else float(scale)
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if backend == "triton":
+        from .ops import fused_attention
+        lam, lam_value = _kernel_lambda(lambda_, acc_dtype, q.device)
+        return fused_attention(q, k, v, lam, lam_value, _mask_for_kernels(key_padding_mask),
+                               None, scale, causal, 1.0, 1.0)
+    with torch.autocast(q.device.type, enabled=False):
+        return diff_attention_v2_torch(q, k, v, lambda_, causal=causal,
+                                       key_padding_mask=key_padding_mask, scale=scale,
+                                       dropout_p=dropout_p, attn_bias=attn_mask)
+
+
+# ------------------------------------------------------------------ public API
 def diff_attention(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Tensor], *,
                    causal: bool = False, key_padding_mask: Optional[Tensor] = None,
                    scale: Optional[float] = None, norm_weight: Optional[Tensor] = None,
                    eps: float = 1e-5, out_scale: float = 1.0, dropout_p: float = 0.0,
                    attn_mask: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
-    """Differential attention, fused: softmax(s q1 k1^T) v - lambda softmax(s q2 k2^T) v.
+    """Differential attention (V1 / DiffCLIP), fused:
+    softmax(s q1 k1^T) v - lambda softmax(s q2 k2^T) v, then the optional per-head RMSNorm.
 
     Args:
         q: (B, N, 2H, d). k: (B, M, 2Hk, d). v: (B, M, Hk, 2d). H % Hk == 0.
@@ -137,7 +274,7 @@ def diff_attention(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Tensor
         scale: softmax scale, default d ** -0.5.
         norm_weight: (2d,) switches on the per-head RMSNorm epilogue of DiffCLIP:
             y = x * rsqrt(mean(x^2) + eps) * norm_weight * out_scale, computed in fp32.
-            Without it, y = x * out_scale.
+            Without it, y = x * out_scale. eps > 0 and out_scale must be finite.
         dropout_p: attention dropout, applied to both maps before the difference (torch
             backend only: the fused kernels refuse it).
         attn_mask: bool (True = masked out) or additive float mask, (N, M) or 4-D
@@ -147,28 +284,44 @@ def diff_attention(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Tensor
         (B, N, H, 2d) in q's dtype (the autocast dtype under autocast); fp32 accumulation.
     """
     check_backend_name(backend)
-    check_inputs(q, k, v, lambda_, key_padding_mask, norm_weight, scale)
+    check_inputs(q, k, v, lambda_, key_padding_mask, norm_weight, scale, causal, eps, out_scale)
     _check_attn_mask(attn_mask, q, k)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    device_type = q.device.type
-    if torch.is_autocast_enabled(device_type) and q.dtype == torch.float32:
-        dtype = torch.get_autocast_dtype(device_type)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-    B, N, H2, d = q.shape
-    scale = d ** -0.5 if scale is None else float(scale)
-    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    lam = expand_lambda(lambda_, H2 // 2, acc_dtype, q.device)
-    weight = norm_weight.to(acc_dtype) if norm_weight is not None else None
-    chosen = resolve_backend(backend, q.device, q.dtype, d,
+    _check_dropout(dropout_p)
+    chosen = resolve_backend(backend, q.device, q.dtype, q.shape[3],
                              unsupported_features(dropout_p, attn_mask))
-    with torch.autocast(device_type, enabled=False):
-        if chosen == "triton":
-            from .ops import fused_diff_attention
-            return fused_diff_attention(q, k, v, lam.contiguous(), key_padding_mask, weight,
-                                        scale, causal, eps, float(out_scale))
-        return diff_attention_torch(q, k, v, lam, causal=causal,
-                                    key_padding_mask=key_padding_mask, scale=scale,
-                                    norm_weight=weight, eps=eps, out_scale=out_scale,
-                                    dropout_p=dropout_p, attn_bias=attn_mask)
+    return run_diff_attention(q, k, v, lambda_, chosen, causal=causal,
+                              key_padding_mask=key_padding_mask, scale=scale,
+                              norm_weight=norm_weight, eps=eps, out_scale=out_scale,
+                              dropout_p=dropout_p, attn_mask=attn_mask)
+
+
+def diff_attention_v2(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Tensor], *,
+                      causal: bool = False, key_padding_mask: Optional[Tensor] = None,
+                      scale: Optional[float] = None, dropout_p: float = 0.0,
+                      attn_mask: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+    """Differential attention V2 (Differential Transformer V2), fused:
+    out[:, :, h] = softmax(s q_2h k_g^T) v_g - lambda softmax(s q_2h+1 k_g^T) v_g.
+
+    The two maps of differential head h are q heads 2h and 2h+1, which share the key head and
+    value head g = h // (H // Hk) of their group; each key and value tile is read once for both
+    maps and the pair's two outputs are never materialised.
+
+    Args:
+        q: (B, N, 2H, d). k: (B, M, Hk, d). v: (B, M, Hk, d). H % Hk == 0.
+        lambda_: float, 0-dim tensor, (H,) or per token (B, N, H); differentiable when a
+            tensor. It multiplies directly (DiffMultiheadAttentionV2 applies the sigmoid).
+        causal, key_padding_mask, scale, backend: as in diff_attention.
+        dropout_p, attn_mask: as in diff_attention (torch backend only); attn_mask per q head,
+            broadcastable to (B, 2H, N, M).
+    Returns:
+        (B, N, H, d) in q's dtype (the autocast dtype under autocast); fp32 accumulation.
+    """
+    check_backend_name(backend)
+    check_inputs_v2(q, k, v, lambda_, key_padding_mask, scale, causal)
+    _check_attn_mask(attn_mask, q, k)
+    _check_dropout(dropout_p)
+    chosen = resolve_backend(backend, q.device, q.dtype, q.shape[3],
+                             unsupported_features(dropout_p, attn_mask))
+    return run_diff_attention_v2(q, k, v, lambda_, chosen, causal=causal,
+                                 key_padding_mask=key_padding_mask, scale=scale,
+                                 dropout_p=dropout_p, attn_mask=attn_mask)

@@ -3,12 +3,14 @@
 The layer of DiffCLIP (and of the Differential Transformer): q/k/v projections, two softmax
 maps per differential head, their lambda-weighted difference, a per-head RMSNorm times
 (1 - lambda_init), and the output projection. With the fused backend the whole attention core
-(both maps, difference, norm, scale) is one kernel launch forward and the backward kernels
-backward; the projections are ordinary nn.Linear layers.
+(both maps, difference, norm, scale) is one kernel launch forward and two backward; the q, k
+and v projections of a self-attention call are one matrix multiply (a packed parameter, see
+diffattn/packed_projection.py).
 
-Parameter names follow the DiffCLIP release, so its attention layers load with strict=True:
+State-dict names follow the DiffCLIP release, so its attention layers load with strict=True:
 q_proj, k_proj, v_proj, out_proj, lambda_q1, lambda_k1, lambda_q2, lambda_k2,
-diff_norm.weight.
+diff_norm.weight. nn.MultiheadAttention's layouts (packed ``in_proj_weight``, or
+``q_proj_weight`` / ``k_proj_weight`` / ``v_proj_weight`` with kdim/vdim) load too.
 """
 from __future__ import annotations
 
@@ -16,11 +18,18 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention_inputs import attention_masks, check_inputs, is_causal_mask, restore_layout
 from .backend import check_backend_name, resolve_backend, unsupported_features
-from .functional import diff_attention
-from .reference import causal_keep_mask, differential_maps
+from .functional import run_diff_attention
+from .packed_projection import load_packed, projection_slice, save_packed
+from .reference import differential_maps
+
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+_SEPARATE = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+_LAMBDAS = ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")
 
 
 def lambda_init_for_depth(layer_index: int) -> float:
@@ -35,22 +44,34 @@ class HeadRMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
-        self.eps = eps
+        if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
+            raise ValueError(f"eps must be a positive finite float, got {eps!r}")
+        self.eps = float(eps)
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-def _is_causal_mask(mask: Tensor, N: int, M: int) -> bool:
-    """True when ``mask`` (N, M) is exactly the causal mask (bool True / float -inf above the
-    diagonal, False / 0 elsewhere), as CLIP text towers pass it."""
-    if N != M or mask.dim() != 2 or tuple(mask.shape) != (N, M):
-        return False
-    above = ~causal_keep_mask(N, M, mask.device)
-    if mask.dtype == torch.bool:
-        return bool(torch.equal(mask, above))
-    return bool(torch.isneginf(mask[above]).all() and (mask[~above] == 0).all())
+def check_head_counts(embed_dim, num_heads, num_kv_heads, dropout) -> int:
+    """Validate nn.MultiheadAttention-style head arguments of a differential layer (heads
+    counted as softmax maps: even) and return num_kv_heads with its default filled in."""
+    for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if num_heads <= 0 or num_heads % 2:
+        raise ValueError(f"num_heads must be a positive even number (two softmax maps per "
+                         f"differential head), got {num_heads}")
+    if embed_dim <= 0 or embed_dim % num_heads:
+        raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads "
+                         f"({num_heads})")
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    if num_kv_heads <= 0 or num_kv_heads % 2 or num_heads % num_kv_heads:
+        raise ValueError(f"num_kv_heads must be even and divide num_heads ({num_heads}), "
+                         f"got {num_kv_heads}")
+    if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    return num_kv_heads
 
 
 class DiffMultiheadAttention(nn.Module):
@@ -66,47 +87,55 @@ class DiffMultiheadAttention(nn.Module):
             the torch path and "triton" raises.
         bias: biases on the four projections (DiffCLIP: True; Microsoft's code: False).
         batch_first: (B, N, E) inputs if True, else (N, B, E).
+        kdim, vdim: widths of key and value inputs (default embed_dim), as in
+            nn.MultiheadAttention; with other widths the three projections are separate.
         lambda_init: constant added to lambda; the output is scaled by (1 - lambda_init).
             See lambda_init_for_depth for the depth schedule.
         num_kv_heads: key maps for grouped-query attention, counted like num_heads (even, divides
-            num_heads); k_proj has num_kv_heads * d outputs and v_proj the same.
+            num_heads); k and v projections have num_kv_heads * d outputs.
         backend: "auto" | "triton" | "torch".
     Attributes:
+        in_proj_weight, in_proj_bias: the packed q, k, v projections ((E + 2 Ekv, E) and
+            (E + 2 Ekv,)); with kdim/vdim other than E, q_proj_weight, k_proj_weight and
+            v_proj_weight instead of in_proj_weight. ``q_proj``, ``k_proj``, ``v_proj`` give
+            each projection as a view (``.weight``, ``.bias``, callable).
         last_backend: "triton" or "torch", what the last forward ran.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
-                 batch_first: bool = False, *, lambda_init: float = 0.8,
+                 batch_first: bool = False, *, kdim: Optional[int] = None,
+                 vdim: Optional[int] = None, lambda_init: float = 0.8,
                  num_kv_heads: Optional[int] = None, backend: str = "auto", device=None,
                  dtype=None):
         super().__init__()
-        if num_heads <= 0 or num_heads % 2:
-            raise ValueError(f"num_heads must be a positive even number (two softmax maps per "
-                             f"differential head), got {num_heads}")
-        if embed_dim <= 0 or embed_dim % num_heads:
-            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads "
-                             f"({num_heads})")
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if num_kv_heads <= 0 or num_kv_heads % 2 or num_heads % num_kv_heads:
-            raise ValueError(f"num_kv_heads must be even and divide num_heads ({num_heads}), "
-                             f"got {num_kv_heads}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        num_kv_heads = check_head_counts(embed_dim, num_heads, num_kv_heads, dropout)
+        if not (isinstance(lambda_init, (int, float)) and math.isfinite(lambda_init)):
+            raise ValueError(f"lambda_init must be finite (a float), got {lambda_init!r}")
         check_backend_name(backend)
         factory = {"device": device, "dtype": dtype}
         self.embed_dim = embed_dim
+        self.kdim = embed_dim if kdim is None else kdim
+        self.vdim = embed_dim if vdim is None else vdim
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = embed_dim // num_heads
-        self.dropout = dropout
+        self.dropout = float(dropout)
         self.batch_first = batch_first
         self.lambda_init = float(lambda_init)
         self.backend = backend
         self.last_backend: Optional[str] = None
         kv_dim = num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
-        self.k_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
-        self.v_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **factory)
+        self._sizes = (embed_dim, kv_dim, kv_dim)
+        self._packed = self.kdim == embed_dim and self.vdim == embed_dim
+        if self._packed:
+            self.in_proj_weight = nn.Parameter(torch.empty(sum(self._sizes), embed_dim,
+                                                           **factory))
+        else:
+            self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **factory))
+            self.k_proj_weight = nn.Parameter(torch.empty(kv_dim, self.kdim, **factory))
+            self.v_proj_weight = nn.Parameter(torch.empty(kv_dim, self.vdim, **factory))
+        self.in_proj_bias = (nn.Parameter(torch.empty(sum(self._sizes), **factory)) if bias
+                             else None)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         lam = {"device": device, "dtype": torch.float32}
         self.lambda_q1 = nn.Parameter(torch.empty(self.head_dim, **lam))
@@ -114,49 +143,109 @@ class DiffMultiheadAttention(nn.Module):
         self.lambda_q2 = nn.Parameter(torch.empty(self.head_dim, **lam))
         self.lambda_k2 = nn.Parameter(torch.empty(self.head_dim, **lam))
         self.diff_norm = HeadRMSNorm(2 * self.head_dim, eps=1e-5, **factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Projections as nn.Linear initialises them (uniform, bound 1/sqrt(fan_in)), lambda
+        vectors ~ N(0, 0.1), norm weight 1."""
+        for weight in self._projection_weights():
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        if self.in_proj_bias is not None:
+            for (start, stop), fan_in in zip(self._row_ranges(),
+                                             (self.embed_dim, self.kdim, self.vdim)):
+                bound = fan_in ** -0.5
+                nn.init.uniform_(self.in_proj_bias[start:stop], -bound, bound)
+        self.out_proj.reset_parameters()
         self.reset_lambda_parameters()
+        nn.init.ones_(self.diff_norm.weight)
 
     def reset_lambda_parameters(self) -> None:
         """lambda vectors ~ N(0, 0.1), as in the Differential Transformer and DiffCLIP."""
-        for p in (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2):
-            nn.init.normal_(p, mean=0.0, std=0.1)
+        for name in _LAMBDAS:
+            nn.init.normal_(getattr(self, name), mean=0.0, std=0.1)
 
     def compute_lambda(self) -> Tensor:
         """0-dim fp32: exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init, shared by all heads."""
-        lam1 = torch.exp(torch.sum(self.lambda_q1.float() * self.lambda_k1.float()))
-        lam2 = torch.exp(torch.sum(self.lambda_q2.float() * self.lambda_k2.float()))
+        lam1 = torch.exp(torch.dot(self.lambda_q1.float(), self.lambda_k1.float()))
+        lam2 = torch.exp(torch.dot(self.lambda_q2.float(), self.lambda_k2.float()))
         return lam1 - lam2 + self.lambda_init
 
     def extra_repr(self) -> str:
+        dims = "" if self._packed else f", kdim={self.kdim}, vdim={self.vdim}"
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads} "
                 f"({self.num_heads // 2} differential heads of width {2 * self.head_dim}), "
-                f"num_kv_heads={self.num_kv_heads}, lambda_init={self.lambda_init:.4g}, "
+                f"num_kv_heads={self.num_kv_heads}{dims}, lambda_init={self.lambda_init:.4g}, "
                 f"dropout={self.dropout}, batch_first={self.batch_first}, "
                 f"backend={self.backend!r}")
 
-    # ---------------------------------------------------------------- loading
+    # ---------------------------------------------------------------- projections
+    def _row_ranges(self):
+        q, kv, _ = self._sizes
+        return ((0, q), (q, q + kv), (q + kv, q + 2 * kv))
+
+    def _projection_weights(self):
+        if self._packed:
+            return (self.in_proj_weight,)
+        return (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
+
+    def _projection(self, index: int):
+        start, stop = self._row_ranges()[index]
+        if self._packed:
+            return projection_slice(self.in_proj_weight, self.in_proj_bias, start, stop)
+        bias = None if self.in_proj_bias is None else self.in_proj_bias[start:stop]
+        return projection_slice(getattr(self, _SEPARATE[index]), bias, 0,
+                                self._sizes[index])
+
+    q_proj = property(lambda self: self._projection(0), doc="the q projection, as a view")
+    k_proj = property(lambda self: self._projection(1), doc="the k projection, as a view")
+    v_proj = property(lambda self: self._projection(2), doc="the v projection, as a view")
+
+    def _project(self, query: Tensor, key: Tensor, value: Tensor):
+        """q, k, v projections; one GEMM when key and value are the query (self-attention),
+        two when key is value."""
+        if self._packed and key is query and value is query:
+            return F.linear(query, self.in_proj_weight, self.in_proj_bias).split(self._sizes, -1)
+        q_proj = self.q_proj
+        if self._packed and value is key:
+            kv = projection_slice(self.in_proj_weight, self.in_proj_bias, self._sizes[0],
+                                  sum(self._sizes))
+            return (q_proj(query), *kv(key).split(self._sizes[1:], -1))
+        return q_proj(query), self.k_proj(key), self.v_proj(value)
+
+    # ---------------------------------------------------------------- state dict
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        names = ("in_proj_weight",) if self._packed else _SEPARATE
+        for name in names + ("in_proj_bias",):
+            destination.pop(prefix + name, None)
+        save_packed(destination, prefix, self._projection_weights() if not self._packed
+                    else self.in_proj_weight, self.in_proj_bias, _PROJECTIONS, self._sizes,
+                    keep_vars)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        """Also accept nn.MultiheadAttention's packed layout (in_proj_weight, in_proj_bias,
-        out_proj.*). Plain attention has no lambda vectors or norm weight: those keep their
-        current values, so plain weights load with strict=True."""
-        packed = prefix + "in_proj_weight"
-        if packed in state_dict:
-            weight = state_dict.pop(packed)
-            q_rows, kv_rows = self.embed_dim, self.num_kv_heads * self.head_dim
-            if weight.shape[0] != q_rows + 2 * kv_rows:
-                error_msgs.append(f"{packed}: expected {q_rows + 2 * kv_rows} rows "
-                                  f"(q, k, v stacked), got {tuple(weight.shape)}")
-                return
-            for name, w in zip(("q_proj", "k_proj", "v_proj"),
-                               weight.split([q_rows, kv_rows, kv_rows])):
-                state_dict[f"{prefix}{name}.weight"] = w
-            bias = state_dict.pop(prefix + "in_proj_bias", None)
-            if bias is not None:
-                for name, b in zip(("q_proj", "k_proj", "v_proj"),
-                                   bias.split([q_rows, kv_rows, kv_rows])):
-                    state_dict[f"{prefix}{name}.bias"] = b
-            for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
+        """Accept the DiffCLIP names (q_proj.weight, ...), the packed names, and
+        nn.MultiheadAttention's layouts. Plain attention has no lambda vectors or norm
+        weight: loading its weights keeps this layer's current values for those, so plain
+        weights load with strict=True."""
+        plain = any(prefix + name in state_dict for name in ("in_proj_weight",) + _SEPARATE)
+        has_bias = self.in_proj_bias is not None
+        if self._packed:
+            separate = [prefix + name for name in _SEPARATE]
+            if all(key in state_dict for key in separate):  # nn.MultiheadAttention, kdim = E
+                state_dict[prefix + "in_proj_weight"] = torch.cat(
+                    [state_dict.pop(key) for key in separate])
+            load_packed(state_dict, prefix, _PROJECTIONS, self._sizes, has_bias, error_msgs)
+        else:
+            for proj, name in zip(_PROJECTIONS, _SEPARATE):
+                if f"{prefix}{proj}.weight" in state_dict:
+                    state_dict[prefix + name] = state_dict.pop(f"{prefix}{proj}.weight")
+            biases = [f"{prefix}{proj}.bias" for proj in _PROJECTIONS]
+            if has_bias and all(key in state_dict for key in biases):
+                state_dict[prefix + "in_proj_bias"] = torch.cat(
+                    [state_dict.pop(key) for key in biases])
+        if plain:
+            for name in _LAMBDAS:
                 state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
             state_dict.setdefault(prefix + "diff_norm.weight",
                                   self.diff_norm.weight.detach().clone())
@@ -164,42 +253,6 @@ class DiffMultiheadAttention(nn.Module):
                                       unexpected_keys, error_msgs)
 
     # ---------------------------------------------------------------- forward
-    def _attn_bias(self, attn_mask, key_padding_mask, B, N, M):
-        """Normalise nn.MultiheadAttention's masks to (attn_mask for diff_attention,
-        bool key_padding_mask)."""
-        bias = None
-        if attn_mask is not None:
-            if attn_mask.dim() == 2:
-                if tuple(attn_mask.shape) != (N, M):
-                    raise ValueError(f"attn_mask must have shape (L, S) = {(N, M)} or "
-                                     f"(batch * num_heads, L, S) = {(B * self.num_heads, N, M)}, "
-                                     f"got {tuple(attn_mask.shape)}")
-                bias = attn_mask
-            elif attn_mask.dim() == 3:
-                if tuple(attn_mask.shape) != (B * self.num_heads, N, M):
-                    raise ValueError(f"attn_mask must have shape (L, S) = {(N, M)} or "
-                                     f"(batch * num_heads, L, S) = {(B * self.num_heads, N, M)}, "
-                                     f"got {tuple(attn_mask.shape)}")
-                bias = attn_mask.view(B, self.num_heads, N, M)
-            else:
-                raise ValueError(f"attn_mask must be 2-D or 3-D, got {attn_mask.dim()}-D")
-        if key_padding_mask is not None:
-            if tuple(key_padding_mask.shape) != (B, M):
-                raise ValueError(f"key_padding_mask must have shape (batch, S) = {(B, M)}, got "
-                                 f"{tuple(key_padding_mask.shape)}")
-            if key_padding_mask.dtype != torch.bool:
-                if not key_padding_mask.is_floating_point():
-                    raise TypeError("key_padding_mask must be bool (True = ignore) or float "
-                                    f"(additive), got {key_padding_mask.dtype}")
-                # An additive padding mask joins the additive attention mask (torch path).
-                extra = key_padding_mask[:, None, None, :]
-                if bias is not None and bias.dtype == torch.bool:
-                    bias = torch.zeros(bias.shape, dtype=extra.dtype,
-                                       device=bias.device).masked_fill(bias, float("-inf"))
-                bias = extra if bias is None else bias + extra
-                key_padding_mask = None
-        return bias, key_padding_mask
-
     def forward(self, query: Tensor, key: Optional[Tensor] = None, value: Optional[Tensor] = None,
                 key_padding_mask: Optional[Tensor] = None, need_weights: bool = False,
                 attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
@@ -208,52 +261,41 @@ class DiffMultiheadAttention(nn.Module):
 
         query (N, B, E) or (B, N, E) with batch_first, or unbatched (N, E); key/value default to
         query (self-attention). key_padding_mask (B, S): bool True = ignore, or float additive.
-        attn_mask: bool (True = masked out) or float additive, (L, S) or (B * num_heads, L, S);
-        an exactly causal mask (or is_causal=True) takes the fused causal path, any other mask
-        the torch path. Returns (output like query, weights or None); with need_weights=True
-        the weights are the differential maps A1 - lambda * A2, (B, N, S) averaged over the
-        differential heads, or (B, num_heads // 2, N, S) with average_attn_weights=False
-        (a slow path that materialises the maps).
+        attn_mask: bool (True = masked out) or float additive, (L, S) or (B * num_heads, L, S).
+        is_causal=True, or an attn_mask that is exactly the causal mask, takes the fused causal
+        path (is_causal is a hint, as in nn.MultiheadAttention: with it the mask is not read);
+        any other mask takes the torch path. Returns (output like query, weights or None);
+        with need_weights=True the weights are the differential maps A1 - lambda * A2,
+        (B, N, S) averaged over the differential heads, or (B, num_heads // 2, N, S) with
+        average_attn_weights=False (a slow path that materialises the maps).
         """
-        if not isinstance(query, Tensor):
-            raise TypeError(f"query must be a tensor, got {type(query).__name__}")
-        key = query if key is None else key
-        value = key if value is None else value
-        unbatched = query.dim() == 2
-        if unbatched:
-            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-            if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask.unsqueeze(0)
-        for name, t in (("query", query), ("key", key), ("value", value)):
-            if t.dim() != 3 or t.shape[-1] != self.embed_dim:
-                layout = "(B, L, E)" if self.batch_first else "(L, B, E)"
-                raise ValueError(f"{name} must have shape {layout} or (L, E) with "
-                                 f"E = {self.embed_dim}, got {tuple(t.shape)}")
-        if not self.batch_first:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        B, N, _ = query.shape
-        M = key.shape[1]
-        if key.shape[0] != B or tuple(value.shape[:2]) != (B, M):
-            raise ValueError(f"key and value must have the same batch and length, got key "
-                             f"{tuple(key.shape)} and value {tuple(value.shape)}")
-
-        d, H2, Hk2 = self.head_dim, self.num_heads, self.num_kv_heads
-        q = self.q_proj(query).unflatten(-1, (H2, d))
-        k = self.k_proj(key).unflatten(-1, (Hk2, d))
-        v = self.v_proj(value).unflatten(-1, (Hk2 // 2, 2 * d))
+        query, key, value, key_padding_mask, unbatched = check_inputs(
+            query, key, value, key_padding_mask, self.embed_dim, self.kdim, self.vdim,
+            self.batch_first)
+        q, k, v = self._project(query, key, value)
+        if not self.batch_first:  # views: the kernels take any strides
+            q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        B, N = q.shape[0], q.shape[1]
+        M = k.shape[1]
+        d = self.head_dim
+        q = q.unflatten(-1, (self.num_heads, d))
+        k = k.unflatten(-1, (self.num_kv_heads, d))
+        v = v.unflatten(-1, (self.num_kv_heads // 2, 2 * d))
         lam = self.compute_lambda()
 
-        causal = is_causal
-        if attn_mask is not None and (is_causal or _is_causal_mask(attn_mask, N, M)):
+        causal = bool(is_causal)
+        if attn_mask is not None and (causal or is_causal_mask(attn_mask, N, M)):
             causal, attn_mask = True, None
-        bias, key_padding_mask = self._attn_bias(attn_mask, key_padding_mask, B, N, M)
+        bias, key_padding_mask = attention_masks(attn_mask, key_padding_mask, B, N, M,
+                                                 self.num_heads)
         dropout_p = self.dropout if self.training else 0.0
         self.last_backend = resolve_backend(self.backend, q.device, q.dtype, d,
                                             unsupported_features(dropout_p, bias))
-        out = diff_attention(q, k, v, lam, causal=causal, key_padding_mask=key_padding_mask,
-                             norm_weight=self.diff_norm.weight, eps=self.diff_norm.eps,
-                             out_scale=1.0 - self.lambda_init, dropout_p=dropout_p,
-                             attn_mask=bias, backend=self.last_backend)
+        out = run_diff_attention(q, k, v, lam, self.last_backend, causal=causal,
+                                 key_padding_mask=key_padding_mask,
+                                 norm_weight=self.diff_norm.weight, eps=self.diff_norm.eps,
+                                 out_scale=1.0 - self.lambda_init, dropout_p=dropout_p,
+                                 attn_mask=bias)
         out = self.out_proj(out.flatten(2))
 
         weights = None
@@ -263,8 +305,4 @@ class DiffMultiheadAttention(nn.Module):
             weights = diff.mean(1) if average_attn_weights else diff
             if unbatched:
                 weights = weights.squeeze(0)
-        if not self.batch_first:
-            out = out.transpose(0, 1)
-        if unbatched:
-            out = out.squeeze(1)
-        return out, weights
+        return restore_layout(out, self.batch_first, unbatched), weights

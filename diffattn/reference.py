@@ -1,15 +1,18 @@
-"""Plain-math differential attention: the readable reference every fused path is tested against.
+"""Plain-math differential attention: the readable references every fused path is tested against.
 
-It materialises both (N x M) softmax maps, so it is slow and memory hungry, but it is written
-straight from the formulas (docs/kernel-math.md in the repository) and runs in any dtype,
-float64 included, which makes it the ground truth of the test suite.
+They materialise both (N x M) softmax maps, so they are slow and memory hungry, but they are
+written straight from the formulas (docs/kernel-math.md) and run in any dtype, float64
+included, which makes them the ground truth of the test suite.
 
-Layouts (flash-attn style, batch first):
-    q   (B, N, 2H, d)   q heads 2h and 2h+1 are the two maps of differential head h
-    k   (B, M, 2Hk, d)  key heads 2g and 2g+1 of key/value group g
-    v   (B, M, Hk, 2d)  one value head of width 2d per group
-    out (B, N, H, 2d)
-Differential head h reads group g = h // (H // Hk).
+Layouts (flash-attn style, batch first); differential head h reads key/value group
+g = h // (H // Hk), and q heads 2h and 2h+1 are its two maps:
+
+    Differential Transformer V1 / DiffCLIP (``diff_attention_ref``)
+        q (B, N, 2H, d), k (B, M, 2Hk, d) (key heads 2g, 2g+1 of group g), v (B, M, Hk, 2d),
+        lambda a float, () or (H,); out (B, N, H, 2d), optionally RMS-normalised per head.
+    Differential Transformer V2 (``diff_attention_v2_ref``)
+        q (B, N, 2H, d), k (B, M, Hk, d) (one key head per group, shared by both maps),
+        v (B, M, Hk, d), lambda a float, (), (H,) or (B, N, H) (per token); out (B, N, H, d).
 """
 from __future__ import annotations
 
@@ -30,10 +33,19 @@ def causal_keep_mask(seq_q: int, seq_k: int, device=None) -> torch.Tensor:
 
 
 def expand_lambda(lambda_, num_heads: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """Return lambda as a (H,) tensor of ``dtype`` (differentiable when lambda_ is a tensor)."""
+    """Return a per-head lambda (float, () or (H,)) as a (H,) tensor of ``dtype``
+    (differentiable when lambda_ is a tensor)."""
     if isinstance(lambda_, torch.Tensor):
         return lambda_.to(device=device, dtype=dtype).reshape(-1).expand(num_heads)
     return torch.full((num_heads,), float(lambda_), dtype=dtype, device=device)
+
+
+def lambda_for_maps(lambda_, num_heads: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """lambda broadcastable against (B, H, N, ...) maps: a float, (), (H,) or per-token
+    (B, N, H) lambda as a (1 or B, H, 1 or N, 1) tensor of ``dtype``."""
+    if isinstance(lambda_, torch.Tensor) and lambda_.dim() == 3:
+        return lambda_.to(device=device, dtype=dtype).permute(0, 2, 1)[..., None]
+    return expand_lambda(lambda_, num_heads, dtype, device)[None, :, None, None]
 
 
 def rms_norm_epilogue(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
@@ -53,7 +65,8 @@ def differential_maps(q, k, *, lambda_, causal=False, key_padding_mask=None,
                       scale=None, attn_bias=None):
     """Both softmax maps and their difference, each (B, H, N, M), in q's dtype.
 
-    attn_bias, if given, is an additive float (or bool keep=False -> -inf) bias broadcastable to
+    q (B, N, 2H, d), k (B, M, 2Hk, d) as in diff_attention_ref; lambda_ a float, (), (H,) or
+    (B, N, H). attn_bias, if given, is an additive float (or bool keep=False -> -inf) bias broadcastable to
     (B, 2H, N, M), applied to the scores of every q/k head before the softmax.
     Rows with no visible key are all zeros.
     """
@@ -81,8 +94,7 @@ def differential_maps(q, k, *, lambda_, causal=False, key_padding_mask=None,
     row_has_key = keep.any(-1, keepdim=True)
     probs = torch.softmax(scores.masked_fill(~row_has_key, 0.0), dim=-1) * row_has_key
     a1, a2 = probs[:, 0::2], probs[:, 1::2]
-    lam = expand_lambda(lambda_, H, q.dtype, q.device)[None, :, None, None]
-    return a1, a2, a1 - lam * a2
+    return a1, a2, a1 - lambda_for_maps(lambda_, H, q.dtype, q.device) * a2
 
 
 def diff_attention_ref(q, k, v, lambda_, *, causal=False, key_padding_mask=None, scale=None,
@@ -104,3 +116,17 @@ def diff_attention_ref(q, k, v, lambda_, *, causal=False, key_padding_mask=None,
     if norm_weight is None:
         return x * out_scale
     return rms_norm_epilogue(x, norm_weight, eps, out_scale)
+
+
+def diff_attention_v2_ref(q, k, v, lambda_, *, causal=False, key_padding_mask=None, scale=None):
+    """Differential Transformer V2 by explicit matmuls and softmax (materialises the maps).
+
+    q (B, N, 2H, d), k (B, M, Hk, d), v (B, M, Hk, d), H % Hk == 0; lambda_ a float, (), (H,)
+    or (B, N, H). out[:, :, h] = softmax(s q_2h k_g^T) v_g - lambda softmax(s q_2h+1 k_g^T) v_g
+    with g = h // (H // Hk): (B, N, H, d) in q's dtype. No norm, no output scale.
+    """
+    H, Hk = q.shape[2] // 2, k.shape[2]
+    # Both maps of a pair read their group's single key head: as a V1 key pair, it is repeated.
+    *_, diff = differential_maps(q, k.repeat_interleave(2, dim=2), lambda_=lambda_,
+                                 causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    return torch.einsum("bhnm,bmhe->bnhe", diff, v.repeat_interleave(H // Hk, dim=2))

@@ -1,11 +1,14 @@
-"""Differential attention from stock PyTorch ops: two ``scaled_dot_product_attention`` calls,
-the lambda difference and, optionally, the per-head RMSNorm, the way timm and Microsoft's
-"flashdiff" code compose it. This is the ``backend="torch"`` path: it runs anywhere PyTorch
-runs, supports what the fused kernels do not (dropout, arbitrary additive masks), and is the
-baseline the fused kernels are measured against.
+"""Differential attention from stock PyTorch ops: ``scaled_dot_product_attention`` and the
+lambda difference, the way timm, Microsoft's "flashdiff" code and the Differential Transformer
+V2 reference compose it. This is the ``backend="torch"`` path: it runs anywhere PyTorch runs,
+supports what the fused kernels do not (dropout, arbitrary additive masks), and no step of it
+waits for the device (no host synchronisation).
 
-Layouts as in diffattn.reference: q (B, N, 2H, d), k (B, M, 2Hk, d), v (B, M, Hk, 2d),
-out (B, N, H, 2d).
+Layouts as in diffattn.reference:
+    V1  q (B, N, 2H, d), k (B, M, 2Hk, d), v (B, M, Hk, 2d) -> (B, N, H, 2d): two SDPA calls
+        (one per map), the difference and optionally the per-head RMSNorm.
+    V2  q (B, N, 2H, d), k (B, M, Hk, d), v (B, M, Hk, d) -> (B, N, H, d): one SDPA call over
+        the 2H q heads with grouped keys/values, then the difference of each head pair.
 """
 from __future__ import annotations
 
@@ -15,23 +18,24 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from .reference import causal_keep_mask, rms_norm_epilogue
+from .reference import causal_keep_mask, lambda_for_maps, rms_norm_epilogue
 
 
 def _sdpa_masks(B, H2, N, M, device, dtype, causal, key_padding_mask, attn_bias):
-    """Build what SDPA needs for one call per map.
+    """Build what SDPA needs.
 
-    Returns (bias1, bias2, use_is_causal, row_valid): biases are bool keep-masks or additive
-    float masks broadcastable to (B, H, N, M) (None when nothing is masked); row_valid is a
-    (B, H or 1, N, 1) keep indicator for rows that see at least one key (None when all do).
-    Rows that see no key are unmasked for SDPA (which would return NaN there) and zeroed
-    afterwards through row_valid, so their output and gradients are exactly 0.
+    Returns (bias, use_is_causal, row_valid): bias is a bool keep-mask or an additive float
+    mask broadcastable to (B, 2H or 1, N, M) (None when nothing is masked); row_valid is a
+    (B or 1, 2H or 1, N, 1) keep indicator for rows that see at least one key, or None when
+    every row does by construction. Rows that see no key are unmasked for SDPA (which would
+    return NaN there) and zeroed afterwards through row_valid, so their output and gradients
+    are exactly 0. Nothing here reads tensor values on the host.
     """
     if attn_bias is None and key_padding_mask is None:
         if not causal:
-            return None, None, False, None
+            return None, False, None
         if N == M:
-            return None, None, True, None
+            return None, True, None
     keep = torch.ones(1, 1, N, M, dtype=torch.bool, device=device)
     if causal:
         keep = causal_keep_mask(N, M, device)[None, None]
@@ -45,28 +49,28 @@ def _sdpa_masks(B, H2, N, M, device, dtype, causal, key_padding_mask, attn_bias)
             float_bias = attn_bias.to(dtype)
             keep = keep & ~torch.isneginf(attn_bias)
     row_any = keep.any(-1, keepdim=True)
-    row_valid = None if bool(row_any.all()) else row_any
+    # Causal masking alone with N <= M leaves every row at least key 0.
+    alone = attn_bias is None and key_padding_mask is None and N <= M
+    row_valid = None if alone else row_any
     if float_bias is None:
         bias = keep | ~row_any
     else:
         bias = float_bias.masked_fill(~keep, float("-inf")).masked_fill(~row_any, 0.0)
-    if bias.dim() == 4 and bias.shape[1] == H2:
-        return bias[:, 0::2], bias[:, 1::2], False, _pairs(row_valid, H2)
-    return bias, bias, False, _pairs(row_valid, H2)
+    return bias, False, row_valid
 
 
-def _pairs(row_valid, H2):
-    """Reduce a per-q-head row indicator (B, 2H, N, 1) to per-differential-head (B, H, N, 1)."""
-    if row_valid is None or row_valid.shape[1] != H2:
-        return row_valid
-    return row_valid[:, 0::2] & row_valid[:, 1::2]
+def _pair_maps(t, H2):
+    """Split a per-q-head tensor (B, 2H or 1, ...) into the two maps' (B, H or 1, ...)."""
+    if t is None or t.shape[1] != H2:
+        return t, t
+    return t[:, 0::2], t[:, 1::2]
 
 
 def diff_attention_torch(q, k, v, lam: torch.Tensor, *, causal=False,
                          key_padding_mask: Optional[torch.Tensor] = None, scale=None,
                          norm_weight: Optional[torch.Tensor] = None, eps=1e-5, out_scale=1.0,
                          dropout_p=0.0, attn_bias: Optional[torch.Tensor] = None):
-    """Two SDPA calls and the difference. lam is (H,) (fp32, fp64 for fp64 inputs).
+    """V1: two SDPA calls and the difference. lam is (H,) (fp32, fp64 for fp64 inputs).
 
     attn_bias: bool (True = masked out) or additive float, broadcastable to (B, 2H, N, M).
     dropout_p is applied to each map separately, before the difference (as in DiffCLIP).
@@ -79,8 +83,9 @@ def diff_attention_torch(q, k, v, lam: torch.Tensor, *, causal=False,
     vh = rearrange(v, "b m g e -> b g m e")
     if Hk != H:  # grouped-query attention: group g serves heads g*(H//Hk) ... (g+1)*(H//Hk)-1
         k1, k2, vh = (t.repeat_interleave(H // Hk, dim=1) for t in (k1, k2, vh))
-    bias1, bias2, is_causal, row_valid = _sdpa_masks(
-        B, H2, N, M, q.device, q.dtype, causal, key_padding_mask, attn_bias)
+    bias, is_causal, row_valid = _sdpa_masks(B, H2, N, M, q.device, q.dtype, causal,
+                                             key_padding_mask, attn_bias)
+    bias1, bias2 = _pair_maps(bias, H2)
     o1 = F.scaled_dot_product_attention(q1, k1, vh, attn_mask=bias1, dropout_p=dropout_p,
                                         is_causal=is_causal, scale=scale)
     o2 = F.scaled_dot_product_attention(q2, k2, vh, attn_mask=bias2, dropout_p=dropout_p,
@@ -88,8 +93,32 @@ def diff_attention_torch(q, k, v, lam: torch.Tensor, *, causal=False,
     compute = lam.dtype
     x = o1.to(compute) - lam[:, None, None].to(compute) * o2.to(compute)
     if row_valid is not None:
-        x = x * row_valid
+        valid1, valid2 = _pair_maps(row_valid, H2)
+        x = x * (valid1 & valid2)
     x = rearrange(x, "b h n e -> b n h e")
     if norm_weight is None:
         return (x * out_scale).to(q.dtype)
     return rms_norm_epilogue(x, norm_weight, eps, out_scale).to(q.dtype)
+
+
+def diff_attention_v2_torch(q, k, v, lambda_, *, causal=False,
+                            key_padding_mask: Optional[torch.Tensor] = None, scale=None,
+                            dropout_p=0.0, attn_bias: Optional[torch.Tensor] = None):
+    """V2: one SDPA call over the 2H q heads (keys/values grouped), then map 2h minus lambda
+    times map 2h+1. lambda_: a float, () or (H,) or (B, N, H) tensor. attn_bias: bool
+    (True = masked out) or additive float, broadcastable to (B, 2H, N, M); dropout_p applies
+    to every map."""
+    B, N, H2, d = q.shape
+    M = k.shape[1]
+    bias, is_causal, row_valid = _sdpa_masks(B, H2, N, M, q.device, q.dtype, causal,
+                                             key_padding_mask, attn_bias)
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=bias, dropout_p=dropout_p, is_causal=is_causal,
+                                       scale=scale, enable_gqa=k.shape[2] != H2)  # (B, 2H, N, d)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lam = lambda_for_maps(lambda_, H2 // 2, compute, q.device)          # (B|1, H, N|1, 1)
+    x = o[:, 0::2].to(compute) - lam * o[:, 1::2].to(compute)
+    if row_valid is not None:
+        valid1, valid2 = _pair_maps(row_valid, H2)
+        x = x * (valid1 & valid2)
+    return x.transpose(1, 2).to(q.dtype)

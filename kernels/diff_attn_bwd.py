@@ -1,24 +1,27 @@
-"""Fused differential attention backward, FlashAttention-2 style, in three kernels.
+"""Fused differential attention backward, FlashAttention-2 style, in two launches.
 
-1. ``_diff_attn_bwd_preprocess_kernel``, one program per (query tile, batch, head): takes the
-   gradient through the epilogue (RMSNorm, weight, out_scale) to dX, and forms the row terms
-       D1 = rowsum(dX * O1),  D2 = -lambda_h rowsum(dX * O2),  with O1 = X + lambda_h O2,
-   the per-row contribution to dlambda_h = -sum(dX . O2) and the tile's partial sum of
-   d(norm weight) = sum(dY * X * rstd * c). Partial sums are reduced afterwards by torch, in a
-   fixed order: the backward is deterministic (no atomics).
-2. ``_diff_attn_bwd_dkdv_kernel``, one program per (key tile, batch, key/value group): loops
-   over the H // Hk differential heads that read the group and over the query tiles, recomputes
-   P1, P2 from the saved log-sum-exps and accumulates
-       dV += (P1 - lambda P2)^T dX                  (dO1 = dX, dO2 = -lambda dX share V)
-       dP1 = dX V^T,  dP2 = -lambda dP1             (one product serves both maps)
-       dK_a += scale * (P_a * (dP_a - D_a))^T q_a
-   Causal: query tiles entirely above the key tile's diagonal are skipped.
-3. ``_diff_attn_bwd_dq_kernel``, one program per (query tile, batch, head): the same
-   recomputation over key tiles, dq_a = scale * (P_a * (dP_a - D_a)) K_a.
+1. ``diff_attn_bwd_rows_kernel``, one program per (query tile, batch, head): takes the
+   gradient through the epilogue (RMSNorm, weight, out_scale) to dX and forms the row terms
+       D1 = rowsum(dX * O1),  D2 = -lambda_row rowsum(dX * O2),  with O1 = X + lambda_row O2,
+   dlambda_row = -rowsum(dX * O2) (stored per row for per-row lambda, else as the tile's
+   partial sum) and the tile's partial sum of d(norm weight) = sum(dY * X * rstd * c).
+2. ``diff_attn_bwd_kernel``, three kinds of program in one grid:
+   - key-tile programs, one per (key tile, batch, key/value group): loop over the H // Hk
+     differential heads that read the group and over the query tiles, recompute P1, P2 from
+     the saved log-sum-exps and accumulate
+         dV += (P1 - lambda P2)^T dX                  (dO1 = dX, dO2 = -lambda dX share V)
+         dP1 = dX V^T,  dP2 = -lambda dP1             (one product serves both maps)
+         dK_a += scale * (P_a * (dP_a - D_a))^T q_a   (one dK for both maps without KEY_PAIR)
+     Causal: query tiles entirely above the key tile's diagonal are skipped.
+   - query-tile programs, one per (query tile, batch, head): the same recomputation over key
+     tiles, dq_a = scale * (P_a * (dP_a - D_a)) K_a.
+   - reduction programs: the partial sums of dlambda (per head, or of a single scalar lambda)
+     and of d(norm weight), summed in a fixed order.
+   Grouped-query attention needs no atomics and every sum has a fixed order: the backward is
+   deterministic. Tiles every row/key of which is visible run without masks, as in the forward.
 
-Layouts as in diff_attn_fwd.py; dX, when stored, is (B, N, H, 2d) contiguous in q's dtype;
-DELTA (B, H, 2, N) holds D1, D2.
-The math, derived: docs/kernel-math.md in the repository.
+Layouts as in diff_attn_fwd.py; dX, when stored, is (B, N, H, DV) contiguous in q's dtype;
+DELTA (B, H, 2, N) holds D1, D2. The equations: docs/kernel-math.md.
 """
 from __future__ import annotations
 
@@ -26,29 +29,27 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import BWD_CANDIDATES, PRE_BLOCK_M, autotune_space, head_block, preprocess_warps
-from .diff_attn_fwd import LOG2E, dot_precision
-from .tiles import causal_key_end, causal_keep, key_keep, load_head_pair, load_tile
+from .config import RED_COLS, RED_ROWS, ROWS_BLOCK_M, head_block, rows_warps
+from .diff_attn_fwd import LOG2E, dot_precision, lambda_strides
+from .tiles import (causal_key_end, causal_keep, full_tiles_end, key_keep, load_head_pair,
+                    load_lambda_rows, load_tile)
+from .tuning import BWD_TILES
+
+# dlambda reduction modes (DLAM_REDUCE): lambda per row and head (no reduction: the row pass
+# writes dlambda), one lambda per head, one lambda for every head.
+DLAM_PER_ROW, DLAM_PER_HEAD, DLAM_SCALAR = 0, 1, 2
 
 
-@triton.jit
-def _load_row_stats(lse_base, delta_base, rows, row_ok, N):
-    """Both maps' log-sum-exp and D terms of a query tile. Rows past N load LSE = +inf, so
-    their recomputed probabilities are 0."""
-    lse1 = tl.load(lse_base + rows, mask=row_ok, other=float("inf"))
-    lse2 = tl.load(lse_base + N + rows, mask=row_ok, other=float("inf"))
-    d1 = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-    d2 = tl.load(delta_base + N + rows, mask=row_ok, other=0.0)
-    return lse1, lse2, d1, d2
-
-
-@triton.jit(do_not_specialize=["N", "H"])
-def _diff_attn_bwd_preprocess_kernel(
-    DY, X, O2, LAM, W, RSTD, DX, DELTA, DLAM_ROWS, DW_PART,
+@triton.jit(do_not_specialize=["N", "H", "stride_lb", "stride_ln", "stride_lh"])
+def diff_attn_bwd_rows_kernel(
+    DY, X, O2, LAM, W, RSTD, DX, DELTA, DLAM, DW_PART,
     stride_dyb, stride_dyn, stride_dyh,
-    N, H, out_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_NORM: tl.constexpr,
-    STORE_DX: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_M: tl.constexpr,
+    stride_lb, stride_ln, stride_lh,
+    N, H, lam_value, out_scale,
+    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, LAM_FROM_PTR: tl.constexpr,
+    NEED_DLAM: tl.constexpr, DLAM_REDUCE: tl.constexpr, HAS_NORM: tl.constexpr,
+    NEED_DW: tl.constexpr, STORE_DX: tl.constexpr, ACC_FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     pid_m = tl.program_id(0)
@@ -58,24 +59,25 @@ def _diff_attn_bwd_preprocess_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = rows < N
-    dv_ok = offs_dv < 2 * HEAD_DIM
-    mask = row_ok[:, None] & dv_ok[None, :]
+    mask = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
 
-    dy = load_tile(DY + b * stride_dyb + h * stride_dyh, rows, row_ok, stride_dyn, offs_dv,
-                   dv_ok).to(acc_dtype)
-    off = ((b * N + rows[:, None]) * H + h) * (2 * HEAD_DIM) + offs_dv[None, :]
+    dy = load_tile(DY + b * stride_dyb + h * stride_dyh, rows, N, stride_dyn, offs_dv,
+                   HEAD_DIM_V, True, HEAD_DIM_V != BLOCK_DV).to(acc_dtype)
+    off = ((b * N + rows[:, None]) * H + h) * HEAD_DIM_V + offs_dv[None, :]
     x = tl.load(X + off, mask=mask, other=0.0).to(acc_dtype)
     o2 = tl.load(O2 + off, mask=mask, other=0.0).to(acc_dtype)
-    lam = tl.load(LAM + h).to(acc_dtype)
+    lam = load_lambda_rows(LAM, b, rows, N, h, stride_lb, stride_ln, stride_lh, lam_value,
+                           LAM_FROM_PTR, acc_dtype)
 
     g = dy * out_scale
     if HAS_NORM:
-        w = tl.load(W + offs_dv, mask=dv_ok, other=0.0).to(acc_dtype)
+        w = tl.load(W + offs_dv, mask=offs_dv < HEAD_DIM_V, other=0.0).to(acc_dtype)
         rstd = tl.load(RSTD + (b * H + h) * N + rows, mask=row_ok, other=0.0)
-        tl.store(DW_PART + ((pid_m * tl.num_programs(1) + pid_bh) * BLOCK_DV) + offs_dv,
-                 tl.sum(g * x * rstd[:, None], 0))
+        if NEED_DW:
+            tl.store(DW_PART + (pid_m * tl.num_programs(1) + pid_bh) * BLOCK_DV + offs_dv,
+                     tl.sum(g * x * rstd[:, None], 0))
         g = g * w[None, :]
-        mean_gx = tl.sum(g * x, 1) / (2 * HEAD_DIM)
+        mean_gx = tl.sum(g * x, 1) / HEAD_DIM_V
         dx = rstd[:, None] * g - x * (rstd * rstd * rstd * mean_gx)[:, None]
     else:
         dx = g
@@ -86,223 +88,405 @@ def _diff_attn_bwd_preprocess_kernel(
     delta_ptrs = DELTA + ((b * H + h) * 2) * N + rows
     tl.store(delta_ptrs, tl.sum(dx * x, 1) + lam * dx_o2, mask=row_ok)  # rowsum(dX * O1)
     tl.store(delta_ptrs + N, -lam * dx_o2, mask=row_ok)
-    tl.store(DLAM_ROWS + (b * H + h) * N + rows, -dx_o2, mask=row_ok)
+    if NEED_DLAM:
+        if DLAM_REDUCE == 0:  # per row: DLAM is the (B, N, H) gradient itself
+            tl.store(DLAM + (b * N + rows) * H + h, -dx_o2, mask=row_ok)
+        else:  # the tile's partial sum, (row tiles, B * H)
+            tl.store(DLAM + pid_m * tl.num_programs(1) + pid_bh, -tl.sum(dx_o2, 0))
 
 
-_BWD_CONFIGS, _BWD_PRUNE = autotune_space(BWD_CANDIDATES)
+@triton.jit
+def _load_row_stats(lse_base, delta_base, rows, N, MASKED: tl.constexpr):
+    """Both maps' log-sum-exp and D terms of a query tile. Rows past N load LSE = +inf, so
+    their recomputed probabilities are 0."""
+    if MASKED:
+        ok = rows < N
+        lse1 = tl.load(lse_base + rows, mask=ok, other=float("inf"))
+        lse2 = tl.load(lse_base + N + rows, mask=ok, other=float("inf"))
+        d1 = tl.load(delta_base + rows, mask=ok, other=0.0)
+        d2 = tl.load(delta_base + N + rows, mask=ok, other=0.0)
+    else:
+        lse1 = tl.load(lse_base + rows)
+        lse2 = tl.load(lse_base + N + rows)
+        d1 = tl.load(delta_base + rows)
+        d2 = tl.load(delta_base + N + rows)
+    return lse1, lse2, d1, d2
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["N", "M", "HEAD_DIM", "CAUSAL"],
-                 prune_configs_by=_BWD_PRUNE)
-@triton.jit(do_not_specialize=["N", "M", "H", "HK", "GROUP", "stride_kpm_b"])
-def _diff_attn_bwd_dkdv_kernel(
-    Q, K, V, LAM, KPM, DO, LSE, DELTA, DK, DV,
-    stride_qb, stride_qn, stride_qh,
-    stride_kb, stride_km, stride_kh,
-    stride_vb, stride_vm, stride_vh,
-    stride_dob, stride_don, stride_doh,
-    stride_kpm_b,
-    N, M, H, HK, GROUP,
-    qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_FP64: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
-    pid_n = tl.program_id(0)
-    pid_bg = tl.program_id(1)
-    b = (pid_bg // HK).to(tl.int64)
-    g = (pid_bg % HK).to(tl.int64)
-
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+@triton.jit
+def _dkdv_query_tiles(k1, k2, v, dk1, dk2, dv, col_keep, cols, start, end, q_base, do_base,
+                      lse_base, delta_base, LAM, b, h, stride_lb, stride_ln, stride_lh,
+                      lam_value, stride_qh, stride_qn, stride_don, N, M, qk_scale,
+                      HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr,
+                      LAM_FROM_PTR: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Accumulate one key tile's dK and dV over the query tiles [start, end) of head h."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    col_ok = cols < M
-    d_ok = offs_d < HEAD_DIM
-    dv_ok = offs_dv < 2 * HEAD_DIM
+    for start_m in range(start, end, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        q1, q2 = load_head_pair(q_base, stride_qh, rows, N, stride_qn, offs_d, HEAD_DIM, True,
+                                MASKED, HEAD_DIM != BLOCK_D)
+        do = load_tile(do_base, rows, N, stride_don, offs_dv, HEAD_DIM_V, MASKED,
+                       HEAD_DIM_V != BLOCK_DV)
+        lse1, lse2, d1, d2 = _load_row_stats(lse_base, delta_base, rows, N, MASKED)
+        lam = load_lambda_rows(LAM, b, rows, N, h, stride_lb, stride_ln, stride_lh, lam_value,
+                               LAM_FROM_PTR, dv.dtype)
 
-    k1, k2 = load_head_pair(K + b * stride_kb + 2 * g * stride_kh, stride_kh,
-                            cols, col_ok, stride_km, offs_d, d_ok)
-    v = load_tile(V + b * stride_vb + g * stride_vh, cols, col_ok, stride_vm, offs_dv, dv_ok)
-    col_keep = key_keep(KPM + b * stride_kpm_b, cols, col_ok, HAS_KPM)
+        sT1 = tl.dot(k1, tl.trans(q1), input_precision=PRECISION).to(dv.dtype)
+        sT2 = tl.dot(k2, tl.trans(q2), input_precision=PRECISION).to(dv.dtype)
+        pT1 = tl.exp2(sT1 * qk_scale - lse1[None, :])
+        pT2 = tl.exp2(sT2 * qk_scale - lse2[None, :])
+        if MASKED:
+            keep = col_keep[:, None]
+            if CAUSAL:
+                keep = keep & causal_keep(rows[None, :], cols[:, None], N, M)
+            pT1 = tl.where(keep, pT1, 0.0)
+            pT2 = tl.where(keep, pT2, 0.0)
 
+        dv += tl.dot((pT1 - lam[None, :] * pT2).to(do.dtype), do, input_precision=PRECISION)
+        dpT1 = tl.dot(v, tl.trans(do), input_precision=PRECISION).to(dv.dtype)
+        dsT1 = (pT1 * (dpT1 - d1[None, :])).to(q1.dtype)
+        dsT2 = (pT2 * (-lam[None, :] * dpT1 - d2[None, :])).to(q2.dtype)
+        dk1 += tl.dot(dsT1, q1, input_precision=PRECISION)
+        if KEY_PAIR:
+            dk2 += tl.dot(dsT2, q2, input_precision=PRECISION)
+        else:  # one key head serves both maps
+            dk1 += tl.dot(dsT2, q2, input_precision=PRECISION)
+    return dk1, dk2, dv
+
+
+@triton.jit
+def _dkdv_program(tile, bg, Q, K, V, LAM, KPM, DO, LSE, DELTA, DK, DV,
+                  stride_qb, stride_qn, stride_qh, stride_kb, stride_km, stride_kh,
+                  stride_vb, stride_vm, stride_vh, stride_dob, stride_don, stride_doh,
+                  stride_lb, stride_ln, stride_lh, stride_kpm_b,
+                  N, M, H, HK, GROUP, lam_value, qk_scale, sm_scale,
+                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr, LAM_FROM_PTR: tl.constexpr,
+                  CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_FP64: tl.constexpr,
+                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK and dV of one key tile of one key/value group, over every head that reads it."""
+    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    b = (bg // HK).to(tl.int64)
+    g = (bg % HK).to(tl.int64)
+    key_heads = 2 if KEY_PAIR else 1
+    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    k1, k2 = load_head_pair(K + b * stride_kb + key_heads * g * stride_kh, stride_kh, cols, M,
+                            stride_km, offs_d, HEAD_DIM, KEY_PAIR, True, HEAD_DIM != BLOCK_D)
+    v = load_tile(V + b * stride_vb + g * stride_vh, cols, M, stride_vm, offs_dv, HEAD_DIM_V,
+                  True, HEAD_DIM_V != BLOCK_DV)
+    col_keep = key_keep(KPM + b * stride_kpm_b, cols, M, HAS_KPM)
     dk1 = tl.zeros([BLOCK_N, BLOCK_D], dtype=acc_dtype)
     dk2 = tl.zeros([BLOCK_N, BLOCK_D], dtype=acc_dtype)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=acc_dtype)
 
-    # Causal: query rows i see key j when j <= i + (M - N); start at the first query tile that
-    # can see this key tile.
+    # Query tiles [lo, open_lo) cross the causal diagonal and [open_hi, N) hold the ragged
+    # last rows: masked. Tiles in between see every key of this tile (a whole tile without
+    # padding): no masks. Causal: query rows i see key j when j <= i + (M - N); tiles
+    # before lo see none of this key tile.
     lo = 0
+    open_lo = 0
     if CAUSAL:
-        lo = tl.maximum(pid_n * BLOCK_N - (M - N), 0)
-        lo = (lo // BLOCK_M) * BLOCK_M
+        lo = (tl.maximum(tile * BLOCK_N - (M - N), 0) // BLOCK_M) * BLOCK_M
+        first_open = tl.maximum(tile * BLOCK_N + BLOCK_N - 1 - (M - N), lo)
+        open_lo = tl.minimum(tl.cdiv(first_open, BLOCK_M) * BLOCK_M, N)
+    open_hi = open_lo
+    if not HAS_KPM:
+        if tile * BLOCK_N + BLOCK_N <= M:
+            open_hi = tl.maximum(open_lo, (N // BLOCK_M) * BLOCK_M)
     for head in range(0, GROUP):
         h = g * GROUP + head
-        lam = tl.load(LAM + h).to(acc_dtype)
         q_base = Q + b * stride_qb + 2 * h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
         lse_base = LSE + ((b * H + h) * 2) * N
         delta_base = DELTA + ((b * H + h) * 2) * N
-        for start_m in range(lo, N, BLOCK_M):
-            rows = start_m + tl.arange(0, BLOCK_M)
-            row_ok = rows < N
-            q1, q2 = load_head_pair(q_base, stride_qh, rows, row_ok, stride_qn, offs_d, d_ok)
-            do = load_tile(do_base, rows, row_ok, stride_don, offs_dv, dv_ok)
-            lse1, lse2, d1, d2 = _load_row_stats(lse_base, delta_base, rows, row_ok, N)
+        dk1, dk2, dv = _dkdv_query_tiles(
+            k1, k2, v, dk1, dk2, dv, col_keep, cols, lo, open_lo, q_base, do_base, lse_base,
+            delta_base, LAM, b, h, stride_lb, stride_ln, stride_lh, lam_value, stride_qh,
+            stride_qn, stride_don, N, M, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+            KEY_PAIR, LAM_FROM_PTR, CAUSAL, True, PRECISION, BLOCK_M)
+        dk1, dk2, dv = _dkdv_query_tiles(
+            k1, k2, v, dk1, dk2, dv, col_keep, cols, open_lo, open_hi, q_base, do_base,
+            lse_base, delta_base, LAM, b, h, stride_lb, stride_ln, stride_lh, lam_value,
+            stride_qh, stride_qn, stride_don, N, M, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+            BLOCK_DV, KEY_PAIR, LAM_FROM_PTR, CAUSAL, False, PRECISION, BLOCK_M)
+        dk1, dk2, dv = _dkdv_query_tiles(
+            k1, k2, v, dk1, dk2, dv, col_keep, cols, open_hi, N, q_base, do_base, lse_base,
+            delta_base, LAM, b, h, stride_lb, stride_ln, stride_lh, lam_value, stride_qh,
+            stride_qn, stride_don, N, M, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+            KEY_PAIR, LAM_FROM_PTR, CAUSAL, True, PRECISION, BLOCK_M)
 
-            keep = col_keep[:, None] & row_ok[None, :]
-            if CAUSAL:
-                keep = keep & causal_keep(rows[None, :], cols[:, None], N, M)
-            sT1 = tl.dot(k1, tl.trans(q1), input_precision=PRECISION).to(acc_dtype) * qk_scale
-            sT2 = tl.dot(k2, tl.trans(q2), input_precision=PRECISION).to(acc_dtype) * qk_scale
-            pT1 = tl.where(keep, tl.exp2(sT1 - lse1[None, :]), 0.0)
-            pT2 = tl.where(keep, tl.exp2(sT2 - lse2[None, :]), 0.0)
-
-            dv += tl.dot((pT1 - lam * pT2).to(do.dtype), do, input_precision=PRECISION)
-            dpT1 = tl.dot(v, tl.trans(do), input_precision=PRECISION).to(acc_dtype)
-            dsT1 = pT1 * (dpT1 - d1[None, :])
-            dsT2 = pT2 * (-lam * dpT1 - d2[None, :])
-            dk1 += tl.dot(dsT1.to(q1.dtype), q1, input_precision=PRECISION)
-            dk2 += tl.dot(dsT2.to(q2.dtype), q2, input_precision=PRECISION)
-
-    dk_ptrs = DK + ((b * M + cols[:, None]) * (2 * HK) + 2 * g) * HEAD_DIM + offs_d[None, :]
-    k_mask = col_ok[:, None] & d_ok[None, :]
+    col_ok = cols < M
+    dk_ptrs = (DK + ((b * M + cols[:, None]) * (key_heads * HK) + key_heads * g) * HEAD_DIM
+               + offs_d[None, :])
+    k_mask = col_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     tl.store(dk_ptrs, (dk1 * sm_scale).to(DK.dtype.element_ty), mask=k_mask)
-    tl.store(dk_ptrs + HEAD_DIM, (dk2 * sm_scale).to(DK.dtype.element_ty), mask=k_mask)
-    dv_ptrs = DV + ((b * M + cols[:, None]) * HK + g) * (2 * HEAD_DIM) + offs_dv[None, :]
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None] & dv_ok[None, :])
+    if KEY_PAIR:
+        tl.store(dk_ptrs + HEAD_DIM, (dk2 * sm_scale).to(DK.dtype.element_ty), mask=k_mask)
+    dv_ptrs = DV + ((b * M + cols[:, None]) * HK + g) * HEAD_DIM_V + offs_dv[None, :]
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty),
+             mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["N", "M", "HEAD_DIM", "CAUSAL"],
-                 prune_configs_by=_BWD_PRUNE)
-@triton.jit(do_not_specialize=["N", "M", "H", "GROUP", "stride_kpm_b"])
-def _diff_attn_bwd_dq_kernel(
-    Q, K, V, LAM, KPM, DO, LSE, DELTA, DQ,
-    stride_qb, stride_qn, stride_qh,
-    stride_kb, stride_km, stride_kh,
-    stride_vb, stride_vm, stride_vh,
-    stride_dob, stride_don, stride_doh,
-    stride_kpm_b,
-    N, M, H, GROUP,
-    qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_FP64: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    g = h // GROUP
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+@triton.jit
+def _dq_key_tiles(q1, q2, do, dq1, dq2, lse1, lse2, d1, d2, lam, rows, start, end, k_base,
+                  v_base, kpm_row, stride_kh, stride_km, stride_vm, N, M, qk_scale,
+                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr, CAUSAL: tl.constexpr,
+                  HAS_KPM: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """Accumulate a query tile's dq over the key tiles [start, end)."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    row_ok = rows < N
-    d_ok = offs_d < HEAD_DIM
-    dv_ok = offs_dv < 2 * HEAD_DIM
-
-    q1, q2 = load_head_pair(Q + b * stride_qb + 2 * h * stride_qh, stride_qh,
-                            rows, row_ok, stride_qn, offs_d, d_ok)
-    do = load_tile(DO + b * stride_dob + h * stride_doh, rows, row_ok, stride_don, offs_dv,
-                   dv_ok)
-    lse_base = LSE + ((b * H + h) * 2) * N
-    delta_base = DELTA + ((b * H + h) * 2) * N
-    lse1, lse2, d1, d2 = _load_row_stats(lse_base, delta_base, rows, row_ok, N)
-    lam = tl.load(LAM + h).to(acc_dtype)
-    k_base = K + b * stride_kb + 2 * g * stride_kh
-    v_base = V + b * stride_vb + g * stride_vh
-
-    dq1 = tl.zeros([BLOCK_M, BLOCK_D], dtype=acc_dtype)
-    dq2 = tl.zeros([BLOCK_M, BLOCK_D], dtype=acc_dtype)
-    kpm_row = KPM + b * stride_kpm_b
-    hi = M
-    if CAUSAL:
-        hi = causal_key_end((pid_m + 1) * BLOCK_M, N, M)
-    for start_n in range(0, hi, BLOCK_N):
+    for start_n in range(start, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        col_ok = cols < M
-        k1, k2 = load_head_pair(k_base, stride_kh, cols, col_ok, stride_km, offs_d, d_ok)
-        v = load_tile(v_base, cols, col_ok, stride_vm, offs_dv, dv_ok)
-        keep = row_ok[:, None] & key_keep(kpm_row, cols, col_ok, HAS_KPM)[None, :]
-        if CAUSAL:
-            keep = keep & causal_keep(rows[:, None], cols[None, :], N, M)
-        s1 = tl.dot(q1, tl.trans(k1), input_precision=PRECISION).to(acc_dtype) * qk_scale
-        s2 = tl.dot(q2, tl.trans(k2), input_precision=PRECISION).to(acc_dtype) * qk_scale
-        p1 = tl.where(keep, tl.exp2(s1 - lse1[:, None]), 0.0)
-        p2 = tl.where(keep, tl.exp2(s2 - lse2[:, None]), 0.0)
-        dp1 = tl.dot(do, tl.trans(v), input_precision=PRECISION).to(acc_dtype)
+        k1, k2 = load_head_pair(k_base, stride_kh, cols, M, stride_km, offs_d, HEAD_DIM,
+                                KEY_PAIR, MASKED, HEAD_DIM != BLOCK_D)
+        v = load_tile(v_base, cols, M, stride_vm, offs_dv, HEAD_DIM_V, MASKED,
+                      HEAD_DIM_V != BLOCK_DV)
+        s1 = tl.dot(q1, tl.trans(k1), input_precision=PRECISION).to(dq1.dtype)
+        s2 = tl.dot(q2, tl.trans(k2), input_precision=PRECISION).to(dq1.dtype)
+        p1 = tl.exp2(s1 * qk_scale - lse1[:, None])
+        p2 = tl.exp2(s2 * qk_scale - lse2[:, None])
+        if MASKED:
+            keep = key_keep(kpm_row, cols, M, HAS_KPM)[None, :]
+            if CAUSAL:
+                keep = keep & causal_keep(rows[:, None], cols[None, :], N, M)
+            p1 = tl.where(keep, p1, 0.0)
+            p2 = tl.where(keep, p2, 0.0)
+        dp1 = tl.dot(do, tl.trans(v), input_precision=PRECISION).to(dq1.dtype)
         ds1 = p1 * (dp1 - d1[:, None])
-        ds2 = p2 * (-lam * dp1 - d2[:, None])
+        ds2 = p2 * (-lam[:, None] * dp1 - d2[:, None])
         dq1 += tl.dot(ds1.to(k1.dtype), k1, input_precision=PRECISION)
         dq2 += tl.dot(ds2.to(k2.dtype), k2, input_precision=PRECISION)
+    return dq1, dq2
+
+
+@triton.jit
+def _dq_program(tile, bh, Q, K, V, LAM, KPM, DO, LSE, DELTA, DQ,
+                stride_qb, stride_qn, stride_qh, stride_kb, stride_km, stride_kh,
+                stride_vb, stride_vm, stride_vh, stride_dob, stride_don, stride_doh,
+                stride_lb, stride_ln, stride_lh, stride_kpm_b,
+                N, M, H, GROUP, lam_value, qk_scale, sm_scale,
+                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr, LAM_FROM_PTR: tl.constexpr,
+                CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_FP64: tl.constexpr,
+                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dq of one query tile of one differential head (both maps)."""
+    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    g = h // GROUP
+    key_heads = 2 if KEY_PAIR else 1
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    q1, q2 = load_head_pair(Q + b * stride_qb + 2 * h * stride_qh, stride_qh, rows, N,
+                            stride_qn, offs_d, HEAD_DIM, True, True, HEAD_DIM != BLOCK_D)
+    do = load_tile(DO + b * stride_dob + h * stride_doh, rows, N, stride_don, offs_dv,
+                   HEAD_DIM_V, True, HEAD_DIM_V != BLOCK_DV)
+    lse1, lse2, d1, d2 = _load_row_stats(LSE + ((b * H + h) * 2) * N,
+                                         DELTA + ((b * H + h) * 2) * N, rows, N, True)
+    lam = load_lambda_rows(LAM, b, rows, N, h, stride_lb, stride_ln, stride_lh, lam_value,
+                           LAM_FROM_PTR, acc_dtype)
+    k_base = K + b * stride_kb + key_heads * g * stride_kh
+    v_base = V + b * stride_vb + g * stride_vh
+    kpm_row = KPM + b * stride_kpm_b
+    dq1 = tl.zeros([BLOCK_M, BLOCK_D], dtype=acc_dtype)
+    dq2 = tl.zeros([BLOCK_M, BLOCK_D], dtype=acc_dtype)
+
+    end = M
+    first_hidden = M
+    if CAUSAL:
+        end = causal_key_end((tile + 1) * BLOCK_M, N, M)
+        first_hidden = tile * BLOCK_M + (M - N) + 1
+    open_end = 0
+    if not HAS_KPM:
+        open_end = full_tiles_end(first_hidden, M, BLOCK_N)
+    dq1, dq2 = _dq_key_tiles(q1, q2, do, dq1, dq2, lse1, lse2, d1, d2, lam, rows, 0, open_end,
+                             k_base, v_base, kpm_row, stride_kh, stride_km, stride_vm, N, M,
+                             qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR,
+                             CAUSAL, HAS_KPM, False, PRECISION, BLOCK_N)
+    dq1, dq2 = _dq_key_tiles(q1, q2, do, dq1, dq2, lse1, lse2, d1, d2, lam, rows, open_end, end,
+                             k_base, v_base, kpm_row, stride_kh, stride_km, stride_vm, N, M,
+                             qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR,
+                             CAUSAL, HAS_KPM, True, PRECISION, BLOCK_N)
 
     dq_ptrs = DQ + ((b * N + rows[:, None]) * (2 * H) + 2 * h) * HEAD_DIM + offs_d[None, :]
-    q_mask = row_ok[:, None] & d_ok[None, :]
+    q_mask = (rows < N)[:, None] & (offs_d[None, :] < HEAD_DIM)
     tl.store(dq_ptrs, (dq1 * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
     tl.store(dq_ptrs + HEAD_DIM, (dq2 * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
-def diff_attn_bwd(dout, q, k, v, lam, key_padding_mask, norm_weight, x, o2, lse, rstd,
-                  scale, causal, out_scale):
-    """Launch the three backward kernels.
+@triton.jit
+def _reduce_program(r, DLAM_PART, DLAM, DW_PART, DW, n_lam_parts, H, n_dw_rows, n_dlam_progs,
+                    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+                    DLAM_REDUCE: tl.constexpr, ACC_FP64: tl.constexpr,
+                    RED_ROWS: tl.constexpr, RED_COLS: tl.constexpr):
+    """Sum partials in a fixed order: dlambda of head r (per-head lambda) or of the scalar
+    lambda (r = 0) from DLAM_PART (n_lam_parts, H); then d(norm weight) columns from DW_PART
+    (n_dw_rows, BLOCK_DV)."""
+    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    if r < n_dlam_progs:
+        offs = tl.arange(0, RED_ROWS)
+        acc = tl.zeros([RED_ROWS], dtype=acc_dtype)
+        if DLAM_REDUCE == 1:  # head r: column r of the (parts, H) partials
+            for start in range(0, n_lam_parts, RED_ROWS):
+                idx = start + offs
+                acc += tl.load(DLAM_PART + idx.to(tl.int64) * H + r, mask=idx < n_lam_parts,
+                               other=0.0)
+        else:  # one lambda for all heads: every partial
+            total = n_lam_parts * H
+            for start in range(0, total, RED_ROWS):
+                idx = start + offs
+                acc += tl.load(DLAM_PART + idx, mask=idx < total, other=0.0)
+        tl.store(DLAM + r, tl.sum(acc, 0))
+    else:
+        cols = (r - n_dlam_progs) * RED_COLS + tl.arange(0, RED_COLS)
+        rows = tl.arange(0, RED_ROWS)
+        acc = tl.zeros([RED_ROWS, RED_COLS], dtype=acc_dtype)
+        for start in range(0, n_dw_rows, RED_ROWS):
+            idx = start + rows
+            acc += tl.load(DW_PART + idx[:, None].to(tl.int64) * BLOCK_DV + cols[None, :],
+                           mask=(idx[:, None] < n_dw_rows) & (cols[None, :] < BLOCK_DV),
+                           other=0.0)
+        tl.store(DW + cols, tl.sum(acc, 0), mask=cols < HEAD_DIM_V)
 
-    Args: the forward's inputs and saved tensors (see diff_attn_fwd), and dout (B, N, H, 2d)
-    with a contiguous last dim (any other strides, stride 0 included).
-    Returns dq (B, N, 2H, d), dk (B, M, 2Hk, d), dv (B, M, Hk, 2d) in the inputs' dtype,
-    dlam (H,) and dnorm_weight (2d,) (None without the norm) in the accumulation dtype.
+
+@triton.jit(do_not_specialize=["N", "M", "H", "HK", "GROUP", "stride_kpm_b", "stride_lb",
+                               "stride_ln", "stride_lh", "n_kv_tiles", "n_q_tiles",
+                               "n_kv_progs", "n_q_progs", "n_lam_parts", "n_dw_rows",
+                               "n_dlam_progs"])
+def diff_attn_bwd_kernel(
+    Q, K, V, LAM, KPM, DO, LSE, DELTA, DQ, DK, DV, DLAM_PART, DLAM, DW_PART, DW,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_km, stride_kh,
+    stride_vb, stride_vm, stride_vh,
+    stride_dob, stride_don, stride_doh,
+    stride_lb, stride_ln, stride_lh,
+    stride_kpm_b,
+    N, M, H, HK, GROUP,
+    n_kv_tiles, n_q_tiles, n_kv_progs, n_q_progs, n_lam_parts, n_dw_rows, n_dlam_progs,
+    lam_value, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr, LAM_FROM_PTR: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DLAM_REDUCE: tl.constexpr,
+    ACC_FP64: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr,
+    BLOCK_N2: tl.constexpr, RED_ROWS: tl.constexpr, RED_COLS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if pid < n_kv_progs:
+        _dkdv_program(pid % n_kv_tiles, pid // n_kv_tiles, Q, K, V, LAM, KPM, DO, LSE, DELTA,
+                      DK, DV, stride_qb, stride_qn, stride_qh, stride_kb, stride_km, stride_kh,
+                      stride_vb, stride_vm, stride_vh, stride_dob, stride_don, stride_doh,
+                      stride_lb, stride_ln, stride_lh, stride_kpm_b, N, M, H, HK, GROUP,
+                      lam_value, qk_scale, sm_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+                      KEY_PAIR, LAM_FROM_PTR, CAUSAL, HAS_KPM, ACC_FP64, PRECISION,
+                      BLOCK_M1, BLOCK_N1)
+    elif pid < n_kv_progs + n_q_progs:
+        pid_q = pid - n_kv_progs
+        _dq_program(pid_q % n_q_tiles, pid_q // n_q_tiles, Q, K, V, LAM, KPM, DO, LSE, DELTA,
+                    DQ, stride_qb, stride_qn, stride_qh, stride_kb, stride_km, stride_kh,
+                    stride_vb, stride_vm, stride_vh, stride_dob, stride_don, stride_doh,
+                    stride_lb, stride_ln, stride_lh, stride_kpm_b, N, M, H, GROUP,
+                    lam_value, qk_scale, sm_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+                    KEY_PAIR, LAM_FROM_PTR, CAUSAL, HAS_KPM, ACC_FP64, PRECISION,
+                    BLOCK_M2, BLOCK_N2)
+    else:
+        _reduce_program(pid - n_kv_progs - n_q_progs, DLAM_PART, DLAM, DW_PART, DW,
+                        n_lam_parts, H, n_dw_rows, n_dlam_progs, HEAD_DIM_V, BLOCK_DV,
+                        DLAM_REDUCE, ACC_FP64, RED_ROWS, RED_COLS)
+
+
+def diff_attn_bwd(dout, q, k, v, lam, lam_value, key_padding_mask, norm_weight, x, o2, lse,
+                  rstd, scale, causal, out_scale, need_dlam=True, need_dw=True, wrap=None):
+    """Launch the backward: the row pass, then one launch of key-tile, query-tile and
+    reduction programs.
+
+    Args: the forward's inputs and saved tensors (see diff_attn_fwd), and dout (B, N, H, DV)
+    with a contiguous last dim (any other strides, stride 0 included). need_dlam / need_dw:
+    whether lambda (a tensor) and the norm weight need gradients. wrap: as in diff_attn_fwd.
+    Returns dq (B, N, 2H, d), dk and dv shaped like k and v, contiguous, in the inputs' dtype;
+    dlam shaped like lam and dnorm_weight (DV,) in the accumulation dtype, or None where not
+    needed.
     """
     B, N, H2, d = q.shape
-    M, Hk = v.shape[1], v.shape[2]
+    M, Hk, DV = v.shape[1], v.shape[2], v.shape[3]
     H = H2 // 2
-    acc_dtype = lse.dtype
+    key_pair = k.shape[2] != Hk
+    device, dtype, acc_dtype = q.device, q.dtype, lse.dtype
     has_norm = norm_weight is not None
     store_dx = has_norm or out_scale != 1.0
-    block_dv = head_block(2 * d)
+    need_dlam = need_dlam and lam is not None
+    need_dw = need_dw and has_norm
+    block_d, block_dv = head_block(d), head_block(DV)
     acc_fp64 = acc_dtype == torch.float64
-    precision = dot_precision(q.dtype)
+    n_row_tiles = triton.cdiv(N, ROWS_BLOCK_M)
 
-    dx = torch.empty(B, N, H, 2 * d, device=q.device, dtype=q.dtype) if store_dx else dout
-    delta = torch.empty(B, H, 2, N, device=q.device, dtype=acc_dtype)
-    dlam_rows = torch.empty(B, H, N, device=q.device, dtype=acc_dtype)
-    n_pre = triton.cdiv(N, PRE_BLOCK_M)
-    dw_part = torch.empty(n_pre if has_norm else 0, B * H, block_dv, device=q.device,
-                          dtype=acc_dtype)
-    w = norm_weight.to(acc_dtype).contiguous() if has_norm else lam
-    _diff_attn_bwd_preprocess_kernel[(n_pre, B * H)](
-        dout, x, o2, lam, w, rstd, dx, delta, dlam_rows, dw_part,
-        dout.stride(0), dout.stride(1), dout.stride(2),
-        N, H, out_scale,
-        HEAD_DIM=d, BLOCK_DV=block_dv, HAS_NORM=has_norm, STORE_DX=store_dx,
-        ACC_FP64=acc_fp64, BLOCK_M=PRE_BLOCK_M, num_warps=preprocess_warps(block_dv),
+    dx = torch.empty((B, N, H, DV), device=device, dtype=dtype) if store_dx else dout
+    delta = torch.empty((B, H, 2, N), device=device, dtype=acc_dtype)
+    dlam = dlam_part = dw = dw_part = None
+    dlam_reduce = DLAM_PER_ROW
+    if need_dlam:
+        if lam.dim() == 3:
+            dlam = dlam_part = torch.empty((B, N, H), device=device, dtype=acc_dtype)
+        else:
+            dlam_reduce = DLAM_PER_HEAD if lam.dim() == 1 else DLAM_SCALAR
+            dlam_part = torch.empty(n_row_tiles * B * H, device=device, dtype=acc_dtype)
+            dlam = torch.empty(lam.shape, device=device, dtype=acc_dtype)
+    if need_dw:
+        dw_part = torch.empty((n_row_tiles * B * H, block_dv), device=device, dtype=acc_dtype)
+        dw = torch.empty(DV, device=device, dtype=acc_dtype)
+    l_strides = lambda_strides(lam)
+    lam_ptr = q if lam is None else lam
+
+    rows_kernel = diff_attn_bwd_rows_kernel if wrap is None else wrap(diff_attn_bwd_rows_kernel)
+    rows_kernel[(n_row_tiles, B * H)](
+        dout, x, o2, lam_ptr, norm_weight if has_norm else q, rstd, dx, delta,
+        q if dlam_part is None else dlam_part, q if dw_part is None else dw_part,
+        dout.stride(0), dout.stride(1), dout.stride(2), *l_strides,
+        N, H, float(lam_value), out_scale,
+        HEAD_DIM_V=DV, BLOCK_DV=block_dv, LAM_FROM_PTR=lam is not None, NEED_DLAM=need_dlam,
+        DLAM_REDUCE=dlam_reduce, HAS_NORM=has_norm, NEED_DW=need_dw, STORE_DX=store_dx,
+        ACC_FP64=acc_fp64, BLOCK_M=ROWS_BLOCK_M, num_warps=rows_warps(block_dv),
     )
 
-    if key_padding_mask is not None:
-        kpm = key_padding_mask.to(torch.uint8).contiguous()
-        stride_kpm_b = kpm.stride(0)
-    else:
-        kpm, stride_kpm_b = lse, 0  # never read
-    common = dict(HEAD_DIM=d, BLOCK_D=head_block(d), BLOCK_DV=block_dv, CAUSAL=causal,
-                  HAS_KPM=key_padding_mask is not None, ACC_FP64=acc_fp64, PRECISION=precision)
-    strides = (q.stride(0), q.stride(1), q.stride(2),
-               k.stride(0), k.stride(1), k.stride(2),
-               v.stride(0), v.stride(1), v.stride(2),
-               dx.stride(0), dx.stride(1), dx.stride(2),
-               stride_kpm_b)
+    dq = torch.empty((B, N, H2, d), device=device, dtype=dtype)
+    dk = torch.empty(k.shape, device=device, dtype=dtype)
+    dv = torch.empty(v.shape, device=device, dtype=dtype)
+    kpm = q if key_padding_mask is None else key_padding_mask.view(torch.uint8)
+    n_dlam_progs = {DLAM_PER_HEAD: H, DLAM_SCALAR: 1}.get(dlam_reduce, 0) if need_dlam else 0
+    n_red_progs = n_dlam_progs + (triton.cdiv(DV, RED_COLS) if need_dw else 0)
+    tensors = (q, k, v, lam_ptr, kpm, dx, lse, delta, dq, dk, dv,
+               q if dlam_part is None else dlam_part, q if dlam is None else dlam,
+               q if dw_part is None else dw_part, q if dw is None else dw)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), dx.stride(0), dx.stride(1), dx.stride(2),
+               *l_strides, kpm.stride(0) if key_padding_mask is not None else 0)
+    flags = dict(HEAD_DIM=d, HEAD_DIM_V=DV, BLOCK_D=block_d, BLOCK_DV=block_dv,
+                 KEY_PAIR=key_pair, LAM_FROM_PTR=lam is not None, CAUSAL=causal,
+                 HAS_KPM=key_padding_mask is not None, DLAM_REDUCE=dlam_reduce,
+                 ACC_FP64=acc_fp64, PRECISION=dot_precision(dtype), RED_ROWS=RED_ROWS,
+                 RED_COLS=RED_COLS)
+    kernel = diff_attn_bwd_kernel if wrap is None else wrap(diff_attn_bwd_kernel)
 
-    dk = torch.empty(B, M, 2 * Hk, d, device=q.device, dtype=q.dtype)
-    dv = torch.empty(B, M, Hk, 2 * d, device=q.device, dtype=q.dtype)
-    _diff_attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_N"]), B * Hk)](
-        q, k, v, lam, kpm, dx, lse, delta, dk, dv, *strides,
-        N, M, H, Hk, H // Hk, scale * LOG2E, scale, **common,
-    )
-    dq = torch.empty(B, N, 2 * H, d, device=q.device, dtype=q.dtype)
-    _diff_attn_bwd_dq_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
-        q, k, v, lam, kpm, dx, lse, delta, dq, *strides,
-        N, M, H, H // Hk, scale * LOG2E, scale, **common,
-    )
+    def run(config):
+        kwargs = BWD_TILES.launch_kwargs(config)
+        n_kv_tiles = triton.cdiv(M, kwargs["BLOCK_N1"])
+        n_q_tiles = triton.cdiv(N, kwargs["BLOCK_M2"])
+        n_kv_progs, n_q_progs = n_kv_tiles * B * Hk, n_q_tiles * B * H
+        kernel[(n_kv_progs + n_q_progs + n_red_progs,)](
+            *tensors, *strides, N, M, H, Hk, H // Hk, n_kv_tiles, n_q_tiles, n_kv_progs,
+            n_q_progs, n_row_tiles * B, n_row_tiles * B * H, n_dlam_progs, float(lam_value),
+            scale * LOG2E, scale, **flags, **kwargs)
 
-    dlam = dlam_rows.sum(dim=(0, 2))
-    dw = dw_part.sum(dim=(0, 1))[: 2 * d] if has_norm else None
+    key = BWD_TILES.key(device, dtype, block_d, block_dv, key_pair, causal, N, M)
+    run(BWD_TILES.choose(key, device, run if wrap is None else None))
     return dq, dk, dv, dlam, dw

@@ -1,34 +1,72 @@
-"""Tile loads and visibility masks shared by the forward and backward kernels.
+"""Triton helpers shared by the forward and backward kernels: tile loads, visibility masks, the
+key heads of a variant, lambda per row, and the online-softmax step.
 
 Every tensor is addressed as base + index * stride_index + offset (last dimension contiguous),
 with the index product in int64: one batch element may hold more than 2^31 elements.
-Out-of-range rows and padded columns load as zeros.
+Out-of-range rows and padded columns load as zeros. Loads take two compile-time switches,
+MASK_ROWS and MASK_COLS, so that interior tiles (all rows in range, head dim a power of two)
+are read without masks.
 """
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def load_tile(base, idx, idx_ok, stride_idx, offs, offs_ok):
-    """(len(idx), len(offs)) tile at base, zero where idx or offs is out of range."""
-    return tl.load(base + idx[:, None].to(tl.int64) * stride_idx + offs[None, :],
-                   mask=idx_ok[:, None] & offs_ok[None, :], other=0.0)
+def load_tile(base, rows, n_rows, stride, cols, n_cols,
+              MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+    """(len(rows), len(cols)) tile at base; rows >= n_rows and cols >= n_cols read as zero
+    when their mask switch is on (and must then be in range when it is off)."""
+    ptrs = base + rows[:, None].to(tl.int64) * stride + cols[None, :]
+    if MASK_ROWS:
+        if MASK_COLS:
+            tile = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols),
+                           other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+    else:
+        if MASK_COLS:
+            tile = tl.load(ptrs, mask=cols[None, :] < n_cols, other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    return tile
 
 
 @triton.jit
-def load_head_pair(base, stride_head, idx, idx_ok, stride_idx, offs, offs_ok):
-    """The tiles of heads 2g and 2g+1 (at base and base + stride_head): a map pair's q or k."""
-    ptrs = base + idx[:, None].to(tl.int64) * stride_idx + offs[None, :]
-    mask = idx_ok[:, None] & offs_ok[None, :]
-    return tl.load(ptrs, mask=mask, other=0.0), tl.load(ptrs + stride_head, mask=mask, other=0.0)
+def load_head_pair(base, stride_head, rows, n_rows, stride, cols, n_cols,
+                   PAIR: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+    """The two maps' tiles: heads 2i and 2i+1 (base and base + stride_head) with PAIR, or one
+    head shared by both maps without it. q tiles always come in pairs; key tiles do in the
+    Differential Transformer V1 (heads 2g, 2g+1 of group g) and not in V2 (head g)."""
+    t1 = load_tile(base, rows, n_rows, stride, cols, n_cols, MASK_ROWS, MASK_COLS)
+    if PAIR:
+        t2 = load_tile(base + stride_head, rows, n_rows, stride, cols, n_cols, MASK_ROWS,
+                       MASK_COLS)
+    else:
+        t2 = t1
+    return t1, t2
 
 
 @triton.jit
-def key_keep(kpm_row, cols, col_ok, HAS_KPM: tl.constexpr):
-    """(len(cols),) True for keys that exist and are not padding (kpm_row: uint8, 1 = ignore)."""
-    keep = col_ok
+def load_lambda_rows(LAM, b, rows, n_rows, h, stride_lb, stride_ln, stride_lh, lam_value,
+                     LAM_FROM_PTR: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """lambda for each of ``rows`` of head h of batch b: read through (batch, row, head)
+    strides (0 where lambda does not vary: one per head, or one for all), or the scalar
+    ``lam_value`` without LAM_FROM_PTR."""
+    if LAM_FROM_PTR:
+        lam = tl.load(LAM + b * stride_lb + rows.to(tl.int64) * stride_ln + h * stride_lh,
+                      mask=rows < n_rows, other=0.0).to(ACC_DTYPE)
+    else:
+        lam = tl.zeros(rows.shape, ACC_DTYPE) + lam_value
+    return lam
+
+
+@triton.jit
+def key_keep(kpm_row, cols, n_cols, HAS_KPM: tl.constexpr):
+    """(len(cols),) True for keys that exist and are not padding (kpm_row: bool/uint8,
+    nonzero = ignore the key)."""
+    keep = cols < n_cols
     if HAS_KPM:
-        ignored = tl.load(kpm_row + cols, mask=col_ok, other=1)
+        ignored = tl.load(kpm_row + cols, mask=keep, other=1)
         keep = keep & (ignored == 0)
     return keep
 
@@ -43,3 +81,35 @@ def causal_keep(q_idx, k_idx, N, M):
 def causal_key_end(q_end, N, M):
     """End of the keys that queries below q_end can see: key tiles past it are skipped."""
     return tl.minimum(M, tl.maximum(q_end + (M - N), 0))
+
+
+@triton.jit
+def full_tiles_end(first_hidden, limit, BLOCK: tl.constexpr):
+    """End of the run of whole BLOCK-wide tiles starting at 0 that lie entirely before
+    ``first_hidden`` and within ``limit``: the tiles that need no mask."""
+    end = tl.minimum(tl.maximum(first_hidden, 0), limit)
+    return (end // BLOCK) * BLOCK
+
+
+@triton.jit
+def online_softmax_step(s, keep, m, l, acc, v, qk_scale, MASKED: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    """Fold one tile of raw scores s = q k^T into a running softmax state (m, l, acc).
+
+    The state is kept in the exp2 domain: m is the running max of s * qk_scale (qk_scale =
+    softmax scale * log2 e > 0), so each probability is one fused multiply-add and an exp2.
+    With MASKED, scores where ``keep`` is False are dropped, and a row that has seen no key
+    yet keeps m = -inf (shifted by 0 so that exp2 gives 0, not NaN).
+    """
+    if MASKED:
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1) * qk_scale)
+    if MASKED:
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new_safe = m_new
+    alpha = tl.exp2(m - m_new_safe)
+    p = tl.exp2(s * qk_scale - m_new_safe[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l, acc

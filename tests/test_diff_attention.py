@@ -186,8 +186,9 @@ def test_inference_writes_only_the_output(poison_empty):
     with torch.no_grad():
         inference = diff_attention(q, k, v, lam, causal=True, key_padding_mask=mask,
                                    norm_weight=weight, out_scale=0.2, backend="triton")
-        saved = ops.fused_fwd(q, k, v, lam, mask, weight, 0.25, True, 1e-5, 0.2, False)
+        saved = ops.fused_fwd(q, k, v, lam, 0.0, mask, weight, 0.25, True, 1e-5, 0.2, False)
     assert torch.equal(inference, with_grad.detach())
+    assert torch.equal(saved[0], inference)
     assert all(t.numel() == 0 for t in saved[1:])
 
 
@@ -364,7 +365,9 @@ def _bad_inputs():
     ok = dict(q=q, k=k, v=v, lambda_=0.5)
     yield "q rank", dict(ok, q=q[0]), ValueError, "q must have shape"
     yield "q odd heads", dict(ok, q=torch.randn(2, 5, 3, 16)), ValueError, "even number of heads"
-    yield "k odd heads", dict(ok, k=torch.randn(2, 6, 3, 16)), ValueError, "k must have an even"
+    yield "q no heads", dict(ok, q=torch.randn(2, 5, 0, 16)), ValueError, "positive even number"
+    yield "k odd heads", dict(ok, k=torch.randn(2, 6, 3, 16)), ValueError, "k must have a pos"
+    yield "k no heads", dict(ok, k=torch.randn(2, 6, 0, 16)), ValueError, "k must have a pos"
     yield "k head dim", dict(ok, k=torch.randn(2, 6, 2, 8)), ValueError, "k must have shape"
     yield "v width", dict(ok, v=torch.randn(2, 6, 1, 16)), ValueError, "v must have shape"
     yield "v length", dict(ok, v=torch.randn(2, 7, 1, 32)), ValueError, "v must have shape"
@@ -384,6 +387,12 @@ def _bad_inputs():
     yield ("norm weight", dict(ok, norm_weight=torch.ones(16)), ValueError,
            "norm_weight must have shape")
     yield "scale", dict(ok, scale=-1.0), ValueError, "scale must be"
+    yield "scale nan", dict(ok, scale=float("nan")), ValueError, "scale must be"
+    yield "causal not bool", dict(ok, causal="yes"), TypeError, "causal must be a bool"
+    yield "eps negative", dict(ok, eps=-1.0), ValueError, "eps must be a positive finite"
+    yield "eps inf", dict(ok, eps=float("inf")), ValueError, "eps must be a positive finite"
+    yield "out_scale nan", dict(ok, out_scale=float("nan")), ValueError, "out_scale must be"
+    yield "lambda bool", dict(ok, lambda_=True), TypeError, "lambda_ must be a float"
     yield "backend", dict(ok, backend="cuda"), ValueError, "backend must be one of"
     yield ("attn_mask shape", dict(ok, attn_mask=torch.zeros(5, 5)), ValueError,
            "attn_mask must have shape")

@@ -85,7 +85,8 @@ def check_against_reference(m: DiffMultiheadAttention, x, kv=None, **mask_kwargs
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
     out.backward(grad_out)
 
-    params = {n: p.detach().double().requires_grad_() for n, p in m.named_parameters()}
+    # The reference reads the published per-projection names of the state dict.
+    params = {n: p.detach().double().requires_grad_() for n, p in m.state_dict().items()}
     xr = x.detach().double().requires_grad_()
     kvr = xr if kv is None else kv.detach().double().requires_grad_()
     bf = (lambda t: t) if m.batch_first else (lambda t: t.transpose(0, 1))
@@ -104,7 +105,15 @@ def check_against_reference(m: DiffMultiheadAttention, x, kv=None, **mask_kwargs
         assert_close_rel("d key/value input", kv_in.grad, kvr.grad, torch.float32)
     for n, p in m.named_parameters():
         # parameter gradients sum over every token: fp32 rounding grows with the sum
-        assert_close_rel(f"d {n}", p.grad, params[n].grad, torch.float32, tol=1e-4)
+        assert_close_rel(f"d {n}", p.grad, reference_grad(params, n), torch.float32, tol=1e-4)
+
+
+def reference_grad(params: dict, name: str):
+    """The reference's gradient of module parameter ``name`` (packed projections stacked)."""
+    if name.startswith("in_proj_"):
+        kind = name[len("in_proj_"):]
+        return torch.cat([params[f"{p}.{kind}"].grad for p in ("q_proj", "k_proj", "v_proj")])
+    return params[name].grad
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -285,6 +294,9 @@ def test_extra_repr_shows_heads_lambda_and_backend():
     (dict(embed_dim=64, num_heads=4, num_kv_heads=3), "num_kv_heads"),
     (dict(embed_dim=64, num_heads=4, dropout=1.0), "dropout"),
     (dict(embed_dim=64, num_heads=4, backend="fast"), "backend must be one of"),
+    (dict(embed_dim=64, num_heads=0), "num_heads must be a positive even"),
+    (dict(embed_dim=64, num_heads=4, lambda_init=float("nan")), "lambda_init must be finite"),
+    (dict(embed_dim=64, num_heads=4, lambda_init=float("inf")), "lambda_init must be finite"),
 ])
 def test_bad_constructor_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -304,5 +316,7 @@ def test_bad_forward_inputs():
         m(x, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
     with pytest.raises(TypeError, match="key_padding_mask must be bool"):
         m(x, key_padding_mask=torch.zeros(2, 5, dtype=torch.long))
-    with pytest.raises(ValueError, match="same batch and length"):
+    with pytest.raises(ValueError, match="value must have key's batch size and length"):
         m(x, torch.randn(2, 6, 32), torch.randn(2, 7, 32))
+    with pytest.raises(ValueError, match="key must have query's batch size 2"):
+        m(x, torch.randn(3, 6, 32), torch.randn(3, 6, 32))

@@ -244,9 +244,10 @@ def test_weight_decay_groups():
     for name in ("logit_scale", "token_embedding.weight", "positional_embedding",
                  "visual.pos_embed", "visual.cls_token", "visual.blocks.0.attn.lambda_q1",
                  "visual.blocks.0.attn.diff_norm.weight", "visual.blocks.0.norm1.bias",
+                 "visual.blocks.0.attn.in_proj_bias",
                  "transformer.resblocks.1.mlp.c_fc.bias", "ln_final.weight"):
         assert name in exempt_names, name
-    for name in ("visual.patch_embed.proj.weight", "visual.blocks.0.attn.q_proj.weight",
+    for name in ("visual.patch_embed.proj.weight", "visual.blocks.0.attn.in_proj_weight",
                  "transformer.resblocks.0.mlp.c_proj.weight", "text_projection",
                  "image_projection"):
         assert name in decayed_names, name

@@ -1,0 +1,234 @@
+"""``DiffMultiheadAttentionV2``: the Differential Transformer V2 layer as a drop-in for
+nn.MultiheadAttention.
+
+Against a plain layer of h heads of width d (E = h * d), V2 doubles the query heads only:
+q_proj gives 2h heads, k_proj and v_proj keep num_kv_heads heads of width d, and
+lambda_proj (E -> h) gives one lambda logit per token and head. Differential head i subtracts
+its second map from its first, both reading key/value group i // (h // num_kv_heads):
+
+    lambda = sigmoid(x W_lambda + b_lambda)                      (B, N, h)
+    out_i  = softmax(s q_2i k_g^T) v_g - lambda_i softmax(s q_2i+1 k_g^T) v_g     (no norm)
+    y      = out_proj(concat_i out_i)                            (h * d -> E)
+
+So the output width, the key/value heads and out_proj are the baseline's: only q_proj grows
+(and lambda_proj is added). The q, lambda, k and v projections are one packed parameter (one
+GEMM for self-attention); checkpoints use the names q_proj, lambda_proj, k_proj, v_proj,
+out_proj. ``from_plain`` builds the layer from an nn.MultiheadAttention so that it starts out
+computing what the plain layer computes.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention_inputs import attention_masks, check_inputs, is_causal_mask, restore_layout
+from .backend import check_backend_name, resolve_backend, unsupported_features
+from .functional import run_diff_attention_v2
+from .packed_projection import load_packed, projection_slice, save_packed
+from .reference import differential_maps
+
+# Packed rows, query side first (q, lambda) so that cross-attention slices stay contiguous.
+_PROJECTIONS = ("q_proj", "lambda_proj", "k_proj", "v_proj")
+
+
+class DiffMultiheadAttentionV2(nn.Module):
+    """Differential Transformer V2 attention with nn.MultiheadAttention's interface.
+
+    Args:
+        embed_dim: model width E.
+        num_heads: the baseline's head count h (head_dim d = E // h); the layer has 2h query
+            heads and h differential heads.
+        dropout: attention dropout on both maps (training only; the fused kernels do not
+            implement it: with dropout > 0 in training, backend "auto" uses the torch path and
+            "triton" raises).
+        bias: biases on the projections.
+        batch_first: (B, N, E) inputs if True, else (N, B, E).
+        num_kv_heads: key/value heads of width d (grouped-query attention; divides num_heads;
+            default num_heads).
+        backend: "auto" | "triton" | "torch".
+    Attributes:
+        in_proj_weight, in_proj_bias: the packed q (2E rows), lambda (h), k and v (each
+            num_kv_heads * d) projections; ``q_proj``, ``lambda_proj``, ``k_proj``, ``v_proj``
+            give each as a view.
+        last_backend: "triton" or "torch", what the last forward ran.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 batch_first: bool = False, *, num_kv_heads: Optional[int] = None,
+                 backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be a multiple of num_heads "
+                             f"({num_heads})")
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or \
+                num_kv_heads <= 0 or num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads must be a positive divisor of num_heads "
+                             f"({num_heads}), got {num_kv_heads!r}")
+        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        check_backend_name(backend)
+        factory = {"device": device, "dtype": dtype}
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.dropout = float(dropout)
+        self.batch_first = batch_first
+        self.backend = backend
+        self.last_backend: Optional[str] = None
+        kv_dim = num_kv_heads * self.head_dim
+        self._sizes = (2 * embed_dim, num_heads, kv_dim, kv_dim)
+        self.in_proj_weight = nn.Parameter(torch.empty(sum(self._sizes), embed_dim, **factory))
+        self.in_proj_bias = (nn.Parameter(torch.empty(sum(self._sizes), **factory)) if bias
+                             else None)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Projections as nn.Linear initialises them (uniform, bound 1/sqrt(E))."""
+        nn.init.kaiming_uniform_(self.in_proj_weight, a=math.sqrt(5))
+        if self.in_proj_bias is not None:
+            bound = self.embed_dim ** -0.5
+            nn.init.uniform_(self.in_proj_bias, -bound, bound)
+        self.out_proj.reset_parameters()
+
+    @classmethod
+    def from_plain(cls, mha: nn.MultiheadAttention, *, initial_lambda: float = 1e-5,
+                   backend: str = "auto") -> "DiffMultiheadAttentionV2":
+        """A V2 layer that starts out computing what ``mha`` computes, to fine-tune a
+        pretrained model into Differential Transformer V2 without a jump in the loss.
+
+        The first map of each pair takes the plain head's q projection; k, v and out_proj are
+        the plain layer's. The second maps' q projection is zero and lambda starts at
+        ``initial_lambda`` for every token (lambda_proj weight 0, bias logit(initial_lambda)),
+        so the second maps contribute initial_lambda times the mean value: outputs equal the
+        plain layer's within about initial_lambda relative. (Adam-style optimisers move the
+        small lambda and the zero queries at their usual rate.) Needs a layer with biases
+        and equal query/key/value widths.
+        """
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise TypeError(f"mha must be an nn.MultiheadAttention, got {type(mha).__name__}")
+        if not mha._qkv_same_embed_dim or mha.in_proj_bias is None:
+            raise ValueError("from_plain needs an nn.MultiheadAttention with biases and "
+                             "kdim = vdim = embed_dim (lambda starts small through its bias)")
+        if getattr(mha, "bias_k", None) is not None or getattr(mha, "add_zero_attn", False):
+            raise ValueError("from_plain does not support add_bias_kv or add_zero_attn")
+        if not 0.0 < initial_lambda < 1.0:
+            raise ValueError(f"initial_lambda must be in (0, 1), got {initial_lambda!r}")
+        weight = mha.in_proj_weight
+        layer = cls(mha.embed_dim, mha.num_heads, dropout=mha.dropout, bias=True,
+                    batch_first=mha.batch_first, backend=backend, device=weight.device,
+                    dtype=weight.dtype)
+        E, h, d = mha.embed_dim, mha.num_heads, mha.head_dim
+        with torch.no_grad():
+            wq, wk, wv = mha.in_proj_weight.split(E)
+            bq, bk, bv = mha.in_proj_bias.split(E)
+            q_weight = torch.zeros(h, 2, d, E, dtype=weight.dtype, device=weight.device)
+            q_bias = torch.zeros(h, 2, d, dtype=weight.dtype, device=weight.device)
+            q_weight[:, 0] = wq.view(h, d, E)   # the first map of pair i is plain head i
+            q_bias[:, 0] = bq.view(h, d)
+            lam_weight = torch.zeros(h, E, dtype=weight.dtype, device=weight.device)
+            lam_bias = torch.full((h,), math.log(initial_lambda / (1 - initial_lambda)),
+                                  dtype=weight.dtype, device=weight.device)
+            layer.in_proj_weight.copy_(torch.cat([q_weight.view(2 * E, E), lam_weight, wk, wv]))
+            layer.in_proj_bias.copy_(torch.cat([q_bias.view(2 * E), lam_bias, bk, bv]))
+            layer.out_proj.load_state_dict(mha.out_proj.state_dict())
+        return layer.train(mha.training)
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads} ({2 * self.num_heads} "
+                f"query heads of width {self.head_dim}), num_kv_heads={self.num_kv_heads}, "
+                f"dropout={self.dropout}, batch_first={self.batch_first}, "
+                f"backend={self.backend!r}")
+
+    # ---------------------------------------------------------------- projections
+    def _projection(self, index: int):
+        start = sum(self._sizes[:index])
+        return projection_slice(self.in_proj_weight, self.in_proj_bias, start,
+                                start + self._sizes[index])
+
+    q_proj = property(lambda self: self._projection(0), doc="the q projection, as a view")
+    lambda_proj = property(lambda self: self._projection(1),
+                           doc="the lambda-logit projection, as a view")
+    k_proj = property(lambda self: self._projection(2), doc="the k projection, as a view")
+    v_proj = property(lambda self: self._projection(3), doc="the v projection, as a view")
+
+    def _project(self, query: Tensor, key: Tensor, value: Tensor):
+        """(q, lambda logits, k, v); one GEMM for self-attention."""
+        sizes = self._sizes
+        if key is query and value is query:
+            return F.linear(query, self.in_proj_weight, self.in_proj_bias).split(sizes, -1)
+        query_side = projection_slice(self.in_proj_weight, self.in_proj_bias, 0,
+                                      sizes[0] + sizes[1])
+        q, logits = query_side(query).split(sizes[:2], -1)
+        return q, logits, self.k_proj(key), self.v_proj(value)
+
+    # ---------------------------------------------------------------- state dict
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.pop(prefix + "in_proj_weight", None)
+        destination.pop(prefix + "in_proj_bias", None)
+        save_packed(destination, prefix, self.in_proj_weight, self.in_proj_bias, _PROJECTIONS,
+                    self._sizes, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """Accept the per-projection names (q_proj.weight, lambda_proj.weight, ...) and the
+        packed ones."""
+        load_packed(state_dict, prefix, _PROJECTIONS, self._sizes, self.in_proj_bias is not None,
+                    error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, query: Tensor, key: Optional[Tensor] = None, value: Optional[Tensor] = None,
+                key_padding_mask: Optional[Tensor] = None, need_weights: bool = False,
+                attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False):
+        """nn.MultiheadAttention's contract, as DiffMultiheadAttention.forward (attn_mask per
+        query head: (L, S) or (B * 2 * num_heads, L, S)). With need_weights=True the weights
+        are the differential maps A1 - lambda * A2, (B, N, S) averaged over the h differential
+        heads, or (B, num_heads, N, S) with average_attn_weights=False."""
+        E = self.embed_dim
+        query, key, value, key_padding_mask, unbatched = check_inputs(
+            query, key, value, key_padding_mask, E, E, E, self.batch_first)
+        q, logits, k, v = self._project(query, key, value)
+        if not self.batch_first:
+            q, logits, k, v = (t.transpose(0, 1) for t in (q, logits, k, v))
+        B, N, M = q.shape[0], q.shape[1], k.shape[1]
+        d = self.head_dim
+        q = q.unflatten(-1, (2 * self.num_heads, d))
+        k = k.unflatten(-1, (self.num_kv_heads, d))
+        v = v.unflatten(-1, (self.num_kv_heads, d))
+        lam = torch.sigmoid(logits.float())                                  # (B, N, h)
+
+        causal = bool(is_causal)
+        if attn_mask is not None and (causal or is_causal_mask(attn_mask, N, M)):
+            causal, attn_mask = True, None
+        bias, key_padding_mask = attention_masks(attn_mask, key_padding_mask, B, N, M,
+                                                 2 * self.num_heads)
+        dropout_p = self.dropout if self.training else 0.0
+        self.last_backend = resolve_backend(self.backend, q.device, q.dtype, d,
+                                            unsupported_features(dropout_p, bias))
+        out = run_diff_attention_v2(q, k, v, lam, self.last_backend, causal=causal,
+                                    key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+                                    attn_mask=bias)
+        out = self.out_proj(out.flatten(2))
+
+        weights = None
+        if need_weights:
+            *_, diff = differential_maps(q, k.repeat_interleave(2, dim=2),
+                                         lambda_=lam.to(q.dtype), causal=causal,
+                                         key_padding_mask=key_padding_mask, attn_bias=bias)
+            weights = diff.mean(1) if average_attn_weights else diff
+            if unbatched:
+                weights = weights.squeeze(0)
+        return restore_layout(out, self.batch_first, unbatched), weights

@@ -4,15 +4,16 @@
     import diffattn
     replaced = diffattn.replace_attention(model)        # in place; how many layers
 
-Each ``nn.MultiheadAttention(E, heads, dropout, bias, batch_first=...)`` becomes
-``DiffMultiheadAttention(E, heads, dropout, bias, batch_first=..., lambda_init=...,
-backend=...)`` on the same device and in the same dtype, in training or eval mode like the
-layer it replaces. ``heads`` keeps nn.MultiheadAttention's meaning (softmax maps), so the
+Each ``nn.MultiheadAttention(E, heads, dropout, bias, batch_first=..., kdim=..., vdim=...)``
+becomes ``DiffMultiheadAttention`` with the same arguments (plus ``lambda_init`` and
+``backend``) on the same device and in the same dtype, in training or eval mode like the layer
+it replaces. ``heads`` keeps nn.MultiheadAttention's meaning (softmax maps), so the
 projections keep their shapes and the weights are copied through the public state-dict path:
-``DiffMultiheadAttention.load_state_dict`` takes nn.MultiheadAttention's packed layout
-(``in_proj_weight``, ``in_proj_bias``, ``out_proj.*``). In the new layer, plain heads 2h and
-2h+1 are the two softmax maps of differential head h, and their two value heads, side by side,
-are its value head of width 2 * E // heads.
+``DiffMultiheadAttention.load_state_dict`` takes nn.MultiheadAttention's layouts (packed
+``in_proj_weight``, or ``q_proj_weight`` / ``k_proj_weight`` / ``v_proj_weight`` with
+kdim/vdim; ``in_proj_bias``; ``out_proj.*``). In the new layer, plain heads 2h and 2h+1 are
+the two softmax maps of differential head h, and their two value heads, side by side, are its
+value head of width 2 * E // heads.
 
 What plain attention does not have is initialised as DiffMultiheadAttention documents it: the
 lambda vectors ``lambda_q1/k1/q2/k2`` ~ N(0, 0.1) and ``diff_norm.weight`` = 1, with
@@ -38,22 +39,12 @@ from .module import DiffMultiheadAttention, lambda_init_for_depth
 __all__ = ["replace_attention"]
 
 
-def _check_same_kv_dims(name: str, layer: nn.MultiheadAttention) -> None:
-    """Keys and values of the width of the queries: DiffMultiheadAttention does not take
-    nn.MultiheadAttention's kdim/vdim (separate q/k/v projection weights) yet."""
-    if not layer._qkv_same_embed_dim:
-        raise ValueError(f"layer {name!r}: nn.MultiheadAttention with kdim={layer.kdim}, "
-                         f"vdim={layer.vdim} different from embed_dim={layer.embed_dim} cannot "
-                         f"be converted: DiffMultiheadAttention does not take kdim/vdim yet")
-
-
 def _check_convertible(name: str, layer: nn.MultiheadAttention) -> None:
     """Raise a ValueError naming the layer when it has something DiffMultiheadAttention lacks."""
     if layer.num_heads % 2:
         raise ValueError(f"layer {name!r} has num_heads={layer.num_heads}: differential "
                          f"attention needs an even number of heads (two softmax maps per "
                          f"differential head)")
-    _check_same_kv_dims(name, layer)
     if layer.bias_k is not None or layer.add_zero_attn:
         raise ValueError(f"layer {name!r} uses add_bias_kv or add_zero_attn, which "
                          f"DiffMultiheadAttention does not have")
@@ -78,21 +69,24 @@ def _converted(layer: nn.MultiheadAttention, lambda_init: float,
     weight = layer.out_proj.weight
     new = DiffMultiheadAttention(
         layer.embed_dim, layer.num_heads, dropout=layer.dropout,
-        bias=layer.in_proj_bias is not None, batch_first=layer.batch_first,
-        lambda_init=lambda_init, backend=backend, device=weight.device, dtype=weight.dtype)
+        bias=layer.in_proj_bias is not None, batch_first=layer.batch_first, kdim=layer.kdim,
+        vdim=layer.vdim, lambda_init=lambda_init, backend=backend, device=weight.device,
+        dtype=weight.dtype)
     new.load_state_dict(layer.state_dict(), strict=True)
     return new.train(layer.training)
 
 
 def _keep_off_torch_fast_paths(root: nn.Module, replaced: set) -> None:
     """Make torch's transformer modules call the new layers instead of their fused plain
-    attention. TransformerEncoderLayer reads ``self_attn.in_proj_bias`` first to choose its
-    fast path: None sends it to its general path, which calls ``self_attn``. A
-    TransformerEncoder would pack its input into nested tensors for that fast path."""
+    attention. In eval mode TransformerEncoderLayer reads ``self_attn.in_proj_bias`` and then
+    nn.MultiheadAttention's private ``_qkv_same_embed_dim`` to choose its fast path, which
+    computes plain attention from ``in_proj_weight``: False sends it to its general path,
+    which calls ``self_attn``. A TransformerEncoder would pack its input into nested tensors
+    for that fast path."""
     for module in root.modules():
         if isinstance(module, nn.TransformerEncoderLayer) and id(module.self_attn) in replaced:
-            if not hasattr(module.self_attn, "in_proj_bias"):
-                module.self_attn.in_proj_bias = None
+            if not hasattr(module.self_attn, "_qkv_same_embed_dim"):
+                module.self_attn._qkv_same_embed_dim = False
         elif isinstance(module, nn.TransformerEncoder) and any(
                 id(layer.self_attn) in replaced for layer in module.layers):
             module.use_nested_tensor = False
@@ -110,7 +104,7 @@ def replace_attention(module: nn.Module, *, lambda_init: Union[str, float] = "de
         backend: "auto" | "triton" | "torch" for the new layers.
     Raises:
         ValueError naming the layer, before anything is changed, for a layer with an odd
-        num_heads, kdim/vdim different from embed_dim, add_bias_kv or add_zero_attn.
+        num_heads, add_bias_kv or add_zero_attn.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")

@@ -135,8 +135,6 @@ def test_plain_clip_becomes_differential():
     (lambda: nn.TransformerEncoder(nn.TransformerEncoderLayer(33, 3, batch_first=True), 2,
                                    enable_nested_tensor=False),
      r"layer 'layers.0.self_attn' has num_heads=3"),
-    (lambda: nn.Sequential(nn.Linear(2, 2), nn.MultiheadAttention(E, 4, kdim=16, vdim=16)),
-     r"layer '1': nn.MultiheadAttention with kdim=16, vdim=16 .* kdim/vdim"),
     (lambda: nn.Sequential(nn.MultiheadAttention(E, 4, add_bias_kv=True)),
      r"layer '0' uses add_bias_kv"),
 ])
@@ -157,3 +155,18 @@ def test_bad_arguments():
         diffattn.replace_attention(nn.Sequential(), lambda_init="deep")
     with pytest.raises(ValueError, match="backend"):
         diffattn.replace_attention(nn.Sequential(), backend="gpu")
+
+
+def test_cross_attention_with_kdim_vdim_keeps_its_separate_projections():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.MultiheadAttention(E, HEADS, kdim=16, vdim=12, batch_first=True))
+    plain = {k: v.clone() for k, v in model[0].state_dict().items()}
+    assert diffattn.replace_attention(model, backend="torch") == 1
+    attn = model[0]
+    assert (attn.kdim, attn.vdim) == (16, 12)
+    state = attn.state_dict()
+    for name in "qkv":
+        assert torch.equal(state[f"{name}_proj.weight"], plain[f"{name}_proj_weight"])
+    query, key, value = torch.randn(2, 5, E), torch.randn(2, 7, 16), torch.randn(2, 7, 12)
+    out, _ = attn(query, key, value)
+    assert out.shape == (2, 5, E) and torch.isfinite(out).all()

@@ -15,7 +15,8 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.9",
-    packages=["diffattn", "diffattn.training", "diffattn.kernels", "diffattn.models"],
+    packages=["diffattn", "diffattn.training", "diffattn.integrations", "diffattn.kernels",
+              "diffattn.models"],
     package_dir={
         "diffattn": "diffattn",
         "diffattn.kernels": "kernels",
@@ -33,6 +34,8 @@ setup(
         "models": ["ftfy", "regex", "pillow", "safetensors"],
         "train": ["ftfy", "regex", "pillow", "safetensors", "scikit-learn", "webdataset", "tqdm"],
         "bench": ["matplotlib", "tqdm"],
+        # diffattn.integrations.timm; 1.0.31 is the timm its tests were run against.
+        "timm": ["timm>=1.0.31"],
         "test": [
             "pytest",
             "ftfy",

@@ -11,9 +11,13 @@
 - ``DiffMultiheadAttention``: the nn.MultiheadAttention-style module, DiffCLIP's layer.
 - ``DiffMultiheadAttentionV2``: the Differential Transformer V2 layer, same interface;
   ``DiffMultiheadAttentionV2.from_plain`` starts it from a plain layer.
+- ``replace_attention``: turn a model's nn.MultiheadAttention layers into
+  DiffMultiheadAttention layers that carry their weights.
+- ``diffattn.integrations.timm``: timm's DiffAttention on the fused kernels (optional extra).
 """
 from . import attention_inputs
-from .backend import BACKENDS, resolve_backend
+from .backend import BACKENDS, BackendFallbackWarning, resolve_backend
+from .convert import replace_attention
 from .functional import diff_attention, diff_attention_v2
 from .module import DiffMultiheadAttention, HeadRMSNorm, lambda_init_for_depth
 from .module_v2 import DiffMultiheadAttentionV2
@@ -23,6 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "BackendFallbackWarning",
     "DiffMultiheadAttention",
     "DiffMultiheadAttentionV2",
     "HeadRMSNorm",
@@ -32,5 +37,6 @@ __all__ = [
     "diff_attention_v2",
     "diff_attention_v2_ref",
     "lambda_init_for_depth",
+    "replace_attention",
     "resolve_backend",
 ]

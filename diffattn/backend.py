@@ -4,12 +4,17 @@
 The fused kernels run on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set
 before diffattn was imported. Asking for ``"triton"`` where it cannot run raises; ``"auto"``
 falls back to torch with one warning per reason, so the backend in use is never a secret.
+
+The warning is a ``BackendFallbackWarning`` (filter it by that category), printed once per
+process and reason, and attributed to the first caller outside diffattn, torch and timm: it
+names the user's own line, never a line of library source (under diffattn's own command lines,
+the program, without a source line).
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
+
+from .user_warnings import warn_at_user_code
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -21,6 +26,19 @@ except ImportError as exc:  # triton missing (e.g. macOS or Windows wheels of to
     _TRITON_IMPORT_ERROR = exc
 
 _warned: set = set()
+
+
+class BackendFallbackWarning(UserWarning):
+    """diffattn ran another implementation than the fused kernels (the reason is in the text)."""
+
+
+def warn_once(reason: str, message: str) -> None:
+    """Issue ``message`` as a BackendFallbackWarning, the first time ``reason`` comes up in
+    this process only, attributed to the user's code (see diffattn.user_warnings)."""
+    if reason in _warned:
+        return
+    _warned.add(reason)
+    warn_at_user_code(message, BackendFallbackWarning)
 
 
 def check_backend_name(backend) -> None:
@@ -71,7 +89,5 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, head
     if backend == "triton":
         raise RuntimeError(f"backend='triton' cannot run here: {reason}. "
                            "Use backend='torch' (or 'auto') for the PyTorch path.")
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"diffattn: using the torch backend because {reason}.", stacklevel=3)
+    warn_once(reason, f"diffattn: using the torch backend because {reason}.")
     return "torch"

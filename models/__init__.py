@@ -9,7 +9,10 @@
 
 - ``create_model`` / ``list_models`` / ``get_config`` / ``save_pretrained``: bundled configs
   (DiffCLIP-ViT-B-16, DiffCLIP-ViT-L-14, ViT-B-16, ViT-B-32, DiffCLIP-Tiny, CLIP-Tiny) and safe
-  loading of DiffCLIP release checkpoints, open_clip state dicts and diffattn's own files.
+  loading of DiffCLIP release checkpoints, open_clip state dicts and diffattn's own files
+  (an open_clip file into ``attention="diff"`` is a warm start).
+- ``create_model_and_transforms`` / ``get_tokenizer``: open_clip-style entry points, returning
+  (model, train transform, eval transform) and the tokenizer callable.
 - ``CLIP`` / ``CLIPConfig``: the model and its configuration (attention "diff" or "plain").
 - ``tokenize``, ``make_transform``, ``preprocess_batch``: text and image inputs.
 - ``build_zero_shot_classifier``, ``zero_shot_predict``: zero-shot classification
@@ -18,9 +21,12 @@
 - ``attention_maps``, ``cls_attention_map``, ``save_attention_overlay``: attention maps.
 """
 from .attention_maps import attention_maps, cls_attention_map, save_attention_overlay
+from .augment import RandomResizedCropTransform, make_train_transform
 from .checkpoint import UnsafeCheckpointError
 from .clip import CLIP, CLIPConfig, TextConfig, VisionConfig
-from .factory import create_model, get_config, list_models, save_pretrained
+from .factory import (PretrainedNotFoundError, Tokenizer, create_model,
+                      create_model_and_transforms, get_config, get_tokenizer, list_models,
+                      save_pretrained)
 from .imagenet_classes import IMAGENET_CLASSNAMES, IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 from .preprocess import make_transform, preprocess_batch
 from .tokenizer import tokenize
@@ -42,16 +48,22 @@ __all__ = [
     "CLIPConfig",
     "IMAGENET_CLASSNAMES",
     "IMAGENET_TEMPLATES",
+    "PretrainedNotFoundError",
+    "RandomResizedCropTransform",
     "SIMPLE_IMAGENET_TEMPLATES",
     "TextConfig",
+    "Tokenizer",
     "UnsafeCheckpointError",
     "VisionConfig",
     "attention_maps",
     "build_zero_shot_classifier",
     "cls_attention_map",
     "create_model",
+    "create_model_and_transforms",
     "get_config",
+    "get_tokenizer",
     "list_models",
+    "make_train_transform",
     "make_transform",
     "preprocess_batch",
     "save_attention_overlay",

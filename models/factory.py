@@ -11,7 +11,15 @@ The configs are the JSON files in ``configs/`` (package data); ``list_models()``
 
 Pickled files go through ``checkpoint.load_state_dict_file`` (weights_only with a short
 allow-list; anything else is refused unexecuted). Names and shapes are compared before
-loading: missing, unexpected or mis-shaped tensors raise ValueError listing them.
+loading: missing, unexpected or mis-shaped tensors raise ValueError listing them. A file with
+plain attention weights loaded into a differential model (``attention="diff"``) is a warm
+start: the projections come from the file, the lambda vectors and norm weights keep their
+initialisation, and one warning lists them.
+
+open_clip-style entry points: ``create_model_and_transforms(name, pretrained)`` returns
+(model, train transform, eval transform); ``get_tokenizer(name)`` the tokenizer callable.
+Weights come from local files only; anything else (e.g. open_clip's tags "openai",
+"laion2b_s34b_b88k") is a ``PretrainedNotFoundError`` naming what is supported.
 """
 from __future__ import annotations
 
@@ -19,12 +27,20 @@ import dataclasses
 import functools
 import json
 import os
+import re
 from pathlib import Path
 from typing import Optional, Union
 
+import torch
+
+from diffattn import DiffMultiheadAttention
+from diffattn.user_warnings import warn_at_user_code
+
+from .augment import make_train_transform
 from .checkpoint import (check_keys, detect_layout, load_state_dict_file,
                          read_checkpoint_metadata, save_checkpoint)
 from .clip import ATTENTIONS, CLIP, CLIPConfig
+from .tokenizer import tokenize
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -102,7 +118,11 @@ def create_model(name: Union[str, CLIPConfig, None], pretrained=None, *,
         ValueError: unknown name; bad attention; checkpoint in another layout or with another
             saved config; missing/unexpected/mis-shaped tensors (listed).
         UnsafeCheckpointError: the pickle needs objects outside the allow-list.
-        FileNotFoundError: no such checkpoint file.
+        PretrainedNotFoundError (a ValueError and a FileNotFoundError): ``pretrained`` is not
+            a local file (e.g. an open_clip tag); the message names what is supported.
+    Warns:
+        UserWarning, once, listing the tensors newly initialised when a file with plain
+        attention weights is loaded into differential attention layers (warm start).
     """
     config = _resolve_config(name, attention)
     if pretrained is None:
@@ -111,7 +131,7 @@ def create_model(name: Union[str, CLIPConfig, None], pretrained=None, *,
                              f"{', '.join(list_models())}")
         return CLIP(config, backend=backend, device=device, dtype=dtype)
 
-    path = os.fspath(pretrained)
+    path = _check_pretrained_file(pretrained)
     metadata = read_checkpoint_metadata(path)
     state_dict = load_state_dict_file(path)
     layout = detect_layout(state_dict, metadata)
@@ -130,11 +150,14 @@ def create_model(name: Union[str, CLIPConfig, None], pretrained=None, *,
 
     model = CLIP(config, backend=backend, device=device, dtype=dtype)
     expected = {key: value.shape for key, value in model.state_dict().items()}
+    expected, initialised = _expect_plain_attention(model, expected, state_dict)
     try:
         check_keys(expected, state_dict)
     except ValueError as error:
         raise ValueError(f"checkpoint {path!r} does not fit the model: {error}") from None
     model.load_state_dict(state_dict, strict=True)
+    if initialised:
+        warn_at_user_code(_warm_start_message(path, initialised))
     return model
 
 
@@ -144,3 +167,150 @@ def save_pretrained(model: CLIP, path) -> None:
     if not isinstance(model, CLIP):
         raise TypeError(f"model must be a CLIP, got {type(model).__name__}")
     save_checkpoint(path, model.state_dict(), model.config.to_dict())
+
+
+# --------------------------------------------------------------------------- pretrained files
+class PretrainedNotFoundError(ValueError, FileNotFoundError):
+    """``pretrained`` is not a local file (a ValueError, and a FileNotFoundError for code that
+    catches that)."""
+
+
+def _check_pretrained_file(pretrained) -> str:
+    """The path of ``pretrained``; PretrainedNotFoundError naming what is supported when it is
+    not a local file."""
+    if not isinstance(pretrained, (str, os.PathLike)):
+        raise TypeError(f"pretrained must be a file path (str or os.PathLike) or None, got "
+                        f"{type(pretrained).__name__}")
+    path = os.fspath(pretrained)
+    if not os.path.isfile(path):
+        raise PretrainedNotFoundError(
+            f"checkpoint file not found: {path!r}. pretrained must be a local file (diffattn "
+            "downloads nothing): a DiffCLIP release checkpoint (e.g. "
+            "checkpoint_best.pt), an open_clip state dict (torch.save(model.state_dict(), "
+            "path)), or a diffattn .safetensors file written by save_pretrained. Names such as "
+            "'openai' or 'laion2b_s34b_b88k' are open_clip download tags: load that model with "
+            "open_clip once, save its state_dict() and pass the file (with attention=\"diff\" "
+            "to warm-start a differential model from it).")
+    return path
+
+
+# --------------------------------------------------------------------------- warm start
+# The DiffCLIP names of the projections that nn.MultiheadAttention packs into in_proj_*.
+_PACKED_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+
+
+def _expect_plain_attention(model: CLIP, expected: dict, state_dict: dict) -> tuple:
+    """Adapt the expected {name: shape} to a file with plain attention weights.
+
+    Every DiffMultiheadAttention of ``model`` whose weights the file holds in
+    nn.MultiheadAttention's packed layout (``<layer>.in_proj_weight``) is expected in that
+    layout: ``in_proj_weight`` (q, k and v rows stacked), ``in_proj_bias`` and ``out_proj.*``.
+    Returns (expected, {layer name: names of its tensors the file cannot give}); those keep
+    their initialisation when DiffMultiheadAttention loads the packed layout.
+    """
+    layers = [name for name, module in model.named_modules()
+              if isinstance(module, DiffMultiheadAttention)
+              and f"{name}.in_proj_weight" in state_dict]
+    expected, initialised = dict(expected), {}
+    for layer in layers:
+        prefix = layer + "."
+        weights = [expected.pop(f"{prefix}{proj}.weight") for proj in _PACKED_PROJECTIONS]
+        biases = [expected.pop(f"{prefix}{proj}.bias", None) for proj in _PACKED_PROJECTIONS]
+        rows = sum(shape[0] for shape in weights)
+        expected[f"{prefix}in_proj_weight"] = torch.Size([rows, weights[0][1]])
+        if biases[0] is not None:
+            expected[f"{prefix}in_proj_bias"] = torch.Size([rows])
+        new = [key for key in expected if key.startswith(prefix)
+               and not key.startswith((f"{prefix}out_proj.", f"{prefix}in_proj_"))]
+        initialised[layer] = [key[len(prefix):] for key in new]
+        for key in new:
+            del expected[key]
+    return expected, initialised
+
+
+def _index_ranges(indices) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2,5,7-8"."""
+    indices, parts = sorted(set(indices)), []
+    start = previous = indices[0]
+    for index in indices[1:] + [None]:
+        if index is not None and index == previous + 1:
+            previous = index
+            continue
+        parts.append(str(start) if start == previous else f"{start}-{previous}")
+        if index is not None:
+            start = previous = index
+    return ",".join(parts)
+
+
+def _grouped_tensor_names(initialised: dict) -> list:
+    """One line per group of layers that differ only in their block index:
+    "visual.transformer.resblocks.{0-11}.attn.{lambda_q1, ..., diff_norm.weight}"."""
+    groups: dict = {}
+    for layer, tensors in initialised.items():
+        match = re.fullmatch(r"(.*\.)(\d+)((?:\..*)?)", layer)
+        template = match.group(1) + "{}" + match.group(3) if match else layer
+        index = int(match.group(2)) if match else None
+        groups.setdefault((template, tuple(tensors)), []).append(index)
+    lines = []
+    for (template, tensors), indices in groups.items():
+        layer = template if None in indices else \
+            template.format("{" + _index_ranges(indices) + "}")
+        lines.append(f"{layer}.{{{', '.join(tensors)}}}")
+    return lines
+
+
+def _warm_start_message(path: str, initialised: dict) -> str:
+    count = sum(len(tensors) for tensors in initialised.values())
+    return (f"checkpoint {path!r} holds plain attention weights for {len(initialised)} "
+            f"differential attention layers: their q/k/v/out projections were loaded from it, "
+            f"and these {count} tensors were newly initialised (lambda vectors ~ N(0, 0.1), "
+            f"diff_norm.weight = 1, as DiffMultiheadAttention initialises them); fine-tune "
+            f"before use:\n  " + "\n  ".join(_grouped_tensor_names(initialised)))
+
+
+# --------------------------------------------------------------------------- open_clip style
+@dataclasses.dataclass(frozen=True)
+class Tokenizer:
+    """CLIP's BPE tokenizer bound to a model's context length.
+
+    tokenizer(texts) -> (n, context_length) int64 token ids, for a string or a list of
+    strings (``diffattn.models.tokenize``); ``context_length=`` overrides it for one call.
+    """
+
+    context_length: int
+
+    def __call__(self, texts, context_length: Optional[int] = None) -> torch.Tensor:
+        length = self.context_length if context_length is None else context_length
+        return tokenize(texts, context_length=length)
+
+
+def get_tokenizer(name: Union[str, CLIPConfig]) -> Tokenizer:
+    """The tokenizer of model ``name`` (a bundled config name or a CLIPConfig), like
+    open_clip.get_tokenizer: a callable texts -> (n, context_length) token ids."""
+    config = _resolve_config(name, None)
+    if config is None:
+        raise TypeError("name must be a model name or a CLIPConfig, got None")
+    return Tokenizer(config.text.context_length)
+
+
+def create_model_and_transforms(name: Union[str, CLIPConfig, None], pretrained=None,
+                                **kwargs) -> tuple:
+    """Like open_clip.create_model_and_transforms: (model, train transform, eval transform).
+
+    Args:
+        name, pretrained: as create_model (``pretrained`` a local file; see there).
+        **kwargs: create_model's keywords (attention, device, dtype, backend).
+    Returns:
+        model: the CLIP, in training mode (as create_model returns it).
+        train transform: ``RandomResizedCropTransform``, a random crop of 90-100% of the image
+            area with aspect ratio in [3/4, 4/3], bicubic resize to the model's image size and
+            the model's normalisation (open_clip's training default, PIL and torch only; see
+            diffattn.models.augment).
+        eval transform: ``model.preprocess``, the model's deterministic preprocessing.
+    Each transform maps one image (PIL image, file path or uint8 tensor) to a float32
+    (3, S, S) tensor.
+    """
+    model = create_model(name, pretrained, **kwargs)
+    preprocess = model.preprocess
+    train = make_train_transform(preprocess.image_size, mean=preprocess.mean, std=preprocess.std)
+    return model, train, preprocess

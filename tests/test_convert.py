@@ -1,0 +1,172 @@
+"""diffattn.replace_attention: torch's TransformerEncoderLayer / TransformerEncoder and a plain
+CLIP turned differential, against a float64 reference written from the original layer's
+weights, in training and in eval mode (torch's inference fast paths must not run plain
+attention on the converted layers)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import diffattn
+from diffattn import DiffMultiheadAttention, diff_attention_ref, lambda_init_for_depth
+from diffattn.models import create_model
+from helpers import assert_close_rel
+
+E, HEADS, FF = 32, 4, 48
+
+
+def _encoder_layer(batch_first=True, **kwargs):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, HEADS, dim_feedforward=FF, dropout=0.0,
+                                       batch_first=batch_first, dtype=torch.float64, **kwargs)
+    with torch.no_grad():  # non-trivial biases and norms
+        for name, param in layer.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    return layer
+
+
+def _reference_self_attention(plain_state: dict, diff_state: dict, lambda_init: float,
+                              x: torch.Tensor) -> torch.Tensor:
+    """Differential self-attention written out from nn.MultiheadAttention's packed weights
+    and the new layer's lambda vectors and norm weight; x (B, N, E), float64."""
+    d = E // HEADS
+    q, k, v = (x @ plain_state["in_proj_weight"].T + plain_state["in_proj_bias"]).split(E, -1)
+    q, k = q.unflatten(-1, (HEADS, d)), k.unflatten(-1, (HEADS, d))
+    v = v.unflatten(-1, (HEADS // 2, 2 * d))  # plain value heads 2h, 2h+1 side by side
+    lam = (torch.exp((diff_state["lambda_q1"] * diff_state["lambda_k1"]).sum())
+           - torch.exp((diff_state["lambda_q2"] * diff_state["lambda_k2"]).sum()) + lambda_init)
+    out = diff_attention_ref(q, k, v, lam.double(), norm_weight=diff_state["diff_norm.weight"],
+                             out_scale=1 - lambda_init)
+    return out.flatten(2) @ plain_state["out_proj.weight"].T + plain_state["out_proj.bias"]
+
+
+def _reference_encoder_layer(layer, plain_state, x):
+    """Post-norm TransformerEncoderLayer (torch's default) with the reference attention."""
+    diff_state = layer.self_attn.state_dict()
+    attn = _reference_self_attention(plain_state, diff_state, layer.self_attn.lambda_init, x)
+    x = layer.norm1(x + attn)
+    return layer.norm2(x + layer.linear2(torch.relu(layer.linear1(x))))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_encoder_layer_is_converted_with_its_weights(batch_first):
+    layer = _encoder_layer(batch_first)
+    plain_state = {k: v.clone() for k, v in layer.self_attn.state_dict().items()}
+    assert diffattn.replace_attention(layer, backend="torch") == 1
+    attn = layer.self_attn
+    assert type(attn) is DiffMultiheadAttention
+    assert (attn.embed_dim, attn.num_heads, attn.batch_first, attn.dropout) == \
+        (E, HEADS, batch_first, 0.0)
+    assert attn.lambda_init == lambda_init_for_depth(0)
+    state = attn.state_dict()
+    assert all(t.dtype == torch.float64 for k, t in state.items() if "lambda" not in k)
+    torch.testing.assert_close(torch.cat([state[f"{n}_proj.weight"] for n in "qkv"]),
+                               plain_state["in_proj_weight"], rtol=0, atol=0)
+    torch.testing.assert_close(state["out_proj.weight"], plain_state["out_proj.weight"],
+                               rtol=0, atol=0)
+    assert torch.equal(state["diff_norm.weight"], torch.ones(2 * E // HEADS, dtype=torch.float64))
+    assert 0.02 < torch.cat([state[f"lambda_{n}"] for n in ("q1", "k1", "q2", "k2")]).std() < 0.3
+
+    x = torch.randn(2, 6, E, dtype=torch.float64, requires_grad=True)
+    x_layer = x if batch_first else x.transpose(0, 1)
+    out = layer(x_layer)
+    out = out if batch_first else out.transpose(0, 1)
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref = _reference_encoder_layer(layer, plain_state, ref_x)
+    assert_close_rel("output", out, ref, torch.float64)
+    grad = torch.randn_like(ref)
+    out.backward(grad)
+    ref.backward(grad)
+    assert_close_rel("grad x", x.grad, ref_x.grad, torch.float64)
+    for name in ("lambda_q1", "lambda_k2", "diff_norm.weight", "out_proj.weight"):
+        param = dict(attn.named_parameters())[name]
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+    layer.eval()  # torch's fused inference path would compute plain attention here
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x_layer), out.detach() if batch_first
+                                   else out.detach().transpose(0, 1))
+
+
+def test_encoder_stack_depth_schedule_and_padding_in_eval():
+    encoder = nn.TransformerEncoder(_encoder_layer(), num_layers=3, enable_nested_tensor=True)
+    assert encoder.use_nested_tensor
+    assert diffattn.replace_attention(encoder, backend="torch") == 3
+    assert [layer.self_attn.lambda_init for layer in encoder.layers] == \
+        [lambda_init_for_depth(i) for i in range(3)]
+    x = torch.randn(2, 7, E, dtype=torch.float64)
+    padding = torch.zeros(2, 7, dtype=torch.bool)
+    padding[1, 4:] = True
+    train_out = encoder(x, src_key_padding_mask=padding)
+    encoder.eval()
+    with torch.no_grad():
+        eval_out = encoder(x, src_key_padding_mask=padding)
+    torch.testing.assert_close(eval_out, train_out.detach())
+    assert torch.isfinite(eval_out).all()
+
+
+def test_constant_lambda_init_backend_and_modes():
+    model = nn.Sequential(nn.MultiheadAttention(E, HEADS, batch_first=True, bias=False),
+                          nn.MultiheadAttention(E, 2, dropout=0.1).eval())
+    assert diffattn.replace_attention(model, lambda_init=0.5, backend="torch") == 2
+    first, second = model
+    assert (first.lambda_init, second.lambda_init) == (0.5, 0.5)
+    assert first.backend == second.backend == "torch"
+    assert not any(key.endswith("bias") for key in first.state_dict())
+    assert first.training and not second.training
+    assert (second.dropout, second.batch_first) == (0.1, False)
+    assert diffattn.replace_attention(model) == 0  # nothing left to replace
+
+
+def test_plain_clip_becomes_differential():
+    model = create_model("CLIP-Tiny", backend="torch")
+    assert diffattn.replace_attention(model, backend="torch") == 4
+    assert all(isinstance(layer, DiffMultiheadAttention) for layer in model.attention_layers())
+    assert [layer.lambda_init for layer in model.attention_layers()] == \
+        [lambda_init_for_depth(i) for i in range(4)]  # vision tower first, then text
+    images = torch.randn(2, 3, 32, 32)
+    features = model.encode_image(images) + model.encode_text(model.tokenize(["a", "b c"]))
+    assert torch.isfinite(features).all()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: nn.TransformerEncoder(nn.TransformerEncoderLayer(33, 3, batch_first=True), 2,
+                                   enable_nested_tensor=False),
+     r"layer 'layers.0.self_attn' has num_heads=3"),
+    (lambda: nn.Sequential(nn.MultiheadAttention(E, 4, add_bias_kv=True)),
+     r"layer '0' uses add_bias_kv"),
+])
+def test_unconvertible_layers_are_named_and_nothing_changes(make, message):
+    model = make()
+    before = copy.deepcopy(model)
+    with pytest.raises(ValueError, match=message):
+        diffattn.replace_attention(model)
+    assert [type(m) for m in model.modules()] == [type(m) for m in before.modules()]
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="itself an nn.MultiheadAttention"):
+        diffattn.replace_attention(nn.MultiheadAttention(E, 4))
+    with pytest.raises(TypeError, match="module must be a torch.nn.Module"):
+        diffattn.replace_attention("model")
+    with pytest.raises(TypeError, match="lambda_init must be \"depth\" or a float"):
+        diffattn.replace_attention(nn.Sequential(), lambda_init="deep")
+    with pytest.raises(ValueError, match="backend"):
+        diffattn.replace_attention(nn.Sequential(), backend="gpu")
+
+
+def test_cross_attention_with_kdim_vdim_keeps_its_separate_projections():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.MultiheadAttention(E, HEADS, kdim=16, vdim=12, batch_first=True))
+    plain = {k: v.clone() for k, v in model[0].state_dict().items()}
+    assert diffattn.replace_attention(model, backend="torch") == 1
+    attn = model[0]
+    assert (attn.kdim, attn.vdim) == (16, 12)
+    state = attn.state_dict()
+    for name in "qkv":
+        assert torch.equal(state[f"{name}_proj.weight"], plain[f"{name}_proj_weight"])
+    query, key, value = torch.randn(2, 5, E), torch.randn(2, 7, 16), torch.randn(2, 7, 12)
+    out, _ = attn(query, key, value)
+    assert out.shape == (2, 5, E) and torch.isfinite(out).all()

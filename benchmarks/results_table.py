@@ -142,7 +142,8 @@ def model_section(rows: Sequence[dict]) -> List[str]:
     for (mode, dtype, batch, seq_len), group in groups.items():
         rate = {p: group[p]["batch"] * 1e3 / group[p]["ms_p50"] if p in group else None
                 for p in present}
-        lines.append([mode, dtype, str(batch), str(seq_len)] + [fmt(rate[p], ".0f") for p in present]
+        lines.append([mode, dtype, str(batch), str(seq_len)]
+                     + [fmt(rate[p], ".0f") for p in present]
                      + [fmt(ratio(rate[num], rate[den]), ".2f", "x") for _, num, den in ratios])
     return (["Training and inference steps, samples/s (batch / median step time):", ""]
             + _table(header, lines) + [""])

@@ -45,7 +45,8 @@ class Report:
     sdpa_backends: Dict[tuple, str] = field(default_factory=dict)  # (shape, dtype, provider)
     not_run: List[str] = field(default_factory=list)        # after a time limit or interrupt
     compile_s: Dict[str, float] = field(default_factory=dict)  # case label -> first step s
-    tiles: List[tuple] = field(default_factory=list)        # (kernel, class, bucket, config, source)
+    # (kernel, class, bucket, config, source) of every tile choice
+    tiles: List[tuple] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------ formatting

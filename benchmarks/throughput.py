@@ -112,8 +112,8 @@ from cli import CliParser, comma_list, positive_float, positive_int  # noqa: E40
 from host import (HOST_MODES, HOST_PROVIDERS, HOST_SHAPE, NO_LAUNCH_PROVIDERS,  # noqa: E402
                   host_device_label, run_host_case)
 from model_providers import (CPU_SPEC, GPU_SPEC, MODEL_PROVIDERS, TEXT_PROVIDERS,  # noqa: E402
-                             TIMM_PROVIDERS, ModelSpec, base_mode, model_step)
-from plots import MEMORY_PLOT, SPEED_PLOT, write_plots  # noqa: E402
+                             ModelSpec, base_mode, model_step)
+from plots import write_plots  # noqa: E402
 from providers import (FUSED_PROVIDERS, INTERPRETER_PROVIDERS, LAYER_PROVIDERS,  # noqa: E402
                        OP_MODES, OP_PROVIDERS, V2_PROVIDERS, Bench, ProviderUnavailable, Shape,
                        layer_bench, op_bench)
@@ -684,8 +684,11 @@ def run_notes(args, env: Environment, plan: List[Case], report: Report) -> None:
                             f"{compiled}")
     try:
         from diffattn.kernels import tuning
-        report.notes.append(f"tile choice: tuned table {tuning.TABLE_PATH.name} first, then "
-                            f"{'timing of the candidates on the first call' if tuning.AUTOTUNE else 'the first candidate (DIFFATTN_AUTOTUNE=0)'}")
+        if env.on_cuda:
+            then = ("timing of the candidates on the first call" if tuning.AUTOTUNE
+                    else "the first candidate (DIFFATTN_AUTOTUNE=0)")
+            report.notes.append(f"tile choice: tuned table {tuning.TABLE_PATH.name} first, "
+                                f"then {then}")
     except ImportError:
         pass
 

@@ -188,8 +188,24 @@ def _mha_inputs(m: DiffMultiheadAttention, query, key, value):
     return query, key, value
 
 
+def _packed_projection(m: nn.Module, query: Tensor):
+    """Self-attention q, k, v as (B, heads, N, width) views of one GEMM, when the layer holds a
+    packed ``in_proj_weight`` (E + 2 Ekv, E); None otherwise."""
+    weight = getattr(m, "in_proj_weight", None)
+    if weight is None:
+        return None
+    B, N, _ = query.shape
+    d, kv = m.head_dim, m.num_kv_heads * m.head_dim
+    q, k, v = F.linear(query, weight, getattr(m, "in_proj_bias", None)).split(
+        [m.embed_dim, kv, kv], -1)
+    return (q.view(B, N, m.num_heads, d).transpose(1, 2),
+            k.view(B, N, m.num_kv_heads, d).transpose(1, 2),
+            v.view(B, N, m.num_kv_heads // 2, 2 * d).transpose(1, 2))
+
+
 class UnfusedDiffLayer(nn.Module):
-    """A DiffMultiheadAttention layer written with stock ops, the fastest unfused way: two SDPA
+    """A DiffMultiheadAttention layer written with stock ops, the fastest unfused way: one GEMM
+    for q, k, v where the layer holds them packed (else its three projections), two SDPA
     calls on strided views of the projections, one ``addcmul`` for the difference,
     ``F.rms_norm`` with the weight pre-scaled by (1 - lambda_init), the output projection.
 
@@ -211,7 +227,8 @@ class UnfusedDiffLayer(nn.Module):
         m = self.layer
         query, key, value = _mha_inputs(m, query, key, value)
         B, N, _ = query.shape
-        q, k, v = _split_heads(m, query, key, value)
+        packed = _packed_projection(m, query) if key is query and value is query else None
+        q, k, v = packed if packed is not None else _split_heads(m, query, key, value)
         H, gqa = m.num_heads // 2, m.num_kv_heads != m.num_heads
         causal = is_causal
         o1 = F.scaled_dot_product_attention(q[:, 0::2], k[:, 0::2], v, is_causal=causal,

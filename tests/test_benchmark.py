@@ -226,6 +226,25 @@ def test_layer_providers_match_module(wrapper, call):
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
 
 
+def test_unfused_layer_uses_one_gemm_where_projections_are_packed():
+    torch.manual_seed(0)
+    layer = DiffMultiheadAttention(64, 8, num_kv_heads=4, batch_first=True,
+                                   backend="torch").double()
+    x = torch.randn(2, 10, 64, dtype=torch.float64)
+    ref = layer(x, is_causal=True)[0]
+    with torch.no_grad():
+        weight = torch.cat([layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight])
+        bias = torch.cat([layer.q_proj.bias, layer.k_proj.bias, layer.v_proj.bias])
+    layer.in_proj_weight, layer.in_proj_bias = torch.nn.Parameter(weight), torch.nn.Parameter(bias)
+    gemms = []
+    real = torch.nn.functional.linear
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(providers.F, "linear", lambda *a: gemms.append(a[1].shape) or real(*a))
+        got = providers.UnfusedDiffLayer(layer)(x, is_causal=True)[0]
+    assert gemms == [(64 + 2 * 32, 64), (64, 64)]   # packed q, k, v; out_proj
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+
+
 def test_naive_model_matches_torch_backend():
     """Swapping every differential layer of a CLIP model for the naive provider keeps its
     embeddings."""

@@ -84,6 +84,10 @@ def kernels_not_launched() -> Iterator[Dict[str, NoLaunchKernel]]:
     stubs = {name: NoLaunchKernel(name) for _, name in _KERNEL_GLOBALS}
     patches = [(importlib.import_module(module), name, stubs[name])
                for module, name in _KERNEL_GLOBALS]
+    for module, name, _ in patches:
+        if not hasattr(module, name):  # a renamed kernel would launch for real
+            raise RuntimeError(f"{module.__name__} has no kernel global {name!r}: the host-only "
+                               f"run of benchmarks/host.py must name the launchers' kernels")
     patches += [(backend, "triton_unavailable_reason", allowed_on_cpu),
                 (tuning, "gpu_arch", lambda device: NO_LAUNCH_ARCH),
                 (tuning, "AUTOTUNE", False), (tuning, "INTERPRET", False),

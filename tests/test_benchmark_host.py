@@ -153,3 +153,12 @@ def test_runner_writes_host_only_rows():
         assert r["dtype"] == "bf16" and math.isfinite(r["ms_p50"]) and r["ms_p50"] > 0
     text = "\n".join(summary.host_table(runner.rows))
     assert "cpu (kernels not launched)" in text
+
+
+def test_a_renamed_kernel_global_is_an_error_not_a_real_launch(monkeypatch):
+    monkeypatch.delattr(BWD_MODULE, "diff_attn_bwd_rows_kernel")
+    with pytest.raises(RuntimeError, match="no kernel global 'diff_attn_bwd_rows_kernel'"):
+        with host.kernels_not_launched():
+            pass
+    assert FWD_MODULE.diff_attn_fwd_kernel is not None
+    assert not isinstance(FWD_MODULE.diff_attn_fwd_kernel, host.NoLaunchKernel)

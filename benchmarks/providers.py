@@ -1,49 +1,65 @@
-"""What benchmarks/throughput.py runs: the providers of differential attention, at op, layer and
-model level, each ready to time.
+"""What benchmarks/throughput.py runs at op and layer level: the providers of differential
+attention, each ready to time.
 
-Providers (issue 5):
-    diffattn     the fused Triton kernels: ``diff_attention(..., backend="triton")``, the
-                 DiffMultiheadAttention module with backend "triton", DiffCLIP with it.
-    sdpa_x2      two ``F.scaled_dot_product_attention`` calls and the subtraction: backend
-                 "torch" (the layer adds its RMSNorm as separate ops), as timm and Microsoft's
-                 flashdiff compose it.
-    naive        explicit matmul and softmax, materialising both N x M maps, as the DiffCLIP
-                 release computes it: scores in the input dtype, softmax in fp32 cast back,
-                 A1 - lambda * A2, then (A V); at layer level an fp32 RMSNorm; memory O(N^2).
-    sdpa_plain   plain attention of the same width, the cost of not being differential: 2H heads
-                 of d in one SDPA call at op level, ``nn.MultiheadAttention(E, 2H)`` at layer
-                 level, plain CLIP (open_clip's ViT-B-16) at model level.
+Op level (the attention core alone, no projections):
+    diffattn       the fused Triton kernels, ``diff_attention(..., backend="triton")``.
+    sdpa_x2        the fastest unfused code a user would write: two
+                   ``F.scaled_dot_product_attention`` calls on strided views of the same
+                   (B, N, 2H, d) q, (B, M, 2Hk, d) k and (B, M, Hk, 2d) v tensors (no copies),
+                   then one fused multiply-subtract, ``torch.addcmul(o1, lambda, o2, value=-1)``.
+    torch_path     the library's own PyTorch path, ``diff_attention(..., backend="torch")``.
+    naive          explicit matmul and softmax, materialising both N x M maps, as the DiffCLIP
+                   release computes it; memory O(N^2).
+    sdpa_plain     plain attention of the same width: 2H heads of d in one SDPA call.
+    diffattn_v2    the fused V2 op, ``diff_attention_v2(..., backend="triton")``, lambda per
+                   token (B, N, H), as Differential Transformer V2 uses it.
+    flash_v2       V2 the reference's way: one SDPA call over the 2H q heads with grouped keys
+                   and values (``enable_gqa=True``), then the multiply-subtract of each pair.
+    torch_path_v2  the library's PyTorch path of V2, ``diff_attention_v2(..., backend="torch")``.
+    diffattn_interpreter, diffattn_v2_interpreter
+                   the fused kernels through the Triton interpreter on CPU
+                   (TRITON_INTERPRET=1): correct, but their timings say nothing about the
+                   kernels' speed.
 
-A problem is a :class:`Shape`: ``heads`` counts differential heads (2 * heads softmax maps of
-width ``head_dim``, value width 2 * head_dim); self-attention, so seq_k == seq_len.
+Layer level (DiffMultiheadAttention-shaped, projections, norm and output projection
+included): ``diffattn`` (the module, backend "triton"), ``torch_path`` (backend "torch"),
+``sdpa_x2`` (:class:`UnfusedDiffLayer`: the same parameters, two SDPA calls on views,
+``addcmul``, ``F.rms_norm``), ``naive`` (:class:`NaiveDiffAttention`) and ``sdpa_plain``
+(``nn.MultiheadAttention(E, 2H)``).
+
+A problem is a :class:`Shape`: ``heads`` counts differential heads H (2H softmax maps of width
+``head_dim``; V1 value width 2 * head_dim, V2 value width head_dim and H key/value heads);
+self-attention, so seq_k == seq_len.
 
 Every builder returns a :class:`Bench`: for each mode a factory that prepares and returns the
 callable to time, plus the leaf tensors whose ``.grad`` is reset between timed calls.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
-from diffattn import DiffMultiheadAttention, diff_attention
+from diffattn import DiffMultiheadAttention, diff_attention, diff_attention_v2
 
-PROVIDERS = ("diffattn", "sdpa_x2", "naive", "sdpa_plain")
-# The fused kernels run through the Triton interpreter on CPU: correct, but its timings say
-# nothing about the kernels' speed, so they carry their own provider name.
-INTERPRETER_PROVIDER = "diffattn_interpreter"
+OP_PROVIDERS = ("diffattn", "sdpa_x2", "torch_path", "naive", "sdpa_plain", "diffattn_v2",
+                "flash_v2", "torch_path_v2")
+LAYER_PROVIDERS = ("diffattn", "sdpa_x2", "torch_path", "naive", "sdpa_plain")
+# The fused kernels through the Triton interpreter: their own names, so no interpreter timing
+# is ever read as a kernel measurement.
+INTERPRETER_PROVIDERS = {"diffattn_interpreter": "diffattn",
+                         "diffattn_v2_interpreter": "diffattn_v2"}
+FUSED_PROVIDERS = ("diffattn", "diffattn_v2")
+V2_PROVIDERS = ("diffattn_v2", "flash_v2", "torch_path_v2", "diffattn_v2_interpreter")
 OP_MODES = ("fwd", "bwd", "fwd_bwd")
-MODEL_MODES = ("infer_image", "infer_text", "train_step")
 LAMBDA = 0.8  # a typical lambda (DiffCLIP's lambda_init); any value costs the same
 
 
 class ProviderUnavailable(RuntimeError):
-    """A provider cannot run this problem here (e.g. a model config that does not exist yet)."""
+    """A provider cannot run this problem here (e.g. an optional package is missing)."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +98,40 @@ class Bench:
 
 
 # ------------------------------------------------------------------------------ math
+def sdpa_x2_attention(q: Tensor, k: Tensor, v: Tensor, lam: Tensor,
+                      causal: bool = False) -> Tensor:
+    """V1 differential attention as two SDPA calls on views, without a copy of any input.
+
+    q (B, N, 2H, d), k (B, M, 2Hk, d), v (B, M, Hk, 2d), lam (H,) -> (B, N, H, 2d), a
+    transposed view of the (B, H, N, 2d) result. The maps' q heads 2h / 2h+1 and key heads
+    2g / 2g+1 are strided views; grouped keys use ``enable_gqa``. The difference is one
+    ``addcmul``: o1 + (-1) * lambda * o2.
+    """
+    H, Hk = q.shape[2] // 2, v.shape[2]
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, N, d)
+    gqa = Hk != H
+    o1 = F.scaled_dot_product_attention(qh[:, 0::2], kh[:, 0::2], vh, is_causal=causal,
+                                        enable_gqa=gqa)
+    o2 = F.scaled_dot_product_attention(qh[:, 1::2], kh[:, 1::2], vh, is_causal=causal,
+                                        enable_gqa=gqa)
+    x = torch.addcmul(o1, lam.to(o1.dtype).view(1, H, 1, 1), o2, value=-1.0)
+    return x.transpose(1, 2)
+
+
+def flash_v2_attention(q: Tensor, k: Tensor, v: Tensor, lam: Tensor,
+                       causal: bool = False) -> Tensor:
+    """V2 differential attention the reference's way: one SDPA call over the 2H q heads
+    with grouped keys and values, then map 2h minus lambda times map 2h+1.
+
+    q (B, N, 2H, d), k (B, M, Hk, d), v (B, M, Hk, d), lam per token (B, N, H)
+    -> (B, N, H, d), a transposed view of the (B, H, N, d) result.
+    """
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=causal, enable_gqa=True)  # (B, 2H, N, d)
+    lam_maps = lam.transpose(1, 2).unsqueeze(-1).to(o.dtype)              # (B, H, N, 1)
+    return torch.addcmul(o[:, 0::2], lam_maps, o[:, 1::2], value=-1.0).transpose(1, 2)
+
+
 def naive_diff_attention(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, causal: bool = False,
                          scale: Optional[float] = None) -> Tensor:
     """Differential attention the DiffCLIP release's way: both (N x M) maps in memory.
@@ -118,6 +168,82 @@ def plain_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False) -> Te
                                           v.transpose(1, 2), is_causal=causal).transpose(1, 2)
 
 
+# ------------------------------------------------------------------------------ layers
+def _split_heads(m: DiffMultiheadAttention, query: Tensor, key: Tensor, value: Tensor):
+    """The projections of a DiffMultiheadAttention as (B, heads, L, width) views."""
+    B, N, _ = query.shape
+    M = key.shape[1]
+    d = m.head_dim
+    q = m.q_proj(query).view(B, N, m.num_heads, d).transpose(1, 2)            # (B, 2H, N, d)
+    k = m.k_proj(key).view(B, M, m.num_kv_heads, d).transpose(1, 2)           # (B, 2Hk, M, d)
+    v = m.v_proj(value).view(B, M, m.num_kv_heads // 2, 2 * d).transpose(1, 2)  # (B, Hk, M, 2d)
+    return q, k, v
+
+
+def _mha_inputs(m: DiffMultiheadAttention, query, key, value):
+    key = query if key is None else key
+    value = key if value is None else value
+    if not m.batch_first:
+        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+    return query, key, value
+
+
+def _packed_projection(m: nn.Module, query: Tensor):
+    """Self-attention q, k, v as (B, heads, N, width) views of one GEMM, when the layer holds a
+    packed ``in_proj_weight`` (E + 2 Ekv, E); None otherwise."""
+    weight = getattr(m, "in_proj_weight", None)
+    if weight is None:
+        return None
+    B, N, _ = query.shape
+    d, kv = m.head_dim, m.num_kv_heads * m.head_dim
+    q, k, v = F.linear(query, weight, getattr(m, "in_proj_bias", None)).split(
+        [m.embed_dim, kv, kv], -1)
+    return (q.view(B, N, m.num_heads, d).transpose(1, 2),
+            k.view(B, N, m.num_kv_heads, d).transpose(1, 2),
+            v.view(B, N, m.num_kv_heads // 2, 2 * d).transpose(1, 2))
+
+
+class UnfusedDiffLayer(nn.Module):
+    """A DiffMultiheadAttention layer written with stock ops, the fastest unfused way: one GEMM
+    for q, k, v where the layer holds them packed (else its three projections), two SDPA
+    calls on strided views of the projections, one ``addcmul`` for the difference,
+    ``F.rms_norm`` with the weight pre-scaled by (1 - lambda_init), the output projection.
+
+    Uses the wrapped layer's parameters and nn.MultiheadAttention's call contract (masks other
+    than ``is_causal`` are not supported: a benchmark provider).
+    """
+
+    def __init__(self, layer: DiffMultiheadAttention):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, query: Tensor, key: Optional[Tensor] = None,
+                value: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
+                need_weights: bool = False, attn_mask: Optional[Tensor] = None,
+                average_attn_weights: bool = True, is_causal: bool = False):
+        if need_weights or key_padding_mask is not None or attn_mask is not None:
+            raise NotImplementedError("UnfusedDiffLayer is a benchmark provider: masks other "
+                                      "than is_causal and need_weights are not supported")
+        m = self.layer
+        query, key, value = _mha_inputs(m, query, key, value)
+        B, N, _ = query.shape
+        packed = _packed_projection(m, query) if key is query and value is query else None
+        q, k, v = packed if packed is not None else _split_heads(m, query, key, value)
+        H, gqa = m.num_heads // 2, m.num_kv_heads != m.num_heads
+        causal = is_causal
+        o1 = F.scaled_dot_product_attention(q[:, 0::2], k[:, 0::2], v, is_causal=causal,
+                                            enable_gqa=gqa)
+        o2 = F.scaled_dot_product_attention(q[:, 1::2], k[:, 1::2], v, is_causal=causal,
+                                            enable_gqa=gqa)
+        x = torch.addcmul(o1, m.compute_lambda().to(o1.dtype), o2, value=-1.0)  # (B, H, N, 2d)
+        weight = m.diff_norm.weight * (1.0 - m.lambda_init)
+        x = F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), m.diff_norm.eps)
+        out = m.out_proj(x.transpose(1, 2).reshape(B, N, 2 * H * m.head_dim))
+        if not m.batch_first:
+            out = out.transpose(0, 1)
+        return out, None
+
+
 class NaiveDiffAttention(nn.Module):
     """A DiffMultiheadAttention layer computed the DiffCLIP release's way (explicit maps).
 
@@ -137,17 +263,13 @@ class NaiveDiffAttention(nn.Module):
         if need_weights:
             raise NotImplementedError("NaiveDiffAttention is a benchmark provider: "
                                       "need_weights=True is not supported")
-        key = query if key is None else key
-        value = key if value is None else value
-        if not m.batch_first:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        query, key, value = _mha_inputs(m, query, key, value)
         B, N, _ = query.shape
         M = key.shape[1]
         d, H2, Hk2 = m.head_dim, m.num_heads, m.num_kv_heads
         H, Hk = H2 // 2, Hk2 // 2
-        q = m.q_proj(query).view(B, N, H2, d).transpose(1, 2) * d ** -0.5
-        k = m.k_proj(key).view(B, M, Hk2, d).transpose(1, 2)
-        v = m.v_proj(value).view(B, M, Hk, 2 * d).transpose(1, 2)
+        q, k, v = _split_heads(m, query, key, value)
+        q = q * d ** -0.5
         if Hk != H:
             k = k.unflatten(1, (Hk, 2)).repeat_interleave(H // Hk, dim=1).flatten(1, 2)
             v = v.repeat_interleave(H // Hk, dim=1)
@@ -195,7 +317,8 @@ _SDPA_NAMES = {int(value): name for name, value in
                torch.nn.attention.SDPBackend.__members__.items()}
 
 
-def sdpa_backend_name(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> str:
+def sdpa_backend_name(q: Tensor, k: Tensor, v: Tensor, causal: bool,
+                      enable_gqa: bool = False) -> str:
     """The SDPA backend PyTorch dispatches to for (B, heads, N, d) inputs: FLASH_ATTENTION,
     EFFICIENT_ATTENTION, CUDNN_ATTENTION or MATH (as torch._fused_sdp_choice reports it;
     where that private helper is missing, the first backend that accepts the call, probed in
@@ -203,7 +326,7 @@ def sdpa_backend_name(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> str:
     choose = getattr(torch, "_fused_sdp_choice", None)
     if choose is not None:
         try:
-            index = int(choose(q, k, v, None, 0.0, causal))
+            index = int(choose(q, k, v, None, 0.0, causal, enable_gqa=enable_gqa))
         except (RuntimeError, TypeError):
             pass
         else:
@@ -213,20 +336,11 @@ def sdpa_backend_name(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> str:
                     SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):
         try:
             with torch.no_grad(), sdpa_kernel([backend]):
-                F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=enable_gqa)
         except RuntimeError:
             continue
         return f"{backend.name} (probed)"
     return "none found"
-
-
-def _sdpa_x2_backend(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Callable[[], str]:
-    """Probe with the exact views diffattn's torch path hands to SDPA."""
-    def probe() -> str:
-        q1 = rearrange(q, "b n (h two) d -> two b h n d", two=2)[0]
-        k1 = rearrange(k, "b m (g two) d -> two b g m d", two=2)[0]
-        return sdpa_backend_name(q1, k1, rearrange(v, "b m g e -> b g m e"), causal)
-    return probe
 
 
 # ------------------------------------------------------------------------------ modes
@@ -266,31 +380,67 @@ def _randn(shape, dtype, device, requires_grad=True) -> Tensor:
     return torch.randn(shape, dtype=dtype, device=device).requires_grad_(requires_grad)
 
 
+def v1_inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> List[Tensor]:
+    """[q (B, N, 2H, d), k (B, N, 2H, d), v (B, N, H, 2d), lam (H,) fp32], all leaves."""
+    B, N, H, d = shape.batch, shape.seq_len, shape.heads, shape.head_dim
+    return [_randn((B, N, 2 * H, d), dtype, device), _randn((B, N, 2 * H, d), dtype, device),
+            _randn((B, N, H, 2 * d), dtype, device),
+            torch.full((H,), LAMBDA, device=device, requires_grad=True)]
+
+
+def v2_inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> List[Tensor]:
+    """[q (B, N, 2H, d), k (B, N, H, d), v (B, N, H, d), lam per token (B, N, H) fp32 in
+    (0, 1) like a sigmoid's], all leaves."""
+    B, N, H, d = shape.batch, shape.seq_len, shape.heads, shape.head_dim
+    lam = torch.rand((B, N, H), device=device).requires_grad_(True)
+    return [_randn((B, N, 2 * H, d), dtype, device), _randn((B, N, H, d), dtype, device),
+            _randn((B, N, H, d), dtype, device), lam]
+
+
+def op_forward(provider: str, shape: Shape, dtype: torch.dtype,
+               device: torch.device) -> tuple:
+    """(forward callable, leaf tensors, SDPA-backend probe or None) of an op-level provider."""
+    causal = shape.causal
+    if provider == "sdpa_plain":
+        B, N, H, d = shape.batch, shape.seq_len, shape.heads, shape.head_dim
+        q, k, v = (_randn((B, N, 2 * H, d), dtype, device) for _ in range(3))
+        probe = lambda: sdpa_backend_name(*(t.transpose(1, 2) for t in (q, k, v)), causal)
+        return (lambda: plain_attention(q, k, v, causal)), [q, k, v], probe
+    kernel = INTERPRETER_PROVIDERS.get(provider, provider)
+    if kernel in V2_PROVIDERS:
+        q, k, v, lam = leaves = v2_inputs(shape, dtype, device)
+        if kernel == "diffattn_v2":
+            return (lambda: diff_attention_v2(q, k, v, lam, causal=causal, backend="triton"),
+                    leaves, None)
+        if kernel == "torch_path_v2":
+            return (lambda: diff_attention_v2(q, k, v, lam, causal=causal, backend="torch"),
+                    leaves, None)
+        probe = lambda: sdpa_backend_name(q.transpose(1, 2), k.transpose(1, 2),
+                                          v.transpose(1, 2), causal, enable_gqa=True)
+        return (lambda: flash_v2_attention(q, k, v, lam, causal)), leaves, probe
+    q, k, v, lam = leaves = v1_inputs(shape, dtype, device)
+    if kernel == "diffattn":
+        return (lambda: diff_attention(q, k, v, lam, causal=causal, backend="triton"),
+                leaves, None)
+    if kernel == "torch_path":
+        return (lambda: diff_attention(q, k, v, lam, causal=causal, backend="torch"),
+                leaves, None)
+    if kernel == "naive":
+        return (lambda: naive_diff_attention(q, k, v, lam, causal)), leaves, None
+    if kernel == "sdpa_x2":
+        probe = lambda: sdpa_backend_name(q.transpose(1, 2)[:, 0::2], k.transpose(1, 2)[:, 0::2],
+                                          v.transpose(1, 2), causal)
+        return (lambda: sdpa_x2_attention(q, k, v, lam, causal)), leaves, probe
+    raise ValueError(f"unknown op-level provider {provider!r}; expected one of "
+                     f"{OP_PROVIDERS + tuple(INTERPRETER_PROVIDERS)}")
+
+
 # ------------------------------------------------------------------------------ op level
 def op_bench(provider: str, shape: Shape, dtype: torch.dtype, device: torch.device,
              modes: Sequence[str]) -> Bench:
     """The attention core alone on (B, N, heads, d) tensors, no norm, no projections."""
-    B, N, H, d, causal = shape.batch, shape.seq_len, shape.heads, shape.head_dim, shape.causal
-    if provider == "sdpa_plain":
-        q, k, v = (_randn((B, N, 2 * H, d), dtype, device) for _ in range(3))
-        probe = lambda: sdpa_backend_name(*(t.transpose(1, 2) for t in (q, k, v)), causal)
-        return Bench(forward_modes(lambda: plain_attention(q, k, v, causal), modes),
-                     [q, k, v], probe)
-    q = _randn((B, N, 2 * H, d), dtype, device)
-    k = _randn((B, N, 2 * H, d), dtype, device)
-    v = _randn((B, N, H, 2 * d), dtype, device)
-    lam = torch.full((H,), LAMBDA, device=device, requires_grad=True)
-    leaves = [q, k, v, lam]
-    if provider == "naive":
-        return Bench(forward_modes(lambda: naive_diff_attention(q, k, v, lam, causal), modes),
-                     leaves)
-    if provider == "sdpa_x2":
-        forward = lambda: diff_attention(q, k, v, lam, causal=causal, backend="torch")
-        return Bench(forward_modes(forward, modes), leaves, _sdpa_x2_backend(q, k, v, causal))
-    if provider in ("diffattn", INTERPRETER_PROVIDER):
-        forward = lambda: diff_attention(q, k, v, lam, causal=causal, backend="triton")
-        return Bench(forward_modes(forward, modes), leaves)
-    raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
+    forward, leaves, probe = op_forward(provider, shape, dtype, device)
+    return Bench(forward_modes(forward, modes), leaves, probe)
 
 
 # ------------------------------------------------------------------------------ layer level
@@ -305,110 +455,14 @@ def layer_bench(provider: str, shape: Shape, dtype: torch.dtype, device: torch.d
         mask = torch.ones(N, N, dtype=torch.bool, device=device).triu(1) if causal else None
         forward = lambda: mha(x, x, x, need_weights=False, attn_mask=mask, is_causal=causal)[0]
         return Bench(forward_modes(forward, modes), [x, *mha.parameters()])
-    backends = {"diffattn": "triton", INTERPRETER_PROVIDER: "triton", "sdpa_x2": "torch",
-                "naive": "torch"}
+    backends = {"diffattn": "triton", "diffattn_interpreter": "triton", "torch_path": "torch",
+                "sdpa_x2": "torch", "naive": "torch"}
     if provider not in backends:
-        raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
+        raise ValueError(f"unknown layer-level provider {provider!r}; expected one of "
+                         f"{LAYER_PROVIDERS}")
     layer = DiffMultiheadAttention(E, 2 * shape.heads, batch_first=True,
                                    backend=backends[provider], **factory)
-    run = NaiveDiffAttention(layer) if provider == "naive" else layer
+    wrappers = {"naive": NaiveDiffAttention, "sdpa_x2": UnfusedDiffLayer}
+    run = wrappers[provider](layer) if provider in wrappers else layer
     forward = lambda: run(x, is_causal=causal)[0]
     return Bench(forward_modes(forward, modes), [x, *layer.parameters()])
-
-
-# ------------------------------------------------------------------------------ model level
-@dataclass(frozen=True)
-class ModelNames:
-    """The model configs compared at model level: the differential one and its plain twin."""
-    diff: str
-    plain: str
-
-
-GPU_MODELS = ModelNames("DiffCLIP-ViT-B-16", "ViT-B-16")
-CPU_MODELS = ModelNames("DiffCLIP-Tiny", "CLIP-Tiny")
-
-
-def build_model(provider: str, create_model: Callable, names: ModelNames,
-                device: torch.device) -> nn.Module:
-    """The model a provider runs: DiffCLIP with the fused or torch backend, DiffCLIP with every
-    attention layer computed naively, or plain CLIP. Parameters in fp32 (autocast does the
-    rest)."""
-    if provider == "sdpa_plain":
-        return create_model(names.plain, device=device)
-    backend = {"diffattn": "triton", "sdpa_x2": "torch", "naive": "torch"}.get(provider)
-    if backend is None:
-        raise ValueError(f"unknown model-level provider {provider!r}")
-    model = create_model(names.diff, device=device, backend=backend)
-    if provider == "naive":
-        use_naive_attention(model)
-    return model
-
-
-def attention_geometry(model: nn.Module, tower: str) -> tuple:
-    """(differential heads, head_dim) of the first attention layer of a CLIP tower ("vision" or
-    "text"); a plain layer of 2H heads counts as H, so plain and differential models of one
-    width agree."""
-    layer = model.attention_layers(tower)[0]
-    if isinstance(layer, NaiveDiffAttention):
-        layer = layer.layer
-    if isinstance(layer, DiffMultiheadAttention):
-        return layer.num_heads // 2, layer.head_dim
-    return layer.num_heads // 2, layer.embed_dim // layer.num_heads
-
-
-def make_model_batch(model: nn.Module, batch: int, device: torch.device):
-    """Random images and token ids for a diffattn.models CLIP, with the end-of-text token (the
-    largest id, which CLIP's pooling picks) at a random position of each row."""
-    vision, text = model.config.vision, model.config.text
-    images = torch.randn(batch, 3, vision.image_size, vision.image_size, device=device)
-    L, V = text.context_length, text.vocab_size
-    tokens = torch.randint(1, V - 1, (batch, L), device=device)
-    eot = torch.randint(1, L, (batch,), device=device)
-    tokens[torch.arange(batch, device=device), eot] = V - 1
-    return images, tokens
-
-
-def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> Tensor:
-    """The symmetric contrastive (InfoNCE) loss of CLIP, in fp32."""
-    img = F.normalize(image_features.float(), dim=-1)
-    txt = F.normalize(text_features.float(), dim=-1)
-    logits = logit_scale.float() * img @ txt.t()
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
-
-
-def model_bench(model: nn.Module, batch: int, dtype: torch.dtype, device: torch.device,
-                modes: Sequence[str]) -> Bench:
-    """Inference of each tower (no_grad, eval mode) and a training step (train mode, forward of
-    both towers, contrastive loss, backward; no optimizer step), all under autocast to
-    ``dtype`` (no autocast for fp32)."""
-    images, tokens = make_model_batch(model, batch, device)
-
-    def autocast():
-        if dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=dtype)
-
-    def infer(encode):
-        def make():
-            model.eval()
-
-            def run():
-                with torch.no_grad(), autocast():
-                    return encode()
-            return run
-        return make
-
-    def make_train():
-        model.train()
-
-        def step():
-            with autocast():
-                loss = clip_loss(*model(images, tokens))
-            loss.backward()
-        return step
-
-    makers = {"infer_image": infer(lambda: model.encode_image(images)),
-              "infer_text": infer(lambda: model.encode_text(tokens)),
-              "train_step": make_train}
-    return Bench({mode: makers[mode] for mode in modes}, list(model.parameters()))

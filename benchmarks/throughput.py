@@ -1,113 +1,146 @@
-"""Speed and memory of fused differential attention against plain and unfused attention.
+"""Speed and memory of fused differential attention against plain and unfused attention, from
+one tiny call to whole training steps.
 
     python benchmarks/throughput.py                 # full suite (GPU) / small CPU suite
-    python benchmarks/throughput.py --quick         # short subset
+    python benchmarks/throughput.py --quick         # the targets' measurements and a bit more
     python benchmarks/throughput.py --levels op --providers diffattn,sdpa_x2 --dtype bf16
 
-Providers (see benchmarks/providers.py): ``diffattn`` (fused Triton kernels), ``sdpa_x2`` (two
-SDPA calls and the subtraction, plus a separate RMSNorm at layer level), ``naive`` (explicit
-maps, the DiffCLIP release's way), ``sdpa_plain`` (plain attention of the same width).
-Levels: ``op`` (the attention core), ``layer`` (DiffMultiheadAttention with projections and
-norm; nn.MultiheadAttention for sdpa_plain), ``model`` (DiffCLIP-ViT-B-16 against plain CLIP
-ViT-B-16, through ``diffattn.models.create_model``).
+Levels and providers (benchmarks/providers.py, host.py, model_providers.py):
+    host   one tiny call (batch 1, seq_len 16, 1 head, head_dim 64): diffattn, sdpa_x2,
+           diffattn_v2, flash_v2, and diffattn_no_launch / diffattn_v2_no_launch, the fused
+           ops with every kernel launch a no-op, on CPU tensors (device
+           "cpu (kernels not launched)"): the library's host cost, measurable anywhere.
+    op     the attention core: diffattn, sdpa_x2 (two SDPA calls on views of the same tensors,
+           one addcmul: the fair unfused baseline), torch_path (the library's PyTorch path),
+           naive, sdpa_plain (plain attention of the same width), diffattn_v2, flash_v2
+           (V2: one SDPA call over 2H heads with GQA, then the subtraction), torch_path_v2.
+    layer  DiffMultiheadAttention-shaped layers: diffattn, sdpa_x2, torch_path, naive,
+           sdpa_plain.
+    model  training and inference steps of one tower: train_image (diffattn = DiffCLIP,
+           torch_path, sdpa_plain = plain CLIP, timm, timm_diff, timm_diff_fused),
+           train_text and infer_text (diffattn, torch_path, sdpa_plain) at seq_len 77 and 20;
+           the same with ``_compiled`` (torch.compile, default mode) and
+           ``_compiled_cudagraphs`` (mode="reduce-overhead") appended to the mode.
 
-Shapes (``heads`` = differential heads, i.e. 2 * heads softmax maps of width d):
-    GPU  clip_vision  B=256 N=197  H=6 d=64            (CLIP ViT-B/16 image tower)
-         clip_text    B=256 N=77   H=4 d=64 causal     (CLIP text tower)
-         vit_l14_336  B=64  N=577  H=8 d=64            (ViT-L/14 at 336 px)
-         long         N = 512 .. 16384 (powers of two), B = 16384 // N (16k tokens), H=8,
-                      d in {64, 128}, causal and not
-         --quick: clip_vision, clip_text, long N in {1024, 4096, 16384} at d=64, not causal.
-         Layer level: clip_vision, clip_text, vit_l14_336, long N=4096 d=64 (quick: the
-         first two). Model level: batch 256 (quick 64).
-    CPU  the same kinds at small sizes: batch 1, long sweep N = 128 .. 1024 over 1024 tokens
-         with H=2 (--quick: N in {128, 512} over 512 tokens); model level DiffCLIP-Tiny
-         against CLIP-Tiny at batch 4 (quick 2); the torch providers only.
-``--causal`` keeps only causal or non-causal shapes.
+Shapes (``heads`` = differential heads H, i.e. 2H softmax maps of width d):
+    GPU op   clip_vision  B=256 N=197 H=6 d=64          (CLIP ViT-B/16 image tower)
+             clip_text    B=256 N=77  H=4 d=64 causal   (CLIP text tower)
+             vit_l_336    B=64  N=577 H=8 d=128
+             long         N in {1024, 4096, 16384}, B = 16384 // N, H=8, d=64, causal and not;
+                          N=4096 d=128 B=4 H=8
+             without --quick also the long sweep N = 512 .. 16384 at d in {64, 128}, causal
+             and not. Layer level: clip_vision, clip_text (without --quick also vit_l_336 and
+             long N=4096 d=64). Model level: ViT-B/16 towers (DiffCLIP-ViT-B-16, ViT-B-16,
+             timm vit_base_patch16_224), image batch 128, text batch 256.
+    CPU      the same kinds at small sizes: batch 1, long N in {128, 512} over 512 tokens with
+             H=2 (without --quick: N = 128 .. 1024 over 1024 tokens, causal and not, and
+             vit_l_336); model level the tiny configs (DiffCLIP-Tiny, CLIP-Tiny, a timm ViT of
+             the same size) at image batch 4, text batch 8; no compiled modes unless
+             --compile is given. The fused kernels cannot run: diffattn, diffattn_v2 and
+             timm_diff_fused are left out, torch_path and torch_path_v2 measure the library.
+             With TRITON_INTERPRET=1 the kernels also run through the Triton interpreter at
+             one tiny shape (B=1 N=77 H=2 d=64, fp32) as diffattn_interpreter and
+             diffattn_v2_interpreter, beside torch_path and torch_path_v2 at that shape (a
+             smoke run: interpreter timings say nothing about the kernels' speed).
 
 Method:
-    Modes: ``fwd`` (forward with autograd on, as in training), ``bwd`` (the backward alone,
-    timed directly by re-running ``out.backward(grad, retain_graph=True)`` through one retained
-    forward graph; not fwd_bwd minus fwd), ``fwd_bwd`` (forward + backward of a fixed random
-    output gradient). Gradients of the inputs and parameters are reset to None between calls.
-    Timing on CUDA: ``triton.testing.do_bench(fn, warmup, rep, quantiles=[0.5, 0.2, 0.8])``
-    (L2 cleared before each call), so ms_p50 / ms_p20 / ms_p80 are its median and 20th / 80th
-    percentiles; Triton autotuning and compilation happen in its first, untimed call. On CPU:
-    ``time.perf_counter`` around each of a few calls after one warm-up call, same percentiles.
-    peak_mem_mb (CUDA only, NaN on CPU): after the timing, one more call between
-    ``torch.cuda.reset_peak_memory_stats()`` and ``torch.cuda.max_memory_allocated()``, minus
-    ``torch.cuda.memory_allocated()`` just before it: the MiB the call needs on top of what
-    already exists (inputs, parameters and, for bwd, the retained forward graph).
-    FLOPs per differential head = 2 maps x (2 N M d for Q K^T + 2 N M 2d for P V) = 12 N M d;
-    plain attention of the same width (2 heads of d) = 8 N M d, counted for sdpa_plain (so its
-    TFLOPS is its own, and differential attention does 1.5x its work); halved when causal;
-    backward x2.5, fwd_bwd x3.5. Layer level adds the four E x E projections (8 B N E^2
-    forward, twice that backward). Model rows have tflops NaN.
-    The SDPA backend that sdpa_x2 and sdpa_plain dispatch to (FLASH_ATTENTION,
-    EFFICIENT_ATTENTION, CUDNN_ATTENTION or MATH) is recorded per op-level shape and dtype in
-    the log and summary.md, not in the CSV.
+    op, layer  modes fwd (forward with autograd on, as in training), fwd_bwd (forward and
+        backward of a fixed random output gradient) and, on request, bwd (the backward alone
+        through one retained graph). Gradients reset to None between calls. CUDA:
+        ``triton.testing.do_bench`` (L2 cleared before each call), ms_p50 / ms_p20 / ms_p80
+        its median and 20th / 80th percentiles; Triton compilation and tile choice happen in
+        its first, untimed call. CPU: perf_counter around each of a few calls after one
+        warm-up call.
+    host  fwd (under no_grad) and fwd_bwd (forward, then torch.autograd.grad into every
+        input): ms = wall time per call of a loop of --host-calls back-to-back calls with no
+        synchronisation inside it (one before, one after), after warm-up; percentiles over
+        --host-loops loops.
+    model  one step = forward under autocast (bf16, or the first selected low-precision dtype;
+        none for fp32), loss, backward, AdamW step (fused where available, else foreach) for
+        train_*; forward under no_grad for infer_*. The first step is timed apart (for compiled
+        modes: compilation) and listed in the summary; then --model-warmup steps, then
+        --model-steps steps back to back, each timed by CUDA events between steps with no
+        synchronisation until the last (perf_counter on CPU).
+    peak_mem_mb (CUDA only, NaN on CPU): one more call between
+        ``torch.cuda.reset_peak_memory_stats()`` and ``torch.cuda.max_memory_allocated()``,
+        minus ``torch.cuda.memory_allocated()`` just before it: the MiB the call needs on top of
+        what already exists (inputs, parameters, optimizer state, a retained graph for bwd).
+    FLOPs per differential head: V1 = 2 maps x (2 N M d for Q K^T + 2 N M 2d for P V)
+        = 12 N M d; V2 and plain attention of the same width (2 heads of d) = 8 N M d; halved
+        when causal; backward x2.5, fwd_bwd x3.5. Layer level adds the four E x E projections
+        (8 B N E^2 forward, twice that backward). Model rows have tflops NaN.
+    The SDPA backend of each SDPA provider per op-level shape and dtype is in the log and
+    summary.md; the tile configuration the fused kernels used per call class and length
+    bucket, and where it came from, is in summary.md.
     naive is skipped where its N x M maps would exceed a memory budget (16 bytes per map
-    element against 60% of free GPU memory, 2 GiB on CPU); out-of-memory is recorded as a
-    skip; both are listed in summary.md.
+    element against 60% of free GPU memory, 2 GiB on CPU); out-of-memory is recorded as a skip.
+    --time-limit-s: cases run in priority order (the targets' measurements first: host level,
+    the target op shapes, the eager model steps, the other op shapes, the compiled image
+    step, ...) and no case starts that would not end before the limit by its rough expected
+    duration; the rest is listed as not run.
 
 Outputs under --out (default benchmarks/out/):
     throughput.csv   one row per measurement, columns exactly COLUMNS. ``heads`` counts
-                     differential heads (plain rows: half their heads, so widths match).
-                     Model rows: level "model", mode infer_image / infer_text / train_step,
-                     seq_len and heads/head_dim of the image tower (text tower for
-                     infer_text), ms_* per batch, tflops NaN; samples/s = batch * 1000 / ms_p50
-                     (shown in summary.md). Model rows run under autocast to the first selected
-                     of bf16/fp16 (fp32 parameters; no autocast for fp32).
-    speed_vs_seqlen.png, memory_vs_seqlen.png
-                     the long sweep at op level, ms and MiB against seq_len per provider
-                     (needs matplotlib; skipped with a message without it).
-    summary.md       speed-up of diffattn over sdpa_x2 and its time relative to sdpa_plain per
-                     shape, mode and dtype; model samples/s; the issue's targets as PASS / FAIL
-                     / not measured; skips and failures. Printed last.
+                     differential heads (plain attention: half its heads, so widths match).
+                     Model rows: seq_len / heads / head_dim of the tower's attention, ms per
+                     step, samples/s = batch * 1000 / ms_p50 (in summary.md).
+    speed_vs_seqlen.png, memory_vs_seqlen.png   the op-level long sweep (needs matplotlib).
+    summary.md       the targets (benchmarks/targets.json) as PASS / FAIL / not measured,
+                     then host, op, layer and model tables, first-step (compile) times, tile
+                     configurations, SDPA backends, skips and failures. Printed last.
 
-Without CUDA the fused kernels cannot run: the torch providers run at CPU sizes and the
-diffattn provider is skipped, said plainly. With TRITON_INTERPRET=1 the kernels also run
-through the Triton interpreter at one tiny op-level shape, as provider ``diffattn_interpreter``
-(a correctness smoke run; its timings say nothing about the kernels' speed).
-
-Exit status: 0, or 1 when a measurement failed with an error (out-of-memory and budget skips
-are not failures).
+Exit status: 0; 1 when a measurement failed with an error (skips are not failures); 2 for bad
+arguments.
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import datetime
+import functools
 import gc
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from providers import (INTERPRETER_PROVIDER, MODEL_MODES, OP_MODES, PROVIDERS,  # noqa: E402
-                       CPU_MODELS, GPU_MODELS, Bench, ModelNames, ProviderUnavailable, Shape,
-                       attention_geometry, build_model, layer_bench, model_bench, op_bench)
+from cli import CliParser, comma_list, positive_float, positive_int  # noqa: E402
+from host import (HOST_MODES, HOST_PROVIDERS, HOST_SHAPE, NO_LAUNCH_PROVIDERS,  # noqa: E402
+                  host_device_label, run_host_case)
+from model_providers import (CPU_SPEC, GPU_SPEC, MODEL_PROVIDERS, TEXT_PROVIDERS,  # noqa: E402
+                             ModelSpec, base_mode, model_step)
+from plots import write_plots  # noqa: E402
+from providers import (FUSED_PROVIDERS, INTERPRETER_PROVIDERS, LAYER_PROVIDERS,  # noqa: E402
+                       OP_MODES, OP_PROVIDERS, V2_PROVIDERS, Bench, ProviderUnavailable, Shape,
+                       layer_bench, op_bench)
+from summary import Report, summary_markdown  # noqa: E402
+from timing import Timer, peak_mem_mb, time_back_to_back, time_steps  # noqa: E402
 
 COLUMNS = ("device", "torch", "triton", "level", "provider", "mode", "dtype", "batch",
            "seq_len", "heads", "head_dim", "causal", "ms_p50", "ms_p20", "ms_p80", "tflops",
            "peak_mem_mb")
-LEVELS = ("op", "layer", "model")
+LEVELS = ("host", "op", "layer", "model")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-QUANTILES = (0.5, 0.2, 0.8)
+ALL_PROVIDERS = tuple(dict.fromkeys(
+    HOST_PROVIDERS + tuple(NO_LAUNCH_PROVIDERS) + OP_PROVIDERS + tuple(INTERPRETER_PROVIDERS)
+    + LAYER_PROVIDERS + MODEL_PROVIDERS))
+COMPILE_CHOICES = {"default": "_compiled", "cudagraphs": "_compiled_cudagraphs"}
 MODE_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 GPU_NAIVE_BUDGET_FRACTION = 0.6
 CPU_NAIVE_BUDGET_BYTES = 2 * 2 ** 30
 NAIVE_BYTES_PER_MAP_ELEMENT = 16
-CPU_REPEATS = 5        # timed calls per measurement on CPU (3 with --quick)
-CPU_NO_KERNELS = ("CUDA not available: the fused Triton kernels need a GPU; diffattn provider "
-                  "skipped")
+CPU_REPEATS = 5        # timed calls per op/layer measurement on CPU (3 with --quick)
+CPU_NO_KERNELS = ("CUDA not available: the fused Triton kernels need a GPU; diffattn, "
+                  "diffattn_v2 and timm_diff_fused skipped (torch_path and torch_path_v2 "
+                  "measure the library's own code; diffattn_no_launch its host cost)")
 CSV_NAME, SUMMARY_NAME = "throughput.csv", "summary.md"
-SPEED_PLOT, MEMORY_PLOT = "speed_vs_seqlen.png", "memory_vs_seqlen.png"
+INTERPRETER_SHAPE = Shape("interpreter_tiny", 1, 77, 2, 64, False)
+# Rough seconds a case takes on a GPU, compilation included, for --time-limit-s.
+EXPECTED_S = {"host": 10.0, "op": 4.0, "layer": 5.0, "model": 15.0, "model_compiled": 100.0}
 
 
 # ------------------------------------------------------------------------------ FLOPs
@@ -115,12 +148,12 @@ def attention_flops(kind: str, batch: int, heads: int, seq_q: int, seq_k: int, h
                     causal: bool, mode: str) -> float:
     """FLOPs of one call of the attention core.
 
-    kind "diff": per differential head 2 maps x (2 N M d + 2 N M 2d) = 12 N M d.
-    kind "plain": plain attention of the same width, 2 heads of d per differential head:
-    2 x (2 N M d + 2 N M d) = 8 N M d. Halved when causal; mode scales by 1 (fwd),
-    2.5 (bwd) or 3.5 (fwd_bwd).
+    kind "diff" (V1): per differential head 2 maps x (2 N M d + 2 N M 2d) = 12 N M d.
+    kind "plain" (plain attention of the same width, 2 heads of d per differential head) and
+    "v2" (two maps of width d): 2 x (2 N M d + 2 N M d) = 8 N M d. Halved when causal; mode
+    scales by 1 (fwd), 2.5 (bwd) or 3.5 (fwd_bwd).
     """
-    per_head = {"diff": 12, "plain": 8}[kind] * seq_q * seq_k * head_dim
+    per_head = {"diff": 12, "plain": 8, "v2": 8}[kind] * seq_q * seq_k * head_dim
     return batch * heads * per_head * (0.5 if causal else 1.0) * MODE_FLOP_FACTOR[mode]
 
 
@@ -131,13 +164,18 @@ def projection_flops(batch: int, seq_len: int, width: int, mode: str) -> float:
     return {"fwd": fwd, "bwd": 2 * fwd, "fwd_bwd": 3 * fwd}[mode]
 
 
+def flop_kind(provider: str) -> str:
+    if provider == "sdpa_plain":
+        return "plain"
+    return "v2" if NO_LAUNCH_PROVIDERS.get(provider, provider) in V2_PROVIDERS else "diff"
+
+
 def case_flops(level: str, provider: str, shape: Shape, mode: str) -> float:
-    """FLOPs of one timed call at op or layer level (NaN at model level)."""
+    """FLOPs of one timed call at host, op or layer level (NaN at model level)."""
     if level == "model":
         return math.nan
-    kind = "plain" if provider == "sdpa_plain" else "diff"
-    flops = attention_flops(kind, shape.batch, shape.heads, shape.seq_len, shape.seq_len,
-                            shape.head_dim, shape.causal, mode)
+    flops = attention_flops(flop_kind(provider), shape.batch, shape.heads, shape.seq_len,
+                            shape.seq_len, shape.head_dim, shape.causal, mode)
     if level == "layer":
         flops += projection_flops(shape.batch, shape.seq_len, shape.width, mode)
     return flops
@@ -151,41 +189,43 @@ def long_sweep(seq_lens: Sequence[int], tokens: int, heads: int, head_dims: Sequ
 
 
 def op_shapes(on_cuda: bool, quick: bool) -> List[Shape]:
+    """Op-level shapes; on a GPU the first ones are the targets' shapes."""
     if on_cuda:
-        head = [Shape("clip_vision", 256, 197, 6, 64, False),
-                Shape("clip_text", 256, 77, 4, 64, True)]
-        if quick:
-            return head + long_sweep((1024, 4096, 16384), 16384, 8, (64,), (False,))
-        return head + [Shape("vit_l14_336", 64, 577, 8, 64, False)] + long_sweep(
-            (512, 1024, 2048, 4096, 8192, 16384), 16384, 8, (64, 128), (False, True))
-    head = [Shape("clip_vision", 1, 197, 6, 64, False), Shape("clip_text", 1, 77, 4, 64, True)]
+        shapes = [Shape("clip_vision", 256, 197, 6, 64, False),
+                  Shape("clip_text", 256, 77, 4, 64, True),
+                  Shape("vit_l_336", 64, 577, 8, 128, False)]
+        shapes += long_sweep((1024, 4096, 16384), 16384, 8, (64,), (False, True))
+        shapes += [Shape("long", 4, 4096, 8, 128, False)]
+        if not quick:
+            shapes += long_sweep((512, 1024, 2048, 4096, 8192, 16384), 16384, 8, (64, 128),
+                                 (False, True))
+        return list(dict.fromkeys(shapes))
+    shapes = [Shape("clip_vision", 1, 197, 6, 64, False), Shape("clip_text", 1, 77, 4, 64, True)]
     if quick:
-        return head + long_sweep((128, 512), 512, 2, (64,), (False,))
-    return head + [Shape("vit_l14_336", 1, 577, 8, 64, False)] + long_sweep(
+        return shapes + long_sweep((128, 512), 512, 2, (64,), (False,))
+    return shapes + [Shape("vit_l_336", 1, 577, 8, 128, False)] + long_sweep(
         (128, 256, 512, 1024), 1024, 2, (64,), (False, True))
 
 
 def layer_shapes(on_cuda: bool, quick: bool) -> List[Shape]:
     shapes = op_shapes(on_cuda, quick=True)[:2]
     if on_cuda and not quick:
-        shapes += [Shape("vit_l14_336", 64, 577, 8, 64, False),
+        shapes += [Shape("vit_l_336", 64, 577, 8, 128, False),
                    Shape("long", 4, 4096, 8, 64, False)]
     return shapes
 
 
-INTERPRETER_SHAPE = Shape("interpreter_tiny", 1, 77, 2, 64, False)
-
-
-def model_batch(on_cuda: bool, quick: bool) -> int:
-    if on_cuda:
-        return 64 if quick else 256
-    return 2 if quick else 4
+def is_target_shape(shape: Shape) -> bool:
+    """The op shapes the speed targets are stated at (d=64, not causal, N=197 or 4096)."""
+    return (shape.head_dim == 64 and not shape.causal
+            and (shape.name, shape.seq_len) in (("clip_vision", 197), ("long", 4096)))
 
 
 # ------------------------------------------------------------------------------ plan
 @dataclass(frozen=True)
 class Case:
-    """One provider at one level on one problem and dtype; measured in each of ``modes``."""
+    """One provider at one level on one problem and dtype; measured in each of ``modes``.
+    Model level: ``shape.seq_len`` is the text length (text modes) and ``modes`` one mode."""
     level: str
     provider: str
     shape: Shape
@@ -193,23 +233,48 @@ class Case:
     modes: tuple
 
     def label(self) -> str:
-        what = f"batch={self.shape.batch}" if self.level == "model" else self.shape.label()
+        if self.level == "model":
+            what = f"{self.modes[0]} batch={self.shape.batch}"
+            if "text" in self.modes[0]:
+                what += f" seq_len={self.shape.seq_len}"
+        else:
+            what = self.shape.label()
         return f"{self.level} {self.provider} {self.dtype} {what}"
 
+    @property
+    def compiled(self) -> bool:
+        return self.level == "model" and "_compiled" in self.modes[0]
 
-def is_target_shape(shape: Shape) -> bool:
-    """The shapes the issue's op-level targets are stated at (d=64, not causal)."""
-    return (shape.head_dim == 64 and not shape.causal
-            and (shape.name, shape.seq_len) in (("clip_vision", 197), ("long", 4096)))
+    def expected_s(self) -> float:
+        return EXPECTED_S["model_compiled" if self.compiled else self.level]
+
+
+TARGET_OP_PROVIDERS = ("diffattn", "sdpa_x2", "sdpa_plain", "diffattn_v2", "flash_v2")
+TARGET_MODEL_PROVIDERS = ("diffattn", "sdpa_plain", "timm", "timm_diff", "timm_diff_fused")
 
 
 def priority(case: Case, first_dtype: str) -> int:
-    """Run order under a time limit: the targets' measurements first."""
+    """Run order under a time limit, the targets' measurements first."""
     if case.dtype != first_dtype:
-        return 3
-    if case.level == "op" and is_target_shape(case.shape):
-        return 0
-    return 1 if case.level == "model" else 2
+        return 9
+    mode = case.modes[0]
+    if case.level == "host":
+        return 0 if case.provider in ("diffattn", "sdpa_x2") else 5
+    if case.level == "op":
+        if is_target_shape(case.shape) and case.provider in TARGET_OP_PROVIDERS:
+            return 1
+        return 3 if case.provider in FUSED_PROVIDERS + ("sdpa_x2", "flash_v2") else 5
+    if case.level == "model":
+        if mode == "train_image":
+            return 2 if case.provider in TARGET_MODEL_PROVIDERS else 5
+        if mode == "train_text":
+            return 2 if case.provider in ("diffattn", "sdpa_plain") else 5
+        if mode == "train_image_compiled":
+            return 4 if case.provider in ("diffattn", "timm") else 6
+        if mode.endswith("_cudagraphs"):
+            return 8
+        return 6 if case.compiled else 5
+    return 7  # layer level
 
 
 def naive_bytes(shape: Shape) -> int:
@@ -219,46 +284,70 @@ def naive_bytes(shape: Shape) -> int:
             * shape.seq_len)
 
 
-# ------------------------------------------------------------------------------ timing
-class Timer:
-    """Times a callable: triton.testing.do_bench on CUDA, perf_counter repeats on CPU."""
-
-    def __init__(self, on_cuda: bool, warmup_ms: int, rep_ms: int, cpu_repeats: int):
-        self.on_cuda = on_cuda
-        self.warmup_ms, self.rep_ms, self.cpu_repeats = warmup_ms, rep_ms, cpu_repeats
-
-    def time_ms(self, fn: Callable, leaves: Sequence[torch.Tensor]) -> List[float]:
-        """[p50, p20, p80] in milliseconds."""
-        if self.on_cuda:
-            from triton.testing import do_bench
-            return list(do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms,
-                                 grad_to_none=list(leaves), quantiles=list(QUANTILES)))
-        fn()
-        times = []
-        for _ in range(self.cpu_repeats):
-            clear_grads(leaves)
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return torch.tensor(times, dtype=torch.float64).quantile(
-            torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
-
-    def peak_mem_mb(self, fn: Callable, leaves: Sequence[torch.Tensor]) -> float:
-        """MiB allocated at the peak of one call above what was allocated before it."""
-        if not self.on_cuda:
-            return math.nan
-        clear_grads(leaves)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+def selected(provider: str, chosen: Sequence[str]) -> bool:
+    """Whether a provider is in the --providers list; the no-launch and interpreter variants
+    of a fused provider come with it."""
+    base = NO_LAUNCH_PROVIDERS.get(provider, INTERPRETER_PROVIDERS.get(provider, provider))
+    return provider in chosen or base in chosen
 
 
-def clear_grads(tensors: Sequence[torch.Tensor]) -> None:
-    for t in tensors:
-        t.grad = None
+def model_cases(args, spec: ModelSpec, on_cuda: bool, dtype: str) -> List[Case]:
+    suffixes = [""] + [COMPILE_CHOICES[c] for c in args.compile]
+    cases = []
+    for suffix in suffixes:
+        for provider in MODEL_PROVIDERS:
+            if not on_cuda and provider in ("diffattn", "timm_diff_fused"):
+                continue
+            if not on_cuda and suffix == "_compiled_cudagraphs":
+                continue
+            cases.append(Case("model", provider,
+                              Shape("vision", spec.image_batch, 0, 0, 0, False), dtype,
+                              ("train_image" + suffix,)))
+        for mode in ("train_text", "infer_text"):
+            for seq_len in spec.text_lengths:
+                for provider in TEXT_PROVIDERS:
+                    if not on_cuda and provider == "diffattn":
+                        continue
+                    cases.append(Case("model", provider,
+                                      Shape("text", spec.text_batch, seq_len, 0, 0, True), dtype,
+                                      (mode + suffix,)))
+    return cases
+
+
+def build_plan(args, on_cuda: bool, interpret: bool, model_available: bool) -> List[Case]:
+    """Every case of this run, in priority order (see priority)."""
+    causal_ok = {"both": (False, True), "causal": (True,), "noncausal": (False,)}[args.causal]
+    plan: List[Case] = []
+    low_precision = [d for d in args.dtype if d != "fp32"]
+    if "host" in args.levels:
+        host_dtype = low_precision[0] if low_precision else "bf16"
+        providers = list(HOST_PROVIDERS if on_cuda else ("sdpa_x2", "flash_v2"))
+        providers += list(NO_LAUNCH_PROVIDERS)
+        plan += [Case("host", p, HOST_SHAPE, host_dtype, HOST_MODES) for p in providers]
+    for dtype in args.dtype:
+        for level, names in (("op", OP_PROVIDERS), ("layer", LAYER_PROVIDERS)):
+            if level not in args.levels:
+                continue
+            names = [p for p in names if on_cuda or p not in FUSED_PROVIDERS]
+            shapes = op_shapes(on_cuda, args.quick) if level == "op" else \
+                layer_shapes(on_cuda, args.quick)
+            for shape in shapes:
+                if shape.causal in causal_ok:
+                    plan += [Case(level, p, shape, dtype, tuple(args.modes)) for p in names]
+    if "model" in args.levels and model_available:
+        dtype = low_precision[0] if low_precision else args.dtype[0]
+        spec = GPU_SPEC if on_cuda else CPU_SPEC
+        spec = ModelSpec(spec.diff, spec.plain, spec.timm, spec.timm_kwargs,
+                         args.image_batch or spec.image_batch, args.text_batch or spec.text_batch,
+                         spec.text_lengths)
+        plan += model_cases(args, spec, on_cuda, dtype)
+    if interpret and "op" in args.levels:
+        names = list(INTERPRETER_PROVIDERS) + ["torch_path", "torch_path_v2"]
+        plan += [Case("op", p, INTERPRETER_SHAPE, "fp32", tuple(args.modes)) for p in names]
+    plan = [c for c in plan if selected(c.provider, args.providers)]
+    order = {case: i for i, case in enumerate(plan)}
+    return sorted(plan, key=lambda c: (priority(c, args.dtype[0] if c.level != "host"
+                                                else c.dtype), order[c]))
 
 
 # ------------------------------------------------------------------------------ progress
@@ -320,27 +409,20 @@ def detect_environment() -> Environment:
     return Environment(device, name, torch.__version__, triton_version, INTERPRET)
 
 
-@dataclass
-class Report:
-    """Everything a run learnt besides the CSV rows."""
-    notes: List[str]
-    skipped: List[tuple]      # (what, why)
-    failed: List[tuple]       # (what, error)
-    sdpa_backends: Dict[tuple, str]  # (shape label, dtype, provider) -> backend
-    not_run: List[str] = field(default_factory=list)  # cases after a time limit or interrupt
-
-
 class Runner:
     """Runs the plan, appending each measurement to the CSV as it comes."""
 
-    def __init__(self, env: Environment, timer: Timer, writer: csv.DictWriter, stream,
-                 report: Report, create_model: Optional[Callable], model_names: ModelNames,
-                 naive_budget: float):
-        self.env, self.timer, self.writer, self.stream = env, timer, writer, stream
+    def __init__(self, env: Environment, args, writer: Optional[csv.DictWriter], stream,
+                 report: Report, create_model: Optional[Callable], naive_budget: float):
+        self.env, self.args, self.writer, self.stream = env, args, writer, stream
         self.report = report
-        self.create_model, self.model_names = create_model, model_names
+        self.create_model = create_model
         self.naive_budget = naive_budget
         self.rows: List[dict] = []
+        self.models: dict = {}  # provider -> model, reused across model cases
+        quick = getattr(args, "quick", False)
+        self.timer = Timer(env.on_cuda, getattr(args, "warmup_ms", 25),
+                           getattr(args, "rep_ms", 100), 3 if quick else CPU_REPEATS)
 
     def run(self, case: Case) -> None:
         if (case.provider == "naive" and case.level != "model"
@@ -351,7 +433,12 @@ class Runner:
                 f"budget of {self.naive_budget / 2 ** 30:.1f} GiB")))
             return
         try:
-            self._measure(case)
+            if case.level == "host":
+                self._measure_host(case)
+            elif case.level == "model":
+                self._measure_model(case)
+            else:
+                self._measure(case)
         except ProviderUnavailable as exc:
             self.report.skipped.append((case.label(), f"unavailable: {exc}"))
         except torch.cuda.OutOfMemoryError:
@@ -363,50 +450,73 @@ class Runner:
             if self.env.on_cuda:
                 torch.cuda.empty_cache()
 
-    def _bench(self, case: Case) -> tuple:
-        """(Bench, {mode: (batch, seq_len, heads, head_dim, causal)}) for the case."""
-        dtype = DTYPES[case.dtype]
-        if case.level == "model":
-            return self._model_bench(case, dtype)
-        build = op_bench if case.level == "op" else layer_bench
-        bench = build(case.provider, case.shape, dtype, self.env.device, case.modes)
-        s = case.shape
-        geometry = {mode: (s.batch, s.seq_len, s.heads, s.head_dim, s.causal)
-                    for mode in case.modes}
-        return bench, geometry
+    def _row(self, case: Case, mode: str, geometry: tuple, times: Sequence[float], flops: float,
+             peak: float, device: Optional[str] = None) -> None:
+        batch, seq_len, heads, head_dim, causal = geometry
+        p50, p20, p80 = times
+        self._write({
+            "device": device or self.env.device_name, "torch": self.env.torch_version,
+            "triton": self.env.triton_version, "level": case.level, "provider": case.provider,
+            "mode": mode, "dtype": case.dtype, "batch": batch, "seq_len": seq_len,
+            "heads": heads, "head_dim": head_dim, "causal": causal, "ms_p50": p50,
+            "ms_p20": p20, "ms_p80": p80, "tflops": flops / (p50 * 1e-3) / 1e12,
+            "peak_mem_mb": peak, "shape": case.shape.name})  # "shape": summary only
 
-    def _model_bench(self, case: Case, dtype: torch.dtype) -> tuple:
-        try:
-            model = build_model(case.provider, self.create_model, self.model_names,
-                                self.env.device)
-        except ValueError as exc:  # e.g. a config name this version of the models lacks
-            raise ProviderUnavailable(str(exc)) from exc
-        batch = case.shape.batch
-        config = model.config
-        image = (batch, 1 + config.vision.grid_size ** 2, *attention_geometry(model, "vision"),
-                 False)
-        text = (batch, config.text.context_length, *attention_geometry(model, "text"), True)
-        geometry = {"infer_image": image, "infer_text": text, "train_step": image}
-        return model_bench(model, batch, dtype, self.env.device, case.modes), geometry
+    def _geometry(self, shape: Shape) -> tuple:
+        return shape.batch, shape.seq_len, shape.heads, shape.head_dim, shape.causal
+
+    def _measure_host(self, case: Case) -> None:
+        quick = getattr(self.args, "quick", False)
+        timer = functools.partial(time_back_to_back, calls=self.args.host_calls,
+                                  loops=self.args.host_loops, warmup_calls=20 if quick else 50)
+        for mode in case.modes:
+            times, peak = run_host_case(case.provider, mode, DTYPES[case.dtype],
+                                        self.env.device, timer, peak=peak_mem_mb)
+            self._row(case, mode, self._geometry(case.shape), times,
+                      case_flops("host", case.provider, case.shape, mode), peak,
+                      host_device_label(case.provider, self.env.device_name))
 
     def _measure(self, case: Case) -> None:
-        bench, geometry = self._bench(case)
+        build = op_bench if case.level == "op" else layer_bench
+        bench = build(case.provider, case.shape, DTYPES[case.dtype], self.env.device,
+                      case.modes)
         self._record_sdpa_backend(case, bench)
         for mode in case.modes:
             fn = bench.makers[mode]()
-            p50, p20, p80 = self.timer.time_ms(fn, bench.leaves)
+            times = self.timer.time_ms(fn, bench.leaves)
             peak = self.timer.peak_mem_mb(fn, bench.leaves)
             del fn
-            batch, seq_len, heads, head_dim, causal = geometry[mode]
-            flops = case_flops(case.level, case.provider, case.shape, mode)
-            self._write({
-                "device": self.env.device_name, "torch": self.env.torch_version,
-                "triton": self.env.triton_version, "level": case.level,
-                "provider": case.provider, "mode": mode, "dtype": case.dtype,
-                "batch": batch, "seq_len": seq_len, "heads": heads, "head_dim": head_dim,
-                "causal": causal, "ms_p50": p50, "ms_p20": p20, "ms_p80": p80,
-                "tflops": flops / (p50 * 1e-3) / 1e12, "peak_mem_mb": peak,
-                "shape": case.shape.name})  # "shape" is for the summary, not the CSV
+            self._row(case, mode, self._geometry(case.shape), times,
+                      case_flops(case.level, case.provider, case.shape, mode), peak)
+
+    def _measure_model(self, case: Case) -> None:
+        mode = case.modes[0]
+        _, compile_mode = base_mode(mode)
+        if compile_mode is not None:
+            torch._dynamo.reset()
+        spec = GPU_SPEC if self.env.on_cuda else CPU_SPEC
+        spec = ModelSpec(spec.diff, spec.plain, spec.timm, spec.timm_kwargs,
+                         case.shape.batch if case.shape.name == "vision" else spec.image_batch,
+                         case.shape.batch if case.shape.name == "text" else spec.text_batch,
+                         spec.text_lengths)
+        measured, model = model_step(case.provider, mode, case.shape.seq_len, spec,
+                                     DTYPES[case.dtype], self.env.device, self.create_model,
+                                     self.args.compile_backend,
+                                     model=self.models.get(case.provider))
+        self.models[case.provider] = model
+        start = time.perf_counter()
+        measured.step()
+        if self.env.on_cuda:
+            torch.cuda.synchronize()
+        self.report.compile_s[case.label()] = time.perf_counter() - start
+        for note in measured.notes:
+            text = f"model {mode}: {note}"
+            if text not in self.report.notes:
+                self.report.notes.append(text)
+        times = time_steps(measured.step, self.env.device, steps=self.args.model_steps,
+                           warmup_steps=self.args.model_warmup)
+        peak = peak_mem_mb(measured.step) if self.env.on_cuda else math.nan
+        self._row(case, mode, measured.geometry, times, math.nan, peak)
 
     def _record_sdpa_backend(self, case: Case, bench: Bench) -> None:
         if bench.sdpa_backend is None or case.level != "op":
@@ -418,8 +528,9 @@ class Runner:
 
     def _write(self, row: dict) -> None:
         self.rows.append(row)
-        self.writer.writerow({key: format_value(value) for key, value in row.items()})
-        self.stream.flush()
+        if self.writer is not None:
+            self.writer.writerow({key: format_value(value) for key, value in row.items()})
+            self.stream.flush()
 
 
 def format_value(value) -> str:
@@ -428,317 +539,158 @@ def format_value(value) -> str:
     return str(value)
 
 
-# ------------------------------------------------------------------------------ plan building
-def build_plan(args, env: Environment, model_available: bool) -> List[Case]:
-    on_cuda = env.on_cuda
-    providers = [p for p in args.providers if on_cuda or p != "diffattn"]
-    causal_ok = {"both": (False, True), "causal": (True,), "noncausal": (False,)}[args.causal]
-    plan: List[Case] = []
-    for dtype in args.dtype:
-        for level in args.levels:
-            if level == "model":
-                continue
-            shapes = op_shapes(on_cuda, args.quick) if level == "op" else \
-                layer_shapes(on_cuda, args.quick)
-            for shape in shapes:
-                if shape.causal not in causal_ok:
-                    continue
-                plan += [Case(level, p, shape, dtype, tuple(args.modes)) for p in providers]
-    if "model" in args.levels and model_available:
-        dtype = next((d for d in args.dtype if d != "fp32"), args.dtype[0])
-        batch = args.model_batch or model_batch(on_cuda, args.quick)
-        shape = Shape("clip", batch, 0, 0, 0, False)
-        plan += [Case("model", p, shape, dtype, MODEL_MODES) for p in providers]
-    if env.interpret and "op" in args.levels and "diffattn" in args.providers:
-        plan += [Case("op", INTERPRETER_PROVIDER, INTERPRETER_SHAPE, "fp32", tuple(args.modes))]
-    order = {case: i for i, case in enumerate(plan)}
-    return sorted(plan, key=lambda c: (priority(c, args.dtype[0]), order[c]))
+def tile_choices(env: Environment) -> List[tuple]:
+    """(kernel, class, bucket, config, source) for every tile choice the fused kernels made in
+    this process; source: "tuned table", "timed on first call", "first candidate" or
+    "interpreter"."""
+    try:
+        from diffattn.kernels import tuning
+    except ImportError:
+        return []
+    table = tuning.read_table()
+    arch = tuning.gpu_arch(env.device) if env.on_cuda else None
+    found = []
+    for chooser in (tuning.FWD_TILES, tuning.BWD_TILES):
+        for key, config in chooser.chosen.items():
+            _, dtype, block_d, block_dv, key_pair, causal, n_bucket, m_bucket = key
+            cls = tuning.call_class(dtype, block_d, block_dv, key_pair, causal)
+            if env.interpret:
+                source = "interpreter"
+            elif cls in table.get(arch, {}).get(chooser.kernel, {}):
+                source = f"tuned table ({arch})"
+            else:
+                source = "timed on first call" if tuning.AUTOTUNE else "first candidate"
+            found.append((chooser.kernel, cls, tuning.bucket_name(n_bucket, m_bucket), config,
+                          source))
+    return found
 
 
 def load_create_model(report: Report) -> Optional[Callable]:
     try:
         from diffattn.models import create_model
     except ImportError as exc:
-        report.notes.append(f"model level unavailable: diffattn.models.create_model cannot be "
+        report.notes.append(f"CLIP models unavailable: diffattn.models.create_model cannot be "
                             f"imported ({exc})")
         return None
     return create_model
 
 
-# ------------------------------------------------------------------------------ plots
-def write_plots(rows: List[dict], out: Path) -> List[str]:
-    """Speed and memory against seq_len for the op-level long sweep; returns messages."""
-    sweep = [r for r in rows if r["level"] == "op" and r["shape"] == "long"
-             and r["provider"] in PROVIDERS]
-    if not sweep:
-        return ["plots: no long-sweep measurements, no plots written"]
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return ["plots skipped: matplotlib is not installed"]
-    messages = []
-    for metric, name, ylabel in (("ms_p50", SPEED_PLOT, "time per call, ms (median)"),
-                                 ("peak_mem_mb", MEMORY_PLOT, "peak memory above inputs, MiB")):
-        data = [r for r in sweep if not math.isnan(r[metric])]
-        if not data:
-            messages.append(f"plots: no {metric} numbers (none on CPU), {name} not written")
-            continue
-        modes = [m for m in OP_MODES if any(r["mode"] == m for r in data)]
-        panels = sorted({(r["dtype"], r["head_dim"], r["causal"]) for r in data})
-        fig, axes = plt.subplots(len(modes), len(panels), squeeze=False,
-                                 figsize=(4.2 * len(panels), 3.4 * len(modes)))
-        for i, mode in enumerate(modes):
-            for j, (dtype, head_dim, causal) in enumerate(panels):
-                ax = axes[i][j]
-                for provider in PROVIDERS:
-                    pts = sorted((r["seq_len"], r[metric]) for r in data
-                                 if (r["mode"], r["dtype"], r["head_dim"], r["causal"],
-                                     r["provider"]) == (mode, dtype, head_dim, causal, provider))
-                    if pts:
-                        ax.plot(*zip(*pts), marker="o", label=provider)
-                ax.set_xscale("log", base=2)
-                ax.set_yscale("log")
-                ax.set_title(f"{mode} {dtype} d={head_dim}{' causal' if causal else ''}",
-                             fontsize=9)
-                ax.set_xlabel("seq_len (batch x seq_len fixed)")
-                ax.set_ylabel(ylabel, fontsize=8)
-                ax.grid(True, which="both", alpha=0.3)
-                ax.legend(fontsize=7)
-        fig.suptitle(f"op level, long sweep: {data[0]['device']}")
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        messages.append(f"wrote {out / name}")
-    return messages
-
-
-# ------------------------------------------------------------------------------ summary
-def fmt(x: Optional[float], spec: str = ".4g", suffix: str = "") -> str:
-    return "—" if x is None or math.isnan(x) else format(x, spec) + suffix
-
-
-def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
-    if a is None or b is None or math.isnan(a) or math.isnan(b) or b == 0:
-        return None
-    return a / b
-
-
-def shape_key(row: dict) -> tuple:
-    """What rows of different providers are compared on (at model level: mode, dtype, batch;
-    the plain model's geometry is its own)."""
-    if row["level"] == "model":
-        return (row["level"], row["shape"], row["batch"], row["dtype"], row["mode"])
-    return (row["level"], row["shape"], row["batch"], row["seq_len"], row["heads"],
-            row["head_dim"], row["causal"], row["dtype"], row["mode"])
-
-
-def grouped(rows: List[dict], level: str) -> Dict[tuple, Dict[str, dict]]:
-    groups: Dict[tuple, Dict[str, dict]] = {}
-    for row in rows:
-        if row["level"] == level and row["provider"] in PROVIDERS:
-            groups.setdefault(shape_key(row), {})[row["provider"]] = row
-    return groups
-
-
-def value(group: Dict[str, dict], provider: str, metric: str = "ms_p50") -> Optional[float]:
-    row = group.get(provider)
-    return None if row is None else row[metric]
-
-
-def comparison_table(rows: List[dict], level: str) -> List[str]:
-    groups = grouped(rows, level)
-    if not groups:
-        return []
-    lines = [f"## {level.capitalize()} level",
-             "",
-             "ms = median per call; speed-up = sdpa_x2 time / diffattn time; diffattn / "
-             "sdpa_plain = time ratio (1.5 = equal efficiency per FLOP); mem = peak MiB above "
-             "the inputs.",
-             "",
-             "| shape | dtype | mode | diffattn ms | sdpa_x2 ms | naive ms | sdpa_plain ms | "
-             "speed-up vs sdpa_x2 | diffattn / sdpa_plain | diffattn TFLOPS | "
-             "mem diffattn / sdpa_x2 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for key, group in groups.items():
-        _, name, batch, n, heads, d, causal, dtype, mode = key
-        shape = f"{name} B={batch} N={n} H={heads} d={d}{' causal' if causal else ''}"
-        mem = (f"{fmt(value(group, 'diffattn', 'peak_mem_mb'), '.0f')} / "
-               f"{fmt(value(group, 'sdpa_x2', 'peak_mem_mb'), '.0f')}")
-        lines.append(
-            f"| {shape} | {dtype} | {mode} | {fmt(value(group, 'diffattn'))} | "
-            f"{fmt(value(group, 'sdpa_x2'))} | {fmt(value(group, 'naive'))} | "
-            f"{fmt(value(group, 'sdpa_plain'))} | "
-            f"{fmt(ratio(value(group, 'sdpa_x2'), value(group, 'diffattn')), '.2f', 'x')} | "
-            f"{fmt(ratio(value(group, 'diffattn'), value(group, 'sdpa_plain')), '.2f', 'x')} | "
-            f"{fmt(value(group, 'diffattn', 'tflops'), '.1f')} | {mem} |")
-    return lines + [""]
-
-
-def samples_per_s(row: Optional[dict]) -> Optional[float]:
-    return None if row is None else row["batch"] * 1e3 / row["ms_p50"]
-
-
-def model_table(rows: List[dict]) -> List[str]:
-    groups = grouped(rows, "model")
-    if not groups:
-        return []
-    lines = ["## Model level (samples/s)", "",
-             "| mode | dtype | batch | diffattn | sdpa_x2 | naive | sdpa_plain | "
-             "diffattn / sdpa_plain | diffattn / naive |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for key, group in groups.items():
-        _, _, batch, dtype, mode = key
-        rate = {p: samples_per_s(group.get(p)) for p in PROVIDERS}
-        lines.append(
-            f"| {mode} | {dtype} | {batch} | "
-            + " | ".join(fmt(rate[p], ".1f") for p in PROVIDERS)
-            + f" | {fmt(ratio(rate['diffattn'], rate['sdpa_plain']), '.2f', 'x')}"
-            f" | {fmt(ratio(rate['diffattn'], rate['naive']), '.2f', 'x')} |")
-    return lines + [""]
-
-
-@dataclass(frozen=True)
-class Target:
-    """One of the issue's targets (H100, bf16, d=64, non-causal)."""
-    text: str
-    level: str
-    mode: str
-    shape: Optional[tuple]          # (shape name, seq_len) or None at model level
-    numerator: tuple                # (provider, metric)
-    denominator: tuple
-    op: str                         # ">=" or "<="
-    bound: float
-
-
-TARGETS = (
-    Target("op fwd, speed-up over sdpa_x2 at N=197", "op", "fwd", ("clip_vision", 197),
-           ("sdpa_x2", "ms_p50"), ("diffattn", "ms_p50"), ">=", 1.5),
-    Target("op fwd, speed-up over sdpa_x2 at N=4096", "op", "fwd", ("long", 4096),
-           ("sdpa_x2", "ms_p50"), ("diffattn", "ms_p50"), ">=", 1.15),
-    Target("op fwd_bwd, speed-up over sdpa_x2 at N=197", "op", "fwd_bwd", ("clip_vision", 197),
-           ("sdpa_x2", "ms_p50"), ("diffattn", "ms_p50"), ">=", 1.3),
-    Target("op fwd_bwd, speed-up over sdpa_x2 at N=4096", "op", "fwd_bwd", ("long", 4096),
-           ("sdpa_x2", "ms_p50"), ("diffattn", "ms_p50"), ">=", 1.1),
-    Target("op fwd, diffattn time / sdpa_plain time at N=197", "op", "fwd",
-           ("clip_vision", 197), ("diffattn", "ms_p50"), ("sdpa_plain", "ms_p50"), "<=", 1.5),
-    Target("op fwd_bwd, peak memory diffattn / sdpa_x2 at N=4096", "op", "fwd_bwd",
-           ("long", 4096), ("diffattn", "peak_mem_mb"), ("sdpa_x2", "peak_mem_mb"), "<=", 1.0),
-    Target("model train_step, diffattn samples/s / plain CLIP's", "model", "train_step", None,
-           ("sdpa_plain", "ms_p50"), ("diffattn", "ms_p50"), ">=", 0.95),
-    Target("model train_step, diffattn samples/s / naive's", "model", "train_step", None,
-           ("naive", "ms_p50"), ("diffattn", "ms_p50"), ">=", 1.5),
-)
-
-
-def evaluate_target(target: Target, rows: List[dict]) -> tuple:
-    """(measured ratio or None, 'PASS' | 'FAIL' | 'not measured (...)')."""
-    def find(provider: str) -> Optional[dict]:
-        for r in rows:
-            if (r["level"], r["mode"], r["provider"], r["dtype"]) != \
-                    (target.level, target.mode, provider, "bf16"):
-                continue
-            if target.shape is None or ((r["shape"], r["seq_len"]) == target.shape
-                                        and r["head_dim"] == 64 and not r["causal"]):
-                return r
-        return None
-    num, den = find(target.numerator[0]), find(target.denominator[0])
-    missing = [p for p, r in ((target.numerator[0], num), (target.denominator[0], den))
-               if r is None]
-    if missing:
-        return None, f"not measured (no bf16 {' / '.join(missing)} row)"
-    measured = ratio(num[target.numerator[1]], den[target.denominator[1]])
-    if measured is None:
-        return None, "not measured (no number on this device)"
-    ok = measured >= target.bound if target.op == ">=" else measured <= target.bound
-    return measured, "PASS" if ok else "FAIL"
-
-
-def targets_table(rows: List[dict], env: Environment) -> List[str]:
-    lines = ["## Targets (issue 5: H100, bf16, d=64, non-causal)", ""]
-    if "H100" not in env.device_name and "H200" not in env.device_name:
-        lines += [f"The targets are stated for an H100; this run is on {env.device_name}.", ""]
-    lines += ["| target | measured | bound | result |", "|---|---|---|---|"]
-    for target in TARGETS:
-        measured, result = evaluate_target(target, rows)
-        lines.append(f"| {target.text} | {fmt(measured, '.3f')} | {target.op} {target.bound} | "
-                     f"{result} |")
-    return lines + [""]
-
-
-def backends_table(report: Report) -> List[str]:
-    if not report.sdpa_backends:
-        return []
-    shapes: Dict[tuple, Dict[str, str]] = {}
-    for (label, dtype, provider), name in report.sdpa_backends.items():
-        shapes.setdefault((label, dtype), {})[provider] = name
-    lines = ["## SDPA backends (op level)", "", "| shape | dtype | sdpa_x2 | sdpa_plain |",
-             "|---|---|---|---|"]
-    for (label, dtype), names in shapes.items():
-        lines.append(f"| {label} | {dtype} | {names.get('sdpa_x2', '—')} | "
-                     f"{names.get('sdpa_plain', '—')} |")
-    return lines + [""]
-
-
-def summary_markdown(rows: List[dict], env: Environment, report: Report, argv: List[str],
-                     seconds: float) -> str:
-    date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    lines = [f"# diffattn throughput: {env.device_name}", "",
-             f"torch {env.torch_version}, triton {env.triton_version}, {date}, "
-             f"{seconds:.0f} s, {len(rows)} measurements.",
-             f"Command: `python benchmarks/throughput.py {' '.join(argv)}`", ""]
-    if report.notes:
-        lines += [f"- {note}" for note in report.notes] + [""]
-    lines += targets_table(rows, env)
-    lines += comparison_table(rows, "op") + comparison_table(rows, "layer") + model_table(rows)
-    lines += backends_table(report)
-    for title, items in (("Skipped", report.skipped), ("Failed", report.failed)):
-        if items:
-            lines += [f"## {title}", ""] + [f"- {what}: {why}" for what, why in items] + [""]
-    if report.not_run:
-        lines += ["## Not run", ""] + [f"- {label}" for label in report.not_run] + [""]
-    return "\n".join(lines)
-
-
 # ------------------------------------------------------------------------------ CLI
-def comma_list(choices: Sequence[str]) -> Callable[[str], List[str]]:
-    def parse(text: str) -> List[str]:
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        unknown = [t for t in items if t not in choices]
-        if unknown or not items:
-            raise argparse.ArgumentTypeError(f"unknown {unknown or 'empty list'}; choose from "
-                                             f"{', '.join(choices)}")
-        return items
-    return parse
-
-
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a short subset")
+    parser = CliParser(description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="the targets' shapes only (GPU) / a short subset (CPU)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out",
                         help="output folder (default benchmarks/out/ of this repository)")
-    parser.add_argument("--providers", type=comma_list(PROVIDERS), default=list(PROVIDERS),
-                        help=f"comma list of {', '.join(PROVIDERS)}")
+    parser.add_argument("--providers", type=comma_list(ALL_PROVIDERS), default=list(ALL_PROVIDERS),
+                        help=f"comma list of {', '.join(ALL_PROVIDERS)}")
     parser.add_argument("--levels", type=comma_list(LEVELS), default=list(LEVELS),
-                        help="comma list of op, layer, model")
+                        help="comma list of host, op, layer, model")
     parser.add_argument("--dtype", type=comma_list(tuple(DTYPES)), default=None,
                         help="comma list of bf16, fp16, fp32 (default bf16,fp16 on CUDA, bf16 "
-                             "with --quick; fp32 on CPU)")
-    parser.add_argument("--modes", type=comma_list(OP_MODES), default=list(OP_MODES),
-                        help="op/layer modes: comma list of fwd, bwd, fwd_bwd (model level "
-                             "always measures infer_image, infer_text, train_step)")
+                             "with --quick; fp32 on CPU); host level and the model level's "
+                             "autocast use the first low-precision one (bf16 if none)")
+    parser.add_argument("--modes", type=comma_list(OP_MODES), default=["fwd", "fwd_bwd"],
+                        help="op/layer modes: comma list of fwd, bwd, fwd_bwd (default "
+                             "fwd,fwd_bwd)")
     parser.add_argument("--causal", choices=("both", "causal", "noncausal"), default="both",
-                        help="keep only causal or non-causal shapes")
-    parser.add_argument("--warmup-ms", type=int, default=25, help="do_bench warm-up (CUDA)")
-    parser.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition (CUDA)")
-    parser.add_argument("--model-batch", type=int, default=None,
-                        help="model-level batch (default 256 on CUDA, 64 with --quick)")
-    parser.add_argument("--time-limit-s", type=float, default=None,
-                        help="start no new case after this many seconds; the rest is listed "
-                             "as not run (the targets' cases run first)")
-    return parser.parse_args(argv)
+                        help="keep only causal or non-causal op/layer shapes")
+    parser.add_argument("--compile", type=comma_list(tuple(COMPILE_CHOICES) + ("none",)),
+                        default=None,
+                        help="model-level torch.compile variants: comma list of default "
+                             "(mode _compiled), cudagraphs (mode _compiled_cudagraphs, "
+                             "reduce-overhead), or none (default: default,cudagraphs on CUDA, "
+                             "none on CPU)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend of the compiled modes (default inductor)")
+    parser.add_argument("--warmup-ms", type=positive_int, default=25,
+                        help="do_bench warm-up (CUDA)")
+    parser.add_argument("--rep-ms", type=positive_int, default=100,
+                        help="do_bench repetition (CUDA)")
+    parser.add_argument("--host-calls", type=positive_int, default=None,
+                        help="calls per back-to-back loop at host level (default 200, 100 "
+                             "with --quick)")
+    parser.add_argument("--host-loops", type=positive_int, default=None,
+                        help="timed loops at host level (default 7, 5 with --quick)")
+    parser.add_argument("--image-batch", type=positive_int, default=None,
+                        help="train_image batch (default 128 on CUDA, 4 on CPU)")
+    parser.add_argument("--text-batch", type=positive_int, default=None,
+                        help="train_text / infer_text batch (default 256 on CUDA, 8 on CPU)")
+    parser.add_argument("--model-steps", type=positive_int, default=None,
+                        help="timed steps per model case (default 10 on CUDA, 3 on CPU)")
+    parser.add_argument("--model-warmup", type=int, default=None,
+                        help="untimed steps after the first one (default 2 on CUDA, 1 on CPU)")
+    parser.add_argument("--time-limit-s", type=positive_float, default=None,
+                        help="start no case that would not end before this many seconds "
+                             "(rough estimates); the rest is listed as not run")
+    args = parser.parse_args(argv)
+    if args.compile is not None and "none" in args.compile:
+        if len(args.compile) > 1:
+            parser.error("--compile: none cannot be combined with other choices")
+        args.compile = []
+    if args.model_warmup is not None and args.model_warmup < 0:
+        parser.error(f"--model-warmup must be >= 0, got {args.model_warmup}")
+    return args
+
+
+def apply_defaults(args: argparse.Namespace, on_cuda: bool) -> None:
+    """Fill the device-dependent defaults in place."""
+    if args.dtype is None:
+        args.dtype = (["bf16"] if args.quick else ["bf16", "fp16"]) if on_cuda else ["fp32"]
+    if args.compile is None:
+        args.compile = list(COMPILE_CHOICES) if on_cuda else []
+    if args.host_calls is None:
+        args.host_calls = 100 if args.quick else 200
+    if args.host_loops is None:
+        args.host_loops = 5 if args.quick else 7
+    if args.model_steps is None:
+        args.model_steps = 10 if on_cuda else 3
+    if args.model_warmup is None:
+        args.model_warmup = 2 if on_cuda else 1
+
+
+def run_notes(args, env: Environment, plan: List[Case], report: Report) -> None:
+    if not env.on_cuda:
+        reason = CPU_NO_KERNELS if not torch.cuda.is_available() else (
+            "TRITON_INTERPRET=1 is set, so the fused kernels cannot run compiled: running on "
+            "CPU; diffattn, diffattn_v2 and timm_diff_fused skipped")
+        report.notes += [reason, f"CPU timings ({torch.get_num_threads()} threads per op) "
+                                 f"check that the harness and the library's torch path run; "
+                                 f"they say nothing about GPU performance"]
+        print(reason, flush=True)
+        if env.interpret:
+            report.notes.append(f"TRITON_INTERPRET=1: the fused kernels ran through the Triton "
+                                f"interpreter at {INTERPRETER_SHAPE.label()} fp32 as providers "
+                                f"{', '.join(INTERPRETER_PROVIDERS)} (a smoke run, not a speed "
+                                f"measurement)")
+    if any(c.provider in NO_LAUNCH_PROVIDERS for c in plan):
+        report.notes.append("host level: rows on the device \"cpu (kernels not launched)\" "
+                            "(providers diffattn_no_launch, diffattn_v2_no_launch) ran the "
+                            "fused ops on CPU tensors with every kernel launch replaced by a "
+                            "no-op: the library's host cost without the kernels and without "
+                            "the Triton launcher's own cost")
+    models = [c for c in plan if c.level == "model"]
+    if models:
+        spec = GPU_SPEC if env.on_cuda else CPU_SPEC
+        autocast = "no autocast" if models[0].dtype == "fp32" else \
+            f"autocast to {models[0].dtype}"
+        compiled = ", ".join(f"{s} = torch.compile(mode={m!r})" for s, m in
+                             (("_compiled", "default"), ("_compiled_cudagraphs", "reduce-overhead"))
+                             if any(c.modes[0].endswith(s) for c in models)) or "none"
+        report.notes.append(f"model level: {spec.diff} (diffattn, torch_path), {spec.plain} "
+                            f"(sdpa_plain), timm {spec.timm} {dict(spec.timm_kwargs) or ''} "
+                            f"(timm providers); fp32 parameters, {autocast}; compiled modes: "
+                            f"{compiled}")
+    try:
+        from diffattn.kernels import tuning
+        if env.on_cuda:
+            then = ("timing of the candidates on the first call" if tuning.AUTOTUNE
+                    else "the first candidate (DIFFATTN_AUTOTUNE=0)")
+            report.notes.append(f"tile choice: tuned table {tuning.TABLE_PATH.name} first, "
+                                f"then {then}")
+    except ImportError:
+        pass
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -746,65 +698,48 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     env = detect_environment()
-    if args.dtype is None:
-        args.dtype = (["bf16"] if args.quick else ["bf16", "fp16"]) if env.on_cuda else ["fp32"]
-    report = Report([], [], [], {})
-    if not env.on_cuda:
-        reason = CPU_NO_KERNELS if not torch.cuda.is_available() else (
-            "TRITON_INTERPRET=1 is set, so the fused kernels cannot run compiled: running on "
-            "CPU; diffattn provider skipped")
-        report.notes += [reason, "CPU timings check that the harness and the torch "
-                                 "providers run; they say nothing about GPU performance"]
-        print(reason, flush=True)
-        if env.interpret:
-            report.notes.append(f"TRITON_INTERPRET=1: the fused kernels ran through the Triton "
-                                f"interpreter at {INTERPRETER_SHAPE.label()} as provider "
-                                f"{INTERPRETER_PROVIDER} (a smoke run, not a speed "
-                                f"measurement)")
+    apply_defaults(args, env.on_cuda)
+    report = Report()
     create_model = load_create_model(report) if "model" in args.levels else None
-    plan = build_plan(args, env, create_model is not None)
-    names = GPU_MODELS if env.on_cuda else CPU_MODELS
-    model_cases = [c for c in plan if c.level == "model"]
-    if model_cases:
-        autocast = "no autocast" if model_cases[0].dtype == "fp32" else \
-            f"autocast to {model_cases[0].dtype}"
-        report.notes.append(f"model level: {names.diff} (providers diffattn, sdpa_x2, naive) "
-                            f"against {names.plain} (sdpa_plain), batch "
-                            f"{model_cases[0].shape.batch}, fp32 parameters, {autocast}")
-    timer = Timer(env.on_cuda, args.warmup_ms, args.rep_ms, 3 if args.quick else CPU_REPEATS)
+    plan = build_plan(args, env.on_cuda, env.interpret, create_model is not None)
+    run_notes(args, env, plan, report)
     budget = (torch.cuda.mem_get_info()[0] * GPU_NAIVE_BUDGET_FRACTION if env.on_cuda
               else CPU_NAIVE_BUDGET_BYTES)
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"{len(plan)} cases on {env.device_name} (torch {env.torch_version}, triton "
           f"{env.triton_version}); writing to {args.out}", flush=True)
 
-    not_run = []
+    not_run: List[tuple] = []
     with open(args.out / CSV_NAME, "w", newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
-        runner = Runner(env, timer, writer, stream, report, create_model, names, budget)
+        runner = Runner(env, args, writer, stream, report, create_model, budget)
         progress = Progress(len(plan))
         for index, case in enumerate(plan):
+            elapsed = time.perf_counter() - started
             if args.time_limit_s is not None and \
-                    time.perf_counter() - started > args.time_limit_s:
-                not_run = [(c, f"the time limit of {args.time_limit_s} s was reached")
-                           for c in plan[index:]]
-                break
+                    elapsed + (case.expected_s() if env.on_cuda else 0.0) > args.time_limit_s:
+                not_run.append((case, f"it would not end within the time limit of "
+                                      f"{args.time_limit_s:g} s"))
+                continue
             case_start = time.perf_counter()
             try:
                 runner.run(case)
             except KeyboardInterrupt:  # e.g. gpu_check.sh's timeout: keep what was measured
-                not_run = [(c, "the run was interrupted") for c in plan[index:]]
+                not_run += [(c, "the run was interrupted") for c in plan[index:]]
                 break
             progress.step(case.label(), time.perf_counter() - case_start)
         progress.close()
-    report.not_run = [case.label() for case, _ in not_run]
+    report.not_run = [f"{case.label()} ({why})" for case, why in not_run]
     if not_run:
-        report.notes.append(f"{len(not_run)} of {len(plan)} cases not run: {not_run[0][1]} "
-                            f"(listed under 'Not run')")
+        report.notes.append(f"{len(not_run)} of {len(plan)} cases not run (listed under "
+                            f"'Not run')")
+    report.tiles = tile_choices(env)
     for message in write_plots(runner.rows, args.out):
         print(message, flush=True)
-    summary = summary_markdown(runner.rows, env, report, argv, time.perf_counter() - started)
+    summary = summary_markdown(runner.rows, env.device_name, env.on_cuda,
+                               (env.torch_version, env.triton_version), report, argv,
+                               time.perf_counter() - started)
     (args.out / SUMMARY_NAME).write_text(summary + "\n")
     print(f"wrote {args.out / CSV_NAME} ({len(runner.rows)} rows) and "
           f"{args.out / SUMMARY_NAME}\n", flush=True)

@@ -1,0 +1,159 @@
+"""Host level: what one tiny call costs the host (Python, autograd, tile choice, allocations,
+launches), measured as the wall time per call of a back-to-back loop.
+
+The problem is :data:`HOST_SHAPE` (batch 1, seq_len 16, one differential head, head_dim 64):
+the device's own work is negligible, so on a GPU the loop runs at the pace of the host.
+
+Providers:
+    diffattn, diffattn_v2       the fused ops (``backend="triton"``) on the benchmark device.
+    sdpa_x2, flash_v2           their unfused baselines (benchmarks/providers.py).
+    diffattn_no_launch, diffattn_v2_no_launch
+                                the fused ops on CPU tensors with the Triton kernels replaced
+                                by no-ops (:func:`kernels_not_launched`): everything the
+                                library does on the host around the kernels runs for real
+                                (argument checks, autograd, output allocations, tile choice),
+                                the launches do not. Their rows carry the device
+                                :data:`NO_LAUNCH_DEVICE`, on any machine. They leave out the
+                                Triton launcher's own host cost (argument binding and the
+                                driver call), which only a GPU shows.
+
+Modes: ``fwd`` (forward under ``torch.no_grad``) and ``fwd_bwd`` (forward with autograd, then
+``torch.autograd.grad`` of a fixed output gradient into every input, lambda included).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+from typing import Callable, Dict, Iterator, Optional, Tuple
+
+import torch
+
+from providers import Shape, op_forward
+
+HOST_SHAPE = Shape("host_tiny", 1, 16, 1, 64, False)
+HOST_MODES = ("fwd", "fwd_bwd")
+HOST_PROVIDERS = ("diffattn", "sdpa_x2", "diffattn_v2", "flash_v2")
+NO_LAUNCH_PROVIDERS: Dict[str, str] = {"diffattn_no_launch": "diffattn",
+                                       "diffattn_v2_no_launch": "diffattn_v2"}
+NO_LAUNCH_DEVICE = "cpu (kernels not launched)"
+# A GPU architecture name with no entry in kernels/tuned_configs.json: tile choice takes the
+# path of an untuned GPU (first candidate, remembered per key).
+NO_LAUNCH_ARCH = "sm_no_launch"
+_KERNEL_GLOBALS = (("diffattn.kernels.diff_attn_fwd", "diff_attn_fwd_kernel"),
+                   ("diffattn.kernels.diff_attn_bwd", "diff_attn_bwd_rows_kernel"),
+                   ("diffattn.kernels.diff_attn_bwd", "diff_attn_bwd_kernel"))
+
+
+class NoLaunchKernel:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kwargs)`` does nothing
+    and counts the launch."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.launches = 0
+
+    def __getitem__(self, grid) -> Callable[..., None]:
+        def launch(*args, **kwargs) -> None:
+            self.launches += 1
+        return launch
+
+
+@contextlib.contextmanager
+def kernels_not_launched() -> Iterator[Dict[str, NoLaunchKernel]]:
+    """Run the fused ops on CPU tensors with every kernel launch a no-op.
+
+    Inside the block: the launchers' kernel globals are :class:`NoLaunchKernel` objects (the
+    launchers look them up at each call); ``backend="triton"`` is allowed on CPU tensors;
+    tile choice runs as on a GPU with no tuned-table entry and autotuning off (the first call
+    of a key picks the first candidate, later calls are a dictionary hit); the interpreter's
+    bf16 detour is off, as on a GPU. Everything is restored on exit, the tile choices made
+    inside included. Yields {kernel global name: its NoLaunchKernel}.
+    """
+    backend = importlib.import_module("diffattn.backend")
+    ops = importlib.import_module("diffattn.ops")
+    tuning = importlib.import_module("diffattn.kernels.tuning")
+    real_reason = backend.triton_unavailable_reason
+
+    def allowed_on_cpu(device, dtype, head_dim, features=()):
+        if device.type != "cpu":
+            return real_reason(device, dtype, head_dim, features)
+        if features:
+            return f"the fused kernels do not support {', '.join(features)}"
+        return None
+
+    stubs = {name: NoLaunchKernel(name) for _, name in _KERNEL_GLOBALS}
+    patches = [(importlib.import_module(module), name, stubs[name])
+               for module, name in _KERNEL_GLOBALS]
+    for module, name, _ in patches:
+        if not hasattr(module, name):  # a renamed kernel would launch for real
+            raise RuntimeError(f"{module.__name__} has no kernel global {name!r}: the host-only "
+                               f"run of benchmarks/host.py must name the launchers' kernels")
+    patches += [(backend, "triton_unavailable_reason", allowed_on_cpu),
+                (tuning, "gpu_arch", lambda device: NO_LAUNCH_ARCH),
+                (tuning, "AUTOTUNE", False), (tuning, "INTERPRET", False),
+                (ops, "INTERPRET", False)]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+    choosers = (tuning.FWD_TILES, tuning.BWD_TILES)
+    chosen = [dict(c.chosen) for c in choosers]
+    try:
+        for obj, name, value in patches:
+            setattr(obj, name, value)
+        yield stubs
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
+        for chooser, before in zip(choosers, chosen):
+            chooser.chosen.clear()
+            chooser.chosen.update(before)
+
+
+def host_call(provider: str, mode: str, dtype: torch.dtype,
+              device: torch.device) -> Tuple[Callable[[], object], bool]:
+    """(one call of ``provider`` in ``mode`` on HOST_SHAPE, whether it runs without grad).
+
+    A ``*_no_launch`` provider builds CPU tensors and must be called inside
+    :func:`kernels_not_launched`.
+    """
+    if mode not in HOST_MODES:
+        raise ValueError(f"mode must be one of {HOST_MODES}, got {mode!r}")
+    op = NO_LAUNCH_PROVIDERS.get(provider, provider)
+    if op not in HOST_PROVIDERS:
+        raise ValueError(f"unknown host-level provider {provider!r}; expected one of "
+                         f"{HOST_PROVIDERS + tuple(NO_LAUNCH_PROVIDERS)}")
+    if provider in NO_LAUNCH_PROVIDERS:
+        device = torch.device("cpu")
+    forward, leaves, _ = op_forward(op, HOST_SHAPE, dtype, device)
+    if mode == "fwd":
+        return forward, True
+    grad = torch.randn_like(forward())
+
+    def fwd_bwd():
+        return torch.autograd.grad(forward(), leaves, grad)
+    return fwd_bwd, False
+
+
+def host_device_label(provider: str, device_name: str) -> str:
+    """The CSV device of a host-level row."""
+    return NO_LAUNCH_DEVICE if provider in NO_LAUNCH_PROVIDERS else device_name
+
+
+def host_context(provider: str):
+    """The context a host-level provider runs in: kernels_not_launched() for the
+    ``*_no_launch`` providers, nothing for the others."""
+    return kernels_not_launched() if provider in NO_LAUNCH_PROVIDERS else contextlib.nullcontext()
+
+
+def run_host_case(provider: str, mode: str, dtype: torch.dtype, device: torch.device,
+                  timer: Callable, peak: Optional[Callable] = None) -> tuple:
+    """([p50, p20, p80] ms per call, peak MiB or NaN) of one host-level provider and mode.
+
+    timer(call, device) -> [p50, p20, p80] (e.g. timing.time_back_to_back with its counts
+    bound); peak(call) -> MiB, used for CUDA providers only.
+    """
+    with host_context(provider):
+        call, no_grad = host_call(provider, mode, dtype, device)
+        run_device = torch.device("cpu") if provider in NO_LAUNCH_PROVIDERS else device
+        with torch.no_grad() if no_grad else contextlib.nullcontext():
+            times = timer(call, run_device)
+            mem = peak(call) if peak is not None and run_device.type == "cuda" else float("nan")
+    return times, mem

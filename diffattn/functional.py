@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .backend import check_backend_name, resolve_backend, unsupported_features
-from .reference import expand_lambda
+from .reference import LambdaVectors, expand_lambda
 from .torch_path import diff_attention_torch, diff_attention_v2_torch
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -214,13 +214,16 @@ def _autocast_off(device_type: str):
 
 
 def _kernel_lambda(lambda_, acc_dtype: torch.dtype, device: torch.device):
-    """(lam tensor or None, float value) as the kernels take lambda: a float stays a kernel
-    argument (except in float64, whose kernel arguments would round it to float32)."""
+    """(lam tensor or None, float value, vectors?) as the kernels take lambda: a float stays a
+    kernel argument (except in float64, whose kernel arguments would round it to float32);
+    LambdaVectors pass their (4, L) vectors, the kernels computing lambda from them."""
+    if isinstance(lambda_, LambdaVectors):
+        return lambda_.vectors, float(lambda_.init), True
     if isinstance(lambda_, Tensor):
-        return lambda_.to(acc_dtype), 0.0
+        return lambda_.to(acc_dtype), 0.0, False
     if acc_dtype == torch.float64:
-        return torch.tensor(float(lambda_), dtype=acc_dtype, device=device), 0.0
-    return None, float(lambda_)
+        return torch.tensor(float(lambda_), dtype=acc_dtype, device=device), 0.0, False
+    return None, float(lambda_), False
 
 
 def _mask_for_kernels(key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
@@ -231,7 +234,8 @@ def run_diff_attention(q, k, v, lambda_, backend, *, causal=False, key_padding_m
                        scale=None, norm_weight=None, eps=1e-5, out_scale=1.0, dropout_p=0.0,
                        attn_mask=None) -> Tensor:
     """diff_attention without the argument checks: for callers whose inputs are already known
-    to be right (DiffMultiheadAttention). ``backend`` is "triton" or "torch" (resolved)."""
+    to be right (DiffMultiheadAttention). ``backend`` is "triton" or "torch" (resolved);
+    ``lambda_`` may also be LambdaVectors (a layer's lambda vectors, fp32 contiguous)."""
     q, k, v = _autocast(q, k, v)
     d = q.shape[3]
     scale = d ** -0.5 if scale is None else float(scale)
@@ -239,9 +243,9 @@ def run_diff_attention(q, k, v, lambda_, backend, *, causal=False, key_padding_m
     weight = None if norm_weight is None else norm_weight.to(acc_dtype)
     if backend == "triton":
         from .ops import fused_attention
-        lam, lam_value = _kernel_lambda(lambda_, acc_dtype, q.device)
+        lam, lam_value, vectors = _kernel_lambda(lambda_, acc_dtype, q.device)
         return fused_attention(q, k, v, lam, lam_value, _mask_for_kernels(key_padding_mask),
-                               weight, scale, causal, eps, float(out_scale))
+                               weight, scale, causal, eps, float(out_scale), vectors)
     lam = expand_lambda(lambda_, q.shape[2] // 2, acc_dtype, q.device)
     with _autocast_off(q.device.type):
         return diff_attention_torch(q, k, v, lam, causal=causal,
@@ -258,7 +262,7 @@ def run_diff_attention_v2(q, k, v, lambda_, backend, *, causal=False, key_paddin
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     if backend == "triton":
         from .ops import fused_attention
-        lam, lam_value = _kernel_lambda(lambda_, acc_dtype, q.device)
+        lam, lam_value, _ = _kernel_lambda(lambda_, acc_dtype, q.device)
         return fused_attention(q, k, v, lam, lam_value, _mask_for_kernels(key_padding_mask),
                                None, scale, causal, 1.0, 1.0)
     with _autocast_off(q.device.type):

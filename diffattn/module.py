@@ -9,7 +9,8 @@ diffattn/packed_projection.py).
 
 State-dict names follow the DiffCLIP release, so its attention layers load with strict=True:
 q_proj, k_proj, v_proj, out_proj, lambda_q1, lambda_k1, lambda_q2, lambda_k2,
-diff_norm.weight. nn.MultiheadAttention's layouts (packed ``in_proj_weight``, or
+diff_norm.weight. (The four lambda vectors are one (4, d) parameter, so the fused kernels
+compute lambda and its gradient themselves, with no extra operations per step.) nn.MultiheadAttention's layouts (packed ``in_proj_weight``, or
 ``q_proj_weight`` / ``k_proj_weight`` / ``v_proj_weight`` with kdim/vdim) load too.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .attention_inputs import attention_masks, check_inputs, is_causal_mask, res
 from .backend import check_backend_name, resolve_backend, unsupported_features
 from .functional import run_diff_attention
 from .packed_projection import load_packed, projection_slice, save_packed
-from .reference import differential_maps
+from .reference import LambdaVectors, differential_maps
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 _SEPARATE = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
@@ -137,11 +138,8 @@ class DiffMultiheadAttention(nn.Module):
         self.in_proj_bias = (nn.Parameter(torch.empty(sum(self._sizes), **factory)) if bias
                              else None)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
-        lam = {"device": device, "dtype": torch.float32}
-        self.lambda_q1 = nn.Parameter(torch.empty(self.head_dim, **lam))
-        self.lambda_k1 = nn.Parameter(torch.empty(self.head_dim, **lam))
-        self.lambda_q2 = nn.Parameter(torch.empty(self.head_dim, **lam))
-        self.lambda_k2 = nn.Parameter(torch.empty(self.head_dim, **lam))
+        self.lambda_vectors = nn.Parameter(torch.empty(4, self.head_dim, device=device,
+                                                       dtype=torch.float32))
         self.diff_norm = HeadRMSNorm(2 * self.head_dim, eps=1e-5, **factory)
         self.reset_parameters()
 
@@ -161,14 +159,16 @@ class DiffMultiheadAttention(nn.Module):
 
     def reset_lambda_parameters(self) -> None:
         """lambda vectors ~ N(0, 0.1), as in the Differential Transformer and DiffCLIP."""
-        for name in _LAMBDAS:
-            nn.init.normal_(getattr(self, name), mean=0.0, std=0.1)
+        nn.init.normal_(self.lambda_vectors, mean=0.0, std=0.1)
+
+    lambda_q1 = property(lambda self: self.lambda_vectors[0], doc="lq1, a view (d,)")
+    lambda_k1 = property(lambda self: self.lambda_vectors[1], doc="lk1, a view (d,)")
+    lambda_q2 = property(lambda self: self.lambda_vectors[2], doc="lq2, a view (d,)")
+    lambda_k2 = property(lambda self: self.lambda_vectors[3], doc="lk2, a view (d,)")
 
     def compute_lambda(self) -> Tensor:
         """0-dim fp32: exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init, shared by all heads."""
-        lam1 = torch.exp(torch.dot(self.lambda_q1.float(), self.lambda_k1.float()))
-        lam2 = torch.exp(torch.dot(self.lambda_q2.float(), self.lambda_k2.float()))
-        return lam1 - lam2 + self.lambda_init
+        return LambdaVectors(self.lambda_vectors.float(), self.lambda_init).value()
 
     def extra_repr(self) -> str:
         dims = "" if self._packed else f", kdim={self.kdim}, vdim={self.vdim}"
@@ -216,8 +216,10 @@ class DiffMultiheadAttention(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         names = ("in_proj_weight",) if self._packed else _SEPARATE
-        for name in names + ("in_proj_bias",):
+        for name in names + ("in_proj_bias", "lambda_vectors"):
             destination.pop(prefix + name, None)
+        for name, vector in zip(_LAMBDAS, self.lambda_vectors):
+            destination[prefix + name] = vector if keep_vars else vector.detach().clone()
         save_packed(destination, prefix, self._projection_weights() if not self._packed
                     else self.in_proj_weight, self.in_proj_bias, _PROJECTIONS, self._sizes,
                     keep_vars)
@@ -249,6 +251,16 @@ class DiffMultiheadAttention(nn.Module):
                 state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
             state_dict.setdefault(prefix + "diff_norm.weight",
                                   self.diff_norm.weight.detach().clone())
+        lambdas = [prefix + name for name in _LAMBDAS]
+        if any(key in state_dict for key in lambdas):
+            missing = [key for key in lambdas if key not in state_dict]
+            if missing:
+                error_msgs.append(f"{prefix}lambda_vectors: missing {missing}")
+                for key in lambdas:
+                    state_dict.pop(key, None)
+            else:
+                state_dict[prefix + "lambda_vectors"] = torch.stack(
+                    [state_dict.pop(key) for key in lambdas])
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -281,7 +293,7 @@ class DiffMultiheadAttention(nn.Module):
         q = q.unflatten(-1, (self.num_heads, d))
         k = k.unflatten(-1, (self.num_kv_heads, d))
         v = v.unflatten(-1, (self.num_kv_heads // 2, 2 * d))
-        lam = self.compute_lambda()
+        lam = LambdaVectors(self.lambda_vectors, self.lambda_init)
 
         causal = bool(is_causal)
         if attn_mask is not None and (causal or is_causal_mask(attn_mask, N, M)):
@@ -300,7 +312,7 @@ class DiffMultiheadAttention(nn.Module):
 
         weights = None
         if need_weights:
-            *_, diff = differential_maps(q, k, lambda_=lam.to(q.dtype), causal=causal,
+            *_, diff = differential_maps(q, k, lambda_=lam.value().to(q.dtype), causal=causal,
                                          key_padding_mask=key_padding_mask, attn_bias=bias)
             weights = diff.mean(1) if average_attn_weights else diff
             if unbatched:

@@ -17,6 +17,8 @@ g = h // (H // Hk), and q heads 2h and 2h+1 are its two maps:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
+
 import torch
 
 
@@ -32,9 +34,25 @@ def causal_keep_mask(seq_q: int, seq_k: int, device=None) -> torch.Tensor:
     return cols <= rows + (seq_k - seq_q)
 
 
+class LambdaVectors(NamedTuple):
+    """The Differential Transformer's (V1, DiffCLIP) lambda, shared by all heads of a layer:
+    exp(lq1 . lk1) - exp(lq2 . lk2) + init, from its four vectors stacked as ``vectors``
+    (4, L) = (lq1, lk1, lq2, lk2). The fused kernels compute it, and the vectors' gradients,
+    themselves; ``value()`` is the same in PyTorch ops."""
+    vectors: torch.Tensor
+    init: float
+
+    def value(self) -> torch.Tensor:
+        """0-dim tensor in the vectors' dtype."""
+        lq1, lk1, lq2, lk2 = self.vectors
+        return torch.exp(torch.dot(lq1, lk1)) - torch.exp(torch.dot(lq2, lk2)) + self.init
+
+
 def expand_lambda(lambda_, num_heads: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """Return a per-head lambda (float, () or (H,)) as a (H,) tensor of ``dtype``
-    (differentiable when lambda_ is a tensor)."""
+    """Return a per-head lambda (float, () or (H,) tensor, or LambdaVectors) as a (H,) tensor of
+    ``dtype`` (differentiable when lambda_ is a tensor)."""
+    if isinstance(lambda_, LambdaVectors):
+        lambda_ = lambda_.value()
     if isinstance(lambda_, torch.Tensor):
         return lambda_.to(device=device, dtype=dtype).reshape(-1).expand(num_heads)
     return torch.full((num_heads,), float(lambda_), dtype=dtype, device=device)

@@ -30,14 +30,15 @@ import triton
 import triton.language as tl
 
 from .config import RED_COLS, RED_ROWS, ROWS_BLOCK_M, cdiv, head_block, rows_warps
-from .diff_attn_fwd import LOG2E, dot_precision, lambda_strides
+from .diff_attn_fwd import LOG2E, dot_precision, lambda_flags, lambda_strides
 from .tiles import (causal_key_end, causal_keep, full_tiles_end, key_keep, load_head_pair,
                     load_lambda_rows, load_tile)
 from .tuning import BWD_TILES
 
 # dlambda reduction modes (DLAM_REDUCE): lambda per row and head (no reduction: the row pass
-# writes dlambda), one lambda per head, one lambda for every head.
-DLAM_PER_ROW, DLAM_PER_HEAD, DLAM_SCALAR = 0, 1, 2
+# writes dlambda), one lambda per head, one lambda for every head, one lambda for every head
+# computed from its four vectors (whose gradients are then written).
+DLAM_PER_ROW, DLAM_PER_HEAD, DLAM_SCALAR, DLAM_VECTORS = 0, 1, 2, 3
 
 
 @triton.jit(do_not_specialize=["N", "H", "stride_lb", "stride_ln", "stride_lh"])
@@ -46,7 +47,8 @@ def diff_attn_bwd_rows_kernel(
     stride_dyb, stride_dyn, stride_dyh,
     stride_lb, stride_ln, stride_lh,
     N, H, lam_value, out_scale,
-    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, LAM_FROM_PTR: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, LAM_MODE: tl.constexpr, LAM_DIM: tl.constexpr,
+    BLOCK_LAM: tl.constexpr,
     NEED_DLAM: tl.constexpr, DLAM_REDUCE: tl.constexpr, HAS_NORM: tl.constexpr,
     NEED_DW: tl.constexpr, STORE_DX: tl.constexpr, ACC_FP64: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -67,7 +69,7 @@ def diff_attn_bwd_rows_kernel(
     x = tl.load(X + off, mask=mask, other=0.0).to(acc_dtype)
     o2 = tl.load(O2 + off, mask=mask, other=0.0).to(acc_dtype)
     lam = load_lambda_rows(LAM, b, rows, N, h, stride_lb, stride_ln, stride_lh, lam_value,
-                           LAM_FROM_PTR, acc_dtype)
+                           LAM_MODE, LAM_DIM, BLOCK_LAM, acc_dtype)
 
     g = dy * out_scale
     if HAS_NORM:
@@ -119,7 +121,8 @@ def _dkdv_query_tiles(k1, k2, v, dk1, dk2, dv, col_keep, cols, start, end, q_bas
                       lam_value, stride_qh, stride_qn, stride_don, N, M, qk_scale,
                       HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                       BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr,
-                      LAM_FROM_PTR: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+                      LAM_MODE: tl.constexpr, LAM_DIM: tl.constexpr,
+    BLOCK_LAM: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
     """Accumulate one key tile's dK and dV over the query tiles [start, end) of head h."""
     offs_d = tl.arange(0, BLOCK_D)
@@ -132,7 +135,7 @@ def _dkdv_query_tiles(k1, k2, v, dk1, dk2, dv, col_keep, cols, start, end, q_bas
                        HEAD_DIM_V != BLOCK_DV)
         lse1, lse2, d1, d2 = _load_row_stats(lse_base, delta_base, rows, N, MASKED)
         lam = load_lambda_rows(LAM, b, rows, N, h, stride_lb, stride_ln, stride_lh, lam_value,
-                               LAM_FROM_PTR, dv.dtype)
+                               LAM_MODE, LAM_DIM, BLOCK_LAM, dv.dtype)
 
         sT1 = tl.dot(k1, tl.trans(q1), input_precision=PRECISION).to(dv.dtype)
         sT2 = tl.dot(k2, tl.trans(q2), input_precision=PRECISION).to(dv.dtype)
@@ -164,7 +167,8 @@ def _dkdv_program(tile, bg, Q, K, V, LAM, KPM, DO, LSE, DELTA, DK, DV,
                   stride_lb, stride_ln, stride_lh, stride_kpm_b,
                   N, M, H, HK, GROUP, lam_value, qk_scale, sm_scale,
                   HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr, LAM_FROM_PTR: tl.constexpr,
+                  BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr, LAM_MODE: tl.constexpr, LAM_DIM: tl.constexpr,
+    BLOCK_LAM: tl.constexpr,
                   CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_FP64: tl.constexpr,
                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK and dV of one key tile of one key/value group, over every head that reads it."""
@@ -209,17 +213,17 @@ def _dkdv_program(tile, bg, Q, K, V, LAM, KPM, DO, LSE, DELTA, DK, DV,
             k1, k2, v, dk1, dk2, dv, col_keep, cols, lo, open_lo, q_base, do_base, lse_base,
             delta_base, LAM, b, h, stride_lb, stride_ln, stride_lh, lam_value, stride_qh,
             stride_qn, stride_don, N, M, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-            KEY_PAIR, LAM_FROM_PTR, CAUSAL, True, PRECISION, BLOCK_M)
+            KEY_PAIR, LAM_MODE, LAM_DIM, BLOCK_LAM, CAUSAL, True, PRECISION, BLOCK_M)
         dk1, dk2, dv = _dkdv_query_tiles(
             k1, k2, v, dk1, dk2, dv, col_keep, cols, open_lo, open_hi, q_base, do_base,
             lse_base, delta_base, LAM, b, h, stride_lb, stride_ln, stride_lh, lam_value,
             stride_qh, stride_qn, stride_don, N, M, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
-            BLOCK_DV, KEY_PAIR, LAM_FROM_PTR, CAUSAL, False, PRECISION, BLOCK_M)
+            BLOCK_DV, KEY_PAIR, LAM_MODE, LAM_DIM, BLOCK_LAM, CAUSAL, False, PRECISION, BLOCK_M)
         dk1, dk2, dv = _dkdv_query_tiles(
             k1, k2, v, dk1, dk2, dv, col_keep, cols, open_hi, N, q_base, do_base, lse_base,
             delta_base, LAM, b, h, stride_lb, stride_ln, stride_lh, lam_value, stride_qh,
             stride_qn, stride_don, N, M, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-            KEY_PAIR, LAM_FROM_PTR, CAUSAL, True, PRECISION, BLOCK_M)
+            KEY_PAIR, LAM_MODE, LAM_DIM, BLOCK_LAM, CAUSAL, True, PRECISION, BLOCK_M)
 
     col_ok = cols < M
     dk_ptrs = (DK + ((b * M + cols[:, None]) * (key_heads * HK) + key_heads * g) * HEAD_DIM
@@ -274,7 +278,8 @@ def _dq_program(tile, bh, Q, K, V, LAM, KPM, DO, LSE, DELTA, DQ,
                 stride_lb, stride_ln, stride_lh, stride_kpm_b,
                 N, M, H, GROUP, lam_value, qk_scale, sm_scale,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr, LAM_FROM_PTR: tl.constexpr,
+                BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr, LAM_MODE: tl.constexpr, LAM_DIM: tl.constexpr,
+    BLOCK_LAM: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_FP64: tl.constexpr,
                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dq of one query tile of one differential head (both maps)."""
@@ -294,7 +299,7 @@ def _dq_program(tile, bh, Q, K, V, LAM, KPM, DO, LSE, DELTA, DQ,
     lse1, lse2, d1, d2 = _load_row_stats(LSE + ((b * H + h) * 2) * N,
                                          DELTA + ((b * H + h) * 2) * N, rows, N, True)
     lam = load_lambda_rows(LAM, b, rows, N, h, stride_lb, stride_ln, stride_lh, lam_value,
-                           LAM_FROM_PTR, acc_dtype)
+                           LAM_MODE, LAM_DIM, BLOCK_LAM, acc_dtype)
     k_base = K + b * stride_kb + key_heads * g * stride_kh
     v_base = V + b * stride_vb + g * stride_vh
     kpm_row = KPM + b * stride_kpm_b
@@ -325,13 +330,13 @@ def _dq_program(tile, bh, Q, K, V, LAM, KPM, DO, LSE, DELTA, DQ,
 
 
 @triton.jit
-def _reduce_program(r, DLAM_PART, DLAM, DW_PART, DW, n_lam_parts, H, n_dw_rows, n_dlam_progs,
-                    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
-                    DLAM_REDUCE: tl.constexpr, ACC_FP64: tl.constexpr,
-                    RED_ROWS: tl.constexpr, RED_COLS: tl.constexpr):
-    """Sum partials in a fixed order: dlambda of head r (per-head lambda) or of the scalar
-    lambda (r = 0) from DLAM_PART (n_lam_parts, H); then d(norm weight) columns from DW_PART
-    (n_dw_rows, BLOCK_DV)."""
+def _reduce_program(r, DLAM_PART, DLAM, DW_PART, DW, LAM, n_lam_parts, H, n_dw_rows,
+                    n_dlam_progs, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+                    DLAM_REDUCE: tl.constexpr, LAM_DIM: tl.constexpr, BLOCK_LAM: tl.constexpr,
+                    ACC_FP64: tl.constexpr, RED_ROWS: tl.constexpr, RED_COLS: tl.constexpr):
+    """Sum partials in a fixed order: dlambda of head r (per-head lambda) or of the shared
+    lambda (r = 0) from DLAM_PART (n_lam_parts, H) (with lambda from vectors, then the four
+    vectors' gradients); then d(norm weight) columns from DW_PART (n_dw_rows, BLOCK_DV)."""
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     if r < n_dlam_progs:
         offs = tl.arange(0, RED_ROWS)
@@ -346,7 +351,22 @@ def _reduce_program(r, DLAM_PART, DLAM, DW_PART, DW, n_lam_parts, H, n_dw_rows, 
             for start in range(0, total, RED_ROWS):
                 idx = start + offs
                 acc += tl.load(DLAM_PART + idx, mask=idx < total, other=0.0)
-        tl.store(DLAM + r, tl.sum(acc, 0))
+        dlam = tl.sum(acc, 0)
+        if DLAM_REDUCE == 3:  # lambda = exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init
+            vec = tl.arange(0, BLOCK_LAM)
+            ok = vec < LAM_DIM
+            lq1 = tl.load(LAM + vec, mask=ok, other=0.0).to(acc_dtype)
+            lk1 = tl.load(LAM + LAM_DIM + vec, mask=ok, other=0.0).to(acc_dtype)
+            lq2 = tl.load(LAM + 2 * LAM_DIM + vec, mask=ok, other=0.0).to(acc_dtype)
+            lk2 = tl.load(LAM + 3 * LAM_DIM + vec, mask=ok, other=0.0).to(acc_dtype)
+            g1 = dlam * tl.exp(tl.sum(lq1 * lk1, 0))
+            g2 = -dlam * tl.exp(tl.sum(lq2 * lk2, 0))
+            tl.store(DLAM + vec, g1 * lk1, mask=ok)
+            tl.store(DLAM + LAM_DIM + vec, g1 * lq1, mask=ok)
+            tl.store(DLAM + 2 * LAM_DIM + vec, g2 * lk2, mask=ok)
+            tl.store(DLAM + 3 * LAM_DIM + vec, g2 * lq2, mask=ok)
+        else:
+            tl.store(DLAM + r, dlam)
     else:
         cols = (r - n_dlam_progs) * RED_COLS + tl.arange(0, RED_COLS)
         rows = tl.arange(0, RED_ROWS)
@@ -375,7 +395,8 @@ def diff_attn_bwd_kernel(
     n_kv_tiles, n_q_tiles, n_kv_progs, n_q_progs, n_lam_parts, n_dw_rows, n_dlam_progs,
     lam_value, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr, LAM_FROM_PTR: tl.constexpr,
+    BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr, LAM_MODE: tl.constexpr, LAM_DIM: tl.constexpr,
+    BLOCK_LAM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DLAM_REDUCE: tl.constexpr,
     ACC_FP64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr,
@@ -388,7 +409,7 @@ def diff_attn_bwd_kernel(
                       stride_vb, stride_vm, stride_vh, stride_dob, stride_don, stride_doh,
                       stride_lb, stride_ln, stride_lh, stride_kpm_b, N, M, H, HK, GROUP,
                       lam_value, qk_scale, sm_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-                      KEY_PAIR, LAM_FROM_PTR, CAUSAL, HAS_KPM, ACC_FP64, PRECISION,
+                      KEY_PAIR, LAM_MODE, LAM_DIM, BLOCK_LAM, CAUSAL, HAS_KPM, ACC_FP64, PRECISION,
                       BLOCK_M1, BLOCK_N1)
     elif pid < n_kv_progs + n_q_progs:
         pid_q = pid - n_kv_progs
@@ -397,25 +418,28 @@ def diff_attn_bwd_kernel(
                     stride_vb, stride_vm, stride_vh, stride_dob, stride_don, stride_doh,
                     stride_lb, stride_ln, stride_lh, stride_kpm_b, N, M, H, GROUP,
                     lam_value, qk_scale, sm_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-                    KEY_PAIR, LAM_FROM_PTR, CAUSAL, HAS_KPM, ACC_FP64, PRECISION,
+                    KEY_PAIR, LAM_MODE, LAM_DIM, BLOCK_LAM, CAUSAL, HAS_KPM, ACC_FP64, PRECISION,
                     BLOCK_M2, BLOCK_N2)
     else:
-        _reduce_program(pid - n_kv_progs - n_q_progs, DLAM_PART, DLAM, DW_PART, DW,
-                        n_lam_parts, H, n_dw_rows, n_dlam_progs, HEAD_DIM_V, BLOCK_DV,
-                        DLAM_REDUCE, ACC_FP64, RED_ROWS, RED_COLS)
+        _reduce_program(pid - n_kv_progs - n_q_progs, DLAM_PART, DLAM, DW_PART, DW, LAM,
+                        n_lam_parts, H, n_dw_rows, n_dlam_progs, HEAD_DIM_V,
+                        BLOCK_DV, DLAM_REDUCE, LAM_DIM, BLOCK_LAM, ACC_FP64, RED_ROWS,
+                        RED_COLS)
 
 
 def diff_attn_bwd(dout, q, k, v, lam, lam_value, key_padding_mask, norm_weight, x, o2, lse,
-                  rstd, scale, causal, out_scale, need_dlam=True, need_dw=True, wrap=None):
+                  rstd, scale, causal, out_scale, need_dlam=True, need_dw=True, wrap=None,
+                  lam_vectors=False):
     """Launch the backward: the row pass, then one launch of key-tile, query-tile and
     reduction programs.
 
     Args: the forward's inputs and saved tensors (see diff_attn_fwd), and dout (B, N, H, DV)
     with a contiguous last dim (any other strides, stride 0 included). need_dlam / need_dw:
-    whether lambda (a tensor) and the norm weight need gradients. wrap: as in diff_attn_fwd.
+    whether lambda (a tensor, or its vectors with lam_vectors) and the norm weight need
+    gradients. wrap, lam_vectors: as in diff_attn_fwd.
     Returns dq (B, N, 2H, d), dk and dv shaped like k and v, contiguous, in the inputs' dtype;
-    dlam shaped like lam and dnorm_weight (DV,) in the accumulation dtype, or None where not
-    needed.
+    dlam shaped like lam (the four vectors' gradients with lam_vectors) and dnorm_weight (DV,)
+    in the accumulation dtype, or None where not needed.
     """
     B, N, H2, d = q.shape
     M, Hk, DV = v.shape[1], v.shape[2], v.shape[3]
@@ -438,13 +462,15 @@ def diff_attn_bwd(dout, q, k, v, lam, lam_value, key_padding_mask, norm_weight, 
         if lam.dim() == 3:
             dlam = dlam_part = torch.empty((B, N, H), device=device, dtype=acc_dtype)
         else:
-            dlam_reduce = DLAM_PER_HEAD if lam.dim() == 1 else DLAM_SCALAR
+            dlam_reduce = DLAM_VECTORS if lam_vectors else \
+                DLAM_PER_HEAD if lam.dim() == 1 else DLAM_SCALAR
             dlam_part = torch.empty(n_row_tiles * B * H, device=device, dtype=acc_dtype)
             dlam = torch.empty(lam.shape, device=device, dtype=acc_dtype)
     if need_dw:
         dw_part = torch.empty((n_row_tiles * B * H, block_dv), device=device, dtype=acc_dtype)
         dw = torch.empty(DV, device=device, dtype=acc_dtype)
-    l_strides = lambda_strides(lam)
+    l_strides = lambda_strides(lam, lam_vectors)
+    l_flags = lambda_flags(lam, lam_vectors)
     lam_ptr = q if lam is None else lam
 
     rows_kernel = diff_attn_bwd_rows_kernel if wrap is None else wrap(diff_attn_bwd_rows_kernel)
@@ -453,7 +479,7 @@ def diff_attn_bwd(dout, q, k, v, lam, lam_value, key_padding_mask, norm_weight, 
         q if dlam_part is None else dlam_part, q if dw_part is None else dw_part,
         dout.stride(0), dout.stride(1), dout.stride(2), *l_strides,
         N, H, float(lam_value), out_scale,
-        HEAD_DIM_V=DV, BLOCK_DV=block_dv, LAM_FROM_PTR=lam is not None, NEED_DLAM=need_dlam,
+        HEAD_DIM_V=DV, BLOCK_DV=block_dv, **l_flags, NEED_DLAM=need_dlam,
         DLAM_REDUCE=dlam_reduce, HAS_NORM=has_norm, NEED_DW=need_dw, STORE_DX=store_dx,
         ACC_FP64=acc_fp64, BLOCK_M=ROWS_BLOCK_M, num_warps=rows_warps(block_dv),
     )
@@ -462,7 +488,8 @@ def diff_attn_bwd(dout, q, k, v, lam, lam_value, key_padding_mask, norm_weight, 
     dk = torch.empty(k.shape, device=device, dtype=dtype)
     dv = torch.empty(v.shape, device=device, dtype=dtype)
     kpm = q if key_padding_mask is None else key_padding_mask.view(torch.uint8)
-    n_dlam_progs = {DLAM_PER_HEAD: H, DLAM_SCALAR: 1}.get(dlam_reduce, 0) if need_dlam else 0
+    n_dlam_progs = {DLAM_PER_HEAD: H, DLAM_SCALAR: 1, DLAM_VECTORS: 1}.get(dlam_reduce, 0) \
+        if need_dlam else 0
     n_red_progs = n_dlam_progs + (cdiv(DV, RED_COLS) if need_dw else 0)
     tensors = (q, k, v, lam_ptr, kpm, dx, lse, delta, dq, dk, dv,
                q if dlam_part is None else dlam_part, q if dlam is None else dlam,
@@ -471,7 +498,7 @@ def diff_attn_bwd(dout, q, k, v, lam, lam_value, key_padding_mask, norm_weight, 
                v.stride(0), v.stride(1), v.stride(2), dx.stride(0), dx.stride(1), dx.stride(2),
                *l_strides, kpm.stride(0) if key_padding_mask is not None else 0)
     flags = dict(HEAD_DIM=d, HEAD_DIM_V=DV, BLOCK_D=block_d, BLOCK_DV=block_dv,
-                 KEY_PAIR=key_pair, LAM_FROM_PTR=lam is not None, CAUSAL=causal,
+                 KEY_PAIR=key_pair, CAUSAL=causal, **l_flags,
                  HAS_KPM=key_padding_mask is not None, DLAM_REDUCE=dlam_reduce,
                  ACC_FP64=acc_fp64, PRECISION=dot_precision(dtype), RED_ROWS=RED_ROWS,
                  RED_COLS=RED_COLS)

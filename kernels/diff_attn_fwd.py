@@ -95,7 +95,8 @@ def diff_attn_fwd_kernel(
     N, M, H, GROUP,
     lam_value, qk_scale, eps, out_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr, LAM_FROM_PTR: tl.constexpr,
+    BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr, LAM_MODE: tl.constexpr, LAM_DIM: tl.constexpr,
+    BLOCK_LAM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_NORM: tl.constexpr,
     SAVE_FOR_BWD: tl.constexpr, STORE_X: tl.constexpr, ACC_FP64: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -150,7 +151,7 @@ def diff_attn_fwd_kernel(
     inv_l1 = tl.where(l1 > 0, 1.0 / l1_safe, 0.0)
     inv_l2 = tl.where(l2 > 0, 1.0 / l2_safe, 0.0)
     lam = load_lambda_rows(LAM, b, rows, N, h, stride_lb, stride_ln, stride_lh, lam_value,
-                           LAM_FROM_PTR, acc_dtype)
+                           LAM_MODE, LAM_DIM, BLOCK_LAM, acc_dtype)
     o2 = acc2 * inv_l2[:, None]
     x = acc1 * inv_l1[:, None] - lam[:, None] * o2
 
@@ -181,18 +182,29 @@ def dot_precision(dtype) -> str:
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 
 
-def lambda_strides(lam: Optional[torch.Tensor]) -> tuple:
+def lambda_strides(lam: Optional[torch.Tensor], lam_vectors: bool) -> tuple:
     """(batch, row, head) element strides of a lambda tensor of shape (), (H,) or (B, N, H);
-    zeros where lambda does not vary (and for no tensor)."""
-    if lam is None or lam.dim() == 0:
+    zeros where lambda does not vary (and for no tensor, or lambda's vectors)."""
+    if lam is None or lam_vectors or lam.dim() == 0:
         return 0, 0, 0
     if lam.dim() == 1:
         return 0, 0, lam.stride(0)
     return lam.stride()
 
 
+def lambda_flags(lam: Optional[torch.Tensor], lam_vectors: bool) -> dict:
+    """The kernels' lambda switches: LAM_MODE 0 (the float lam_value), 1 (a tensor read
+    through strides), 2 (computed from the (4, LAM_DIM) vectors lq1, lk1, lq2, lk2 with
+    lam_value = lambda_init)."""
+    if lam is None:
+        return dict(LAM_MODE=0, LAM_DIM=1, BLOCK_LAM=16)
+    if lam_vectors:
+        return dict(LAM_MODE=2, LAM_DIM=lam.shape[1], BLOCK_LAM=head_block(lam.shape[1]))
+    return dict(LAM_MODE=1, LAM_DIM=1, BLOCK_LAM=16)
+
+
 def diff_attn_fwd(q, k, v, lam, lam_value, key_padding_mask, norm_weight, scale, causal, eps,
-                  out_scale, save_for_backward=True, wrap=None):
+                  out_scale, save_for_backward=True, wrap=None, lam_vectors=False):
     """Launch the forward kernel.
 
     Args (already validated by diffattn.functional):
@@ -200,7 +212,10 @@ def diff_attn_fwd(q, k, v, lam, lam_value, key_padding_mask, norm_weight, scale,
             per group, V2); v (B, M, Hk, DV). Same dtype and device, last dim contiguous (any
             other strides).
         lam: lambda as a tensor of shape (), (H,) or (B, N, H) in the accumulation dtype (fp32,
-            fp64 for fp64 inputs), any strides; or None to use the float ``lam_value``.
+            fp64 for fp64 inputs), any strides; or None to use the float ``lam_value``; or,
+            with lam_vectors, the Differential Transformer's four lambda vectors stacked
+            (4, L) contiguous (lq1, lk1, lq2, lk2), lambda = exp(lq1 . lk1) - exp(lq2 . lk2)
+            + lam_value computed in the kernel.
         key_padding_mask (B, M) bool (True = ignore) or None.
         norm_weight (DV,) or None: switches on the RMSNorm epilogue.
         save_for_backward: False (inference) writes the output only; x, o2, lse and rstd are
@@ -231,11 +246,11 @@ def diff_attn_fwd(q, k, v, lam, lam_value, key_padding_mask, norm_weight, scale,
     kpm = q if key_padding_mask is None else key_padding_mask.view(torch.uint8)
     block_d, block_dv = head_block(d), head_block(DV)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-               v.stride(0), v.stride(1), v.stride(2), *lambda_strides(lam),
+               v.stride(0), v.stride(1), v.stride(2), *lambda_strides(lam, lam_vectors),
                kpm.stride(0) if key_padding_mask is not None else 0)
     scalars = (N, M, H, H // Hk, float(lam_value), scale * LOG2E, eps, out_scale)
     flags = dict(HEAD_DIM=d, HEAD_DIM_V=DV, BLOCK_D=block_d, BLOCK_DV=block_dv,
-                 KEY_PAIR=key_pair, LAM_FROM_PTR=lam is not None, CAUSAL=causal,
+                 KEY_PAIR=key_pair, CAUSAL=causal, **lambda_flags(lam, lam_vectors),
                  HAS_KPM=key_padding_mask is not None, HAS_NORM=has_norm,
                  SAVE_FOR_BWD=save_for_backward, STORE_X=store_x,
                  ACC_FP64=acc_dtype == torch.float64, PRECISION=dot_precision(dtype))

@@ -47,14 +47,33 @@ def load_head_pair(base, stride_head, rows, n_rows, stride, cols, n_cols,
 
 
 @triton.jit
+def lambda_from_vectors(LAM, lambda_init, LAM_DIM: tl.constexpr, BLOCK_LAM: tl.constexpr,
+                        ACC_DTYPE: tl.constexpr):
+    """The Differential Transformer's lambda, exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init,
+    from its four vectors stacked at LAM as (4, LAM_DIM): lq1, lk1, lq2, lk2."""
+    offs = tl.arange(0, BLOCK_LAM)
+    ok = offs < LAM_DIM
+    lq1 = tl.load(LAM + offs, mask=ok, other=0.0).to(ACC_DTYPE)
+    lk1 = tl.load(LAM + LAM_DIM + offs, mask=ok, other=0.0).to(ACC_DTYPE)
+    lq2 = tl.load(LAM + 2 * LAM_DIM + offs, mask=ok, other=0.0).to(ACC_DTYPE)
+    lk2 = tl.load(LAM + 3 * LAM_DIM + offs, mask=ok, other=0.0).to(ACC_DTYPE)
+    return tl.exp(tl.sum(lq1 * lk1, 0)) - tl.exp(tl.sum(lq2 * lk2, 0)) + lambda_init
+
+
+@triton.jit
 def load_lambda_rows(LAM, b, rows, n_rows, h, stride_lb, stride_ln, stride_lh, lam_value,
-                     LAM_FROM_PTR: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """lambda for each of ``rows`` of head h of batch b: read through (batch, row, head)
-    strides (0 where lambda does not vary: one per head, or one for all), or the scalar
-    ``lam_value`` without LAM_FROM_PTR."""
-    if LAM_FROM_PTR:
+                     LAM_MODE: tl.constexpr, LAM_DIM: tl.constexpr, BLOCK_LAM: tl.constexpr,
+                     ACC_DTYPE: tl.constexpr):
+    """lambda for each of ``rows`` of head h of batch b. LAM_MODE 0: the scalar
+    ``lam_value``; 1: read through (batch, row, head) strides (0 where lambda does not vary:
+    one per head, or one for all); 2: computed from the four vectors at LAM, with
+    lam_value = lambda_init (see lambda_from_vectors)."""
+    if LAM_MODE == 1:
         lam = tl.load(LAM + b * stride_lb + rows.to(tl.int64) * stride_ln + h * stride_lh,
                       mask=rows < n_rows, other=0.0).to(ACC_DTYPE)
+    elif LAM_MODE == 2:
+        lam = tl.zeros(rows.shape, ACC_DTYPE) + lambda_from_vectors(LAM, lam_value, LAM_DIM,
+                                                                    BLOCK_LAM, ACC_DTYPE)
     else:
         lam = tl.zeros(rows.shape, ACC_DTYPE) + lam_value
     return lam

@@ -62,26 +62,31 @@ def _op_inputs(requires_grad: bool):
 
 @requires_interpreter
 @pytest.mark.parametrize("save", [True, False])
-def test_opcheck_forward(save):
+@pytest.mark.parametrize("vectors", [False, True], ids=["lambda", "lambda-vectors"])
+def test_opcheck_forward(save, vectors):
     q, k, v, lam, mask, weight = _op_inputs(requires_grad=save)
+    if vectors:  # lambda from the (4, L) vectors lq1, lk1, lq2, lk2, lambda_init 0.8
+        lam = (0.1 * torch.randn(4, 16)).requires_grad_(save)
+    init = 0.8 if vectors else 0.0
     torch.library.opcheck(torch.ops.diffattn.fwd.default,
-                          (q, k, v, lam, 0.0, mask, weight, 0.25, True, 1e-5, 0.2, save))
+                          (q, k, v, lam, init, vectors, mask, weight, 0.25, True, 1e-5, 0.2, save))
 
 
 @requires_interpreter
 def test_opcheck_backward():
     q, k, v, lam, mask, weight = _op_inputs(requires_grad=False)
-    saved = ops.fused_fwd(q, k, v, lam, 0.0, mask, weight, 0.25, True, 1e-5, 0.2, True)[1:]
+    saved = ops.fused_fwd(q, k, v, lam, 0.0, False, mask, weight, 0.25, True, 1e-5, 0.2,
+                          True)[1:]
     dout = torch.randn(2, 20, 2, 32)
     torch.library.opcheck(torch.ops.diffattn.bwd.default,
-                          (dout, q, k, v, lam, 0.0, mask, weight, *saved, 0.25, True, 0.2, True,
-                           True))
+                          (dout, q, k, v, lam, 0.0, False, mask, weight, *saved, 0.25, True, 0.2,
+                           True, True))
 
 
 @requires_interpreter
 def test_eager_path_and_registered_ops_agree_bitwise():
     q, k, v, lam, mask, weight = _op_inputs(requires_grad=True)
-    args = (q, k, v, lam, 0.0, mask, weight, 0.25, True, 1e-5, 0.2)
+    args = (q, k, v, lam, 0.0, False, mask, weight, 0.25, True, 1e-5, 0.2)
     eager = ops.FusedDiffAttention.apply(*args)
     traced = ops.fused_fwd(*args, True)[0]
     assert torch.equal(eager, traced)
@@ -95,6 +100,6 @@ def test_eager_path_and_registered_ops_agree_bitwise():
 @requires_interpreter
 def test_backward_of_an_unsaved_forward_is_a_clear_error():
     q, k, v, lam, mask, weight = _op_inputs(requires_grad=True)
-    out = ops.fused_fwd(q, k, v, lam, 0.0, mask, weight, 0.25, True, 1e-5, 0.2, False)[0]
+    out = ops.fused_fwd(q, k, v, lam, 0.0, False, mask, weight, 0.25, True, 1e-5, 0.2, False)[0]
     with pytest.raises(RuntimeError, match="save_for_backward=False"):
         out.sum().backward()

@@ -80,7 +80,7 @@ def test_encoder_layer_is_converted_with_its_weights(batch_first):
     out.backward(grad)
     ref.backward(grad)
     assert_close_rel("grad x", x.grad, ref_x.grad, torch.float64)
-    for name in ("lambda_q1", "lambda_k2", "diff_norm.weight", "out_proj.weight"):
+    for name in ("lambda_vectors", "diff_norm.weight", "out_proj.weight"):
         param = dict(attn.named_parameters())[name]
         assert param.grad is not None and param.grad.abs().sum() > 0, name
 

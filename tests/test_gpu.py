@@ -31,7 +31,8 @@ pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
     reason="needs a CUDA device and the compiled (not interpreted) Triton kernels")
 
-from diffattn import DiffMultiheadAttention, diff_attention, diff_attention_ref  # noqa: E402
+from diffattn import (DiffMultiheadAttention, diff_attention, diff_attention_ref,  # noqa: E402
+                      diff_attention_v2, diff_attention_v2_ref)
 
 DEVICE = torch.device("cuda")
 # Error floor relative to max(max|ref|, 1), per dtype: tests/helpers.py REL_TOL's values.
@@ -197,6 +198,58 @@ def test_torch_compile_fullgraph_matches_eager():
                                    msg=lambda m, n=name: f"grad {n}: {m}")
 
 
+# ------------------------------------------------------------------------------ compile: models
+def _clip_step(model, images, tokens, train: bool):
+    """Image and text features (and, training, every parameter gradient) of one step."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16), torch.set_grad_enabled(train):
+        image_features, text_features, _ = model(images, tokens)
+        loss = (image_features.float().square().mean() + text_features.float().square().mean())
+    if not train:
+        return image_features.float(), text_features.float(), {}
+    loss.backward()
+    return (image_features.detach().float(), text_features.detach().float(),
+            {n: p.grad.float().clone() for n, p in model.named_parameters()
+             if p.grad is not None})
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+@pytest.mark.parametrize("name", ["DiffCLIP-Tiny", "DiffCLIPv2-Tiny"])
+def test_compiled_clip_towers_match_eager(name, mode):
+    """Both towers, forward and training step, under torch.compile with and without CUDA
+    graphs, against eager: bf16 autocast, so within bf16 rounding of the eager step."""
+    from diffattn.models import create_model
+    torch.manual_seed(0)
+    model = create_model(name, backend="triton", device=DEVICE)
+    compiled = torch.compile(model, mode=mode)
+    images = torch.randn(8, 3, 32, 32, device=DEVICE)
+    tokens = model.tokenize(["a photo of a cat", "a dog", "three birds"] * 3)[:8].to(DEVICE)
+    for train in (False, True):
+        model.train(train)
+        want = _clip_step(model, images, tokens, train)
+        for _ in range(3):  # warm-up, CUDA graph recording, replay
+            if mode == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()
+            got = _clip_step(compiled, images, tokens, train)
+        for a, b in zip(got[:2], want[:2]):
+            torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
+        for n, g in want[2].items():
+            scale = max(g.abs().max().item(), 1e-3)
+            assert (got[2][n] - g).abs().max().item() <= 5e-2 * scale, n
+
+
+def test_compiled_module_with_cuda_graphs_matches_eager():
+    torch.manual_seed(0)
+    model = _Block().to(DEVICE)
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    x = torch.randn(4, 77, 512, device=DEVICE)
+    want = model(x, True)
+    for _ in range(3):
+        torch.compiler.cudagraph_mark_step_begin()
+        got = compiled(x, True)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 # ------------------------------------------------------------------------------ opcheck
 def _op_inputs(norm: bool, requires_grad: bool, save_for_backward: bool = True):
     """Arguments of torch.ops.diffattn.fwd (causal; with the norm also key padding)."""
@@ -206,8 +259,8 @@ def _op_inputs(norm: bool, requires_grad: bool, save_for_backward: bool = True):
     lam = problem["lambda_"].clone().requires_grad_(requires_grad)
     weight = problem["norm_weight"].float() if norm else None
     out_scale = 0.2 if norm else 1.0
-    return (q, k, v, lam, problem["kwargs"].get("key_padding_mask"), weight, 64 ** -0.5, True,
-            1e-5, out_scale, save_for_backward), problem["dout"]
+    return (q, k, v, lam, 0.0, False, problem["kwargs"].get("key_padding_mask"), weight,
+            64 ** -0.5, True, 1e-5, out_scale, save_for_backward), problem["dout"]
 
 
 @pytest.mark.parametrize("norm,save", [(False, True), (True, True), (True, False)],
@@ -221,11 +274,11 @@ def test_opcheck_fwd(norm, save):
 def test_opcheck_bwd():
     from diffattn import ops  # noqa: F401
     args, dout = _op_inputs(norm=True, requires_grad=False)
-    q, k, v, lam, kpm, weight, scale, causal, eps, out_scale, _ = args
+    q, k, v, lam, lam_value, vectors, kpm, weight, scale, causal, eps, out_scale, _ = args
     out, x, o2, lse, rstd = torch.ops.diffattn.fwd(*args)
     torch.library.opcheck(torch.ops.diffattn.bwd.default,
-                          (dout, q, k, v, lam, kpm, weight, x, o2, lse, rstd, scale, causal,
-                           out_scale))
+                          (dout, q, k, v, lam, lam_value, vectors, kpm, weight, x, o2, lse, rstd,
+                           scale, causal, out_scale, True, True))
 
 
 # ------------------------------------------------------------------------------ accuracy
@@ -268,6 +321,40 @@ def test_fp32_matches_reference(seq_len):
     """fp32 with exact ("ieee") products: one variant (these compile slowly)."""
     problem = make_problem(seq_q=seq_len, dtype=torch.float32, norm=True, per_head_lambda=True)
     check_against_reference(problem, torch.float32, causal=True)
+
+
+def test_v2_bf16_matches_reference():
+    """Differential Transformer V2: one key head per group, per-token lambda, no norm; bf16,
+    causal, padding, grouped keys, against the float64 reference and the torch path."""
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    B, N, H, Hk, d = 2, 197, 4, 2, 64
+
+    def randn(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, generator=gen, device=DEVICE, dtype=dtype)
+
+    inputs = {"q": randn(B, N, 2 * H, d), "k": randn(B, N, Hk, d), "v": randn(B, N, Hk, d),
+              "lambda_": torch.rand(B, N, H, generator=gen, device=DEVICE)}
+    mask = torch.zeros(B, N, dtype=torch.bool, device=DEVICE)
+    mask[0, 0::3] = True
+    dout = randn(B, N, H, d)
+
+    def run_v2(backend):
+        leaves = {n: (t.double() if backend == "ref" else t).detach().clone().requires_grad_()
+                  for n, t in inputs.items()}
+        if backend == "ref":
+            out = diff_attention_v2_ref(**leaves, causal=True, key_padding_mask=mask)
+        else:
+            out = diff_attention_v2(**leaves, causal=True, key_padding_mask=mask,
+                                    backend=backend)
+        out.backward(dout.to(out.dtype))
+        return out.detach(), {n: t.grad for n, t in leaves.items()}
+
+    (out, grads), (base, base_grads), (ref, ref_grads) = (run_v2(b) for b in
+                                                          ("triton", "torch", "ref"))
+    assert_accurate("out", out, base, ref, torch.bfloat16, OUT_FACTOR)
+    for name in ref_grads:
+        assert_accurate(f"grad {name}", grads[name], base_grads[name], ref_grads[name],
+                        torch.bfloat16, GRAD_FACTOR)
 
 
 def test_autocast_bf16_returns_bf16():

@@ -242,7 +242,7 @@ def test_weight_decay_groups():
     exempt_names = {names[id(param)] for param in exempt}
     decayed_names = {names[id(param)] for param in decayed}
     for name in ("logit_scale", "token_embedding.weight", "positional_embedding",
-                 "visual.pos_embed", "visual.cls_token", "visual.blocks.0.attn.lambda_q1",
+                 "visual.pos_embed", "visual.cls_token", "visual.blocks.0.attn.lambda_vectors",
                  "visual.blocks.0.attn.diff_norm.weight", "visual.blocks.0.norm1.bias",
                  "visual.blocks.0.attn.in_proj_bias",
                  "transformer.resblocks.1.mlp.c_fc.bias", "ln_final.weight"):

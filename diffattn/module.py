@@ -9,9 +9,10 @@ diffattn/packed_projection.py).
 
 State-dict names follow the DiffCLIP release, so its attention layers load with strict=True:
 q_proj, k_proj, v_proj, out_proj, lambda_q1, lambda_k1, lambda_q2, lambda_k2,
-diff_norm.weight. (The four lambda vectors are one (4, d) parameter, so the fused kernels
-compute lambda and its gradient themselves, with no extra operations per step.) nn.MultiheadAttention's layouts (packed ``in_proj_weight``, or
-``q_proj_weight`` / ``k_proj_weight`` / ``v_proj_weight`` with kdim/vdim) load too.
+diff_norm.weight (the four lambda vectors are one (4, d) parameter, ``lambda_vectors``, so the
+fused kernels compute lambda and its gradient themselves, with no extra operations per step).
+nn.MultiheadAttention's layouts (packed ``in_proj_weight``, or ``q_proj_weight`` /
+``k_proj_weight`` / ``v_proj_weight`` with kdim/vdim) load too.
 """
 from __future__ import annotations
 
@@ -100,6 +101,8 @@ class DiffMultiheadAttention(nn.Module):
             (E + 2 Ekv,)); with kdim/vdim other than E, q_proj_weight, k_proj_weight and
             v_proj_weight instead of in_proj_weight. ``q_proj``, ``k_proj``, ``v_proj`` give
             each projection as a view (``.weight``, ``.bias``, callable).
+        lambda_vectors: (4, d) fp32, the rows lq1, lk1, lq2, lk2 (``lambda_q1`` ... give them
+            as views); lambda = exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init.
         last_backend: "triton" or "torch", what the last forward ran.
     """
 

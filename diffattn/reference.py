@@ -84,8 +84,8 @@ def differential_maps(q, k, *, lambda_, causal=False, key_padding_mask=None,
     """Both softmax maps and their difference, each (B, H, N, M), in q's dtype.
 
     q (B, N, 2H, d), k (B, M, 2Hk, d) as in diff_attention_ref; lambda_ a float, (), (H,) or
-    (B, N, H). attn_bias, if given, is an additive float (or bool keep=False -> -inf) bias broadcastable to
-    (B, 2H, N, M), applied to the scores of every q/k head before the softmax.
+    (B, N, H). attn_bias, if given, is an additive float (or bool keep=False -> -inf) bias
+    broadcastable to (B, 2H, N, M), applied to the scores of every q/k head before the softmax.
     Rows with no visible key are all zeros.
     """
     B, N, H2, d = q.shape

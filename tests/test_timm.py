@@ -91,13 +91,13 @@ def test_attention_core_reads_views_of_the_projection(monkeypatch):
     fused, _ = _timm_pair(torch.float32, "torch", qkv_bias=True)
     captured = {}
     fused.qkv.register_forward_hook(lambda module, args, out: captured.update(qkv=out))
-    real = integration.diff_attention
+    real = integration.run_diff_attention
 
-    def spy(q, k, v, lambda_, **kwargs):
+    def spy(q, k, v, lambda_, backend, **kwargs):
         captured.update(q=q, k=k, v=v, kwargs=kwargs)
-        return real(q, k, v, lambda_, **kwargs)
+        return real(q, k, v, lambda_, backend, **kwargs)
 
-    monkeypatch.setattr(integration, "diff_attention", spy)
+    monkeypatch.setattr(integration, "run_diff_attention", spy)
     fused(torch.randn(2, 5, 32))
     qkv = captured["qkv"]
     for index, name in enumerate("qkv"):

@@ -24,9 +24,10 @@ How timm's layer maps onto diff_attention's layout (timm.layers.diff_attention, 
 - v is reshaped to (B, N, H, 2d): one value head of width 2d per differential head, read by
   both maps: diff_attention's v.
 - softmax scale d ** -0.5 (timm's ``scale``, SDPA's default): diff_attention's default.
-- lambda is one scalar per layer, exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init (or
-  exp(lambda_a) - exp(lambda_b) + lambda_init with ``dual_lambda``), cast to q's dtype as
-  timm does: passed as a 0-dim tensor ``lambda_``, so its parameters get gradients.
+- lambda is one scalar per layer, exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init: the four
+  vectors go to the kernels stacked, which compute lambda (in fp32; timm casts it to q's
+  dtype) and the vectors' gradients. With ``dual_lambda``, exp(lambda_a) - exp(lambda_b) +
+  lambda_init is computed as timm does and passed as a 0-dim tensor.
 - ``sub_norm`` is RmsNorm(2d, eps=1e-5) over each head's 2d features, then the output is
   scaled by (1 - lambda_init): ``norm_weight=sub_norm.weight``, ``eps=sub_norm.eps``,
   ``out_scale=1 - lambda_init``, fused into the kernel's epilogue (computed in fp32; timm
@@ -50,7 +51,8 @@ from timm.layers import DiffAttention, RmsNorm
 from torch import Tensor, nn
 
 from ..backend import check_backend_name, resolve_backend, warn_once
-from ..functional import diff_attention
+from ..functional import run_diff_attention
+from ..reference import LambdaVectors
 
 __all__ = ["FusedDiffAttention", "fuse_diff_attention"]
 
@@ -108,15 +110,20 @@ class FusedDiffAttention(DiffAttention):
         q = self.q_norm(q.unflatten(-1, (2 * H, d)))
         k = self.k_norm(k.unflatten(-1, (2 * H, d)))
         v = v.unflatten(-1, (H, 2 * d))
-        lambda_ = self._compute_lambda().to(q.dtype)  # timm's type_as(q)
+        if self.dual_lambda:
+            lambda_ = self._compute_lambda().to(q.dtype)  # timm's type_as(q)
+        else:  # the kernels compute lambda (and its vectors' gradients) themselves
+            lambda_ = LambdaVectors(torch.stack([self.lambda_q1, self.lambda_k1,
+                                                 self.lambda_q2, self.lambda_k2]),
+                                    self.lambda_init)
         weight = self.sub_norm.weight
         if weight is None:  # RmsNorm(affine=False)
             weight = torch.ones(2 * d, device=q.device, dtype=torch.float32)
 
         self.last_backend = resolve_backend(self.backend, q.device, q.dtype, d)
-        out = diff_attention(q, k, v, lambda_, causal=is_causal, scale=self.scale,
-                             norm_weight=weight, eps=self.sub_norm.eps,
-                             out_scale=1.0 - self.lambda_init, backend=self.last_backend)
+        out = run_diff_attention(q, k, v, lambda_, self.last_backend, causal=is_causal,
+                                 scale=self.scale, norm_weight=weight, eps=self.sub_norm.eps,
+                                 out_scale=1.0 - self.lambda_init)
         x = self.norm(out.flatten(2))
         return self.proj_drop(self.proj(x))
 

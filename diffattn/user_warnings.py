@@ -19,7 +19,7 @@ _LIBRARY_PACKAGES = ("diffattn", "diffattn.kernels", "diffattn.models", "torch",
 
 def _library_dirs() -> tuple:
     """Directories of the imported packages whose frames a warning skips (``diffattn.models``
-    and ``diffattn.kernels`` may live outside ``diffattn/``: see setup.py's package_dir)."""
+    and ``diffattn.kernels`` may live outside ``diffattn/``: see pyproject.toml's package-dir)."""
     return tuple(os.path.join(os.path.abspath(path), "")
                  for name in _LIBRARY_PACKAGES if name in sys.modules
                  for path in getattr(sys.modules[name], "__path__", ()))

@@ -51,7 +51,7 @@ BWD_CANDIDATES = {
 # at the short lengths the CPU tests use (loops, ragged edges, open and masked tiles, causal
 # skipping), and the backward's two kinds of program use different tile shapes.
 INTERPRET_FWD = (32, 32, 4, 1)
-INTERPRET_BWD = (16, 32, 32, 16, 4, 1)
+INTERPRET_BWD = (32, 64, 64, 32, 4, 1)
 
 # The backward's row pass: BLOCK_M rows per program, more warps for wide rows.
 ROWS_BLOCK_M = 32 if INTERPRET else 64

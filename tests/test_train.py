@@ -187,13 +187,13 @@ def test_webdataset_data(tmp_path):
 
 def test_v2_model_trains_and_its_checkpoint_loads(tmp_path):
     """DiffCLIPv2-Tiny (Differential Transformer V2 attention) through the same loop: one
-    short epoch in one process, a finite loss, and a model file create_model reads back."""
+    step in one process, a finite loss, and a model file create_model reads back."""
     out = tmp_path / "run"
     assert main(["--data", "digits", "--model", "DiffCLIPv2-Tiny", "--backend", "torch",
-                 "--epochs", "1", "--train-subset", "32", "--batch-size", "16",
+                 "--epochs", "1", "--train-subset", "16", "--batch-size", "16",
                  "--out", str(out)]) == 0
     (record,) = read_metrics(out)
-    assert record["step"] == 2 and math.isfinite(record["loss"])
+    assert record["step"] == 1 and math.isfinite(record["loss"])
     assert 0.0 <= record["zero_shot_top1"] <= 1.0
     model = create_model("DiffCLIPv2-Tiny", pretrained=out / MODEL_FILE, backend="torch")
     saved = load_file(out / MODEL_FILE)

@@ -12,12 +12,14 @@
 - ``DiffMultiheadAttentionV2``: the Differential Transformer V2 layer, same interface;
   ``DiffMultiheadAttentionV2.from_plain`` starts it from a plain layer.
 - ``replace_attention``: turn a model's nn.MultiheadAttention layers into
-  DiffMultiheadAttention layers that carry their weights.
+  DiffMultiheadAttention layers (``variant="v1"``) or DiffMultiheadAttentionV2 layers
+  (``variant="v2"``, starting equal to the plain model) that carry their weights;
+  ``plain_to_v2_state_dict`` maps one plain layer's weights onto V2's.
 - ``diffattn.integrations.timm``: timm's DiffAttention on the fused kernels (optional extra).
 """
 from . import attention_inputs
 from .backend import BACKENDS, BackendFallbackWarning, resolve_backend
-from .convert import replace_attention
+from .convert import plain_to_v2_state_dict, replace_attention
 from .functional import diff_attention, diff_attention_v2
 from .module import DiffMultiheadAttention, HeadRMSNorm, lambda_init_for_depth
 from .module_v2 import DiffMultiheadAttentionV2
@@ -37,6 +39,7 @@ __all__ = [
     "diff_attention_v2",
     "diff_attention_v2_ref",
     "lambda_init_for_depth",
+    "plain_to_v2_state_dict",
     "replace_attention",
     "resolve_backend",
 ]

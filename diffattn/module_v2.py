@@ -31,6 +31,10 @@ from .functional import run_diff_attention_v2
 from .packed_projection import load_packed, projection_slice, save_packed
 from .reference import differential_maps
 
+# lambda at the start of a layer converted from plain attention (from_plain): small enough that
+# the layer computes what the plain one did, within about this much relative.
+INITIAL_LAMBDA = 1e-5
+
 # Packed rows, query side first (q, lambda) so that cross-attention slices stay contiguous.
 _PROJECTIONS = ("q_proj", "lambda_proj", "k_proj", "v_proj")
 
@@ -101,7 +105,7 @@ class DiffMultiheadAttentionV2(nn.Module):
         self.out_proj.reset_parameters()
 
     @classmethod
-    def from_plain(cls, mha: nn.MultiheadAttention, *, initial_lambda: float = 1e-5,
+    def from_plain(cls, mha: nn.MultiheadAttention, *, initial_lambda: float = INITIAL_LAMBDA,
                    backend: str = "auto") -> "DiffMultiheadAttentionV2":
         """A V2 layer that starts out computing what ``mha`` computes, to fine-tune a
         pretrained model into Differential Transformer V2 without a jump in the loss.
@@ -112,35 +116,19 @@ class DiffMultiheadAttentionV2(nn.Module):
         so the second maps contribute initial_lambda times the mean value: outputs equal the
         plain layer's within about initial_lambda relative. (Adam-style optimisers move the
         small lambda and the zero queries at their usual rate.) Needs a layer with biases
-        and equal query/key/value widths.
+        and equal query/key/value widths. The weights are
+        ``diffattn.convert.plain_to_v2_state_dict(mha.state_dict(), mha.num_heads)``; the new
+        layer has mha's dropout, batch_first, device, dtype and training mode.
         """
-        if not isinstance(mha, nn.MultiheadAttention):
-            raise TypeError(f"mha must be an nn.MultiheadAttention, got {type(mha).__name__}")
-        if not mha._qkv_same_embed_dim or mha.in_proj_bias is None:
-            raise ValueError("from_plain needs an nn.MultiheadAttention with biases and "
-                             "kdim = vdim = embed_dim (lambda starts small through its bias)")
-        if getattr(mha, "bias_k", None) is not None or getattr(mha, "add_zero_attn", False):
-            raise ValueError("from_plain does not support add_bias_kv or add_zero_attn")
-        if not 0.0 < initial_lambda < 1.0:
-            raise ValueError(f"initial_lambda must be in (0, 1), got {initial_lambda!r}")
+        from .convert import check_plain_for_v2, plain_to_v2_state_dict  # convert imports us
+        check_plain_for_v2(mha)
+        weights = plain_to_v2_state_dict(mha.state_dict(), mha.num_heads,
+                                         initial_lambda=initial_lambda)
         weight = mha.in_proj_weight
         layer = cls(mha.embed_dim, mha.num_heads, dropout=mha.dropout, bias=True,
                     batch_first=mha.batch_first, backend=backend, device=weight.device,
                     dtype=weight.dtype)
-        E, h, d = mha.embed_dim, mha.num_heads, mha.head_dim
-        with torch.no_grad():
-            wq, wk, wv = mha.in_proj_weight.split(E)
-            bq, bk, bv = mha.in_proj_bias.split(E)
-            q_weight = torch.zeros(h, 2, d, E, dtype=weight.dtype, device=weight.device)
-            q_bias = torch.zeros(h, 2, d, dtype=weight.dtype, device=weight.device)
-            q_weight[:, 0] = wq.view(h, d, E)   # the first map of pair i is plain head i
-            q_bias[:, 0] = bq.view(h, d)
-            lam_weight = torch.zeros(h, E, dtype=weight.dtype, device=weight.device)
-            lam_bias = torch.full((h,), math.log(initial_lambda / (1 - initial_lambda)),
-                                  dtype=weight.dtype, device=weight.device)
-            layer.in_proj_weight.copy_(torch.cat([q_weight.view(2 * E, E), lam_weight, wk, wv]))
-            layer.in_proj_bias.copy_(torch.cat([q_bias.view(2 * E), lam_bias, bk, bv]))
-            layer.out_proj.load_state_dict(mha.out_proj.state_dict())
+        layer.load_state_dict(weights, strict=True)
         return layer.train(mha.training)
 
     def extra_repr(self) -> str:

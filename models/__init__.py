@@ -8,12 +8,14 @@
     text_features = model.encode_text(model.tokenize(["a photo of a cat"]), normalize=True)
 
 - ``create_model`` / ``list_models`` / ``get_config`` / ``save_pretrained``: bundled configs
-  (DiffCLIP-ViT-B-16, DiffCLIP-ViT-L-14, ViT-B-16, ViT-B-32, DiffCLIP-Tiny, CLIP-Tiny) and safe
-  loading of DiffCLIP release checkpoints, open_clip state dicts and diffattn's own files
-  (an open_clip file into ``attention="diff"`` is a warm start).
+  (DiffCLIP-ViT-B-16, DiffCLIP-ViT-L-14, ViT-B-16, ViT-B-32, DiffCLIP-Tiny, CLIP-Tiny, and the
+  V2 attention configs DiffCLIPv2-ViT-B-16, DiffCLIPv2-Tiny) and safe loading of DiffCLIP
+  release checkpoints, open_clip state dicts and diffattn's own files (an open_clip file into
+  ``attention="diff"`` or ``"diff2"`` is a warm start; "diff2" starts equal to the plain model).
 - ``create_model_and_transforms`` / ``get_tokenizer``: open_clip-style entry points, returning
   (model, train transform, eval transform) and the tokenizer callable.
-- ``CLIP`` / ``CLIPConfig``: the model and its configuration (attention "diff" or "plain").
+- ``CLIP`` / ``CLIPConfig``: the model and its configuration (attention "diff", "diff2" or
+  "plain").
 - ``tokenize``, ``make_transform``, ``preprocess_batch``: text and image inputs.
 - ``build_zero_shot_classifier``, ``zero_shot_predict``: zero-shot classification
   (command line: ``python -m diffattn.models.zero_shot``); ImageNet names and templates in

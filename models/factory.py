@@ -12,9 +12,17 @@ The configs are the JSON files in ``configs/`` (package data); ``list_models()``
 Pickled files go through ``checkpoint.load_state_dict_file`` (weights_only with a short
 allow-list; anything else is refused unexecuted). Names and shapes are compared before
 loading: missing, unexpected or mis-shaped tensors raise ValueError listing them. A file with
-plain attention weights loaded into a differential model (``attention="diff"``) is a warm
-start: the projections come from the file, the lambda vectors and norm weights keep their
-initialisation, and one warning lists them.
+plain attention weights (an open_clip file, or a "plain" model's) loaded into a differential
+model is a warm start, and one warning lists the tensors the file did not give as they are:
+
+- ``attention="diff"`` (DiffMultiheadAttention): the projections come from the file, the lambda
+  vectors and norm weights keep their initialisation;
+- ``attention="diff2"`` (DiffMultiheadAttentionV2, e.g. "DiffCLIPv2-ViT-B-16" from an open_clip
+  ViT-B-16 file): every layer is converted as ``DiffMultiheadAttentionV2.from_plain`` converts
+  one (``diffattn.plain_to_v2_state_dict``): k/v/out from the file, q_proj derived (the plain q
+  heads as the first maps, zeros as the second), lambda_proj weight 0 and bias
+  logit(1e-5). The model then computes what the plain model computes, within about 1e-5
+  relative per layer, until fine-tuning moves it.
 
 open_clip-style entry points: ``create_model_and_transforms(name, pretrained)`` returns
 (model, train transform, eval transform); ``get_tokenizer(name)`` the tokenizer callable.
@@ -33,7 +41,9 @@ from typing import Optional, Union
 
 import torch
 
-from diffattn import DiffMultiheadAttention
+from diffattn import DiffMultiheadAttention, DiffMultiheadAttentionV2, plain_to_v2_state_dict
+from diffattn.convert import PLAIN_KEYS
+from diffattn.module_v2 import INITIAL_LAMBDA
 from diffattn.user_warnings import warn_at_user_code
 
 from .augment import make_train_transform
@@ -107,7 +117,8 @@ def create_model(name: Union[str, CLIPConfig, None], pretrained=None, *,
         name: a bundled config name (list_models()), a CLIPConfig, or None when
             ``pretrained`` is one of diffattn's own files (its saved config is used).
         pretrained: path of a checkpoint file (format detected, see the module docstring).
-        attention: "diff" or "plain" overrides the config's attention.
+        attention: "diff", "diff2" or "plain" overrides the config's attention (e.g.
+            ``create_model("ViT-B-16", pretrained=<open_clip file>, attention="diff2")``).
         device, dtype: where and in which dtype the model is created.
         backend: "auto" | "triton" | "torch", for the differential attention layers.
 
@@ -121,8 +132,9 @@ def create_model(name: Union[str, CLIPConfig, None], pretrained=None, *,
         PretrainedNotFoundError (a ValueError and a FileNotFoundError): ``pretrained`` is not
             a local file (e.g. an open_clip tag); the message names what is supported.
     Warns:
-        UserWarning, once, listing the tensors newly initialised when a file with plain
-        attention weights is loaded into differential attention layers (warm start).
+        UserWarning, once, listing the tensors newly initialised or derived when a file with
+        plain attention weights is loaded into differential attention layers (warm start;
+        see the module docstring).
     """
     config = _resolve_config(name, attention)
     if pretrained is None:
@@ -150,14 +162,15 @@ def create_model(name: Union[str, CLIPConfig, None], pretrained=None, *,
 
     model = CLIP(config, backend=backend, device=device, dtype=dtype)
     expected = {key: value.shape for key, value in model.state_dict().items()}
-    expected, initialised = _expect_plain_attention(model, expected, state_dict)
+    layers = _plain_attention_layers(model, state_dict)
     try:
-        check_keys(expected, state_dict)
+        check_keys(_expect_plain_attention(expected, layers), state_dict)
     except ValueError as error:
         raise ValueError(f"checkpoint {path!r} does not fit the model: {error}") from None
+    state_dict, warm = _from_plain_attention(state_dict, layers)
     model.load_state_dict(state_dict, strict=True)
-    if initialised:
-        warn_at_user_code(_warm_start_message(path, initialised))
+    if warm:
+        warn_at_user_code(_warm_start_message(path, warm))
     return model
 
 
@@ -190,42 +203,73 @@ def _check_pretrained_file(pretrained) -> str:
             "path)), or a diffattn .safetensors file written by save_pretrained. Names such as "
             "'openai' or 'laion2b_s34b_b88k' are open_clip download tags: load that model with "
             "open_clip once, save its state_dict() and pass the file (with attention=\"diff\" "
-            "to warm-start a differential model from it).")
+            "or \"diff2\" to warm-start a differential model from it).")
     return path
 
 
 # --------------------------------------------------------------------------- warm start
 # The DiffCLIP names of the projections that nn.MultiheadAttention packs into in_proj_*.
 _PACKED_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+# What a V2 layer's warm start derives (q_proj) or initialises (lambda_proj).
+_V2_DERIVED = ("q_proj.weight", "q_proj.bias", "lambda_proj.weight", "lambda_proj.bias")
 
 
-def _expect_plain_attention(model: CLIP, expected: dict, state_dict: dict) -> tuple:
-    """Adapt the expected {name: shape} to a file with plain attention weights.
+def _plain_attention_layers(model: CLIP, state_dict: dict) -> dict:
+    """{name: layer} of the differential attention layers (V1 or V2) of ``model`` whose
+    weights the file holds in nn.MultiheadAttention's packed layout
+    (``<name>.in_proj_weight``)."""
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, (DiffMultiheadAttention, DiffMultiheadAttentionV2))
+            and f"{name}.in_proj_weight" in state_dict}
 
-    Every DiffMultiheadAttention of ``model`` whose weights the file holds in
-    nn.MultiheadAttention's packed layout (``<layer>.in_proj_weight``) is expected in that
-    layout: ``in_proj_weight`` (q, k and v rows stacked), ``in_proj_bias`` and ``out_proj.*``.
-    Returns (expected, {layer name: names of its tensors the file cannot give}); those keep
-    their initialisation when DiffMultiheadAttention loads the packed layout.
-    """
-    layers = [name for name, module in model.named_modules()
-              if isinstance(module, DiffMultiheadAttention)
-              and f"{name}.in_proj_weight" in state_dict]
-    expected, initialised = dict(expected), {}
-    for layer in layers:
-        prefix = layer + "."
-        weights = [expected.pop(f"{prefix}{proj}.weight") for proj in _PACKED_PROJECTIONS]
-        biases = [expected.pop(f"{prefix}{proj}.bias", None) for proj in _PACKED_PROJECTIONS]
-        rows = sum(shape[0] for shape in weights)
-        expected[f"{prefix}in_proj_weight"] = torch.Size([rows, weights[0][1]])
+
+def _expect_plain_attention(expected: dict, layers: dict) -> dict:
+    """The expected {name: shape} for a file with plain attention weights for ``layers``:
+    each layer's per-projection tensors are expected as nn.MultiheadAttention's
+    ``in_proj_weight`` (the plain q, k and v rows stacked) and ``in_proj_bias``, and
+    ``out_proj.*`` as they are. What plain attention does not have (V1's lambda vectors and
+    norm weight, V2's lambda_proj) is not expected."""
+    expected = dict(expected)
+    for name, layer in layers.items():
+        prefix = name + "."
+        v2 = isinstance(layer, DiffMultiheadAttentionV2)
+        projections = _PACKED_PROJECTIONS + (("lambda_proj",) if v2 else ())
+        shapes = {proj: expected.pop(f"{prefix}{proj}.weight") for proj in projections}
+        biases = [expected.pop(f"{prefix}{proj}.bias", None) for proj in projections]
+        # A V2 layer's q_proj has 2h heads; the plain layer it comes from has h (E rows).
+        q_rows = layer.embed_dim if v2 else shapes["q_proj"][0]
+        rows = q_rows + shapes["k_proj"][0] + shapes["v_proj"][0]
+        expected[f"{prefix}in_proj_weight"] = torch.Size([rows, shapes["q_proj"][1]])
         if biases[0] is not None:
             expected[f"{prefix}in_proj_bias"] = torch.Size([rows])
-        new = [key for key in expected if key.startswith(prefix)
-               and not key.startswith((f"{prefix}out_proj.", f"{prefix}in_proj_"))]
-        initialised[layer] = [key[len(prefix):] for key in new]
-        for key in new:
+        for key in [key for key in expected if key.startswith(prefix)
+                    and not key.startswith((f"{prefix}out_proj.", f"{prefix}in_proj_"))]:
             del expected[key]
-    return expected, initialised
+    return expected
+
+
+def _from_plain_attention(state_dict: dict, layers: dict) -> tuple:
+    """The file's plain attention weights made loadable into ``layers``, and which tensors
+    the file did not give as they are.
+
+    V1 layers load the packed layout themselves; their lambda vectors and norm weight keep
+    their initialisation. V2 layers get ``diffattn.plain_to_v2_state_dict`` of their plain
+    tensors (DiffMultiheadAttentionV2.from_plain's weights): q_proj derived, lambda_proj new.
+    Returns (state_dict, {"v1" | "v2": {layer name: names of its derived or new tensors}}).
+    """
+    state_dict, warm = dict(state_dict), {"v1": {}, "v2": {}}
+    for name, layer in layers.items():
+        prefix = name + "."
+        if isinstance(layer, DiffMultiheadAttentionV2):
+            plain = {key: state_dict.pop(prefix + key) for key in PLAIN_KEYS}
+            converted = plain_to_v2_state_dict(plain, layer.num_heads)
+            state_dict.update((prefix + key, value) for key, value in converted.items())
+            warm["v2"][name] = list(_V2_DERIVED)
+        else:
+            own = layer.state_dict(keep_vars=True)
+            warm["v1"][name] = [key for key in own if not key.startswith(
+                tuple(f"{proj}." for proj in _PACKED_PROJECTIONS + ("out_proj",)))]
+    return state_dict, {kind: names for kind, names in warm.items() if names}
 
 
 def _index_ranges(indices) -> str:
@@ -259,13 +303,33 @@ def _grouped_tensor_names(initialised: dict) -> list:
     return lines
 
 
-def _warm_start_message(path: str, initialised: dict) -> str:
-    count = sum(len(tensors) for tensors in initialised.values())
-    return (f"checkpoint {path!r} holds plain attention weights for {len(initialised)} "
-            f"differential attention layers: their q/k/v/out projections were loaded from it, "
-            f"and these {count} tensors were newly initialised (lambda vectors ~ N(0, 0.1), "
-            f"diff_norm.weight = 1, as DiffMultiheadAttention initialises them); fine-tune "
-            f"before use:\n  " + "\n  ".join(_grouped_tensor_names(initialised)))
+def _warm_start_message(path: str, warm: dict) -> str:
+    """One message for the whole warm start: per kind of layer ("v1", "v2"), what was done
+    and the derived or new tensors, grouped by layer."""
+    paragraphs = []
+    for kind, initialised in warm.items():
+        count = sum(len(tensors) for tensors in initialised.values())
+        names = "\n  " + "\n  ".join(_grouped_tensor_names(initialised))
+        if kind == "v1":
+            paragraphs.append(
+                f"checkpoint {path!r} holds plain attention weights for {len(initialised)} "
+                f"differential attention layers: their q/k/v/out projections were loaded from "
+                f"it, and these {count} tensors were newly initialised (lambda vectors ~ "
+                f"N(0, 0.1), diff_norm.weight = 1, as DiffMultiheadAttention initialises "
+                f"them); fine-tune before use:" + names)
+        else:
+            lam = INITIAL_LAMBDA
+            paragraphs.append(
+                f"checkpoint {path!r} holds plain attention weights for {len(initialised)} "
+                f"Differential Transformer V2 attention layers, converted as "
+                f"DiffMultiheadAttentionV2.from_plain converts a plain layer: their k/v/out "
+                f"projections were loaded from it, and these {count} tensors were derived or "
+                f"newly initialised (q_proj: the plain q heads as the first map of each pair, "
+                f"zeros as the second; lambda_proj: weight 0, bias logit({lam}), so every "
+                f"token's lambda is {lam}). The model computes what the plain model computes "
+                f"(within about {lam} relative) until fine-tuning moves the second maps:"
+                + names)
+    return "\n".join(paragraphs)
 
 
 # --------------------------------------------------------------------------- open_clip style

@@ -1,7 +1,9 @@
 """diffattn.replace_attention: torch's TransformerEncoderLayer / TransformerEncoder and a plain
 CLIP turned differential, against a float64 reference written from the original layer's
 weights, in training and in eval mode (torch's inference fast paths must not run plain
-attention on the converted layers)."""
+attention on the converted layers). variant="v2" (DiffMultiheadAttentionV2.from_plain) starts
+equal to the plain model; plain_to_v2_state_dict maps one layer's weights and names what does
+not fit."""
 import copy
 
 import pytest
@@ -9,7 +11,8 @@ import torch
 from torch import nn
 
 import diffattn
-from diffattn import DiffMultiheadAttention, diff_attention_ref, lambda_init_for_depth
+from diffattn import (DiffMultiheadAttention, DiffMultiheadAttentionV2, diff_attention_ref,
+                      lambda_init_for_depth)
 from diffattn.models import create_model
 from helpers import assert_close_rel
 
@@ -170,3 +173,135 @@ def test_cross_attention_with_kdim_vdim_keeps_its_separate_projections():
     query, key, value = torch.randn(2, 5, E), torch.randn(2, 7, 16), torch.randn(2, 7, 12)
     out, _ = attn(query, key, value)
     assert out.shape == (2, 5, E) and torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------------ variant="v2"
+def _v2_reference(mha: nn.MultiheadAttention, x: torch.Tensor, lam: float) -> torch.Tensor:
+    """What the V2 layer converted from ``mha`` computes, float64, written from the plain
+    weights: its first maps are the plain heads, its second maps have zero queries and so
+    attend uniformly, adding lam times each head's mean value row (x (B, N, E), no mask)."""
+    plain = mha(x, x, x, need_weights=False)[0]
+    width = mha.embed_dim
+    v = x @ mha.in_proj_weight[2 * width:].T + mha.in_proj_bias[2 * width:]   # (B, N, E)
+    return plain - lam * v.mean(1, keepdim=True) @ mha.out_proj.weight.T
+
+
+def test_v2_layer_matches_the_plain_weights_reference():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.MultiheadAttention(36, 3, batch_first=True, dtype=torch.float64))
+    mha = copy.deepcopy(model[0])
+    assert diffattn.replace_attention(model, variant="v2", initial_lambda=0.3,
+                                      backend="torch") == 1
+    layer = model[0]
+    assert type(layer) is DiffMultiheadAttentionV2
+    assert (layer.num_heads, layer.head_dim, layer.batch_first) == (3, 12, True)
+    x = torch.randn(2, 6, 36, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close_rel("output", layer(x)[0], _v2_reference(mha, x, 0.3), torch.float64)
+        lam = torch.sigmoid(layer.lambda_proj(x))
+    torch.testing.assert_close(lam, torch.full_like(lam, 0.3))
+
+
+def test_v2_encoder_stack_starts_equal_to_the_plain_one_in_train_and_eval():
+    encoder = nn.TransformerEncoder(_encoder_layer(), num_layers=3, enable_nested_tensor=True)
+    plain = copy.deepcopy(encoder)
+    plain.use_nested_tensor = False  # torch's fast path, without the prototype nested tensors
+    assert diffattn.replace_attention(encoder, variant="v2", backend="torch") == 3
+    assert all(type(layer.self_attn) is DiffMultiheadAttentionV2 for layer in encoder.layers)
+    x = torch.randn(2, 7, E, dtype=torch.float64)
+    padding = torch.zeros(2, 7, dtype=torch.bool)
+    padding[1, 4:] = True
+    for mode in ("train", "eval"):
+        encoder.train(mode == "train"), plain.train(mode == "train")
+        with torch.no_grad():
+            want = plain(x, src_key_padding_mask=padding)
+            got = encoder(x, src_key_padding_mask=padding)
+        rel = ((got - want).norm() / want.norm()).item()
+        assert rel < 1e-4, (mode, rel)
+
+
+def test_plain_clip_becomes_v2_with_the_same_embeddings():
+    torch.manual_seed(0)
+    model = create_model("CLIP-Tiny", backend="torch", dtype=torch.float64).eval()
+    images, tokens = torch.randn(2, 3, 32, 32, dtype=torch.float64), model.tokenize(["a", "b c"])
+    with torch.no_grad():
+        want = model.encode_image(images), model.encode_text(tokens)
+        assert diffattn.replace_attention(model, variant="v2", backend="torch") == 4
+        got = model.encode_image(images), model.encode_text(tokens)
+    assert all(isinstance(layer, DiffMultiheadAttentionV2) for layer in model.attention_layers())
+    for a, b in zip(got, want):
+        assert ((a - b).norm() / b.norm()).item() < 1e-4
+
+
+def test_v2_variant_arguments_and_unconvertible_layers():
+    odd = nn.Sequential(nn.MultiheadAttention(33, 3))  # any head count for V2
+    assert diffattn.replace_attention(odd, variant="v2") == 1
+    with pytest.raises(ValueError, match="variant must be one of"):
+        diffattn.replace_attention(nn.Sequential(), variant="v3")
+    with pytest.raises(ValueError, match="lambda_init is an argument of variant=\"v1\""):
+        diffattn.replace_attention(nn.Sequential(), variant="v2", lambda_init=0.5)
+    with pytest.raises(ValueError, match="initial_lambda is an argument of variant=\"v2\""):
+        diffattn.replace_attention(nn.Sequential(), initial_lambda=0.1)
+    with pytest.raises(ValueError, match=r"initial_lambda must be in \(0, 1\)"):
+        diffattn.replace_attention(nn.Sequential(), variant="v2", initial_lambda=1.0)
+    model = nn.Sequential(nn.MultiheadAttention(E, HEADS),
+                          nn.MultiheadAttention(E, HEADS, bias=False))
+    with pytest.raises(ValueError, match="layer '1': V2 conversion needs an "
+                                         "nn.MultiheadAttention with biases"):
+        diffattn.replace_attention(model, variant="v2")
+    assert all(type(layer) is nn.MultiheadAttention for layer in model)  # nothing changed
+    with pytest.raises(ValueError, match="layer '0': V2 conversion needs .* kdim = vdim"):
+        diffattn.replace_attention(nn.Sequential(nn.MultiheadAttention(E, 2, kdim=16)),
+                                   variant="v2")
+
+
+def _plain_state(embed_dim=E, heads=HEADS):
+    torch.manual_seed(0)
+    return nn.MultiheadAttention(embed_dim, heads).state_dict()
+
+
+def test_plain_to_v2_state_dict_shapes_and_values():
+    state = _plain_state()
+    v2 = diffattn.plain_to_v2_state_dict(state, HEADS, initial_lambda=0.25)
+    d = E // HEADS
+    assert {k: tuple(v.shape) for k, v in v2.items()} == {
+        "q_proj.weight": (2 * E, E), "q_proj.bias": (2 * E,),
+        "lambda_proj.weight": (HEADS, E), "lambda_proj.bias": (HEADS,),
+        "k_proj.weight": (E, E), "k_proj.bias": (E,), "v_proj.weight": (E, E),
+        "v_proj.bias": (E,), "out_proj.weight": (E, E), "out_proj.bias": (E,)}
+    q = v2["q_proj.weight"].view(HEADS, 2, d, E)
+    assert torch.equal(q[:, 0].reshape(E, E), state["in_proj_weight"][:E])
+    assert not q[:, 1].any() and not v2["lambda_proj.weight"].any()
+    torch.testing.assert_close(torch.sigmoid(v2["lambda_proj.bias"]), torch.full((HEADS,), 0.25))
+    assert torch.equal(v2["v_proj.bias"], state["in_proj_bias"][2 * E:])
+    assert v2["k_proj.weight"].data_ptr() != state["in_proj_weight"].data_ptr()  # copies
+    layer = DiffMultiheadAttentionV2(E, HEADS)
+    layer.load_state_dict(v2, strict=True)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (lambda s: s.pop("in_proj_bias"), ValueError, r"missing \['in_proj_bias'\]"),
+    (lambda s: s.update(bias_k=torch.zeros(1, 1, E)), ValueError, r"unexpected \['bias_k'\]"),
+    (lambda s: s.update(in_proj_weight=torch.zeros(3 * E, E + 1)), ValueError,
+     r"in_proj_weight: expected \(99, 33\), got \(96, 33\)"),
+    (lambda s: s.update({"out_proj.bias": [0.0] * E}), TypeError,
+     r"state_dict\['out_proj.bias'\] must be a tensor"),
+])
+def test_plain_to_v2_state_dict_names_what_does_not_fit(change, error, match):
+    state = dict(_plain_state())
+    change(state)
+    with pytest.raises(error, match=match):
+        diffattn.plain_to_v2_state_dict(state, HEADS)
+
+
+def test_plain_to_v2_state_dict_arguments():
+    state = _plain_state()
+    with pytest.raises(ValueError, match=r"num_heads must be a positive divisor of embed_dim "
+                                         r"\(32\), got 5"):
+        diffattn.plain_to_v2_state_dict(state, 5)
+    with pytest.raises(TypeError, match="num_heads must be an int"):
+        diffattn.plain_to_v2_state_dict(state, 4.0)
+    with pytest.raises(TypeError, match="initial_lambda must be a float"):
+        diffattn.plain_to_v2_state_dict(state, HEADS, initial_lambda="small")
+    with pytest.raises(ValueError, match=r"initial_lambda must be in \(0, 1\)"):
+        diffattn.plain_to_v2_state_dict(state, HEADS, initial_lambda=0.0)

@@ -2,6 +2,7 @@
 
 - a short 2-process torchrun run writes metrics.jsonl and a checkpoint that create_model loads;
 - a run stopped after epoch 1 and resumed ends in the same state as an uninterrupted one;
+- DiffCLIPv2-Tiny (V2 attention) trains through the same loop in one process;
 - the loss and gradients of 2 gloo ranks (gather with gradients + DDP) equal the
   single-process loss and gradients on the same global batch;
 - csv and WebDataset inputs; clear errors for bad inputs; the optimizer's parameter groups, the
@@ -182,6 +183,22 @@ def test_webdataset_data(tmp_path):
                  "--epochs", "2", "--batch-size", "4", "--train-num-samples", "12",
                  "--workers", "2", "--out", str(out)]) == 0
     assert [(record["epoch"], record["step"]) for record in read_metrics(out)] == [(1, 3), (2, 6)]
+
+
+def test_v2_model_trains_and_its_checkpoint_loads(tmp_path):
+    """DiffCLIPv2-Tiny (Differential Transformer V2 attention) through the same loop: one
+    step in one process, a finite loss, and a model file create_model reads back."""
+    out = tmp_path / "run"
+    assert main(["--data", "digits", "--model", "DiffCLIPv2-Tiny", "--backend", "torch",
+                 "--epochs", "1", "--train-subset", "16", "--batch-size", "16",
+                 "--out", str(out)]) == 0
+    (record,) = read_metrics(out)
+    assert record["step"] == 1 and math.isfinite(record["loss"])
+    assert 0.0 <= record["zero_shot_top1"] <= 1.0
+    model = create_model("DiffCLIPv2-Tiny", pretrained=out / MODEL_FILE, backend="torch")
+    saved = load_file(out / MODEL_FILE)
+    assert "transformer.resblocks.0.attn.lambda_proj.weight" in saved
+    assert all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
 
 
 # ------------------------------------------------------------------------ bad inputs

@@ -1,8 +1,12 @@
-"""create_model(name, pretrained=<plain attention weights>, attention="diff"): a warm start that
-loads every tensor the file has, keeps the new lambda vectors and norm weights as initialised,
-says so in one grouped warning, and gives the model replace_attention would give."""
+"""create_model(name, pretrained=<plain attention weights>, attention="diff" or "diff2"): a warm
+start that loads every tensor the file has, says in one grouped warning which tensors are new or
+derived, and gives the model replace_attention would give. "diff" keeps the new lambda vectors
+and norm weights as initialised; "diff2" converts each layer as
+DiffMultiheadAttentionV2.from_plain does, so the model's embeddings start equal to the plain
+model's (float64 reference, 1e-4 relative)."""
 import dataclasses
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -136,3 +140,145 @@ def test_warm_start_warning_names_the_callers_line(tmp_path):
         warnings.simplefilter("always")
         create_model_and_transforms(config, pretrained=path, attention="diff", backend="torch")
     assert [Path(w.filename).name for w in caught] == [Path(__file__).name]
+
+
+# ------------------------------------------------------------------ Differential Transformer V2
+_V2_DERIVED = "{q_proj.weight, q_proj.bias, lambda_proj.weight, lambda_proj.bias}"
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _load_warm_v2(config, path, **kwargs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = create_model(config, pretrained=path, **kwargs)
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert len(messages) == 1, messages
+    return model, messages[0]
+
+
+def _rel(got, expected) -> float:
+    return ((got.double() - expected).norm() / expected.norm()).item()
+
+
+@pytest.mark.parametrize("dtype, backend", [
+    (torch.float64, "torch"),
+    (torch.float32, "triton" if INTERPRET else "torch"),
+])
+def test_open_clip_file_warm_starts_a_v2_model_equal_to_the_plain_one(tmp_path, dtype, backend):
+    """attention="diff2" on a plain open_clip-layout file: every layer converted as
+    DiffMultiheadAttentionV2.from_plain converts one, and the image and text embeddings equal
+    the plain model's (float64) within 1e-4 relative."""
+    config = _open_clip_tiny()
+    source, path = _random_plain_file(tmp_path, config)
+    model, message = _load_warm_v2(config, path, attention="diff2", backend=backend,
+                                   dtype=dtype)
+    assert model.config == dataclasses.replace(config, attention="diff2")
+    assert all(isinstance(layer, diffattn.DiffMultiheadAttentionV2)
+               for layer in model.attention_layers())
+    assert message.splitlines()[1:] == [
+        f"  visual.transformer.resblocks.{{0-1}}.attn.{_V2_DERIVED}",
+        f"  transformer.resblocks.{{0-1}}.attn.{_V2_DERIVED}",
+    ]
+    assert "for 4 Differential Transformer V2 attention layers" in message
+    assert "these 16 tensors were derived or newly initialised" in message
+
+    reference = source.double().eval()
+    model.eval()
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    tokens = model.tokenize(["a photo of a cat", "a dog"], trim=True)
+    with torch.no_grad():
+        image_rel = _rel(model.encode_image(images.to(dtype)), reference.encode_image(images))
+        text_rel = _rel(model.encode_text(tokens), reference.encode_text(tokens))
+    assert image_rel < 1e-4 and text_rel < 1e-4, (image_rel, text_rel)
+
+
+def test_v2_warm_start_weights_follow_from_plain(tmp_path):
+    """The loaded tensors: k/v/out from the file, q_proj the plain q heads as the first maps
+    and zeros as the second, lambda_proj 0 and logit(1e-5); the same model as
+    replace_attention(variant="v2") on the plain one."""
+    config = _open_clip_tiny()
+    source, path = _random_plain_file(tmp_path, config)
+    model, _ = _load_warm_v2(config, path, attention="diff2", backend="torch")
+    plain, loaded = source.state_dict(), model.state_dict()
+    prefix = "transformer.resblocks.1.attn."
+    E, h = config.text.width, config.text.heads
+    wq, wk, wv = plain[prefix + "in_proj_weight"].split(E)
+    assert torch.equal(loaded[prefix + "k_proj.weight"], wk)
+    assert torch.equal(loaded[prefix + "v_proj.weight"], wv)
+    assert torch.equal(loaded[prefix + "out_proj.weight"], plain[prefix + "out_proj.weight"])
+    q = loaded[prefix + "q_proj.weight"].view(h, 2, E // h, E)
+    assert torch.equal(q[:, 0], wq.view(h, E // h, E)) and not q[:, 1].any()
+    assert not loaded[prefix + "lambda_proj.weight"].any()
+    torch.testing.assert_close(loaded[prefix + "lambda_proj.bias"].double(),
+                               torch.full((h,), math.log(1e-5 / (1 - 1e-5)), dtype=torch.float64))
+    other = {k: v for k, v in loaded.items() if ".attn." not in k}
+    assert all(torch.equal(value, plain[key]) for key, value in other.items())
+
+    converted = create_model(config, pretrained=path, backend="torch")
+    assert diffattn.replace_attention(converted, variant="v2", backend="torch") == 4
+    assert converted.state_dict().keys() == loaded.keys()
+    assert all(torch.equal(value, loaded[key]) for key, value in converted.state_dict().items())
+
+
+def test_diffclip_layout_plain_file_warm_starts_diffclipv2_tiny(tmp_path):
+    """A plain "CLIP-Tiny" file (DiffCLIP layout) into the bundled "DiffCLIPv2-Tiny"."""
+    assert dataclasses.replace(get_config("CLIP-Tiny"), attention="diff2") == \
+        get_config("DiffCLIPv2-Tiny")
+    source, path = _random_plain_file(tmp_path, get_config("CLIP-Tiny"))
+    model, message = _load_warm_v2("DiffCLIPv2-Tiny", path, backend="torch",
+                                   dtype=torch.float64)
+    assert f"  visual.blocks.{{0-1}}.attn.{_V2_DERIVED}" in message.splitlines()
+    model.eval()
+    reference = source.double().eval()
+    tokens = model.tokenize(["a handwritten digit seven."], trim=True)
+    with torch.no_grad():
+        assert _rel(model.encode_text(tokens), reference.encode_text(tokens)) < 1e-4
+
+
+def test_v2_packed_weights_of_the_wrong_shape_are_listed(tmp_path):
+    config = _open_clip_tiny()
+    source, _ = _random_plain_file(tmp_path, config)
+    state_dict = source.state_dict()
+    key = "visual.transformer.resblocks.0.attn.in_proj_weight"
+    state_dict[key] = state_dict[key][:-8]
+    path = tmp_path / "broken.pt"
+    torch.save(state_dict, path)
+    with pytest.raises(ValueError, match=r"shape mismatches:\n  visual.transformer.resblocks.0."
+                                         r"attn.in_proj_weight: expected \(192, 64\), got "
+                                         r"\(184, 64\)"):
+        create_model(config, pretrained=path, attention="diff2")
+
+
+def test_vit_b_16_open_clip_keys_warm_start_diffclipv2_vit_b_16(tmp_path):
+    """The real open_clip ViT-B-16 key list maps completely onto DiffCLIPv2-ViT-B-16 (and
+    onto ViT-B-16 with attention="diff2", the same config)."""
+    keys = _shared_data_dir() / "open_clip_ViT-B-16_state_dict.json"
+    if not keys.is_file():
+        pytest.skip(f"{keys} not available")
+    assert dataclasses.replace(get_config("ViT-B-16"), attention="diff2") == \
+        get_config("DiffCLIPv2-ViT-B-16")
+    shapes = json.loads(keys.read_text())
+    # Stride-0 tensors keep the file tiny: each tensor is saved as its single value.
+    state_dict = {key: torch.full((), float(i) / 1000).expand(shape)
+                  for i, (key, shape) in enumerate(shapes.items())}
+    path = tmp_path / "open_clip_ViT-B-16.pt"
+    torch.save(state_dict, path)
+    model, message = _load_warm_v2("DiffCLIPv2-ViT-B-16", path, backend="torch")
+    assert message.splitlines()[1:] == [
+        f"  visual.transformer.resblocks.{{0-11}}.attn.{_V2_DERIVED}",
+        f"  transformer.resblocks.{{0-11}}.attn.{_V2_DERIVED}",
+    ]
+    assert "for 24 Differential Transformer V2 attention layers" in message
+    assert "these 96 tensors" in message
+    loaded = model.state_dict()
+    for key, value in state_dict.items():
+        if ".attn.in_proj_" not in key:
+            assert loaded[key].reshape(-1)[0].item() == pytest.approx(value.reshape(-1)[0].item())
+    packed = state_dict["visual.transformer.resblocks.11.attn.in_proj_weight"][0, 0].item()
+    layer = "visual.transformer.resblocks.11.attn."
+    assert loaded[layer + "k_proj.weight"].shape == (768, 768)
+    assert loaded[layer + "q_proj.weight"].shape == (1536, 768)
+    assert loaded[layer + "lambda_proj.weight"].shape == (12, 768)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        assert loaded[layer + name + ".weight"][0, 0].item() == pytest.approx(packed)

@@ -32,7 +32,7 @@ import triton.language as tl
 from .config import RED_COLS, RED_ROWS, ROWS_BLOCK_M, cdiv, head_block, rows_warps
 from .diff_attn_fwd import LOG2E, dot_precision, lambda_flags, lambda_strides
 from .tiles import (causal_key_end, causal_keep, full_tiles_end, key_keep, load_head_pair,
-                    load_lambda_rows, load_tile)
+                    load_lambda_rows, load_tile, program_lambda)
 from .tuning import BWD_TILES
 
 # dlambda reduction modes (DLAM_REDUCE): lambda per row and head (no reduction: the row pass
@@ -68,8 +68,9 @@ def diff_attn_bwd_rows_kernel(
     off = ((b * N + rows[:, None]) * H + h) * HEAD_DIM_V + offs_dv[None, :]
     x = tl.load(X + off, mask=mask, other=0.0).to(acc_dtype)
     o2 = tl.load(O2 + off, mask=mask, other=0.0).to(acc_dtype)
-    lam = load_lambda_rows(LAM, b, rows, N, h, stride_lb, stride_ln, stride_lh, lam_value,
-                           LAM_MODE, LAM_DIM, BLOCK_LAM, acc_dtype)
+    lam = load_lambda_rows(LAM, b, rows, N, h, stride_lb, stride_ln, stride_lh,
+                           program_lambda(LAM, lam_value, LAM_MODE, LAM_DIM, BLOCK_LAM,
+                                          acc_dtype), LAM_MODE, acc_dtype)
 
     g = dy * out_scale
     if HAS_NORM:
@@ -118,13 +119,13 @@ def _load_row_stats(lse_base, delta_base, rows, N, MASKED: tl.constexpr):
 @triton.jit
 def _dkdv_query_tiles(k1, k2, v, dk1, dk2, dv, col_keep, cols, start, end, q_base, do_base,
                       lse_base, delta_base, LAM, b, h, stride_lb, stride_ln, stride_lh,
-                      lam_value, stride_qh, stride_qn, stride_don, N, M, qk_scale,
+                      lam_scalar, stride_qh, stride_qn, stride_don, N, M, qk_scale,
                       HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                      BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr,
-                      LAM_MODE: tl.constexpr, LAM_DIM: tl.constexpr, BLOCK_LAM: tl.constexpr,
-                      CAUSAL: tl.constexpr, MASKED: tl.constexpr,
-                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Accumulate one key tile's dK and dV over the query tiles [start, end) of head h."""
+                      BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr, LAM_MODE: tl.constexpr,
+                      CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+                      BLOCK_M: tl.constexpr):
+    """Accumulate one key tile's dK and dV over the query tiles [start, end) of head h
+    (lam_scalar: the program's lambda, see program_lambda)."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in range(start, end, BLOCK_M):
@@ -134,8 +135,8 @@ def _dkdv_query_tiles(k1, k2, v, dk1, dk2, dv, col_keep, cols, start, end, q_bas
         do = load_tile(do_base, rows, N, stride_don, offs_dv, HEAD_DIM_V, MASKED,
                        HEAD_DIM_V != BLOCK_DV)
         lse1, lse2, d1, d2 = _load_row_stats(lse_base, delta_base, rows, N, MASKED)
-        lam = load_lambda_rows(LAM, b, rows, N, h, stride_lb, stride_ln, stride_lh, lam_value,
-                               LAM_MODE, LAM_DIM, BLOCK_LAM, dv.dtype)
+        lam = load_lambda_rows(LAM, b, rows, N, h, stride_lb, stride_ln, stride_lh, lam_scalar,
+                               LAM_MODE, dv.dtype)
 
         sT1 = tl.dot(k1, tl.trans(q1), input_precision=PRECISION).to(dv.dtype)
         sT2 = tl.dot(k2, tl.trans(q2), input_precision=PRECISION).to(dv.dtype)
@@ -203,6 +204,7 @@ def _dkdv_program(tile, bg, Q, K, V, LAM, KPM, DO, LSE, DELTA, DK, DV,
     if not HAS_KPM:
         if tile * BLOCK_N + BLOCK_N <= M:
             open_hi = tl.maximum(open_lo, (N // BLOCK_M) * BLOCK_M)
+    lam_scalar = program_lambda(LAM, lam_value, LAM_MODE, LAM_DIM, BLOCK_LAM, acc_dtype)
     for head in range(0, GROUP):
         h = g * GROUP + head
         q_base = Q + b * stride_qb + 2 * h * stride_qh
@@ -211,19 +213,19 @@ def _dkdv_program(tile, bg, Q, K, V, LAM, KPM, DO, LSE, DELTA, DK, DV,
         delta_base = DELTA + ((b * H + h) * 2) * N
         dk1, dk2, dv = _dkdv_query_tiles(
             k1, k2, v, dk1, dk2, dv, col_keep, cols, lo, open_lo, q_base, do_base, lse_base,
-            delta_base, LAM, b, h, stride_lb, stride_ln, stride_lh, lam_value, stride_qh,
+            delta_base, LAM, b, h, stride_lb, stride_ln, stride_lh, lam_scalar, stride_qh,
             stride_qn, stride_don, N, M, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-            KEY_PAIR, LAM_MODE, LAM_DIM, BLOCK_LAM, CAUSAL, True, PRECISION, BLOCK_M)
+            KEY_PAIR, LAM_MODE, CAUSAL, True, PRECISION, BLOCK_M)
         dk1, dk2, dv = _dkdv_query_tiles(
             k1, k2, v, dk1, dk2, dv, col_keep, cols, open_lo, open_hi, q_base, do_base,
-            lse_base, delta_base, LAM, b, h, stride_lb, stride_ln, stride_lh, lam_value,
+            lse_base, delta_base, LAM, b, h, stride_lb, stride_ln, stride_lh, lam_scalar,
             stride_qh, stride_qn, stride_don, N, M, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
-            BLOCK_DV, KEY_PAIR, LAM_MODE, LAM_DIM, BLOCK_LAM, CAUSAL, False, PRECISION, BLOCK_M)
+            BLOCK_DV, KEY_PAIR, LAM_MODE, CAUSAL, False, PRECISION, BLOCK_M)
         dk1, dk2, dv = _dkdv_query_tiles(
             k1, k2, v, dk1, dk2, dv, col_keep, cols, open_hi, N, q_base, do_base, lse_base,
-            delta_base, LAM, b, h, stride_lb, stride_ln, stride_lh, lam_value, stride_qh,
+            delta_base, LAM, b, h, stride_lb, stride_ln, stride_lh, lam_scalar, stride_qh,
             stride_qn, stride_don, N, M, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-            KEY_PAIR, LAM_MODE, LAM_DIM, BLOCK_LAM, CAUSAL, True, PRECISION, BLOCK_M)
+            KEY_PAIR, LAM_MODE, CAUSAL, True, PRECISION, BLOCK_M)
 
     col_ok = cols < M
     dk_ptrs = (DK + ((b * M + cols[:, None]) * (key_heads * HK) + key_heads * g) * HEAD_DIM
@@ -298,8 +300,9 @@ def _dq_program(tile, bh, Q, K, V, LAM, KPM, DO, LSE, DELTA, DQ,
                    HEAD_DIM_V, True, HEAD_DIM_V != BLOCK_DV)
     lse1, lse2, d1, d2 = _load_row_stats(LSE + ((b * H + h) * 2) * N,
                                          DELTA + ((b * H + h) * 2) * N, rows, N, True)
-    lam = load_lambda_rows(LAM, b, rows, N, h, stride_lb, stride_ln, stride_lh, lam_value,
-                           LAM_MODE, LAM_DIM, BLOCK_LAM, acc_dtype)
+    lam = load_lambda_rows(LAM, b, rows, N, h, stride_lb, stride_ln, stride_lh,
+                           program_lambda(LAM, lam_value, LAM_MODE, LAM_DIM, BLOCK_LAM,
+                                          acc_dtype), LAM_MODE, acc_dtype)
     k_base = K + b * stride_kb + key_heads * g * stride_kh
     v_base = V + b * stride_vb + g * stride_vh
     kpm_row = KPM + b * stride_kpm_b
@@ -409,8 +412,8 @@ def diff_attn_bwd_kernel(
                       stride_vb, stride_vm, stride_vh, stride_dob, stride_don, stride_doh,
                       stride_lb, stride_ln, stride_lh, stride_kpm_b, N, M, H, HK, GROUP,
                       lam_value, qk_scale, sm_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-                      KEY_PAIR, LAM_MODE, LAM_DIM, BLOCK_LAM, CAUSAL, HAS_KPM, ACC_FP64, PRECISION,
-                      BLOCK_M1, BLOCK_N1)
+                      KEY_PAIR, LAM_MODE, LAM_DIM, BLOCK_LAM, CAUSAL, HAS_KPM, ACC_FP64,
+                      PRECISION, BLOCK_M1, BLOCK_N1)
     elif pid < n_kv_progs + n_q_progs:
         pid_q = pid - n_kv_progs
         _dq_program(pid_q % n_q_tiles, pid_q // n_q_tiles, Q, K, V, LAM, KPM, DO, LSE, DELTA,
@@ -418,8 +421,8 @@ def diff_attn_bwd_kernel(
                     stride_vb, stride_vm, stride_vh, stride_dob, stride_don, stride_doh,
                     stride_lb, stride_ln, stride_lh, stride_kpm_b, N, M, H, GROUP,
                     lam_value, qk_scale, sm_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-                    KEY_PAIR, LAM_MODE, LAM_DIM, BLOCK_LAM, CAUSAL, HAS_KPM, ACC_FP64, PRECISION,
-                    BLOCK_M2, BLOCK_N2)
+                    KEY_PAIR, LAM_MODE, LAM_DIM, BLOCK_LAM, CAUSAL, HAS_KPM, ACC_FP64,
+                    PRECISION, BLOCK_M2, BLOCK_N2)
     else:
         _reduce_program(pid - n_kv_progs - n_q_progs, DLAM_PART, DLAM, DW_PART, DW, LAM,
                         n_lam_parts, H, n_dw_rows, n_dlam_progs, HEAD_DIM_V,

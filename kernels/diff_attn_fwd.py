@@ -44,7 +44,7 @@ import triton.language as tl
 
 from .config import cdiv, head_block
 from .tiles import (causal_key_end, causal_keep, full_tiles_end, key_keep, load_head_pair,
-                    load_lambda_rows, load_tile, online_softmax_step)
+                    load_lambda_rows, load_tile, online_softmax_step, program_lambda)
 from .tuning import FWD_TILES
 
 LOG2E = 1.4426950408889634
@@ -150,8 +150,9 @@ def diff_attn_fwd_kernel(
     l2_safe = tl.where(l2 > 0, l2, 1.0)
     inv_l1 = tl.where(l1 > 0, 1.0 / l1_safe, 0.0)
     inv_l2 = tl.where(l2 > 0, 1.0 / l2_safe, 0.0)
-    lam = load_lambda_rows(LAM, b, rows, N, h, stride_lb, stride_ln, stride_lh, lam_value,
-                           LAM_MODE, LAM_DIM, BLOCK_LAM, acc_dtype)
+    lam = load_lambda_rows(LAM, b, rows, N, h, stride_lb, stride_ln, stride_lh,
+                           program_lambda(LAM, lam_value, LAM_MODE, LAM_DIM, BLOCK_LAM,
+                                          acc_dtype), LAM_MODE, acc_dtype)
     o2 = acc2 * inv_l2[:, None]
     x = acc1 * inv_l1[:, None] - lam[:, None] * o2
 

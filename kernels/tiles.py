@@ -61,21 +61,29 @@ def lambda_from_vectors(LAM, lambda_init, LAM_DIM: tl.constexpr, BLOCK_LAM: tl.c
 
 
 @triton.jit
-def load_lambda_rows(LAM, b, rows, n_rows, h, stride_lb, stride_ln, stride_lh, lam_value,
-                     LAM_MODE: tl.constexpr, LAM_DIM: tl.constexpr, BLOCK_LAM: tl.constexpr,
-                     ACC_DTYPE: tl.constexpr):
-    """lambda for each of ``rows`` of head h of batch b. LAM_MODE 0: the scalar
-    ``lam_value``; 1: read through (batch, row, head) strides (0 where lambda does not vary:
-    one per head, or one for all); 2: computed from the four vectors at LAM, with
-    lam_value = lambda_init (see lambda_from_vectors)."""
+def program_lambda(LAM, lam_value, LAM_MODE: tl.constexpr, LAM_DIM: tl.constexpr,
+                   BLOCK_LAM: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """The program's lambda when it does not vary by row: ``lam_value`` (LAM_MODE 0), or
+    computed once from the four vectors at LAM with lam_value = lambda_init (LAM_MODE 2).
+    Meaningless (and unused) for LAM_MODE 1, where lambda is read per row."""
+    if LAM_MODE == 2:
+        lam = lambda_from_vectors(LAM, lam_value, LAM_DIM, BLOCK_LAM, ACC_DTYPE)
+    else:
+        lam = lam_value
+    return lam
+
+
+@triton.jit
+def load_lambda_rows(LAM, b, rows, n_rows, h, stride_lb, stride_ln, stride_lh, lam_scalar,
+                     LAM_MODE: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """lambda for each of ``rows`` of head h of batch b: read through (batch, row, head)
+    strides with LAM_MODE 1 (0 where lambda does not vary: one per head, or one for all),
+    otherwise the program's ``lam_scalar`` (see program_lambda) broadcast."""
     if LAM_MODE == 1:
         lam = tl.load(LAM + b * stride_lb + rows.to(tl.int64) * stride_ln + h * stride_lh,
                       mask=rows < n_rows, other=0.0).to(ACC_DTYPE)
-    elif LAM_MODE == 2:
-        lam = tl.zeros(rows.shape, ACC_DTYPE) + lambda_from_vectors(LAM, lam_value, LAM_DIM,
-                                                                    BLOCK_LAM, ACC_DTYPE)
     else:
-        lam = tl.zeros(rows.shape, ACC_DTYPE) + lam_value
+        lam = tl.zeros(rows.shape, ACC_DTYPE) + lam_scalar
     return lam
 
 

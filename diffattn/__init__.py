@@ -17,7 +17,6 @@
   ``plain_to_v2_state_dict`` maps one plain layer's weights onto V2's.
 - ``diffattn.integrations.timm``: timm's DiffAttention on the fused kernels (optional extra).
 """
-from . import attention_inputs
 from .backend import BACKENDS, BackendFallbackWarning, resolve_backend
 from .convert import plain_to_v2_state_dict, replace_attention
 from .functional import diff_attention, diff_attention_v2

@@ -67,14 +67,21 @@ def restore_layout(out: Tensor, batch_first: bool, unbatched: bool) -> Tensor:
     return out.squeeze(0 if batch_first else 1) if unbatched else out
 
 
-def attention_masks(attn_mask, key_padding_mask, B: int, N: int, M: int, num_heads: int):
-    """Normalise nn.MultiheadAttention's masks to (attn_mask for the functional op,
+def attention_masks(attn_mask, key_padding_mask, is_causal, B: int, N: int, M: int,
+                    num_heads: int):
+    """Normalise nn.MultiheadAttention's masks to (causal, attn_mask for the functional op,
     bool key_padding_mask or None).
 
-    attn_mask: bool (True = masked out) or float additive, (L, S) or (B * num_heads, L, S);
-    returned as (L, S) or (B, num_heads, L, S). key_padding_mask: (B, S) bool (True = ignore)
-    or float additive; a float one joins the attention mask (which then needs the torch path).
+    is_causal=True, or an attn_mask that is exactly the causal mask (see is_causal_mask), makes
+    the call causal and drops the mask (is_causal is a hint, as in nn.MultiheadAttention: the
+    mask is then not read). attn_mask: bool (True = masked out) or float additive, (L, S) or
+    (B * num_heads, L, S); returned as (L, S) or (B, num_heads, L, S). key_padding_mask:
+    (B, S) bool (True = ignore) or float additive; a float one joins the attention mask (which
+    then needs the torch path).
     """
+    causal = bool(is_causal)
+    if attn_mask is not None and (causal or is_causal_mask(attn_mask, N, M)):
+        causal, attn_mask = True, None
     bias = None
     shapes = f"(L, S) = {(N, M)} or (batch * num_heads, L, S) = {(B * num_heads, N, M)}"
     if attn_mask is not None:
@@ -109,7 +116,7 @@ def attention_masks(attn_mask, key_padding_mask, B: int, N: int, M: int, num_hea
                                    device=bias.device).masked_fill(bias, float("-inf"))
             bias = extra if bias is None else bias + extra
             key_padding_mask = None
-    return bias, key_padding_mask
+    return causal, bias, key_padding_mask
 
 
 class _CausalMaskAnswers:

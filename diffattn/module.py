@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention_inputs import attention_masks, check_inputs, is_causal_mask, restore_layout
+from .attention_inputs import attention_masks, check_inputs, restore_layout
 from .backend import check_backend_name, resolve_backend, unsupported_features
 from .functional import run_diff_attention
 from .packed_projection import load_packed, projection_slice, save_packed
@@ -298,11 +298,8 @@ class DiffMultiheadAttention(nn.Module):
         v = v.unflatten(-1, (self.num_kv_heads // 2, 2 * d))
         lam = LambdaVectors(self.lambda_vectors, self.lambda_init)
 
-        causal = bool(is_causal)
-        if attn_mask is not None and (causal or is_causal_mask(attn_mask, N, M)):
-            causal, attn_mask = True, None
-        bias, key_padding_mask = attention_masks(attn_mask, key_padding_mask, B, N, M,
-                                                 self.num_heads)
+        causal, bias, key_padding_mask = attention_masks(attn_mask, key_padding_mask, is_causal,
+                                                         B, N, M, self.num_heads)
         dropout_p = self.dropout if self.training else 0.0
         self.last_backend = resolve_backend(self.backend, q.device, q.dtype, d,
                                             unsupported_features(dropout_p, bias))

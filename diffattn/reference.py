@@ -124,7 +124,7 @@ def diff_attention_ref(q, k, v, lambda_, *, causal=False, key_padding_mask=None,
     (y = rmsnorm(x) * norm_weight * out_scale); without it the output is x * out_scale.
     """
     B, N, H2, d = q.shape
-    M, Hk = v.shape[1], v.shape[2]
+    Hk = v.shape[2]
     H = H2 // 2
     *_, diff = differential_maps(q, k, lambda_=lambda_, causal=causal,
                                  key_padding_mask=key_padding_mask, scale=scale,

@@ -32,7 +32,8 @@ import triton.language as tl
 from .config import RED_COLS, RED_ROWS, ROWS_BLOCK_M, cdiv, head_block, rows_warps
 from .diff_attn_fwd import LOG2E, dot_precision, lambda_flags, lambda_strides
 from .tiles import (causal_key_end, causal_keep, full_tiles_end, key_keep, load_head_pair,
-                    load_lambda_rows, load_tile, program_lambda)
+                    load_key_value_tiles, load_lambda_rows, load_lambda_vectors, load_tile,
+                    program_lambda, query_key_keep)
 from .tuning import BWD_TILES
 
 # dlambda reduction modes (DLAM_REDUCE): lambda per row and head (no reduction: the row pass
@@ -247,22 +248,17 @@ def _dq_key_tiles(q1, q2, do, dq1, dq2, lse1, lse2, d1, d2, lam, rows, start, en
                   HAS_KPM: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
                   BLOCK_N: tl.constexpr):
     """Accumulate a query tile's dq over the key tiles [start, end)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k1, k2 = load_head_pair(k_base, stride_kh, cols, M, stride_km, offs_d, HEAD_DIM,
-                                KEY_PAIR, MASKED, HEAD_DIM != BLOCK_D)
-        v = load_tile(v_base, cols, M, stride_vm, offs_dv, HEAD_DIM_V, MASKED,
-                      HEAD_DIM_V != BLOCK_DV)
+        k1, k2, v = load_key_value_tiles(k_base, v_base, stride_kh, stride_km, stride_vm, cols,
+                                         M, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR,
+                                         MASKED)
         s1 = tl.dot(q1, tl.trans(k1), input_precision=PRECISION).to(dq1.dtype)
         s2 = tl.dot(q2, tl.trans(k2), input_precision=PRECISION).to(dq1.dtype)
         p1 = tl.exp2(s1 * qk_scale - lse1[:, None])
         p2 = tl.exp2(s2 * qk_scale - lse2[:, None])
         if MASKED:
-            keep = key_keep(kpm_row, cols, M, HAS_KPM)[None, :]
-            if CAUSAL:
-                keep = keep & causal_keep(rows[:, None], cols[None, :], N, M)
+            keep = query_key_keep(kpm_row, rows, cols, N, M, HAS_KPM, CAUSAL)
             p1 = tl.where(keep, p1, 0.0)
             p2 = tl.where(keep, p2, 0.0)
         dp1 = tl.dot(do, tl.trans(v), input_precision=PRECISION).to(dq1.dtype)
@@ -356,12 +352,8 @@ def _reduce_program(r, DLAM_PART, DLAM, DW_PART, DW, LAM, n_lam_parts, H, n_dw_r
                 acc += tl.load(DLAM_PART + idx, mask=idx < total, other=0.0)
         dlam = tl.sum(acc, 0)
         if DLAM_REDUCE == 3:  # lambda = exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init
-            vec = tl.arange(0, BLOCK_LAM)
-            ok = vec < LAM_DIM
-            lq1 = tl.load(LAM + vec, mask=ok, other=0.0).to(acc_dtype)
-            lk1 = tl.load(LAM + LAM_DIM + vec, mask=ok, other=0.0).to(acc_dtype)
-            lq2 = tl.load(LAM + 2 * LAM_DIM + vec, mask=ok, other=0.0).to(acc_dtype)
-            lk2 = tl.load(LAM + 3 * LAM_DIM + vec, mask=ok, other=0.0).to(acc_dtype)
+            vec, ok, lq1, lk1, lq2, lk2 = load_lambda_vectors(LAM, LAM_DIM, BLOCK_LAM,
+                                                              acc_dtype)
             g1 = dlam * tl.exp(tl.sum(lq1 * lk1, 0))
             g2 = -dlam * tl.exp(tl.sum(lq2 * lk2, 0))
             tl.store(DLAM + vec, g1 * lk1, mask=ok)

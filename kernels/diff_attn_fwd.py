@@ -43,8 +43,8 @@ import triton
 import triton.language as tl
 
 from .config import cdiv, head_block
-from .tiles import (causal_key_end, causal_keep, full_tiles_end, key_keep, load_head_pair,
-                    load_lambda_rows, load_tile, online_softmax_step, program_lambda)
+from .tiles import (causal_key_end, full_tiles_end, load_head_pair, load_key_value_tiles,
+                    load_lambda_rows, online_softmax_step, program_lambda, query_key_keep)
 from .tuning import FWD_TILES
 
 LOG2E = 1.4426950408889634
@@ -59,19 +59,14 @@ def _attend_key_tiles(q1, q2, k_base, v_base, kpm_row, rows, start, end, m1, l1,
                       PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """Both online softmaxes over the key tiles [start, end). MASKED applies the ragged-edge,
     padding and causal masks; without it every key of every tile is visible to every row."""
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k1, k2 = load_head_pair(k_base, stride_kh, cols, M, stride_km, offs_d, HEAD_DIM,
-                               KEY_PAIR, MASKED, HEAD_DIM != BLOCK_D)
-        v = load_tile(v_base, cols, M, stride_vm, offs_dv, HEAD_DIM_V, MASKED,
-                      HEAD_DIM_V != BLOCK_DV)
+        k1, k2, v = load_key_value_tiles(k_base, v_base, stride_kh, stride_km, stride_vm, cols,
+                                         M, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR,
+                                         MASKED)
         keep = None
         if MASKED:
-            keep = key_keep(kpm_row, cols, M, HAS_KPM)[None, :]
-            if CAUSAL:
-                keep = keep & causal_keep(rows[:, None], cols[None, :], N, M)
+            keep = query_key_keep(kpm_row, rows, cols, N, M, HAS_KPM, CAUSAL)
         s1 = tl.dot(q1, tl.trans(k1), input_precision=PRECISION).to(acc1.dtype)
         m1, l1, acc1 = online_softmax_step(s1, keep, m1, l1, acc1, v, qk_scale, MASKED,
                                            PRECISION)

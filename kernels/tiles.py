@@ -47,16 +47,24 @@ def load_head_pair(base, stride_head, rows, n_rows, stride, cols, n_cols,
 
 
 @triton.jit
-def lambda_from_vectors(LAM, lambda_init, LAM_DIM: tl.constexpr, BLOCK_LAM: tl.constexpr,
+def load_lambda_vectors(LAM, LAM_DIM: tl.constexpr, BLOCK_LAM: tl.constexpr,
                         ACC_DTYPE: tl.constexpr):
-    """The Differential Transformer's lambda, exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init,
-    from its four vectors stacked at LAM as (4, LAM_DIM): lq1, lk1, lq2, lk2."""
+    """The Differential Transformer's four lambda vectors, stacked at LAM as (4, LAM_DIM):
+    (offsets, in-range mask, lq1, lk1, lq2, lk2), padded to BLOCK_LAM with zeros."""
     offs = tl.arange(0, BLOCK_LAM)
     ok = offs < LAM_DIM
     lq1 = tl.load(LAM + offs, mask=ok, other=0.0).to(ACC_DTYPE)
     lk1 = tl.load(LAM + LAM_DIM + offs, mask=ok, other=0.0).to(ACC_DTYPE)
     lq2 = tl.load(LAM + 2 * LAM_DIM + offs, mask=ok, other=0.0).to(ACC_DTYPE)
     lk2 = tl.load(LAM + 3 * LAM_DIM + offs, mask=ok, other=0.0).to(ACC_DTYPE)
+    return offs, ok, lq1, lk1, lq2, lk2
+
+
+@triton.jit
+def lambda_from_vectors(LAM, lambda_init, LAM_DIM: tl.constexpr, BLOCK_LAM: tl.constexpr,
+                        ACC_DTYPE: tl.constexpr):
+    """exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init from the vectors at LAM."""
+    _, _, lq1, lk1, lq2, lk2 = load_lambda_vectors(LAM, LAM_DIM, BLOCK_LAM, ACC_DTYPE)
     return tl.exp(tl.sum(lq1 * lk1, 0)) - tl.exp(tl.sum(lq2 * lk2, 0)) + lambda_init
 
 
@@ -85,6 +93,30 @@ def load_lambda_rows(LAM, b, rows, n_rows, h, stride_lb, stride_ln, stride_lh, l
     else:
         lam = tl.zeros(rows.shape, ACC_DTYPE) + lam_scalar
     return lam
+
+
+@triton.jit
+def load_key_value_tiles(k_base, v_base, stride_kh, stride_km, stride_vm, cols, M,
+                         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr,
+                         MASKED: tl.constexpr):
+    """The two maps' key tiles (see load_head_pair) and the shared value tile of key rows
+    ``cols``; masked loads (ragged last tile) with MASKED."""
+    k1, k2 = load_head_pair(k_base, stride_kh, cols, M, stride_km, tl.arange(0, BLOCK_D),
+                            HEAD_DIM, KEY_PAIR, MASKED, HEAD_DIM != BLOCK_D)
+    v = load_tile(v_base, cols, M, stride_vm, tl.arange(0, BLOCK_DV), HEAD_DIM_V, MASKED,
+                  HEAD_DIM_V != BLOCK_DV)
+    return k1, k2, v
+
+
+@triton.jit
+def query_key_keep(kpm_row, rows, cols, N, M, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr):
+    """(len(rows), len(cols)) True where query ``rows`` see key ``cols``: the key exists, is not
+    padding and, with CAUSAL, is on or below the bottom-right diagonal."""
+    keep = key_keep(kpm_row, cols, M, HAS_KPM)[None, :]
+    if CAUSAL:
+        keep = keep & causal_keep(rows[:, None], cols[None, :], N, M)
+    return keep
 
 
 @triton.jit

@@ -10,7 +10,8 @@
 - ``create_model`` / ``list_models`` / ``get_config`` / ``save_pretrained``: bundled configs
   (DiffCLIP-ViT-B-16, DiffCLIP-ViT-L-14, ViT-B-16, ViT-B-32, DiffCLIP-Tiny, CLIP-Tiny) and safe
   loading of DiffCLIP release checkpoints, open_clip state dicts and diffattn's own files
-  (an open_clip file into ``attention="diff"`` is a warm start).
+  (an open_clip file into ``attention="diff"`` is a warm start); a file that cannot be used
+  raises ``CheckpointError`` (a ValueError) naming it.
 - ``create_model_and_transforms`` / ``get_tokenizer``: open_clip-style entry points, returning
   (model, train transform, eval transform) and the tokenizer callable.
 - ``CLIP`` / ``CLIPConfig``: the model and its configuration (attention "diff" or "plain").
@@ -22,7 +23,7 @@
 """
 from .attention_maps import attention_maps, cls_attention_map, save_attention_overlay
 from .augment import RandomResizedCropTransform, make_train_transform
-from .checkpoint import UnsafeCheckpointError
+from .checkpoint import CheckpointError, CheckpointNotFoundError, UnsafeCheckpointError
 from .clip import CLIP, CLIPConfig, TextConfig, VisionConfig
 from .factory import (PretrainedNotFoundError, Tokenizer, create_model,
                       create_model_and_transforms, get_config, get_tokenizer, list_models,
@@ -46,6 +47,8 @@ def __getattr__(name):
 __all__ = [
     "CLIP",
     "CLIPConfig",
+    "CheckpointError",
+    "CheckpointNotFoundError",
     "IMAGENET_CLASSNAMES",
     "IMAGENET_TEMPLATES",
     "PretrainedNotFoundError",

@@ -173,7 +173,7 @@ def load_state_dict_file(path) -> dict[str, torch.Tensor]:
                 checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
             raise _unsafe_checkpoint_error(path, error) from error
-        except (RuntimeError, EOFError, OSError, ValueError) as error:
+        except Exception as error:  # a damaged pickle can raise almost anything while being read
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise CheckpointError(f"cannot read checkpoint {path!r}: not a readable torch.save "
                                   f"file (empty, truncated or corrupt?): {reason}") from None

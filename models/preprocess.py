@@ -55,6 +55,14 @@ UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.er
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
+def unreadable_image_reason(error: BaseException) -> str:
+    """A short description of why an image file could not be read (one of
+    UNREADABLE_IMAGE_ERRORS), for messages that already name the file."""
+    if isinstance(error, FileNotFoundError):
+        return "file not found"
+    return str(error) or type(error).__name__
+
+
 def to_8bit(image: Image.Image) -> Image.Image:
     """``image`` with 16-bit and float pixels scaled to an 8-bit grey ("L") image; any other
     mode is returned as is.

@@ -10,6 +10,7 @@ epoch whose total over the ranks is above it.
 from __future__ import annotations
 
 import torch.distributed as dist
+from tqdm import tqdm
 
 from ..cli import print_warning
 from .data import MAX_READ_ATTEMPTS, DataError
@@ -45,7 +46,8 @@ class UnreadableImages:
         for path, reason in entries:
             if path not in self.warned:
                 self.warned.add(path)
-                print_warning(f"skipped unreadable image {path}: {reason}")
+                with tqdm.external_write_mode():  # on a line of its own, not after a bar
+                    print_warning(f"skipped unreadable image {path}: {reason}")
 
     def add(self, entries, gave_up: bool, epoch: int) -> None:
         """Record a training batch's unreadable files (warning for new ones).

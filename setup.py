@@ -32,7 +32,8 @@ setup(
     ],
     extras_require={
         "models": ["ftfy", "regex", "pillow", "safetensors"],
-        "train": ["ftfy", "regex", "pillow", "safetensors", "scikit-learn", "webdataset", "tqdm"],
+        "train": ["ftfy", "regex", "pillow", "safetensors", "scikit-learn", "webdataset", "tqdm",
+                  "matplotlib"],
         "bench": ["matplotlib", "tqdm"],
         # diffattn.integrations.timm; 1.0.31 is the timm its tests were run against.
         "timm": ["timm>=1.0.31"],

@@ -29,7 +29,7 @@ from .factory import (PretrainedNotFoundError, Tokenizer, create_model,
                       create_model_and_transforms, get_config, get_tokenizer, list_models,
                       save_pretrained)
 from .imagenet_classes import IMAGENET_CLASSNAMES, IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
-from .preprocess import make_transform, preprocess_batch
+from .preprocess import UnreadableImageError, make_transform, preprocess_batch
 from .tokenizer import tokenize
 
 _ZERO_SHOT = ("build_zero_shot_classifier", "zero_shot_predict")
@@ -56,6 +56,7 @@ __all__ = [
     "SIMPLE_IMAGENET_TEMPLATES",
     "TextConfig",
     "Tokenizer",
+    "UnreadableImageError",
     "UnsafeCheckpointError",
     "VisionConfig",
     "attention_maps",

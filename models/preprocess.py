@@ -55,11 +55,22 @@ UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.er
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
+class UnreadableImageError(ValueError):
+    """An image file exists but cannot be read: not an image, truncated, corrupt, too large,
+    or pixel values out of range. The message names the file; ``reason`` says what is wrong."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"cannot read image file {os.fspath(path)!r}: {reason}")
+        self.path, self.reason = os.fspath(path), reason
+
+
 def unreadable_image_reason(error: BaseException) -> str:
     """A short description of why an image file could not be read (one of
     UNREADABLE_IMAGE_ERRORS), for messages that already name the file."""
     if isinstance(error, FileNotFoundError):
         return "file not found"
+    if isinstance(error, UnreadableImageError):
+        return error.reason
     return str(error) or type(error).__name__
 
 
@@ -98,17 +109,21 @@ def load_image(image) -> Image.Image:
     (``to_8bit``). See ``load_rgb_image`` for the accepted inputs.
 
     Raises:
-        FileNotFoundError: no such file; one of UNREADABLE_IMAGE_ERRORS for a file that is
-            not a readable image.
+        FileNotFoundError: no such file.
+        UnreadableImageError: a file that is not a readable image, naming it.
+        ValueError: a PIL image with out-of-range values (see ``to_8bit``).
     """
     if isinstance(image, Image.Image):
         return to_8bit(image)
     if isinstance(image, (str, os.PathLike)):
         if not os.path.isfile(image):
             raise FileNotFoundError(f"image file not found: {os.fspath(image)!r}")
-        with Image.open(image) as opened:
-            opened.load()
-            return to_8bit(opened.copy())
+        try:
+            with Image.open(image) as opened:
+                opened.load()
+                return to_8bit(opened.copy())
+        except UNREADABLE_IMAGE_ERRORS as error:
+            raise UnreadableImageError(image, unreadable_image_reason(error)) from None
     return load_rgb_image(image)
 
 

@@ -557,12 +557,34 @@ def test_invalid_saved_config_names_the_file(tmp_path, change, message):
         create_model(None, pretrained=path)
 
 
-@pytest.mark.parametrize("content", [b"", b"\x00" * 7, b"PK\x03\x04 truncated zip"])
-def test_damaged_pickles_through_create_model_name_the_file(tmp_path, content):
-    path = tmp_path / "damaged.pt"
-    path.write_bytes(content)
-    with pytest.raises(CheckpointError, match="damaged.pt"):
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+@pytest.mark.parametrize("damage", ["empty", "truncated", "random"])
+def test_damaged_files_through_create_model_name_the_file(tmp_path, suffix, damage):
+    model = create_model("DiffCLIP-Tiny", backend="torch")
+    path = tmp_path / f"damaged{suffix}"
+    if suffix == ".pt":
+        torch.save(model.state_dict(), path)
+    else:
+        save_pretrained(model, path)
+    data = path.read_bytes()
+    path.write_bytes({"empty": b"", "truncated": data[: len(data) // 2],
+                      "random": np.random.default_rng(0).bytes(4096)}[damage])
+    with pytest.raises(CheckpointError, match=f"damaged{suffix}"):
         create_model("DiffCLIP-Tiny", pretrained=path)
+
+
+@pytest.mark.parametrize("metadata, message", [
+    ({"format": "diffattn"}, "no 'config' entry"),
+    ({"format": "diffattn", "config": "{'width': 3"}, "not valid JSON"),
+])
+def test_bad_metadata_through_create_model(tmp_path, metadata, message):
+    import safetensors.torch
+
+    path = tmp_path / "metadata.safetensors"
+    safetensors.torch.save_file(create_model("DiffCLIP-Tiny", backend="torch").state_dict(), path,
+                                metadata=metadata)
+    with pytest.raises(CheckpointError, match=f"metadata.safetensors.*{message}"):
+        create_model(None, pretrained=path)
 
 
 def test_non_string_key_through_create_model(tmp_path):

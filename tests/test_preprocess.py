@@ -13,6 +13,7 @@ from diffattn.models.preprocess import (
     OPENAI_MEAN,
     OPENAI_STD,
     ImageTransform,
+    UnreadableImageError,
     make_transform,
     preprocess_batch,
 )
@@ -269,3 +270,12 @@ def test_crop_box_of_each_mode():
     assert make_transform(10, mode="shortest").crop_box(60, 20) == (20.0, 0.0, 40.0, 20.0)
     # 10x13 at 10: no resize, rows 2..12 (torchvision's rounding).
     assert make_transform(10, mode="shortest").crop_box(10, 13) == (0.0, 2.0, 10.0, 12.0)
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image", b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR"])
+def test_unreadable_file_is_a_value_error_naming_it(tmp_path, content):
+    path = tmp_path / "broken.png"
+    path.write_bytes(content)
+    with pytest.raises(UnreadableImageError, match="cannot read image file '.*broken.png': ") as raised:
+        make_transform(image_size=8)(path)
+    assert isinstance(raised.value, ValueError) and raised.value.path == str(path)

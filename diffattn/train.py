@@ -478,13 +478,14 @@ def _run(args, info, device, unwrapped, data, state, best, reported) -> list:
 
 def main(argv=None) -> int:
     """Command-line entry point; returns 0, or 1 after printing one ``error:`` line for
-    unusable data, checkpoints, run directories or files (argument errors exit with 2)."""
+    unusable data, checkpoints, run directories, files or settings (e.g. an unavailable
+    --device); argument errors exit with 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
     try:
         train(args)
-    except (DataError, CheckpointError, OSError) as error:
+    except (ValueError, OSError) as error:  # DataError and CheckpointError are ValueErrors
         print_error(error)
         return 1
     return 0

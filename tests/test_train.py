@@ -247,6 +247,12 @@ def test_existing_run_needs_resume(tmp_path, capsys):
     _fails(["--data", "digits", "--out", str(tmp_path)], "already holds a run", capsys)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device_is_an_error(tmp_path, capsys):
+    _fails(["--data", "digits", "--device", "cuda", "--out", str(tmp_path)],
+           "--device cuda: CUDA is not available on this machine", capsys)
+
+
 def test_out_naming_a_file_is_an_error(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     _fails(["--data", "digits", "--out", str(tmp_path / "file")],

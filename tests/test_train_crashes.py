@@ -36,8 +36,8 @@ LAUNCHER = r"""
 import json, os, signal, sys, time
 import torch
 import torch._dynamo  # imported by the optimizer: once here, not in every child
-import matplotlib.figure, matplotlib.backends.backend_agg  # drawn after every epoch
 import diffattn.train
+sys.modules["matplotlib"] = None  # no training curve: not what these runs test, and slow
 torch.set_num_threads(1)  # no thread pool exists at fork time: each child starts its own
 for line in sys.stdin:
     argv, env, kill_after = json.loads(line)

@@ -7,8 +7,13 @@
 Under torchrun (WORLD_SIZE set) each process joins the process group (NCCL on CUDA, gloo on
 CPU) and trains a DistributedDataParallel replica on ``--batch-size / world_size`` pairs per
 step; the contrastive loss uses the features of every rank (``diffattn.training.loss``).
-After every epoch rank 0 appends a line to ``OUT/metrics.jsonl`` and writes the checkpoint
-(``OUT/model.safetensors`` + ``OUT/train_state.pt``); ``--resume`` continues from it.
+After every epoch rank 0 appends a line to ``OUT/metrics.jsonl``, switches the run's
+checkpoint to the new epoch with one atomic rename (``training.checkpointing``: a kill at any
+moment leaves the previous or the new checkpoint, complete), keeps the best epoch by the
+validation metric, and redraws ``OUT/training_curve.png``. ``--resume`` continues from the
+checkpoint, or starts afresh when there is none; it refuses changed optimisation arguments
+unless ``--allow-changed-args``. Errors the user can fix (data, checkpoints, arguments) end
+the command with one ``error:`` line and exit status 1.
 
 Precision: bf16 autocast on CUDA, float32 on the CPU (bf16 needs no gradient scaler, so there
 is none). The logit scale is the log-temperature parameter, clamped in place to
@@ -22,11 +27,13 @@ import argparse
 import contextlib
 import functools
 import itertools
+import math
 import os
 import random
 import sys
 import time
 import warnings
+from typing import Optional
 
 import numpy as np
 import torch
@@ -35,17 +42,28 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import BACKENDS
+from .cli import print_error, print_warning
 from .models import create_model, list_models
-from .training.checkpointing import (MODEL_FILE, CheckpointError, capture_rng_state,
-                                     has_checkpoint, load_training_state, restore_rng_state,
-                                     save_checkpoint)
-from .training.data import DataConfig, DataError, build_train_data
+from .models.checkpoint import CheckpointError
+from .training.checkpointing import (BEST_MODEL_FILE, MODEL_FILE, Checkpoint, capture_rng_state,
+                                     clean_run_directory, find_checkpoint, load_training_state,
+                                     restore_rng_state, save_checkpoint)
+from .training.data import DataConfig, DataError, TrainData, build_train_data, check_images
 from .training.distributed import (cleanup_distributed, dist_info_from_env, init_distributed,
                                    resolve_device)
-from .training.evaluate import zero_shot_top1
+from .training.evaluate import validation_loss, zero_shot_top1
 from .training.loss import ClipLoss
-from .training.metrics import METRICS_FILE, append_metrics, truncate_metrics
-from .training.optim import clamp_logit_scale, cosine_schedule, create_optimizer
+from .training.metrics import METRICS_FILE, append_metrics, read_metrics, truncate_metrics
+from .training.optim import (clamp_logit_scale, cosine_schedule, create_optimizer,
+                             set_peak_lr_and_weight_decay)
+from .training.plots import CURVE_FILE, save_training_curve
+from .training.unreadable import UnreadableImages
+
+# Arguments whose change alters what a resumed run optimises: --resume refuses a change of any
+# of them unless --allow-changed-args. (--epochs may grow.)
+OPTIMISATION_ARGS = ("model", "data", "csv_img_key", "csv_caption_key", "csv_separator",
+                     "train_subset", "train_num_samples", "val_fraction", "batch_size", "lr",
+                     "wd", "warmup", "grad_clip", "seed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--workers", type=int, default=None,
                       help="DataLoader workers per process (default: 0 for digits, which is "
                            "held in memory; else 2)")
+    data.add_argument("--val-fraction", type=float, default=None,
+                      help="hold out this fraction of csv rows or wds shards as validation "
+                           "pairs; their loss picks the best checkpoint")
+    data.add_argument("--check-data", action="store_true",
+                      help="before training, open every image of a csv dataset and list the "
+                           "unreadable ones")
+    data.add_argument("--max-unreadable-fraction", type=float, default=0.01,
+                      help="unreadable images are skipped with a warning; stop when more than "
+                           "this fraction of the image files read in an epoch cannot be read "
+                           "(default 0.01)")
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="DiffCLIP-Tiny", choices=list_models(),
                        help="model config (default DiffCLIP-Tiny)")
@@ -89,7 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--out", required=True, help="run directory (metrics and checkpoints)")
     run.add_argument("--resume", action="store_true",
-                     help="continue from the checkpoint in --out")
+                     help="continue from the checkpoint in --out (start afresh when it holds "
+                          "none)")
+    run.add_argument("--allow-changed-args", action="store_true",
+                     help="with --resume: accept optimisation arguments (lr, batch size, weight "
+                          "decay, warm-up, grad clip, seed, model, data) that differ from the "
+                          "saved run's; the learning-rate schedule is recomputed for them")
     run.add_argument("--stop-after-epoch", type=int, default=None,
                      help="end this run after that many completed epochs (the schedule still "
                           "spans --epochs; continue with --resume)")
@@ -104,10 +137,16 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not args.lr > 0:
-        parser.error(f"--lr must be positive, got {args.lr}")
-    if args.wd < 0 or args.warmup < 0 or args.grad_clip < 0:
-        parser.error("--wd, --warmup and --grad-clip must be >= 0")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        parser.error(f"--lr must be positive and finite, got {args.lr}")
+    if not (args.wd >= 0 and args.grad_clip >= 0 and math.isfinite(args.wd + args.grad_clip)
+            and args.warmup >= 0):
+        parser.error("--wd, --warmup and --grad-clip must be >= 0 and finite")
+    if args.val_fraction is not None and not 0 < args.val_fraction < 1:
+        parser.error(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    if not 0 <= args.max_unreadable_fraction < 1:
+        parser.error(f"--max-unreadable-fraction must be in [0, 1), got "
+                     f"{args.max_unreadable_fraction}")
     if args.workers is not None and args.workers < 0:
         parser.error(f"--workers must be >= 0, got {args.workers}")
     if args.stop_after_epoch is not None and args.stop_after_epoch < 1:
@@ -121,7 +160,10 @@ def _seed_everything(seed: int) -> None:
 
 
 def _set_threads(local_world_size: int) -> None:
-    """Share this machine's cores between its processes."""
+    """Share this machine's cores between its processes, unless OMP_NUM_THREADS says how many
+    threads to use (torch then already uses that many)."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(max(1, (cores or 1) // local_world_size))
 
@@ -152,6 +194,92 @@ def _train_step(model, unwrapped, loss_fn, optimizer, scheduler, images, tokens,
     return loss.detach()
 
 
+def _shown(value) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _changed_arguments(saved: dict, args: argparse.Namespace) -> list:
+    """'--name NEW (the run was saved with OLD)' for every optimisation argument that differs
+    from the saved run's (arguments the saved run predates count as their defaults), and for
+    an --epochs below the saved one."""
+    defaults = build_parser()
+    changes = []
+    for name in OPTIMISATION_ARGS:
+        old, new = saved.get(name, defaults.get_default(name)), getattr(args, name)
+        if old != new:
+            changes.append(f"--{name.replace('_', '-')} {_shown(new)} (the run was saved with "
+                           f"{_shown(old)})")
+    if isinstance(saved.get("epochs"), int) and args.epochs < saved["epochs"]:
+        changes.append(f"--epochs {args.epochs} (the run was saved with {saved['epochs']}; "
+                       "--epochs may grow)")
+    return changes
+
+
+def _check_resume(args: argparse.Namespace, state: dict, is_main: bool) -> None:
+    """Refuse (CheckpointError) a resume with nothing left to train, or with changed
+    optimisation arguments unless --allow-changed-args."""
+    if state["epoch"] >= args.epochs:
+        raise CheckpointError(f"--resume: the run in {args.out!r} has completed {state['epoch']} "
+                              f"epoch(s) and --epochs is {args.epochs}: nothing is left to train; "
+                              "pass a larger --epochs to train it further")
+    saved = state["args"] if isinstance(state["args"], dict) else {}
+    changes = _changed_arguments(saved, args)
+    if changes and not args.allow_changed_args:
+        raise CheckpointError(
+            "--resume: arguments differ from the saved run's: " + "; ".join(changes)
+            + ". Resume with the saved values, or pass --allow-changed-args to continue with "
+            "the new ones (the learning-rate schedule is recomputed for them)")
+    if changes and is_main:
+        print_warning("resuming with changed arguments: " + "; ".join(changes))
+
+
+def _prepare_run_directory(args: argparse.Namespace, is_main: bool) -> Optional[Checkpoint]:
+    """Create --out, clean what an interrupted save left there (rank 0), and return the
+    checkpoint to resume from: None for a new run.
+
+    Raises:
+        CheckpointError: --out is a file; a new run in a directory that holds one; a damaged
+            checkpoint.
+    """
+    out = args.out
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise CheckpointError(f"--out {out!r} is a file; --out names the run's directory")
+    os.makedirs(out, exist_ok=True)
+    if is_main:
+        clean_run_directory(out)
+    checkpoint = find_checkpoint(out)
+    if not args.resume:
+        if checkpoint is not None or os.path.isfile(os.path.join(out, METRICS_FILE)):
+            raise CheckpointError(f"--out {out!r} already holds a run; pass --resume to "
+                                  "continue it, or choose another directory")
+        return None
+    if checkpoint is None and is_main:
+        print(f"--resume: no complete checkpoint in {out!r}, starting a new run", flush=True)
+        truncate_metrics(out, 0)
+    return checkpoint
+
+
+def _check_data(args: argparse.Namespace, data: TrainData, is_main: bool) -> set:
+    """--check-data: open every image of the CSV file (rank 0), warn of each unreadable one,
+    and stop when they are more than --max-unreadable-fraction. Returns their paths."""
+    if data.csv_paths is None:
+        raise DataError("--check-data applies to csv data")
+    if not is_main:
+        return set()
+    unreadable = check_images(data.csv_paths, progress=True)
+    for path, reason in unreadable:
+        print_warning(f"unreadable image {path}: {reason}")
+    fraction = len(unreadable) / len(data.csv_paths)
+    print(f"--check-data: {len(unreadable)} of {len(data.csv_paths)} images cannot be read",
+          flush=True)
+    if fraction > args.max_unreadable_fraction:
+        raise DataError(f"--check-data: {len(unreadable)} of {len(data.csv_paths)} images "
+                        f"({fraction:.2%}) cannot be read, more than --max-unreadable-fraction "
+                        f"{args.max_unreadable_fraction:g}, e.g. "
+                        + "; ".join(f"{path} ({reason})" for path, reason in unreadable[:10]))
+    return {path for path, _ in unreadable}
+
+
 def train(args: argparse.Namespace) -> list:
     """Run the training described by ``args`` (from ``build_parser``).
 
@@ -159,25 +287,21 @@ def train(args: argparse.Namespace) -> list:
         the metrics records written by this run (rank 0; [] on other ranks).
 
     Raises:
-        DataError, CheckpointError: unusable data or run directory.
+        DataError, CheckpointError: unusable data, arguments or run directory.
     """
     info = dist_info_from_env()
     device = resolve_device(args.device, info)
     _set_threads(info.local_world_size)
     backend = "torch" if args.backend == "auto" and device.type == "cpu" else args.backend
-    os.makedirs(args.out, exist_ok=True)
-    state = load_training_state(args.out) if args.resume else None
-    if state is None and (has_checkpoint(args.out)
-                          or os.path.isfile(os.path.join(args.out, METRICS_FILE))):
-        raise CheckpointError(f"--out {args.out!r} already holds a run; pass --resume to "
-                              "continue it, or choose another directory")
+    checkpoint = _prepare_run_directory(args, info.is_main)
+    state = None
+    if checkpoint is not None:
+        state = load_training_state(checkpoint.folder)
+        _check_resume(args, state, info.is_main)
 
     _seed_everything(args.seed)
-    pretrained = os.path.join(args.out, MODEL_FILE) if args.resume else None
-    try:
-        model = create_model(args.model, pretrained, device=device, backend=backend)
-    except ValueError as error:  # only a checkpoint can fail here: --model is a known name
-        raise CheckpointError(f"--resume: {error}") from None
+    model = create_model(args.model, None if checkpoint is None else checkpoint.model_path,
+                         device=device, backend=backend)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     workers = args.workers if args.workers is not None else (0 if args.data == "digits" else 2)
@@ -185,28 +309,76 @@ def train(args: argparse.Namespace) -> list:
         DataConfig(spec=args.data, global_batch_size=args.batch_size, seed=args.seed,
                    workers=workers, train_subset=args.train_subset,
                    train_num_samples=args.train_num_samples, csv_img_key=args.csv_img_key,
-                   csv_caption_key=args.csv_caption_key, csv_separator=args.csv_separator),
+                   csv_caption_key=args.csv_caption_key, csv_separator=args.csv_separator,
+                   val_fraction=args.val_fraction),
         info, model.preprocess, model.config.text.context_length,
         pin_memory=device.type == "cuda")
+    reported = _check_data(args, data, info.is_main) if args.check_data else set()
 
     info = init_distributed(device)
     try:
-        return _run(args, info, device, model, data, state)
+        return _run(args, info, device, model, data, state,
+                    None if checkpoint is None else checkpoint.best, reported)
     finally:
         cleanup_distributed(info)
 
 
-def _run(args, info, device, unwrapped, data, state) -> list:
+def _validation_metric(data: TrainData) -> Optional[tuple]:
+    """(record key, higher is better) of the metric that picks the best checkpoint, or None."""
+    if data.zero_shot is not None:
+        return "zero_shot_top1", True
+    if data.validation is not None:
+        return "val_loss", False
+    return None
+
+
+def _warn_about_the_schedule(args: argparse.Namespace, data: TrainData,
+                             total_steps: int) -> None:
+    if args.warmup >= total_steps:
+        print_warning(f"--warmup {args.warmup} is not below the run's {total_steps} optimizer "
+                      f"steps ({args.epochs} epochs of {data.steps_per_epoch}): the learning "
+                      f"rate never reaches --lr {args.lr:g}")
+    if data.unused_per_epoch:
+        available = data.samples_per_epoch + data.unused_per_epoch
+        print_warning(f"{data.unused_per_epoch} of {available} samples are left out of every "
+                      f"epoch: {available} is not a multiple of the global batch "
+                      f"{args.batch_size} (only whole batches are trained on)")
+
+
+def _summary(args, records: list, best: Optional[dict], seconds: float, stopped: bool) -> str:
+    """The closing line of a run."""
+    last = records[-1]
+    what = [f"loss {last['loss']:.4g}"] + [f"{key} {last[key]:.4g}" for key in
+                                           ("val_loss", "zero_shot_top1") if key in last]
+    files = [MODEL_FILE] + ([BEST_MODEL_FILE] if best else []) + [METRICS_FILE]
+    if os.path.isfile(os.path.join(args.out, CURVE_FILE)):
+        files.append(CURVE_FILE)
+    text = (f"finished epochs {records[0]['epoch']}-{last['epoch']} of {args.epochs} in "
+            f"{seconds:.1f} s: {', '.join(what)}")
+    if best:
+        text += f"; best {best['metric']} {best['value']:.4g} at epoch {best['epoch']}"
+    text += f"; in {args.out}: {', '.join(files)}"
+    if stopped:
+        text += "; stopped by --stop-after-epoch, continue with --resume"
+    return text
+
+
+def _run(args, info, device, unwrapped, data, state, best, reported) -> list:
     """The epoch loop (process group joined, model and data built); ``state`` is the loaded
-    training state when resuming, else None."""
+    training state when resuming, else None; ``best`` the manifest's best entry; ``reported``
+    the unreadable images --check-data already named."""
+    started = time.perf_counter()
     steps_per_epoch = data.steps_per_epoch
     total_steps = steps_per_epoch * args.epochs
     optimizer = create_optimizer(unwrapped, args.lr, args.wd)
-    scheduler = cosine_schedule(optimizer, args.warmup, total_steps)
     start_epoch, step = 0, 0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(f"--resume: the saved optimizer state does not fit the model "
+                                  f"({error})") from None
+        set_peak_lr_and_weight_decay(optimizer, args.lr, args.wd)
         start_epoch, step = state["epoch"], state["step"]
         if info.is_main:
             truncate_metrics(args.out, start_epoch)
@@ -217,6 +389,12 @@ def _run(args, info, device, unwrapped, data, state) -> list:
                           f"has {info.world_size}: RNG states are not restored", stacklevel=2)
     else:
         _seed_everything(args.seed + info.rank)
+    # The schedule's position follows the completed epochs, so that changed arguments
+    # (--allow-changed-args) get the schedule they imply.
+    scheduler = cosine_schedule(optimizer, args.warmup, total_steps,
+                                start_step=start_epoch * steps_per_epoch)
+    if info.is_main:
+        _warn_about_the_schedule(args, data, total_steps)
 
     model = unwrapped
     if info.initialized:
@@ -227,27 +405,32 @@ def _run(args, info, device, unwrapped, data, state) -> list:
     autocast = (functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
                 if device.type == "cuda" else contextlib.nullcontext)
     loss_fn = ClipLoss()
-    records = []
+    unreadable = UnreadableImages(args.max_unreadable_fraction, data.samples_per_epoch)
+    unreadable.warned.update(reported)
+    metric = _validation_metric(data)
+    records, curve_skipped, stopped = [], False, False
     for epoch in range(start_epoch, args.epochs):
         data.set_epoch(epoch)
-        started = time.perf_counter()
+        epoch_started = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        progress = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
-                        disable=not info.is_main, dynamic_ncols=True, leave=False)
-        for images, tokens in itertools.islice(data.loader, steps_per_epoch):
-            lr = optimizer.param_groups[0]["lr"]
-            loss = _train_step(model, unwrapped, loss_fn, optimizer, scheduler,
-                               images.to(device, non_blocking=True),
-                               tokens.to(device, non_blocking=True), autocast, args.grad_clip)
-            loss_sum += loss
-            step += 1
-            progress.update()
-            if info.is_main and progress.n % 10 == 0:
-                progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
-        progress.close()
+        # The with block clears the progress bar before an error message is printed.
+        with tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
+                  disable=not info.is_main, dynamic_ncols=True, leave=False) as progress:
+            for batch in itertools.islice(data.loader, steps_per_epoch):
+                unreadable.add(batch.unreadable, batch.gave_up, epoch + 1)
+                lr = optimizer.param_groups[0]["lr"]
+                loss = _train_step(model, unwrapped, loss_fn, optimizer, scheduler,
+                                   batch.images.to(device, non_blocking=True),
+                                   batch.tokens.to(device, non_blocking=True), autocast,
+                                   args.grad_clip)
+                loss_sum += loss
+                step += 1
+                progress.update()
+                if info.is_main and progress.n % 10 == 0:
+                    progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
         if info.initialized:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
-        seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - epoch_started
         record = {
             "epoch": epoch + 1,
             "step": step,
@@ -257,32 +440,54 @@ def _run(args, info, device, unwrapped, data, state) -> list:
             "epoch_time_s": seconds,
             "logit_scale": unwrapped.logit_scale.exp().item(),
         }
+        skipped = unreadable.end_epoch(epoch + 1, info.initialized)
+        if skipped:
+            record["unreadable_images"] = skipped
         if data.zero_shot is not None:
             record["zero_shot_top1"] = zero_shot_top1(unwrapped, data.zero_shot, info, autocast)
+        if data.validation is not None and info.is_main:
+            record["val_loss"], val_unreadable = validation_loss(unwrapped, data.validation,
+                                                                 autocast)
+            unreadable.warn(val_unreadable)
         rng_states = _gather_rng_states(device, info.initialized)
         if info.is_main:
             append_metrics(args.out, record)
-            save_checkpoint(args.out, unwrapped, optimizer, scheduler, epoch=epoch + 1,
-                            step=step, rng_states=rng_states, args=vars(args))
+            became_best = save_checkpoint(
+                args.out, unwrapped, optimizer, epoch=epoch + 1, step=step,
+                rng_states=rng_states, args=vars(args),
+                metric=None if metric is None else (metric[0], record[metric[0]], metric[1]))
+            if became_best:
+                best = {"metric": metric[0], "value": record[metric[0]], "epoch": epoch + 1}
             records.append(record)
+            if not save_training_curve(read_metrics(args.out), os.path.join(args.out, CURVE_FILE)):
+                if not curve_skipped:
+                    print(f"matplotlib is not installed: no {CURVE_FILE} is drawn", flush=True)
+                curve_skipped = True
             print(" ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
-                           for key, value in record.items()), flush=True)
+                           for key, value in record.items())
+                  + (" (best so far)" if became_best else ""), flush=True)
         if info.initialized:
             dist.barrier()
         if args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch:
+            stopped = epoch + 1 < args.epochs
             break
+    if info.is_main and records:
+        print(_summary(args, records, best, time.perf_counter() - started, stopped), flush=True)
     return records
 
 
 def main(argv=None) -> int:
-    """Command-line entry point; returns 0, or exits with a message on unusable inputs."""
+    """Command-line entry point; returns 0, or 1 after printing one ``error:`` line for
+    unusable data, checkpoints, run directories, files or settings (e.g. an unavailable
+    --device); argument errors exit with 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
     try:
         train(args)
-    except (DataError, CheckpointError) as error:
-        raise SystemExit(f"diffattn-train: error: {error}") from None
+    except (ValueError, OSError) as error:  # DataError and CheckpointError are ValueErrors
+        print_error(error)
+        return 1
     return 0
 
 

@@ -11,7 +11,8 @@
   (DiffCLIP-ViT-B-16, DiffCLIP-ViT-L-14, ViT-B-16, ViT-B-32, DiffCLIP-Tiny, CLIP-Tiny, and the
   V2 attention configs DiffCLIPv2-ViT-B-16, DiffCLIPv2-Tiny) and safe loading of DiffCLIP
   release checkpoints, open_clip state dicts and diffattn's own files (an open_clip file into
-  ``attention="diff"`` or ``"diff2"`` is a warm start; "diff2" starts equal to the plain model).
+  ``attention="diff"`` or ``"diff2"`` is a warm start; "diff2" starts equal to the plain
+  model); a file that cannot be used raises ``CheckpointError`` (a ValueError) naming it.
 - ``create_model_and_transforms`` / ``get_tokenizer``: open_clip-style entry points, returning
   (model, train transform, eval transform) and the tokenizer callable.
 - ``CLIP`` / ``CLIPConfig``: the model and its configuration (attention "diff", "diff2" or
@@ -24,13 +25,13 @@
 """
 from .attention_maps import attention_maps, cls_attention_map, save_attention_overlay
 from .augment import RandomResizedCropTransform, make_train_transform
-from .checkpoint import UnsafeCheckpointError
+from .checkpoint import CheckpointError, CheckpointNotFoundError, UnsafeCheckpointError
 from .clip import CLIP, CLIPConfig, TextConfig, VisionConfig
 from .factory import (PretrainedNotFoundError, Tokenizer, create_model,
                       create_model_and_transforms, get_config, get_tokenizer, list_models,
                       save_pretrained)
 from .imagenet_classes import IMAGENET_CLASSNAMES, IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
-from .preprocess import make_transform, preprocess_batch
+from .preprocess import UnreadableImageError, make_transform, preprocess_batch
 from .tokenizer import tokenize
 
 _ZERO_SHOT = ("build_zero_shot_classifier", "zero_shot_predict")
@@ -48,6 +49,8 @@ def __getattr__(name):
 __all__ = [
     "CLIP",
     "CLIPConfig",
+    "CheckpointError",
+    "CheckpointNotFoundError",
     "IMAGENET_CLASSNAMES",
     "IMAGENET_TEMPLATES",
     "PretrainedNotFoundError",
@@ -55,6 +58,7 @@ __all__ = [
     "SIMPLE_IMAGENET_TEMPLATES",
     "TextConfig",
     "Tokenizer",
+    "UnreadableImageError",
     "UnsafeCheckpointError",
     "VisionConfig",
     "attention_maps",

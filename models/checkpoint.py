@@ -4,11 +4,18 @@
   with ``weights_only=True`` plus a short allow-list of the harmless objects a training
   checkpoint holds next to its weights (``argparse.Namespace``, paths, numpy scalars). Any
   other object is refused before it is built: nothing in the file is executed.
+- ``read_safetensors_header`` reads the tensor names and shapes and the metadata of a
+  ``.safetensors`` file from its header alone, without reading (or allocating) any tensor.
 - ``detect_layout`` names the key layout of a state dict (DiffCLIP release, open_clip, or
   diffattn's own files).
 - ``save_checkpoint`` / ``read_checkpoint_metadata`` write and read diffattn's own format:
   a safetensors file whose metadata is ``{"format": "diffattn", "config": <json>}``.
-- ``check_keys`` compares a state dict against the expected names and shapes.
+- ``check_keys`` compares a state dict (or its shapes) against the expected names and shapes.
+
+A file that cannot be used raises ``CheckpointError`` (a ``ValueError``) whose message names
+the path and what is wrong: ``CheckpointNotFoundError`` (also a ``FileNotFoundError``) when
+there is no such file, ``UnsafeCheckpointError`` when a pickle needs objects outside the
+allow-list.
 """
 import argparse
 import json
@@ -60,7 +67,16 @@ def _allowed_checkpoint_globals() -> list:
     ]
 
 
-class UnsafeCheckpointError(ValueError):
+class CheckpointError(ValueError):
+    """A checkpoint file (or a run directory's checkpoint) cannot be used: unreadable,
+    truncated, corrupt, or not what its metadata says. The message names the path."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """There is no checkpoint file at the given path."""
+
+
+class UnsafeCheckpointError(CheckpointError):
     """A pickled checkpoint references an object outside the allow-list; it was not loaded."""
 
 
@@ -83,6 +99,13 @@ def _unsafe_checkpoint_error(path: str, error: pickle.UnpicklingError) -> Unsafe
     )
 
 
+def _without_data_parallel_prefix(entries: dict) -> dict:
+    """``entries`` ({name: value}) with a ``module.`` prefix shared by all names removed."""
+    if entries and all(key.startswith(_DATA_PARALLEL_PREFIX) for key in entries):
+        return {key[len(_DATA_PARALLEL_PREFIX) :]: value for key, value in entries.items()}
+    return dict(entries)
+
+
 def _unwrap_state_dict(checkpoint, path: str) -> dict:
     """The state dict inside a loaded checkpoint, with a common ``module.`` prefix removed.
 
@@ -90,22 +113,36 @@ def _unwrap_state_dict(checkpoint, path: str) -> dict:
     (diffattn's training loop); a bare state dict is used as is.
     """
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"checkpoint {path!r} holds a {type(checkpoint).__name__}, expected a dict of tensors")
+        raise CheckpointError(f"checkpoint {path!r} holds a {type(checkpoint).__name__}, expected a dict of tensors")
     for wrapper_key in ("state_dict", "model"):
         if isinstance(checkpoint.get(wrapper_key), dict):
             checkpoint = checkpoint[wrapper_key]
             break
     if not checkpoint:
-        raise ValueError(f"checkpoint {path!r} holds an empty state dict")
+        raise CheckpointError(f"checkpoint {path!r} holds an empty state dict")
+    non_string_keys = [key for key in checkpoint if not isinstance(key, str)]
+    if non_string_keys:
+        raise CheckpointError(
+            f"state dict in {path!r} has {len(non_string_keys)} keys that are not strings, "
+            f"e.g. {non_string_keys[:5]!r}"
+        )
     non_tensor_keys = [key for key, value in checkpoint.items() if not isinstance(value, torch.Tensor)]
     if non_tensor_keys:
-        raise ValueError(
+        raise CheckpointError(
             f"state dict in {path!r} has {len(non_tensor_keys)} non-tensor values, "
             f"e.g. {non_tensor_keys[:5]!r}"
         )
-    if all(isinstance(key, str) and key.startswith(_DATA_PARALLEL_PREFIX) for key in checkpoint):
-        return {key[len(_DATA_PARALLEL_PREFIX) :]: value for key, value in checkpoint.items()}
-    return dict(checkpoint)
+    return _without_data_parallel_prefix(checkpoint)
+
+
+def _check_is_file(path: str) -> None:
+    if not os.path.isfile(path):
+        raise CheckpointNotFoundError(f"checkpoint file not found: {path!r}")
+
+
+def _safetensors_error(path: str, error: Exception) -> CheckpointError:
+    return CheckpointError(f"cannot read checkpoint {path!r}: not a readable .safetensors file "
+                           f"(truncated or corrupt?): {error}")
 
 
 def load_state_dict_file(path) -> dict[str, torch.Tensor]:
@@ -117,27 +154,62 @@ def load_state_dict_file(path) -> dict[str, torch.Tensor]:
             ``"model"``. A ``module.`` prefix shared by all keys is removed.
 
     Raises:
-        FileNotFoundError: no such file.
+        CheckpointNotFoundError: no such file (also a FileNotFoundError).
         UnsafeCheckpointError: the pickle needs an object outside the allow-list (see
             ``_allowed_checkpoint_globals``); nothing was executed.
-        ValueError: the file holds no dict of tensors.
+        CheckpointError: an empty, truncated or corrupt file, or one that holds no dict of
+            tensors with string keys.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path!r}")
+    _check_is_file(path)
     if path.endswith(".safetensors"):
-        checkpoint = safetensors.torch.load_file(path, device="cpu")
+        try:
+            checkpoint = safetensors.torch.load_file(path, device="cpu")
+        except (safetensors.SafetensorError, OSError) as error:
+            raise _safetensors_error(path, error) from None
     else:
         try:
             with torch.serialization.safe_globals(_allowed_checkpoint_globals()):
                 checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
             raise _unsafe_checkpoint_error(path, error) from error
+        except Exception as error:  # a damaged pickle can raise almost anything while being read
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise CheckpointError(f"cannot read checkpoint {path!r}: not a readable torch.save "
+                                  f"file (empty, truncated or corrupt?): {reason}") from None
     return _unwrap_state_dict(checkpoint, path)
 
 
+def read_safetensors_header(path) -> tuple[dict[str, tuple], dict]:
+    """The tensor shapes and the metadata of a ``.safetensors`` file, from its header only.
+
+    Nothing but the header is read: no tensor is loaded or allocated, whatever the sizes the
+    header announces.
+
+    Returns:
+        (``{name: shape tuple}`` with a shared ``module.`` prefix removed, ``{key: str}``
+        metadata, empty when the file has none).
+
+    Raises:
+        CheckpointNotFoundError: no such file.
+        CheckpointError: not a readable safetensors file.
+    """
+    path = os.fspath(path)
+    _check_is_file(path)
+    try:
+        with safetensors.safe_open(path, framework="pt") as checkpoint_file:
+            metadata = checkpoint_file.metadata() or {}
+            shapes = {name: tuple(checkpoint_file.get_slice(name).get_shape())
+                      for name in checkpoint_file.keys()}
+    except (safetensors.SafetensorError, OSError) as error:
+        raise _safetensors_error(path, error) from None
+    if not shapes:
+        raise CheckpointError(f"checkpoint {path!r} holds no tensors")
+    return _without_data_parallel_prefix(shapes), metadata
+
+
 def _keys_preview(keys, limit: int = 5) -> str:
-    keys = sorted(keys)
+    keys = sorted(str(key) for key in keys)
     more = f", ... ({len(keys)} in all)" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
 
@@ -172,12 +244,30 @@ def detect_layout(state_dict: dict, metadata: dict | None = None) -> str:
     )
 
 
+def fsync_path(path) -> None:
+    """Flush a written file, or a folder's entries (files created or renamed in it), to the
+    storage device. Folders are skipped where they cannot be opened (Windows)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        try:
+            descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError:
+            return
+    else:
+        descriptor = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def save_checkpoint(path, state_dict: dict[str, torch.Tensor], config: dict) -> None:
     """Write diffattn's own checkpoint format: safetensors with the model config as metadata.
 
     The metadata is ``{"format": "diffattn", "config": json.dumps(config)}``. The file is
-    written to ``path + ".tmp"`` and then renamed over ``path``, so ``path`` never holds a
-    partial file.
+    written to ``path + ".tmp"``, flushed to the storage device and then renamed over
+    ``path``, so ``path`` never holds a partial file. It gets the permissions of any file
+    this process creates (``0644`` under the usual umask ``022``).
 
     Args:
         path: destination, ending in ``.safetensors``.
@@ -195,11 +285,41 @@ def save_checkpoint(path, state_dict: dict[str, torch.Tensor], config: dict) -> 
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
     temporary_path = path + ".tmp"
     try:
+        # safetensors creates its files 0600; give the file the mode open() gives (umask).
+        with open(temporary_path, "wb"):
+            pass
+        mode = os.stat(temporary_path).st_mode & 0o777
         safetensors.torch.save_file(tensors, temporary_path, metadata=metadata)
+        os.chmod(temporary_path, mode)
+        fsync_path(temporary_path)
         os.replace(temporary_path, path)
     finally:
         if os.path.exists(temporary_path):
             os.remove(temporary_path)
+
+
+def diffattn_config_from_metadata(metadata: dict, path: str) -> dict | None:
+    """The model config (a dict) that diffattn's metadata holds, or None when ``metadata``
+    (a safetensors file's ``{key: str}`` metadata) is not diffattn's.
+
+    Raises:
+        CheckpointError: diffattn metadata without a config, or whose config is not a JSON
+            object.
+    """
+    if metadata.get("format") != DIFFATTN_FORMAT:
+        return None
+    if "config" not in metadata:
+        raise CheckpointError(f"checkpoint {path!r} is marked as diffattn's format but its "
+                              "metadata has no 'config' entry")
+    try:
+        config = json.loads(metadata["config"])
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"checkpoint {path!r}: the 'config' metadata is not valid JSON "
+                              f"({error})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"checkpoint {path!r}: the 'config' metadata must be a JSON "
+                              f"object, got {type(config).__name__}")
+    return config
 
 
 def read_checkpoint_metadata(path) -> dict | None:
@@ -209,17 +329,18 @@ def read_checkpoint_metadata(path) -> dict | None:
         ``{"format": "diffattn", "config": dict}`` for a file written by
         ``save_checkpoint``; None for a pickled checkpoint or a safetensors file without
         diffattn metadata.
+
+    Raises:
+        CheckpointNotFoundError: no such file.
+        CheckpointError: unreadable file, or diffattn metadata without a JSON config.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path!r}")
+    _check_is_file(path)
     if not path.endswith(".safetensors"):
         return None
-    with safetensors.safe_open(path, framework="pt") as checkpoint_file:
-        metadata = checkpoint_file.metadata() or {}
-    if metadata.get("format") != DIFFATTN_FORMAT:
-        return None
-    return {"format": DIFFATTN_FORMAT, "config": json.loads(metadata["config"])}
+    _, metadata = read_safetensors_header(path)
+    config = diffattn_config_from_metadata(metadata, path)
+    return None if config is None else {"format": DIFFATTN_FORMAT, "config": config}
 
 
 def _listed(title: str, entries: list[str]) -> str:
@@ -228,23 +349,28 @@ def _listed(title: str, entries: list[str]) -> str:
     return f"{len(entries)} {title}:\n  " + "\n  ".join(shown) + more
 
 
-def check_keys(expected: dict[str, torch.Size], got: dict[str, torch.Tensor]) -> None:
+def _shape(value) -> tuple:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else tuple(value)
+
+
+def check_keys(expected: dict[str, torch.Size], got: dict) -> None:
     """Check that ``got`` has exactly the names and shapes of ``expected``.
 
     Args:
         expected: ``{name: shape}`` the model needs.
-        got: ``{name: tensor}`` read from a checkpoint.
+        got: ``{name: tensor}`` read from a checkpoint, or ``{name: shape}`` read from its
+            header (``read_safetensors_header``).
 
     Raises:
         ValueError: listing missing keys, unexpected keys and shape mismatches (counts, and
             the first 20 of each).
     """
     missing = [key for key in expected if key not in got]
-    unexpected = [key for key in got if key not in expected]
+    unexpected = [str(key) for key in got if key not in expected]
     mismatched = [
-        f"{key}: expected {tuple(expected[key])}, got {tuple(got[key].shape)}"
+        f"{key}: expected {tuple(expected[key])}, got {_shape(got[key])}"
         for key in expected
-        if key in got and tuple(got[key].shape) != tuple(expected[key])
+        if key in got and _shape(got[key]) != tuple(expected[key])
     ]
     problems = [
         _listed(title, entries)

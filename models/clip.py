@@ -72,16 +72,29 @@ def _check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+def _check_finite_number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+
+
+def _check_positive_number(name: str, value) -> None:
+    _check_finite_number(name, value)
+    if not value > 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+
+
 def _check_tower(prefix: str, width: int, layers: int, heads: int, mlp_ratio: float,
                  ln_eps: float, act: str) -> None:
     for name, value in (("width", width), ("layers", layers), ("heads", heads)):
         _check_positive_int(f"{prefix}.{name}", value)
     if width % heads:
         raise ValueError(f"{prefix}.width ({width}) must be divisible by {prefix}.heads ({heads})")
-    if not mlp_ratio > 0 or int(width * mlp_ratio) < 1:
-        raise ValueError(f"{prefix}.mlp_ratio must be positive, got {mlp_ratio!r}")
-    if not ln_eps > 0:
-        raise ValueError(f"{prefix}.ln_eps must be positive, got {ln_eps!r}")
+    _check_positive_number(f"{prefix}.mlp_ratio", mlp_ratio)
+    if int(width * mlp_ratio) < 1:
+        raise ValueError(f"{prefix}.mlp_ratio must give an MLP width >= 1, got {mlp_ratio!r}")
+    _check_positive_number(f"{prefix}.ln_eps", ln_eps)
     _check_choice(f"{prefix}.act", act, ACTIVATIONS)
 
 
@@ -214,6 +227,7 @@ class CLIPConfig:
         _check_choice("attention", self.attention, ATTENTIONS)
         _check_choice("lambda_schedule", self.lambda_schedule, LAMBDA_SCHEDULES)
         _check_choice("preprocess", self.preprocess, RESIZE_MODES)
+        _check_finite_number("lambda_init", self.lambda_init)
         if self.attention == "diff":  # V2 layers take any head count
             for tower, heads in (("vision", self.vision.heads), ("text", self.text.heads)):
                 if heads % 2:

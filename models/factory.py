@@ -10,10 +10,13 @@ The configs are the JSON files in ``configs/`` (package data); ``list_models()``
   saved config is used when no name is given and must match the named one otherwise.
 
 Pickled files go through ``checkpoint.load_state_dict_file`` (weights_only with a short
-allow-list; anything else is refused unexecuted). Names and shapes are compared before
-loading: missing, unexpected or mis-shaped tensors raise ValueError listing them. A file with
-plain attention weights (an open_clip file, or a "plain" model's) loaded into a differential
-model is a warm start, and one warning lists the tensors the file did not give as they are:
+allow-list; anything else is refused unexecuted). The file's tensor names and shapes (for
+``.safetensors`` read from the header alone) are compared with the ones the config implies
+before the model is built: a config that does not describe the file, however large, is
+refused without allocating anything, and missing, unexpected or mis-shaped tensors raise a
+CheckpointError (a ValueError) listing them. A file with plain attention weights (an
+open_clip file, or a "plain" model's) loaded into a differential model is a warm start, and
+one warning lists the tensors the file did not give as they are:
 
 - ``attention="diff"`` (DiffMultiheadAttention): the projections come from the file, the lambda
   vectors and norm weights keep their initialisation;
@@ -40,6 +43,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from diffattn import DiffMultiheadAttention, DiffMultiheadAttentionV2, plain_to_v2_state_dict
 from diffattn.convert import PLAIN_KEYS
@@ -47,8 +51,9 @@ from diffattn.module_v2 import INITIAL_LAMBDA
 from diffattn.user_warnings import warn_at_user_code
 
 from .augment import make_train_transform
-from .checkpoint import (check_keys, detect_layout, load_state_dict_file,
-                         read_checkpoint_metadata, save_checkpoint)
+from .checkpoint import (DIFFATTN_FORMAT, CheckpointError, CheckpointNotFoundError, check_keys,
+                         detect_layout, diffattn_config_from_metadata, load_state_dict_file,
+                         read_safetensors_header, save_checkpoint)
 from .clip import ATTENTIONS, CLIP, CLIPConfig
 from .tokenizer import tokenize
 
@@ -108,6 +113,95 @@ def _resolve_config(name, attention: Optional[str]) -> Optional[CLIPConfig]:
     return config
 
 
+class _SkipParameterInit(TorchFunctionMode):
+    """Inside this mode the ``torch.nn.init`` functions and ``Tensor.normal_``/``uniform_``
+    return their tensor untouched: a model built on the meta device needs shapes, not values
+    (and random fills of meta tensors are slow)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if (getattr(func, "__module__", None) == "torch.nn.init"
+                or func in (torch.Tensor.normal_, torch.Tensor.uniform_)):
+            return args[0] if args else kwargs.get("tensor")
+        return func(*args, **kwargs)
+
+
+def _meta_model(config: CLIPConfig) -> CLIP:
+    """``CLIP(config)`` built on the meta device: shapes without memory, and no parameter
+    initialised."""
+    with _SkipParameterInit():
+        return CLIP(config, backend="torch", device="meta")
+
+
+def _with_layers(config: CLIPConfig, vision_layers: int, text_layers: int) -> CLIPConfig:
+    return dataclasses.replace(config,
+                               vision=dataclasses.replace(config.vision, layers=vision_layers),
+                               text=dataclasses.replace(config.text, layers=text_layers))
+
+
+def _expected_tensor_count(config: CLIPConfig) -> int:
+    """Number of state-dict entries of ``CLIP(config)``, from three 1- and 2-layer meta
+    models (so a config with very many layers is never built)."""
+    def count(vision_layers: int, text_layers: int) -> int:
+        return len(_meta_model(_with_layers(config, vision_layers, text_layers)).state_dict())
+
+    base = count(1, 1)
+    per_vision_layer, per_text_layer = count(2, 1) - base, count(1, 2) - base
+    return (base + (config.vision.layers - 1) * per_vision_layer
+            + (config.text.layers - 1) * per_text_layer)
+
+
+def _check_config_fits_file(config: CLIPConfig, shapes: dict, path: str) -> dict:
+    """Refuse (CheckpointError) a config whose tensor names and shapes are not the file's
+    ``shapes``; nothing of the size the config describes is allocated. Plain attention weights
+    for differential layers are a warm start (``_expect_plain_attention``).
+
+    Returns:
+        {layer name: layer (of a meta-device model)} of the differential attention layers the
+        file holds plain attention weights for (a warm start, see _from_plain_attention).
+    """
+    try:
+        expected_count = _expected_tensor_count(config)
+        model = _meta_model(config) if expected_count <= 2 * len(shapes) else None
+    except (RuntimeError, OverflowError) as error:  # sizes beyond what torch can describe
+        raise CheckpointError(f"checkpoint {path!r} holds a model config that cannot be "
+                              f"built: {error}") from None
+    # A config that implies far more tensors than the file holds cannot fit it; building even
+    # a meta model of it would cost time and memory out of proportion to the file.
+    if model is None:
+        raise CheckpointError(
+            f"checkpoint {path!r} does not fit the model: the config has "
+            f"{config.vision.layers} vision and {config.text.layers} text layers, "
+            f"{expected_count} tensors, but the file holds {len(shapes)} tensors")
+    expected = {key: value.shape for key, value in model.state_dict().items()}
+    layers = _plain_attention_layers(model, shapes)
+    try:
+        check_keys(_expect_plain_attention(expected, layers), shapes)
+    except ValueError as error:
+        raise CheckpointError(f"checkpoint {path!r} does not fit the model: {error}") from None
+    return layers
+
+
+def _inspect_checkpoint(path: str):
+    """(tensor shapes, saved config dict or None, state dict or None) of a checkpoint file.
+
+    A ``.safetensors`` file is read from its header only (the state dict is loaded after the
+    checks); a pickle has no header, so it is loaded whole (``load_state_dict_file``).
+    """
+    if path.endswith(".safetensors"):
+        shapes, metadata = read_safetensors_header(path)
+        return shapes, diffattn_config_from_metadata(metadata, path), None
+    state_dict = load_state_dict_file(path)
+    return {key: tuple(value.shape) for key, value in state_dict.items()}, None, state_dict
+
+
+def _saved_config(config_dict: dict, path: str, attention: Optional[str]) -> CLIPConfig:
+    try:
+        return _resolve_config(CLIPConfig.from_dict(config_dict), attention)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {path!r} holds an invalid model config: {error}") from None
+
+
 def create_model(name: Union[str, CLIPConfig, None], pretrained=None, *,
                  attention: Optional[str] = None, device=None, dtype=None,
                  backend: str = "auto") -> CLIP:
@@ -126,11 +220,15 @@ def create_model(name: Union[str, CLIPConfig, None], pretrained=None, *,
         CLIP with ``.config``, ``.preprocess`` and ``.tokenize``, in training mode.
 
     Raises:
-        ValueError: unknown name; bad attention; checkpoint in another layout or with another
-            saved config; missing/unexpected/mis-shaped tensors (listed).
-        UnsafeCheckpointError: the pickle needs objects outside the allow-list.
-        PretrainedNotFoundError (a ValueError and a FileNotFoundError): ``pretrained`` is not
-            a local file (e.g. an open_clip tag); the message names what is supported.
+        ValueError: unknown name; bad attention.
+        CheckpointError (a ValueError), naming the file: unreadable, empty, truncated or
+            corrupt file; a checkpoint in another layout, with another saved config or an
+            invalid one; tensors that do not fit the config (missing, unexpected and
+            mis-shaped ones listed), found before the model is built.
+        UnsafeCheckpointError (a CheckpointError): the pickle needs objects outside the
+            allow-list.
+        PretrainedNotFoundError (a CheckpointError and a FileNotFoundError): ``pretrained`` is
+            not a local file (e.g. an open_clip tag); the message names what is supported.
     Warns:
         UserWarning, once, listing the tensors newly initialised or derived when a file with
         plain attention weights is loaded into differential attention layers (warm start;
@@ -144,29 +242,30 @@ def create_model(name: Union[str, CLIPConfig, None], pretrained=None, *,
         return CLIP(config, backend=backend, device=device, dtype=dtype)
 
     path = _check_pretrained_file(pretrained)
-    metadata = read_checkpoint_metadata(path)
-    state_dict = load_state_dict_file(path)
-    layout = detect_layout(state_dict, metadata)
+    shapes, saved_config, state_dict = _inspect_checkpoint(path)
+    try:
+        layout = detect_layout(shapes, None if saved_config is None
+                               else {"format": DIFFATTN_FORMAT})
+    except ValueError as error:
+        raise CheckpointError(f"checkpoint {path!r}: {error}") from None
     if layout == "diffattn":
-        saved = _resolve_config(CLIPConfig.from_dict(metadata["config"]), attention)
+        saved = _saved_config(saved_config, path, attention)
         if config is not None and config != saved:
-            raise ValueError(f"checkpoint {path!r} was saved for another config:\n  "
-                             + "\n  ".join(_config_differences(config, saved)))
+            raise CheckpointError(f"checkpoint {path!r} was saved for another config:\n  "
+                                  + "\n  ".join(_config_differences(config, saved)))
         config = saved
     elif config is None:
-        raise ValueError(f"checkpoint {path!r} holds no config (it is in the {layout} layout): "
-                         f"pass a model name; available: {', '.join(list_models())}")
+        raise CheckpointError(f"checkpoint {path!r} holds no config (it is in the {layout} "
+                              f"layout): pass a model name; available: "
+                              f"{', '.join(list_models())}")
     elif config.layout != layout:
-        raise ValueError(f"checkpoint {path!r} is in the {layout} layout but the model config "
-                         f"has layout {config.layout!r}")
+        raise CheckpointError(f"checkpoint {path!r} is in the {layout} layout but the model "
+                              f"config has layout {config.layout!r}")
+    layers = _check_config_fits_file(config, shapes, path)
 
     model = CLIP(config, backend=backend, device=device, dtype=dtype)
-    expected = {key: value.shape for key, value in model.state_dict().items()}
-    layers = _plain_attention_layers(model, state_dict)
-    try:
-        check_keys(_expect_plain_attention(expected, layers), state_dict)
-    except ValueError as error:
-        raise ValueError(f"checkpoint {path!r} does not fit the model: {error}") from None
+    if state_dict is None:
+        state_dict = load_state_dict_file(path)
     state_dict, warm = _from_plain_attention(state_dict, layers)
     model.load_state_dict(state_dict, strict=True)
     if warm:
@@ -183,9 +282,9 @@ def save_pretrained(model: CLIP, path) -> None:
 
 
 # --------------------------------------------------------------------------- pretrained files
-class PretrainedNotFoundError(ValueError, FileNotFoundError):
-    """``pretrained`` is not a local file (a ValueError, and a FileNotFoundError for code that
-    catches that)."""
+class PretrainedNotFoundError(CheckpointNotFoundError):
+    """``pretrained`` is not a local file (a CheckpointError, so a ValueError, and a
+    FileNotFoundError for code that catches that)."""
 
 
 def _check_pretrained_file(pretrained) -> str:

@@ -14,9 +14,21 @@ Two recipes:
 Every input (PIL image, file path, uint8 tensor) becomes a PIL image first (a file is opened
 in its own mode, a tensor as RGB), so all input kinds go through the same resampling code and
 agree exactly.
+
+Images deeper than 8 bits are scaled to the 0..255 range the models were trained on before
+anything else: 16-bit images (PIL modes ``I;16*``, and ``I`` as 16-bit decoders give it) by
+1/257, so that 65535 becomes 255; float images (mode ``F``, e.g. float32 TIFF) must hold
+values in [0, 1] and are multiplied by 255. Other values are an error, never a silently
+white or black image. (PIL already reduces 16-bit RGB PNGs to 8-bit RGB.)
+
+``ImageTransform.crop_box`` gives the region of the original image that ends up in the
+model's input (the whole image for "squash", the centre crop for "shortest"); attention maps
+are drawn over that region.
 """
 import dataclasses
 import os
+import struct
+import zlib
 
 import numpy as np
 import torch
@@ -34,22 +46,90 @@ _DEFAULT_MEAN_STD = {
 }
 
 
-def load_image(image) -> Image.Image:
-    """A PIL image from a PIL image (returned as is, in its own mode), a file path (opened and
-    loaded, in the file's own mode) or a uint8 tensor (RGB); see ``load_rgb_image``."""
-    if isinstance(image, Image.Image):
+# What reading one image file can raise when the file is missing, not an image, truncated,
+# corrupt, too large (decompression bomb) or holds values out of range: callers that skip
+# unreadable files catch these.
+UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error,
+                           Image.DecompressionBombError)
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+class UnreadableImageError(ValueError):
+    """An image file exists but cannot be read: not an image, truncated, corrupt, too large,
+    or pixel values out of range. The message names the file; ``reason`` says what is wrong."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"cannot read image file {os.fspath(path)!r}: {reason}")
+        self.path, self.reason = os.fspath(path), reason
+
+
+def unreadable_image_reason(error: BaseException) -> str:
+    """A short description of why an image file could not be read (one of
+    UNREADABLE_IMAGE_ERRORS), for messages that already name the file."""
+    if isinstance(error, FileNotFoundError):
+        return "file not found"
+    if isinstance(error, UnreadableImageError):
+        return error.reason
+    return str(error) or type(error).__name__
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """``image`` with 16-bit and float pixels scaled to an 8-bit grey ("L") image; any other
+    mode is returned as is.
+
+    16-bit modes (``I;16*`` and ``I``): value / 257, rounded (0..65535 -> 0..255). Float
+    (``F``): value * 255, rounded; the values must lie in [0, 1].
+
+    Raises:
+        ValueError: a float image with values outside [0, 1] (or NaN), or an ``I`` image
+            with values outside 0..65535.
+    """
+    if image.mode not in _SIXTEEN_BIT_MODES and image.mode != "F":
         return image
+    pixels = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        if not np.isfinite(pixels).all():
+            raise ValueError("float image values must lie in [0, 1], got NaN or infinite values")
+        if pixels.min() < 0 or pixels.max() > 1:
+            raise ValueError(f"float image values must lie in [0, 1], got values in "
+                             f"[{pixels.min():g}, {pixels.max():g}]")
+        scaled = pixels * 255.0
+    else:
+        if pixels.min() < 0 or pixels.max() > 65535:
+            raise ValueError(f"16-bit image values must lie in 0..65535, got values in "
+                             f"[{pixels.min():g}, {pixels.max():g}] (mode {image.mode})")
+        scaled = pixels / 257.0
+    return Image.fromarray(np.round(scaled).astype(np.uint8))
+
+
+def load_image(image) -> Image.Image:
+    """A PIL image from a PIL image (in its own mode), a file path (opened and loaded, in the
+    file's own mode) or a uint8 tensor (RGB); 16-bit and float images are scaled to 8 bits
+    (``to_8bit``). See ``load_rgb_image`` for the accepted inputs.
+
+    Raises:
+        FileNotFoundError: no such file.
+        UnreadableImageError: a file that is not a readable image, naming it.
+        ValueError: a PIL image with out-of-range values (see ``to_8bit``).
+    """
+    if isinstance(image, Image.Image):
+        return to_8bit(image)
     if isinstance(image, (str, os.PathLike)):
         if not os.path.isfile(image):
             raise FileNotFoundError(f"image file not found: {os.fspath(image)!r}")
-        with Image.open(image) as opened:
-            opened.load()
-            return opened.copy()
+        try:
+            with Image.open(image) as opened:
+                opened.load()
+                return to_8bit(opened.copy())
+        except UNREADABLE_IMAGE_ERRORS as error:
+            raise UnreadableImageError(image, unreadable_image_reason(error)) from None
     return load_rgb_image(image)
 
 
 def load_rgb_image(image) -> Image.Image:
-    """An RGB PIL image from a PIL image, a file path or a uint8 tensor.
+    """An RGB PIL image from a PIL image, a file path or a uint8 tensor (16-bit and float
+    images scaled to 8 bits first, see ``to_8bit``).
 
     Args:
         image: ``PIL.Image.Image`` (any mode, converted to RGB); ``str`` or ``os.PathLike``
@@ -59,13 +139,9 @@ def load_rgb_image(image) -> Image.Image:
     Returns:
         PIL image in mode RGB, size (W, H).
     """
-    if isinstance(image, Image.Image):
+    if isinstance(image, (Image.Image, str, os.PathLike)):
+        image = load_image(image)
         return image if image.mode == "RGB" else image.convert("RGB")
-    if isinstance(image, (str, os.PathLike)):
-        if not os.path.isfile(image):
-            raise FileNotFoundError(f"image file not found: {os.fspath(image)!r}")
-        with Image.open(image) as opened:
-            return opened.convert("RGB")
     if isinstance(image, torch.Tensor):
         if image.dtype != torch.uint8:
             raise TypeError(f"image tensor must have dtype torch.uint8, got {image.dtype}")
@@ -80,20 +156,26 @@ def load_rgb_image(image) -> Image.Image:
     )
 
 
-def _resize_shortest_side(image: Image.Image, size: int) -> Image.Image:
-    """Bicubic resize so that the short side is ``size`` (torchvision ``Resize(int)`` sizes)."""
-    width, height = image.size
+def _shortest_side_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) after resizing the short side to ``size`` (torchvision ``Resize(int)``)."""
     short_side, long_side = min(width, height), max(width, height)
     new_long_side = int(size * long_side / short_side)
-    new_size = (size, new_long_side) if width <= height else (new_long_side, size)
-    return image.resize(new_size, Image.Resampling.BICUBIC)
+    return (size, new_long_side) if width <= height else (new_long_side, size)
+
+
+def _center_crop_offsets(width: int, height: int, size: int) -> tuple[int, int]:
+    """(left, top) of the central (size, size) crop, with torchvision ``CenterCrop``'s rounding."""
+    return int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
+
+
+def _resize_shortest_side(image: Image.Image, size: int) -> Image.Image:
+    """Bicubic resize so that the short side is ``size`` (torchvision ``Resize(int)`` sizes)."""
+    return image.resize(_shortest_side_size(*image.size, size), Image.Resampling.BICUBIC)
 
 
 def _center_crop(image: Image.Image, size: int) -> Image.Image:
     """Central (size, size) crop, with torchvision ``CenterCrop``'s rounding of the offsets."""
-    width, height = image.size
-    top = int(round((height - size) / 2.0))
-    left = int(round((width - size) / 2.0))
+    left, top = _center_crop_offsets(*image.size, size)
     return image.crop((left, top, left + size, top + size))
 
 
@@ -134,6 +216,18 @@ class ImageTransform:
         if min(std) <= 0:
             raise ValueError(f"std must be positive, got {std!r}")
         object.__setattr__(self, "std", std)
+
+    def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """The region (left, top, right, bottom), in pixels of a ``width`` x ``height``
+        original image, that the model input shows: the whole image for "squash"; for
+        "shortest" the centre crop, mapped back through the short-side resize."""
+        if self.resize_mode == "squash":
+            return 0.0, 0.0, float(width), float(height)
+        resized_width, resized_height = _shortest_side_size(width, height, self.image_size)
+        left, top = _center_crop_offsets(resized_width, resized_height, self.image_size)
+        scale_x, scale_y = width / resized_width, height / resized_height
+        return (left * scale_x, top * scale_y, (left + self.image_size) * scale_x,
+                (top + self.image_size) * scale_y)
 
     def __call__(self, image) -> torch.Tensor:
         """Preprocess one image (see ``load_rgb_image`` for the accepted inputs).

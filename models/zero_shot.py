@@ -3,14 +3,20 @@
     classifier = build_zero_shot_classifier(model, ["cat", "dog"], SIMPLE_IMAGENET_TEMPLATES)
     probs, indices = zero_shot_predict(model, images, classifier, top_k=1)
 
-Command line (prints the top-k labels and probabilities of every image file in DIR)::
+Command line (prints the top-k labels and probabilities of every image file given, or of
+the image files in the folders given)::
 
     python -m diffattn.models.zero_shot --model DiffCLIP-ViT-B-16 --pretrained checkpoint_best.pt \\
-        --images DIR --classes "cat,dog,bird" [--top-k 5] [--templates imagenet|simple|photo]
+        --images DIR cat.jpg --classes "cat,dog,bird" [--top-k 5] [--templates imagenet|simple|photo] [--json]
+
+Without ``--pretrained`` the model has random weights (a try-out; a warning says so). A file
+that cannot be read is reported on its own ``error:`` line and the others are still
+classified; the exit status is then 1.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -18,10 +24,11 @@ import torch
 from torch import Tensor
 
 from diffattn import BACKENDS
+from diffattn.cli import print_error, print_warning
 
 from .factory import create_model, list_models
 from .imagenet_classes import IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
-from .preprocess import preprocess_batch
+from .preprocess import UNREADABLE_IMAGE_ERRORS, unreadable_image_reason
 
 TEMPLATE_SETS = {
     "imagenet": IMAGENET_TEMPLATES,
@@ -95,11 +102,13 @@ def zero_shot_predict(model, images: Tensor, classifier: Tensor, top_k: int = 5)
 def _parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="python -m diffattn.models.zero_shot",
-        description="Zero-shot classification of the images in a folder with a CLIP model.")
+        description="Zero-shot classification of image files with a CLIP model.")
     parser.add_argument("--model", help=f"model config name, one of: {', '.join(list_models())} "
                         "(optional for checkpoints saved by diffattn)")
-    parser.add_argument("--pretrained", required=True, help="checkpoint file")
-    parser.add_argument("--images", required=True, help="folder of image files")
+    parser.add_argument("--pretrained", help="checkpoint file (without it the model has random "
+                        "weights: a try-out of the command, not a classifier)")
+    parser.add_argument("--images", required=True, nargs="+", metavar="PATH",
+                        help="image files and folders (the image files directly in them)")
     parser.add_argument("--classes", required=True, help='comma-separated labels, "cat,dog,..."')
     parser.add_argument("--top-k", type=int, default=None,
                         help="labels printed per image (default: 5, or all classes if fewer)")
@@ -109,19 +118,65 @@ def _parse_args(argv):
     parser.add_argument("--backend", choices=BACKENDS, default="auto")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward (32)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object (model, classes, and per file its top-k "
+                        "labels and probabilities or its error) instead of text")
     return parser.parse_args(argv)
 
 
 def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    print_error(message)
     return 2
 
 
+def _image_files(paths: list) -> list:
+    """The files named in ``paths``, folders replaced by their image files (sorted, not
+    recursive). Raises FileNotFoundError naming a path that does not exist."""
+    files = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            files.extend(sorted(child for child in path.iterdir()
+                                if child.is_file() and child.suffix.lower() in IMAGE_SUFFIXES))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"no such image file or folder: {name!r}")
+    return files
+
+
+def _classify(model, files: list, classifier: Tensor, classnames: list, top_k: int,
+              batch_size: int, device) -> list:
+    """Per file, in order: {"file", "top_k": [{"label", "probability"}, ...]} or, for a file
+    that cannot be read, {"file", "error"}."""
+    results = []
+    for start in range(0, len(files), batch_size):
+        batch, images = [], []
+        for path in files[start:start + batch_size]:
+            result = {"file": str(path)}
+            try:
+                images.append(model.preprocess(path))
+            except UNREADABLE_IMAGE_ERRORS as error:
+                result["error"] = f"cannot read image: {unreadable_image_reason(error)}"
+            batch.append(result)
+            results.append(result)
+        if not images:
+            continue
+        probs, indices = zero_shot_predict(model, torch.stack(images).to(device), classifier,
+                                           top_k)
+        readable = [result for result in batch if "error" not in result]
+        for result, row_probs, row_indices in zip(readable, probs.tolist(), indices.tolist()):
+            result["top_k"] = [{"label": classnames[index], "probability": prob}
+                               for prob, index in zip(row_probs, row_indices)]
+    return results
+
+
 def main(argv=None) -> int:
-    """Run the command line; returns the exit status (0, or 2 after printing an error)."""
+    """Run the command line; returns the exit status: 0; 1 when some image files could not be
+    read (each named on an ``error:`` line, the others classified); 2 after one ``error:``
+    line for unusable arguments, model or checkpoint."""
     args = _parse_args(argv)
     classnames = [name.strip() for name in args.classes.split(",") if name.strip()]
-    folder = Path(args.images)
     if not classnames:
         return _fail("--classes holds no class names")
     top_k = min(5, len(classnames)) if args.top_k is None else args.top_k
@@ -130,12 +185,18 @@ def main(argv=None) -> int:
                      f"got {top_k}")
     if args.batch_size < 1:
         return _fail(f"--batch-size must be >= 1, got {args.batch_size}")
-    if not folder.is_dir():
-        return _fail(f"image folder not found: {str(folder)!r}")
-    files = sorted(path for path in folder.iterdir()
-                   if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
+    try:
+        files = _image_files(args.images)
+    except FileNotFoundError as error:
+        return _fail(str(error))
     if not files:
-        return _fail(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {str(folder)!r}")
+        return _fail(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in "
+                     f"{', '.join(repr(name) for name in args.images)}")
+    if args.pretrained is None:
+        if args.model is None:
+            return _fail("--model is required without --pretrained")
+        print_warning(f"no --pretrained: {args.model} has random weights, its predictions mean "
+                      "nothing")
     try:
         model = create_model(args.model, args.pretrained, device=args.device,
                              backend=args.backend)
@@ -143,15 +204,21 @@ def main(argv=None) -> int:
         return _fail(str(error))
     model.eval()
     classifier = build_zero_shot_classifier(model, classnames, TEMPLATE_SETS[args.templates])
-    for start in range(0, len(files), args.batch_size):
-        batch = files[start:start + args.batch_size]
-        images = preprocess_batch(batch, model.preprocess).to(args.device)
-        probs, indices = zero_shot_predict(model, images, classifier, top_k)
-        for path, row_probs, row_indices in zip(batch, probs.tolist(), indices.tolist()):
-            print(path.name)
-            for prob, index in zip(row_probs, row_indices):
-                print(f"  {prob:.4f}  {classnames[index]}")
-    return 0
+    results = _classify(model, files, classifier, classnames, top_k, args.batch_size,
+                        args.device)
+    for result in results:
+        if "error" in result:
+            print_error(f"{result['file']}: {result['error']}")
+    if args.json:
+        print(json.dumps({"model": args.model, "pretrained": args.pretrained,
+                          "classes": classnames, "results": results}, indent=1))
+    else:
+        for result in results:
+            if "top_k" in result:
+                print(result["file"])
+                for entry in result["top_k"]:
+                    print(f"  {entry['probability']:.4f}  {entry['label']}")
+    return 1 if any("error" in result for result in results) else 0
 
 
 if __name__ == "__main__":

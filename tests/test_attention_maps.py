@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from diffattn.models import attention_maps, cls_attention_map, create_model, save_attention_overlay
+from diffattn.models import (attention_maps, cls_attention_map, create_model, make_transform,
+                             save_attention_overlay)
 
 
 def _model(name):
@@ -66,18 +67,44 @@ def test_bad_inputs():
 
 
 @pytest.mark.parametrize("with_matplotlib", [True, False])
-def test_overlay_png_written(tmp_path, monkeypatch, with_matplotlib):
+def test_overlay_png_written_with_a_colour_bar(tmp_path, monkeypatch, with_matplotlib):
     if not with_matplotlib:
         monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails: built-in ramp
     image = _image(size=(48, 40))
-    heat = torch.arange(16.0).reshape(4, 4)
+    heat = torch.arange(16.0).reshape(4, 4) - 3
     path = tmp_path / "overlay.png"
-    overlay = save_attention_overlay(image, heat, path, alpha=0.6)
+    figure = save_attention_overlay(image, heat, path, alpha=0.6)
     with Image.open(path) as written:
-        assert written.format == "PNG" and written.size == (48, 40) and written.mode == "RGB"
-        assert np.array_equal(np.asarray(written), np.asarray(overlay))
-    assert not np.array_equal(np.asarray(overlay), np.asarray(image))
+        assert written.format == "PNG" and written.mode == "RGB"
+        assert written.height == 40 and written.width > 48 + 4  # the image, then the bar
+        assert np.array_equal(np.asarray(written), np.asarray(figure))
+    pixels = np.asarray(figure).astype(int)
+    assert not np.array_equal(pixels[:, :48], np.asarray(image))
+    # The bar: the colour map's top colour at the top, its bottom colour at the bottom.
+    top, bottom = pixels[0, 50], pixels[-1, 50]
+    if not with_matplotlib:  # the built-in ramp: white (max) to black (min)
+        assert top.tolist() == [255, 255, 255] and bottom.tolist() == [0, 0, 0]
+    else:  # jet: dark red (max) to dark blue (min)
+        assert top[0] > top[2] and bottom[2] > bottom[0]
     with pytest.raises(ValueError, match="alpha"):
         save_attention_overlay(image, heat, path, alpha=2)
     with pytest.raises(ValueError, match="heatmap must be a 2-D tensor"):
         save_attention_overlay(image, heat[None], path)
+    with pytest.raises(TypeError, match="transform must be an ImageTransform"):
+        save_attention_overlay(image, heat, path, transform="shortest")
+
+
+def test_overlay_covers_only_the_centre_crop_of_shortest_preprocessing(tmp_path):
+    # 60x20 at 10 ("shortest"): the model sees columns 20..40, so only they get the heat.
+    image = _image(size=(60, 20))
+    transform = make_transform(10, mode="shortest")
+    figure = save_attention_overlay(image, torch.rand(2, 2), tmp_path / "crop.png", alpha=1.0,
+                                    transform=transform)
+    original, drawn = np.asarray(image), np.asarray(figure)[:, :60]
+    assert np.array_equal(drawn[:, :20], original[:, :20])
+    assert np.array_equal(drawn[:, 40:], original[:, 40:])
+    assert not np.array_equal(drawn[:, 20:40], original[:, 20:40])
+    # "squash" shows the model the whole image: the heat covers all of it.
+    squash = save_attention_overlay(image, torch.rand(2, 2), tmp_path / "squash.png", alpha=1.0,
+                                    transform=make_transform(10, mode="squash"))
+    assert not np.array_equal(np.asarray(squash)[:, :20], original[:, :20])

@@ -10,12 +10,17 @@ import numpy as np
 import pytest
 import torch
 
+import safetensors.torch
+
 from diffattn.models.checkpoint import (
+    CheckpointError,
+    CheckpointNotFoundError,
     UnsafeCheckpointError,
     check_keys,
     detect_layout,
     load_state_dict_file,
     read_checkpoint_metadata,
+    read_safetensors_header,
     save_checkpoint,
 )
 
@@ -116,8 +121,81 @@ def test_non_tensor_state_dict_values_are_rejected(tmp_path):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="absent.pt"):
+    with pytest.raises(FileNotFoundError, match="absent.pt") as raised:
         load_state_dict_file(tmp_path / "absent.pt")
+    assert isinstance(raised.value, CheckpointNotFoundError)
+    assert isinstance(raised.value, CheckpointError)
+
+
+def _damaged_copies(path: Path) -> dict:
+    """Empty, truncated and random-bytes versions of the file at ``path``, next to it."""
+    data = path.read_bytes()
+    contents = {"empty": b"", "truncated": data[: len(data) // 2],
+                "random": np.random.default_rng(0).bytes(len(data))}
+    copies = {}
+    for name, content in contents.items():
+        copies[name] = path.with_name(f"{name}{path.suffix}")
+        copies[name].write_bytes(content)
+    return copies
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_damaged_files_raise_checkpoint_error_naming_the_path(tmp_path, suffix):
+    path = tmp_path / f"good{suffix}"
+    if suffix == ".pt":
+        torch.save(_tiny_state_dict(), path)
+    else:
+        save_checkpoint(path, _tiny_state_dict(), {"embed_dim": 4})
+    for name, damaged in _damaged_copies(path).items():
+        with pytest.raises(CheckpointError, match=f"{name}{suffix}"):
+            load_state_dict_file(damaged)
+        if suffix == ".safetensors":
+            with pytest.raises(CheckpointError, match=f"{name}{suffix}"):
+                read_checkpoint_metadata(damaged)
+
+
+def test_metadata_without_config_or_with_bad_json(tmp_path):
+    path = tmp_path / "no_config.safetensors"
+    safetensors.torch.save_file(_tiny_state_dict(), path, metadata={"format": "diffattn"})
+    with pytest.raises(CheckpointError, match="no_config.safetensors.*no 'config' entry"):
+        read_checkpoint_metadata(path)
+    path = tmp_path / "bad_json.safetensors"
+    safetensors.torch.save_file(_tiny_state_dict(), path,
+                                metadata={"format": "diffattn", "config": "{width: 3"})
+    with pytest.raises(CheckpointError, match="bad_json.safetensors.*not valid JSON"):
+        read_checkpoint_metadata(path)
+    path = tmp_path / "list.safetensors"
+    safetensors.torch.save_file(_tiny_state_dict(), path,
+                                metadata={"format": "diffattn", "config": "[1, 2]"})
+    with pytest.raises(CheckpointError, match="list.safetensors.*must be a JSON object"):
+        read_checkpoint_metadata(path)
+
+
+def test_non_string_state_dict_key_is_named(tmp_path):
+    path = tmp_path / "int_key.pt"
+    torch.save({1: torch.zeros(2), "visual.proj": torch.zeros(2)}, path)
+    with pytest.raises(CheckpointError, match=r"int_key.pt.*not strings, e.g. \[1\]"):
+        load_state_dict_file(path)
+    with pytest.raises(ValueError, match="it has 1, a"):  # mixed keys are listed, not sorted
+        detect_layout({1: torch.zeros(1), "a": torch.zeros(1)})
+
+
+def test_header_gives_shapes_without_loading(tmp_path):
+    path = tmp_path / "model.safetensors"
+    state_dict = {"module.a": torch.zeros(2, 3), "module.b": torch.zeros(5)}
+    save_checkpoint(path, state_dict, {"embed_dim": 4})
+    shapes, metadata = read_safetensors_header(path)
+    assert shapes == {"a": (2, 3), "b": (5,)}
+    assert metadata["format"] == "diffattn" and json.loads(metadata["config"]) == {"embed_dim": 4}
+    check_keys({"a": torch.Size([2, 3]), "b": torch.Size([5])}, shapes)
+
+
+def test_saved_file_has_the_permissions_of_other_new_files(tmp_path):
+    reference = tmp_path / "reference.txt"
+    reference.write_text("x")
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, _tiny_state_dict(), {})
+    assert oct(path.stat().st_mode & 0o777) == oct(reference.stat().st_mode & 0o777)
 
 
 def test_safetensors_round_trip_with_metadata(tmp_path):

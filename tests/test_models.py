@@ -17,6 +17,8 @@ from diffattn import (DiffMultiheadAttention, DiffMultiheadAttentionV2, HeadRMSN
                       lambda_init_for_depth)
 from diffattn.models import (CLIP, CLIPConfig, TextConfig, UnsafeCheckpointError, VisionConfig,
                              create_model, get_config, list_models, save_pretrained)
+from diffattn.models import factory
+from diffattn.models.checkpoint import CheckpointError, save_checkpoint
 
 import _clip_reference as ref
 
@@ -157,6 +159,13 @@ def test_unknown_model_name_lists_available():
     (lambda d: d.update(layout="timm"), "layout"),
     (lambda d: d["text"].update(act="relu"), "text.act"),
     (lambda d: d["text"].pop("width"), "missing the required fields \\['width'\\]"),
+    (lambda d: d["text"].update(ln_eps=float("inf")), "text.ln_eps must be finite, got inf"),
+    (lambda d: d["vision"].update(ln_eps=float("nan")), "vision.ln_eps must be finite"),
+    (lambda d: d["vision"].update(ln_eps=-1e-5), "vision.ln_eps must be positive"),
+    (lambda d: d["vision"].update(ln_eps="1e-5"), "vision.ln_eps must be a number"),
+    (lambda d: d["text"].update(mlp_ratio=float("inf")), "text.mlp_ratio must be finite"),
+    (lambda d: d.update(lambda_init=float("nan")), "lambda_init must be finite, got nan"),
+    (lambda d: d.update(lambda_init=float("-inf")), "lambda_init must be finite"),
 ])
 def test_config_validation(change, message):
     data = get_config("DiffCLIP-Tiny").to_dict()
@@ -414,7 +423,7 @@ def test_unsafe_pickle_is_refused_unexecuted(tmp_path):
 
 
 def test_missing_checkpoint_file(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
         create_model("DiffCLIP-Tiny", pretrained=tmp_path / "nope.pt")
 
 
@@ -489,3 +498,99 @@ def test_v2_configs_and_gradients_reach_lambda_projection():
     for layer in model.attention_layers():
         lambda_rows = layer.in_proj_weight.grad[2 * layer.embed_dim:][:layer.num_heads]
         assert lambda_rows.abs().sum() > 0
+
+
+# ------------------------------------------------------------------ untrusted checkpoint files
+@pytest.fixture
+def models_built(monkeypatch):
+    """The devices of every CLIP that create_model builds (meta ones allocate nothing)."""
+    devices = []
+
+    class RecordingCLIP(CLIP):
+        def __init__(self, config, **kwargs):
+            devices.append(str(kwargs.get("device")))
+            super().__init__(config, **kwargs)
+
+    monkeypatch.setattr(factory, "CLIP", RecordingCLIP)
+    return devices
+
+
+def test_huge_config_in_a_tiny_file_is_refused_before_building(tmp_path, models_built):
+    config = get_config("DiffCLIP-Tiny").to_dict()
+    for tower in ("vision", "text"):
+        config[tower].update(width=16384, layers=64, heads=128)
+    path = tmp_path / "crafted.safetensors"
+    save_checkpoint(path, {"visual.patch_embed.proj.weight": torch.zeros(1),
+                           "image_projection": torch.zeros(1)}, config)
+    assert path.stat().st_size < 1024
+    with pytest.raises(CheckpointError, match="crafted.safetensors.*64 vision and 64 text layers"):
+        create_model(None, pretrained=path)
+    assert all(device == "meta" for device in models_built)
+
+
+def test_config_that_does_not_describe_the_tensors_is_refused_before_building(tmp_path,
+                                                                              models_built):
+    model = create_model("DiffCLIP-Tiny", backend="torch")
+    config = model.config.to_dict()
+    config["vision"].update(width=4096, heads=64)  # same tensor names, other shapes
+    path = tmp_path / "wider.safetensors"
+    save_checkpoint(path, model.state_dict(), config)
+    models_built.clear()
+    with pytest.raises(CheckpointError, match=r"(?s)wider.safetensors.*shape mismatches:\n  "
+                                              r"image_projection: expected \(4096, 64\)"):
+        create_model(None, pretrained=path)
+    assert models_built and all(device == "meta" for device in models_built)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda config: config.update(lambda_init=float("nan")), "lambda_init must be finite"),
+    (lambda config: config["text"].update(ln_eps=float("inf")), "text.ln_eps must be finite"),
+    (lambda config: config.update(vision=[1, 2]), "vision config must be a dict"),
+])
+def test_invalid_saved_config_names_the_file(tmp_path, change, message):
+    model = create_model("DiffCLIP-Tiny", backend="torch")
+    config = model.config.to_dict()
+    change(config)
+    path = tmp_path / "bad_config.safetensors"
+    save_checkpoint(path, model.state_dict(), config)
+    with pytest.raises(CheckpointError, match=f"bad_config.safetensors.*invalid model config.*{message}"):
+        create_model(None, pretrained=path)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+@pytest.mark.parametrize("damage", ["empty", "truncated", "random"])
+def test_damaged_files_through_create_model_name_the_file(tmp_path, suffix, damage):
+    model = create_model("DiffCLIP-Tiny", backend="torch")
+    path = tmp_path / f"damaged{suffix}"
+    if suffix == ".pt":
+        torch.save(model.state_dict(), path)
+    else:
+        save_pretrained(model, path)
+    data = path.read_bytes()
+    path.write_bytes({"empty": b"", "truncated": data[: len(data) // 2],
+                      "random": np.random.default_rng(0).bytes(4096)}[damage])
+    with pytest.raises(CheckpointError, match=f"damaged{suffix}"):
+        create_model("DiffCLIP-Tiny", pretrained=path)
+
+
+@pytest.mark.parametrize("metadata, message", [
+    ({"format": "diffattn"}, "no 'config' entry"),
+    ({"format": "diffattn", "config": "{'width': 3"}, "not valid JSON"),
+])
+def test_bad_metadata_through_create_model(tmp_path, metadata, message):
+    import safetensors.torch
+
+    path = tmp_path / "metadata.safetensors"
+    safetensors.torch.save_file(create_model("DiffCLIP-Tiny", backend="torch").state_dict(), path,
+                                metadata=metadata)
+    with pytest.raises(CheckpointError, match=f"metadata.safetensors.*{message}"):
+        create_model(None, pretrained=path)
+
+
+def test_non_string_key_through_create_model(tmp_path):
+    state_dict = create_model("DiffCLIP-Tiny", backend="torch").state_dict()
+    state_dict[7] = torch.zeros(1)
+    path = tmp_path / "int_key.pt"
+    torch.save(state_dict, path)
+    with pytest.raises(CheckpointError, match=r"int_key.pt.*not strings, e.g. \[7\]"):
+        create_model("DiffCLIP-Tiny", pretrained=path)

@@ -1,4 +1,7 @@
 """Tests for diffattn.models.preprocess: geometry, normalisation and input kinds."""
+import struct
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +13,7 @@ from diffattn.models.preprocess import (
     OPENAI_MEAN,
     OPENAI_STD,
     ImageTransform,
+    UnreadableImageError,
     make_transform,
     preprocess_batch,
 )
@@ -190,3 +194,88 @@ def test_shortest_resamples_in_the_image_mode_then_converts(mode):
     expected_image = resized.crop((left, 0, left + 32, 32)).convert("RGB")
     torch.testing.assert_close(got, _to_tensor(expected_image, OPENAI_MEAN, OPENAI_STD),
                                rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------ deep images
+IDENTITY = {"mean": (0, 0, 0), "std": (1, 1, 1)}
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    body = kind + data
+    return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+
+def _rgb16_png(pixels: np.ndarray) -> bytes:
+    """A 16-bit-per-channel RGB PNG of (H, W, 3) uint16 ``pixels`` (PIL cannot write one)."""
+    height, width, _ = pixels.shape
+    rows = b"".join(b"\0" + pixels[row].astype(">u2").tobytes() for row in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
+            + _png_chunk(b"IDAT", zlib.compress(rows)) + _png_chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_16_bit_grey_png_is_scaled_by_1_over_257(tmp_path, mode):
+    values = np.array([[0, 257, 32896], [65535, 12850, 1028]], dtype=np.uint16)  # 0 1 128 255 50 4
+    path = tmp_path / "grey16.png"
+    Image.fromarray(np.repeat(np.repeat(values, 8, axis=0), 8, axis=1)).save(path)
+    with Image.open(path) as opened:
+        assert opened.mode.startswith("I")
+    output = make_transform(image_size=8, mode=mode, **IDENTITY)(path)
+    # A flat 16-bit image of value v gives v / 257 / 255 everywhere.
+    flat = Image.fromarray(np.full((10, 10), 32896, dtype=np.uint16))
+    torch.testing.assert_close(make_transform(image_size=8, mode=mode, **IDENTITY)(flat),
+                               torch.full((3, 8, 8), 128 / 255))
+    assert 0.0 <= output.min() and output.max() <= 1.0
+    assert output.mean() < 0.9  # not the ~99% white of clipping to 255
+
+
+def test_16_bit_rgb_png_keeps_its_colours(tmp_path):
+    pixels = np.zeros((6, 6, 3), dtype=np.uint16)
+    pixels[..., 0], pixels[..., 1], pixels[..., 2] = 65535, 32896, 257
+    path = tmp_path / "rgb16.png"
+    path.write_bytes(_rgb16_png(pixels))
+    output = make_transform(image_size=6, mode="squash", **IDENTITY)(path)
+    torch.testing.assert_close(output[:, 0, 0], torch.tensor([255, 128, 1]) / 255)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_float_tiff_in_0_1_is_scaled_by_255(tmp_path, mode):
+    path = tmp_path / "float.tif"
+    Image.fromarray(np.full((12, 12), 0.5, dtype=np.float32)).save(path)
+    with Image.open(path) as opened:
+        assert opened.mode == "F"
+    output = make_transform(image_size=8, mode=mode, **IDENTITY)(path)
+    torch.testing.assert_close(output, torch.full((3, 8, 8), 128 / 255))  # round(127.5) = 128
+
+
+@pytest.mark.parametrize("values, message", [
+    (np.full((4, 4), 2.0, dtype=np.float32), r"float image values must lie in \[0, 1\], got values in \[2, 2\]"),
+    (np.full((4, 4), np.nan, dtype=np.float32), "got NaN or infinite values"),
+])
+def test_float_image_out_of_range_is_an_error(values, message):
+    with pytest.raises(ValueError, match=message):
+        make_transform(image_size=4)(Image.fromarray(values))
+
+
+def test_32_bit_integer_image_beyond_16_bits_is_an_error():
+    with pytest.raises(ValueError, match="16-bit image values must lie in 0..65535"):
+        make_transform(image_size=4)(Image.fromarray(np.full((4, 4), 70000, dtype=np.int32)))
+
+
+# ------------------------------------------------------------------------ crop box
+def test_crop_box_of_each_mode():
+    assert make_transform(10, mode="squash").crop_box(60, 20) == (0.0, 0.0, 60.0, 20.0)
+    # 60x20 at 10: resized to 30x10, crop columns 10..20 of it = columns 20..40 of the original.
+    assert make_transform(10, mode="shortest").crop_box(60, 20) == (20.0, 0.0, 40.0, 20.0)
+    # 10x13 at 10: no resize, rows 2..12 (torchvision's rounding).
+    assert make_transform(10, mode="shortest").crop_box(10, 13) == (0.0, 2.0, 10.0, 12.0)
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image", b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR"])
+def test_unreadable_file_is_a_value_error_naming_it(tmp_path, content):
+    path = tmp_path / "broken.png"
+    path.write_bytes(content)
+    with pytest.raises(UnreadableImageError, match="cannot read image file '.*broken.png': ") as raised:
+        make_transform(image_size=8)(path)
+    assert isinstance(raised.value, ValueError) and raised.value.path == str(path)

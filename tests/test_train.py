@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from diffattn.models import create_model
 from diffattn.train import main
 from diffattn.training.checkpointing import (MODEL_FILE, STATE_FILE, capture_rng_state,
-                                             restore_rng_state)
+                                             find_checkpoint, restore_rng_state)
 from diffattn.training.loss import ClipLoss
 from diffattn.training.metrics import read_metrics
 from diffattn.training.optim import (MAX_LOGIT_SCALE, clamp_logit_scale, cosine_multiplier,
@@ -49,6 +49,12 @@ def torchrun(args: list, nproc: int = 2, timeout: int = 120) -> subprocess.Compl
     assert result.returncode == 0, (f"torchrun failed:\n{result.stdout[-3000:]}\n"
                                     f"{result.stderr[-5000:]}")
     return result
+
+
+def _saved_state(out) -> dict:
+    """The training state of the run directory's current checkpoint."""
+    return torch.load(os.path.join(find_checkpoint(str(out)).folder, STATE_FILE),
+                      weights_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +78,14 @@ def test_two_process_run_writes_metrics_and_checkpoint(two_epoch_run):
     model = create_model(MODEL, pretrained=two_epoch_run / MODEL_FILE, backend="torch")
     saved = load_file(two_epoch_run / MODEL_FILE)
     assert all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
-    state = torch.load(two_epoch_run / STATE_FILE, weights_only=True)
+    state = _saved_state(two_epoch_run)
     assert (state["epoch"], state["step"], len(state["rng"])) == (2, 12, 2)
     assert not any(name.endswith(".tmp") for name in os.listdir(two_epoch_run))
+    # The last checkpoint, and the best one by zero-shot accuracy (which may be the same).
+    best_epoch = max(records, key=lambda record: record["zero_shot_top1"])["epoch"]
+    assert set(os.listdir(two_epoch_run)) == {
+        "best_model.safetensors", "checkpoint.json", "epoch-0002", f"epoch-{best_epoch:04d}",
+        MODEL_FILE, "metrics.jsonl", "training_curve.png"}
 
 
 def test_resumed_run_matches_uninterrupted_run(two_epoch_run, tmp_path):
@@ -85,8 +96,7 @@ def test_resumed_run_matches_uninterrupted_run(two_epoch_run, tmp_path):
     assert expected.keys() == got.keys()
     different = [key for key in expected if not torch.equal(expected[key], got[key])]
     assert not different, f"weights differ after resuming: {different[:5]}"
-    expected_state = torch.load(two_epoch_run / STATE_FILE, weights_only=True)
-    got_state = torch.load(tmp_path / STATE_FILE, weights_only=True)
+    expected_state, got_state = _saved_state(two_epoch_run), _saved_state(tmp_path)
     assert got_state["step"] == expected_state["step"]
     for index, moments in expected_state["optimizer"]["state"].items():
         for name in ("exp_avg", "exp_avg_sq"):
@@ -202,19 +212,23 @@ def test_v2_model_trains_and_its_checkpoint_loads(tmp_path):
 
 
 # ------------------------------------------------------------------------ bad inputs
-def _fails(argv: list, match: str) -> None:
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    assert match in str(info.value), str(info.value)
+def _fails(argv: list, match: str, capsys) -> str:
+    """Run the command line, expecting exit status 1 and one ``error:`` line holding
+    ``match``; returns that line."""
+    capsys.readouterr()
+    assert main(argv) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and match in errors[0], errors
+    return errors[0]
 
 
-def test_global_batch_not_divisible_by_world_size(tmp_path, monkeypatch):
+def test_global_batch_not_divisible_by_world_size(tmp_path, monkeypatch, capsys):
     for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0"),
                         ("LOCAL_WORLD_SIZE", "2")):
         monkeypatch.setenv(name, value)
     _fails(["--data", "digits", "--backend", "torch", "--batch-size", "15", "--out",
             str(tmp_path)],
-           "--batch-size 15 (the global batch) is not divisible by the world size 2")
+           "--batch-size 15 (the global batch) is not divisible by the world size 2", capsys)
 
 
 @pytest.mark.parametrize("data, match", [
@@ -222,33 +236,44 @@ def test_global_batch_not_divisible_by_world_size(tmp_path, monkeypatch):
     ("csv:/no/such/file.csv", "file not found: '/no/such/file.csv'"),
     ("wds:/no/such/shard-{0..1}.tar", "2 of 2 shard file(s) not found"),
 ])
-def test_bad_data(tmp_path, data, match):
+def test_bad_data(tmp_path, data, match, capsys):
     _fails(["--data", data, "--backend", "torch", "--train-num-samples", "8", "--out",
             str(tmp_path)] if data.startswith("wds") else
-           ["--data", data, "--backend", "torch", "--out", str(tmp_path)], match)
+           ["--data", data, "--backend", "torch", "--out", str(tmp_path)], match, capsys)
 
 
-def test_empty_and_too_small_datasets(tmp_path):
+def test_empty_and_too_small_datasets(tmp_path, capsys):
     (tmp_path / "empty.csv").write_text("filepath,caption\n")
     _fails(["--data", f"csv:{tmp_path / 'empty.csv'}", "--out", str(tmp_path / "a")],
-           "lists no images (empty dataset)")
+           "lists no images (empty dataset)", capsys)
     (tmp_path / "other.csv").write_text("path,text\nx.png,a\n")
     _fails(["--data", f"csv:{tmp_path / 'other.csv'}", "--out", str(tmp_path / "b")],
-           "has no column(s) ['filepath', 'caption']")
+           "has no column(s) ['filepath', 'caption']", capsys)
     _fails(["--data", "digits", "--train-subset", "8", "--batch-size", "16", "--out",
-            str(tmp_path / "c")], "fewer than one global batch of 16")
+            str(tmp_path / "c")], "fewer than one global batch of 16", capsys)
     import webdataset as wds
 
     wds.TarWriter(str(tmp_path / "empty.tar")).close()
     _fails(["--data", f"wds:{tmp_path / 'empty.tar'}", "--train-num-samples", "8",
             "--batch-size", "4", "--workers", "0", "--out", str(tmp_path / "d")],
-           "gave no samples (empty dataset?)")
+           "gave no samples (empty dataset?)", capsys)
 
 
-def test_existing_run_needs_resume_and_resume_needs_checkpoint(tmp_path):
-    _fails(["--data", "digits", "--resume", "--out", str(tmp_path)], "no checkpoint in")
+def test_existing_run_needs_resume(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text("")
-    _fails(["--data", "digits", "--out", str(tmp_path)], "already holds a run")
+    _fails(["--data", "digits", "--out", str(tmp_path)], "already holds a run", capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device_is_an_error(tmp_path, capsys):
+    _fails(["--data", "digits", "--device", "cuda", "--out", str(tmp_path)],
+           "--device cuda: CUDA is not available on this machine", capsys)
+
+
+def test_out_naming_a_file_is_an_error(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    _fails(["--data", "digits", "--out", str(tmp_path / "file")],
+           f"--out {str(tmp_path / 'file')!r} is a file", capsys)
 
 
 # ------------------------------------------------------------------------ pieces
@@ -298,10 +323,14 @@ def test_unknown_model_name_is_refused(tmp_path, capsys):
     assert "invalid choice: 'NoSuchModel'" in capsys.readouterr().err
 
 
-def test_resume_refuses_another_model_or_a_foreign_model_file(two_epoch_run, tmp_path):
+def test_resume_refuses_another_model_or_a_foreign_model_file(two_epoch_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(two_epoch_run, run)
-    _fails(["--data", "digits", "--model", "CLIP-Tiny", "--resume", "--out", str(run)],
-           "was saved for another config")
-    (run / MODEL_FILE).write_bytes((run / MODEL_FILE).read_bytes()[:-4] + b"\0\0\0\0")
-    _fails(["--data", "digits", "--resume", "--out", str(run)], "is not the model file")
+    resume = [*SHORT_RUN, "--epochs", "3", "--resume", "--out", str(run)]
+    _fails([*resume, "--model", "CLIP-Tiny"],
+           "--model 'CLIP-Tiny' (the run was saved with 'DiffCLIP-Tiny')", capsys)
+    _fails([*resume, "--model", "CLIP-Tiny", "--allow-changed-args"],
+           "was saved for another config", capsys)
+    folder_model = run / "epoch-0002" / MODEL_FILE
+    folder_model.write_bytes(folder_model.read_bytes()[:-4] + b"\0\0\0\0")
+    _fails(resume, "is not the model file", capsys)

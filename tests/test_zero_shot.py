@@ -1,4 +1,5 @@
 """Tests for diffattn.models.zero_shot and the ImageNet names/templates."""
+import json
 import re
 
 import numpy as np
@@ -83,7 +84,8 @@ def test_cli_prints_top_k_per_image(cli_files, capsys):
                    "--backend", "torch", "--device", "cpu"])
     assert status == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line for line in lines if not line.startswith(" ")] == ["a.png", "b.png"]
+    assert [line for line in lines if not line.startswith(" ")] == [str(images / "a.png"),
+                                                                    str(images / "b.png")]
     scored = [line.split() for line in lines if line.startswith(" ")]
     assert len(scored) == 4
     assert all(label in {"cat", "dog", "car"} and 0 <= float(prob) <= 1 for prob, label in scored)
@@ -97,8 +99,9 @@ def test_cli_without_model_name_uses_saved_config(cli_files, capsys):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"--images": "{tmp}/missing"}, "image folder not found"),
+    ({"--images": "{tmp}/missing"}, "no such image file or folder: '.*missing'"),
     ({"--images": "{tmp}/empty"}, "no image files"),
+    ({"--pretrained": "{tmp}/damaged.safetensors"}, "damaged.safetensors.*not a readable"),
     ({"--top-k": "3"}, r"--top-k must be between 1 and the number of classes \(2\)"),
     ({"--classes": " , "}, "--classes holds no class names"),
     ({"--pretrained": "{tmp}/nope.pt"}, "checkpoint file not found"),
@@ -108,10 +111,55 @@ def test_cli_without_model_name_uses_saved_config(cli_files, capsys):
 def test_cli_errors_exit_2(cli_files, tmp_path, capsys, overrides, message):
     weights, images = cli_files
     (tmp_path / "empty").mkdir()
+    (tmp_path / "damaged.safetensors").write_bytes(weights.read_bytes()[:100])
     args = {"--model": "DiffCLIP-Tiny", "--pretrained": str(weights), "--images": str(images),
             "--classes": "cat,dog", "--device": "cpu", "--backend": "torch"}
     args.update({key: value.replace("{tmp}", str(tmp_path)) for key, value in overrides.items()})
     assert main([item for pair in args.items() for item in pair]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ")
+    assert err.startswith("error: ") and len(err.splitlines()) == 1
     assert re.search(message, err), err
+
+
+CLI = ["--classes", "cat,dog", "--top-k", "1", "--templates", "photo", "--device", "cpu",
+       "--backend", "torch"]
+
+
+def test_cli_takes_files_and_folders_and_reports_unreadable_files(cli_files, tmp_path, capsys):
+    weights, images = cli_files
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n not an image")
+    single = tmp_path / "single.jpg"
+    Image.fromarray(np.zeros((20, 30, 3), dtype=np.uint8)).save(single)
+    capsys.readouterr()
+    status = main(["--pretrained", str(weights), "--images", str(single), str(images), *CLI])
+    assert status == 1
+    captured = capsys.readouterr()
+    named = [line for line in captured.out.splitlines() if not line.startswith(" ")]
+    assert named == [str(single), str(images / "a.png"), str(images / "b.png")]
+    (error,) = captured.err.splitlines()
+    assert error.startswith(f"error: {images / 'broken.png'}: cannot read image: ")
+
+
+def test_cli_json_output(cli_files, capsys):
+    weights, images = cli_files
+    (images / "empty.png").write_bytes(b"")
+    capsys.readouterr()
+    assert main(["--pretrained", str(weights), "--images", str(images), "--json", *CLI]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["classes"] == ["cat", "dog"] and report["pretrained"] == str(weights)
+    assert [result["file"] for result in report["results"]] == [
+        str(images / name) for name in ("a.png", "b.png", "empty.png")]
+    for result in report["results"][:2]:
+        (best,) = result["top_k"]
+        assert best["label"] in ("cat", "dog") and 0 <= best["probability"] <= 1
+    assert report["results"][2]["error"].startswith("cannot read image")
+
+
+def test_cli_without_pretrained_uses_random_weights_with_a_warning(cli_files, capsys):
+    _, images = cli_files
+    assert main(["--model", "DiffCLIP-Tiny", "--images", str(images / "a.png"), *CLI]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith("warning: no --pretrained: DiffCLIP-Tiny has random weights")
+    assert captured.out.splitlines()[0] == str(images / "a.png")
+    assert main(["--images", str(images), *CLI]) == 2
+    assert "--model is required without --pretrained" in capsys.readouterr().err

@@ -5,9 +5,14 @@
 - ``loss``: ``ClipLoss``, the contrastive loss over the features of every rank.
 - ``optim``: AdamW parameter groups without decay on norms/biases/lambdas/embeddings, the
   cosine schedule with warm-up, the logit-scale clamp.
-- ``data`` / ``digits``: the ``--data`` schemes (digits, csv, wds) and their per-rank loaders.
-- ``evaluate``: zero-shot top-1 on a held-out split.
-- ``checkpointing`` / ``metrics``: atomic checkpoints, safe resumption, ``metrics.jsonl``.
+- ``data`` / ``digits``: the ``--data`` schemes (digits, csv, wds), their per-rank loaders
+  (unreadable images replaced or skipped) and the validation split.
+- ``unreadable``: one warning per unreadable image, a count per epoch, the limit on them.
+- ``evaluate``: zero-shot top-1 on a held-out split, the validation loss.
+- ``checkpointing`` / ``metrics``: a run directory with one complete checkpoint at every
+  instant (switched by one atomic rename), the best checkpoint, safe resumption,
+  ``metrics.jsonl``.
+- ``plots``: ``training_curve.png``.
 """
 from .checkpointing import CheckpointError
 from .data import DataConfig, DataError, TrainData, build_train_data

@@ -1,4 +1,5 @@
-"""Zero-shot top-1 accuracy on a labelled, preprocessed image set, split over the ranks."""
+"""Held-out evaluation: zero-shot top-1 accuracy on a labelled, preprocessed image set (split
+over the ranks), and the contrastive validation loss on held-out image-caption pairs."""
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +11,7 @@ from torch import Tensor
 
 from ..models.zero_shot import build_zero_shot_classifier
 from .distributed import DistInfo
+from .loss import contrastive_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,3 +64,37 @@ def zero_shot_top1(model, task: ZeroShotTask, info: DistInfo, autocast=contextli
     if info.initialized:
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
     return float(counts[0] / counts[1])
+
+
+@torch.no_grad()
+def validation_loss(model, batches, autocast=contextlib.nullcontext) -> tuple[float, list]:
+    """Mean contrastive loss over held-out batches, in this process alone.
+
+    Args:
+        model: the (unwrapped) CLIP; put in eval mode for the call, then back.
+        batches: an iterable of ``data.Batch`` (images, tokens, unreadable, gave_up); the loss
+            of each batch is weighted by its size (the last one may be smaller).
+        autocast: a callable returning the forward pass's autocast context.
+
+    Returns:
+        (the loss, the ``(path, reason)`` of every image file that could not be read; batches
+        with gave_up set are left out).
+    """
+    device = model.logit_scale.device
+    was_training = model.training
+    model.eval()
+    total, count, unreadable = 0.0, 0, []
+    try:
+        for batch in batches:
+            unreadable.extend(batch.unreadable)
+            if batch.gave_up:
+                continue
+            with autocast():
+                image_features, text_features, logit_scale = model(
+                    batch.images.to(device), batch.tokens.to(device), normalize=True)
+            loss = contrastive_loss(image_features, text_features, logit_scale)
+            total += float(loss) * batch.images.shape[0]
+            count += batch.images.shape[0]
+    finally:
+        model.train(was_training)
+    return (total / count if count else float("nan")), unreadable

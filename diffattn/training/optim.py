@@ -65,17 +65,36 @@ def cosine_multiplier(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int,
-                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+                    start_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step LambdaLR with ``cosine_multiplier``; call ``step()`` after every optimizer step.
-    Its state_dict holds plain numbers only."""
+
+    The peak learning rate is each group's ``initial_lr`` (set from its ``lr`` when missing).
+    ``start_step`` > 0 starts the schedule at that optimizer step (a resumed run): the groups'
+    lr become ``initial_lr * cosine_multiplier(start_step, ...)`` at once, exactly the value an
+    uninterrupted run has there. The schedule is a function of the step and of the arguments,
+    so a resumed run needs no saved scheduler state.
+    """
     if warmup_steps < 0:
         raise ValueError(f"warm-up steps must be >= 0, got {warmup_steps}")
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}")
 
     def multiplier(step: int) -> float:
-        return cosine_multiplier(step, warmup_steps, total_steps)
+        return cosine_multiplier(start_step + step, warmup_steps, total_steps)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+
+
+def set_peak_lr_and_weight_decay(optimizer: torch.optim.Optimizer, lr: float,
+                                 weight_decay: float) -> None:
+    """Make ``lr`` the peak learning rate (``initial_lr``) of every group and ``weight_decay``
+    the decay of the decayed group (the first, see ``parameter_groups``): after loading a saved
+    optimizer state, whose groups carry the saved run's values."""
+    decayed, _ = optimizer.param_groups
+    for group in optimizer.param_groups:
+        group["initial_lr"] = lr
+    decayed["weight_decay"] = weight_decay
 
 
 @torch.no_grad()

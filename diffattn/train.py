@@ -104,7 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "torch on CPU)")
     model.add_argument("--grad-checkpointing", action="store_true",
                        help="recompute block activations in the backward pass")
-    model.add_argument("--compile", action="store_true", help="torch.compile the model")
+    model.add_argument("--compile", action="store_true",
+                       help="torch.compile the model (the attention compiles without graph "
+                            "breaks; see --compile-mode)")
+    model.add_argument("--compile-mode", default="default",
+                       choices=("default", "reduce-overhead", "max-autotune",
+                                "max-autotune-no-cudagraphs"),
+                       help="torch.compile mode with --compile (reduce-overhead: CUDA graphs, "
+                            "one process only)")
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--epochs", type=int, default=8)
     optim.add_argument("--batch-size", type=int, default=16,
@@ -151,6 +158,11 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--workers must be >= 0, got {args.workers}")
     if args.stop_after_epoch is not None and args.stop_after_epoch < 1:
         parser.error(f"--stop-after-epoch must be >= 1, got {args.stop_after_epoch}")
+    if args.compile_mode != "default" and not args.compile:
+        parser.error(f"--compile-mode {args.compile_mode} needs --compile")
+    if args.compile_mode == "reduce-overhead" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        parser.error("--compile-mode reduce-overhead (CUDA graphs) runs in one process only; "
+                     "under torchrun use --compile-mode default")
 
 
 def _seed_everything(seed: int) -> None:
@@ -401,7 +413,8 @@ def _run(args, info, device, unwrapped, data, state, best, reported) -> list:
         model = DistributedDataParallel(unwrapped, device_ids=[device.index]
                                         if device.type == "cuda" else None)
     if args.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, mode=None if args.compile_mode == "default"
+                              else args.compile_mode)
     autocast = (functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
                 if device.type == "cuda" else contextlib.nullcontext)
     loss_fn = ClipLoss()

@@ -43,7 +43,7 @@ def build_zero_shot_classifier(model, classnames, templates, batch_size: int = 2
     """Class embeddings for zero-shot classification.
 
     Args:
-        model: a CLIP (anything with ``tokenize`` and ``encode_text``).
+        model: a CLIP (anything with ``tokenize(texts, trim=True)`` and ``encode_text``).
         classnames: non-empty sequence of C class names.
         templates: non-empty sequence of T ``str.format`` patterns with one ``{}``
             (e.g. IMAGENET_TEMPLATES).
@@ -51,7 +51,9 @@ def build_zero_shot_classifier(model, classnames, templates, batch_size: int = 2
 
     Returns:
         (embed_dim, C) float tensor on the model's device: per class, the mean of its T
-        normalised prompt embeddings, normalised again (unit columns).
+        normalised prompt embeddings, normalised again (unit columns). Each batch of prompts is
+        tokenized with ``trim=True``: the text tower runs on as many tokens as its longest
+        prompt needs, with the same embeddings.
     """
     classnames, templates = list(classnames), list(templates)
     if not classnames:
@@ -66,7 +68,7 @@ def build_zero_shot_classifier(model, classnames, templates, batch_size: int = 2
     prompts = [template.format(name) for name in classnames for template in templates]
     device = model.logit_scale.device
     embeddings = torch.cat([
-        model.encode_text(model.tokenize(prompts[start:start + batch_size]).to(device),
+        model.encode_text(model.tokenize(prompts[start:start + batch_size], trim=True).to(device),
                           normalize=True)
         for start in range(0, len(prompts), batch_size)
     ])

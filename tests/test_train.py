@@ -211,6 +211,38 @@ def test_v2_model_trains_and_its_checkpoint_loads(tmp_path):
     assert all(torch.equal(value, saved[key]) for key, value in model.state_dict().items())
 
 
+def test_compile_wraps_the_model_with_the_mode_and_batches_are_trimmed(tmp_path, monkeypatch):
+    """--compile hands the model to torch.compile with --compile-mode (recorded here instead
+    of compiling, which the GPU tests do); each batch's tokens keep only the columns its
+    longest caption needs."""
+    import diffattn.train as train_module
+    compiled, widths = [], []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: compiled.append(mode) or model)
+    step = train_module._train_step
+
+    def recording_step(model, unwrapped, loss_fn, optimizer, scheduler, images, tokens, *rest):
+        widths.append(tokens.shape[1])
+        return step(model, unwrapped, loss_fn, optimizer, scheduler, images, tokens, *rest)
+
+    monkeypatch.setattr(train_module, "_train_step", recording_step)
+    assert main(["--data", "digits", "--backend", "torch", "--epochs", "1", "--train-subset",
+                 "16", "--batch-size", "16", "--compile", "--compile-mode", "max-autotune",
+                 "--out", str(tmp_path / "run")]) == 0
+    assert compiled == ["max-autotune"]
+    assert widths and all(4 <= width < 77 for width in widths)
+
+
+def test_compile_mode_arguments_are_checked(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        main(["--data", "digits", "--compile-mode", "reduce-overhead", "--out", str(tmp_path)])
+    assert "--compile-mode reduce-overhead needs --compile" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        main(["--data", "digits", "--compile", "--compile-mode", "reduce-overhead", "--out",
+              str(tmp_path)])
+    assert "runs in one process only" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------ bad inputs
 def _fails(argv: list, match: str, capsys) -> str:
     """Run the command line, expecting exit status 1 and one ``error:`` line holding

@@ -46,7 +46,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Subset
 
 from ..models.preprocess import UNREADABLE_IMAGE_ERRORS, load_image, unreadable_image_reason
-from ..models.tokenizer import tokenize
+from ..models.tokenizer import tokenize, trim_padding
 from .digits import load_digits_data
 from .distributed import DistInfo
 from .evaluate import ZeroShotTask
@@ -68,7 +68,9 @@ class Batch(NamedTuple):
 
     Attributes:
         images: (n, 3, S, S) float, preprocessed.
-        tokens: (n, L) int64 token ids.
+        tokens: (n, L) int64 token ids, L the longest caption of the batch (through its
+            end-of-text token; at most the context length): the text tower's embeddings do not
+            depend on padding after it, and shorter batches run faster.
         unreadable: ``(path, reason)`` of every image file that could not be read while the
             batch was assembled (each replaced by another sample, or skipped).
         gave_up: True when a sample found no readable image in MAX_READ_ATTEMPTS tries: the
@@ -84,7 +86,7 @@ class Batch(NamedTuple):
 def collate_batch(items: list) -> Batch:
     """A Batch of dataset items: (image, tokens) or (image, tokens, unreadable, gave_up)."""
     images = torch.stack([item[0] for item in items])
-    tokens = torch.stack([item[1] for item in items])
+    tokens = trim_padding(torch.stack([item[1] for item in items]))
     unreadable = [entry for item in items if len(item) > 2 for entry in item[2]]
     return Batch(images, tokens, unreadable, any(len(item) > 3 and item[3] for item in items))
 

@@ -240,17 +240,16 @@ def run_diff_attention(q, k, v, lambda_, backend, *, causal=False, key_padding_m
     d = q.shape[3]
     scale = d ** -0.5 if scale is None else float(scale)
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    weight = None if norm_weight is None else norm_weight.to(acc_dtype)
     if backend == "triton":
         from .ops import fused_attention
         lam, lam_value, vectors = _kernel_lambda(lambda_, acc_dtype, q.device)
         return fused_attention(q, k, v, lam, lam_value, _mask_for_kernels(key_padding_mask),
-                               weight, scale, causal, eps, float(out_scale), vectors)
+                               norm_weight, scale, causal, eps, float(out_scale), vectors)
     lam = expand_lambda(lambda_, q.shape[2] // 2, acc_dtype, q.device)
     with _autocast_off(q.device.type):
         return diff_attention_torch(q, k, v, lam, causal=causal,
                                     key_padding_mask=key_padding_mask, scale=scale,
-                                    norm_weight=weight, eps=eps, out_scale=out_scale,
+                                    norm_weight=norm_weight, eps=eps, out_scale=out_scale,
                                     dropout_p=dropout_p, attn_bias=attn_mask)
 
 

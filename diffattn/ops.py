@@ -149,8 +149,6 @@ def _op_backward(ctx, dout, _dx, _do2, _dlse, _drstd):
         raise RuntimeError("diffattn::fwd ran with save_for_backward=False, so it kept nothing "
                            "to differentiate; call it with save_for_backward=True")
     lam_value, lam_vectors, scale, causal, out_scale = ctx.args
-    if dout.stride(-1) != 1:
-        dout = dout.contiguous()
     dq, dk, dv, dlam, dw = torch.ops.diffattn.bwd(dout, q, k, v, lam, lam_value, lam_vectors,
                                                   kpm, norm_weight, x, o2, lse, rstd, scale,
                                                   causal, out_scale, *ctx.need)

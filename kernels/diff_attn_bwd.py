@@ -442,6 +442,8 @@ def diff_attn_bwd(dout, q, k, v, lam, lam_value, key_padding_mask, norm_weight, 
     key_pair = k.shape[2] != Hk
     device, dtype, acc_dtype = q.device, q.dtype, lse.dtype
     has_norm = norm_weight is not None
+    if has_norm and norm_weight.stride(0) != 1:
+        norm_weight = norm_weight.contiguous()
     store_dx = has_norm or out_scale != 1.0
     need_dlam = need_dlam and lam is not None
     need_dw = need_dw and has_norm

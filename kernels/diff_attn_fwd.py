@@ -213,7 +213,7 @@ def diff_attn_fwd(q, k, v, lam, lam_value, key_padding_mask, norm_weight, scale,
             (4, L) contiguous (lq1, lk1, lq2, lk2), lambda = exp(lq1 . lk1) - exp(lq2 . lk2)
             + lam_value computed in the kernel.
         key_padding_mask (B, M) bool (True = ignore) or None.
-        norm_weight (DV,) or None: switches on the RMSNorm epilogue.
+        norm_weight (DV,) in any float dtype, or None: switches on the RMSNorm epilogue.
         save_for_backward: False (inference) writes the output only; x, o2, lse and rstd are
             then None.
         wrap: torch.library.wrap_triton inside a registered op (torch.compile traces the
@@ -231,6 +231,8 @@ def diff_attn_fwd(q, k, v, lam, lam_value, key_padding_mask, norm_weight, scale,
     acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     out = torch.empty((B, N, H, DV), device=device, dtype=dtype)
     has_norm = norm_weight is not None
+    if has_norm and norm_weight.stride(0) != 1:
+        norm_weight = norm_weight.contiguous()
     store_x = has_norm or out_scale != 1.0
     if save_for_backward:
         x = torch.empty_like(out) if store_x else out

@@ -64,11 +64,13 @@ def diff_attn_bwd_rows_kernel(
     row_ok = rows < N
     mask = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
 
-    dy = load_tile(DY + b * stride_dyb + h * stride_dyh, rows, N, stride_dyn, offs_dv,
-                   HEAD_DIM_V, True, HEAD_DIM_V != BLOCK_DV).to(acc_dtype)
-    off = ((b * N + rows[:, None]) * H + h) * HEAD_DIM_V + offs_dv[None, :]
-    x = tl.load(X + off, mask=mask, other=0.0).to(acc_dtype)
-    o2 = tl.load(O2 + off, mask=mask, other=0.0).to(acc_dtype)
+    dy = load_tile(DY + b * stride_dyb + h * stride_dyh, pid_m * BLOCK_M, N, stride_dyn, offs_dv,
+                   HEAD_DIM_V, BLOCK_M, True, HEAD_DIM_V != BLOCK_DV).to(acc_dtype)
+    # X, O2, DX: (B, N, H, DV) contiguous; the tile's first element in int64, the rest int32.
+    first = ((b * N + pid_m * BLOCK_M) * H + h) * HEAD_DIM_V
+    tile_off = tl.arange(0, BLOCK_M)[:, None] * (H * HEAD_DIM_V) + offs_dv[None, :]
+    x = tl.load(X + first + tile_off, mask=mask, other=0.0).to(acc_dtype)
+    o2 = tl.load(O2 + first + tile_off, mask=mask, other=0.0).to(acc_dtype)
     lam = load_lambda_rows(LAM, b, rows, N, h, stride_lb, stride_ln, stride_lh,
                            program_lambda(LAM, lam_value, LAM_MODE, LAM_DIM, BLOCK_LAM,
                                           acc_dtype), LAM_MODE, acc_dtype)
@@ -86,7 +88,7 @@ def diff_attn_bwd_rows_kernel(
     else:
         dx = g
     if STORE_DX:
-        tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + first + tile_off, dx.to(DX.dtype.element_ty), mask=mask)
 
     dx_o2 = tl.sum(dx * o2, 1)
     delta_ptrs = DELTA + ((b * H + h) * 2) * N + rows
@@ -118,6 +120,18 @@ def _load_row_stats(lse_base, delta_base, rows, N, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _probabilities(a, b, lse, qk_scale, keep, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+                   ACC_DTYPE: tl.constexpr):
+    """A map's probabilities recomputed from its saved base-2 log-sum-exp: exp2(s a b^T - lse)
+    with a b^T the raw scores (queries by keys, or keys by queries for the transposed tile)
+    and ``lse`` broadcast along the query axis; zero where ``keep`` is False with MASKED."""
+    p = tl.exp2(tl.dot(a, tl.trans(b), input_precision=PRECISION).to(ACC_DTYPE) * qk_scale - lse)
+    if MASKED:
+        p = tl.where(keep, p, 0.0)
+    return p
+
+
+@triton.jit
 def _dkdv_query_tiles(k1, k2, v, dk1, dk2, dv, col_keep, cols, start, end, q_base, do_base,
                       lse_base, delta_base, LAM, b, h, stride_lb, stride_ln, stride_lh,
                       lam_scalar, stride_qh, stride_qn, stride_don, N, M, qk_scale,
@@ -131,30 +145,27 @@ def _dkdv_query_tiles(k1, k2, v, dk1, dk2, dv, col_keep, cols, start, end, q_bas
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        q1, q2 = load_head_pair(q_base, stride_qh, rows, N, stride_qn, offs_d, HEAD_DIM, True,
-                                MASKED, HEAD_DIM != BLOCK_D)
-        do = load_tile(do_base, rows, N, stride_don, offs_dv, HEAD_DIM_V, MASKED,
+        q1, q2 = load_head_pair(q_base, stride_qh, start_m, N, stride_qn, offs_d, HEAD_DIM,
+                                BLOCK_M, True, MASKED, HEAD_DIM != BLOCK_D)
+        do = load_tile(do_base, start_m, N, stride_don, offs_dv, HEAD_DIM_V, BLOCK_M, MASKED,
                        HEAD_DIM_V != BLOCK_DV)
         lse1, lse2, d1, d2 = _load_row_stats(lse_base, delta_base, rows, N, MASKED)
         lam = load_lambda_rows(LAM, b, rows, N, h, stride_lb, stride_ln, stride_lh, lam_scalar,
                                LAM_MODE, dv.dtype)
 
-        sT1 = tl.dot(k1, tl.trans(q1), input_precision=PRECISION).to(dv.dtype)
-        sT2 = tl.dot(k2, tl.trans(q2), input_precision=PRECISION).to(dv.dtype)
-        pT1 = tl.exp2(sT1 * qk_scale - lse1[None, :])
-        pT2 = tl.exp2(sT2 * qk_scale - lse2[None, :])
+        keep = None
         if MASKED:
             keep = col_keep[:, None]
             if CAUSAL:
                 keep = keep & causal_keep(rows[None, :], cols[:, None], N, M)
-            pT1 = tl.where(keep, pT1, 0.0)
-            pT2 = tl.where(keep, pT2, 0.0)
-
+        # One map after the other, so that few (BLOCK_N x BLOCK_M) fp32 tiles are live at once:
+        # dP1^T (shared: dP2 = -lambda dP1), P1^T, then P2^T.
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION).to(dv.dtype)
+        pT1 = _probabilities(k1, q1, lse1[None, :], qk_scale, keep, MASKED, PRECISION, dv.dtype)
+        dk1 += tl.dot((pT1 * (dpT - d1[None, :])).to(q1.dtype), q1, input_precision=PRECISION)
+        pT2 = _probabilities(k2, q2, lse2[None, :], qk_scale, keep, MASKED, PRECISION, dv.dtype)
         dv += tl.dot((pT1 - lam[None, :] * pT2).to(do.dtype), do, input_precision=PRECISION)
-        dpT1 = tl.dot(v, tl.trans(do), input_precision=PRECISION).to(dv.dtype)
-        dsT1 = (pT1 * (dpT1 - d1[None, :])).to(q1.dtype)
-        dsT2 = (pT2 * (-lam[None, :] * dpT1 - d2[None, :])).to(q2.dtype)
-        dk1 += tl.dot(dsT1, q1, input_precision=PRECISION)
+        dsT2 = (pT2 * (-lam[None, :] * dpT - d2[None, :])).to(q2.dtype)
         if KEY_PAIR:
             dk2 += tl.dot(dsT2, q2, input_precision=PRECISION)
         else:  # one key head serves both maps
@@ -182,10 +193,10 @@ def _dkdv_program(tile, bg, Q, K, V, LAM, KPM, DO, LSE, DELTA, DK, DV,
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    k1, k2 = load_head_pair(K + b * stride_kb + key_heads * g * stride_kh, stride_kh, cols, M,
-                            stride_km, offs_d, HEAD_DIM, KEY_PAIR, True, HEAD_DIM != BLOCK_D)
-    v = load_tile(V + b * stride_vb + g * stride_vh, cols, M, stride_vm, offs_dv, HEAD_DIM_V,
-                  True, HEAD_DIM_V != BLOCK_DV)
+    k1, k2, v = load_key_value_tiles(K + b * stride_kb + key_heads * g * stride_kh,
+                                     V + b * stride_vb + g * stride_vh, stride_kh, stride_km,
+                                     stride_vm, tile * BLOCK_N, M, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+                                     BLOCK_DV, KEY_PAIR, True, BLOCK_N)
     col_keep = key_keep(KPM + b * stride_kpm_b, cols, M, HAS_KPM)
     dk1 = tl.zeros([BLOCK_N, BLOCK_D], dtype=acc_dtype)
     dk2 = tl.zeros([BLOCK_N, BLOCK_D], dtype=acc_dtype)
@@ -228,14 +239,18 @@ def _dkdv_program(tile, bg, Q, K, V, LAM, KPM, DO, LSE, DELTA, DK, DV,
             stride_qn, stride_don, N, M, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
             KEY_PAIR, LAM_MODE, CAUSAL, True, PRECISION, BLOCK_M)
 
+    # DK (B, M, key_heads * HK, d), DV (B, M, HK, DV) contiguous: the tile's first element in
+    # int64, the rest in int32 offsets.
     col_ok = cols < M
-    dk_ptrs = (DK + ((b * M + cols[:, None]) * (key_heads * HK) + key_heads * g) * HEAD_DIM
-               + offs_d[None, :])
+    local = tl.arange(0, BLOCK_N)[:, None]
+    dk_ptrs = (DK + ((b * M + tile * BLOCK_N) * (key_heads * HK) + key_heads * g) * HEAD_DIM
+               + (local * (key_heads * HK * HEAD_DIM) + offs_d[None, :]))
     k_mask = col_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     tl.store(dk_ptrs, (dk1 * sm_scale).to(DK.dtype.element_ty), mask=k_mask)
     if KEY_PAIR:
         tl.store(dk_ptrs + HEAD_DIM, (dk2 * sm_scale).to(DK.dtype.element_ty), mask=k_mask)
-    dv_ptrs = DV + ((b * M + cols[:, None]) * HK + g) * HEAD_DIM_V + offs_dv[None, :]
+    dv_ptrs = (DV + ((b * M + tile * BLOCK_N) * HK + g) * HEAD_DIM_V
+               + (local * (HK * HEAD_DIM_V) + offs_dv[None, :]))
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty),
              mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
 
@@ -250,22 +265,19 @@ def _dq_key_tiles(q1, q2, do, dq1, dq2, lse1, lse2, d1, d2, lam, rows, start, en
     """Accumulate a query tile's dq over the key tiles [start, end)."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k1, k2, v = load_key_value_tiles(k_base, v_base, stride_kh, stride_km, stride_vm, cols,
-                                         M, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR,
-                                         MASKED)
-        s1 = tl.dot(q1, tl.trans(k1), input_precision=PRECISION).to(dq1.dtype)
-        s2 = tl.dot(q2, tl.trans(k2), input_precision=PRECISION).to(dq1.dtype)
-        p1 = tl.exp2(s1 * qk_scale - lse1[:, None])
-        p2 = tl.exp2(s2 * qk_scale - lse2[:, None])
+        k1, k2, v = load_key_value_tiles(k_base, v_base, stride_kh, stride_km, stride_vm,
+                                         start_n, M, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+                                         KEY_PAIR, MASKED, BLOCK_N)
+        keep = None
         if MASKED:
             keep = query_key_keep(kpm_row, rows, cols, N, M, HAS_KPM, CAUSAL)
-            p1 = tl.where(keep, p1, 0.0)
-            p2 = tl.where(keep, p2, 0.0)
-        dp1 = tl.dot(do, tl.trans(v), input_precision=PRECISION).to(dq1.dtype)
-        ds1 = p1 * (dp1 - d1[:, None])
-        ds2 = p2 * (-lam[:, None] * dp1 - d2[:, None])
-        dq1 += tl.dot(ds1.to(k1.dtype), k1, input_precision=PRECISION)
-        dq2 += tl.dot(ds2.to(k2.dtype), k2, input_precision=PRECISION)
+        # One map after the other (see _dkdv_query_tiles): dP1 (shared), then each map's P.
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION).to(dq1.dtype)
+        p1 = _probabilities(q1, k1, lse1[:, None], qk_scale, keep, MASKED, PRECISION, dq1.dtype)
+        dq1 += tl.dot((p1 * (dp - d1[:, None])).to(k1.dtype), k1, input_precision=PRECISION)
+        p2 = _probabilities(q2, k2, lse2[:, None], qk_scale, keep, MASKED, PRECISION, dq1.dtype)
+        dq2 += tl.dot((p2 * (-lam[:, None] * dp - d2[:, None])).to(k2.dtype), k2,
+                      input_precision=PRECISION)
     return dq1, dq2
 
 
@@ -290,10 +302,11 @@ def _dq_program(tile, bh, Q, K, V, LAM, KPM, DO, LSE, DELTA, DQ,
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    q1, q2 = load_head_pair(Q + b * stride_qb + 2 * h * stride_qh, stride_qh, rows, N,
-                            stride_qn, offs_d, HEAD_DIM, True, True, HEAD_DIM != BLOCK_D)
-    do = load_tile(DO + b * stride_dob + h * stride_doh, rows, N, stride_don, offs_dv,
-                   HEAD_DIM_V, True, HEAD_DIM_V != BLOCK_DV)
+    q1, q2 = load_head_pair(Q + b * stride_qb + 2 * h * stride_qh, stride_qh, tile * BLOCK_M,
+                            N, stride_qn, offs_d, HEAD_DIM, BLOCK_M, True, True,
+                            HEAD_DIM != BLOCK_D)
+    do = load_tile(DO + b * stride_dob + h * stride_doh, tile * BLOCK_M, N, stride_don, offs_dv,
+                   HEAD_DIM_V, BLOCK_M, True, HEAD_DIM_V != BLOCK_DV)
     lse1, lse2, d1, d2 = _load_row_stats(LSE + ((b * H + h) * 2) * N,
                                          DELTA + ((b * H + h) * 2) * N, rows, N, True)
     lam = load_lambda_rows(LAM, b, rows, N, h, stride_lb, stride_ln, stride_lh,
@@ -322,7 +335,8 @@ def _dq_program(tile, bh, Q, K, V, LAM, KPM, DO, LSE, DELTA, DQ,
                              qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR,
                              CAUSAL, HAS_KPM, True, PRECISION, BLOCK_N)
 
-    dq_ptrs = DQ + ((b * N + rows[:, None]) * (2 * H) + 2 * h) * HEAD_DIM + offs_d[None, :]
+    dq_ptrs = (DQ + ((b * N + tile * BLOCK_M) * (2 * H) + 2 * h) * HEAD_DIM
+               + (tl.arange(0, BLOCK_M)[:, None] * (2 * H * HEAD_DIM) + offs_d[None, :]))
     q_mask = (rows < N)[:, None] & (offs_d[None, :] < HEAD_DIM)
     tl.store(dq_ptrs, (dq1 * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
     tl.store(dq_ptrs + HEAD_DIM, (dq2 * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
@@ -363,15 +377,17 @@ def _reduce_program(r, DLAM_PART, DLAM, DW_PART, DW, LAM, n_lam_parts, H, n_dw_r
         else:
             tl.store(DLAM + r, dlam)
     else:
+        # (a name of its own: a name assigned in both branches of a runtime if must keep one
+        # type, which the interpreter does not check)
         cols = (r - n_dlam_progs) * RED_COLS + tl.arange(0, RED_COLS)
         rows = tl.arange(0, RED_ROWS)
-        acc = tl.zeros([RED_ROWS, RED_COLS], dtype=acc_dtype)
+        acc_dw = tl.zeros([RED_ROWS, RED_COLS], dtype=acc_dtype)
         for start in range(0, n_dw_rows, RED_ROWS):
             idx = start + rows
-            acc += tl.load(DW_PART + idx[:, None].to(tl.int64) * BLOCK_DV + cols[None, :],
-                           mask=(idx[:, None] < n_dw_rows) & (cols[None, :] < BLOCK_DV),
-                           other=0.0)
-        tl.store(DW + cols, tl.sum(acc, 0), mask=cols < HEAD_DIM_V)
+            acc_dw += tl.load(DW_PART + idx[:, None].to(tl.int64) * BLOCK_DV + cols[None, :],
+                              mask=(idx[:, None] < n_dw_rows) & (cols[None, :] < BLOCK_DV),
+                              other=0.0)
+        tl.store(DW + cols, tl.sum(acc_dw, 0), mask=cols < HEAD_DIM_V)
 
 
 @triton.jit(do_not_specialize=["N", "M", "H", "HK", "GROUP", "stride_kpm_b", "stride_lb",

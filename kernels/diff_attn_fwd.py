@@ -61,9 +61,9 @@ def _attend_key_tiles(q1, q2, k_base, v_base, kpm_row, rows, start, end, m1, l1,
     padding and causal masks; without it every key of every tile is visible to every row."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k1, k2, v = load_key_value_tiles(k_base, v_base, stride_kh, stride_km, stride_vm, cols,
-                                         M, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR,
-                                         MASKED)
+        k1, k2, v = load_key_value_tiles(k_base, v_base, stride_kh, stride_km, stride_vm,
+                                         start_n, M, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+                                         KEY_PAIR, MASKED, BLOCK_N)
         keep = None
         if MASKED:
             keep = query_key_keep(kpm_row, rows, cols, N, M, HAS_KPM, CAUSAL)
@@ -107,8 +107,9 @@ def diff_attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    q1, q2 = load_head_pair(Q + b * stride_qb + 2 * h * stride_qh, stride_qh, rows, N, stride_qn,
-                           offs_d, HEAD_DIM, True, True, HEAD_DIM != BLOCK_D)
+    q1, q2 = load_head_pair(Q + b * stride_qb + 2 * h * stride_qh, stride_qh, pid_m * BLOCK_M, N,
+                            stride_qn, offs_d, HEAD_DIM, BLOCK_M, True, True,
+                            HEAD_DIM != BLOCK_D)
     key_heads = 2 if KEY_PAIR else 1
     k_base = K + b * stride_kb + key_heads * g * stride_kh
     v_base = V + b * stride_vb + g * stride_vh
@@ -152,7 +153,10 @@ def diff_attn_fwd_kernel(
     x = acc1 * inv_l1[:, None] - lam[:, None] * o2
 
     row_ok = rows < N
-    out_off = ((b * N + rows[:, None]) * H + h) * HEAD_DIM_V + offs_dv[None, :]
+    # (B, N, H, DV) contiguous: the tile's first element in int64, the rest in int32 offsets
+    # (added to the pointer after it: OUT + first + tile_off).
+    first = ((b * N + pid_m * BLOCK_M) * H + h) * HEAD_DIM_V
+    tile_off = tl.arange(0, BLOCK_M)[:, None] * (H * HEAD_DIM_V) + offs_dv[None, :]
     out_mask = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
     y = x * out_scale
     if HAS_NORM:
@@ -161,11 +165,11 @@ def diff_attn_fwd_kernel(
         y = y * rstd[:, None] * w[None, :]
         if SAVE_FOR_BWD:
             tl.store(RSTD + (b * H + h) * N + rows, rstd, mask=row_ok)
-    tl.store(OUT + out_off, y.to(OUT.dtype.element_ty), mask=out_mask)
+    tl.store(OUT + first + tile_off, y.to(OUT.dtype.element_ty), mask=out_mask)
     if SAVE_FOR_BWD:  # inference writes the output alone
         if STORE_X:
-            tl.store(X + out_off, x.to(X.dtype.element_ty), mask=out_mask)
-        tl.store(O2 + out_off, o2.to(O2.dtype.element_ty), mask=out_mask)
+            tl.store(X + first + tile_off, x.to(X.dtype.element_ty), mask=out_mask)
+        tl.store(O2 + first + tile_off, o2.to(O2.dtype.element_ty), mask=out_mask)
         lse1 = tl.where(l1 > 0, m1 + tl.log2(l1_safe), float("inf"))
         lse2 = tl.where(l2 > 0, m2 + tl.log2(l2_safe), float("inf"))
         lse_ptrs = LSE + ((b * H + h) * 2) * N + rows

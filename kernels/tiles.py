@@ -1,22 +1,26 @@
 """Triton helpers shared by the forward and backward kernels: tile loads, visibility masks, the
 key heads of a variant, lambda per row, and the online-softmax step.
 
-Every tensor is addressed as base + index * stride_index + offset (last dimension contiguous),
-with the index product in int64: one batch element may hold more than 2^31 elements.
-Out-of-range rows and padded columns load as zeros. Loads take two compile-time switches,
-MASK_ROWS and MASK_COLS, so that interior tiles (all rows in range, head dim a power of two)
-are read without masks.
+Every tensor is addressed as base + index * stride_index + offset (last dimension contiguous).
+A tile's first element is addressed in int64 (one batch element may hold more than 2^31
+elements) and the offsets within the tile in int32, which keeps the per-element address
+arithmetic, and so the registers it takes, small. Out-of-range rows and padded columns load as
+zeros. Loads take two compile-time switches, MASK_ROWS and MASK_COLS, so that interior tiles
+(all rows in range, head dim a power of two) are read without masks.
 """
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def load_tile(base, rows, n_rows, stride, cols, n_cols,
+def load_tile(base, start, n_rows, stride, cols, n_cols, BLOCK_ROWS: tl.constexpr,
               MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
-    """(len(rows), len(cols)) tile at base; rows >= n_rows and cols >= n_cols read as zero
-    when their mask switch is on (and must then be in range when it is off)."""
-    ptrs = base + rows[:, None].to(tl.int64) * stride + cols[None, :]
+    """(BLOCK_ROWS, len(cols)) tile of rows start .. start + BLOCK_ROWS - 1 at base; rows >=
+    n_rows and cols >= n_cols read as zero when their mask switch is on (and must then be in
+    range when it is off)."""
+    local = tl.arange(0, BLOCK_ROWS)
+    ptrs = (base + tl.cast(start, tl.int64) * stride) + (local[:, None] * stride + cols[None, :])
+    rows = start + local
     if MASK_ROWS:
         if MASK_COLS:
             tile = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols),
@@ -32,15 +36,17 @@ def load_tile(base, rows, n_rows, stride, cols, n_cols,
 
 
 @triton.jit
-def load_head_pair(base, stride_head, rows, n_rows, stride, cols, n_cols,
-                   PAIR: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
-    """The two maps' tiles: heads 2i and 2i+1 (base and base + stride_head) with PAIR, or one
-    head shared by both maps without it. q tiles always come in pairs; key tiles do in the
-    Differential Transformer V1 (heads 2g, 2g+1 of group g) and not in V2 (head g)."""
-    t1 = load_tile(base, rows, n_rows, stride, cols, n_cols, MASK_ROWS, MASK_COLS)
+def load_head_pair(base, stride_head, start, n_rows, stride, cols, n_cols,
+                   BLOCK_ROWS: tl.constexpr, PAIR: tl.constexpr, MASK_ROWS: tl.constexpr,
+                   MASK_COLS: tl.constexpr):
+    """The two maps' tiles (rows start .. start + BLOCK_ROWS - 1): heads 2i and 2i+1 (base and
+    base + stride_head) with PAIR, or one head shared by both maps without it. q tiles always
+    come in pairs; key tiles do in the Differential Transformer V1 (heads 2g, 2g+1 of group g)
+    and not in V2 (head g)."""
+    t1 = load_tile(base, start, n_rows, stride, cols, n_cols, BLOCK_ROWS, MASK_ROWS, MASK_COLS)
     if PAIR:
-        t2 = load_tile(base + stride_head, rows, n_rows, stride, cols, n_cols, MASK_ROWS,
-                       MASK_COLS)
+        t2 = load_tile(base + stride_head, start, n_rows, stride, cols, n_cols, BLOCK_ROWS,
+                       MASK_ROWS, MASK_COLS)
     else:
         t2 = t1
     return t1, t2
@@ -96,16 +102,16 @@ def load_lambda_rows(LAM, b, rows, n_rows, h, stride_lb, stride_ln, stride_lh, l
 
 
 @triton.jit
-def load_key_value_tiles(k_base, v_base, stride_kh, stride_km, stride_vm, cols, M,
+def load_key_value_tiles(k_base, v_base, stride_kh, stride_km, stride_vm, start, M,
                          HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr,
-                         MASKED: tl.constexpr):
+                         MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
     """The two maps' key tiles (see load_head_pair) and the shared value tile of key rows
-    ``cols``; masked loads (ragged last tile) with MASKED."""
-    k1, k2 = load_head_pair(k_base, stride_kh, cols, M, stride_km, tl.arange(0, BLOCK_D),
-                            HEAD_DIM, KEY_PAIR, MASKED, HEAD_DIM != BLOCK_D)
-    v = load_tile(v_base, cols, M, stride_vm, tl.arange(0, BLOCK_DV), HEAD_DIM_V, MASKED,
-                  HEAD_DIM_V != BLOCK_DV)
+    start .. start + BLOCK_N - 1; masked loads (ragged last tile) with MASKED."""
+    k1, k2 = load_head_pair(k_base, stride_kh, start, M, stride_km, tl.arange(0, BLOCK_D),
+                            HEAD_DIM, BLOCK_N, KEY_PAIR, MASKED, HEAD_DIM != BLOCK_D)
+    v = load_tile(v_base, start, M, stride_vm, tl.arange(0, BLOCK_DV), HEAD_DIM_V, BLOCK_N,
+                  MASKED, HEAD_DIM_V != BLOCK_DV)
     return k1, k2, v
 
 

@@ -350,13 +350,13 @@ def _reduce_program(r, DLAM_PART, DLAM, DW_PART, DW, n_lam_parts, H, n_dw_rows, 
     else:
         cols = (r - n_dlam_progs) * RED_COLS + tl.arange(0, RED_COLS)
         rows = tl.arange(0, RED_ROWS)
-        acc = tl.zeros([RED_ROWS, RED_COLS], dtype=acc_dtype)
+        acc_dw = tl.zeros([RED_ROWS, RED_COLS], dtype=acc_dtype)
         for start in range(0, n_dw_rows, RED_ROWS):
             idx = start + rows
-            acc += tl.load(DW_PART + idx[:, None].to(tl.int64) * BLOCK_DV + cols[None, :],
-                           mask=(idx[:, None] < n_dw_rows) & (cols[None, :] < BLOCK_DV),
-                           other=0.0)
-        tl.store(DW + cols, tl.sum(acc, 0), mask=cols < HEAD_DIM_V)
+            acc_dw += tl.load(DW_PART + idx[:, None].to(tl.int64) * BLOCK_DV + cols[None, :],
+                              mask=(idx[:, None] < n_dw_rows) & (cols[None, :] < BLOCK_DV),
+                              other=0.0)
+        tl.store(DW + cols, tl.sum(acc_dw, 0), mask=cols < HEAD_DIM_V)
 
 
 @triton.jit(do_not_specialize=["N", "M", "H", "HK", "GROUP", "stride_kpm_b", "stride_lb",

@@ -865,6 +865,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help='JSON {"fwd"|"bwd": {group: [[config], ...]}}: candidates to add')
     p.add_argument("--csv", type=Path, default=None, help="CSV path (default under results/)")
     p.add_argument("--md", type=Path, default=None, help="summary path (default beside CSV)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="Triton cache to use and keep (default: a fresh one per run, so compile "
+                        "seconds are real compiles)")
     p.add_argument("--list", action="store_true",
                    help="print the recorded launches as JSON lines and compile nothing")
     args = p.parse_args(argv)
@@ -932,6 +935,18 @@ def default_paths(arch: int, quick: bool) -> Tuple[Path, Path]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    # A fresh Triton cache (unless --cache-dir): compile seconds are real compiles.
+    cache = tempfile.TemporaryDirectory(prefix="triton-resources-") if args.cache_dir is None \
+        else None
+    os.environ["TRITON_CACHE_DIR"] = str(args.cache_dir) if cache is None else cache.name
+    try:
+        return _run(args, argv)
+    finally:
+        if cache is not None:
+            cache.cleanup()
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     try:
         check_environment()
         extra = json.loads(args.extra.read_text()) if args.extra else None

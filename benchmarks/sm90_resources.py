@@ -148,9 +148,11 @@ VARIANTS = (
 )
 VARIANT_BY_NAME = {v.name: v for v in VARIANTS}
 ALL_VARIANTS = tuple(v.name for v in VARIANTS)
-# (variants, dtypes, head dims): the full run's cases. bf16 covers every variant at d = 64
-# and 128; d = 32, fp16 and fp32 (its own candidate group) the main V1 and V2 paths.
+# (variants, dtypes, head dims): the full run's cases, in priority order (a run cut short by
+# its time limit has the earlier entries). bf16 covers every variant at d = 64 and 128,
+# the main V1 and V2 paths first; d = 32, fp16 and fp32 (its own candidate group) those two.
 CASE_GRID = (
+    (("v1_norm", "v2"), ("bf16",), (64, 128)),
     (ALL_VARIANTS, ("bf16",), (64, 128)),
     (("v1_norm", "v2"), ("bf16",), (32,)),
     (("v1_norm",), ("fp16",), (64,)),
@@ -167,6 +169,7 @@ class Case:
     variant: str
     dtype: str
     head_dim: int
+    tier: int = field(default=0, compare=False)  # its CASE_GRID entry: compile order
 
 
 def cases(quick: bool, variants: Optional[Sequence[str]] = None,
@@ -174,7 +177,7 @@ def cases(quick: bool, variants: Optional[Sequence[str]] = None,
           head_dims: Optional[Sequence[int]] = None) -> List[Case]:
     """The (variant, dtype, head dim) cases of a run, in CASE_GRID order, filtered."""
     found: List[Case] = []
-    for names, grid_dtypes, grid_dims in CASE_GRID:
+    for tier, (names, grid_dtypes, grid_dims) in enumerate(CASE_GRID):
         for dtype in grid_dtypes:
             if quick and dtype not in QUICK_DTYPES:
                 continue
@@ -182,7 +185,7 @@ def cases(quick: bool, variants: Optional[Sequence[str]] = None,
                 if quick and d not in QUICK_HEAD_DIMS:
                     continue
                 for name in names:
-                    case = Case(name, dtype, d)
+                    case = Case(name, dtype, d, tier)
                     if case in found or (variants and name not in variants) or \
                             (dtypes and dtype not in dtypes) or (head_dims and d not in head_dims):
                         continue
@@ -460,16 +463,23 @@ def candidate_label(kernel: str, group: str, config: tuple) -> str:
     return f"{group}#{known.index(config)}" if config in known else f"{group}+extra"
 
 
-def case_tasks(case: Case, lists: dict, limit: Optional[int], arch: int) -> List[Task]:
+def case_tasks(case: Case, lists: dict, limit: Optional[int], arch: int,
+               extra_only: bool = False) -> List[Task]:
     """Every compile of one case: the forward with each candidate of its group, and for
     training the backward row kernel (its own configuration) and main kernel with each
-    candidate."""
+    candidate. extra_only: the added (not kernels/config.py) candidates alone."""
     config = importlib.import_module("diffattn.kernels.config")
     variant = VARIANT_BY_NAME[case.variant]
     dv = 2 * case.head_dim if variant.key_pair else case.head_dim
     group = config.candidate_group(_torch_dtype(case.dtype), config.head_block(dv))
     fwd_list = lists["fwd"][group][:limit]
     bwd_list = lists["bwd"][group][:limit] if variant.training else []
+    if extra_only:
+        fwd_list = [c for c in fwd_list if candidate_label("fwd", group, c).endswith("extra")]
+        bwd_list = [c for c in bwd_list if candidate_label("bwd", group, c).endswith("extra")]
+        if not fwd_list and not bwd_list:
+            return []
+    first_fwd = fwd_list[0] if fwd_list else lists["fwd"][group][0]
     tasks = []
 
     def add(launch: Launch, fields, label, cfg):
@@ -481,7 +491,7 @@ def case_tasks(case: Case, lists: dict, limit: Optional[int], arch: int) -> List
                           arch))
 
     for i in range(max(len(fwd_list), len(bwd_list))):
-        fcfg = fwd_list[i] if i < len(fwd_list) else fwd_list[0]
+        fcfg = fwd_list[i] if i < len(fwd_list) else first_fwd
         bcfg = bwd_list[i] if i < len(bwd_list) else None
         launches = record_case(case, fcfg, bcfg)
         by_kernel = {}
@@ -497,7 +507,7 @@ def case_tasks(case: Case, lists: dict, limit: Optional[int], arch: int) -> List
         if bcfg is not None:
             add(by_kernel["bwd"][0], config.BWD_FIELDS, candidate_label("bwd", group, bcfg),
                 bcfg)
-        if i == 0 and variant.training:
+        if i == 0 and variant.training and not extra_only:
             rows = launch_spec(by_kernel["bwd_rows"][0])
             names = list(rows.signature)
             block_m = next(v for j, v in rows.constexprs.items() if names[j] == "BLOCK_M")
@@ -508,8 +518,9 @@ def case_tasks(case: Case, lists: dict, limit: Optional[int], arch: int) -> List
 
 
 def all_tasks(run_cases: Sequence[Case], lists: dict, limit: Optional[int], arch: int,
-              skipped: List[dict]) -> List[Task]:
-    """The tasks of every case; cases the checkout cannot run are appended to ``skipped``."""
+              skipped: List[dict], extra_only: bool = False) -> List[Task]:
+    """The tasks of every case, by case tier, then the slow backward first within a tier;
+    cases the checkout cannot run are appended to ``skipped``."""
     tasks = []
     for case in run_cases:
         reason = unsupported_reason(VARIANT_BY_NAME[case.variant])
@@ -517,10 +528,9 @@ def all_tasks(run_cases: Sequence[Case], lists: dict, limit: Optional[int], arch
             skipped.append({"variant": case.variant, "dtype": case.dtype,
                             "head_dim": case.head_dim, "reason": reason})
             continue
-        tasks.extend(case_tasks(case, lists, limit, arch))
-    # Slow compiles first (the backward main kernel), so a pool ends evenly.
+        tasks.extend((case.tier, t) for t in case_tasks(case, lists, limit, arch, extra_only))
     order = {"bwd": 0, "fwd": 1, "bwd_rows": 2}
-    tasks.sort(key=lambda t: order[t.spec.kernel])
+    tasks = [t for _, t in sorted(tasks, key=lambda x: (x[0], order[x[1].spec.kernel]))]
     for i, task in enumerate(tasks):
         task.index = i
     return tasks
@@ -863,6 +873,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="the first N candidates of each group only")
     p.add_argument("--extra", type=Path, default=None,
                    help='JSON {"fwd"|"bwd": {group: [[config], ...]}}: candidates to add')
+    p.add_argument("--extra-only", action="store_true",
+                   help="compile the --extra candidates alone")
     p.add_argument("--csv", type=Path, default=None, help="CSV path (default under results/)")
     p.add_argument("--md", type=Path, default=None, help="summary path (default beside CSV)")
     p.add_argument("--cache-dir", type=Path, default=None,
@@ -875,6 +887,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         p.error(f"--jobs must be at least 1, got {args.jobs}")
     if args.time_limit is not None and args.time_limit <= 0:
         p.error(f"--time-limit must be positive, got {args.time_limit}")
+    if args.extra_only and args.extra is None:
+        p.error("--extra-only needs --extra")
     if args.candidates is not None and args.candidates < 1:
         p.error(f"--candidates must be at least 1, got {args.candidates}")
     for name, given, allowed in (("--variants", args.variants, ALL_VARIANTS),
@@ -962,7 +976,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return 2
     start = time.monotonic()
     skipped: List[dict] = []
-    tasks = all_tasks(run_cases, lists, limit, args.target, skipped)
+    tasks = all_tasks(run_cases, lists, limit, args.target, skipped, args.extra_only)
     for s in skipped:
         print(f"skipped {s['variant']} {s['dtype']} d{s['head_dim']}: {s['reason']}")
     if args.list:

@@ -740,7 +740,8 @@ def summary_markdown(rows: Sequence[dict], skipped: Sequence[dict], title: str,
              "thread of stack frame / local memory (> 0: spills); shared: the launch's dynamic "
              f"shared memory per block, KiB (at most {MAX_SHARED_PER_BLOCK} B = 227 KiB; each "
              "block also reserves 1 KiB); blocks/SM: resident blocks per SM estimated from "
-             "registers, shared memory and warps. Cells: REG/STACK/shared KiB.", ""]
+             "registers, shared memory and warps. Cells: REG/STACK/shared KiB. A compile of "
+             "0 s is a kernel identical to an earlier one (Triton's cache).", ""]
     if provenance:
         lines += [provenance, ""]
     compiled = [r for r in rows if _ok(r)]

@@ -4,6 +4,8 @@ for a GPU target (default sm_90) on a machine without a GPU or driver.
     python benchmarks/sm90_resources.py --quick                   # first two candidates, bf16
     python benchmarks/sm90_resources.py --jobs 2 --time-limit 5400
     python benchmarks/sm90_resources.py --list                    # the launches, no compile
+    python benchmarks/sm90_resources.py --extra benchmarks/sm90_extra_candidates.json \
+        --extra-only --csv benchmarks/results/sm90-resources-triton3.6-extra.csv
 
 How the launches are found: the real launchers (``diff_attn_fwd``, ``diff_attn_bwd``) run on
 small CPU tensors with their kernel globals replaced by a recorder whose ``kernel[grid](...)``
@@ -34,7 +36,8 @@ backward's row kernel and main kernel) and inference (forward only). ``CASES`` l
 (variant, dtype, head dim) combinations; each forward and backward main kernel is compiled
 with every candidate of its group (``kernels/config.py``: narrow, wide, fp32), the row
 kernel with the configuration the launcher gives it. ``--quick``: bf16, head dims 64 and 128,
-the first two candidates of each group.
+the first two candidates of each group. ``--extra FILE`` adds candidates to the groups
+(``benchmarks/sm90_extra_candidates.json``); ``--extra-only`` compiles those alone.
 
 Per compile: registers per thread (REG), stack and local bytes (STACK/LOCAL > 0: spills to
 local memory), from ``cuobjdump --dump-resource-usage`` of the cubin, and the dynamic shared

@@ -426,6 +426,7 @@ def _run(args, info, device, unwrapped, data, state, best, reported) -> list:
         data.set_epoch(epoch)
         epoch_started = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        shown_loss = None  # the loss the progress bar shows, read 10 steps after its step
         # The with block clears the progress bar before an error message is printed.
         with tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
                   disable=not info.is_main, dynamic_ncols=True, leave=False) as progress:
@@ -440,7 +441,11 @@ def _run(args, info, device, unwrapped, data, state, best, reported) -> list:
                 step += 1
                 progress.update()
                 if info.is_main and progress.n % 10 == 0:
-                    progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+                    # Reading a loss waits for its step; reading the one of 10 steps ago does
+                    # not stall the queue of steps the GPU has in hand.
+                    if shown_loss is not None:
+                        progress.set_postfix(loss=f"{shown_loss.item():.3f}", lr=f"{lr:.2e}")
+                    shown_loss = loss.detach()
         if info.initialized:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
         seconds = time.perf_counter() - epoch_started

@@ -11,11 +11,11 @@ Providers:
                                 the fused ops on CPU tensors with the Triton kernels replaced
                                 by no-ops (:func:`kernels_not_launched`): everything the
                                 library does on the host around the kernels runs for real
-                                (argument checks, autograd, output allocations, tile choice),
-                                the launches do not. Their rows carry the device
-                                :data:`NO_LAUNCH_DEVICE`, on any machine. They leave out the
-                                Triton launcher's own host cost (argument binding and the
-                                driver call), which only a GPU shows.
+                                (argument checks, autograd, output allocations, tile choice,
+                                the launch shortcut's key), the launches do not. Their rows
+                                carry the device :data:`NO_LAUNCH_DEVICE`, on any machine.
+                                They leave out the compiled launcher's own cost (packing the
+                                arguments, the driver call), which only a GPU shows.
 
 Modes: ``fwd`` (forward under ``torch.no_grad``) and ``fwd_bwd`` (forward with autograd, then
 ``torch.autograd.grad`` of a fixed output gradient into every input, lambda included).
@@ -39,35 +39,48 @@ NO_LAUNCH_DEVICE = "cpu (kernels not launched)"
 # A GPU architecture name with no entry in kernels/tuned_configs.json: tile choice takes the
 # path of an untuned GPU (first candidate, remembered per key).
 NO_LAUNCH_ARCH = "sm_no_launch"
-_KERNEL_GLOBALS = (("diffattn.kernels.diff_attn_fwd", "diff_attn_fwd_kernel"),
-                   ("diffattn.kernels.diff_attn_bwd", "diff_attn_bwd_rows_kernel"),
-                   ("diffattn.kernels.diff_attn_bwd", "diff_attn_bwd_kernel"))
+# (module, launcher global, kernel name) of every kernel the fused ops launch
+_LAUNCHERS = (("diffattn.kernels.diff_attn_fwd", "diff_attn_fwd_launch", "diff_attn_fwd_kernel"),
+              ("diffattn.kernels.diff_attn_bwd", "diff_attn_bwd_rows_launch",
+               "diff_attn_bwd_rows_kernel"),
+              ("diffattn.kernels.diff_attn_bwd", "diff_attn_bwd_launch", "diff_attn_bwd_kernel"))
 
 
 class NoLaunchKernel:
-    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kwargs)`` does nothing
-    and counts the launch."""
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kwargs)`` does nothing,
+    counts the launch and returns a compiled-kernel stand-in whose launches do nothing and
+    count too (the launchers remember it and call it directly, as they would a compiled
+    kernel, so their own per-call work is measured)."""
 
     def __init__(self, name: str):
         self.name = name
         self.launches = 0
+        self.function = self.packed_metadata = None
 
-    def __getitem__(self, grid) -> Callable[..., None]:
-        def launch(*args, **kwargs) -> None:
+    def __getitem__(self, grid) -> Callable[..., "NoLaunchKernel"]:
+        def launch(*args, **kwargs) -> "NoLaunchKernel":
             self.launches += 1
+            return self
         return launch
+
+    def run(self, *args) -> None:
+        self.launches += 1
+
+    def launch_metadata(self, grid, stream, *args) -> None:
+        return None
 
 
 @contextlib.contextmanager
 def kernels_not_launched() -> Iterator[Dict[str, NoLaunchKernel]]:
     """Run the fused ops on CPU tensors with every kernel launch a no-op.
 
-    Inside the block: the launchers' kernel globals are :class:`NoLaunchKernel` objects (the
-    launchers look them up at each call); ``backend="triton"`` is allowed on CPU tensors;
+    Inside the block: each kernel's launcher (kernels/launch.py) launches a
+    :class:`NoLaunchKernel` instead, taking its shortcut after a key's first call as on a GPU;
+    ``backend="triton"`` is allowed on CPU tensors;
     tile choice runs as on a GPU with no tuned-table entry and autotuning off (the first call
     of a key picks the first candidate, later calls are a dictionary hit); the interpreter's
     bf16 detour is off, as on a GPU. Everything is restored on exit, the tile choices made
-    inside included. Yields {kernel global name: its NoLaunchKernel}.
+    inside included. Yields {kernel name: its NoLaunchKernel}.
     """
     backend = importlib.import_module("diffattn.backend")
     ops = importlib.import_module("diffattn.ops")
@@ -81,14 +94,16 @@ def kernels_not_launched() -> Iterator[Dict[str, NoLaunchKernel]]:
             return f"the fused kernels do not support {', '.join(features)}"
         return None
 
-    stubs = {name: NoLaunchKernel(name) for _, name in _KERNEL_GLOBALS}
-    patches = [(importlib.import_module(module), name, stubs[name])
-               for module, name in _KERNEL_GLOBALS]
-    for module, name, _ in patches:
-        if not hasattr(module, name):  # a renamed kernel would launch for real
-            raise RuntimeError(f"{module.__name__} has no kernel global {name!r}: the host-only "
-                               f"run of benchmarks/host.py must name the launchers' kernels")
-    patches += [(backend, "triton_unavailable_reason", allowed_on_cpu),
+    launchers = []
+    for module_name, launcher_name, kernel_name in _LAUNCHERS:
+        module = importlib.import_module(module_name)
+        if not hasattr(module, launcher_name):  # a renamed launcher would launch for real
+            raise RuntimeError(f"{module_name} has no launcher global {launcher_name!r}: the "
+                               f"host-only run of benchmarks/host.py must name the kernels' "
+                               f"launchers")
+        launchers.append((getattr(module, launcher_name), kernel_name))
+    stubs = {name: NoLaunchKernel(name) for _, name in launchers}
+    patches = [(backend, "triton_unavailable_reason", allowed_on_cpu),
                 (tuning, "gpu_arch", lambda device: NO_LAUNCH_ARCH),
                 (tuning, "AUTOTUNE", False), (tuning, "INTERPRET", False),
                 (ops, "INTERPRET", False)]
@@ -96,9 +111,12 @@ def kernels_not_launched() -> Iterator[Dict[str, NoLaunchKernel]]:
     choosers = (tuning.FWD_TILES, tuning.BWD_TILES)
     chosen = [dict(c.chosen) for c in choosers]
     try:
-        for obj, name, value in patches:
-            setattr(obj, name, value)
-        yield stubs
+        with contextlib.ExitStack() as stack:
+            for launcher, name in launchers:
+                stack.enter_context(launcher.replaced(stubs[name], fast=True))
+            for obj, name, value in patches:
+                setattr(obj, name, value)
+            yield stubs
     finally:
         for obj, name, value in saved:
             setattr(obj, name, value)

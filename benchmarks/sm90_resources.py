@@ -8,8 +8,8 @@ for a GPU target (default sm_90) on a machine without a GPU or driver.
         --extra-only --csv benchmarks/results/sm90-resources-triton3.6-extra.csv
 
 How the launches are found: the real launchers (``diff_attn_fwd``, ``diff_attn_bwd``) run on
-small CPU tensors with their kernel globals replaced by a recorder whose ``kernel[grid](...)``
-keeps (args, kwargs), and with the tile chooser forced to each candidate in turn, so every
+small CPU tensors with every kernel's launcher launching a recorder instead, whose
+``kernel[grid](...)`` keeps (args, kwargs), and with the tile chooser forced to each candidate in turn, so every
 compile gets exactly the arguments a real launch of that candidate passes. Each recorded
 launch becomes a ``triton.compile`` source the way Triton's launcher specialises it:
 
@@ -80,7 +80,8 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 FWD_MODULE = "diffattn.kernels.diff_attn_fwd"
 BWD_MODULE = "diffattn.kernels.diff_attn_bwd"
-# (module, global name, short kernel name) of every kernel the launchers launch.
+# (module, kernel global, short kernel name) of every kernel the launchers launch; the
+# kernel's launcher is the global of the same name ending in "_launch" (kernels/launch.py).
 KERNELS = ((FWD_MODULE, "diff_attn_fwd_kernel", "fwd"),
            (BWD_MODULE, "diff_attn_bwd_rows_kernel", "bwd_rows"),
            (BWD_MODULE, "diff_attn_bwd_kernel", "bwd"))
@@ -207,7 +208,7 @@ class Launch:
 
 
 class Recorder:
-    """Stands in for a ``@triton.jit`` kernel global: ``kernel[grid](*args, **kwargs)``
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kwargs)``
     appends a Launch to ``launches`` and runs nothing."""
 
     def __init__(self, kernel: str, launches: List[Launch]):
@@ -229,22 +230,27 @@ def check_environment() -> None:
 
 @contextlib.contextmanager
 def recording(launches: List[Launch]) -> Iterator[None]:
-    """Replace the launchers' kernel globals by Recorders, tile choice as on an untuned GPU;
+    """Every kernel's launcher launches a Recorder instead, tile choice as on an untuned GPU;
     restores everything on exit."""
     check_environment()
     tuning = importlib.import_module("diffattn.kernels.tuning")
-    patches = []
+    launchers = []
     for module_name, name, short in KERNELS:
         module = importlib.import_module(module_name)
-        if not hasattr(module, name):
-            raise RuntimeError(f"{module_name} has no kernel global {name!r}")
-        patches.append((module, name, Recorder(short, launches)))
-    patches += [(tuning, "gpu_arch", lambda device: RECORD_ARCH), (tuning, "AUTOTUNE", False)]
+        launcher_name = name.replace("_kernel", "_launch")
+        if not hasattr(module, name) or not hasattr(module, launcher_name):
+            raise RuntimeError(f"{module_name} has no kernel global {name!r} with its launcher "
+                               f"{launcher_name!r}")
+        launchers.append((getattr(module, launcher_name), Recorder(short, launches)))
+    patches = [(tuning, "gpu_arch", lambda device: RECORD_ARCH), (tuning, "AUTOTUNE", False)]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     try:
-        for obj, name, value in patches:
-            setattr(obj, name, value)
-        yield
+        with contextlib.ExitStack() as stack:
+            for launcher, recorder in launchers:
+                stack.enter_context(launcher.replaced(recorder, fast=False))
+            for obj, name, value in patches:
+                setattr(obj, name, value)
+            yield
     finally:
         for obj, name, value in saved:
             setattr(obj, name, value)

@@ -83,8 +83,8 @@ def attention_masks(attn_mask, key_padding_mask, is_causal, B: int, N: int, M: i
     if attn_mask is not None and (causal or is_causal_mask(attn_mask, N, M)):
         causal, attn_mask = True, None
     bias = None
-    shapes = f"(L, S) = {(N, M)} or (batch * num_heads, L, S) = {(B * num_heads, N, M)}"
     if attn_mask is not None:
+        shapes = f"(L, S) = {(N, M)} or (batch * num_heads, L, S) = {(B * num_heads, N, M)}"
         if not isinstance(attn_mask, Tensor):
             raise TypeError(f"attn_mask must be a tensor, got {type(attn_mask).__name__}")
         if attn_mask.dim() == 2:

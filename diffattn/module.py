@@ -207,12 +207,13 @@ class DiffMultiheadAttention(nn.Module):
         """q, k, v projections; one GEMM when key and value are the query (self-attention),
         two when key is value."""
         if self._packed and key is query and value is query:
-            return F.linear(query, self.in_proj_weight, self.in_proj_bias).split(self._sizes, -1)
+            return F.linear(query, self.in_proj_weight,
+                            self.in_proj_bias).split_with_sizes(self._sizes, -1)
         q_proj = self.q_proj
         if self._packed and value is key:
             kv = projection_slice(self.in_proj_weight, self.in_proj_bias, self._sizes[0],
                                   sum(self._sizes))
-            return (q_proj(query), *kv(key).split(self._sizes[1:], -1))
+            return (q_proj(query), *kv(key).split_with_sizes(self._sizes[1:], -1))
         return q_proj(query), self.k_proj(key), self.v_proj(value)
 
     # ---------------------------------------------------------------- state dict
@@ -293,17 +294,19 @@ class DiffMultiheadAttention(nn.Module):
         B, N = q.shape[0], q.shape[1]
         M = k.shape[1]
         d = self.head_dim
-        q = q.unflatten(-1, (self.num_heads, d))
-        k = k.unflatten(-1, (self.num_kv_heads, d))
-        v = v.unflatten(-1, (self.num_kv_heads // 2, 2 * d))
+        q = q.view(B, N, self.num_heads, d)
+        k = k.view(B, M, self.num_kv_heads, d)
+        v = v.view(B, M, self.num_kv_heads // 2, 2 * d)
         lam = LambdaVectors(self.lambda_vectors, self.lambda_init)
 
         causal, bias, key_padding_mask = attention_masks(attn_mask, key_padding_mask, is_causal,
                                                          B, N, M, self.num_heads)
         dropout_p = self.dropout if self.training else 0.0
-        self.last_backend = resolve_backend(self.backend, q.device, q.dtype, d,
-                                            unsupported_features(dropout_p, bias))
-        out = run_diff_attention(q, k, v, lam, self.last_backend, causal=causal,
+        backend = resolve_backend(self.backend, q.device, q.dtype, d,
+                                  unsupported_features(dropout_p, bias))
+        if backend != self.last_backend:  # nn.Module.__setattr__ is slow: only on a change
+            self.last_backend = backend
+        out = run_diff_attention(q, k, v, lam, backend, causal=causal,
                                  key_padding_mask=key_padding_mask,
                                  norm_weight=self.diff_norm.weight, eps=self.diff_norm.eps,
                                  out_scale=1.0 - self.lambda_init, dropout_p=dropout_p,

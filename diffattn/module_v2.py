@@ -153,10 +153,11 @@ class DiffMultiheadAttentionV2(nn.Module):
         """(q, lambda logits, k, v); one GEMM for self-attention."""
         sizes = self._sizes
         if key is query and value is query:
-            return F.linear(query, self.in_proj_weight, self.in_proj_bias).split(sizes, -1)
+            return F.linear(query, self.in_proj_weight,
+                            self.in_proj_bias).split_with_sizes(sizes, -1)
         query_side = projection_slice(self.in_proj_weight, self.in_proj_bias, 0,
                                       sizes[0] + sizes[1])
-        q, logits = query_side(query).split(sizes[:2], -1)
+        q, logits = query_side(query).split_with_sizes(sizes[:2], -1)
         return q, logits, self.k_proj(key), self.v_proj(value)
 
     # ---------------------------------------------------------------- state dict
@@ -193,17 +194,19 @@ class DiffMultiheadAttentionV2(nn.Module):
             q, logits, k, v = (t.transpose(0, 1) for t in (q, logits, k, v))
         B, N, M = q.shape[0], q.shape[1], k.shape[1]
         d = self.head_dim
-        q = q.unflatten(-1, (2 * self.num_heads, d))
-        k = k.unflatten(-1, (self.num_kv_heads, d))
-        v = v.unflatten(-1, (self.num_kv_heads, d))
+        q = q.view(B, N, 2 * self.num_heads, d)
+        k = k.view(B, M, self.num_kv_heads, d)
+        v = v.view(B, M, self.num_kv_heads, d)
         lam = torch.sigmoid(logits.float())                                  # (B, N, h)
 
         causal, bias, key_padding_mask = attention_masks(attn_mask, key_padding_mask, is_causal,
                                                          B, N, M, 2 * self.num_heads)
         dropout_p = self.dropout if self.training else 0.0
-        self.last_backend = resolve_backend(self.backend, q.device, q.dtype, d,
-                                            unsupported_features(dropout_p, bias))
-        out = run_diff_attention_v2(q, k, v, lam, self.last_backend, causal=causal,
+        backend = resolve_backend(self.backend, q.device, q.dtype, d,
+                                  unsupported_features(dropout_p, bias))
+        if backend != self.last_backend:  # nn.Module.__setattr__ is slow: only on a change
+            self.last_backend = backend
+        out = run_diff_attention_v2(q, k, v, lam, backend, causal=causal,
                                     key_padding_mask=key_padding_mask, dropout_p=dropout_p,
                                     attn_mask=bias)
         out = self.out_proj(out.flatten(2))

@@ -9,6 +9,8 @@ per row; with or without the RMSNorm epilogue), as compile-time flags:
 - ``diff_attn_bwd``: the matching backward (epilogue, dq, dk, dv, dlambda, d norm weight) in two
   launches.
 - ``tuning``: which tile configuration runs (committed table, first-call timing, defaults).
+- ``launch``: the launch shortcut (Triton's per-call argument work done once per
+  specialisation).
 
 These are the raw launchers, without validation or autograd: use ``diffattn.diff_attention``
 or ``diffattn.diff_attention_v2``.

@@ -31,6 +31,7 @@ import triton.language as tl
 
 from .config import RED_COLS, RED_ROWS, ROWS_BLOCK_M, cdiv, head_block, rows_warps
 from .diff_attn_fwd import LOG2E, dot_precision, lambda_flags, lambda_strides
+from .launch import Launcher
 from .tiles import (causal_key_end, causal_keep, full_tiles_end, key_keep, load_head_pair,
                     load_key_value_tiles, load_lambda_rows, load_lambda_vectors, load_tile,
                     program_lambda, query_key_keep)
@@ -99,6 +100,9 @@ def diff_attn_bwd_rows_kernel(
             tl.store(DLAM + (b * N + rows) * H + h, -dx_o2, mask=row_ok)
         else:  # the tile's partial sum, (row tiles, B * H)
             tl.store(DLAM + pid_m * tl.num_programs(1) + pid_bh, -tl.sum(dx_o2, 0))
+
+
+diff_attn_bwd_rows_launch = Launcher(diff_attn_bwd_rows_kernel)
 
 
 @triton.jit
@@ -438,6 +442,9 @@ def diff_attn_bwd_kernel(
                         RED_COLS)
 
 
+diff_attn_bwd_launch = Launcher(diff_attn_bwd_kernel)
+
+
 def diff_attn_bwd(dout, q, k, v, lam, lam_value, key_padding_mask, norm_weight, x, o2, lse,
                   rstd, scale, causal, out_scale, need_dlam=True, need_dw=True, wrap=None,
                   lam_vectors=False):
@@ -486,16 +493,15 @@ def diff_attn_bwd(dout, q, k, v, lam, lam_value, key_padding_mask, norm_weight, 
     l_flags = lambda_flags(lam, lam_vectors)
     lam_ptr = q if lam is None else lam
 
-    rows_kernel = diff_attn_bwd_rows_kernel if wrap is None else wrap(diff_attn_bwd_rows_kernel)
-    rows_kernel[(n_row_tiles, B * H)](
-        dout, x, o2, lam_ptr, norm_weight if has_norm else q, rstd, dx, delta,
-        q if dlam_part is None else dlam_part, q if dw_part is None else dw_part,
-        dout.stride(0), dout.stride(1), dout.stride(2), *l_strides,
-        N, H, float(lam_value), out_scale,
-        HEAD_DIM_V=DV, BLOCK_DV=block_dv, **l_flags, NEED_DLAM=need_dlam,
-        DLAM_REDUCE=dlam_reduce, HAS_NORM=has_norm, NEED_DW=need_dw, STORE_DX=store_dx,
-        ACC_FP64=acc_fp64, BLOCK_M=ROWS_BLOCK_M, num_warps=rows_warps(block_dv),
-    )
+    diff_attn_bwd_rows_launch(
+        (n_row_tiles, B * H),
+        (dout, x, o2, lam_ptr, norm_weight if has_norm else q, rstd, dx, delta,
+         q if dlam_part is None else dlam_part, q if dw_part is None else dw_part),
+        (*dout.stride()[:3], *l_strides, N, H), (float(lam_value), float(out_scale)),
+        dict(HEAD_DIM_V=DV, BLOCK_DV=block_dv, **l_flags, NEED_DLAM=need_dlam,
+             DLAM_REDUCE=dlam_reduce, HAS_NORM=has_norm, NEED_DW=need_dw, STORE_DX=store_dx,
+             ACC_FP64=acc_fp64, BLOCK_M=ROWS_BLOCK_M, num_warps=rows_warps(block_dv)),
+        wrap)
 
     dq = torch.empty((B, N, H2, d), device=device, dtype=dtype)
     dk = torch.empty(k.shape, device=device, dtype=dtype)
@@ -507,25 +513,25 @@ def diff_attn_bwd(dout, q, k, v, lam, lam_value, key_padding_mask, norm_weight, 
     tensors = (q, k, v, lam_ptr, kpm, dx, lse, delta, dq, dk, dv,
                q if dlam_part is None else dlam_part, q if dlam is None else dlam,
                q if dw_part is None else dw_part, q if dw is None else dw)
-    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-               v.stride(0), v.stride(1), v.stride(2), dx.stride(0), dx.stride(1), dx.stride(2),
-               *l_strides, kpm.stride(0) if key_padding_mask is not None else 0)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dx.stride()[:3], *l_strides,
+               kpm.stride(0) if key_padding_mask is not None else 0)
+    floats = (float(lam_value), scale * LOG2E, float(scale))
     flags = dict(HEAD_DIM=d, HEAD_DIM_V=DV, BLOCK_D=block_d, BLOCK_DV=block_dv,
                  KEY_PAIR=key_pair, CAUSAL=causal, **l_flags,
                  HAS_KPM=key_padding_mask is not None, DLAM_REDUCE=dlam_reduce,
                  ACC_FP64=acc_fp64, PRECISION=dot_precision(dtype), RED_ROWS=RED_ROWS,
                  RED_COLS=RED_COLS)
-    kernel = diff_attn_bwd_kernel if wrap is None else wrap(diff_attn_bwd_kernel)
 
     def run(config):
         kwargs = BWD_TILES.launch_kwargs(config)
         n_kv_tiles = cdiv(M, kwargs["BLOCK_N1"])
         n_q_tiles = cdiv(N, kwargs["BLOCK_M2"])
         n_kv_progs, n_q_progs = n_kv_tiles * B * Hk, n_q_tiles * B * H
-        kernel[(n_kv_progs + n_q_progs + n_red_progs,)](
-            *tensors, *strides, N, M, H, Hk, H // Hk, n_kv_tiles, n_q_tiles, n_kv_progs,
-            n_q_progs, n_row_tiles * B, n_row_tiles * B * H, n_dlam_progs, float(lam_value),
-            scale * LOG2E, scale, **flags, **kwargs)
+        diff_attn_bwd_launch(
+            (n_kv_progs + n_q_progs + n_red_progs,), tensors,
+            (*strides, N, M, H, Hk, H // Hk, n_kv_tiles, n_q_tiles, n_kv_progs, n_q_progs,
+             n_row_tiles * B, n_row_tiles * B * H, n_dlam_progs),
+            floats, {**flags, **kwargs}, wrap)
 
     key = BWD_TILES.key(device, dtype, block_d, block_dv, key_pair, causal, N, M)
     run(BWD_TILES.choose(key, device, run if wrap is None else None))

@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from .config import cdiv, head_block
+from .launch import Launcher
 from .tiles import (causal_key_end, full_tiles_end, load_head_pair, load_key_value_tiles,
                     load_lambda_rows, online_softmax_step, program_lambda, query_key_keep)
 from .tuning import FWD_TILES
@@ -177,6 +178,9 @@ def diff_attn_fwd_kernel(
         tl.store(lse_ptrs + N, lse2, mask=row_ok)
 
 
+diff_attn_fwd_launch = Launcher(diff_attn_fwd_kernel)
+
+
 def dot_precision(dtype) -> str:
     """fp32 inputs use exact fp32 products ("ieee"), not TF32; fp16/bf16 ignore this."""
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
@@ -247,10 +251,10 @@ def diff_attn_fwd(q, k, v, lam, lam_value, key_padding_mask, norm_weight, scale,
         x = o2 = lse = rstd = out  # not written
     kpm = q if key_padding_mask is None else key_padding_mask.view(torch.uint8)
     block_d, block_dv = head_block(d), head_block(DV)
-    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-               v.stride(0), v.stride(1), v.stride(2), *lambda_strides(lam, lam_vectors),
-               kpm.stride(0) if key_padding_mask is not None else 0)
-    scalars = (N, M, H, H // Hk, float(lam_value), scale * LOG2E, eps, out_scale)
+    integers = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                *lambda_strides(lam, lam_vectors),
+                kpm.stride(0) if key_padding_mask is not None else 0, N, M, H, H // Hk)
+    floats = (float(lam_value), scale * LOG2E, float(eps), float(out_scale))
     flags = dict(HEAD_DIM=d, HEAD_DIM_V=DV, BLOCK_D=block_d, BLOCK_DV=block_dv,
                  KEY_PAIR=key_pair, CAUSAL=causal, **lambda_flags(lam, lam_vectors),
                  HAS_KPM=key_padding_mask is not None, HAS_NORM=has_norm,
@@ -258,12 +262,11 @@ def diff_attn_fwd(q, k, v, lam, lam_value, key_padding_mask, norm_weight, scale,
                  ACC_FP64=acc_dtype == torch.float64, PRECISION=dot_precision(dtype))
     tensors = (q, k, v, q if lam is None else lam, kpm, norm_weight if has_norm else q,
                out, x, o2, lse, rstd)
-    kernel = diff_attn_fwd_kernel if wrap is None else wrap(diff_attn_fwd_kernel)
 
     def run(config):
         kwargs = FWD_TILES.launch_kwargs(config)
         grid = (cdiv(N, kwargs["BLOCK_M"]), B * H)
-        kernel[grid](*tensors, *strides, *scalars, **flags, **kwargs)
+        diff_attn_fwd_launch(grid, tensors, integers, floats, {**flags, **kwargs}, wrap)
 
     key = FWD_TILES.key(device, dtype, block_d, block_dv, key_pair, causal, N, M)
     run(FWD_TILES.choose(key, device, run if wrap is None else None))

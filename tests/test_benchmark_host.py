@@ -40,8 +40,10 @@ def _v1_inputs(dtype=torch.bfloat16, requires_grad=True):
 
 
 def _real_state():
-    return (FWD_MODULE.diff_attn_fwd_kernel, BWD_MODULE.diff_attn_bwd_rows_kernel,
-            BWD_MODULE.diff_attn_bwd_kernel, BACKEND.triton_unavailable_reason,
+    launchers = (FWD_MODULE.diff_attn_fwd_launch, BWD_MODULE.diff_attn_bwd_rows_launch,
+                 BWD_MODULE.diff_attn_bwd_launch)
+    return (*[(x.kernel, x.fast, dict(x.compiled)) for x in launchers],
+            BACKEND.triton_unavailable_reason,
             TUNING.gpu_arch, TUNING.AUTOTUNE, TUNING.INTERPRET, OPS.INTERPRET,
             dict(TUNING.FWD_TILES.chosen), dict(TUNING.BWD_TILES.chosen))
 
@@ -61,9 +63,12 @@ def test_kernels_not_launched_runs_the_library_on_cpu_and_restores_everything():
                                      backend="triton")
         assert out2.shape == (1, 16, 1, 64)
         assert stubs["diff_attn_fwd_kernel"].launches == 2
-    after = _real_state()
-    assert after[:8] == before[:8]
-    assert after[8:] == before[8:]
+        # a second call of the same key takes the launch shortcut, which launches too
+        torch.autograd.grad(diff_attention(q, k, v, lam, backend="triton"), (q, k, v, lam),
+                            torch.ones_like(out))
+        assert [s.launches for s in stubs.values()] == [3, 2, 2]
+        assert len(FWD_MODULE.diff_attn_fwd_launch.compiled) == 2  # V1 and V2
+    assert _real_state() == before
 
 
 def test_tile_choice_takes_the_untuned_gpu_path_once_per_key(monkeypatch):
@@ -91,8 +96,11 @@ def test_tile_choice_takes_the_untuned_gpu_path_once_per_key(monkeypatch):
 
 def test_stub_kernel_counts_and_ignores_arguments():
     stub = host.NoLaunchKernel("k")
-    assert stub[(1, 2)](1, 2, BLOCK_M=64) is None
+    compiled = stub[(1, 2)](1, 2, BLOCK_M=64)
     assert stub.launches == 1
+    compiled.run(1, 2, 1, 0, compiled.function, compiled.packed_metadata,
+                 compiled.launch_metadata((1, 2), 0, 1, 2), None, None, 1, 2, 64)
+    assert stub.launches == 2
 
 
 @pytest.mark.parametrize("provider", ["diffattn_no_launch", "diffattn_v2_no_launch", "sdpa_x2",
@@ -155,10 +163,9 @@ def test_runner_writes_host_only_rows():
     assert "cpu (kernels not launched)" in text
 
 
-def test_a_renamed_kernel_global_is_an_error_not_a_real_launch(monkeypatch):
-    monkeypatch.delattr(BWD_MODULE, "diff_attn_bwd_rows_kernel")
-    with pytest.raises(RuntimeError, match="no kernel global 'diff_attn_bwd_rows_kernel'"):
+def test_a_renamed_launcher_global_is_an_error_not_a_real_launch(monkeypatch):
+    monkeypatch.delattr(BWD_MODULE, "diff_attn_bwd_rows_launch")
+    with pytest.raises(RuntimeError, match="no launcher global 'diff_attn_bwd_rows_launch'"):
         with host.kernels_not_launched():
             pass
-    assert FWD_MODULE.diff_attn_fwd_kernel is not None
-    assert not isinstance(FWD_MODULE.diff_attn_fwd_kernel, host.NoLaunchKernel)
+    assert FWD_MODULE.diff_attn_fwd_launch.kernel is FWD_MODULE.diff_attn_fwd_kernel

@@ -156,6 +156,50 @@ def test_backward_is_bitwise_deterministic():
         assert torch.equal(grads1[name], grads2[name]), f"grad {name} differs between runs"
 
 
+def test_launch_shortcut_matches_tritons_launch_bitwise():
+    """The launch shortcut (kernels/launch.py) runs exactly what kernel[grid] runs: outputs and
+    gradients to the bit, on aligned inputs and on inputs whose pointers are 2 bytes off 16
+    (another specialisation), each launched twice so the second call takes the shortcut."""
+    import sys
+    from diffattn.kernels import diff_attn_bwd, diff_attn_fwd
+    bwd = sys.modules[diff_attn_bwd.__module__]
+    launchers = (sys.modules[diff_attn_fwd.__module__].diff_attn_fwd_launch,
+                 bwd.diff_attn_bwd_rows_launch, bwd.diff_attn_bwd_launch)
+    assert all(x.fast for x in launchers)
+    problem = make_problem(seq_q=77, **VARIANTS["causal_padding_gqa_norm"]["problem"])
+
+    def leaves(shift: int) -> dict:
+        out = {}
+        for name in ("q", "k", "v", "norm_weight"):
+            t = problem[name]
+            flat = torch.empty(t.numel() + shift, device=DEVICE, dtype=t.dtype)
+            out[name] = flat[shift:].view(t.shape).copy_(t).requires_grad_()
+        out["lambda_"] = problem["lambda_"].clone().requires_grad_()
+        return out
+
+    def fused(inputs: dict):
+        out = diff_attention(inputs["q"], inputs["k"], inputs["v"], inputs["lambda_"],
+                             norm_weight=inputs["norm_weight"], causal=True, backend="triton",
+                             **problem["kwargs"])
+        return [out.detach()] + list(torch.autograd.grad(out, list(inputs.values()),
+                                                         problem["dout"]))
+    try:
+        for shift in (0, 1):
+            inputs = leaves(shift)
+            assert (inputs["q"].data_ptr() % 16 == 0) == (shift == 0)
+            results = []
+            for fast in (False, True, True):
+                for launcher in launchers:
+                    launcher.fast = fast
+                results.append(fused(inputs))
+            for other in results[1:]:
+                for got, want in zip(other, results[0]):
+                    assert torch.equal(got, want), f"shift {shift}: results differ"
+    finally:
+        for launcher in launchers:
+            launcher.fast = True
+
+
 # ------------------------------------------------------------------------------ compile
 class _Block(nn.Module):
     """A pre-norm residual attention block on DiffMultiheadAttention (fused backend)."""

@@ -9,8 +9,9 @@ for a GPU target (default sm_90) on a machine without a GPU or driver.
 
 How the launches are found: the real launchers (``diff_attn_fwd``, ``diff_attn_bwd``) run on
 small CPU tensors with every kernel's launcher launching a recorder instead, whose
-``kernel[grid](...)`` keeps (args, kwargs), and with the tile chooser forced to each candidate in turn, so every
-compile gets exactly the arguments a real launch of that candidate passes. Each recorded
+``kernel[grid](...)`` keeps (args, kwargs), and with the tile chooser forced to each
+candidate in turn, so every compile gets exactly the arguments a real launch of that
+candidate passes. Each recorded
 launch becomes a ``triton.compile`` source the way Triton's launcher specialises it:
 
     torch tensor          "*<dtype>" (bf16, fp16, fp32, fp64, u8, ...), divisible by 16

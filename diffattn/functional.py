@@ -27,6 +27,11 @@ from .backend import check_backend_name, resolve_backend, unsupported_features
 from .reference import LambdaVectors, expand_lambda
 from .torch_path import diff_attention_torch, diff_attention_v2_torch
 
+try:
+    from .ops import fused_attention
+except ImportError:  # no triton: resolve_backend never picks "triton"
+    fused_attention = None
+
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -202,8 +207,15 @@ def _autocast(q: Tensor, k: Tensor, v: Tensor):
     return _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
 
 
+_AUTOCAST_AVAILABLE: dict = {}
+
+
 def _autocast_available(device_type: str) -> bool:
-    return torch.amp.is_autocast_available(device_type)
+    available = _AUTOCAST_AVAILABLE.get(device_type)
+    if available is None:
+        available = _AUTOCAST_AVAILABLE[device_type] = \
+            torch.amp.is_autocast_available(device_type)
+    return available
 
 
 def _autocast_off(device_type: str):
@@ -220,7 +232,7 @@ def _kernel_lambda(lambda_, acc_dtype: torch.dtype, device: torch.device):
     if isinstance(lambda_, LambdaVectors):
         return lambda_.vectors, float(lambda_.init), True
     if isinstance(lambda_, Tensor):
-        return lambda_.to(acc_dtype), 0.0, False
+        return (lambda_ if lambda_.dtype == acc_dtype else lambda_.to(acc_dtype)), 0.0, False
     if acc_dtype == torch.float64:
         return torch.tensor(float(lambda_), dtype=acc_dtype, device=device), 0.0, False
     return None, float(lambda_), False
@@ -241,7 +253,6 @@ def run_diff_attention(q, k, v, lambda_, backend, *, causal=False, key_padding_m
     scale = d ** -0.5 if scale is None else float(scale)
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     if backend == "triton":
-        from .ops import fused_attention
         lam, lam_value, vectors = _kernel_lambda(lambda_, acc_dtype, q.device)
         return fused_attention(q, k, v, lam, lam_value, _mask_for_kernels(key_padding_mask),
                                norm_weight, scale, causal, eps, float(out_scale), vectors)
@@ -260,7 +271,6 @@ def run_diff_attention_v2(q, k, v, lambda_, backend, *, causal=False, key_paddin
     scale = q.shape[3] ** -0.5 if scale is None else float(scale)
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     if backend == "triton":
-        from .ops import fused_attention
         lam, lam_value, _ = _kernel_lambda(lambda_, acc_dtype, q.device)
         return fused_attention(q, k, v, lam, lam_value, _mask_for_kernels(key_padding_mask),
                                None, scale, causal, 1.0, 1.0)

@@ -2,13 +2,17 @@
 
 ``kernel[grid](*args, **constexprs)`` makes Triton bind every argument to the signature,
 specialise each one (dtype, 16-byte alignment of pointers, integers equal to 1 or divisible
-by 16), format a cache key and look the compiled kernel up: tens of microseconds of Python for
-kernels with as many arguments as these, on every call. :class:`Launcher` keeps, per kernel,
-a dictionary from a cheaper key of the same facts to the compiled kernel Triton chose for
-them, and calls its launcher directly:
+by 16, 32- or 64-bit), format a cache key and look the compiled kernel up: tens of
+microseconds of Python for kernels with as many arguments as these, on every call.
+:class:`Launcher` keeps, per kernel, a dictionary from a cheaper key that determines all of
+those facts to the compiled kernel Triton chose for them, and calls its launcher directly:
 
     key = (current device, constexpr values, tensor dtypes, pointer addresses mod 16,
-           a code per integer: 0, 1, otherwise whether divisible by 16 and whether 64-bit)
+           the integer arguments themselves)
+
+The integers (sizes, strides) are keyed by value, which costs nothing per call; a model
+calls with a handful of shapes, so a handful of keys. Past ``MAX_REMEMBERED`` keys per kernel
+(a length that grows on every call, say) the dictionary starts over.
 
 The first call of a key (and every call where this shortcut does not apply) goes through
 ``kernel[grid]`` itself, which compiles if needed and returns the compiled kernel that is then
@@ -39,7 +43,8 @@ try:  # triton >= 3.4: launch hooks live in triton.knobs
 except ImportError:  # older triton: every launch goes through kernel[grid]
     _knobs = None
 
-_INT32_MAX = 0x7FFFFFFF
+# Keys remembered per kernel before the dictionary starts over.
+MAX_REMEMBERED = 4096
 
 
 class Launcher:
@@ -79,14 +84,12 @@ class Launcher:
             self._device = driver.active.get_current_device
             self._stream = driver.active.get_current_stream
         device = self._device()
-        # integers: 0 and 1 stand for themselves (1 becomes a compile-time constant), others
-        # for 2 + (divisible by 16) + 2 * (64-bit)
         key = (device, tuple(constexprs.values()), tuple([t.dtype for t in pointers]),
-               tuple([t.data_ptr() & 15 for t in pointers]),
-               tuple([x if x < 2 else 2 + (x & 15 == 0) + 2 * (x > _INT32_MAX)
-                      for x in integers]))
+               tuple([t.data_ptr() & 15 for t in pointers]), tuple(integers))
         entry = self.compiled.get(key)
         if entry is None:
+            if len(self.compiled) >= MAX_REMEMBERED:  # e.g. a length that grows every call
+                self.compiled.clear()
             self._launch_and_remember(key, grid, pointers, integers, floats, constexprs)
             return
         compiled, constants = entry

@@ -69,6 +69,40 @@ def test_replaced_restores_the_launcher():
     assert (launcher.kernel, launcher.fast, launcher.compiled, launcher._device) == before
 
 
+def test_the_remembered_keys_are_bounded(monkeypatch):
+    """A length that changes on every call must not grow the dictionary without bound."""
+    import diffattn.kernels.launch as launch
+    import triton.language as tl
+
+    def kernel(X, n, scale, BLOCK: tl.constexpr):
+        pass
+    launcher = launch.Launcher(kernel)
+    assert launcher.constexpr_names == ["BLOCK"]
+    monkeypatch.setattr(launch, "MAX_REMEMBERED", 8)
+    launched = []
+
+    class Compiled:
+        function = packed_metadata = None
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(args) or self
+
+        def run(self, *args):
+            launched.append(args)
+
+        def launch_metadata(self, grid, stream, *args):
+            return None
+    x = torch.zeros(4)
+    with launcher.replaced(Compiled(), fast=True):
+        if not launcher.fast:
+            pytest.skip("this triton has no launch shortcut")
+        for n in range(20):
+            for _ in range(2):
+                launcher((1,), (x,), (n,), (0.5,), {"BLOCK": 16})
+            assert len(launcher.compiled) <= 8
+    assert len(launched) == 40
+
+
 # ------------------------------------------------------------------ the subprocess
 def _main() -> int:
     import triton

@@ -165,7 +165,8 @@ def test_launch_shortcut_matches_tritons_launch_bitwise():
     bwd = sys.modules[diff_attn_bwd.__module__]
     launchers = (sys.modules[diff_attn_fwd.__module__].diff_attn_fwd_launch,
                  bwd.diff_attn_bwd_rows_launch, bwd.diff_attn_bwd_launch)
-    assert all(x.fast for x in launchers)
+    if not all(x.fast for x in launchers):
+        pytest.skip("the launch shortcut is off (DIFFATTN_FAST_LAUNCH=0 or triton < 3.4)")
     problem = make_problem(seq_q=77, **VARIANTS["causal_padding_gqa_norm"]["problem"])
 
     def leaves(shift: int) -> dict:

@@ -4,6 +4,7 @@ for a GPU target (default sm_90) on a machine without a GPU or driver.
     python benchmarks/sm90_resources.py --quick                   # first two candidates, bf16
     python benchmarks/sm90_resources.py --jobs 2 --time-limit 5400
     python benchmarks/sm90_resources.py --list                    # the launches, no compile
+    python benchmarks/sm90_resources.py --quick --tma             # forward with TMA loads
     python benchmarks/sm90_resources.py --extra benchmarks/sm90_extra_candidates.json \
         --extra-only --csv benchmarks/results/sm90-resources-triton3.6-extra.csv
 
@@ -39,6 +40,8 @@ with every candidate of its group (``kernels/config.py``: narrow, wide, fp32), t
 kernel with the configuration the launcher gives it. ``--quick``: bf16, head dims 64 and 128,
 the first two candidates of each group. ``--extra FILE`` adds candidates to the groups
 (``benchmarks/sm90_extra_candidates.json``); ``--extra-only`` compiles those alone.
+``--tma`` records the forward as ``DIFFATTN_TMA=1`` runs it on Hopper: key and value tiles
+through tensor descriptors (``kernels/tma.py``).
 
 Per compile: registers per thread (REG), stack and local bytes (STACK/LOCAL > 0: spills to
 local memory), from ``cuobjdump --dump-resource-usage`` of the cubin, and the dynamic shared
@@ -48,7 +51,7 @@ per block, 64 warps, 32 blocks).
 
 Outputs: a CSV (``CSV_COLUMNS``, one row per compile) and a markdown summary (failures,
 spilling candidates, shared memory over the limit, a per-candidate table per kernel), by
-default ``benchmarks/results/<target>-resources-triton<major.minor>[-quick].csv|.md``.
+default ``benchmarks/results/<target>-resources-triton<major.minor>[-quick][-tma].csv|.md``.
 
 Exit status: 0; 1 when some compile failed; 2 for bad arguments.
 """
@@ -88,6 +91,8 @@ KERNELS = ((FWD_MODULE, "diff_attn_fwd_kernel", "fwd"),
            (BWD_MODULE, "diff_attn_bwd_kernel", "bwd"))
 # A GPU architecture name with no entry in the tuned table: tile choice as on an untuned GPU.
 RECORD_ARCH = "sm_resources"
+# --tma: record the forward with tensor-descriptor loads (kernels/tma.py).
+TMA_LOADS = False
 
 # sm_90 limits for the shared-memory check and the residency estimate.
 MAX_SHARED_PER_BLOCK = 232448          # 227 KiB, the opt-in maximum of one block
@@ -244,6 +249,10 @@ def recording(launches: List[Launch]) -> Iterator[None]:
                                f"{launcher_name!r}")
         launchers.append((getattr(module, launcher_name), Recorder(short, launches)))
     patches = [(tuning, "gpu_arch", lambda device: RECORD_ARCH), (tuning, "AUTOTUNE", False)]
+    if TMA_LOADS:  # the forward as on Hopper with DIFFATTN_TMA=1, wherever TMA can read
+        tma = importlib.import_module("diffattn.kernels.tma")
+        patches.append((tma, "tma_loads",
+                        lambda k, v: tma.AVAILABLE and tma.fits(k) and tma.fits(v)))
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     try:
         with contextlib.ExitStack() as stack:
@@ -891,6 +900,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="Triton cache to use and keep (default: a fresh one per run, so compile "
                         "seconds are real compiles)")
+    p.add_argument("--tma", action="store_true",
+                   help="the forward with tensor-descriptor (TMA) loads, as DIFFATTN_TMA=1 runs "
+                        "it on Hopper")
     p.add_argument("--list", action="store_true",
                    help="print the recorded launches as JSON lines and compile nothing")
     args = p.parse_args(argv)
@@ -950,10 +962,10 @@ def kernels_revision() -> str:
     return f"Kernels: commit {rev}" + (" with uncommitted changes in kernels/." if dirty else ".")
 
 
-def default_paths(arch: int, quick: bool) -> Tuple[Path, Path]:
+def default_paths(arch: int, quick: bool, tma: bool = False) -> Tuple[Path, Path]:
     import triton
     version = ".".join(triton.__version__.split(".")[:2])
-    stem = f"sm{arch}-resources-triton{version}{'-quick' if quick else ''}"
+    stem = f"sm{arch}-resources-triton{version}{'-quick' if quick else ''}{'-tma' if tma else ''}"
     return RESULTS_DIR / f"{stem}.csv", RESULTS_DIR / f"{stem}.md"
 
 
@@ -979,6 +991,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    global TMA_LOADS
+    TMA_LOADS = args.tma
     limit = QUICK_CANDIDATES if args.quick else args.candidates
     run_cases = cases(args.quick, args.variants, args.dtypes, args.head_dims)
     if not run_cases:
@@ -995,7 +1009,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             print(spec_json(task))
         return 0
     import triton
-    csv_path, md_path = default_paths(args.target, args.quick)
+    csv_path, md_path = default_paths(args.target, args.quick, args.tma)
     csv_path = args.csv or csv_path
     md_path = args.md or (csv_path.with_suffix(".md") if args.csv else md_path)
     print(f"{len(tasks)} compiles for sm_{args.target} with triton {triton.__version__}, "
@@ -1005,7 +1019,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     write_csv(rows, csv_path)
     command = " ".join(["python benchmarks/sm90_resources.py"] + command_args(argv))
     title = f"Kernel resources for sm_{args.target}, triton {triton.__version__}" + \
-        (" (quick subset)" if args.quick else "")
+        (" (quick subset)" if args.quick else "") + \
+        (", forward with tensor-descriptor (TMA) loads" if args.tma else "")
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text(summary_markdown(rows, skipped, title, command, kernels_revision()))
     failed = [r for r in rows if r.get("error") and not _is_time_limit(r)]

@@ -689,6 +689,12 @@ def run_notes(args, env: Environment, plan: List[Case], report: Report) -> None:
                     else "the first candidate (DIFFATTN_AUTOTUNE=0)")
             report.notes.append(f"tile choice: tuned table {tuning.TABLE_PATH.name} first, "
                                 f"then {then}")
+            from diffattn.kernels import launch, tma
+            report.notes.append(
+                "forward key/value loads: " + ("tensor descriptors (TMA) where they apply, "
+                                               "DIFFATTN_TMA=1" if tma.ENABLED else "pointers")
+                + "; launches: " + ("the launch shortcut" if launch.ENABLED
+                                    else "Triton's own (DIFFATTN_FAST_LAUNCH=0)"))
     except ImportError:
         pass
 

@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from .config import cdiv, head_block
+from . import tma
 from .launch import Launcher
 from .tiles import (causal_key_end, full_tiles_end, load_head_pair, load_key_value_tiles,
                     load_lambda_rows, online_softmax_step, program_lambda, query_key_keep)
@@ -52,19 +53,28 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend_key_tiles(q1, q2, k_base, v_base, kpm_row, rows, start, end, m1, l1, acc1,
-                      m2, l2, acc2, stride_kh, stride_km, stride_vm, N, M, qk_scale,
-                      HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+def _attend_key_tiles(q1, q2, k_base, v_base, k1_desc, k2_desc, v_desc, kpm_row, rows, start,
+                      end, m1, l1, acc1, m2, l2, acc2, stride_kh, stride_km, stride_vm, N, M,
+                      qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                       BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr,
                       CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASKED: tl.constexpr,
-                      PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+                      PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
     """Both online softmaxes over the key tiles [start, end). MASKED applies the ragged-edge,
-    padding and causal masks; without it every key of every tile is visible to every row."""
+    padding and causal masks; without it every key of every tile is visible to every row.
+    USE_TMA reads the key and value tiles through the tensor descriptors (rows past M read
+    as zero) instead of the pointers."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k1, k2, v = load_key_value_tiles(k_base, v_base, stride_kh, stride_km, stride_vm,
-                                         start_n, M, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-                                         KEY_PAIR, MASKED, BLOCK_N)
+        if USE_TMA:
+            k1 = k1_desc.load([start_n, 0])
+            k2 = k1
+            if KEY_PAIR:
+                k2 = k2_desc.load([start_n, 0])
+            v = v_desc.load([start_n, 0])
+        else:
+            k1, k2, v = load_key_value_tiles(k_base, v_base, stride_kh, stride_km, stride_vm,
+                                             start_n, M, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+                                             BLOCK_DV, KEY_PAIR, MASKED, BLOCK_N)
         keep = None
         if MASKED:
             keep = query_key_keep(kpm_row, rows, cols, N, M, HAS_KPM, CAUSAL)
@@ -95,7 +105,8 @@ def diff_attn_fwd_kernel(
     LAM_DIM: tl.constexpr, BLOCK_LAM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_NORM: tl.constexpr,
     SAVE_FOR_BWD: tl.constexpr, STORE_X: tl.constexpr, ACC_FP64: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     pid_m = tl.program_id(0)
@@ -115,6 +126,19 @@ def diff_attn_fwd_kernel(
     k_base = K + b * stride_kb + key_heads * g * stride_kh
     v_base = V + b * stride_vb + g * stride_vh
     kpm_row = KPM + b * stride_kpm_b
+    k1_desc = k_base  # the descriptors are unused without USE_TMA
+    k2_desc = k_base
+    v_desc = v_base
+    if USE_TMA:  # Hopper's tensor memory accelerator: (M, d) views of this group's heads
+        k1_desc = tl.make_tensor_descriptor(k_base, shape=[M, HEAD_DIM], strides=[stride_km, 1],
+                                            block_shape=[BLOCK_N, BLOCK_D])
+        k2_desc = k1_desc
+        if KEY_PAIR:
+            k2_desc = tl.make_tensor_descriptor(k_base + stride_kh, shape=[M, HEAD_DIM],
+                                                strides=[stride_km, 1],
+                                                block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[M, HEAD_DIM_V], strides=[stride_vm, 1],
+                                           block_shape=[BLOCK_N, BLOCK_DV])
 
     m1 = tl.full([BLOCK_M], float("-inf"), dtype=acc_dtype)
     m2 = tl.full([BLOCK_M], float("-inf"), dtype=acc_dtype)
@@ -134,13 +158,15 @@ def diff_attn_fwd_kernel(
     if not HAS_KPM:
         open_end = full_tiles_end(first_hidden, M, BLOCK_N)
     m1, l1, acc1, m2, l2, acc2 = _attend_key_tiles(
-        q1, q2, k_base, v_base, kpm_row, rows, 0, open_end, m1, l1, acc1, m2, l2, acc2,
-        stride_kh, stride_km, stride_vm, N, M, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
-        BLOCK_DV, KEY_PAIR, CAUSAL, HAS_KPM, False, PRECISION, BLOCK_N)
+        q1, q2, k_base, v_base, k1_desc, k2_desc, v_desc, kpm_row, rows, 0, open_end, m1, l1,
+        acc1, m2, l2, acc2, stride_kh, stride_km, stride_vm, N, M, qk_scale, HEAD_DIM,
+        HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR, CAUSAL, HAS_KPM, False, PRECISION, BLOCK_N,
+        USE_TMA)
     m1, l1, acc1, m2, l2, acc2 = _attend_key_tiles(
-        q1, q2, k_base, v_base, kpm_row, rows, open_end, end, m1, l1, acc1, m2, l2, acc2,
-        stride_kh, stride_km, stride_vm, N, M, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
-        BLOCK_DV, KEY_PAIR, CAUSAL, HAS_KPM, True, PRECISION, BLOCK_N)
+        q1, q2, k_base, v_base, k1_desc, k2_desc, v_desc, kpm_row, rows, open_end, end, m1, l1,
+        acc1, m2, l2, acc2, stride_kh, stride_km, stride_vm, N, M, qk_scale, HEAD_DIM,
+        HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR, CAUSAL, HAS_KPM, True, PRECISION, BLOCK_N,
+        USE_TMA)
 
     # A row that saw no key: O = 0 and LSE = +inf, so backward recomputes P = 0 there.
     l1_safe = tl.where(l1 > 0, l1, 1.0)
@@ -259,7 +285,8 @@ def diff_attn_fwd(q, k, v, lam, lam_value, key_padding_mask, norm_weight, scale,
                  KEY_PAIR=key_pair, CAUSAL=causal, **lambda_flags(lam, lam_vectors),
                  HAS_KPM=key_padding_mask is not None, HAS_NORM=has_norm,
                  SAVE_FOR_BWD=save_for_backward, STORE_X=store_x,
-                 ACC_FP64=acc_dtype == torch.float64, PRECISION=dot_precision(dtype))
+                 ACC_FP64=acc_dtype == torch.float64, PRECISION=dot_precision(dtype),
+                 USE_TMA=wrap is None and tma.tma_loads(k, v))
     tensors = (q, k, v, q if lam is None else lam, kpm, norm_weight if has_norm else q,
                out, x, o2, lse, rstd)
 

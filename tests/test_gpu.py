@@ -368,6 +368,24 @@ def test_fp32_matches_reference(seq_len):
     check_against_reference(problem, torch.float32, causal=True)
 
 
+@pytest.mark.parametrize("variant", ["causal", "causal_padding_gqa_norm"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_tma_loads_match_reference_bf16(variant, head_dim, monkeypatch):
+    """The forward with tensor-descriptor loads (DIFFATTN_TMA=1) on Hopper and newer, bf16,
+    against the float64 reference and the torch path like the pointer loads."""
+    from diffattn.kernels import tma
+    if not tma.AVAILABLE or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA loads need triton >= 3.4 and a GPU of compute capability >= 9.0")
+    monkeypatch.setattr(tma, "ENABLED", True)
+    answers = []
+    real = tma.tma_loads
+    monkeypatch.setattr(tma, "tma_loads", lambda k, v: answers.append(real(k, v)) or answers[-1])
+    spec = VARIANTS[variant]
+    problem = make_problem(seq_q=197, head_dim=head_dim, **spec["problem"])
+    check_against_reference(problem, torch.bfloat16, causal=spec["causal"])
+    assert answers and all(answers), "the forward did not take the TMA path"
+
+
 def test_v2_bf16_matches_reference():
     """Differential Transformer V2: one key head per group, per-token lambda, no norm; bf16,
     causal, padding, grouped keys, against the float64 reference and the torch path."""

@@ -32,6 +32,8 @@ Layouts (element strides, last dimension contiguous):
     Q (B, N, 2H, d), K (B, M, 2Hk or Hk, d), V (B, M, Hk, DV), KPM (B, M) bool (True = ignore)
     OUT, X, O2 (B, N, H, DV) contiguous; LSE (B, H, 2, N); RSTD (B, H, N)
 Causal rule: query i sees keys j <= i + (M - N) (diagonal aligned bottom-right).
+USE_TMA (Hopper, DIFFATTN_TMA=1, kernels/tma.py): the key and value tiles come through tensor
+descriptors made on the device instead of pointer loads; everything else is the same.
 The equations: docs/kernel-math.md.
 """
 from __future__ import annotations
@@ -42,8 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import cdiv, head_block
 from . import tma
+from .config import cdiv, head_block
 from .launch import Launcher
 from .tiles import (causal_key_end, full_tiles_end, load_head_pair, load_key_value_tiles,
                     load_lambda_rows, online_softmax_step, program_lambda, query_key_keep)

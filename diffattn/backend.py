@@ -91,3 +91,14 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, head
                            "Use backend='torch' (or 'auto') for the PyTorch path.")
     warn_once(reason, f"diffattn: using the torch backend because {reason}.")
     return "torch"
+
+
+def resolve_layer_backend(layer, device: torch.device, dtype: torch.dtype, head_dim: int,
+                          features: tuple = ()) -> str:
+    """resolve_backend for a layer's forward with the layer's ``backend``; the answer is kept
+    in ``layer.last_backend``, written only when it changes (nn.Module.__setattr__ is costly
+    on every call of a per-layer hot path)."""
+    backend = resolve_backend(layer.backend, device, dtype, head_dim, features)
+    if backend != layer.last_backend:
+        layer.last_backend = backend
+    return backend

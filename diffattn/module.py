@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention_inputs import attention_masks, check_inputs, restore_layout
-from .backend import check_backend_name, resolve_backend, unsupported_features
+from .backend import check_backend_name, resolve_layer_backend, unsupported_features
 from .functional import run_diff_attention
 from .packed_projection import load_packed, projection_slice, save_packed
 from .reference import LambdaVectors, differential_maps
@@ -302,10 +302,8 @@ class DiffMultiheadAttention(nn.Module):
         causal, bias, key_padding_mask = attention_masks(attn_mask, key_padding_mask, is_causal,
                                                          B, N, M, self.num_heads)
         dropout_p = self.dropout if self.training else 0.0
-        backend = resolve_backend(self.backend, q.device, q.dtype, d,
-                                  unsupported_features(dropout_p, bias))
-        if backend != self.last_backend:  # nn.Module.__setattr__ is slow: only on a change
-            self.last_backend = backend
+        backend = resolve_layer_backend(self, q.device, q.dtype, d,
+                                        unsupported_features(dropout_p, bias))
         out = run_diff_attention(q, k, v, lam, backend, causal=causal,
                                  key_padding_mask=key_padding_mask,
                                  norm_weight=self.diff_norm.weight, eps=self.diff_norm.eps,

@@ -50,7 +50,7 @@ import torch
 from timm.layers import DiffAttention, RmsNorm
 from torch import Tensor, nn
 
-from ..backend import check_backend_name, resolve_backend, warn_once
+from ..backend import check_backend_name, resolve_layer_backend, warn_once
 from ..functional import run_diff_attention
 from ..reference import LambdaVectors
 
@@ -120,8 +120,8 @@ class FusedDiffAttention(DiffAttention):
         if weight is None:  # RmsNorm(affine=False)
             weight = torch.ones(2 * d, device=q.device, dtype=torch.float32)
 
-        self.last_backend = resolve_backend(self.backend, q.device, q.dtype, d)
-        out = run_diff_attention(q, k, v, lambda_, self.last_backend, causal=is_causal,
+        backend = resolve_layer_backend(self, q.device, q.dtype, d)
+        out = run_diff_attention(q, k, v, lambda_, backend, causal=is_causal,
                                  scale=self.scale, norm_weight=weight, eps=self.sub_norm.eps,
                                  out_scale=1.0 - self.lambda_init)
         x = self.norm(out.flatten(2))

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .preprocess import load_image
+from .preprocess import check_normalization, load_image
 
 _TRIES = 10
 
@@ -41,12 +41,6 @@ def _check_range(name: str, values, upper: Optional[float]) -> tuple:
         bound = f" <= {upper}" if upper is not None else ""
         raise ValueError(f"{name} must satisfy 0 < low <= high{bound}, got {values!r}")
     return low, high
-
-
-def _check_channels(name: str, values) -> tuple:
-    if not isinstance(values, (tuple, list)) or len(values) != 3:
-        raise ValueError(f"{name} must be 3 numbers (one per RGB channel), got {values!r}")
-    return tuple(float(v) for v in values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,10 +68,8 @@ class RandomResizedCropTransform:
             raise ValueError(f"image_size must be a positive int, got {self.image_size!r}")
         object.__setattr__(self, "scale", _check_range("scale", self.scale, 1.0))
         object.__setattr__(self, "ratio", _check_range("ratio", self.ratio, None))
-        object.__setattr__(self, "mean", _check_channels("mean", self.mean))
-        std = _check_channels("std", self.std)
-        if min(std) <= 0:
-            raise ValueError(f"std must be positive, got {std!r}")
+        mean, std = check_normalization(self.mean, self.std)
+        object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "std", std)
         if self.generator is not None and not isinstance(self.generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got "

@@ -187,6 +187,15 @@ def _validate_mean_std(name: str, values) -> tuple[float, float, float]:
     return tuple(float(value) for value in values)
 
 
+def check_normalization(mean, std) -> tuple[tuple, tuple]:
+    """Per-channel normalisation as (mean, std) float triples; a ValueError/TypeError naming
+    the bad one (std must be positive)."""
+    mean, std = _validate_mean_std("mean", mean), _validate_mean_std("std", std)
+    if min(std) <= 0:
+        raise ValueError(f"std must be positive, got {std!r}")
+    return mean, std
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageTransform:
     """Callable turning one image into a normalised float32 tensor of shape (3, size, size).
@@ -211,10 +220,8 @@ class ImageTransform:
             raise ValueError(f"image_size must be >= 1, got {self.image_size}")
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
-        object.__setattr__(self, "mean", _validate_mean_std("mean", self.mean))
-        std = _validate_mean_std("std", self.std)
-        if min(std) <= 0:
-            raise ValueError(f"std must be positive, got {std!r}")
+        mean, std = check_normalization(self.mean, self.std)
+        object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "std", std)
 
     def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:

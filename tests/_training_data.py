@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -77,3 +78,10 @@ def one_training_thread():
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test of a module that imports this fixture trains on one thread."""
+    with one_training_thread():
+        yield

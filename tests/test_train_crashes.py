@@ -24,6 +24,7 @@ from diffattn.training.checkpointing import (MODEL_FILE, PAUSE_VARIABLE, SAVE_ST
                                              find_checkpoint, load_training_state)
 from diffattn.training.metrics import METRICS_FILE, append_metrics, read_metrics
 
+from _training_data import one_thread  # noqa: F401 (autouse)
 from _training_data import ONE_THREAD, csv_run, one_training_thread, write_csv_dataset
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork and SIGKILL")
@@ -110,11 +111,6 @@ class Launcher:
         self.process.kill()  # idle between requests: no child is running
         self.process.wait(timeout=60)
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    with one_training_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

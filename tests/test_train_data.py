@@ -16,15 +16,11 @@ from diffattn.training.data import (DataConfig, DataError, MAX_READ_ATTEMPTS, We
 from diffattn.training.distributed import DistInfo
 from diffattn.training.metrics import METRICS_FILE, read_metrics
 
-from _training_data import csv_run, one_training_thread, png_bytes, write_csv_dataset
+from _training_data import one_thread  # noqa: F401 (autouse)
+from _training_data import csv_run, png_bytes, write_csv_dataset
 
 DAMAGED = {3: "missing", 7: "random", 11: "truncated", 13: "text"}
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    with one_training_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

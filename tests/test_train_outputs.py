@@ -18,13 +18,9 @@ from diffattn.training.checkpointing import (BEST_MODEL_FILE, MODEL_FILE, find_c
 from diffattn.training.optim import create_optimizer
 from diffattn.training.plots import CURVE_FILE, save_training_curve
 
-from _training_data import csv_run, one_training_thread, write_csv_dataset
+from _training_data import one_thread  # noqa: F401 (autouse)
+from _training_data import csv_run, write_csv_dataset
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    with one_training_thread():
-        yield
 
 
 def test_run_outputs_curve_best_checkpoint_summary_and_warnings(tmp_path, capsys):

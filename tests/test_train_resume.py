@@ -13,13 +13,9 @@ from diffattn.training.checkpointing import find_checkpoint
 from diffattn.training.metrics import METRICS_FILE, read_metrics
 from diffattn.training.optim import cosine_multiplier
 
+from _training_data import one_thread  # noqa: F401 (autouse)
 from _training_data import csv_run, one_training_thread, write_csv_dataset
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    with one_training_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

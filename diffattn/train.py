@@ -15,6 +15,16 @@ checkpoint, or starts afresh when there is none; it refuses changed optimisation
 unless ``--allow-changed-args``. Errors the user can fix (data, checkpoints, arguments) end
 the command with one ``error:`` line and exit status 1.
 
+The run owns ``--out``: a new run starts only in a new or empty directory, deletes only what
+its manifest records that it wrote, and holds ``OUT/train.lock`` while it trains, so that a
+second run or resume in the same directory stops at once (``training.run_directory``). A
+failed write (no space left, a file-size limit, a read-only directory) is one ``error:`` line
+naming the file; the previous checkpoint stays current. A loss that is not finite (or weights
+that are not, after an epoch) ends the run with an ``error:`` line naming the step: the last
+finite checkpoint stays the checkpoint and the best one. The check costs no host
+synchronisation per step: the first bad step is kept on the device and read where the loop
+reads values anyway (the progress bar's lagged loss in one process, the end of every epoch).
+
 Precision: bf16 autocast on CUDA, float32 on the CPU (bf16 needs no gradient scaler, so there
 is none). The logit scale is the log-temperature parameter, clamped in place to
 [0, ln 100] after every optimizer step. ``--backend auto`` means the fused Triton kernels on
@@ -30,7 +40,9 @@ import itertools
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 import warnings
 from typing import Optional
@@ -46,17 +58,19 @@ from .cli import print_error, print_warning
 from .models import create_model, list_models
 from .models.checkpoint import CheckpointError
 from .training.checkpointing import (BEST_MODEL_FILE, MODEL_FILE, Checkpoint, capture_rng_state,
-                                     clean_run_directory, find_checkpoint, load_training_state,
-                                     restore_rng_state, save_checkpoint)
+                                     clean_run_directory, find_checkpoint, foreign_entries,
+                                     holds_run, load_training_state, restore_rng_state,
+                                     save_checkpoint, start_run)
 from .training.data import DataConfig, DataError, TrainData, build_train_data, check_images
-from .training.distributed import (cleanup_distributed, dist_info_from_env, init_distributed,
-                                   resolve_device)
+from .training.distributed import (DEFAULT_TIMEOUT_S, DistributedJobError, cleanup_distributed,
+                                   dist_info_from_env, init_distributed, resolve_device)
 from .training.evaluate import validation_loss, zero_shot_top1
 from .training.loss import ClipLoss
 from .training.metrics import METRICS_FILE, append_metrics, read_metrics, truncate_metrics
 from .training.optim import (clamp_logit_scale, cosine_schedule, create_optimizer,
                              set_peak_lr_and_weight_decay)
 from .training.plots import CURVE_FILE, save_training_curve
+from .training.run_directory import RunLock, check_writable, writing
 from .training.unreadable import UnreadableImages
 
 # Arguments whose change alters what a resumed run optimises: --resume refuses a change of any
@@ -64,6 +78,12 @@ from .training.unreadable import UnreadableImages
 OPTIMISATION_ARGS = ("model", "data", "csv_img_key", "csv_caption_key", "csv_separator",
                      "train_subset", "train_num_samples", "val_fraction", "batch_size", "lr",
                      "wd", "warmup", "grad_clip", "seed")
+# The device-side "first step whose loss was not finite" while none was.
+_NO_BAD_STEP = 2 ** 62
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights stopped being finite; the message names the step."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stop-after-epoch", type=int, default=None,
                      help="end this run after that many completed epochs (the schedule still "
                           "spans --epochs; continue with --resume)")
+    run.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                     help="under torchrun: end the job with an error when a collective "
+                          "operation waits longer than this for another process (a stalled "
+                          f"or dead rank; default {DEFAULT_TIMEOUT_S:g})")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", default=None,
                      help="cpu, cuda or cuda:N (default: CUDA if available; under torchrun "
@@ -156,6 +180,9 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
                      f"{args.max_unreadable_fraction}")
     if args.workers is not None and args.workers < 0:
         parser.error(f"--workers must be >= 0, got {args.workers}")
+    if not (args.dist_timeout > 0 and math.isfinite(args.dist_timeout)):
+        parser.error(f"--dist-timeout must be a positive number of seconds, got "
+                     f"{args.dist_timeout}")
     if args.stop_after_epoch is not None and args.stop_after_epoch < 1:
         parser.error(f"--stop-after-epoch must be >= 1, got {args.stop_after_epoch}")
     if args.compile_mode != "default" and not args.compile:
@@ -245,20 +272,44 @@ def _check_resume(args: argparse.Namespace, state: dict, is_main: bool) -> None:
         print_warning("resuming with changed arguments: " + "; ".join(changes))
 
 
-def _prepare_run_directory(args: argparse.Namespace, is_main: bool) -> Optional[Checkpoint]:
-    """Create --out, clean what an interrupted save left there (rank 0), and return the
-    checkpoint to resume from: None for a new run.
+def _refuse_foreign_directory(out: str) -> None:
+    """CheckpointError when ``out`` holds files but no run of ours."""
+    if holds_run(out):
+        return
+    foreign = foreign_entries(out)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise CheckpointError(
+            f"--out {out!r} holds files that no training run wrote ({shown}): a run starts "
+            "only in a new or empty directory, so that it never deletes or overwrites files "
+            "of yours; choose another directory")
+
+
+def _prepare_run_directory(args: argparse.Namespace, is_main: bool,
+                           stack: contextlib.ExitStack) -> Optional[Checkpoint]:
+    """Create --out, lock it for this run (rank 0, until ``stack`` closes), check that files
+    can be written in it, clean what an interrupted save of a run of ours left there (rank 0),
+    and return the checkpoint to resume from: None for a new run.
 
     Raises:
-        CheckpointError: --out is a file; a new run in a directory that holds one; a damaged
-            checkpoint.
+        CheckpointError: --out is a file, holds files that no run of ours wrote, holds a run
+            (a new run), or is locked by a live run; a damaged checkpoint.
+        RunWriteError: --out cannot be created or written in.
     """
     out = args.out
     if os.path.lexists(out) and not os.path.isdir(out):
         raise CheckpointError(f"--out {out!r} is a file; --out names the run's directory")
-    os.makedirs(out, exist_ok=True)
+    with writing(out):
+        os.makedirs(out, exist_ok=True)
     if is_main:
-        clean_run_directory(out)
+        _refuse_foreign_directory(out)  # before creating the lock file in it
+        stack.enter_context(RunLock(out))
+        check_writable(out)
+        if holds_run(out):
+            clean_run_directory(out)
+        else:
+            _refuse_foreign_directory(out)  # again, holding the lock
+            start_run(out)
     checkpoint = find_checkpoint(out)
     if not args.resume:
         if checkpoint is not None or os.path.isfile(os.path.join(out, METRICS_FILE)):
@@ -305,7 +356,13 @@ def train(args: argparse.Namespace) -> list:
     device = resolve_device(args.device, info)
     _set_threads(info.local_world_size)
     backend = "torch" if args.backend == "auto" and device.type == "cpu" else args.backend
-    checkpoint = _prepare_run_directory(args, info.is_main)
+    with contextlib.ExitStack() as stack:
+        checkpoint = _prepare_run_directory(args, info.is_main, stack)
+        return _train_in(args, info, device, backend, checkpoint)
+
+
+def _train_in(args, info, device, backend, checkpoint) -> list:
+    """``train`` once the run directory is prepared (and locked)."""
     state = None
     if checkpoint is not None:
         state = load_training_state(checkpoint.folder)
@@ -327,10 +384,16 @@ def train(args: argparse.Namespace) -> list:
         pin_memory=device.type == "cuda")
     reported = _check_data(args, data, info.is_main) if args.check_data else set()
 
-    info = init_distributed(device)
+    info = init_distributed(device, timeout_s=args.dist_timeout)
     try:
         return _run(args, info, device, model, data, state,
                     None if checkpoint is None else checkpoint.best, reported)
+    except DistributedJobError:
+        raise
+    except RuntimeError as error:
+        if info.initialized and isinstance(error, dist.DistError):
+            raise DistributedJobError.from_error(error, args.dist_timeout) from None
+        raise
     finally:
         cleanup_distributed(info)
 
@@ -355,6 +418,29 @@ def _warn_about_the_schedule(args: argparse.Namespace, data: TrainData,
         print_warning(f"{data.unused_per_epoch} of {available} samples are left out of every "
                       f"epoch: {available} is not a multiple of the global batch "
                       f"{args.batch_size} (only whole batches are trained on)")
+
+
+def _weights_are_finite(model: torch.nn.Module) -> bool:
+    """True when every parameter of ``model`` is finite (one host synchronisation)."""
+    flags = [parameter.isfinite().all() for parameter in model.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def _stop_if_diverged(bad_step: int, epoch: int, epoch_first_step: int, args, saved_epoch,
+                      what: str = "loss") -> None:
+    """Raise TrainingDiverged naming ``bad_step`` (global, 1-based) unless it is _NO_BAD_STEP.
+    ``saved_epoch``: the epoch of the run's current checkpoint, or None."""
+    if bad_step == _NO_BAD_STEP:
+        return
+    where = (f"at step {bad_step} (epoch {epoch + 1}, its step {bad_step - epoch_first_step + 1})"
+             if what == "loss" else f"after step {bad_step} (the last of epoch {epoch + 1})")
+    kept = ("no checkpoint had been saved" if saved_epoch is None else
+            f"the checkpoint of epoch {saved_epoch}, the last with finite weights, is kept in "
+            f"{args.out!r}")
+    raise TrainingDiverged(
+        f"training diverged: the {what} stopped being finite {where}; nothing of this epoch "
+        f"is saved and {kept}. Lower --lr, keep --grad-clip on or lengthen --warmup (then "
+        "--resume --allow-changed-args)")
 
 
 def _summary(args, records: list, best: Optional[dict], seconds: float, stopped: bool) -> str:
@@ -422,11 +508,17 @@ def _run(args, info, device, unwrapped, data, state, best, reported) -> list:
     unreadable.warned.update(reported)
     metric = _validation_metric(data)
     records, curve_skipped, stopped = [], False, False
+    saved_epoch = start_epoch if state is not None else None
     for epoch in range(start_epoch, args.epochs):
         data.set_epoch(epoch)
         epoch_started = time.perf_counter()
+        epoch_first_step = step + 1
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        # The first step of the epoch whose loss is not finite (_NO_BAD_STEP: none), on the
+        # device: updating it needs no host synchronisation.
+        bad_step = torch.full((), _NO_BAD_STEP, dtype=torch.int64, device=device)
         shown_loss = None  # the loss the progress bar shows, read 10 steps after its step
+        shown_bad_step = None  # bad_step as it was then, read at the same time
         # The with block clears the progress bar before an error message is printed.
         with tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{args.epochs}",
                   disable=not info.is_main, dynamic_ncols=True, leave=False) as progress:
@@ -439,13 +531,22 @@ def _run(args, info, device, unwrapped, data, state, best, reported) -> list:
                                    args.grad_clip)
                 loss_sum += loss
                 step += 1
+                bad_step = torch.where(loss.isfinite(), bad_step, bad_step.clamp(max=step))
                 progress.update()
                 if info.is_main and progress.n % 10 == 0:
                     # Reading a loss waits for its step; reading the one of 10 steps ago does
                     # not stall the queue of steps the GPU has in hand.
                     if shown_loss is not None:
                         progress.set_postfix(loss=f"{shown_loss.item():.3f}", lr=f"{lr:.2e}")
-                    shown_loss = loss.detach()
+                        if not info.initialized:  # ranks stop together, at the epoch's end
+                            _stop_if_diverged(int(shown_bad_step), epoch, epoch_first_step,
+                                              args, saved_epoch)
+                    shown_loss, shown_bad_step = loss.detach(), bad_step
+        if info.initialized:
+            dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
+        _stop_if_diverged(int(bad_step), epoch, epoch_first_step, args, saved_epoch)
+        if not _weights_are_finite(unwrapped):
+            _stop_if_diverged(step, epoch, epoch_first_step, args, saved_epoch, what="weights")
         if info.initialized:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
         seconds = time.perf_counter() - epoch_started
@@ -474,6 +575,7 @@ def _run(args, info, device, unwrapped, data, state, best, reported) -> list:
                 args.out, unwrapped, optimizer, epoch=epoch + 1, step=step,
                 rng_states=rng_states, args=vars(args),
                 metric=None if metric is None else (metric[0], record[metric[0]], metric[1]))
+            saved_epoch = epoch + 1
             if became_best:
                 best = {"metric": metric[0], "value": record[metric[0]], "epoch": epoch + 1}
             records.append(record)
@@ -501,12 +603,28 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
-    try:
-        train(args)
-    except (ValueError, OSError) as error:  # DataError and CheckpointError are ValueErrors
-        print_error(error)
-        return 1
+    with _file_size_limit_raises():
+        try:
+            train(args)
+        # DataError and CheckpointError are ValueErrors; RunWriteError is an OSError
+        except (ValueError, OSError, TrainingDiverged, DistributedJobError) as error:
+            print_error(error)
+            return 1
     return 0
+
+
+@contextlib.contextmanager
+def _file_size_limit_raises():
+    """Ignore SIGXFSZ while training (in the main thread), so that a write beyond a file-size
+    limit (ulimit -f) raises EFBIG, reported with its path, instead of killing the process."""
+    if not hasattr(signal, "SIGXFSZ") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGXFSZ, previous)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@
   instant (switched by one atomic rename), the best checkpoint, safe resumption,
   ``metrics.jsonl``.
 - ``plots``: ``training_curve.png``.
+- ``run_directory``: the run's lock (``train.lock``), the writability check, write failures
+  reported with the path and the cause (``RunWriteError``).
 """
 from .checkpointing import CheckpointError
 from .data import DataConfig, DataError, TrainData, build_train_data

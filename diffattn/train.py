@@ -391,7 +391,7 @@ def _train_in(args, info, device, backend, checkpoint) -> list:
     except DistributedJobError:
         raise
     except RuntimeError as error:
-        if info.initialized and isinstance(error, dist.DistError):
+        if info.initialized and DistributedJobError.describes(error):
             raise DistributedJobError.from_error(error, args.dist_timeout) from None
         raise
     finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import re
 from typing import Optional
 
 import torch
@@ -23,10 +24,23 @@ DEFAULT_TIMEOUT_S = 300.0
 class DistributedJobError(RuntimeError):
     """A collective operation failed: another process stalled past the timeout, or died."""
 
+    # What gloo's and NCCL's errors say when a peer stalls or is gone (gloo raises plain
+    # RuntimeErrors).
+    _PEER_FAILURES = ("timed out", "timeout", "connection closed", "connection reset",
+                      "broken pipe", "connection refused")
+
+    @classmethod
+    def describes(cls, error: BaseException) -> bool:
+        """True for an error of a collective operation whose peer stalled or is gone."""
+        text = str(error).lower()
+        return isinstance(error, dist.DistError) or any(part in text
+                                                        for part in cls._PEER_FAILURES)
+
     @classmethod
     def from_error(cls, error: BaseException, timeout_s: float) -> "DistributedJobError":
         lines = str(error).strip().splitlines()
         detail = lines[0] if lines else type(error).__name__
+        detail = re.sub(r"^\[[^\]]*\] *", "", detail)  # the C++ source position
         if "timed out" in str(error).lower() or "timeout" in str(error).lower():
             return cls(f"another process of the job did not respond within --dist-timeout "
                        f"{timeout_s:g} s (stalled or dead): {detail}")

@@ -291,9 +291,10 @@ def test_empty_and_too_small_datasets(tmp_path, capsys):
            "gave no samples (empty dataset?)", capsys)
 
 
-def test_existing_run_needs_resume(tmp_path, capsys):
+def test_a_folder_of_other_files_is_refused(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text("")
-    _fails(["--data", "digits", "--out", str(tmp_path)], "already holds a run", capsys)
+    _fails(["--data", "digits", "--out", str(tmp_path)],
+           "holds files that no training run wrote (metrics.jsonl)", capsys)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

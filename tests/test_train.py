@@ -85,7 +85,7 @@ def test_two_process_run_writes_metrics_and_checkpoint(two_epoch_run):
     best_epoch = max(records, key=lambda record: record["zero_shot_top1"])["epoch"]
     assert set(os.listdir(two_epoch_run)) == {
         "best_model.safetensors", "checkpoint.json", "epoch-0002", f"epoch-{best_epoch:04d}",
-        MODEL_FILE, "metrics.jsonl", "training_curve.png"}
+        MODEL_FILE, "metrics.jsonl", "training_curve.png", "train.lock"}
 
 
 def test_resumed_run_matches_uninterrupted_run(two_epoch_run, tmp_path):

@@ -215,7 +215,7 @@ def test_compile_wraps_the_model_with_the_mode_and_batches_are_trimmed(tmp_path,
     """--compile hands the model to torch.compile with --compile-mode (recorded here instead
     of compiling, which the GPU tests do); each batch's tokens keep only the columns its
     longest caption needs."""
-    import diffattn.train as train_module
+    import diffattn.training.cli as train_module
     compiled, widths = [], []
     monkeypatch.setattr(torch, "compile", lambda model, mode=None: compiled.append(mode) or model)
     step = train_module._train_step

@@ -28,7 +28,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import diffattn.train as train_cli
+import diffattn.training.cli as train_cli
 from diffattn.train import main
 from diffattn.training import checkpointing
 from diffattn.training.checkpointing import (MANIFEST_FILE, MODEL_FILE, STATE_FILE,

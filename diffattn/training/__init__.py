@@ -1,5 +1,5 @@
-"""Contrastive training of CLIP / DiffCLIP on torch.distributed; the command line is
-``python -m diffattn.train`` (``diffattn-train``).
+"""Contrastive training of CLIP / DiffCLIP on torch.distributed; the command line, ``cli``,
+runs as ``python -m diffattn.train`` (``diffattn-train``).
 
 - ``distributed``: process group from torchrun's environment; ``gather_with_grad``.
 - ``loss``: ``ClipLoss``, the contrastive loss over the features of every rank.

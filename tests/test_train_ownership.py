@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 import diffattn.training.cli as train_cli
 from diffattn.train import main
 from diffattn.training import checkpointing
-from diffattn.training.checkpointing import (MANIFEST_FILE, MODEL_FILE, STATE_FILE,
+from diffattn.training.checkpointing import (MODEL_FILE, STATE_FILE,
                                              find_checkpoint, load_training_state)
 from diffattn.training.metrics import METRICS_FILE, append_metrics, read_metrics
 from diffattn.training.run_directory import (LOCK_FILE, RunLock, RunWriteError,

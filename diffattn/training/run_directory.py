@@ -47,8 +47,8 @@ class RunWriteError(OSError):
 def _describe_errno(number: int) -> str:
     name = errno.errorcode.get(number)
     text = os.strerror(number)
-    hint = {errno.ENOSPC: "no space left on the device", errno.EFBIG: "file too large (a "
-            "file-size limit, ulimit -f, or the file system's)", errno.EROFS: "read-only file "
+    hint = {errno.ENOSPC: "no space left on the device", errno.EFBIG: "file too large for the "
+            "file-size limit (ulimit -f) or the file system", errno.EROFS: "read-only file "
             "system", errno.EACCES: "permission denied", errno.EDQUOT: "disk quota exceeded"}
     return hint.get(number, text) + (f" ({name})" if name else "")
 

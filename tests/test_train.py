@@ -85,7 +85,7 @@ def test_two_process_run_writes_metrics_and_checkpoint(two_epoch_run):
     best_epoch = max(records, key=lambda record: record["zero_shot_top1"])["epoch"]
     assert set(os.listdir(two_epoch_run)) == {
         "best_model.safetensors", "checkpoint.json", "epoch-0002", f"epoch-{best_epoch:04d}",
-        MODEL_FILE, "metrics.jsonl", "training_curve.png"}
+        MODEL_FILE, "metrics.jsonl", "training_curve.png", "train.lock"}
 
 
 def test_resumed_run_matches_uninterrupted_run(two_epoch_run, tmp_path):
@@ -215,7 +215,7 @@ def test_compile_wraps_the_model_with_the_mode_and_batches_are_trimmed(tmp_path,
     """--compile hands the model to torch.compile with --compile-mode (recorded here instead
     of compiling, which the GPU tests do); each batch's tokens keep only the columns its
     longest caption needs."""
-    import diffattn.train as train_module
+    import diffattn.training.cli as train_module
     compiled, widths = [], []
     monkeypatch.setattr(torch, "compile", lambda model, mode=None: compiled.append(mode) or model)
     step = train_module._train_step
@@ -291,9 +291,10 @@ def test_empty_and_too_small_datasets(tmp_path, capsys):
            "gave no samples (empty dataset?)", capsys)
 
 
-def test_existing_run_needs_resume(tmp_path, capsys):
+def test_a_folder_of_other_files_is_refused(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text("")
-    _fails(["--data", "digits", "--out", str(tmp_path)], "already holds a run", capsys)
+    _fails(["--data", "digits", "--out", str(tmp_path)],
+           "holds files that no training run wrote (metrics.jsonl)", capsys)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -1,5 +1,5 @@
-"""Contrastive training of CLIP / DiffCLIP on torch.distributed; the command line is
-``python -m diffattn.train`` (``diffattn-train``).
+"""Contrastive training of CLIP / DiffCLIP on torch.distributed; the command line, ``cli``,
+runs as ``python -m diffattn.train`` (``diffattn-train``).
 
 - ``distributed``: process group from torchrun's environment; ``gather_with_grad``.
 - ``loss``: ``ClipLoss``, the contrastive loss over the features of every rank.
@@ -13,6 +13,8 @@
   instant (switched by one atomic rename), the best checkpoint, safe resumption,
   ``metrics.jsonl``.
 - ``plots``: ``training_curve.png``.
+- ``run_directory``: the run's lock (``train.lock``), the writability check, write failures
+  reported with the path and the cause (``RunWriteError``).
 """
 from .checkpointing import CheckpointError
 from .data import DataConfig, DataError, TrainData, build_train_data

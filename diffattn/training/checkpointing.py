@@ -27,8 +27,17 @@ Saving epoch E (``save_checkpoint``):
 5. delete the folders that the manifest no longer names.
 
 A kill at any instant leaves the previous manifest with its folders (deleted only in step 5)
-or the new one with its folder. ``clean_run_directory`` removes what an interrupted save left
-(``*.tmp`` entries, folders the manifest does not name) and repairs the two links.
+or the new one with its folder.
+
+The manifest also records what the run wrote, so that nothing else is ever deleted: a run
+starts by writing a manifest with no checkpoint (``start_run``), and before step 1 every save
+adds the folder names it is about to create to the manifest's ``folders`` list.
+``clean_run_directory`` removes what an interrupted save left -- the listed folders the
+manifest no longer names as its checkpoints, and the trainer's own temporary files
+(``checkpoint.json.tmp``, ``model.safetensors.tmp``, ...) -- and repairs the two links. A
+file that the run did not write is never deleted, whatever its name. A write that fails
+(no space left, a file-size limit, a read-only file system) is a ``RunWriteError`` naming the
+file and the cause; the previous checkpoint stays current.
 
 For crash tests, the environment variable ``DIFFATTN_CHECKPOINT_PAUSE`` widens the saving
 window: ``SECONDS`` makes every step above (``SAVE_STAGES``) print ``checkpoint stage: NAME``
@@ -36,6 +45,7 @@ to stderr and then sleep that long; ``NAME=SECONDS`` does so after step NAME onl
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -53,6 +63,7 @@ import torch
 
 from ..models import save_pretrained
 from ..models.checkpoint import CheckpointError, fsync_path
+from .run_directory import LOCK_FILE, RunWriteError, write_failure_cause, writing
 
 MANIFEST_FILE = "checkpoint.json"
 MODEL_FILE = "model.safetensors"
@@ -67,6 +78,10 @@ SAVE_STAGES = ("model written", "state written", "folder complete", "switched",
                "links updated", "old folders removed")
 
 _FOLDER = re.compile(r"epoch-\d+")
+_OWNED_FOLDER = re.compile(r"epoch-\d+(\.tmp)?")
+# Temporary files of fixed names that only the trainer writes (each replaced by a rename).
+TEMPORARY_FILES = ("checkpoint.json.tmp", "model.safetensors.tmp", "best_model.safetensors.tmp",
+                   "metrics.jsonl.tmp", "training_curve.png.tmp")
 _STATE_KEYS = ("epoch", "step", "optimizer", "rng", "model_sha256", "args")
 
 
@@ -156,10 +171,16 @@ def _read_manifest(out_dir: str) -> Optional[dict]:
     try:
         with open(path, encoding="utf-8") as file:
             manifest = json.load(file)
-        last = manifest["last"]
-        if not (isinstance(last["folder"], str) and _FOLDER.fullmatch(last["folder"])
-                and isinstance(last["epoch"], int)):
+        last = manifest.get("last")
+        if last is not None and not (isinstance(last["folder"], str)
+                                     and _FOLDER.fullmatch(last["folder"])
+                                     and isinstance(last["epoch"], int)):
             raise ValueError("bad 'last' entry")
+        folders = manifest.get("folders", [])
+        if not (isinstance(folders, list) and all(isinstance(name, str)
+                                                  and _OWNED_FOLDER.fullmatch(name)
+                                                  for name in folders)):
+            raise ValueError("bad 'folders' entry")
         best = manifest.get("best")
         if best is not None and not (isinstance(best.get("folder"), str)
                                      and _FOLDER.fullmatch(best["folder"])):
@@ -174,13 +195,45 @@ def _write_manifest(out_dir: str, manifest: dict) -> None:
     """Replace the manifest with one atomic rename (flushed before and after)."""
     path = os.path.join(out_dir, MANIFEST_FILE)
     temporary = path + ".tmp"
-    with open(temporary, "w", encoding="utf-8") as file:
-        json.dump(manifest, file, indent=1)
-        file.write("\n")
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
-    fsync_path(out_dir)
+    with writing(path):
+        with open(temporary, "w", encoding="utf-8") as file:
+            json.dump(manifest, file, indent=1, allow_nan=False)
+            file.write("\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+        fsync_path(out_dir)
+
+
+def _named_folders(manifest: dict) -> set:
+    """The folders the manifest names as its last and best checkpoints."""
+    return {entry["folder"] for entry in (manifest.get("last"), manifest.get("best")) if entry}
+
+
+def _owned_folders(manifest: dict) -> set:
+    """Every checkpoint folder the run wrote and has not removed (a manifest of an earlier
+    version lists none: its named folders)."""
+    return set(manifest.get("folders", ())) | _named_folders(manifest)
+
+
+def holds_run(out_dir: str) -> bool:
+    """True when ``out_dir`` holds a run of this trainer (a manifest, or the state file of a
+    checkpoint written before manifests existed)."""
+    return (os.path.isfile(os.path.join(out_dir, MANIFEST_FILE))
+            or os.path.isfile(os.path.join(out_dir, STATE_FILE)))
+
+
+def foreign_entries(out_dir: str) -> list:
+    """The entries of ``out_dir`` that keep a new run from starting there: all but the lock
+    file and the temporary of the manifest (a run killed while writing its first manifest)."""
+    return sorted(set(os.listdir(out_dir)) - {LOCK_FILE, MANIFEST_FILE + ".tmp"})
+
+
+def start_run(out_dir: str) -> None:
+    """Claim the empty directory ``out_dir`` for a new run: write a manifest with no
+    checkpoint yet. Call on one process, holding the run's lock."""
+    _remove(os.path.join(out_dir, MANIFEST_FILE + ".tmp"))
+    _write_manifest(out_dir, {"format_version": FORMAT_VERSION, "folders": []})
 
 
 def find_checkpoint(out_dir: str) -> Optional[Checkpoint]:
@@ -198,6 +251,8 @@ def find_checkpoint(out_dir: str) -> Optional[Checkpoint]:
             state = load_training_state(out_dir)
             return Checkpoint(out_dir, int(state["epoch"]))
         return None
+    if manifest.get("last") is None:
+        return None
     folder = os.path.join(out_dir, manifest["last"]["folder"])
     if not os.path.isdir(folder):
         raise CheckpointError(f"the checkpoint folder {folder!r} named by "
@@ -212,13 +267,14 @@ def _link(target: str, link_path: str) -> None:
     if os.path.isfile(link_path) and os.path.samefile(target, link_path):
         return
     temporary = link_path + ".tmp"
-    _remove(temporary)
-    try:
-        os.link(target, temporary)
-    except OSError:
-        shutil.copyfile(target, temporary)
-        fsync_path(temporary)
-    os.replace(temporary, link_path)
+    with writing(link_path):
+        _remove(temporary)
+        try:
+            os.link(target, temporary)
+        except OSError:
+            shutil.copyfile(target, temporary)
+            fsync_path(temporary)
+        os.replace(temporary, link_path)
 
 
 def _update_links(out_dir: str, manifest: dict) -> None:
@@ -235,25 +291,31 @@ def _update_links(out_dir: str, manifest: dict) -> None:
     fsync_path(out_dir)
 
 
-def _remove_unnamed_folders(out_dir: str, manifest: Optional[dict]) -> None:
-    named = set()
-    if manifest is not None:
-        named = {entry["folder"] for entry in (manifest["last"], manifest.get("best")) if entry}
-    for entry in os.listdir(out_dir):
-        if _FOLDER.fullmatch(entry) and entry not in named:
-            _remove(os.path.join(out_dir, entry))
+def _remove_unnamed_folders(out_dir: str, manifest: dict) -> None:
+    """Delete the folders the run wrote that the manifest no longer names, then record that
+    they are gone."""
+    named = _named_folders(manifest)
+    listed = _owned_folders(manifest)
+    for name in sorted(listed - named):
+        _remove(os.path.join(out_dir, name))
+    if listed != named or "folders" not in manifest:
+        manifest["folders"] = sorted(named)
+        _write_manifest(out_dir, manifest)
 
 
 def clean_run_directory(out_dir: str) -> None:
-    """Remove what an interrupted save left in ``out_dir`` (``*.tmp`` entries and checkpoint
-    folders the manifest does not name) and repair the model links. Call on one process,
-    before training starts."""
+    """Remove what an interrupted save of this trainer left in the run directory ``out_dir``
+    (the folders its manifest lists but no longer names, the trainer's temporary files) and
+    repair the model links. Nothing the run did not write is touched; a directory without a
+    manifest is left as it is. Call on one process, holding the run's lock, before training
+    starts."""
     manifest = _read_manifest(out_dir)
-    for entry in os.listdir(out_dir):
-        if entry.endswith(".tmp"):
-            _remove(os.path.join(out_dir, entry))
+    if manifest is None:
+        return
+    for name in TEMPORARY_FILES:
+        _remove(os.path.join(out_dir, name))
     _remove_unnamed_folders(out_dir, manifest)
-    if manifest is not None:
+    if manifest.get("last") is not None:
         _update_links(out_dir, manifest)
 
 
@@ -264,6 +326,14 @@ def _is_better(value: float, best: Optional[dict], metric: str, higher_is_better
     if best is None or best.get("metric") != metric:
         return True
     return value > best["value"] if higher_is_better else value < best["value"]
+
+
+def _kept_note(manifest: dict) -> str:
+    """What a failed save leaves current."""
+    last = manifest.get("last")
+    if last is None:
+        return "no checkpoint has been saved yet"
+    return f"the checkpoint of epoch {last['epoch']} ({last['folder']}) is kept"
 
 
 def save_checkpoint(out_dir: str, model, optimizer, *, epoch: int, step: int,
@@ -285,37 +355,65 @@ def save_checkpoint(out_dir: str, model, optimizer, *, epoch: int, step: int,
     folder_name = f"epoch-{epoch:04d}"
     folder = os.path.join(out_dir, folder_name)
     temporary = folder + ".tmp"
-    _remove(temporary)
-    os.makedirs(temporary)
-    model_path = os.path.join(temporary, MODEL_FILE)
-    save_pretrained(model, model_path)
-    _pause_for_crash_tests(SAVE_STAGES[0])
-    state = {
-        "format_version": FORMAT_VERSION,
-        "epoch": epoch,
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "rng": rng_states,
-        "model_sha256": _sha256(model_path),
-        "args": args,
-    }
-    state_path = os.path.join(temporary, STATE_FILE)
-    torch.save(state, state_path)
-    fsync_path(state_path)
-    fsync_path(temporary)
-    _pause_for_crash_tests(SAVE_STAGES[1])
     manifest = _read_manifest(out_dir) or {"format_version": FORMAT_VERSION}
-    _remove(folder)  # a complete folder of this epoch that was never switched to
-    os.replace(temporary, folder)
-    fsync_path(out_dir)
+    owned = _owned_folders(manifest)
+    for name, path in ((folder_name, folder), (folder_name + ".tmp", temporary)):
+        if os.path.lexists(path) and name not in owned:
+            raise CheckpointError(f"{path!r} was not written by this run and is in the way of "
+                                  f"the checkpoint of epoch {epoch}; move it out of the run "
+                                  "directory")
+    # Record the two names before creating them: a cleanup after a kill removes them.
+    manifest["folders"] = sorted(owned | {folder_name, folder_name + ".tmp"})
+    _write_manifest(out_dir, manifest)
+    try:
+        _remove(temporary)
+        os.makedirs(temporary)
+        model_path = os.path.join(temporary, MODEL_FILE)
+        with writing(model_path):
+            save_pretrained(model, model_path)
+        _pause_for_crash_tests(SAVE_STAGES[0])
+        state = {
+            "format_version": FORMAT_VERSION,
+            "epoch": epoch,
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "rng": rng_states,
+            "model_sha256": _sha256(model_path),
+            "args": args,
+        }
+        state_path = os.path.join(temporary, STATE_FILE)
+        with writing(state_path):
+            with open(state_path, "wb") as file:  # a file object: a failed write keeps errno
+                torch.save(state, file)
+                file.flush()
+                os.fsync(file.fileno())
+        fsync_path(temporary)
+        _pause_for_crash_tests(SAVE_STAGES[1])
+        if folder_name not in _named_folders(manifest):
+            _remove(folder)  # a complete folder of this epoch that was never switched to
+        with writing(folder):
+            os.replace(temporary, folder)
+            fsync_path(out_dir)
+    except (RunWriteError, OSError) as error:
+        with contextlib.suppress(OSError):
+            _remove(temporary)  # free the space the incomplete checkpoint took
+        if not isinstance(error, RunWriteError):
+            error = RunWriteError(temporary, write_failure_cause(error))
+        raise error.with_note(_kept_note(manifest)) from None
     _pause_for_crash_tests(SAVE_STAGES[2])
-    manifest["last"] = {"folder": folder_name, "epoch": epoch}
+    switched = dict(manifest)
+    switched["last"] = {"folder": folder_name, "epoch": epoch}
     became_best = metric is not None and _is_better(metric[1], manifest.get("best"),
                                                     metric[0], metric[2])
     if became_best:
-        manifest["best"] = {"folder": folder_name, "epoch": epoch, "metric": metric[0],
+        switched["best"] = {"folder": folder_name, "epoch": epoch, "metric": metric[0],
                             "value": metric[1]}
-    _write_manifest(out_dir, manifest)
+    switched["folders"] = sorted(owned | {folder_name})
+    try:
+        _write_manifest(out_dir, switched)
+    except RunWriteError as error:
+        raise error.with_note(_kept_note(manifest)) from None
+    manifest = switched
     _pause_for_crash_tests(SAVE_STAGES[3])
     _update_links(out_dir, manifest)
     _pause_for_crash_tests(SAVE_STAGES[4])

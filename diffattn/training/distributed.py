@@ -7,12 +7,45 @@ CUDA devices, gloo for CPU); without it the run is one process and no group is c
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
+import re
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+
+# Seconds a collective operation may wait for the other processes (--dist-timeout).
+DEFAULT_TIMEOUT_S = 300.0
+
+
+class DistributedJobError(RuntimeError):
+    """A collective operation failed: another process stalled past the timeout, or died."""
+
+    # What gloo's and NCCL's errors say when a peer stalls or is gone (gloo raises plain
+    # RuntimeErrors).
+    _PEER_FAILURES = ("timed out", "timeout", "connection closed", "connection reset",
+                      "broken pipe", "connection refused")
+
+    @classmethod
+    def describes(cls, error: BaseException) -> bool:
+        """True for an error of a collective operation whose peer stalled or is gone."""
+        text = str(error).lower()
+        return isinstance(error, dist.DistError) or any(part in text
+                                                        for part in cls._PEER_FAILURES)
+
+    @classmethod
+    def from_error(cls, error: BaseException, timeout_s: float) -> "DistributedJobError":
+        lines = str(error).strip().splitlines()
+        detail = lines[0] if lines else type(error).__name__
+        detail = re.sub(r"^\[[^\]]*\] *", "", detail)  # the C++ source position
+        if "timed out" in str(error).lower() or "timeout" in str(error).lower():
+            return cls(f"another process of the job did not respond within --dist-timeout "
+                       f"{timeout_s:g} s (stalled or dead): {detail}")
+        return cls(f"a collective operation failed (another process of the job ended?): "
+                   f"{detail}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,15 +106,21 @@ def resolve_device(requested: Optional[str], info: DistInfo) -> torch.device:
     return device
 
 
-def init_distributed(device: torch.device) -> DistInfo:
+def init_distributed(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
     """Join the process group when WORLD_SIZE is set (NCCL on CUDA, gloo otherwise, addresses
-    from the environment); otherwise return the single-process layout."""
+    from the environment); otherwise return the single-process layout. A collective operation
+    (and the rendezvous) that waits more than ``timeout_s`` seconds for another process fails
+    (NCCL's watchdog then ends the process)."""
     info = dist_info_from_env()
     if "WORLD_SIZE" not in os.environ:
         return info
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, init_method="env://",
-                            device_id=device if device.type == "cuda" else None)
+    try:
+        dist.init_process_group(backend=backend, init_method="env://",
+                                timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
+    except dist.DistError as error:
+        raise DistributedJobError.from_error(error, timeout_s) from None
     return dataclasses.replace(info, rank=dist.get_rank(), world_size=dist.get_world_size(),
                                initialized=True)
 

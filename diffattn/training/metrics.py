@@ -1,24 +1,40 @@
 """The run's ``metrics.jsonl``: one JSON object per completed epoch.
 
 A run killed while appending leaves an unterminated last line: readers ignore it and
-``truncate_metrics`` (called when a run resumes) removes it.
+``truncate_metrics`` (called when a run resumes) removes it. The file is strict JSON: a value
+that is not a finite number (a NaN or infinite loss) is written as ``null``.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from ..models.checkpoint import CheckpointError
+from .run_directory import writing
 
 METRICS_FILE = "metrics.jsonl"
 
 
+def finite_or_none(record: dict) -> dict:
+    """``record`` with every float that is not finite replaced by None (JSON ``null``)."""
+    return {key: None if isinstance(value, float) and not math.isfinite(value) else value
+            for key, value in record.items()}
+
+
+def _line(record: dict) -> str:
+    return json.dumps(finite_or_none(record), allow_nan=False) + "\n"
+
+
 def append_metrics(out_dir: str, record: dict) -> None:
-    """Append ``record`` as one JSON line to ``out_dir/metrics.jsonl`` (flushed and fsynced)."""
-    with open(os.path.join(out_dir, METRICS_FILE), "a", encoding="utf-8") as file:
-        file.write(json.dumps(record) + "\n")
-        file.flush()
-        os.fsync(file.fileno())
+    """Append ``record`` as one JSON line to ``out_dir/metrics.jsonl`` (flushed and fsynced;
+    non-finite floats as ``null``). A failed write is a RunWriteError naming the file."""
+    path = os.path.join(out_dir, METRICS_FILE)
+    with writing(path):
+        with open(path, "a", encoding="utf-8") as file:
+            file.write(_line(record))
+            file.flush()
+            os.fsync(file.fileno())
 
 
 def _read_lines(path: str) -> tuple[list, bool]:
@@ -67,8 +83,9 @@ def truncate_metrics(out_dir: str, last_epoch: int) -> None:
     if not kept:
         os.remove(path)
         return
-    with open(path + ".tmp", "w", encoding="utf-8") as file:
-        file.writelines(json.dumps(record) + "\n" for record in kept)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(path + ".tmp", path)
+    with writing(path):
+        with open(path + ".tmp", "w", encoding="utf-8") as file:
+            file.writelines(_line(record) for record in kept)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(path + ".tmp", path)

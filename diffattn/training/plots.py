@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 
+from .run_directory import writing
+
 CURVE_FILE = "training_curve.png"
 
 # (panel title, record keys drawn in it, y-axis label)
@@ -39,7 +41,10 @@ def save_training_curve(records: list, path: str) -> bool:
     for index, (title, keys, label) in enumerate(panels, start=1):
         axes = figure.add_subplot(1, len(panels), index)
         for key in keys:
-            points = [(record["epoch"], record[key]) for record in records if key in record]
+            points = [(record["epoch"], record[key]) for record in records
+                      if record.get(key) is not None]
+            if not points:
+                continue
             axes.plot(*zip(*points), marker="o", markersize=3, label=key)
         axes.set_title(title)
         axes.set_xlabel("epoch")
@@ -50,6 +55,7 @@ def save_training_curve(records: list, path: str) -> bool:
         if keys == ["lr"]:
             axes.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     temporary = path + ".tmp"
-    figure.savefig(temporary, format="png")
-    os.replace(temporary, path)
+    with writing(path):
+        figure.savefig(temporary, format="png")
+        os.replace(temporary, path)
     return True

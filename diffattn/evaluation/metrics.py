@@ -100,10 +100,13 @@ def classification_metrics(logits: Tensor, labels: Tensor, top_k: Sequence[int] 
 
 def _hits(scores: Tensor, positive: Tensor, ks: Sequence[int]) -> Tensor:
     """(len(ks), Q) bool: for each query row of ``scores`` (Q, R) with ``positive`` (Q, R)
-    marking its matches, whether fewer than k candidates score strictly higher than its best
-    match."""
+    marking its matches, whether a match is among the k first candidates of the row sorted by
+    score, high to low, equal scores in index order (a stable sort)."""
     best_match = scores.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)
-    rank = (scores > best_match).sum(dim=1)
+    candidates = torch.arange(scores.shape[1], device=scores.device)
+    first_best = torch.where(positive & (scores == best_match), candidates,
+                             scores.shape[1]).amin(dim=1, keepdim=True)
+    rank = ((scores > best_match) | ((scores == best_match) & (candidates < first_best))).sum(1)
     return torch.stack([rank < k for k in ks])
 
 
@@ -124,9 +127,8 @@ def retrieval_recall(image_features: Tensor, text_features: Tensor, text_image: 
         floats in [0, 1]. Image retrieval: each caption ranks the I images, a hit when its
         image is among the K best; the mean over the T captions. Text retrieval: each image
         ranks the T captions, a hit when any of its captions is among the K best; the mean
-        over the I images. "Among the K best" means fewer than K candidates score strictly
-        higher: without tied scores this is the top-K test; a tie with a match counts for
-        the query.
+        over the I images. Candidates with equal scores are ranked in index order (as a
+        stable sort does: the earlier image or caption first).
     """
     _check_features("image_features", image_features)
     _check_features("text_features", text_features)

@@ -272,7 +272,14 @@ def main(argv=None) -> int:
     """Run the command line; returns the exit status (0, or 2 after one ``error:`` line)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    warnings.showwarning = _show_warning  # one "warning:" line each, like the errors
+    shown, warnings.showwarning = warnings.showwarning, _show_warning  # "warning:" lines
+    try:
+        return _run(parser, args)
+    finally:
+        warnings.showwarning = shown
+
+
+def _run(parser, args) -> int:
     try:
         if args.compare or args.command == "compare":
             if args.command not in (None, "compare"):

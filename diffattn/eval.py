@@ -6,6 +6,7 @@
     python -m diffattn.eval retrieve --csv FILE [--recall-k 1 5 10]               (filepath,caption)
     python -m diffattn.eval linear-probe --train ROOT --test ROOT
     python -m diffattn.eval --compare A.json B.json ...                            (or: compare A.json B.json)
+    python -m diffattn.eval captions-csv dataset_coco.json COCO_ROOT coco_test.csv   (Karpathy split)
     python -m diffattn.eval export-digits OUT                                    (the digits as files)
 
 The model options (``--model NAME --pretrained FILE --attention diff|diff2 --batch-size
@@ -28,7 +29,8 @@ from . import BACKENDS
 from .cli import print_error, print_warning
 from .evaluation.datasets import (IMAGENET_DATASETS, TEMPLATE_SETS, EvalDataError,
                                   read_caption_csv, read_image_folder, read_imagenet_folder,
-                                  read_label_csv, read_lines, read_templates)
+                                  read_label_csv, read_lines, read_templates,
+                                  write_karpathy_csv)
 from .evaluation.digits_export import export_digits
 from .evaluation.features import autocast_for, encode_image_files, encode_texts
 from .evaluation.metrics import (classification_metrics, linear_probe, retrieval_recall,
@@ -127,6 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = commands.add_parser("compare", help="print result files side by side")
     compare.add_argument("files", nargs="+", metavar="RESULT.json")
+
+    captions = commands.add_parser("captions-csv", help="the filepath,caption CSV of a split of "
+                                   "Karpathy's Flickr30k / Flickr8k / COCO caption files")
+    captions.add_argument("annotations", metavar="JSON", help="dataset_flickr30k.json, "
+                          "dataset_flickr8k.json or dataset_coco.json")
+    captions.add_argument("images", metavar="IMAGE_ROOT", help="the images' folder (COCO: the "
+                          "one holding val2014/)")
+    captions.add_argument("out", metavar="OUT.csv", help="a new file")
+    captions.add_argument("--split", default="test", choices=("test", "val", "train"))
 
     export = commands.add_parser("export-digits", help="write scikit-learn's digits, split as "
                                  "training splits them, as class folders and a captions CSV")
@@ -294,6 +305,10 @@ def _run(parser, args) -> int:
             counts = export_digits(args.out)
             print(f"wrote {counts['train']} training and {counts['test']} held-out images, "
                   f"{counts['captions']} captions to {args.out}")
+            return 0
+        if args.command == "captions-csv":
+            images, rows = write_karpathy_csv(args.annotations, args.images, args.out, args.split)
+            print(f"wrote {rows} captions of {images} images to {args.out}")
             return 0
         _check_numbers(args)
         if args.out:

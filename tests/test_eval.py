@@ -401,3 +401,24 @@ def test_command_line_in_a_subprocess(tmp_path, weights):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert _error_lines(done.stderr) == \
         [f"error: --images: no such folder: '{tmp_path / 'nothing'}'"]
+
+
+def test_captions_csv_from_a_karpathy_file(tmp_path, capsys):
+    annotations = {"images": [
+        {"filepath": "val2014", "filename": "a.jpg", "split": "test",
+         "sentences": [{"raw": "A dog."}, {"raw": "A brown dog, running."}]},
+        {"filepath": "val2014", "filename": "b.jpg", "split": "train",
+         "sentences": [{"raw": "A cat."}]}]}
+    (tmp_path / "coco.json").write_text(json.dumps(annotations))
+    out = tmp_path / "test.csv"
+    status, stdout, _ = _run(["captions-csv", str(tmp_path / "coco.json"), "/data/coco",
+                              str(out)], capsys)
+    assert status == 0 and "wrote 2 captions of 1 images" in stdout
+    with open(out, newline="") as file:
+        assert list(csv.reader(file)) == [["filepath", "caption"],
+                                          ["/data/coco/val2014/a.jpg", "A dog."],
+                                          ["/data/coco/val2014/a.jpg", "A brown dog, running."]]
+    status, _, err = _run(["captions-csv", str(tmp_path / "coco.json"), "/data/coco", str(out)],
+                          capsys)
+    assert status == 2 and _error_lines(err) == \
+        [f"error: captions-csv: '{out}' exists; refusing to overwrite it"]

@@ -231,3 +231,51 @@ def read_caption_csv(path: str, image_column: str = "filepath",
         captions.append(values[caption_column])
         text_image.append(image_index[image])
     return CaptionedImages(paths, captions, text_image)
+
+
+def write_karpathy_csv(annotations: str, image_root: str, out_csv: str,
+                       split: str = "test") -> tuple[int, int]:
+    """The ``filepath,caption`` CSV of one split of Karpathy's caption files
+    (``dataset_flickr30k.json``, ``dataset_flickr8k.json``, ``dataset_coco.json``: the splits
+    the retrieval results of CLIP papers use), one row per caption.
+
+    Args:
+        annotations: the JSON file (``{"images": [{"filename", "split", "sentences":
+            [{"raw"}], "filepath" (COCO only)}]}``).
+        image_root: the folder of the images (COCO: the one holding ``val2014/``); written
+            into the CSV as given, joined with each image's (file)path.
+        out_csv: a new file (an existing one is never replaced).
+        split: "test" (1,000 Flickr images, 5,000 COCO images), "val" or "train".
+
+    Returns:
+        (images, captions) written.
+    """
+    import json
+
+    if os.path.exists(out_csv):
+        raise EvalDataError(f"captions-csv: {out_csv!r} exists; refusing to overwrite it")
+    try:
+        with open(annotations, encoding="utf-8") as file:
+            entries = json.load(file)["images"]
+    except FileNotFoundError:
+        raise EvalDataError(f"captions-csv: file not found: {annotations!r}") from None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise EvalDataError(f"captions-csv: {annotations!r} is not a Karpathy caption file "
+                            f"(a JSON object with 'images'): {error}") from None
+    rows = []
+    try:
+        for entry in entries:
+            if entry["split"] != split:
+                continue
+            path = os.path.join(image_root, entry.get("filepath", ""), entry["filename"])
+            rows += [(path, sentence["raw"].strip()) for sentence in entry["sentences"]]
+    except (KeyError, TypeError) as error:
+        raise EvalDataError(f"captions-csv: {annotations!r}: an image entry lacks {error}") \
+            from None
+    if not rows:
+        raise EvalDataError(f"captions-csv: {annotations!r} has no images in split {split!r}")
+    with open(out_csv, "x", encoding="utf-8", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["filepath", "caption"])
+        writer.writerows(rows)
+    return len({path for path, _ in rows}), len(rows)

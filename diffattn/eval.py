@@ -160,6 +160,7 @@ def _load_model(args):
     if args.model is None:  # a diffattn file: name it by the bundled config it was made from
         args.model = next((name for name in list_models() if get_config(name) == model.config),
                           _name(args.pretrained))
+    args.model_attention = model.config.attention
     return model.eval()
 
 
@@ -192,7 +193,7 @@ def _name(path: str) -> str:
 def _result(args, task, dataset, metrics, num_samples, **extra) -> dict:
     result = {"task": task, "model": args.model,
               "pretrained": args.pretrained or "", "dataset": dataset, "metrics": metrics,
-              "num_samples": num_samples, "language": "en"}
+              "num_samples": num_samples, "language": "en", "attention": args.model_attention}
     result.update(extra)
     return result
 

@@ -1,13 +1,13 @@
 """Evaluate a CLIP / DiffCLIP model on a dataset: ``python -m diffattn.eval`` (``diffattn-eval``).
 
-    python -m diffattn.eval classify --images ROOT [--classnames FILE] [--templates imagenet|simple|FILE]
-    python -m diffattn.eval classify --images IMAGENET_VAL --dataset imagenet     (also -v2, -sketch, -a, -r)
-    python -m diffattn.eval classify --csv FILE                                  (filepath,label)
-    python -m diffattn.eval retrieve --csv FILE [--recall-k 1 5 10]               (filepath,caption)
+    python -m diffattn.eval classify --images ROOT [--classnames FILE] [--templates T|FILE]
+    python -m diffattn.eval classify --images IMAGENET_VAL --dataset imagenet  (-v2 -sketch -a -r)
+    python -m diffattn.eval classify --csv FILE                               (filepath,label)
+    python -m diffattn.eval retrieve --csv FILE [--recall-k 1 5 10]            (filepath,caption)
     python -m diffattn.eval linear-probe --train ROOT --test ROOT
-    python -m diffattn.eval --compare A.json B.json ...                            (or: compare A.json B.json)
-    python -m diffattn.eval captions-csv dataset_coco.json COCO_ROOT coco_test.csv   (Karpathy split)
-    python -m diffattn.eval export-digits OUT                                    (the digits as files)
+    python -m diffattn.eval --compare A.json B.json ...               (or: compare A.json B.json)
+    python -m diffattn.eval captions-csv dataset_coco.json COCO_ROOT coco_test.csv   (Karpathy)
+    python -m diffattn.eval export-digits OUT                         (the digits as files)
 
 The model options (``--model NAME --pretrained FILE --attention diff|diff2 --batch-size
 --workers --device --backend``) are those of ``diffattn.models.create_model``. Features are
@@ -27,7 +27,7 @@ import torch
 
 from . import BACKENDS
 from .cli import print_error, print_warning
-from .evaluation.datasets import (IMAGENET_DATASETS, TEMPLATE_SETS, EvalDataError,
+from .evaluation.datasets import (IMAGENET_DATASETS, EvalDataError,
                                   read_caption_csv, read_image_folder, read_imagenet_folder,
                                   read_label_csv, read_lines, read_templates,
                                   write_karpathy_csv)

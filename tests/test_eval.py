@@ -16,7 +16,7 @@ from sklearn.metrics import balanced_accuracy_score
 
 from diffattn.eval import main
 from diffattn.evaluation import classification_metrics, linear_probe, retrieval_recall
-from diffattn.evaluation.datasets import (EvalDataError, imagenet_classes, read_imagenet_folder)
+from diffattn.evaluation.datasets import EvalDataError, imagenet_classes, read_imagenet_folder
 from diffattn.evaluation.results import compare_table, read_result, write_result
 from diffattn.models import build_zero_shot_classifier, create_model, save_pretrained
 from diffattn.models.imagenet_classes import IMAGENET_CLASSNAMES
@@ -102,7 +102,8 @@ def test_linear_probe_matches_sklearn_with_the_chosen_c():
         balanced_accuracy_score(test_y, predictions))
     assert probe["metrics"]["acc1"] > 0.6 and probe["metrics"]["acc5"] is None
     with pytest.raises(ValueError, match="without training samples"):
-        linear_probe(torch.from_numpy(train_x), torch.from_numpy(np.where(train_y == 1, 0, train_y)),
+        no_class_1 = np.where(train_y == 1, 0, train_y)
+        linear_probe(torch.from_numpy(train_x), torch.from_numpy(no_class_1),
                      torch.from_numpy(test_x), torch.from_numpy(test_y))
 
 
@@ -193,9 +194,10 @@ def test_classify_json_matches_the_public_api(tmp_path, weights, capsys):
         f"{p},{label}\n" for p, label in zip(paths, labels)))
     (tmp_path / "names.txt").write_text("kitten\npuppy\ngoldfish\n")
     (tmp_path / "templates.txt").write_text("a photo of a {}.\n")
-    status, _, _ = _run(["classify", "--pretrained", path, "--csv", str(table), "--classnames",
-                         str(tmp_path / "names.txt"), "--templates", str(tmp_path / "templates.txt"),
-                         "--out", str(out), *ARGS], capsys)
+    status, _, _ = _run(["classify", "--pretrained", path, "--csv", str(table),
+                         "--classnames", str(tmp_path / "names.txt"),
+                         "--templates", str(tmp_path / "templates.txt"), "--out", str(out),
+                         *ARGS], capsys)
     assert status == 0  # replaces its own result file
     classifier = build_zero_shot_classifier(model, ["kitten", "puppy", "goldfish"],
                                             ["a photo of a {}."])
@@ -328,7 +330,8 @@ BAD = [
      "'{tmp}/two_names.txt' has 2 names for 3 classes"),
     (["classify", "--images", "{tmp}/imagenet", "--dataset", "imagenet-r"],
      "folder '{tmp}/imagenet/n99999999' is not a class of imagenet-r"),
-    (["retrieve", "--csv", "{tmp}/no_caption.csv"], "'{tmp}/no_caption.csv' has no column 'caption'"),
+    (["retrieve", "--csv", "{tmp}/no_caption.csv"],
+     "'{tmp}/no_caption.csv' has no column 'caption'"),
     (["retrieve", "--csv", "{tmp}/no_caption.csv", "--csv-caption-key", "text", "--out",
       "{tmp}/notes.json"], "--out '{tmp}/notes.json' exists and is not a result file"),
     (["retrieve", "--csv", "{tmp}/no_caption.csv", "--out", "{tmp}/nowhere/r.json"],
@@ -410,3 +413,28 @@ def test_command_line_in_a_subprocess(tmp_path, weights):
     assert done.returncode == 0, done.stderr
     assert read_result(str(tmp_path / "r.json"))["num_samples"] == 3
     assert "acc1" in done.stdout and "Traceback" not in done.stderr
+
+
+def test_captions_csv_from_a_karpathy_file(tmp_path, capsys):
+    annotations = {"images": [
+        {"filepath": "val2014", "filename": "a.jpg", "split": "test",
+         "sentences": [{"raw": "A dog."}, {"raw": "A brown dog, running."}]},
+        {"filepath": "val2014", "filename": "b.jpg", "split": "train",
+         "sentences": [{"raw": "A cat."}]}]}
+    (tmp_path / "coco.json").write_text(json.dumps(annotations))
+    out = tmp_path / "test.csv"
+    status, stdout, _ = _run(["captions-csv", str(tmp_path / "coco.json"), "/data/coco",
+                              str(out)], capsys)
+    assert status == 0 and "wrote 2 captions of 1 images" in stdout
+    with open(out, newline="") as file:
+        assert list(csv.reader(file)) == [["filepath", "caption"],
+                                          ["/data/coco/val2014/a.jpg", "A dog."],
+                                          ["/data/coco/val2014/a.jpg", "A brown dog, running."]]
+    status, _, err = _run(["captions-csv", str(tmp_path / "coco.json"), "/data/coco", str(out)],
+                          capsys)
+    assert status == 2 and _error_lines(err) == \
+        [f"error: captions-csv: '{out}' exists; refusing to overwrite it"]
+    status, _, err = _run(["captions-csv", str(tmp_path / "missing.json"), "/data/coco",
+                           str(tmp_path / "new.csv")], capsys)
+    assert status == 2 and _error_lines(err) == \
+        [f"error: captions-csv: file not found: '{tmp_path / 'missing.json'}'"]

@@ -1,10 +1,10 @@
 """Evaluation metrics as pure functions of feature tensors (no model, no files), with the
 names LAION's CLIP_benchmark gives them.
 
-    zero_shot_logits(image_features, classifier)                 -> (N, C) cosine similarities
-    classification_metrics(logits, labels)                       -> acc1, acc5, mean_per_class_recall
-    retrieval_recall(image_features, text_features, text_image)  -> image/text_retrieval_recall@K
-    linear_probe(train_x, train_y, test_x, test_y)               -> acc1, acc5, mean_per_class_recall
+    zero_shot_logits(image_features, classifier)       -> (N, C) cosine similarities
+    classification_metrics(logits, labels)             -> acc1, acc5, mean_per_class_recall
+    retrieval_recall(image_feats, text_feats, text_image) -> image/text_retrieval_recall@K
+    linear_probe(train_x, train_y, test_x, test_y)     -> the test set's classification_metrics
 
 Training reuses them for its per-epoch validation (retrieval on held-out pairs, zero-shot
 accuracy on a labelled set) and ``python -m diffattn.eval`` for whole datasets.
@@ -236,6 +236,7 @@ def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Te
     model = fit(x, y, best_c)
     probabilities = model.predict_proba(normalised(test_features))
     logits = torch.full((probabilities.shape[0], num_classes), float("-inf"), dtype=torch.float64)
-    logits[:, torch.as_tensor(model.classes_)] = torch.from_numpy(np.log(probabilities.astype(np.float64) + 1e-300))
+    log_probabilities = np.log(probabilities.astype(np.float64) + 1e-300)
+    logits[:, torch.as_tensor(model.classes_)] = torch.from_numpy(log_probabilities)
     metrics = classification_metrics(logits, test_labels)
     return {"metrics": metrics, "C": best_c, "val_acc1": best_acc}

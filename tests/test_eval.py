@@ -334,8 +334,8 @@ BAD = [
      "'{tmp}/no_caption.csv' has no column 'caption'"),
     (["retrieve", "--csv", "{tmp}/no_caption.csv", "--csv-caption-key", "text", "--out",
       "{tmp}/notes.json"], "--out '{tmp}/notes.json' exists and is not a result file"),
-    (["retrieve", "--csv", "{tmp}/no_caption.csv", "--out", "{tmp}/nowhere/r.json"],
-     "no such folder '{tmp}/nowhere'"),
+    (["retrieve", "--csv", "{tmp}/no_caption.csv", "--out", "{tmp}/notes.json/a/r.json"],
+     "--out '{tmp}/notes.json/a/r.json': '{tmp}/notes.json' is a file, not a folder"),
     (["linear-probe", "--train", "{tmp}/images", "--test", "{tmp}/with_empty"],
      "empty class folder: '{tmp}/with_empty/zebra'"),
     (["linear-probe", "--train", "{tmp}/missing", "--test", "{tmp}/images"],
@@ -375,6 +375,8 @@ def test_write_result_is_atomic_and_refuses_foreign_files(tmp_path):
     write_result(str(path), dict(result, num_samples=4))
     assert read_result(str(path))["num_samples"] == 4
     assert os.listdir(tmp_path) == ["r.json"]  # no temporary file left
+    write_result(str(tmp_path / "new" / "folder" / "r.json"), result)
+    assert read_result(str(tmp_path / "new" / "folder" / "r.json")) == result
     (tmp_path / "x.txt").write_text("keep")
     with pytest.raises(ValueError, match="refusing to overwrite"):
         write_result(str(tmp_path / "x.txt"), result)

@@ -63,25 +63,29 @@ def _check_replaceable(path: str) -> None:
 
 def check_writable(path: str) -> None:
     """Raise ResultFileError unless ``write_result(path, ...)`` may write there (checked before
-    an evaluation runs, so that it does not run for nothing)."""
+    an evaluation runs, so that it does not run for nothing): ``path`` is new or a result
+    file, and its folder exists or can be made (its nearest existing ancestor is a folder)."""
     _check_replaceable(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ResultFileError(f"--out {path!r}: no such folder {folder!r}")
+    ancestor = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ResultFileError(f"--out {path!r}: {ancestor!r} is a file, not a folder")
 
 
 def write_result(path: str, result: dict) -> None:
-    """Write ``result`` as JSON to ``path`` atomically.
+    """Write ``result`` as JSON to ``path`` atomically, making its folder if needed.
 
     Raises:
         ResultFileError: ``path`` exists and is not a result file (or is a folder or a link),
-            or its folder does not exist or cannot be written.
+            or its folder cannot be made or written.
     """
     if not is_result(result):
         raise ValueError(f"result must hold the keys {', '.join(RESULT_KEYS)}")
     check_writable(path)
     folder = os.path.dirname(os.path.abspath(path))
     try:
+        os.makedirs(folder, exist_ok=True)
         handle, temporary = tempfile.mkstemp(prefix=".result-", suffix=".json.tmp", dir=folder)
     except OSError as error:
         raise ResultFileError(f"--out {path!r}: cannot write in {folder!r}: "

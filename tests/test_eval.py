@@ -300,6 +300,17 @@ def test_unreadable_images_are_skipped_up_to_the_limit(tmp_path, weights, capsys
     assert "1 of 10 image files could not be read" in _error_lines(err)[0]
     assert "broken.png" in _error_lines(err)[0]
 
+    # retrieval: the captions of an unreadable (here: missing) image are left out with it
+    (tmp_path / "captions.csv").write_text(
+        "filepath,caption\nimages/cat/0.png,a\nimages/cat/0.png,b\nimages/gone.png,c\n"
+        "images/dog/1.png,d\n")
+    status, _, err = _run(["retrieve", "--pretrained", path, "--csv",
+                           str(tmp_path / "captions.csv"), "--max-unreadable-fraction", "0.5",
+                           "--out", str(out), *ARGS], capsys)
+    assert status == 0 and "gone.png: file not found" in err
+    result = read_result(str(out))
+    assert (result["num_samples"], result["num_captions"], result["num_unreadable"]) == (2, 3, 1)
+
 
 # ---------------------------------------------------------------- errors: one line each
 def _bad_inputs(tmp_path):

@@ -1,0 +1,281 @@
+"""The evaluation sets on disk: class folders, labelled and captioned CSV files, the
+ImageNet variants, class names and templates.
+
+Each reader returns plain lists (image paths, labels, class names, captions); nothing is
+opened but the folder listings and the CSV file. Problems a user can fix raise EvalDataError
+(a ValueError) naming the path, the column or the line.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import os
+from pathlib import Path
+from typing import Optional
+
+from ..models.imagenet_classes import (IMAGENET_CLASSNAMES, IMAGENET_TEMPLATES,
+                                       SIMPLE_IMAGENET_TEMPLATES)
+from ..models.zero_shot import IMAGE_SUFFIXES
+from .imagenet_wnids import IMAGENET_A_WNIDS, IMAGENET_R_WNIDS, IMAGENET_WNIDS
+
+TEMPLATE_SETS = {"imagenet": IMAGENET_TEMPLATES, "simple": SIMPLE_IMAGENET_TEMPLATES}
+
+# --dataset NAME: which ImageNet classes the folders of a local root hold, and how a folder
+# name gives the class. ImageNet, -Sketch, -A and -R name their folders by WordNet id;
+# ImageNet-V2 (matched-frequency, as CLIP_benchmark downloads it) by label number 0..999.
+IMAGENET_DATASETS = ("imagenet", "imagenet-v2", "imagenet-sketch", "imagenet-a", "imagenet-r")
+
+
+class EvalDataError(ValueError):
+    """An evaluation set that cannot be used: the message names the path, column or line."""
+
+
+@dataclasses.dataclass
+class LabelledImages:
+    """A classification set: ``paths[i]`` has class ``labels[i]``, an index into ``classnames``."""
+
+    paths: list
+    labels: list
+    classnames: list
+
+
+@dataclasses.dataclass
+class CaptionedImages:
+    """A retrieval set: the distinct image files in order of first appearance, every caption
+    and the index (into ``paths``) of the image it describes."""
+
+    paths: list
+    captions: list
+    text_image: list
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _class_folders(root: str, option: str) -> list:
+    path = Path(root)
+    if not path.is_dir():
+        raise EvalDataError(f"{option}: no such folder: {root!r}")
+    folders = sorted(child for child in path.iterdir() if child.is_dir())
+    if not folders:
+        raise EvalDataError(f"{option}: {root!r} holds no class folders (expected one folder "
+                            "of images per class)")
+    return folders
+
+
+def _folder_images(folder: Path) -> list:
+    """The image files under ``folder`` (recursive), sorted; EvalDataError when there are none."""
+    images = sorted(str(child) for child in folder.rglob("*") if _is_image(child))
+    if not images:
+        raise EvalDataError(f"empty class folder: {str(folder)!r} holds no image files "
+                            f"({', '.join(IMAGE_SUFFIXES)})")
+    return images
+
+
+def read_image_folder(root: str, option: str = "--images") -> LabelledImages:
+    """One folder per class under ``root``: classes in sorted folder order, named by their
+    folders, images found recursively in each (sorted)."""
+    paths, labels, classnames = [], [], []
+    for label, folder in enumerate(_class_folders(root, option)):
+        images = _folder_images(folder)
+        paths += images
+        labels += [label] * len(images)
+        classnames.append(folder.name)
+    return LabelledImages(paths, labels, classnames)
+
+
+def imagenet_classes(dataset: str) -> tuple[list, list]:
+    """(folder names, class names) of an ImageNet variant, in label order."""
+    if dataset not in IMAGENET_DATASETS:
+        raise EvalDataError(f"--dataset must be one of {', '.join(IMAGENET_DATASETS)}, got "
+                            f"{dataset!r}")
+    if dataset in ("imagenet-a", "imagenet-r"):
+        subset = set(IMAGENET_A_WNIDS if dataset == "imagenet-a" else IMAGENET_R_WNIDS)
+        chosen = [i for i, wnid in enumerate(IMAGENET_WNIDS) if wnid in subset]
+        return ([IMAGENET_WNIDS[i] for i in chosen], [IMAGENET_CLASSNAMES[i] for i in chosen])
+    if dataset == "imagenet-v2":
+        return [str(i) for i in range(1000)], list(IMAGENET_CLASSNAMES)
+    return list(IMAGENET_WNIDS), list(IMAGENET_CLASSNAMES)
+
+
+def read_imagenet_folder(root: str, dataset: str, option: str = "--images") -> LabelledImages:
+    """An ImageNet variant's folder tree: every class folder of ``root`` must be one of the
+    variant's (a WordNet id such as ``n01440764``, or a label number for imagenet-v2); the
+    classifier covers all of the variant's classes, even those without a folder here."""
+    folder_names, classnames = imagenet_classes(dataset)
+    index = {name: label for label, name in enumerate(folder_names)}
+    paths, labels = [], []
+    for folder in _class_folders(root, option):
+        if folder.name not in index:
+            expected = "a label number 0..999" if dataset == "imagenet-v2" else \
+                f"one of its {len(folder_names)} WordNet ids (e.g. {folder_names[0]})"
+            raise EvalDataError(f"{option}: folder {str(folder)!r} is not a class of {dataset} "
+                                f"(expected {expected})")
+        images = _folder_images(folder)
+        paths += images
+        labels += [index[folder.name]] * len(images)
+    return LabelledImages(paths, labels, classnames)
+
+
+def read_lines(path: str, option: str) -> list:
+    """The non-empty lines of a UTF-8 text file, stripped."""
+    try:
+        with open(path, encoding="utf-8-sig") as file:
+            lines = [line.strip() for line in file]
+    except FileNotFoundError:
+        raise EvalDataError(f"{option}: file not found: {path!r}") from None
+    except UnicodeDecodeError:
+        raise EvalDataError(f"{option}: {path!r} is not UTF-8 text") from None
+    except OSError as error:
+        raise EvalDataError(f"{option}: cannot read {path!r}: {error.strerror}") from None
+    lines = [line for line in lines if line]
+    if not lines:
+        raise EvalDataError(f"{option}: {path!r} is empty")
+    return lines
+
+
+def read_templates(spec: str) -> list:
+    """A built-in template set ("imagenet": OpenAI's 80, "simple": their 7) or a file with one
+    template per line, each with one ``{}``."""
+    if spec in TEMPLATE_SETS:
+        return list(TEMPLATE_SETS[spec])
+    templates = read_lines(spec, "--templates")
+    bad = [template for template in templates if template.count("{}") != 1]
+    if bad:
+        raise EvalDataError(f"--templates: {spec!r}: every line needs exactly one '{{}}' for the "
+                            f"class name; not so: {bad[0]!r}")
+    return templates
+
+
+def _csv_rows(path: str, option: str, columns: tuple) -> list:
+    """(line number, {column: value}) of a UTF-8 CSV file with the given columns; image
+    paths are resolved by the caller."""
+    try:
+        with open(path, "rb") as file:
+            raw = file.read()
+    except FileNotFoundError:
+        raise EvalDataError(f"{option}: file not found: {path!r}") from None
+    except OSError as error:
+        raise EvalDataError(f"{option}: cannot read {path!r}: {error.strerror}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].count(b"\n") + 1
+        raise EvalDataError(f"{option}: {path!r} is not UTF-8 text (line {line})") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = []
+    try:
+        header = reader.fieldnames or []
+        missing = [column for column in columns if column not in header]
+        if missing:
+            raise EvalDataError(f"{option}: {path!r} has no column {missing[0]!r} (its columns: "
+                                f"{', '.join(header) or 'none'})")
+        for row in reader:
+            values = {column: row[column] for column in columns}
+            if any(value is None for value in values.values()):
+                raise EvalDataError(f"{option}: {path!r} line {reader.line_num} has fewer "
+                                    "fields than the header")
+            empty = [column for column, value in values.items() if not value.strip()]
+            if empty:
+                raise EvalDataError(f"{option}: {path!r} line {reader.line_num} has an empty "
+                                    f"{empty[0]!r}")
+            rows.append((reader.line_num, values))
+    except csv.Error as error:
+        raise EvalDataError(f"{option}: {path!r} line {reader.line_num}: {error}") from None
+    if not rows:
+        raise EvalDataError(f"{option}: {path!r} has no rows")
+    return rows
+
+
+def _resolve(csv_path: str, image: str) -> str:
+    """An image path of a CSV file: relative ones are relative to the file's folder."""
+    return os.path.join(os.path.dirname(os.path.abspath(csv_path)), image.strip())
+
+
+def read_label_csv(path: str, classnames: Optional[list] = None, image_column: str = "filepath",
+                   label_column: str = "label") -> LabelledImages:
+    """A CSV file of ``filepath,label`` rows. A label is a class name (of ``classnames`` when
+    given, else the classes are the distinct labels, sorted) or, with ``classnames``, a
+    class index 0..C-1."""
+    rows = _csv_rows(path, "--csv", (image_column, label_column))
+    labels_text = [values[label_column].strip() for _, values in rows]
+    if classnames is None:
+        classnames = sorted(set(labels_text))
+    index = {name: label for label, name in enumerate(classnames)}
+    labels = []
+    for (line, _), text in zip(rows, labels_text):
+        if text in index:
+            labels.append(index[text])
+        elif text.isdigit() and int(text) < len(classnames):
+            labels.append(int(text))
+        else:
+            raise EvalDataError(f"--csv: {path!r} line {line}: label {text!r} is not a class "
+                                f"name or index (0..{len(classnames) - 1}) of --classnames")
+    paths = [_resolve(path, values[image_column]) for _, values in rows]
+    return LabelledImages(paths, labels, list(classnames))
+
+
+def read_caption_csv(path: str, image_column: str = "filepath",
+                     caption_column: str = "caption") -> CaptionedImages:
+    """A CSV file of ``filepath,caption`` rows; an image listed on several rows has several
+    captions."""
+    rows = _csv_rows(path, "--csv", (image_column, caption_column))
+    image_index, paths, captions, text_image = {}, [], [], []
+    for _, values in rows:
+        image = _resolve(path, values[image_column])
+        if image not in image_index:
+            image_index[image] = len(paths)
+            paths.append(image)
+        captions.append(values[caption_column])
+        text_image.append(image_index[image])
+    return CaptionedImages(paths, captions, text_image)
+
+
+def write_karpathy_csv(annotations: str, image_root: str, out_csv: str,
+                       split: str = "test") -> tuple[int, int]:
+    """The ``filepath,caption`` CSV of one split of Karpathy's caption files
+    (``dataset_flickr30k.json``, ``dataset_flickr8k.json``, ``dataset_coco.json``: the splits
+    the retrieval results of CLIP papers use), one row per caption.
+
+    Args:
+        annotations: the JSON file (``{"images": [{"filename", "split", "sentences":
+            [{"raw"}], "filepath" (COCO only)}]}``).
+        image_root: the folder of the images (COCO: the one holding ``val2014/``); written
+            into the CSV as given, joined with each image's (file)path.
+        out_csv: a new file (an existing one is never replaced).
+        split: "test" (1,000 Flickr images, 5,000 COCO images), "val" or "train".
+
+    Returns:
+        (images, captions) written.
+    """
+    import json
+
+    if os.path.exists(out_csv):
+        raise EvalDataError(f"captions-csv: {out_csv!r} exists; refusing to overwrite it")
+    try:
+        with open(annotations, encoding="utf-8") as file:
+            entries = json.load(file)["images"]
+    except FileNotFoundError:
+        raise EvalDataError(f"captions-csv: file not found: {annotations!r}") from None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise EvalDataError(f"captions-csv: {annotations!r} is not a Karpathy caption file "
+                            f"(a JSON object with 'images'): {error}") from None
+    rows = []
+    try:
+        for entry in entries:
+            if entry["split"] != split:
+                continue
+            path = os.path.join(image_root, entry.get("filepath", ""), entry["filename"])
+            rows += [(path, sentence["raw"].strip()) for sentence in entry["sentences"]]
+    except (KeyError, TypeError) as error:
+        raise EvalDataError(f"captions-csv: {annotations!r}: an image entry lacks {error}") \
+            from None
+    if not rows:
+        raise EvalDataError(f"captions-csv: {annotations!r} has no images in split {split!r}")
+    with open(out_csv, "x", encoding="utf-8", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["filepath", "caption"])
+        writer.writerows(rows)
+    return len({path for path, _ in rows}), len(rows)

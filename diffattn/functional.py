@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .backend import check_backend_name, resolve_backend, unsupported_features
-from .reference import LambdaVectors, expand_lambda
+from .lambdas import LambdaVectors, expand_lambda
 from .torch_path import diff_attention_torch, diff_attention_v2_torch
 
 try:

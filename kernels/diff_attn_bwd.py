@@ -202,6 +202,8 @@ def _dkdv_program(tile, bg, Q, K, V, LAM, KPM, DO, LSE, DELTA, DK, DV,
                                      stride_vm, tile * BLOCK_N, M, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
                                      BLOCK_DV, KEY_PAIR, True, BLOCK_N)
     col_keep = key_keep(KPM + b * stride_kpm_b, cols, M, HAS_KPM)
+    if HAS_KPM:  # padding keys' values read as 0, so that no NaN/inf there reaches dK
+        v = tl.where(col_keep[:, None], v, 0.0)
     dk1 = tl.zeros([BLOCK_N, BLOCK_D], dtype=acc_dtype)
     dk2 = tl.zeros([BLOCK_N, BLOCK_D], dtype=acc_dtype)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=acc_dtype)
@@ -275,6 +277,11 @@ def _dq_key_tiles(q1, q2, do, dq1, dq2, lse1, lse2, d1, d2, lam, rows, start, en
         keep = None
         if MASKED:
             keep = query_key_keep(kpm_row, rows, cols, N, M, HAS_KPM, CAUSAL)
+            if HAS_KPM:  # padding keys read as 0: p = 0 times a NaN/inf key or value is NaN
+                col_keep = key_keep(kpm_row, cols, M, HAS_KPM)[:, None]
+                k1 = tl.where(col_keep, k1, 0.0)
+                k2 = tl.where(col_keep, k2, 0.0)
+                v = tl.where(col_keep, v, 0.0)
         # One map after the other (see _dkdv_query_tiles): dP1 (shared), then each map's P.
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION).to(dq1.dtype)
         p1 = _probabilities(q1, k1, lse1[:, None], qk_scale, keep, MASKED, PRECISION, dq1.dtype)

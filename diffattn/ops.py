@@ -41,20 +41,23 @@ _NO_FUNCTORCH = (
     "transforms (grad, vjp, jvp, vmap, ...); use backend=\"torch\" under them")
 
 
-def _once_differentiable(grads: tuple) -> tuple:
-    """A backward's gradients, made to refuse a second derivative: while the backward itself
-    is recorded (create_graph=True), each gradient tensor gets a grad_fn that raises a
-    RuntimeError naming backend="torch" when something differentiates through it. Without
-    create_graph the gradients are returned as they are."""
+def _once_differentiable(grads: tuple, inputs: tuple) -> tuple:
+    """A backward's gradients, made to refuse a second derivative. While the backward itself
+    is recorded (create_graph=True), each gradient is linked (by adding an exact 0) to the
+    backward's inputs that require grad, through a node that raises a RuntimeError naming
+    backend="torch" when something differentiates through it; so a gradient penalty fails
+    loudly instead of silently missing the attention's share. Without create_graph, or when
+    nothing could be differentiated again, the gradients are returned as they are."""
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return grads
-    tensors = [g for g in grads if isinstance(g, Tensor)]
-    if not tensors:
+    inputs = [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
+    if not inputs:
         return grads
-    refuse = torch._C._functions.DelayedError(_NO_SECOND_DERIVATIVE, len(tensors))
-    refused = refuse(*[t.detach().requires_grad_() for t in tensors])
-    refused = iter(refused if isinstance(refused, tuple) else (refused,))
-    return tuple(next(refused) if isinstance(g, Tensor) else g for g in grads)
+    refuse = torch._C._functions.DelayedError(_NO_SECOND_DERIVATIVE, len(inputs))
+    links = refuse(*inputs)
+    links = links if isinstance(links, tuple) else (links,)
+    zero = sum(t.flatten()[:0].sum() for t in links)  # exactly 0, whatever the values
+    return tuple(g.detach() + zero.to(g.dtype) if isinstance(g, Tensor) else g for g in grads)
 
 
 def _refuse_functorch(*tensors: Optional[Tensor]) -> None:
@@ -123,7 +126,7 @@ class FusedDiffAttention(torch.autograd.Function):
                                          norm_weight, x, o2, lse, rstd, scale, causal, out_scale,
                                          needs[3], needs[7])
         return _once_differentiable((dq, dk, dv, dlam, None, None, None, dw, None, None, None,
-                                     None))
+                                     None), (dout, q, k, v, lam, norm_weight))
 
 
 # ------------------------------------------------------------------ registered ops (traced)
@@ -193,7 +196,8 @@ def _op_backward(ctx, dout, _dx, _do2, _dlse, _drstd):
                                                   kpm, norm_weight, x, o2, lse, rstd, scale,
                                                   causal, out_scale, *ctx.need)
     return _once_differentiable((dq, dk, dv, dlam if ctx.need[0] else None, None, None, None,
-                                 dw if ctx.need[1] else None, None, None, None, None, None))
+                                 dw if ctx.need[1] else None, None, None, None, None, None),
+                                (dout, q, k, v, lam, norm_weight))
 
 
 fused_fwd.register_autograd(_op_backward, setup_context=_setup_context)

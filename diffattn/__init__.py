@@ -20,9 +20,10 @@
 from .backend import BACKENDS, BackendFallbackWarning, resolve_backend
 from .convert import plain_to_v2_state_dict, replace_attention
 from .functional import diff_attention, diff_attention_v2
+from .masks import causal_keep_mask
 from .module import DiffMultiheadAttention, HeadRMSNorm, lambda_init_for_depth
 from .module_v2 import DiffMultiheadAttentionV2
-from .reference import causal_keep_mask, diff_attention_ref, diff_attention_v2_ref
+from .reference import diff_attention_ref, diff_attention_v2_ref
 
 __version__ = "0.1.0"
 

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .reference import causal_keep_mask
+from .masks import causal_keep_mask
 
 
 def check_inputs(query, key, value, key_padding_mask, embed_dim: int, kdim: int, vdim: int,

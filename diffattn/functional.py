@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .backend import check_backend_name, resolve_backend, unsupported_features
-from .reference import LambdaVectors, expand_lambda
+from .lambdas import LambdaVectors, expand_lambda
 from .torch_path import diff_attention_torch, diff_attention_v2_torch
 
 try:
@@ -154,8 +154,30 @@ def _check_lambda(lambda_, q: Tensor, per_token: bool) -> None:
             raise TypeError(f"lambda_ must be a floating-point tensor, got {lambda_.dtype}")
         if lambda_.device != q.device:
             raise ValueError(f"lambda_ must be on q's device {q.device}, got {lambda_.device}")
+        _check_lambda_values(lambda_)
     elif not _is_real(lambda_):
         raise TypeError(f"lambda_ must be a float or a tensor, got {type(lambda_).__name__}")
+    elif not math.isfinite(lambda_):
+        raise ValueError(f"lambda_ must be a finite float, got {lambda_!r}")
+
+
+_LAMBDA_NOT_FINITE = "lambda_ must be finite: the lambda_ tensor holds NaN or inf"
+
+
+def _check_lambda_values(lambda_: Tensor) -> None:
+    """NaN or inf in a lambda_ tensor: a ValueError for a CPU tensor, an asynchronous device
+    assertion on an accelerator (the check never waits for the device). Skipped where values
+    do not exist (meta tensors) or cannot be checked (inside torch.func transforms)."""
+    if lambda_.device.type == "meta" or torch._C._functorch.is_functorch_wrapped_tensor(lambda_):
+        return
+    finite = torch.isfinite(lambda_).all()
+    if lambda_.device.type != "cpu" or torch.compiler.is_compiling():
+        torch._assert_async(finite, _LAMBDA_NOT_FINITE)
+        return
+    try:
+        torch._assert_async(finite, _LAMBDA_NOT_FINITE)
+    except RuntimeError:
+        raise ValueError(_LAMBDA_NOT_FINITE) from None
 
 
 def _check_key_padding_mask(key_padding_mask, q: Tensor, k: Tensor) -> None:
@@ -291,7 +313,7 @@ def diff_attention(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Tensor
 
     Args:
         q: (B, N, 2H, d). k: (B, M, 2Hk, d). v: (B, M, Hk, 2d). H % Hk == 0.
-        lambda_: float, 0-dim tensor or (H,) tensor; differentiable when a tensor.
+        lambda_: float, 0-dim tensor or (H,) tensor; differentiable when a tensor; finite.
         causal: query i sees keys j <= i + (M - N): the diagonal is aligned to the bottom-right
             corner (FlashAttention's rule). For N == M this is j <= i; when N > M the first
             N - M queries see no key and give zeros.

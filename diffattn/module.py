@@ -26,8 +26,9 @@ from torch import Tensor, nn
 from .attention_inputs import attention_masks, check_inputs, restore_layout
 from .backend import check_backend_name, resolve_layer_backend, unsupported_features
 from .functional import run_diff_attention
+from .lambdas import LambdaVectors
 from .packed_projection import load_packed, projection_slice, save_packed
-from .reference import LambdaVectors, differential_maps
+from .torch_path import differential_maps
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 _SEPARATE = ("q_proj_weight", "k_proj_weight", "v_proj_weight")

@@ -29,7 +29,7 @@ from .attention_inputs import attention_masks, check_inputs, restore_layout
 from .backend import check_backend_name, resolve_layer_backend, unsupported_features
 from .functional import run_diff_attention_v2
 from .packed_projection import load_packed, projection_slice, save_packed
-from .reference import differential_maps
+from .torch_path import differential_maps
 
 # lambda at the start of a layer converted from plain attention (from_plain): small enough that
 # the layer computes what the plain one did, within about this much relative.

@@ -13,6 +13,11 @@
 ``fused_attention`` picks the traced ops while torch.compile traces and the eager path
 otherwise. Both give bitwise the same results.
 
+Both are differentiable once: their gradients have no second derivative. Differentiating them
+again (a gradient penalty, create_graph=True) raises a RuntimeError that names
+``backend="torch"``, and so do ``torch.func`` transforms (grad, vjp, jvp, vmap) of the fused
+path, instead of returning wrong or missing values.
+
 Under the Triton interpreter bf16 arithmetic is wrong, so there (and only there) bf16 inputs
 are computed in fp32 and the results cast back.
 """
@@ -26,6 +31,43 @@ from torch import Tensor
 from .kernels import INTERPRET, diff_attn_bwd, diff_attn_fwd
 
 _EMPTY = (0,)
+
+_NO_SECOND_DERIVATIVE = (
+    b"the fused differential attention (backend=\"triton\") has no second derivative: its "
+    b"gradients cannot be differentiated again (gradient penalties, double backward, "
+    b"create_graph=True through it); use backend=\"torch\" for higher-order gradients")
+_NO_FUNCTORCH = (
+    "the fused differential attention (backend=\"triton\") does not support torch.func "
+    "transforms (grad, vjp, jvp, vmap, ...); use backend=\"torch\" under them")
+
+
+def _once_differentiable(grads: tuple, inputs: tuple) -> tuple:
+    """A backward's gradients, made to refuse a second derivative. While the backward itself
+    is recorded (create_graph=True), each gradient is linked (by adding an exact 0) to the
+    backward's inputs that require grad, through a node that raises a RuntimeError naming
+    backend="torch" when something differentiates through it; so a gradient penalty fails
+    loudly instead of silently missing the attention's share. Without create_graph, or when
+    nothing could be differentiated again, the gradients are returned as they are."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return grads
+    inputs = [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
+    if not inputs:
+        return grads
+    refuse = torch._C._functions.DelayedError(_NO_SECOND_DERIVATIVE, len(inputs))
+    links = refuse(*inputs)
+    links = links if isinstance(links, tuple) else (links,)
+    zero = sum(t.flatten()[:0].sum() for t in links)  # exactly 0, whatever the values
+    return tuple(g.detach() + zero.to(g.dtype) if isinstance(g, Tensor) else g for g in grads)
+
+
+def _refuse_functorch(*tensors: Optional[Tensor]) -> None:
+    """RuntimeError naming backend="torch" when a torch.func transform wraps an input (the
+    kernels read memory that such a wrapper does not have)."""
+    if torch._C._functorch.peek_interpreter_stack() is None:
+        return
+    if any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t)
+           for t in tensors):
+        raise RuntimeError(_NO_FUNCTORCH)
 
 
 def _compute_dtype(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -83,7 +125,8 @@ class FusedDiffAttention(torch.autograd.Function):
         dq, dk, dv, dlam, dw = _backward(dout, q, k, v, lam, lam_value, lam_vectors, kpm,
                                          norm_weight, x, o2, lse, rstd, scale, causal, out_scale,
                                          needs[3], needs[7])
-        return dq, dk, dv, dlam, None, None, None, dw, None, None, None, None
+        return _once_differentiable((dq, dk, dv, dlam, None, None, None, dw, None, None, None,
+                                     None), (dout, q, k, v, lam, norm_weight))
 
 
 # ------------------------------------------------------------------ registered ops (traced)
@@ -152,8 +195,9 @@ def _op_backward(ctx, dout, _dx, _do2, _dlse, _drstd):
     dq, dk, dv, dlam, dw = torch.ops.diffattn.bwd(dout, q, k, v, lam, lam_value, lam_vectors,
                                                   kpm, norm_weight, x, o2, lse, rstd, scale,
                                                   causal, out_scale, *ctx.need)
-    return (dq, dk, dv, dlam if ctx.need[0] else None, None, None, None,
-            dw if ctx.need[1] else None, None, None, None, None, None)
+    return _once_differentiable((dq, dk, dv, dlam if ctx.need[0] else None, None, None, None,
+                                 dw if ctx.need[1] else None, None, None, None, None, None),
+                                (dout, q, k, v, lam, norm_weight))
 
 
 fused_fwd.register_autograd(_op_backward, setup_context=_setup_context)
@@ -196,6 +240,7 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, lam: Optional[Tensor], lam_
             t is not None and t.requires_grad for t in (q, k, v, lam, norm_weight))
         return fused_fwd(q, k, v, lam, lam_value, lam_vectors, key_padding_mask, norm_weight,
                          scale, causal, eps, out_scale, save)[0]
+    _refuse_functorch(q, k, v, lam, key_padding_mask, norm_weight)
     if torch.is_grad_enabled() and (
             q.requires_grad or k.requires_grad or v.requires_grad
             or (lam is not None and lam.requires_grad)

@@ -2,7 +2,8 @@
 
 They materialise both (N x M) softmax maps, so they are slow and memory hungry, but they are
 written straight from the formulas (docs/kernel-math.md) and run in any dtype, float64
-included, which makes them the ground truth of the test suite.
+included, which makes them the ground truth of the test suite. They import nothing from the
+runtime they check: their masks, lambda and norm are re-derived here from the formulas.
 
 Layouts (flash-attn style, batch first); differential head h reads key/value group
 g = h // (H // Hk), and q heads 2h and 2h+1 are its two maps:
@@ -17,69 +18,35 @@ g = h // (H // Hk), and q heads 2h and 2h+1 are its two maps:
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 
 
-def causal_keep_mask(seq_q: int, seq_k: int, device=None) -> torch.Tensor:
-    """Bool (N, M) mask, True where query i may see key j under diffattn's causal rule.
-
-    The diagonal is aligned to the bottom-right corner (FlashAttention's convention): query i
-    sees keys j <= i + (M - N). For N == M that is the usual j <= i. When N > M the first
-    N - M queries see no key at all and their output is zero.
-    """
-    rows = torch.arange(seq_q, device=device)[:, None]
-    cols = torch.arange(seq_k, device=device)[None, :]
-    return cols <= rows + (seq_k - seq_q)
+def _causal_keep(seq_q: int, seq_k: int, device) -> torch.Tensor:
+    """(N, M) bool, True where query i sees key j: j <= i + (M - N) (bottom-right diagonal)."""
+    i = torch.arange(seq_q, device=device)[:, None]
+    j = torch.arange(seq_k, device=device)[None, :]
+    return j - i <= seq_k - seq_q
 
 
-class LambdaVectors(NamedTuple):
-    """The Differential Transformer's (V1, DiffCLIP) lambda, shared by all heads of a layer:
-    exp(lq1 . lk1) - exp(lq2 . lk2) + init, from its four vectors stacked as ``vectors``
-    (4, L) = (lq1, lk1, lq2, lk2). The fused kernels compute it, and the vectors' gradients,
-    themselves; ``value()`` is the same in PyTorch ops."""
-    vectors: torch.Tensor
-    init: float
-
-    def value(self) -> torch.Tensor:
-        """0-dim tensor in the vectors' dtype."""
-        lq1, lk1, lq2, lk2 = self.vectors
-        return torch.exp(torch.dot(lq1, lk1)) - torch.exp(torch.dot(lq2, lk2)) + self.init
+def _lambda_for_maps(lambda_, num_heads: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """A float, (), (H,) or (B, N, H) lambda as a tensor broadcastable to (B, H, N, M)."""
+    lam = torch.as_tensor(lambda_, dtype=dtype, device=device)
+    if lam.dim() == 3:                                   # per token (B, N, H)
+        return lam.permute(0, 2, 1)[..., None]
+    return lam.reshape(-1).expand(num_heads)[None, :, None, None]
 
 
-def expand_lambda(lambda_, num_heads: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """Return a per-head lambda (float, () or (H,) tensor, or LambdaVectors) as a (H,) tensor of
-    ``dtype`` (differentiable when lambda_ is a tensor)."""
-    if isinstance(lambda_, LambdaVectors):
-        lambda_ = lambda_.value()
-    if isinstance(lambda_, torch.Tensor):
-        return lambda_.to(device=device, dtype=dtype).reshape(-1).expand(num_heads)
-    return torch.full((num_heads,), float(lambda_), dtype=dtype, device=device)
-
-
-def lambda_for_maps(lambda_, num_heads: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """lambda broadcastable against (B, H, N, ...) maps: a float, (), (H,) or per-token
-    (B, N, H) lambda as a (1 or B, H, 1 or N, 1) tensor of ``dtype``."""
-    if isinstance(lambda_, torch.Tensor) and lambda_.dim() == 3:
-        return lambda_.to(device=device, dtype=dtype).permute(0, 2, 1)[..., None]
-    return expand_lambda(lambda_, num_heads, dtype, device)[None, :, None, None]
-
-
-def rms_norm_epilogue(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                      out_scale: float) -> torch.Tensor:
-    """Per-head RMSNorm over the last dim, times the weight, times out_scale.
-
-    Computed in float32 (float64 for float64 inputs) and cast back to x's dtype, as the
-    DiffCLIP release does.
-    """
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_scale: float):
+    """Per-head RMSNorm over the last dim times weight and out_scale, in float32 (float64 for
+    float64 inputs), cast back to x's dtype."""
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     xf = x.to(compute)
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.to(compute)
-    return (y * out_scale).to(x.dtype)
+    rms = torch.sqrt((xf * xf).mean(-1, keepdim=True) + eps)
+    return (xf / rms * weight.to(compute) * out_scale).to(x.dtype)
 
 
-def differential_maps(q, k, *, lambda_, causal=False, key_padding_mask=None,
+def differential_maps_ref(q, k, *, lambda_, causal=False, key_padding_mask=None,
                       scale=None, attn_bias=None):
     """Both softmax maps and their difference, each (B, H, N, M), in q's dtype.
 
@@ -98,7 +65,7 @@ def differential_maps(q, k, *, lambda_, causal=False, key_padding_mask=None,
     scores = torch.einsum("bnhd,bmhd->bhnm", q, k_heads) * scale
     keep = torch.ones(N, M, dtype=torch.bool, device=q.device)
     if causal:
-        keep = causal_keep_mask(N, M, q.device)
+        keep = _causal_keep(N, M, q.device)
     keep = keep.expand(B, H2, N, M)
     if key_padding_mask is not None:
         keep = keep & ~key_padding_mask[:, None, None, :]
@@ -112,7 +79,7 @@ def differential_maps(q, k, *, lambda_, causal=False, key_padding_mask=None,
     row_has_key = keep.any(-1, keepdim=True)
     probs = torch.softmax(scores.masked_fill(~row_has_key, 0.0), dim=-1) * row_has_key
     a1, a2 = probs[:, 0::2], probs[:, 1::2]
-    return a1, a2, a1 - lambda_for_maps(lambda_, H, q.dtype, q.device) * a2
+    return a1, a2, a1 - _lambda_for_maps(lambda_, H, q.dtype, q.device) * a2
 
 
 def diff_attention_ref(q, k, v, lambda_, *, causal=False, key_padding_mask=None, scale=None,
@@ -126,14 +93,14 @@ def diff_attention_ref(q, k, v, lambda_, *, causal=False, key_padding_mask=None,
     B, N, H2, d = q.shape
     Hk = v.shape[2]
     H = H2 // 2
-    *_, diff = differential_maps(q, k, lambda_=lambda_, causal=causal,
+    *_, diff = differential_maps_ref(q, k, lambda_=lambda_, causal=causal,
                                  key_padding_mask=key_padding_mask, scale=scale,
                                  attn_bias=attn_bias)
     v_heads = v.repeat_interleave(H // Hk, dim=2)  # (B, M, H, 2d)
     x = torch.einsum("bhnm,bmhe->bnhe", diff, v_heads)
     if norm_weight is None:
         return x * out_scale
-    return rms_norm_epilogue(x, norm_weight, eps, out_scale)
+    return _rms_norm(x, norm_weight, eps, out_scale)
 
 
 def diff_attention_v2_ref(q, k, v, lambda_, *, causal=False, key_padding_mask=None, scale=None):
@@ -145,6 +112,6 @@ def diff_attention_v2_ref(q, k, v, lambda_, *, causal=False, key_padding_mask=No
     """
     H, Hk = q.shape[2] // 2, k.shape[2]
     # Both maps of a pair read their group's single key head: as a V1 key pair, it is repeated.
-    *_, diff = differential_maps(q, k.repeat_interleave(2, dim=2), lambda_=lambda_,
+    *_, diff = differential_maps_ref(q, k.repeat_interleave(2, dim=2), lambda_=lambda_,
                                  causal=causal, key_padding_mask=key_padding_mask, scale=scale)
     return torch.einsum("bhnm,bmhe->bnhe", diff, v.repeat_interleave(H // Hk, dim=2))

@@ -4,7 +4,7 @@ V2 reference compose it. This is the ``backend="torch"`` path: it runs anywhere 
 supports what the fused kernels do not (dropout, arbitrary additive masks), and no step of it
 waits for the device (no host synchronisation).
 
-Layouts as in diffattn.reference:
+Layouts as in diffattn.functional:
     V1  q (B, N, 2H, d), k (B, M, 2Hk, d), v (B, M, Hk, 2d) -> (B, N, H, 2d): two SDPA calls
         (one per map), the difference and optionally the per-head RMSNorm.
     V2  q (B, N, 2H, d), k (B, M, Hk, d), v (B, M, Hk, d) -> (B, N, H, d): one SDPA call over
@@ -14,11 +14,36 @@ from __future__ import annotations
 
 from typing import Optional
 
+import math
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from .reference import causal_keep_mask, lambda_for_maps, rms_norm_epilogue
+from .lambdas import lambda_for_maps
+from .masks import causal_keep_mask
+
+
+def rms_norm_epilogue(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                      out_scale: float) -> torch.Tensor:
+    """Per-head RMSNorm over the last dim, times the weight, times out_scale.
+
+    Computed in float32 (float64 for float64 inputs) and cast back to x's dtype, as the
+    DiffCLIP release does.
+    """
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.to(compute)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.to(compute)
+    return (y * out_scale).to(x.dtype)
+
+
+def zero_padding_keys(t: torch.Tensor, key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """t (B, M, heads, dim) with the rows of padding keys (key_padding_mask (B, M), True =
+    ignore) set to 0, so that a NaN or inf there reaches no output or gradient (a masked
+    probability is 0, and 0 times NaN is NaN). Their gradient is 0."""
+    if key_padding_mask is None:
+        return t
+    return t.masked_fill(key_padding_mask[:, :, None, None], 0.0)
 
 
 def _sdpa_masks(B, H2, N, M, device, dtype, causal, key_padding_mask, attn_bias):
@@ -78,6 +103,7 @@ def diff_attention_torch(q, k, v, lam: torch.Tensor, *, causal=False,
     B, N, H2, d = q.shape
     M, Hk = v.shape[1], v.shape[2]
     H = H2 // 2
+    k, v = zero_padding_keys(k, key_padding_mask), zero_padding_keys(v, key_padding_mask)
     q1, q2 = rearrange(q, "b n (h two) d -> two b h n d", two=2)
     k1, k2 = rearrange(k, "b m (g two) d -> two b g m d", two=2)
     vh = rearrange(v, "b m g e -> b g m e")
@@ -110,6 +136,7 @@ def diff_attention_v2_torch(q, k, v, lambda_, *, causal=False,
     to every map."""
     B, N, H2, d = q.shape
     M = k.shape[1]
+    k, v = zero_padding_keys(k, key_padding_mask), zero_padding_keys(v, key_padding_mask)
     bias, is_causal, row_valid = _sdpa_masks(B, H2, N, M, q.device, q.dtype, causal,
                                              key_padding_mask, attn_bias)
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -122,3 +149,41 @@ def diff_attention_v2_torch(q, k, v, lambda_, *, causal=False,
         valid1, valid2 = _pair_maps(row_valid, H2)
         x = x * (valid1 & valid2)
     return x.transpose(1, 2).to(q.dtype)
+
+
+def differential_maps(q, k, *, lambda_, causal=False, key_padding_mask=None,
+                      scale=None, attn_bias=None):
+    """Both softmax maps and their difference, each (B, H, N, M), in q's dtype: the attention
+    weights a layer returns with need_weights=True.
+
+    q (B, N, 2H, d), k (B, M, 2Hk, d) (a V2 layer passes its keys repeated as pairs); lambda_
+    a float, (), (H,) or (B, N, H). attn_bias, if given, is an additive float (or bool
+    keep=False -> -inf) bias broadcastable to (B, 2H, N, M), applied to the scores of every
+    q/k head before the softmax. Rows with no visible key are all zeros; padding keys get
+    exactly 0 whatever their values.
+    """
+    B, N, H2, d = q.shape
+    M, Hk2 = k.shape[1], k.shape[2]
+    H, Hk = H2 // 2, Hk2 // 2
+    scale = d ** -0.5 if scale is None else scale
+    k = zero_padding_keys(k, key_padding_mask)
+    # Repeat each key group's pair of heads for the H // Hk differential heads that read it.
+    k_heads = k.reshape(B, M, Hk, 2, d).repeat_interleave(H // Hk, dim=2).reshape(B, M, H2, d)
+    scores = torch.einsum("bnhd,bmhd->bhnm", q, k_heads) * scale
+    keep = torch.ones(N, M, dtype=torch.bool, device=q.device)
+    if causal:
+        keep = causal_keep_mask(N, M, q.device)
+    keep = keep.expand(B, H2, N, M)
+    if key_padding_mask is not None:
+        keep = keep & ~key_padding_mask[:, None, None, :]
+    if attn_bias is not None:
+        if attn_bias.dtype == torch.bool:
+            keep = keep & ~attn_bias
+        else:
+            scores = scores + attn_bias
+            keep = keep & ~torch.isneginf(attn_bias)
+    scores = scores.masked_fill(~keep, -math.inf)
+    row_has_key = keep.any(-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(~row_has_key, 0.0), dim=-1) * row_has_key
+    a1, a2 = probs[:, 0::2], probs[:, 1::2]
+    return a1, a2, a1 - lambda_for_maps(lambda_, H, q.dtype, q.device) * a2

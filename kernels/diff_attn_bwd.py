@@ -33,8 +33,8 @@ from .config import RED_COLS, RED_ROWS, ROWS_BLOCK_M, cdiv, head_block, rows_war
 from .diff_attn_fwd import LOG2E, dot_precision, lambda_flags, lambda_strides
 from .launch import Launcher
 from .tiles import (causal_key_end, causal_keep, full_tiles_end, key_keep, load_head_pair,
-                    load_key_value_tiles, load_lambda_rows, load_lambda_vectors, load_tile,
-                    program_lambda, query_key_keep)
+                    load_kept_key_value_tiles, load_key_value_tiles, load_lambda_rows,
+                    load_lambda_vectors, load_tile, program_lambda, query_key_keep)
 from .tuning import BWD_TILES
 
 # dlambda reduction modes (DLAM_REDUCE): lambda per row and head (no reduction: the row pass
@@ -197,11 +197,18 @@ def _dkdv_program(tile, bg, Q, K, V, LAM, KPM, DO, LSE, DELTA, DK, DV,
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    k1, k2, v = load_key_value_tiles(K + b * stride_kb + key_heads * g * stride_kh,
-                                     V + b * stride_vb + g * stride_vh, stride_kh, stride_km,
-                                     stride_vm, tile * BLOCK_N, M, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
-                                     BLOCK_DV, KEY_PAIR, True, BLOCK_N)
     col_keep = key_keep(KPM + b * stride_kpm_b, cols, M, HAS_KPM)
+    if HAS_KPM:  # padding keys read as 0: no NaN/inf there reaches dK
+        k1, k2, v = load_kept_key_value_tiles(K + b * stride_kb + key_heads * g * stride_kh,
+                                              V + b * stride_vb + g * stride_vh, stride_kh,
+                                              stride_km, stride_vm, tile * BLOCK_N, col_keep,
+                                              HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR,
+                                              BLOCK_N)
+    else:
+        k1, k2, v = load_key_value_tiles(K + b * stride_kb + key_heads * g * stride_kh,
+                                         V + b * stride_vb + g * stride_vh, stride_kh,
+                                         stride_km, stride_vm, tile * BLOCK_N, M, HEAD_DIM,
+                                         HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR, True, BLOCK_N)
     dk1 = tl.zeros([BLOCK_N, BLOCK_D], dtype=acc_dtype)
     dk2 = tl.zeros([BLOCK_N, BLOCK_D], dtype=acc_dtype)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=acc_dtype)
@@ -269,9 +276,16 @@ def _dq_key_tiles(q1, q2, do, dq1, dq2, lse1, lse2, d1, d2, lam, rows, start, en
     """Accumulate a query tile's dq over the key tiles [start, end)."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k1, k2, v = load_key_value_tiles(k_base, v_base, stride_kh, stride_km, stride_vm,
-                                         start_n, M, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-                                         KEY_PAIR, MASKED, BLOCK_N)
+        if MASKED and HAS_KPM:  # padding keys read as 0: p = 0 times NaN/inf would be NaN
+            k1, k2, v = load_kept_key_value_tiles(k_base, v_base, stride_kh, stride_km,
+                                                  stride_vm, start_n,
+                                                  key_keep(kpm_row, cols, M, HAS_KPM), HEAD_DIM,
+                                                  HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR,
+                                                  BLOCK_N)
+        else:
+            k1, k2, v = load_key_value_tiles(k_base, v_base, stride_kh, stride_km, stride_vm,
+                                             start_n, M, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+                                             BLOCK_DV, KEY_PAIR, MASKED, BLOCK_N)
         keep = None
         if MASKED:
             keep = query_key_keep(kpm_row, rows, cols, N, M, HAS_KPM, CAUSAL)

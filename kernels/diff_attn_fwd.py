@@ -47,8 +47,9 @@ import triton.language as tl
 from . import tma
 from .config import cdiv, head_block
 from .launch import Launcher
-from .tiles import (causal_key_end, full_tiles_end, load_head_pair, load_key_value_tiles,
-                    load_lambda_rows, online_softmax_step, program_lambda, query_key_keep)
+from .tiles import (causal_key_end, full_tiles_end, key_keep, load_head_pair,
+                    load_key_value_tiles, load_lambda_rows, online_softmax_step, program_lambda,
+                    query_key_keep)
 from .tuning import FWD_TILES
 
 LOG2E = 1.4426950408889634
@@ -80,6 +81,8 @@ def _attend_key_tiles(q1, q2, k_base, v_base, k1_desc, k2_desc, v_desc, kpm_row,
         keep = None
         if MASKED:
             keep = query_key_keep(kpm_row, rows, cols, N, M, HAS_KPM, CAUSAL)
+            if HAS_KPM:  # padding keys' values read as 0: p = 0 times a NaN/inf value is NaN
+                v = tl.where(key_keep(kpm_row, cols, M, HAS_KPM)[:, None], v, 0.0)
         s1 = tl.dot(q1, tl.trans(k1), input_precision=PRECISION).to(acc1.dtype)
         m1, l1, acc1 = online_softmax_step(s1, keep, m1, l1, acc1, v, qk_scale, MASKED,
                                            PRECISION)

@@ -116,6 +116,29 @@ def load_key_value_tiles(k_base, v_base, stride_kh, stride_km, stride_vm, start,
 
 
 @triton.jit
+def load_kept_key_value_tiles(k_base, v_base, stride_kh, stride_km, stride_vm, start, kept,
+                              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                              KEY_PAIR: tl.constexpr, BLOCK_N: tl.constexpr):
+    """load_key_value_tiles for key rows start .. start + BLOCK_N - 1 where only the rows with
+    ``kept`` (BLOCK_N,) True are read (see key_keep: in range and not padding); the others
+    read as zero, so that a NaN or inf in a padding key's row never meets a zero probability
+    (0 times NaN is NaN)."""
+    local = tl.arange(0, BLOCK_N)[:, None]
+    offs_d = tl.arange(0, BLOCK_D)[None, :]
+    offs_dv = tl.arange(0, BLOCK_DV)[None, :]
+    k_ptrs = (k_base + tl.cast(start, tl.int64) * stride_km) + (local * stride_km + offs_d)
+    k_mask = kept[:, None] & (offs_d < HEAD_DIM)
+    k1 = tl.load(k_ptrs, mask=k_mask, other=0.0)
+    k2 = k1
+    if KEY_PAIR:
+        k2 = tl.load(k_ptrs + stride_kh, mask=k_mask, other=0.0)
+    v_ptrs = (v_base + tl.cast(start, tl.int64) * stride_vm) + (local * stride_vm + offs_dv)
+    v = tl.load(v_ptrs, mask=kept[:, None] & (offs_dv < HEAD_DIM_V), other=0.0)
+    return k1, k2, v
+
+
+@triton.jit
 def query_key_keep(kpm_row, rows, cols, N, M, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr):
     """(len(rows), len(cols)) True where query ``rows`` see key ``cols``: the key exists, is not
     padding and, with CAUSAL, is on or below the bottom-right diagonal."""

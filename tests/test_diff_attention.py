@@ -394,6 +394,12 @@ def _bad_inputs():
     yield "eps inf", dict(ok, eps=float("inf")), ValueError, "eps must be a positive finite"
     yield "out_scale nan", dict(ok, out_scale=float("nan")), ValueError, "out_scale must be"
     yield "lambda bool", dict(ok, lambda_=True), TypeError, "lambda_ must be a float"
+    yield "lambda nan", dict(ok, lambda_=float("nan")), ValueError, "lambda_ must be a finite"
+    yield "lambda inf", dict(ok, lambda_=float("-inf")), ValueError, "lambda_ must be a finite"
+    yield ("lambda tensor nan", dict(ok, lambda_=torch.tensor([0.5, float("nan")])), ValueError,
+           "lambda_ must be finite")
+    yield ("lambda tensor inf", dict(ok, lambda_=torch.tensor(float("inf"))), ValueError,
+           "lambda_ must be finite")
     yield "backend", dict(ok, backend="cuda"), ValueError, "backend must be one of"
     yield ("attn_mask shape", dict(ok, attn_mask=torch.zeros(5, 5)), ValueError,
            "attn_mask must have shape")

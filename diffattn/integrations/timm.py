@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 from ..backend import check_backend_name, resolve_layer_backend, warn_once
 from ..functional import run_diff_attention
-from ..reference import LambdaVectors
+from ..lambdas import LambdaVectors
 
 __all__ = ["FusedDiffAttention", "fuse_diff_attention"]
 

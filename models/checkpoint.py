@@ -10,7 +10,11 @@
   diffattn's own files).
 - ``save_checkpoint`` / ``read_checkpoint_metadata`` write and read diffattn's own format:
   a safetensors file whose metadata is ``{"format": "diffattn", "config": <json>}``.
-- ``check_keys`` compares a state dict (or its shapes) against the expected names and shapes.
+- ``check_keys`` compares a state dict (or its shapes) against the expected names and shapes;
+  ``check_floating_dtypes`` refuses integer or bool tensors where the model's are floating
+  (loading would cast them silently).
+- ``check_is_file`` / ``describe_non_file``: a path that is a directory, a device or a symbolic
+  link loop gets an error saying so, not "not found".
 
 A file that cannot be used raises ``CheckpointError`` (a ``ValueError``) whose message names
 the path and what is wrong: ``CheckpointNotFoundError`` (also a ``FileNotFoundError``) when
@@ -135,9 +139,63 @@ def _unwrap_state_dict(checkpoint, path: str) -> dict:
     return _without_data_parallel_prefix(checkpoint)
 
 
-def _check_is_file(path: str) -> None:
-    if not os.path.isfile(path):
-        raise CheckpointNotFoundError(f"checkpoint file not found: {path!r}")
+def describe_non_file(path: str) -> str | None:
+    """None when ``path`` is (or links to) a regular file; else what it is instead, in words:
+    "no such file", "a directory", "a symbolic link loop", "a character device", ..."""
+    import errno
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "a symbolic link loop (resolving it never ends at a file)"
+        if error.errno == errno.ENOENT and os.path.islink(path):
+            return f"a broken symbolic link (to {os.readlink(path)!r}, which does not exist)"
+        if error.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "no such file"
+        return f"not accessible ({error.strerror or error})"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISDIR, "a directory, not a checkpoint file"),
+             (stat.S_ISCHR, "a character device, not a checkpoint file"),
+             (stat.S_ISBLK, "a block device, not a checkpoint file"),
+             (stat.S_ISFIFO, "a named pipe, not a checkpoint file"),
+             (stat.S_ISSOCK, "a socket, not a checkpoint file"))
+    return next((kind for test, kind in kinds if test(mode)), "not a regular file")
+
+
+def check_is_file(path: str, what: str = "checkpoint") -> None:
+    """Raise unless ``path`` is a regular file: CheckpointNotFoundError when nothing is there,
+    CheckpointError saying what it is instead (a directory, a device, a link loop, ...)."""
+    problem = describe_non_file(path)
+    if problem == "no such file":
+        raise CheckpointNotFoundError(f"{what} file not found: {path!r}")
+    if problem is not None:
+        raise CheckpointError(f"{what} {path!r} is {problem}")
+
+
+
+def check_floating_dtypes(state_dict: dict, expected: dict, path: str) -> None:
+    """Refuse tensors whose dtype is not floating where the model's is.
+
+    Args:
+        state_dict: ``{name: tensor}`` read from ``path``.
+        expected: ``{name: dtype}`` of the model's tensors; a name the model lacks counts as
+            floating (it is converted into floating parameters, e.g. plain attention weights).
+        path: the file, for the message.
+
+    Raises:
+        CheckpointError: naming the file, the first offending keys and their dtypes (loading
+            would silently cast, e.g. int32 or bool weights).
+    """
+    wrong = [f"{key} ({tensor.dtype})" for key, tensor in state_dict.items()
+             if not (tensor.is_floating_point() or tensor.is_complex())
+             and (key not in expected or expected[key].is_floating_point)]
+    if wrong:
+        shown = ", ".join(wrong[:5]) + (f", ... ({len(wrong)} in all)" if len(wrong) > 5 else "")
+        raise CheckpointError(f"checkpoint {path!r} holds tensors whose dtype is not floating "
+                              f"where the model's are: {shown}")
 
 
 def _safetensors_error(path: str, error: Exception) -> CheckpointError:
@@ -155,13 +213,15 @@ def load_state_dict_file(path) -> dict[str, torch.Tensor]:
 
     Raises:
         CheckpointNotFoundError: no such file (also a FileNotFoundError).
+        CheckpointError: ``path`` is a directory, a device, a symbolic link loop, ... (the
+            message says which).
         UnsafeCheckpointError: the pickle needs an object outside the allow-list (see
             ``_allowed_checkpoint_globals``); nothing was executed.
         CheckpointError: an empty, truncated or corrupt file, or one that holds no dict of
             tensors with string keys.
     """
     path = os.fspath(path)
-    _check_is_file(path)
+    check_is_file(path)
     if path.endswith(".safetensors"):
         try:
             checkpoint = safetensors.torch.load_file(path, device="cpu")
@@ -195,7 +255,7 @@ def read_safetensors_header(path) -> tuple[dict[str, tuple], dict]:
         CheckpointError: not a readable safetensors file.
     """
     path = os.fspath(path)
-    _check_is_file(path)
+    check_is_file(path)
     try:
         with safetensors.safe_open(path, framework="pt") as checkpoint_file:
             metadata = checkpoint_file.metadata() or {}
@@ -335,7 +395,7 @@ def read_checkpoint_metadata(path) -> dict | None:
         CheckpointError: unreadable file, or diffattn metadata without a JSON config.
     """
     path = os.fspath(path)
-    _check_is_file(path)
+    check_is_file(path)
     if not path.endswith(".safetensors"):
         return None
     _, metadata = read_safetensors_header(path)

@@ -51,8 +51,8 @@ from diffattn.module_v2 import INITIAL_LAMBDA
 from diffattn.user_warnings import warn_at_user_code
 
 from .augment import make_train_transform
-from .checkpoint import (DIFFATTN_FORMAT, CheckpointError, CheckpointNotFoundError, check_keys,
-                         detect_layout, diffattn_config_from_metadata, load_state_dict_file,
+from .checkpoint import (DIFFATTN_FORMAT, CheckpointError, CheckpointNotFoundError,
+                         check_floating_dtypes, check_keys, describe_non_file, detect_layout, diffattn_config_from_metadata, load_state_dict_file,
                          read_safetensors_header, save_checkpoint)
 from .clip import ATTENTIONS, CLIP, CLIPConfig
 from .tokenizer import tokenize
@@ -221,8 +221,10 @@ def create_model(name: Union[str, CLIPConfig, None], pretrained=None, *,
 
     Raises:
         ValueError: unknown name; bad attention.
-        CheckpointError (a ValueError), naming the file: unreadable, empty, truncated or
-            corrupt file; a checkpoint in another layout, with another saved config or an
+        CheckpointError (a ValueError), naming the file: a path that is a directory, a
+            device or a symbolic link loop (the message says which); unreadable, empty,
+            truncated or corrupt file; a tensor whose dtype is not floating where the model's
+            is (the key named); a checkpoint in another layout, with another saved config or an
             invalid one; tensors that do not fit the config (missing, unexpected and
             mis-shaped ones listed), found before the model is built.
         UnsafeCheckpointError (a CheckpointError): the pickle needs objects outside the
@@ -266,6 +268,8 @@ def create_model(name: Union[str, CLIPConfig, None], pretrained=None, *,
     model = CLIP(config, backend=backend, device=device, dtype=dtype)
     if state_dict is None:
         state_dict = load_state_dict_file(path)
+    check_floating_dtypes(state_dict, {key: value.dtype for key, value in model.state_dict().items()},
+                          path)
     state_dict, warm = _from_plain_attention(state_dict, layers)
     model.load_state_dict(state_dict, strict=True)
     if warm:
@@ -294,7 +298,10 @@ def _check_pretrained_file(pretrained) -> str:
         raise TypeError(f"pretrained must be a file path (str or os.PathLike) or None, got "
                         f"{type(pretrained).__name__}")
     path = os.fspath(pretrained)
-    if not os.path.isfile(path):
+    problem = describe_non_file(path)
+    if problem is not None and problem != "no such file":
+        raise CheckpointError(f"pretrained {path!r} is {problem}; pass the path of a checkpoint file")
+    if problem is not None:
         raise PretrainedNotFoundError(
             f"checkpoint file not found: {path!r}. pretrained must be a local file (diffattn "
             "downloads nothing): a DiffCLIP release checkpoint (e.g. "

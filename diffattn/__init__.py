@@ -20,7 +20,7 @@
 from .backend import BACKENDS, BackendFallbackWarning, resolve_backend
 from .convert import plain_to_v2_state_dict, replace_attention
 from .functional import diff_attention, diff_attention_v2
-from .module import DiffMultiheadAttention, HeadRMSNorm, lambda_init_for_depth
+from .module import DiffMultiheadAttention, HeadRMSNorm, check_lambda_init, lambda_init_for_depth
 from .module_v2 import DiffMultiheadAttentionV2
 from .reference import causal_keep_mask, diff_attention_ref, diff_attention_v2_ref
 
@@ -33,6 +33,7 @@ __all__ = [
     "DiffMultiheadAttentionV2",
     "HeadRMSNorm",
     "causal_keep_mask",
+    "check_lambda_init",
     "diff_attention",
     "diff_attention_ref",
     "diff_attention_v2",

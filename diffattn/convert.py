@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from .backend import check_backend_name
-from .module import DiffMultiheadAttention, lambda_init_for_depth
+from .module import DiffMultiheadAttention, check_lambda_init, lambda_init_for_depth
 from .module_v2 import INITIAL_LAMBDA, DiffMultiheadAttentionV2
 
 __all__ = ["check_plain_for_v2", "plain_to_v2_state_dict", "replace_attention"]
@@ -188,6 +188,7 @@ def _check_lambda_init(lambda_init) -> None:
         return
     if isinstance(lambda_init, bool) or not isinstance(lambda_init, (int, float)):
         raise TypeError(f"lambda_init must be \"depth\" or a float, got {lambda_init!r}")
+    check_lambda_init(lambda_init)
 
 
 def _converted(layer: nn.MultiheadAttention, lambda_init: float,

@@ -34,9 +34,38 @@ _SEPARATE = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
 _LAMBDAS = ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")
 
 
+def check_lambda_init(lambda_init, name: str = "lambda_init") -> float:
+    """``lambda_init`` as a float, or a TypeError/ValueError naming ``name`` and why.
+
+    It must be a finite number strictly between 0 and 1. The layer's output is scaled by
+    ``1 - lambda_init``: at 1 the output is 0 and the q/k/v projections and lambda vectors get
+    no gradient, above 1 its sign flips; at 0 or below lambda starts at or below zero, so the
+    second map is added instead of subtracted.
+    """
+    if isinstance(lambda_init, bool) or not isinstance(lambda_init, (int, float)):
+        raise TypeError(f"{name} must be a float in (0, 1), got {lambda_init!r}")
+    if not math.isfinite(lambda_init):
+        raise ValueError(f"{name} must be finite (a float in (0, 1)), got {lambda_init!r}")
+    if lambda_init >= 1:
+        raise ValueError(
+            f"{name} must lie in (0, 1), got {lambda_init!r}: the output is scaled by "
+            f"1 - lambda_init, so at 1 it is zero and the projections get no gradient "
+            f"(above 1 its sign flips)")
+    if lambda_init <= 0:
+        raise ValueError(
+            f"{name} must lie in (0, 1), got {lambda_init!r}: lambda would start at or below "
+            f"zero, adding the second softmax map instead of subtracting it")
+    return float(lambda_init)
+
+
 def lambda_init_for_depth(layer_index: int) -> float:
-    """The Differential Transformer's schedule: 0.8 - 0.6 * exp(-0.3 * layer_index), index from 0.
-    (DiffCLIP uses a constant 0.8; the paper calls this depth schedule DiffCLIP*.)"""
+    """The Differential Transformer's schedule: 0.8 - 0.6 * exp(-0.3 * layer_index), index from 0
+    (0.2 at the first layer, rising towards 0.8). (DiffCLIP uses a constant 0.8; the paper calls
+    this depth schedule DiffCLIP*.)"""
+    if isinstance(layer_index, bool) or not isinstance(layer_index, int):
+        raise TypeError(f"layer_index must be an int, got {type(layer_index).__name__}")
+    if layer_index < 0:
+        raise ValueError(f"layer_index must be >= 0 (layers count from 0), got {layer_index}")
     return 0.8 - 0.6 * math.exp(-0.3 * layer_index)
 
 
@@ -91,8 +120,9 @@ class DiffMultiheadAttention(nn.Module):
         batch_first: (B, N, E) inputs if True, else (N, B, E).
         kdim, vdim: widths of key and value inputs (default embed_dim), as in
             nn.MultiheadAttention; with other widths the three projections are separate.
-        lambda_init: constant added to lambda; the output is scaled by (1 - lambda_init).
-            See lambda_init_for_depth for the depth schedule.
+        lambda_init: constant added to lambda, in (0, 1); the output is scaled by
+            (1 - lambda_init), so 1 would zero it (ValueError). See lambda_init_for_depth for
+            the depth schedule.
         num_kv_heads: key maps for grouped-query attention, counted like num_heads (even, divides
             num_heads); k and v projections have num_kv_heads * d outputs.
         backend: "auto" | "triton" | "torch".
@@ -113,8 +143,7 @@ class DiffMultiheadAttention(nn.Module):
                  dtype=None):
         super().__init__()
         num_kv_heads = check_head_counts(embed_dim, num_heads, num_kv_heads, dropout)
-        if not (isinstance(lambda_init, (int, float)) and math.isfinite(lambda_init)):
-            raise ValueError(f"lambda_init must be finite (a float), got {lambda_init!r}")
+        lambda_init = check_lambda_init(lambda_init)
         check_backend_name(backend)
         factory = {"device": device, "dtype": dtype}
         self.embed_dim = embed_dim

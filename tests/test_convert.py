@@ -156,6 +156,8 @@ def test_bad_arguments():
         diffattn.replace_attention("model")
     with pytest.raises(TypeError, match="lambda_init must be \"depth\" or a float"):
         diffattn.replace_attention(nn.Sequential(), lambda_init="deep")
+    with pytest.raises(ValueError, match=r"lambda_init must lie in \(0, 1\).*no gradient"):
+        diffattn.replace_attention(nn.Sequential(), lambda_init=1.0)
     with pytest.raises(ValueError, match="backend"):
         diffattn.replace_attention(nn.Sequential(), backend="gpu")
 

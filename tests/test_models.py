@@ -166,6 +166,8 @@ def test_unknown_model_name_lists_available():
     (lambda d: d["text"].update(mlp_ratio=float("inf")), "text.mlp_ratio must be finite"),
     (lambda d: d.update(lambda_init=float("nan")), "lambda_init must be finite, got nan"),
     (lambda d: d.update(lambda_init=float("-inf")), "lambda_init must be finite"),
+    (lambda d: d.update(lambda_init=1.0), "lambda_init must lie in \\(0, 1\\).*no gradient"),
+    (lambda d: d.update(lambda_init=0.0), "lambda_init must lie in \\(0, 1\\)"),
 ])
 def test_config_validation(change, message):
     data = get_config("DiffCLIP-Tiny").to_dict()

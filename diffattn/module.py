@@ -84,6 +84,26 @@ class HeadRMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+def check_plain_for_v1(layer: nn.MultiheadAttention, name: Optional[str] = None) -> None:
+    """Raise if ``layer`` cannot become a DiffMultiheadAttention (``from_plain``).
+
+    Raises:
+        TypeError: ``layer`` is not an nn.MultiheadAttention.
+        ValueError (naming the layer when ``name`` is given): an odd num_heads (two softmax
+            maps per differential head), add_bias_kv or add_zero_attn.
+    """
+    if not isinstance(layer, nn.MultiheadAttention):
+        raise TypeError(f"mha must be an nn.MultiheadAttention, got {type(layer).__name__}")
+    what = "from_plain" if name is None else f"layer {name!r}"
+    if layer.num_heads % 2:
+        raise ValueError(f"{what} has num_heads={layer.num_heads}: differential attention "
+                         f"needs an even number of heads (two softmax maps per differential "
+                         f"head); variant=\"v2\" (DiffMultiheadAttentionV2) takes any head count")
+    if layer.bias_k is not None or layer.add_zero_attn:
+        raise ValueError(f"{what} uses add_bias_kv or add_zero_attn, which "
+                         f"DiffMultiheadAttention does not have")
+
+
 def check_head_counts(embed_dim, num_heads, num_kv_heads, dropout) -> int:
     """Validate nn.MultiheadAttention-style head arguments of a differential layer (heads
     counted as softmax maps: even) and return num_kv_heads with its default filled in."""
@@ -201,6 +221,55 @@ class DiffMultiheadAttention(nn.Module):
     def compute_lambda(self) -> Tensor:
         """0-dim fp32: exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init, shared by all heads."""
         return LambdaVectors(self.lambda_vectors.float(), self.lambda_init).value()
+
+    # ---------------------------------------------------------------- from plain attention
+    @classmethod
+    def from_plain(cls, mha: nn.MultiheadAttention, *, lambda_init: float = 0.8,
+                   backend: str = "auto") -> "DiffMultiheadAttention":
+        """A differential layer warm-started from ``mha``: the same arguments (embed_dim,
+        num_heads as softmax maps, dropout, bias, batch_first, kdim, vdim), device, dtype and
+        training mode, and its q/k/v/out projection weights. Plain heads 2h and 2h+1 become the
+        two maps of differential head h; the lambda vectors and norm weight are newly
+        initialised (see ``reset_parameters``). A starting point for fine-tuning, not an
+        equivalent layer.
+
+        Raises:
+            TypeError: ``mha`` is not an nn.MultiheadAttention.
+            ValueError: an odd num_heads, add_bias_kv or add_zero_attn; lambda_init outside
+                (0, 1).
+        """
+        check_plain_for_v1(mha)
+        weight = mha.out_proj.weight
+        layer = cls(mha.embed_dim, mha.num_heads, dropout=mha.dropout,
+                    bias=mha.in_proj_bias is not None, batch_first=mha.batch_first,
+                    kdim=mha.kdim, vdim=mha.vdim, lambda_init=lambda_init, backend=backend,
+                    device=weight.device, dtype=weight.dtype)
+        layer.load_state_dict(mha.state_dict(), strict=True)
+        return layer.train(mha.training)
+
+    def plain_state_dict_shapes(self) -> dict:
+        """{name: shape} of the nn.MultiheadAttention state dict this layer is warm-started
+        from (``state_dict_from_plain``): its packed ``in_proj_weight`` (or
+        ``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` with kdim/vdim), and
+        ``in_proj_bias``, ``out_proj.*``."""
+        rows = sum(self._sizes)
+        if self._packed:
+            shapes = {"in_proj_weight": torch.Size([rows, self.embed_dim])}
+        else:
+            shapes = {name: torch.Size([size, width]) for name, size, width in
+                      zip(_SEPARATE, self._sizes, (self.embed_dim, self.kdim, self.vdim))}
+        shapes["out_proj.weight"] = self.out_proj.weight.shape
+        if self.in_proj_bias is not None:
+            shapes["in_proj_bias"] = torch.Size([rows])
+            shapes["out_proj.bias"] = self.out_proj.bias.shape
+        return shapes
+
+    def state_dict_from_plain(self, plain: dict) -> tuple:
+        """(the state dict to load, the names of the tensors it leaves new) for one plain
+        layer's state dict. The layer loads nn.MultiheadAttention's layouts itself, keeping
+        its lambda vectors and norm weight as initialised, so the plain tensors pass as they
+        are. Used for warm starts of whole models from plain checkpoints."""
+        return dict(plain), _LAMBDAS + ("diff_norm.weight",)
 
     def extra_repr(self) -> str:
         dims = "" if self._packed else f", kdim={self.kdim}, vdim={self.vdim}"

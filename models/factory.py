@@ -45,8 +45,7 @@ from typing import Optional, Union
 import torch
 from torch.overrides import TorchFunctionMode
 
-from diffattn import DiffMultiheadAttention, DiffMultiheadAttentionV2, plain_to_v2_state_dict
-from diffattn.convert import PLAIN_KEYS
+from diffattn import DiffMultiheadAttention, DiffMultiheadAttentionV2
 from diffattn.module_v2 import INITIAL_LAMBDA
 from diffattn.user_warnings import warn_at_user_code
 
@@ -314,16 +313,11 @@ def _check_pretrained_file(pretrained) -> str:
 
 
 # --------------------------------------------------------------------------- warm start
-# The DiffCLIP names of the projections that nn.MultiheadAttention packs into in_proj_*.
-_PACKED_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
-# What a V2 layer's warm start derives (q_proj) or initialises (lambda_proj).
-_V2_DERIVED = ("q_proj.weight", "q_proj.bias", "lambda_proj.weight", "lambda_proj.bias")
-
-
 def _plain_attention_layers(model: CLIP, state_dict: dict) -> dict:
     """{name: layer} of the differential attention layers (V1 or V2) of ``model`` whose
     weights the file holds in nn.MultiheadAttention's packed layout
-    (``<name>.in_proj_weight``)."""
+    (``<name>.in_proj_weight``). Each such layer converts plain weights itself
+    (``plain_state_dict_shapes``, ``state_dict_from_plain``)."""
     return {name: module for name, module in model.named_modules()
             if isinstance(module, (DiffMultiheadAttention, DiffMultiheadAttentionV2))
             and f"{name}.in_proj_weight" in state_dict}
@@ -331,26 +325,15 @@ def _plain_attention_layers(model: CLIP, state_dict: dict) -> dict:
 
 def _expect_plain_attention(expected: dict, layers: dict) -> dict:
     """The expected {name: shape} for a file with plain attention weights for ``layers``:
-    each layer's per-projection tensors are expected as nn.MultiheadAttention's
-    ``in_proj_weight`` (the plain q, k and v rows stacked) and ``in_proj_bias``, and
-    ``out_proj.*`` as they are. What plain attention does not have (V1's lambda vectors and
-    norm weight, V2's lambda_proj) is not expected."""
+    each layer's own tensors are replaced by the plain ones it converts from
+    (``layer.plain_state_dict_shapes()``: the packed ``in_proj_*`` and ``out_proj.*``)."""
     expected = dict(expected)
     for name, layer in layers.items():
         prefix = name + "."
-        v2 = isinstance(layer, DiffMultiheadAttentionV2)
-        projections = _PACKED_PROJECTIONS + (("lambda_proj",) if v2 else ())
-        shapes = {proj: expected.pop(f"{prefix}{proj}.weight") for proj in projections}
-        biases = [expected.pop(f"{prefix}{proj}.bias", None) for proj in projections]
-        # A V2 layer's q_proj has 2h heads; the plain layer it comes from has h (E rows).
-        q_rows = layer.embed_dim if v2 else shapes["q_proj"][0]
-        rows = q_rows + shapes["k_proj"][0] + shapes["v_proj"][0]
-        expected[f"{prefix}in_proj_weight"] = torch.Size([rows, shapes["q_proj"][1]])
-        if biases[0] is not None:
-            expected[f"{prefix}in_proj_bias"] = torch.Size([rows])
-        for key in [key for key in expected if key.startswith(prefix)
-                    and not key.startswith((f"{prefix}out_proj.", f"{prefix}in_proj_"))]:
+        for key in [key for key in expected if key.startswith(prefix)]:
             del expected[key]
+        expected.update((prefix + key, shape)
+                        for key, shape in layer.plain_state_dict_shapes().items())
     return expected
 
 
@@ -358,23 +341,20 @@ def _from_plain_attention(state_dict: dict, layers: dict) -> tuple:
     """The file's plain attention weights made loadable into ``layers``, and which tensors
     the file did not give as they are.
 
-    V1 layers load the packed layout themselves; their lambda vectors and norm weight keep
-    their initialisation. V2 layers get ``diffattn.plain_to_v2_state_dict`` of their plain
-    tensors (DiffMultiheadAttentionV2.from_plain's weights): q_proj derived, lambda_proj new.
+    Each layer's ``state_dict_from_plain`` converts its plain tensors: V1 layers take them
+    as they are (their lambda vectors and norm weight keep their initialisation), V2 layers
+    get ``diffattn.plain_to_v2_state_dict`` of them (DiffMultiheadAttentionV2.from_plain's
+    weights: q_proj derived, lambda_proj new).
     Returns (state_dict, {"v1" | "v2": {layer name: names of its derived or new tensors}}).
     """
     state_dict, warm = dict(state_dict), {"v1": {}, "v2": {}}
     for name, layer in layers.items():
         prefix = name + "."
-        if isinstance(layer, DiffMultiheadAttentionV2):
-            plain = {key: state_dict.pop(prefix + key) for key in PLAIN_KEYS}
-            converted = plain_to_v2_state_dict(plain, layer.num_heads)
-            state_dict.update((prefix + key, value) for key, value in converted.items())
-            warm["v2"][name] = list(_V2_DERIVED)
-        else:
-            own = layer.state_dict(keep_vars=True)
-            warm["v1"][name] = [key for key in own if not key.startswith(
-                tuple(f"{proj}." for proj in _PACKED_PROJECTIONS + ("out_proj",)))]
+        plain = {key[len(prefix):]: state_dict.pop(key)
+                 for key in [key for key in state_dict if key.startswith(prefix)]}
+        converted, new = layer.state_dict_from_plain(plain)
+        state_dict.update((prefix + key, value) for key, value in converted.items())
+        warm["v2" if isinstance(layer, DiffMultiheadAttentionV2) else "v1"][name] = list(new)
     return state_dict, {kind: names for kind, names in warm.items() if names}
 
 

@@ -443,3 +443,76 @@ def check_keys(expected: dict[str, torch.Size], got: dict) -> None:
     ]
     if problems:
         raise ValueError("state dict does not match the model:\n" + "\n".join(problems))
+
+
+# --------------------------------------------------------------------------- layout remapping
+# open_clip's vision names -> the DiffCLIP release's (a timm VisionTransformer's); the text tower
+# and the joint tensors have the same names in both layouts.
+_OPEN_CLIP_TO_DIFFCLIP = (
+    (r"visual\.transformer\.resblocks\.(\d+)\.ln_1\.", r"visual.blocks.\1.norm1."),
+    (r"visual\.transformer\.resblocks\.(\d+)\.ln_2\.", r"visual.blocks.\1.norm2."),
+    (r"visual\.transformer\.resblocks\.(\d+)\.mlp\.c_fc\.", r"visual.blocks.\1.mlp.fc1."),
+    (r"visual\.transformer\.resblocks\.(\d+)\.mlp\.c_proj\.", r"visual.blocks.\1.mlp.fc2."),
+    (r"visual\.transformer\.resblocks\.(\d+)\.attn\.", r"visual.blocks.\1.attn."),
+    (r"visual\.conv1\.", "visual.patch_embed.proj."),
+    (r"visual\.ln_post\.", "visual.norm."),
+    (r"visual\.ln_pre\.", "visual.norm_pre."),
+)
+# Tensors whose shape changes: (open_clip name, DiffCLIP name, leading dims added).
+_OPEN_CLIP_RESHAPED = (("visual.class_embedding", "visual.cls_token", 2),
+                       ("visual.positional_embedding", "visual.pos_embed", 1),
+                       ("visual.proj", "image_projection", 0))
+
+
+def _with_leading_ones(value, count: int):
+    if count == 0:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.reshape((1,) * count + tuple(value.shape))
+    return (1,) * count + tuple(value)
+
+
+def open_clip_to_diffclip(entries: dict, *, patch_bias: bool, ln_pre: bool) -> tuple:
+    """An open_clip-layout state dict renamed into the DiffCLIP release's layout.
+
+    Args:
+        entries: ``{name: tensor}`` or ``{name: shape tuple}`` (e.g. from a safetensors
+            header) in open_clip's layout; attention layers stay in nn.MultiheadAttention's
+            packed layout (``attn.in_proj_weight``), which the differential layers convert
+            themselves (a warm start).
+        patch_bias: the target model has a bias on its patch embedding (DiffCLIP: yes). When
+            the file has none (open_clip's ``conv1`` has no bias) it is added as zeros, which
+            computes what the bias-free convolution computes.
+        ln_pre: the target model has a LayerNorm before the blocks (``visual.norm_pre``;
+            DiffCLIP: no). Without it, open_clip's ``visual.ln_pre.*`` are left out.
+
+    Returns:
+        (entries in the DiffCLIP layout, names of the file's tensors left out, names of the
+        tensors added).
+    """
+    renamed, dropped, added = {}, [], []
+    for name, value in entries.items():
+        reshaped = next((item for item in _OPEN_CLIP_RESHAPED if item[0] == name), None)
+        if reshaped is not None:
+            renamed[reshaped[1]] = _with_leading_ones(value, reshaped[2])
+            continue
+        new_name = name
+        for pattern, replacement in _OPEN_CLIP_TO_DIFFCLIP:
+            new_name, count = re.subn("^" + pattern, replacement, new_name)
+            if count:
+                break
+        if new_name.startswith("visual.norm_pre.") and not ln_pre:
+            dropped.append(name)
+            continue
+        renamed[new_name] = value
+    bias, weight = "visual.patch_embed.proj.bias", renamed.get("visual.patch_embed.proj.weight")
+    if patch_bias and bias not in renamed and weight is not None:
+        if isinstance(weight, torch.Tensor):
+            renamed[bias] = torch.zeros(weight.shape[0], dtype=weight.dtype)
+        else:
+            renamed[bias] = (weight[0],)
+        added.append(bias)
+    elif not patch_bias and bias in renamed:
+        dropped.append("visual.conv1.bias")
+        del renamed[bias]
+    return renamed, dropped, added

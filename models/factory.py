@@ -5,7 +5,11 @@ The configs are the JSON files in ``configs/`` (package data); ``list_models()``
 
 - a DiffCLIP release checkpoint (``checkpoint_best.pt``: ``state_dict`` with ``module.`` keys,
   plus epoch/optimizer/scaler/best_acc1/args) into a config with the "diffclip" layout;
-- an open_clip state dict into a config with the "open_clip" layout;
+- an open_clip state dict into a config with the "open_clip" layout, or into one with the
+  "diffclip" layout (e.g. open_clip's ViT-B-16 into "DiffCLIP-ViT-B-16"): its tensors are
+  renamed (``checkpoint.open_clip_to_diffclip``), open_clip's bias-free patch embedding gets a
+  zero bias, tensors the model lacks (``visual.ln_pre``) are left out, and the attention
+  layers are warm-started as below; one warning lists what was left out and what is new;
 - diffattn's own files (``save_pretrained``: safetensors with the config as metadata), whose
   saved config is used when no name is given and must match the named one otherwise.
 
@@ -51,7 +55,8 @@ from diffattn.user_warnings import warn_at_user_code
 
 from .augment import make_train_transform
 from .checkpoint import (DIFFATTN_FORMAT, CheckpointError, CheckpointNotFoundError,
-                         check_floating_dtypes, check_keys, describe_non_file, detect_layout, diffattn_config_from_metadata, load_state_dict_file,
+                         check_floating_dtypes, check_keys, describe_non_file, detect_layout,
+                         open_clip_to_diffclip, diffattn_config_from_metadata, load_state_dict_file,
                          read_safetensors_header, save_checkpoint)
 from .clip import ATTENTIONS, CLIP, CLIPConfig
 from .tokenizer import tokenize
@@ -259,20 +264,32 @@ def create_model(name: Union[str, CLIPConfig, None], pretrained=None, *,
         raise CheckpointError(f"checkpoint {path!r} holds no config (it is in the {layout} "
                               f"layout): pass a model name; available: "
                               f"{', '.join(list_models())}")
-    elif config.layout != layout:
-        raise CheckpointError(f"checkpoint {path!r} is in the {layout} layout but the model "
-                              f"config has layout {config.layout!r}")
+    remap, layout_note = None, None
+    if layout != "diffattn" and config.layout != layout:
+        if (layout, config.layout) != ("open_clip", "diffclip"):
+            raise CheckpointError(f"checkpoint {path!r} is in the {layout} layout but the model "
+                                  f"config has layout {config.layout!r}")
+        # An open_clip file into a DiffCLIP-layout model (e.g. open_clip's ViT-B-16 into
+        # DiffCLIP-ViT-B-16): the same ViT/CLIP under other names.
+        remap = functools.partial(open_clip_to_diffclip, patch_bias=config.vision.patch_bias,
+                                  ln_pre=config.vision.ln_pre)
+        file_count = len(shapes)
+        shapes, dropped, added = remap(shapes)
+        layout_note = _layout_message(path, file_count, dropped, added)
     layers = _check_config_fits_file(config, shapes, path)
 
     model = CLIP(config, backend=backend, device=device, dtype=dtype)
     if state_dict is None:
         state_dict = load_state_dict_file(path)
+    if remap is not None:
+        state_dict = remap(state_dict)[0]
     check_floating_dtypes(state_dict, {key: value.dtype for key, value in model.state_dict().items()},
                           path)
     state_dict, warm = _from_plain_attention(state_dict, layers)
     model.load_state_dict(state_dict, strict=True)
-    if warm:
-        warn_at_user_code(_warm_start_message(path, warm))
+    if warm or layout_note:
+        warn_at_user_code("\n".join(filter(None, [layout_note,
+                                                   warm and _warm_start_message(path, warm)])))
     return model
 
 
@@ -387,6 +404,20 @@ def _grouped_tensor_names(initialised: dict) -> list:
             template.format("{" + _index_ranges(indices) + "}")
         lines.append(f"{layer}.{{{', '.join(tensors)}}}")
     return lines
+
+
+def _layout_message(path: str, file_count: int, dropped: list, added: list) -> str:
+    """What renaming an open_clip file into the DiffCLIP layout carried, left out and added."""
+    carried = file_count - len(dropped)
+    lines = [f"checkpoint {path!r} is in the open_clip layout: {carried} of its {file_count} "
+             f"tensors were carried into the model's DiffCLIP layout under their DiffCLIP names"]
+    if dropped:
+        lines.append(f"  left out (the model has no such tensor, e.g. no LayerNorm before the "
+                     f"vision blocks): {', '.join(sorted(dropped))}")
+    if added:
+        lines.append(f"  new: {', '.join(sorted(added))} (zeros: open_clip's patch embedding "
+                     f"has no bias, so the model computes what the file's does)")
+    return "\n".join(lines)
 
 
 def _warm_start_message(path: str, warm: dict) -> str:

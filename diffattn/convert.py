@@ -6,8 +6,12 @@
     v2_weights = diffattn.plain_to_v2_state_dict(mha.state_dict(), mha.num_heads)
 
 ``replace_attention(module, variant=...)`` replaces every ``nn.MultiheadAttention`` inside
-``module``, in place, by a layer that carries its weights, on the same device, in the same dtype
-and in training or eval mode like the layer it replaces (a warm start for fine-tuning):
+``module``, and every fused-qkv self-attention layer of timm's ``Attention`` form (timm's plain
+ViTs; see ``diffattn.self_attention``: they become ``DiffSelfAttention`` /
+``DiffSelfAttentionV2``, which keep timm's call), in place, by a layer that carries its weights,
+on the same device, in the same dtype and in training or eval mode like the layer it replaces
+(a warm start for fine-tuning). A model with no such layer gets a UserWarning saying so (and
+0 is returned), never a silent 0:
 
 - ``variant="v1"`` (the default): ``DiffMultiheadAttention``. Each ``nn.MultiheadAttention(E,
   heads, dropout, bias, batch_first=..., kdim=..., vdim=...)`` becomes
@@ -55,6 +59,9 @@ import torch
 from torch import Tensor, nn
 
 from .backend import check_backend_name
+from .self_attention import (DiffSelfAttention, DiffSelfAttentionV2, check_qkv_attention,
+                             is_qkv_attention)
+from .user_warnings import warn_at_user_code
 from .module import (DiffMultiheadAttention, check_lambda_init, check_plain_for_v1,
                      lambda_init_for_depth)
 # The one-layer conversions live beside their layers; these names are kept here too.
@@ -119,9 +126,12 @@ def replace_attention(module: nn.Module, *, variant: str = "v1",
         initial_lambda: "v2" only: every token's lambda at the start, in (0, 1) (default
             1e-5, as from_plain).
         backend: "auto" | "triton" | "torch" for the new layers.
+    Warns:
+        UserWarning when ``module`` holds no layer to replace (0 is returned), saying what it
+        holds instead (layers already differential, timm DiffAttention layers).
     Raises:
         ValueError naming the layer, before anything is changed, for a layer the variant
-        cannot convert (v1: an odd num_heads; v2: no biases, or kdim/vdim other than
+        cannot convert (timm-style layers: qk_norm, scale_norm, a gate; v1: an odd head width) (v1: an odd num_heads; v2: no biases, or kdim/vdim other than
         embed_dim; both: add_bias_kv or add_zero_attn). ValueError for an unknown variant or
         an argument of the other variant; TypeError for arguments of the wrong type.
     """
@@ -148,21 +158,50 @@ def replace_attention(module: nn.Module, *, variant: str = "v1",
             INITIAL_LAMBDA if initial_lambda is None else initial_lambda)
     check_backend_name(backend)
     targets = [(name, layer) for name, layer in module.named_modules()
-               if isinstance(layer, nn.MultiheadAttention)]
+               if isinstance(layer, nn.MultiheadAttention) or is_qkv_attention(layer)]
     for name, layer in targets:
-        _check_convertible(name, layer, variant)
+        if isinstance(layer, nn.MultiheadAttention):
+            _check_convertible(name, layer, variant)
+        else:
+            check_qkv_attention(layer, name or "<model>", variant=variant)
+    if not targets:
+        warn_at_user_code(_nothing_replaced_message(module))
+        return 0
 
     replaced = set()
     for index, (name, layer) in enumerate(targets):
         parent_name, _, child = name.rpartition(".")
         parent = module.get_submodule(parent_name)
-        if variant == "v1":
-            new = DiffMultiheadAttention.from_plain(
+        if isinstance(layer, nn.MultiheadAttention):
+            if variant == "v1":
+                new = DiffMultiheadAttention.from_plain(
+                    layer, lambda_init=_layer_lambda_init(lambda_init, index), backend=backend)
+            else:
+                new = DiffMultiheadAttentionV2.from_plain(layer, initial_lambda=initial_lambda,
+                                                          backend=backend)
+        elif variant == "v1":
+            new = DiffSelfAttention.from_qkv_attention(
                 layer, lambda_init=_layer_lambda_init(lambda_init, index), backend=backend)
         else:
-            new = DiffMultiheadAttentionV2.from_plain(layer, initial_lambda=initial_lambda,
-                                                      backend=backend)
+            new = DiffSelfAttentionV2.from_qkv_attention(layer, initial_lambda=initial_lambda,
+                                                         backend=backend)
         setattr(parent, child, new)
         replaced.add(id(new))
     _keep_off_torch_fast_paths(module, replaced)
     return len(targets)
+
+
+def _nothing_replaced_message(module: nn.Module) -> str:
+    """Why replace_attention found nothing to replace in ``module``, and what to do."""
+    differential = sum(isinstance(layer, (DiffMultiheadAttention, DiffMultiheadAttentionV2))
+                       for layer in module.modules())
+    timm_diff = sum(hasattr(layer, "lambda_init") and hasattr(layer, "qkv")
+                    for layer in module.modules())
+    message = (f"replace_attention replaced nothing: {type(module).__name__} holds no "
+               f"nn.MultiheadAttention and no fused-qkv self-attention layer (timm's Attention)")
+    if differential:
+        message += f"; it already holds {differential} differential attention layers"
+    if timm_diff:
+        message += (f"; it holds {timm_diff} timm DiffAttention layers: run them on the fused "
+                    f"kernels with diffattn.integrations.timm.fuse_diff_attention")
+    return message

@@ -52,23 +52,21 @@ replaced here they are switched off, so those modules always call the new attent
 """
 from __future__ import annotations
 
-import math
-from typing import Mapping, Optional, Union
+from typing import Optional, Union
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .backend import check_backend_name
+from .module import (DiffMultiheadAttention, check_lambda_init, check_plain_for_v1,
+                     lambda_init_for_depth)
+# The one-layer conversions live beside their layers; these names are importable from here too.
+from .module_v2 import (INITIAL_LAMBDA, PLAIN_KEYS, DiffMultiheadAttentionV2,
+                        check_initial_lambda, check_plain_for_v2, plain_to_v2_state_dict)
 from .self_attention import (DiffSelfAttention, DiffSelfAttentionV2, check_qkv_attention,
                              is_qkv_attention)
 from .user_warnings import warn_at_user_code
-from .module import (DiffMultiheadAttention, check_lambda_init, check_plain_for_v1,
-                     lambda_init_for_depth)
-# The one-layer conversions live beside their layers; these names are kept here too.
-from .module_v2 import (INITIAL_LAMBDA, PLAIN_KEYS, DiffMultiheadAttentionV2,
-                        check_initial_lambda, check_plain_for_v2, plain_to_v2_state_dict)
 
-__all__ = ["check_plain_for_v2", "plain_to_v2_state_dict", "replace_attention"]
+__all__ = ["PLAIN_KEYS", "check_plain_for_v2", "plain_to_v2_state_dict", "replace_attention"]
 
 VARIANTS = ("v1", "v2")
 

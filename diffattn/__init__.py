@@ -13,17 +13,20 @@
   ``DiffMultiheadAttentionV2.from_plain`` starts it from a plain layer.
 - ``replace_attention``: turn a model's nn.MultiheadAttention layers into
   DiffMultiheadAttention layers (``variant="v1"``) or DiffMultiheadAttentionV2 layers
-  (``variant="v2"``, starting equal to the plain model) that carry their weights;
-  ``plain_to_v2_state_dict`` maps one plain layer's weights onto V2's.
+  (``variant="v2"``, starting equal to the plain model) that carry their weights, and its
+  fused-qkv layers of timm's ``Attention`` form into ``DiffSelfAttention`` /
+  ``DiffSelfAttentionV2`` (timm's call kept); each layer's ``from_plain`` converts one layer
+  and ``plain_to_v2_state_dict`` maps one plain layer's weights onto V2's.
 - ``diffattn.integrations.timm``: timm's DiffAttention on the fused kernels (optional extra).
 """
 from .backend import BACKENDS, BackendFallbackWarning, resolve_backend
 from .convert import plain_to_v2_state_dict, replace_attention
 from .functional import diff_attention, diff_attention_v2
 from .masks import causal_keep_mask
-from .module import DiffMultiheadAttention, HeadRMSNorm, lambda_init_for_depth
+from .module import DiffMultiheadAttention, HeadRMSNorm, check_lambda_init, lambda_init_for_depth
 from .module_v2 import DiffMultiheadAttentionV2
 from .reference import diff_attention_ref, diff_attention_v2_ref
+from .self_attention import DiffSelfAttention, DiffSelfAttentionV2
 
 __version__ = "0.1.0"
 
@@ -32,8 +35,11 @@ __all__ = [
     "BackendFallbackWarning",
     "DiffMultiheadAttention",
     "DiffMultiheadAttentionV2",
+    "DiffSelfAttention",
+    "DiffSelfAttentionV2",
     "HeadRMSNorm",
     "causal_keep_mask",
+    "check_lambda_init",
     "diff_attention",
     "diff_attention_ref",
     "diff_attention_v2",

@@ -35,9 +35,38 @@ _SEPARATE = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
 _LAMBDAS = ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2")
 
 
+def check_lambda_init(lambda_init, name: str = "lambda_init") -> float:
+    """``lambda_init`` as a float, or a TypeError/ValueError naming ``name`` and why.
+
+    It must be a finite number strictly between 0 and 1. The layer's output is scaled by
+    ``1 - lambda_init``: at 1 the output is 0 and the q/k/v projections and lambda vectors get
+    no gradient, above 1 its sign flips; at 0 or below lambda starts at or below zero, so the
+    second map is added instead of subtracted.
+    """
+    if isinstance(lambda_init, bool) or not isinstance(lambda_init, (int, float)):
+        raise TypeError(f"{name} must be a float in (0, 1), got {lambda_init!r}")
+    if not math.isfinite(lambda_init):
+        raise ValueError(f"{name} must be finite (a float in (0, 1)), got {lambda_init!r}")
+    if lambda_init >= 1:
+        raise ValueError(
+            f"{name} must lie in (0, 1), got {lambda_init!r}: the output is scaled by "
+            f"1 - lambda_init, so at 1 it is zero and the projections get no gradient "
+            f"(above 1 its sign flips)")
+    if lambda_init <= 0:
+        raise ValueError(
+            f"{name} must lie in (0, 1), got {lambda_init!r}: lambda would start at or below "
+            f"zero, adding the second softmax map instead of subtracting it")
+    return float(lambda_init)
+
+
 def lambda_init_for_depth(layer_index: int) -> float:
-    """The Differential Transformer's schedule: 0.8 - 0.6 * exp(-0.3 * layer_index), index from 0.
-    (DiffCLIP uses a constant 0.8; the paper calls this depth schedule DiffCLIP*.)"""
+    """The Differential Transformer's schedule: 0.8 - 0.6 * exp(-0.3 * layer_index), index from 0
+    (0.2 at the first layer, rising towards 0.8). (DiffCLIP uses a constant 0.8; the paper calls
+    this depth schedule DiffCLIP*.)"""
+    if isinstance(layer_index, bool) or not isinstance(layer_index, int):
+        raise TypeError(f"layer_index must be an int, got {type(layer_index).__name__}")
+    if layer_index < 0:
+        raise ValueError(f"layer_index must be >= 0 (layers count from 0), got {layer_index}")
     return 0.8 - 0.6 * math.exp(-0.3 * layer_index)
 
 
@@ -54,6 +83,26 @@ class HeadRMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def check_plain_for_v1(layer: nn.MultiheadAttention, name: Optional[str] = None) -> None:
+    """Raise if ``layer`` cannot become a DiffMultiheadAttention (``from_plain``).
+
+    Raises:
+        TypeError: ``layer`` is not an nn.MultiheadAttention.
+        ValueError (naming the layer when ``name`` is given): an odd num_heads (two softmax
+            maps per differential head), add_bias_kv or add_zero_attn.
+    """
+    if not isinstance(layer, nn.MultiheadAttention):
+        raise TypeError(f"mha must be an nn.MultiheadAttention, got {type(layer).__name__}")
+    what = "from_plain" if name is None else f"layer {name!r}"
+    if layer.num_heads % 2:
+        raise ValueError(f"{what} has num_heads={layer.num_heads}: differential attention "
+                         f"needs an even number of heads (two softmax maps per differential "
+                         f"head); variant=\"v2\" (DiffMultiheadAttentionV2) takes any head count")
+    if layer.bias_k is not None or layer.add_zero_attn:
+        raise ValueError(f"{what} uses add_bias_kv or add_zero_attn, which "
+                         f"DiffMultiheadAttention does not have")
 
 
 def check_head_counts(embed_dim, num_heads, num_kv_heads, dropout) -> int:
@@ -92,8 +141,9 @@ class DiffMultiheadAttention(nn.Module):
         batch_first: (B, N, E) inputs if True, else (N, B, E).
         kdim, vdim: widths of key and value inputs (default embed_dim), as in
             nn.MultiheadAttention; with other widths the three projections are separate.
-        lambda_init: constant added to lambda; the output is scaled by (1 - lambda_init).
-            See lambda_init_for_depth for the depth schedule.
+        lambda_init: constant added to lambda, in (0, 1); the output is scaled by
+            (1 - lambda_init), so 1 would zero it (ValueError). See lambda_init_for_depth for
+            the depth schedule.
         num_kv_heads: key maps for grouped-query attention, counted like num_heads (even, divides
             num_heads); k and v projections have num_kv_heads * d outputs.
         backend: "auto" | "triton" | "torch".
@@ -114,8 +164,7 @@ class DiffMultiheadAttention(nn.Module):
                  dtype=None):
         super().__init__()
         num_kv_heads = check_head_counts(embed_dim, num_heads, num_kv_heads, dropout)
-        if not (isinstance(lambda_init, (int, float)) and math.isfinite(lambda_init)):
-            raise ValueError(f"lambda_init must be finite (a float), got {lambda_init!r}")
+        lambda_init = check_lambda_init(lambda_init)
         check_backend_name(backend)
         factory = {"device": device, "dtype": dtype}
         self.embed_dim = embed_dim
@@ -173,6 +222,55 @@ class DiffMultiheadAttention(nn.Module):
     def compute_lambda(self) -> Tensor:
         """0-dim fp32: exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init, shared by all heads."""
         return LambdaVectors(self.lambda_vectors.float(), self.lambda_init).value()
+
+    # ---------------------------------------------------------------- from plain attention
+    @classmethod
+    def from_plain(cls, mha: nn.MultiheadAttention, *, lambda_init: float = 0.8,
+                   backend: str = "auto") -> "DiffMultiheadAttention":
+        """A differential layer warm-started from ``mha``: the same arguments (embed_dim,
+        num_heads as softmax maps, dropout, bias, batch_first, kdim, vdim), device, dtype and
+        training mode, and its q/k/v/out projection weights. Plain heads 2h and 2h+1 become the
+        two maps of differential head h; the lambda vectors and norm weight are newly
+        initialised (see ``reset_parameters``). A starting point for fine-tuning, not an
+        equivalent layer.
+
+        Raises:
+            TypeError: ``mha`` is not an nn.MultiheadAttention.
+            ValueError: an odd num_heads, add_bias_kv or add_zero_attn; lambda_init outside
+                (0, 1).
+        """
+        check_plain_for_v1(mha)
+        weight = mha.out_proj.weight
+        layer = cls(mha.embed_dim, mha.num_heads, dropout=mha.dropout,
+                    bias=mha.in_proj_bias is not None, batch_first=mha.batch_first,
+                    kdim=mha.kdim, vdim=mha.vdim, lambda_init=lambda_init, backend=backend,
+                    device=weight.device, dtype=weight.dtype)
+        layer.load_state_dict(mha.state_dict(), strict=True)
+        return layer.train(mha.training)
+
+    def plain_state_dict_shapes(self) -> dict:
+        """{name: shape} of the nn.MultiheadAttention state dict this layer is warm-started
+        from (``state_dict_from_plain``): its packed ``in_proj_weight`` (or
+        ``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` with kdim/vdim), and
+        ``in_proj_bias``, ``out_proj.*``."""
+        rows = sum(self._sizes)
+        if self._packed:
+            shapes = {"in_proj_weight": torch.Size([rows, self.embed_dim])}
+        else:
+            shapes = {name: torch.Size([size, width]) for name, size, width in
+                      zip(_SEPARATE, self._sizes, (self.embed_dim, self.kdim, self.vdim))}
+        shapes["out_proj.weight"] = self.out_proj.weight.shape
+        if self.in_proj_bias is not None:
+            shapes["in_proj_bias"] = torch.Size([rows])
+            shapes["out_proj.bias"] = self.out_proj.bias.shape
+        return shapes
+
+    def state_dict_from_plain(self, plain: dict) -> tuple:
+        """(the state dict to load, the names of the tensors it leaves new) for one plain
+        layer's state dict. The layer loads nn.MultiheadAttention's layouts itself, keeping
+        its lambda vectors and norm weight as initialised, so the plain tensors pass as they
+        are. Used for warm starts of whole models from plain checkpoints."""
+        return dict(plain), _LAMBDAS + ("diff_norm.weight",)
 
     def extra_repr(self) -> str:
         dims = "" if self._packed else f", kdim={self.kdim}, vdim={self.vdim}"

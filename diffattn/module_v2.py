@@ -14,12 +14,13 @@ So the output width, the key/value heads and out_proj are the baseline's: only q
 (and lambda_proj is added). The q, lambda, k and v projections are one packed parameter (one
 GEMM for self-attention); checkpoints use the names q_proj, lambda_proj, k_proj, v_proj,
 out_proj. ``from_plain`` builds the layer from an nn.MultiheadAttention so that it starts out
-computing what the plain layer computes.
+computing what the plain layer computes; ``plain_to_v2_state_dict`` is the same conversion on
+one layer's state dict, and ``state_dict_from_plain`` the one whole-model warm starts use.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,10 @@ INITIAL_LAMBDA = 1e-5
 
 # Packed rows, query side first (q, lambda) so that cross-attention slices stay contiguous.
 _PROJECTIONS = ("q_proj", "lambda_proj", "k_proj", "v_proj")
+# One nn.MultiheadAttention state dict with biases and kdim = vdim = embed_dim.
+PLAIN_KEYS = ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")
+# What a warm start from plain attention derives (q_proj) or initialises (lambda_proj).
+_FROM_PLAIN_DERIVED = ("q_proj.weight", "q_proj.bias", "lambda_proj.weight", "lambda_proj.bias")
 
 
 class DiffMultiheadAttentionV2(nn.Module):
@@ -117,10 +122,9 @@ class DiffMultiheadAttentionV2(nn.Module):
         plain layer's within about initial_lambda relative. (Adam-style optimisers move the
         small lambda and the zero queries at their usual rate.) Needs a layer with biases
         and equal query/key/value widths. The weights are
-        ``diffattn.convert.plain_to_v2_state_dict(mha.state_dict(), mha.num_heads)``; the new
-        layer has mha's dropout, batch_first, device, dtype and training mode.
+        ``plain_to_v2_state_dict(mha.state_dict(), mha.num_heads)``; the new layer has mha's
+        dropout, batch_first, device, dtype and training mode.
         """
-        from .convert import check_plain_for_v2, plain_to_v2_state_dict  # convert imports us
         check_plain_for_v2(mha)
         weights = plain_to_v2_state_dict(mha.state_dict(), mha.num_heads,
                                          initial_lambda=initial_lambda)
@@ -130,6 +134,24 @@ class DiffMultiheadAttentionV2(nn.Module):
                     dtype=weight.dtype)
         layer.load_state_dict(weights, strict=True)
         return layer.train(mha.training)
+
+    def plain_state_dict_shapes(self) -> dict:
+        """{name: shape} of the nn.MultiheadAttention state dict this layer is warm-started
+        from (``state_dict_from_plain``): ``in_proj_weight`` (E + 2 * kv rows, E), and
+        ``in_proj_bias`` (rows,), ``out_proj.weight`` (E, E), ``out_proj.bias`` (E,)."""
+        rows = self.embed_dim + 2 * self.num_kv_heads * self.head_dim
+        shapes = {"in_proj_weight": torch.Size([rows, self.embed_dim]),
+                  "out_proj.weight": self.out_proj.weight.shape}
+        if self.in_proj_bias is not None:
+            shapes["in_proj_bias"] = torch.Size([rows])
+            shapes["out_proj.bias"] = self.out_proj.bias.shape
+        return shapes
+
+    def state_dict_from_plain(self, plain: dict) -> tuple:
+        """(this layer's state dict, the names in it that are derived or new) for one plain
+        layer's state dict (``PLAIN_KEYS``): ``plain_to_v2_state_dict``, as ``from_plain``
+        converts a layer. Used for warm starts of whole models from plain checkpoints."""
+        return plain_to_v2_state_dict(plain, self.num_heads), _FROM_PLAIN_DERIVED
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads} ({2 * self.num_heads} "
@@ -218,3 +240,105 @@ class DiffMultiheadAttentionV2(nn.Module):
             if unbatched:
                 weights = weights.squeeze(0)
         return restore_layout(out, self.batch_first, unbatched), weights
+
+
+# --------------------------------------------------------------------------- from plain attention
+def check_initial_lambda(initial_lambda) -> float:
+    """``initial_lambda`` as a float in (0, 1), or a TypeError/ValueError naming it."""
+    if isinstance(initial_lambda, bool) or not isinstance(initial_lambda, (int, float)):
+        raise TypeError(f"initial_lambda must be a float in (0, 1), got {initial_lambda!r}")
+    if not 0.0 < initial_lambda < 1.0:
+        raise ValueError(f"initial_lambda must be in (0, 1), got {initial_lambda!r}")
+    return float(initial_lambda)
+
+
+def check_plain_for_v2(layer: nn.MultiheadAttention, name: Optional[str] = None) -> None:
+    """Raise if ``layer`` cannot become a DiffMultiheadAttentionV2 that starts out equal to it.
+
+    Raises:
+        TypeError: ``layer`` is not an nn.MultiheadAttention.
+        ValueError (naming the layer when ``name`` is given): no biases (lambda starts small
+            through its bias), kdim or vdim other than embed_dim, add_bias_kv or add_zero_attn.
+    """
+    if not isinstance(layer, nn.MultiheadAttention):
+        raise TypeError(f"mha must be an nn.MultiheadAttention, got {type(layer).__name__}")
+    what = "from_plain" if name is None else f"layer {name!r}: V2 conversion"
+    if not layer._qkv_same_embed_dim or layer.in_proj_bias is None:
+        raise ValueError(f"{what} needs an nn.MultiheadAttention with biases and "
+                         "kdim = vdim = embed_dim (lambda starts small through its bias)")
+    if layer.bias_k is not None or layer.add_zero_attn:
+        raise ValueError(f"{what} does not support add_bias_kv or add_zero_attn")
+
+
+def plain_to_v2_state_dict(state_dict: Mapping[str, Tensor], num_heads: int, *,
+                           initial_lambda: float = INITIAL_LAMBDA) -> dict:
+    """The DiffMultiheadAttentionV2 weights that start out computing what a plain layer does.
+
+    Args:
+        state_dict: one nn.MultiheadAttention's state dict, exactly ``in_proj_weight`` (3E, E)
+            (q, k, v rows stacked), ``in_proj_bias`` (3E,), ``out_proj.weight`` (E, E) and
+            ``out_proj.bias`` (E,): a layer with biases and kdim = vdim = E.
+        num_heads: the plain layer's head count h (head width d = E // h): the V2 layer's
+            ``num_heads``, with 2h query heads and num_kv_heads = h.
+        initial_lambda: every token's lambda at the start, in (0, 1).
+    Returns:
+        A new dict in DiffMultiheadAttentionV2's names, in the input's dtype and device:
+        ``q_proj.weight`` (2E, E) and ``q_proj.bias`` (2E,) (query heads 2i: plain head i,
+        query heads 2i + 1: zeros), ``lambda_proj.weight`` (h, E) zeros and
+        ``lambda_proj.bias`` (h,) = logit(initial_lambda), ``k_proj.*`` / ``v_proj.*`` (E, E) /
+        (E,) and ``out_proj.*``: copies of the plain layer's. The second maps then attend
+        uniformly and contribute initial_lambda times the mean value row: outputs equal the
+        plain layer's within about initial_lambda relative.
+    Raises:
+        TypeError: num_heads not an int, initial_lambda not a float, a value not a tensor.
+        ValueError: missing or unexpected keys (named), shapes that do not fit (named),
+            num_heads not dividing E, initial_lambda outside (0, 1).
+    """
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int):
+        raise TypeError(f"num_heads must be an int, got {type(num_heads).__name__}")
+    initial_lambda = check_initial_lambda(initial_lambda)
+    missing = [key for key in PLAIN_KEYS if key not in state_dict]
+    unexpected = sorted(set(state_dict) - set(PLAIN_KEYS))
+    if missing or unexpected:
+        raise ValueError(f"state_dict must hold exactly {list(PLAIN_KEYS)} (an "
+                         f"nn.MultiheadAttention with biases and kdim = vdim = embed_dim); "
+                         f"missing {missing}, unexpected {unexpected}")
+    for key in PLAIN_KEYS:
+        if not isinstance(state_dict[key], Tensor):
+            raise TypeError(f"state_dict[{key!r}] must be a tensor, got "
+                            f"{type(state_dict[key]).__name__}")
+    weight, bias = state_dict["in_proj_weight"], state_dict["in_proj_bias"]
+    if weight.dim() != 2:
+        raise ValueError(f"state_dict['in_proj_weight'] must be 2-D (3E, E), got shape "
+                         f"{tuple(weight.shape)}")
+    E = weight.shape[1]
+    shapes = {"in_proj_weight": (3 * E, E), "in_proj_bias": (3 * E,),
+              "out_proj.weight": (E, E), "out_proj.bias": (E,)}
+    wrong = [f"{key}: expected {shape}, got {tuple(state_dict[key].shape)}"
+             for key, shape in shapes.items() if tuple(state_dict[key].shape) != shape]
+    if wrong:
+        raise ValueError("state_dict has shapes that do not fit an nn.MultiheadAttention of "
+                         f"embed_dim {E}: " + "; ".join(wrong))
+    if num_heads <= 0 or E % num_heads:
+        raise ValueError(f"num_heads must be a positive divisor of embed_dim ({E}), got "
+                         f"{num_heads}")
+    h, d = num_heads, E // num_heads
+    factory = {"dtype": weight.dtype, "device": weight.device}
+    wq, wk, wv = weight.split(E)
+    bq, bk, bv = bias.split(E)
+    with torch.no_grad():
+        q_weight = torch.zeros(h, 2, d, E, **factory)
+        q_bias = torch.zeros(h, 2, d, **factory)
+        q_weight[:, 0] = wq.reshape(h, d, E)  # the first map of pair i is plain head i
+        q_bias[:, 0] = bq.reshape(h, d)
+        logit = math.log(initial_lambda / (1.0 - initial_lambda))
+        return {
+            "q_proj.weight": q_weight.reshape(2 * E, E),
+            "q_proj.bias": q_bias.reshape(2 * E),
+            "lambda_proj.weight": torch.zeros(h, E, **factory),
+            "lambda_proj.bias": torch.full((h,), logit, **factory),
+            "k_proj.weight": wk.clone(), "k_proj.bias": bk.clone(),
+            "v_proj.weight": wv.clone(), "v_proj.bias": bv.clone(),
+            "out_proj.weight": state_dict["out_proj.weight"].clone(),
+            "out_proj.bias": state_dict["out_proj.bias"].clone(),
+        }

@@ -10,7 +10,11 @@
   diffattn's own files).
 - ``save_checkpoint`` / ``read_checkpoint_metadata`` write and read diffattn's own format:
   a safetensors file whose metadata is ``{"format": "diffattn", "config": <json>}``.
-- ``check_keys`` compares a state dict (or its shapes) against the expected names and shapes.
+- ``check_keys`` compares a state dict (or its shapes) against the expected names and shapes;
+  ``check_floating_dtypes`` refuses integer or bool tensors where the model's are floating
+  (loading would cast them silently).
+- ``check_is_file`` / ``describe_non_file``: a path that is a directory, a device or a symbolic
+  link loop gets an error saying so, not "not found".
 
 A file that cannot be used raises ``CheckpointError`` (a ``ValueError``) whose message names
 the path and what is wrong: ``CheckpointNotFoundError`` (also a ``FileNotFoundError``) when
@@ -135,9 +139,63 @@ def _unwrap_state_dict(checkpoint, path: str) -> dict:
     return _without_data_parallel_prefix(checkpoint)
 
 
-def _check_is_file(path: str) -> None:
-    if not os.path.isfile(path):
-        raise CheckpointNotFoundError(f"checkpoint file not found: {path!r}")
+def describe_non_file(path: str) -> str | None:
+    """None when ``path`` is (or links to) a regular file; else what it is instead, in words:
+    "no such file", "a directory", "a symbolic link loop", "a character device", ..."""
+    import errno
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "a symbolic link loop (resolving it never ends at a file)"
+        if error.errno == errno.ENOENT and os.path.islink(path):
+            return f"a broken symbolic link (to {os.readlink(path)!r}, which does not exist)"
+        if error.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "no such file"
+        return f"not accessible ({error.strerror or error})"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISDIR, "a directory, not a checkpoint file"),
+             (stat.S_ISCHR, "a character device, not a checkpoint file"),
+             (stat.S_ISBLK, "a block device, not a checkpoint file"),
+             (stat.S_ISFIFO, "a named pipe, not a checkpoint file"),
+             (stat.S_ISSOCK, "a socket, not a checkpoint file"))
+    return next((kind for test, kind in kinds if test(mode)), "not a regular file")
+
+
+def check_is_file(path: str, what: str = "checkpoint") -> None:
+    """Raise unless ``path`` is a regular file: CheckpointNotFoundError when nothing is there,
+    CheckpointError saying what it is instead (a directory, a device, a link loop, ...)."""
+    problem = describe_non_file(path)
+    if problem == "no such file":
+        raise CheckpointNotFoundError(f"{what} file not found: {path!r}")
+    if problem is not None:
+        raise CheckpointError(f"{what} {path!r} is {problem}")
+
+
+
+def check_floating_dtypes(state_dict: dict, expected: dict, path: str) -> None:
+    """Refuse tensors whose dtype is not floating where the model's is.
+
+    Args:
+        state_dict: ``{name: tensor}`` read from ``path``.
+        expected: ``{name: dtype}`` of the model's tensors; a name the model lacks counts as
+            floating (it is converted into floating parameters, e.g. plain attention weights).
+        path: the file, for the message.
+
+    Raises:
+        CheckpointError: naming the file, the first offending keys and their dtypes (loading
+            would silently cast, e.g. int32 or bool weights).
+    """
+    wrong = [f"{key} ({tensor.dtype})" for key, tensor in state_dict.items()
+             if not (tensor.is_floating_point() or tensor.is_complex())
+             and (key not in expected or expected[key].is_floating_point)]
+    if wrong:
+        shown = ", ".join(wrong[:5]) + (f", ... ({len(wrong)} in all)" if len(wrong) > 5 else "")
+        raise CheckpointError(f"checkpoint {path!r} holds tensors whose dtype is not floating "
+                              f"where the model's are: {shown}")
 
 
 def _safetensors_error(path: str, error: Exception) -> CheckpointError:
@@ -155,13 +213,15 @@ def load_state_dict_file(path) -> dict[str, torch.Tensor]:
 
     Raises:
         CheckpointNotFoundError: no such file (also a FileNotFoundError).
+        CheckpointError: ``path`` is a directory, a device, a symbolic link loop, ... (the
+            message says which).
         UnsafeCheckpointError: the pickle needs an object outside the allow-list (see
             ``_allowed_checkpoint_globals``); nothing was executed.
         CheckpointError: an empty, truncated or corrupt file, or one that holds no dict of
             tensors with string keys.
     """
     path = os.fspath(path)
-    _check_is_file(path)
+    check_is_file(path)
     if path.endswith(".safetensors"):
         try:
             checkpoint = safetensors.torch.load_file(path, device="cpu")
@@ -195,7 +255,7 @@ def read_safetensors_header(path) -> tuple[dict[str, tuple], dict]:
         CheckpointError: not a readable safetensors file.
     """
     path = os.fspath(path)
-    _check_is_file(path)
+    check_is_file(path)
     try:
         with safetensors.safe_open(path, framework="pt") as checkpoint_file:
             metadata = checkpoint_file.metadata() or {}
@@ -335,7 +395,7 @@ def read_checkpoint_metadata(path) -> dict | None:
         CheckpointError: unreadable file, or diffattn metadata without a JSON config.
     """
     path = os.fspath(path)
-    _check_is_file(path)
+    check_is_file(path)
     if not path.endswith(".safetensors"):
         return None
     _, metadata = read_safetensors_header(path)
@@ -383,3 +443,76 @@ def check_keys(expected: dict[str, torch.Size], got: dict) -> None:
     ]
     if problems:
         raise ValueError("state dict does not match the model:\n" + "\n".join(problems))
+
+
+# --------------------------------------------------------------------------- layout remapping
+# open_clip's vision names -> the DiffCLIP release's (a timm VisionTransformer's); the text tower
+# and the joint tensors have the same names in both layouts.
+_OPEN_CLIP_TO_DIFFCLIP = (
+    (r"visual\.transformer\.resblocks\.(\d+)\.ln_1\.", r"visual.blocks.\1.norm1."),
+    (r"visual\.transformer\.resblocks\.(\d+)\.ln_2\.", r"visual.blocks.\1.norm2."),
+    (r"visual\.transformer\.resblocks\.(\d+)\.mlp\.c_fc\.", r"visual.blocks.\1.mlp.fc1."),
+    (r"visual\.transformer\.resblocks\.(\d+)\.mlp\.c_proj\.", r"visual.blocks.\1.mlp.fc2."),
+    (r"visual\.transformer\.resblocks\.(\d+)\.attn\.", r"visual.blocks.\1.attn."),
+    (r"visual\.conv1\.", "visual.patch_embed.proj."),
+    (r"visual\.ln_post\.", "visual.norm."),
+    (r"visual\.ln_pre\.", "visual.norm_pre."),
+)
+# Tensors whose shape changes: (open_clip name, DiffCLIP name, leading dims added).
+_OPEN_CLIP_RESHAPED = (("visual.class_embedding", "visual.cls_token", 2),
+                       ("visual.positional_embedding", "visual.pos_embed", 1),
+                       ("visual.proj", "image_projection", 0))
+
+
+def _with_leading_ones(value, count: int):
+    if count == 0:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.reshape((1,) * count + tuple(value.shape))
+    return (1,) * count + tuple(value)
+
+
+def open_clip_to_diffclip(entries: dict, *, patch_bias: bool, ln_pre: bool) -> tuple:
+    """An open_clip-layout state dict renamed into the DiffCLIP release's layout.
+
+    Args:
+        entries: ``{name: tensor}`` or ``{name: shape tuple}`` (e.g. from a safetensors
+            header) in open_clip's layout; attention layers stay in nn.MultiheadAttention's
+            packed layout (``attn.in_proj_weight``), which the differential layers convert
+            themselves (a warm start).
+        patch_bias: the target model has a bias on its patch embedding (DiffCLIP: yes). When
+            the file has none (open_clip's ``conv1`` has no bias) it is added as zeros, which
+            computes what the bias-free convolution computes.
+        ln_pre: the target model has a LayerNorm before the blocks (``visual.norm_pre``;
+            DiffCLIP: no). Without it, open_clip's ``visual.ln_pre.*`` are left out.
+
+    Returns:
+        (entries in the DiffCLIP layout, names of the file's tensors left out, names of the
+        tensors added).
+    """
+    renamed, dropped, added = {}, [], []
+    for name, value in entries.items():
+        reshaped = next((item for item in _OPEN_CLIP_RESHAPED if item[0] == name), None)
+        if reshaped is not None:
+            renamed[reshaped[1]] = _with_leading_ones(value, reshaped[2])
+            continue
+        new_name = name
+        for pattern, replacement in _OPEN_CLIP_TO_DIFFCLIP:
+            new_name, count = re.subn("^" + pattern, replacement, new_name)
+            if count:
+                break
+        if new_name.startswith("visual.norm_pre.") and not ln_pre:
+            dropped.append(name)
+            continue
+        renamed[new_name] = value
+    bias, weight = "visual.patch_embed.proj.bias", renamed.get("visual.patch_embed.proj.weight")
+    if patch_bias and bias not in renamed and weight is not None:
+        if isinstance(weight, torch.Tensor):
+            renamed[bias] = torch.zeros(weight.shape[0], dtype=weight.dtype)
+        else:
+            renamed[bias] = (weight[0],)
+        added.append(bias)
+    elif not patch_bias and bias in renamed:
+        dropped.append("visual.conv1.bias")
+        del renamed[bias]
+    return renamed, dropped, added

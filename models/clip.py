@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from diffattn import (BACKENDS, DiffMultiheadAttention, DiffMultiheadAttentionV2,
-                      lambda_init_for_depth)
+                      check_lambda_init, lambda_init_for_depth)
 
 from .attention import MultiheadAttention
 from .preprocess import RESIZE_MODES, make_transform
@@ -201,7 +201,7 @@ class CLIPConfig:
         attention: "diff" (DiffMultiheadAttention), "diff2" (DiffMultiheadAttentionV2) or
             "plain" (nn.MultiheadAttention's parameters).
         lambda_init: lambda_init of every "diff" layer when lambda_schedule is
-            "constant" (DiffCLIP: 0.8). V2 layers learn lambda per token and ignore it.
+            "constant" (DiffCLIP: 0.8), in (0, 1) (see diffattn.check_lambda_init). V2 layers learn lambda per token and ignore it.
         lambda_schedule: "constant", or "depth" for the Differential Transformer's
             0.8 - 0.6 * exp(-0.3 * i) at layer i of each tower (DiffCLIP*).
         preprocess: image preprocessing recipe, "squash" (DiffCLIP release) or "shortest"
@@ -228,6 +228,7 @@ class CLIPConfig:
         _check_choice("lambda_schedule", self.lambda_schedule, LAMBDA_SCHEDULES)
         _check_choice("preprocess", self.preprocess, RESIZE_MODES)
         _check_finite_number("lambda_init", self.lambda_init)
+        check_lambda_init(self.lambda_init)
         if self.attention == "diff":  # V2 layers take any head count
             for tower, heads in (("vision", self.vision.heads), ("text", self.text.heads)):
                 if heads % 2:

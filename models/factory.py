@@ -5,7 +5,11 @@ The configs are the JSON files in ``configs/`` (package data); ``list_models()``
 
 - a DiffCLIP release checkpoint (``checkpoint_best.pt``: ``state_dict`` with ``module.`` keys,
   plus epoch/optimizer/scaler/best_acc1/args) into a config with the "diffclip" layout;
-- an open_clip state dict into a config with the "open_clip" layout;
+- an open_clip state dict into a config with the "open_clip" layout, or into one with the
+  "diffclip" layout (e.g. open_clip's ViT-B-16 into "DiffCLIP-ViT-B-16"): its tensors are
+  renamed (``checkpoint.open_clip_to_diffclip``), open_clip's bias-free patch embedding gets a
+  zero bias, tensors the model lacks (``visual.ln_pre``) are left out, and the attention
+  layers are warm-started as below; one warning lists what was left out and what is new;
 - diffattn's own files (``save_pretrained``: safetensors with the config as metadata), whose
   saved config is used when no name is given and must match the named one otherwise.
 
@@ -45,14 +49,14 @@ from typing import Optional, Union
 import torch
 from torch.overrides import TorchFunctionMode
 
-from diffattn import DiffMultiheadAttention, DiffMultiheadAttentionV2, plain_to_v2_state_dict
-from diffattn.convert import PLAIN_KEYS
+from diffattn import DiffMultiheadAttention, DiffMultiheadAttentionV2
 from diffattn.module_v2 import INITIAL_LAMBDA
 from diffattn.user_warnings import warn_at_user_code
 
 from .augment import make_train_transform
-from .checkpoint import (DIFFATTN_FORMAT, CheckpointError, CheckpointNotFoundError, check_keys,
-                         detect_layout, diffattn_config_from_metadata, load_state_dict_file,
+from .checkpoint import (DIFFATTN_FORMAT, CheckpointError, CheckpointNotFoundError,
+                         check_floating_dtypes, check_keys, describe_non_file, detect_layout,
+                         open_clip_to_diffclip, diffattn_config_from_metadata, load_state_dict_file,
                          read_safetensors_header, save_checkpoint)
 from .clip import ATTENTIONS, CLIP, CLIPConfig
 from .tokenizer import tokenize
@@ -221,8 +225,10 @@ def create_model(name: Union[str, CLIPConfig, None], pretrained=None, *,
 
     Raises:
         ValueError: unknown name; bad attention.
-        CheckpointError (a ValueError), naming the file: unreadable, empty, truncated or
-            corrupt file; a checkpoint in another layout, with another saved config or an
+        CheckpointError (a ValueError), naming the file: a path that is a directory, a
+            device or a symbolic link loop (the message says which); unreadable, empty,
+            truncated or corrupt file; a tensor whose dtype is not floating where the model's
+            is (the key named); a checkpoint in another layout, with another saved config or an
             invalid one; tensors that do not fit the config (missing, unexpected and
             mis-shaped ones listed), found before the model is built.
         UnsafeCheckpointError (a CheckpointError): the pickle needs objects outside the
@@ -258,18 +264,32 @@ def create_model(name: Union[str, CLIPConfig, None], pretrained=None, *,
         raise CheckpointError(f"checkpoint {path!r} holds no config (it is in the {layout} "
                               f"layout): pass a model name; available: "
                               f"{', '.join(list_models())}")
-    elif config.layout != layout:
-        raise CheckpointError(f"checkpoint {path!r} is in the {layout} layout but the model "
-                              f"config has layout {config.layout!r}")
+    remap, layout_note = None, None
+    if layout != "diffattn" and config.layout != layout:
+        if (layout, config.layout) != ("open_clip", "diffclip"):
+            raise CheckpointError(f"checkpoint {path!r} is in the {layout} layout but the model "
+                                  f"config has layout {config.layout!r}")
+        # An open_clip file into a DiffCLIP-layout model (e.g. open_clip's ViT-B-16 into
+        # DiffCLIP-ViT-B-16): the same ViT/CLIP under other names.
+        remap = functools.partial(open_clip_to_diffclip, patch_bias=config.vision.patch_bias,
+                                  ln_pre=config.vision.ln_pre)
+        file_count = len(shapes)
+        shapes, dropped, added = remap(shapes)
+        layout_note = _layout_message(path, file_count, dropped, added)
     layers = _check_config_fits_file(config, shapes, path)
 
     model = CLIP(config, backend=backend, device=device, dtype=dtype)
     if state_dict is None:
         state_dict = load_state_dict_file(path)
+    if remap is not None:
+        state_dict = remap(state_dict)[0]
+    check_floating_dtypes(state_dict, {key: value.dtype for key, value in model.state_dict().items()},
+                          path)
     state_dict, warm = _from_plain_attention(state_dict, layers)
     model.load_state_dict(state_dict, strict=True)
-    if warm:
-        warn_at_user_code(_warm_start_message(path, warm))
+    if warm or layout_note:
+        warn_at_user_code("\n".join(filter(None, [layout_note,
+                                                   warm and _warm_start_message(path, warm)])))
     return model
 
 
@@ -294,7 +314,10 @@ def _check_pretrained_file(pretrained) -> str:
         raise TypeError(f"pretrained must be a file path (str or os.PathLike) or None, got "
                         f"{type(pretrained).__name__}")
     path = os.fspath(pretrained)
-    if not os.path.isfile(path):
+    problem = describe_non_file(path)
+    if problem is not None and problem != "no such file":
+        raise CheckpointError(f"pretrained {path!r} is {problem}; pass the path of a checkpoint file")
+    if problem is not None:
         raise PretrainedNotFoundError(
             f"checkpoint file not found: {path!r}. pretrained must be a local file (diffattn "
             "downloads nothing): a DiffCLIP release checkpoint (e.g. "
@@ -307,16 +330,11 @@ def _check_pretrained_file(pretrained) -> str:
 
 
 # --------------------------------------------------------------------------- warm start
-# The DiffCLIP names of the projections that nn.MultiheadAttention packs into in_proj_*.
-_PACKED_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
-# What a V2 layer's warm start derives (q_proj) or initialises (lambda_proj).
-_V2_DERIVED = ("q_proj.weight", "q_proj.bias", "lambda_proj.weight", "lambda_proj.bias")
-
-
 def _plain_attention_layers(model: CLIP, state_dict: dict) -> dict:
     """{name: layer} of the differential attention layers (V1 or V2) of ``model`` whose
     weights the file holds in nn.MultiheadAttention's packed layout
-    (``<name>.in_proj_weight``)."""
+    (``<name>.in_proj_weight``). Each such layer converts plain weights itself
+    (``plain_state_dict_shapes``, ``state_dict_from_plain``)."""
     return {name: module for name, module in model.named_modules()
             if isinstance(module, (DiffMultiheadAttention, DiffMultiheadAttentionV2))
             and f"{name}.in_proj_weight" in state_dict}
@@ -324,26 +342,15 @@ def _plain_attention_layers(model: CLIP, state_dict: dict) -> dict:
 
 def _expect_plain_attention(expected: dict, layers: dict) -> dict:
     """The expected {name: shape} for a file with plain attention weights for ``layers``:
-    each layer's per-projection tensors are expected as nn.MultiheadAttention's
-    ``in_proj_weight`` (the plain q, k and v rows stacked) and ``in_proj_bias``, and
-    ``out_proj.*`` as they are. What plain attention does not have (V1's lambda vectors and
-    norm weight, V2's lambda_proj) is not expected."""
+    each layer's own tensors are replaced by the plain ones it converts from
+    (``layer.plain_state_dict_shapes()``: the packed ``in_proj_*`` and ``out_proj.*``)."""
     expected = dict(expected)
     for name, layer in layers.items():
         prefix = name + "."
-        v2 = isinstance(layer, DiffMultiheadAttentionV2)
-        projections = _PACKED_PROJECTIONS + (("lambda_proj",) if v2 else ())
-        shapes = {proj: expected.pop(f"{prefix}{proj}.weight") for proj in projections}
-        biases = [expected.pop(f"{prefix}{proj}.bias", None) for proj in projections]
-        # A V2 layer's q_proj has 2h heads; the plain layer it comes from has h (E rows).
-        q_rows = layer.embed_dim if v2 else shapes["q_proj"][0]
-        rows = q_rows + shapes["k_proj"][0] + shapes["v_proj"][0]
-        expected[f"{prefix}in_proj_weight"] = torch.Size([rows, shapes["q_proj"][1]])
-        if biases[0] is not None:
-            expected[f"{prefix}in_proj_bias"] = torch.Size([rows])
-        for key in [key for key in expected if key.startswith(prefix)
-                    and not key.startswith((f"{prefix}out_proj.", f"{prefix}in_proj_"))]:
+        for key in [key for key in expected if key.startswith(prefix)]:
             del expected[key]
+        expected.update((prefix + key, shape)
+                        for key, shape in layer.plain_state_dict_shapes().items())
     return expected
 
 
@@ -351,23 +358,20 @@ def _from_plain_attention(state_dict: dict, layers: dict) -> tuple:
     """The file's plain attention weights made loadable into ``layers``, and which tensors
     the file did not give as they are.
 
-    V1 layers load the packed layout themselves; their lambda vectors and norm weight keep
-    their initialisation. V2 layers get ``diffattn.plain_to_v2_state_dict`` of their plain
-    tensors (DiffMultiheadAttentionV2.from_plain's weights): q_proj derived, lambda_proj new.
+    Each layer's ``state_dict_from_plain`` converts its plain tensors: V1 layers take them
+    as they are (their lambda vectors and norm weight keep their initialisation), V2 layers
+    get ``diffattn.plain_to_v2_state_dict`` of them (DiffMultiheadAttentionV2.from_plain's
+    weights: q_proj derived, lambda_proj new).
     Returns (state_dict, {"v1" | "v2": {layer name: names of its derived or new tensors}}).
     """
     state_dict, warm = dict(state_dict), {"v1": {}, "v2": {}}
     for name, layer in layers.items():
         prefix = name + "."
-        if isinstance(layer, DiffMultiheadAttentionV2):
-            plain = {key: state_dict.pop(prefix + key) for key in PLAIN_KEYS}
-            converted = plain_to_v2_state_dict(plain, layer.num_heads)
-            state_dict.update((prefix + key, value) for key, value in converted.items())
-            warm["v2"][name] = list(_V2_DERIVED)
-        else:
-            own = layer.state_dict(keep_vars=True)
-            warm["v1"][name] = [key for key in own if not key.startswith(
-                tuple(f"{proj}." for proj in _PACKED_PROJECTIONS + ("out_proj",)))]
+        plain = {key[len(prefix):]: state_dict.pop(key)
+                 for key in [key for key in state_dict if key.startswith(prefix)]}
+        converted, new = layer.state_dict_from_plain(plain)
+        state_dict.update((prefix + key, value) for key, value in converted.items())
+        warm["v2" if isinstance(layer, DiffMultiheadAttentionV2) else "v1"][name] = list(new)
     return state_dict, {kind: names for kind, names in warm.items() if names}
 
 
@@ -400,6 +404,20 @@ def _grouped_tensor_names(initialised: dict) -> list:
             template.format("{" + _index_ranges(indices) + "}")
         lines.append(f"{layer}.{{{', '.join(tensors)}}}")
     return lines
+
+
+def _layout_message(path: str, file_count: int, dropped: list, added: list) -> str:
+    """What renaming an open_clip file into the DiffCLIP layout carried, left out and added."""
+    carried = file_count - len(dropped)
+    lines = [f"checkpoint {path!r} is in the open_clip layout: {carried} of its {file_count} "
+             f"tensors were carried into the model's DiffCLIP layout under their DiffCLIP names"]
+    if dropped:
+        lines.append(f"  left out (the model has no such tensor, e.g. no LayerNorm before the "
+                     f"vision blocks): {', '.join(sorted(dropped))}")
+    if added:
+        lines.append(f"  new: {', '.join(sorted(added))} (zeros: open_clip's patch embedding "
+                     f"has no bias, so the model computes what the file's does)")
+    return "\n".join(lines)
 
 
 def _warm_start_message(path: str, warm: dict) -> str:

@@ -16,6 +16,18 @@ context length (77), a too-long text cut with its last kept token replaced by 49
 ``trim=True`` the padding columns no row needs are left out (the text tower's embeddings do not
 change: it is causal and pools at the end-of-text token).
 
+Special-token strings in the text are text. ``<start_of_text>`` or ``<end_of_text>`` written in a
+caption is split and encoded like any other characters, so every row holds exactly one start and
+one end token, the ones ``tokenize`` adds (a caption cannot end itself early or pool like the
+empty caption). open_clip's tokenizer differs: it turns these strings into the special ids. For
+every text without them the ids are CLIP's.
+
+The work is linear in the length of the text: ``tokenize`` needs only the first
+``context_length - 2`` ids of a text, every word gives at least one id and no token is longer
+than ``SimpleTokenizer.max_token_chars`` bytes (32 for CLIP's merges), so words past that budget are never encoded and a word too long
+to fit is cut before byte-pair encoding. Texts whose row fits get exactly CLIP's ids; a text
+that is cut anyway may differ from CLIP's only in its last kept ids, where a word was cut.
+
 Text cleaning needs the packages ftfy and regex (``pip install "diffattn[models]"``); they are
 imported on first use, so the rest of diffattn.models works without them.
 """
@@ -51,13 +63,10 @@ def _text_tools():
     except ImportError as exc:
         raise ImportError(f"the CLIP tokenizer needs the packages ftfy and regex ({exc}); "
                           f"install them with: pip install \"diffattn[models]\"") from exc
-    # The special tokens come first so that a literal special token in the text stays one
-    # token; they are spelled as in the vocabulary so that ``encode(decode(ids))`` keeps them.
+    # CLIP's word pattern without its special-token alternatives: special-token strings in
+    # user text are split into words like any other text (see the module docstring).
     word_pattern = regex.compile(
-        regex.escape(SOT_TOKEN)
-        + "|"
-        + regex.escape(EOT_TOKEN)
-        + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+        r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
         regex.IGNORECASE,
     )
     return ftfy.fix_text, word_pattern, regex.compile(r"\s+")
@@ -136,7 +145,9 @@ class SimpleTokenizer:
         vocab += [SOT_TOKEN, EOT_TOKEN]
         self.token_to_id = {token: token_id for token_id, token in enumerate(vocab)}
         self.id_to_token = vocab
-        self.special_token_ids = {SOT_TOKEN: SOT_TOKEN_ID, EOT_TOKEN: EOT_TOKEN_ID}
+        # The longest token, in byte characters without the end-of-word marker: a word of n
+        # bytes gives at least ceil(n / max_token_chars) tokens.
+        self.max_token_chars = max(len(token.removesuffix(END_OF_WORD)) for token in vocab[:-2])
         self._word_to_tokens = functools.lru_cache(maxsize=cache_size)(self._merge_word)
 
     def _merge_word(self, word: str) -> tuple[str, ...]:
@@ -164,24 +175,44 @@ class SimpleTokenizer:
             symbols = merged
         return tuple(symbols)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, max_tokens: int | None = None) -> list[int]:
         """Token ids of ``text``, without start/end-of-text tokens or padding.
 
         Args:
-            text: any string; it is cleaned (see ``clean_text``) first.
+            text: any string; it is cleaned (see ``clean_text``) first. Special-token strings
+                (``<end_of_text>``) in it are text: they are encoded like other characters.
+            max_tokens: if given, at most this many ids are returned and the work is bounded
+                by it: words after the budget is spent are not encoded, and a word longer than
+                ``(remaining budget + 1) * max_token_chars`` bytes (more tokens than remain)
+                is cut to that length before byte-pair encoding. When the whole text's ids
+                number at most ``max_tokens`` they are exactly those of ``encode(text)``; else
+                the first ``max_tokens`` ids, of which the ones from a cut word may differ.
 
         Returns:
             list of ints in ``[0, VOCAB_SIZE)``, one per BPE token (length >= 0).
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        if max_tokens is not None:
+            if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+                raise TypeError(f"max_tokens must be an int or None, got {type(max_tokens).__name__}")
+            if max_tokens < 0:
+                raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
         token_ids = []
-        for word in _text_tools()[1].findall(clean_text(text)):
-            if word in self.special_token_ids:
-                token_ids.append(self.special_token_ids[word])
-                continue
-            byte_chars = "".join(self.byte_to_char[byte] for byte in word.encode("utf-8"))
+        for match in _text_tools()[1].finditer(clean_text(text)):
+            if max_tokens is not None:
+                remaining = max_tokens - len(token_ids)
+                if remaining <= 0:
+                    break
+            word_bytes = match.group().encode("utf-8")
+            if max_tokens is not None:
+                # More bytes than this make more tokens than remain; one spare token's worth
+                # keeps the cut's false end of word out of the ids that are kept.
+                word_bytes = word_bytes[: (remaining + 1) * self.max_token_chars]
+            byte_chars = "".join(self.byte_to_char[byte] for byte in word_bytes)
             token_ids.extend(self.token_to_id[token] for token in self._word_to_tokens(byte_chars))
+        if max_tokens is not None:
+            del token_ids[max_tokens:]
         return token_ids
 
     def decode(self, ids) -> str:
@@ -261,7 +292,8 @@ def tokenize(texts, context_length: int = DEFAULT_CONTEXT_LENGTH, *,
     tokenizer = _default_tokenizer()
     rows = []
     for text in texts:
-        row_ids = [SOT_TOKEN_ID] + tokenizer.encode(text) + [EOT_TOKEN_ID]
+        # One id more than fits tells a cut text from one that fits exactly.
+        row_ids = [SOT_TOKEN_ID] + tokenizer.encode(text, max_tokens=context_length - 1) + [EOT_TOKEN_ID]
         if len(row_ids) > context_length:
             row_ids = row_ids[:context_length]
             row_ids[-1] = EOT_TOKEN_ID

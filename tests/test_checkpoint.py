@@ -289,3 +289,50 @@ def test_check_keys_lists_only_the_first_20():
     assert "25 missing keys" in message
     assert "layer19" in message and "layer20" not in message
     assert "... and 5 more" in message
+
+
+# ------------------------------------------------------------------ what the path is, dtypes
+def _path_kinds(tmp_path) -> dict:
+    loop = tmp_path / "loop.pt"
+    os.symlink(loop, loop)
+    folder = tmp_path / "folder.pt"
+    folder.mkdir()
+    kinds = {"a directory": folder, "a symbolic link loop": loop}
+    if os.path.exists("/dev/zero"):
+        kinds["a character device"] = Path("/dev/zero")
+    return kinds
+
+
+@pytest.mark.parametrize("reader", [load_state_dict_file, read_safetensors_header, read_checkpoint_metadata])
+def test_directory_device_and_link_loop_are_named_as_such(tmp_path, reader):
+    for kind, path in _path_kinds(tmp_path).items():
+        with pytest.raises(CheckpointError, match=f"{kind}") as raised:
+            reader(path)
+        assert str(path) in str(raised.value) and "not found" not in str(raised.value)
+        assert not isinstance(raised.value, CheckpointNotFoundError)
+
+
+def test_pretrained_directory_device_and_link_loop_are_named_as_such(tmp_path):
+    from diffattn.models import create_model
+
+    for kind, path in _path_kinds(tmp_path).items():
+        with pytest.raises(CheckpointError, match=f"pretrained '{path}' is {kind}"):
+            create_model("CLIP-Tiny", pretrained=path)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.int64])
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_non_floating_tensor_where_the_model_is_floating_names_file_and_key(tmp_path, dtype, suffix):
+    from diffattn.models import create_model
+
+    state_dict = create_model("CLIP-Tiny").state_dict()
+    key = "visual.blocks.0.mlp.fc1.weight"
+    state_dict[key] = state_dict[key].to(dtype)
+    path = tmp_path / f"int{suffix}"
+    if suffix == ".pt":
+        torch.save(state_dict, path)
+    else:
+        safetensors.torch.save_file(state_dict, str(path))
+    with pytest.raises(CheckpointError, match="dtype is not floating") as raised:
+        create_model("CLIP-Tiny", pretrained=path)
+    assert str(path) in str(raised.value) and f"{key} ({dtype})" in str(raised.value)

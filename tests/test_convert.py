@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import diffattn
+from diffattn.self_attention import DiffSelfAttention, DiffSelfAttentionV2
 from diffattn import (DiffMultiheadAttention, DiffMultiheadAttentionV2, diff_attention_ref,
                       lambda_init_for_depth)
 from diffattn.models import create_model
@@ -120,7 +121,8 @@ def test_constant_lambda_init_backend_and_modes():
     assert not any(key.endswith("bias") for key in first.state_dict())
     assert first.training and not second.training
     assert (second.dropout, second.batch_first) == (0.1, False)
-    assert diffattn.replace_attention(model) == 0  # nothing left to replace
+    with pytest.warns(UserWarning, match="replaced nothing: .* already holds 2 differential"):
+        assert diffattn.replace_attention(model) == 0  # nothing left to replace
 
 
 def test_plain_clip_becomes_differential():
@@ -156,6 +158,8 @@ def test_bad_arguments():
         diffattn.replace_attention("model")
     with pytest.raises(TypeError, match="lambda_init must be \"depth\" or a float"):
         diffattn.replace_attention(nn.Sequential(), lambda_init="deep")
+    with pytest.raises(ValueError, match=r"lambda_init must lie in \(0, 1\).*no gradient"):
+        diffattn.replace_attention(nn.Sequential(), lambda_init=1.0)
     with pytest.raises(ValueError, match="backend"):
         diffattn.replace_attention(nn.Sequential(), backend="gpu")
 
@@ -305,3 +309,77 @@ def test_plain_to_v2_state_dict_arguments():
         diffattn.plain_to_v2_state_dict(state, HEADS, initial_lambda="small")
     with pytest.raises(ValueError, match=r"initial_lambda must be in \(0, 1\)"):
         diffattn.plain_to_v2_state_dict(state, HEADS, initial_lambda=0.0)
+
+
+# ------------------------------------------------ fused-qkv self-attention (timm's Attention form)
+class _QkvAttention(nn.Module):
+    """timm's plain Attention, written out: qkv Linear(E, 3E), SDPA, proj."""
+
+    def __init__(self, dim, num_heads, qk_norm=False):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.Identity()
+        self.attn_drop = nn.Dropout(0.0)
+        self.norm = nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(0.0)
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        x = torch.nn.functional.scaled_dot_product_attention(
+            self.q_norm(q), self.k_norm(k), v, attn_mask=attn_mask, is_causal=is_causal)
+        return self.proj_drop(self.proj(self.norm(x.transpose(1, 2).reshape(B, N, C))))
+
+
+class _QkvBlock(nn.Module):
+    def __init__(self, dim, num_heads, **kwargs):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = _QkvAttention(dim, num_heads, **kwargs)
+
+    def forward(self, x):
+        return x + self.attn(self.norm1(x))
+
+
+def test_fused_qkv_attention_becomes_v2_computing_what_it_computed():
+    torch.manual_seed(0)
+    model = nn.Sequential(_QkvBlock(48, 3), _QkvBlock(48, 3)).double().eval()
+    x = torch.randn(2, 9, 48, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+        causal = model[0].attn(x, is_causal=True)
+    assert diffattn.replace_attention(model, variant="v2", backend="torch") == 2
+    assert all(isinstance(block.attn, DiffSelfAttentionV2) for block in model)
+    with torch.no_grad():
+        assert ((model(x) - expected).norm() / expected.norm()).item() < 1e-4
+        got = model[0].attn(x, is_causal=True)
+        assert ((got - causal).norm() / causal.norm()).item() < 1e-4
+
+
+def test_fused_qkv_attention_becomes_v1_in_timms_diff_head_layout():
+    torch.manual_seed(0)
+    model = nn.Sequential(_QkvBlock(48, 3))
+    plain_qkv = model[0].attn.qkv.weight.detach().clone()
+    assert diffattn.replace_attention(model, lambda_init=0.5, backend="torch") == 1
+    layer = model[0].attn
+    assert isinstance(layer, DiffSelfAttention) and (layer.num_heads, layer.head_dim) == (6, 8)
+    assert layer.lambda_init == 0.5 and torch.equal(layer.in_proj_weight, plain_qkv)
+    assert model(torch.randn(2, 5, 48)).shape == (2, 5, 48)
+
+
+def test_fused_qkv_attention_that_cannot_convert_is_named():
+    with pytest.raises(ValueError, match="layer '0.attn' has a q_norm"):
+        diffattn.replace_attention(nn.Sequential(_QkvBlock(48, 3, qk_norm=True)))
+    with pytest.raises(ValueError, match="layer '0.attn' has heads of odd width 3"):
+        diffattn.replace_attention(nn.Sequential(_QkvBlock(12, 4)), variant="v1")
+    assert diffattn.replace_attention(nn.Sequential(_QkvBlock(12, 4)), variant="v2") == 1
+
+
+def test_nothing_to_replace_warns():
+    with pytest.warns(UserWarning, match="replace_attention replaced nothing: Sequential holds no "
+                                         "nn.MultiheadAttention"):
+        assert diffattn.replace_attention(nn.Sequential(nn.Linear(4, 4))) == 0

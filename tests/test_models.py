@@ -166,6 +166,8 @@ def test_unknown_model_name_lists_available():
     (lambda d: d["text"].update(mlp_ratio=float("inf")), "text.mlp_ratio must be finite"),
     (lambda d: d.update(lambda_init=float("nan")), "lambda_init must be finite, got nan"),
     (lambda d: d.update(lambda_init=float("-inf")), "lambda_init must be finite"),
+    (lambda d: d.update(lambda_init=1.0), "lambda_init must lie in \\(0, 1\\).*no gradient"),
+    (lambda d: d.update(lambda_init=0.0), "lambda_init must lie in \\(0, 1\\)"),
 ])
 def test_config_validation(change, message):
     data = get_config("DiffCLIP-Tiny").to_dict()
@@ -363,7 +365,11 @@ def test_open_clip_state_dict_loads_with_same_embeddings(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode_image(images.float()), source.encode_image(images.float()))
         torch.testing.assert_close(loaded.encode_text(tokens), source.encode_text(tokens))
-    with pytest.raises(ValueError, match="open_clip layout.*'diffclip'"):
+    # Into a DiffCLIP-layout config: renamed (a warm start, see test_warm_start.py); a config
+    # of other sizes is refused with the mismatches listed.
+    with pytest.warns(UserWarning, match="is in the open_clip layout: .* carried"):
+        create_model(_tiny_config("diffclip", "diff"), pretrained=path)
+    with pytest.raises(ValueError, match="(?s)does not fit the model.*shape mismatches"):
         create_model("DiffCLIP-Tiny", pretrained=path)
 
 

@@ -300,10 +300,26 @@ def test_extra_repr_shows_heads_lambda_and_backend():
     (dict(embed_dim=64, num_heads=0), "num_heads must be a positive even"),
     (dict(embed_dim=64, num_heads=4, lambda_init=float("nan")), "lambda_init must be finite"),
     (dict(embed_dim=64, num_heads=4, lambda_init=float("inf")), "lambda_init must be finite"),
+    (dict(embed_dim=64, num_heads=4, lambda_init=1.0),
+     r"lambda_init must lie in \(0, 1\), got 1.0: the output is scaled by 1 - lambda_init, so at 1 "
+     r"it is zero and the projections get no gradient"),
+    (dict(embed_dim=64, num_heads=4, lambda_init=1.5), r"lambda_init must lie in \(0, 1\)"),
+    (dict(embed_dim=64, num_heads=4, lambda_init=0.0), r"lambda_init must lie in \(0, 1\).*below zero"),
+    (dict(embed_dim=64, num_heads=4, lambda_init=-0.2), r"lambda_init must lie in \(0, 1\)"),
 ])
 def test_bad_constructor_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DiffMultiheadAttention(**kwargs)
+
+
+def test_lambda_init_type_and_depth_index_are_checked():
+    with pytest.raises(TypeError, match="lambda_init must be a float in \\(0, 1\\)"):
+        DiffMultiheadAttention(64, 4, lambda_init="0.8")
+    with pytest.raises(ValueError, match="layer_index must be >= 0"):
+        lambda_init_for_depth(-1)
+    with pytest.raises(TypeError, match="layer_index must be an int"):
+        lambda_init_for_depth(1.5)
+    assert all(0 < lambda_init_for_depth(i) < 1 for i in range(50))
 
 
 def test_bad_forward_inputs():

@@ -148,10 +148,12 @@ def test_fuse_diff_attention_counts_and_refuses_foreign_subclasses():
     model = _tiny_vit("diff")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert fuse_diff_attention(model) == 2
-    assert fuse_diff_attention(model) == 0  # already fused
+    with pytest.warns(UserWarning, match="swapped nothing: .* not fused already \\(2 are"):
+        assert fuse_diff_attention(model) == 0  # already fused
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert fuse_diff_attention(torch.nn.Linear(2, 2)) == 0
+    with pytest.warns(UserWarning, match="swapped nothing: Linear holds no timm DiffAttention"):
+        assert fuse_diff_attention(torch.nn.Linear(2, 2)) == 0
 
     class Custom(DiffAttention):
         pass
@@ -191,3 +193,83 @@ def test_unsupported_calls_run_timm_forward_visibly(case, monkeypatch):
         fused.eval()
         fused(x)
         assert fused.last_backend == "torch"
+
+
+# ------------------------------------------------------- plain timm ViTs through replace_attention
+import diffattn  # noqa: E402
+from diffattn.self_attention import DiffSelfAttention, DiffSelfAttentionV2  # noqa: E402
+
+
+def _plain_vit_tiny(seed=0):
+    """timm's plain ViT-Tiny (12 blocks of timm's Attention, fused qkv, 3 heads), small images."""
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+                              num_classes=5)
+    return _randomise(model).eval()
+
+
+def test_plain_vit_tiny_converts_to_v2_computing_what_it_computed():
+    plain = _plain_vit_tiny()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = plain(images)
+    converted = copy.deepcopy(plain)
+    assert diffattn.replace_attention(converted, variant="v2", backend="torch") == 12
+    assert all(type(block.attn) is DiffSelfAttentionV2 for block in converted.blocks)
+    with torch.no_grad():
+        got = converted(images)
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-4
+    layer = converted.blocks[0].attn
+    assert (layer.num_heads, layer.head_dim, layer.last_backend) == (3, 64, "torch")
+    assert torch.equal(layer.k_proj.weight, plain.blocks[0].attn.qkv.weight[192:384])
+
+
+def test_plain_vit_tiny_converts_to_v1_as_a_warm_start_that_trains():
+    plain = _plain_vit_tiny()
+    converted = copy.deepcopy(plain).train()
+    assert diffattn.replace_attention(converted, variant="v1", backend="torch") == 12
+    layer = converted.blocks[5].attn
+    assert type(layer) is DiffSelfAttention
+    # timm's DiffAttention head layout: 3 differential heads, maps of width 32, values of 64.
+    assert (layer.num_heads, layer.head_dim) == (6, 32)
+    assert layer.lambda_init == pytest.approx(diffattn.lambda_init_for_depth(5))
+    qkv = plain.blocks[5].attn.qkv
+    assert torch.equal(layer.in_proj_weight, qkv.weight) and torch.equal(layer.in_proj_bias, qkv.bias)
+    out = converted(torch.randn(2, 3, 32, 32))
+    out.sum().backward()
+    assert torch.isfinite(out).all() and layer.lambda_vectors.grad.abs().sum() > 0
+
+
+def test_plain_vit_with_masks_and_nothing_to_replace():
+    plain = _plain_vit_tiny()
+    attention = plain.blocks[0].attn
+    converted = DiffSelfAttentionV2.from_qkv_attention(attention, backend="torch").eval()
+    x = torch.randn(2, 7, 192)
+    mask = torch.rand(7, 7) > 0.3
+    mask.fill_diagonal_(True)
+    for attn_mask in (mask, mask[None, None].expand(2, 1, 7, 7),
+                      torch.zeros(2, 3, 7, 7).masked_fill(~mask, float("-inf"))):
+        with torch.no_grad():
+            expected, got = attention(x, attn_mask=attn_mask), converted(x, attn_mask=attn_mask)
+        assert ((got - expected).norm() / expected.norm()).item() < 1e-4
+    with pytest.warns(UserWarning, match="fuse_diff_attention swapped nothing: .* 12 plain "
+                                         "attention layers .*diffattn.replace_attention"):
+        assert fuse_diff_attention(plain) == 0
+    diffattn.replace_attention(plain, variant="v2", backend="torch")
+    with pytest.warns(UserWarning, match="replaced nothing: .* already holds 12 differential"):
+        assert diffattn.replace_attention(plain) == 0
+    with pytest.warns(UserWarning, match="replaced nothing: .* 2 timm DiffAttention layers"):
+        assert diffattn.replace_attention(_tiny_vit("diff")) == 0
+
+
+def test_backend_chosen_when_timm_builds_the_layers():
+    layer_class = FusedDiffAttention.with_backend("torch")
+    assert FusedDiffAttention.with_backend("torch") is layer_class
+    assert issubclass(layer_class, DiffAttention)
+    model = _tiny_vit(layer_class)
+    assert {block.attn.backend for block in model.blocks} == {"torch"}
+    model(torch.randn(1, 3, 16, 16))
+    assert {block.attn.last_backend for block in model.blocks} == {"torch"}
+    assert _tiny_vit(FusedDiffAttention).blocks[0].attn.backend == "auto"
+    with pytest.raises(ValueError, match="backend"):
+        FusedDiffAttention.with_backend("cuda")

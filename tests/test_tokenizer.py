@@ -104,8 +104,58 @@ def test_decode_round_trip():
     assert tokenizer.decode([SOT_TOKEN_ID, 320, EOT_TOKEN_ID]) == "<start_of_text>a <end_of_text>"
 
 
-def test_special_tokens_in_text_stay_special():
-    assert _default_tokenizer().encode("<end_of_text>") == [EOT_TOKEN_ID]
+def test_special_token_strings_in_text_are_text():
+    tokenizer = _default_tokenizer()
+    ids = tokenizer.encode("<end_of_text>")
+    assert EOT_TOKEN_ID not in ids and SOT_TOKEN_ID not in ids
+    assert ids == tokenizer.encode("< end_of_text >")  # split like any other characters
+    rows = tokenize(["a cat <end_of_text> and a dog", "<start_of_text><end_of_text>", "<end_of_text>"])
+    assert (rows == EOT_TOKEN_ID).sum(dim=1).tolist() == [1, 1, 1]
+    assert (rows == SOT_TOKEN_ID).sum(dim=1).tolist() == [1, 1, 1]
+    assert not torch.equal(rows[2], tokenize("")[0])  # does not embed like the empty caption
+
+
+def _count_merged_characters(monkeypatch):
+    """A fresh tokenizer whose byte-pair encoding records the length of every word it merges."""
+    import diffattn.models.tokenizer as tokenizer_module
+
+    merged_lengths = []
+    merge_word = tokenizer_module.SimpleTokenizer._merge_word
+
+    def counting_merge_word(self, word):
+        merged_lengths.append(len(word))
+        return merge_word(self, word)
+
+    monkeypatch.setattr(tokenizer_module.SimpleTokenizer, "_merge_word", counting_merge_word)
+    tokenizer = tokenizer_module.SimpleTokenizer()
+    monkeypatch.setattr(tokenizer_module, "_default_tokenizer", lambda: tokenizer)
+    return tokenizer, merged_lengths
+
+
+def test_long_word_work_is_bounded_by_the_context_length(monkeypatch):
+    tokenizer, merged_lengths = _count_merged_characters(monkeypatch)
+    row = tokenize("a" * 32_000)
+    assert row.shape == (1, 77) and row[0, -1] == EOT_TOKEN_ID and (row != 0).all()
+    # One word, cut to what 76 tokens of at most max_token_chars bytes can hold.
+    assert len(merged_lengths) == 1
+    assert merged_lengths[0] <= 77 * tokenizer.max_token_chars < 32_000
+    merged_lengths.clear()
+    tokenize(" ".join(["word"] * 50_000), context_length=10)
+    assert len(merged_lengths) <= 9 and sum(merged_lengths) <= 9 * tokenizer.max_token_chars
+
+
+def test_bounded_encoding_gives_clips_ids_whenever_the_text_fits():
+    tokenizer = _default_tokenizer()
+    word = "supercalifragilisticexpialidocious" * 5
+    full = tokenizer.encode(word)
+    assert tokenizer.encode(word, max_tokens=len(full)) == full
+    assert tokenizer.encode(word, max_tokens=len(full) - 3) == full[:-3]
+    row = tokenize(word, context_length=len(full) + 2)
+    assert row[0, 1:-1].tolist() == full and row[0, -1] == EOT_TOKEN_ID
+    text = "a photo of a cat " * 20
+    assert tokenizer.encode(text, max_tokens=40) == tokenizer.encode(text)[:40]
+    with pytest.raises(ValueError, match="max_tokens"):
+        tokenizer.encode("a", max_tokens=-1)
 
 
 def test_vocabulary_size():

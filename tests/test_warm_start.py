@@ -282,3 +282,107 @@ def test_vit_b_16_open_clip_keys_warm_start_diffclipv2_vit_b_16(tmp_path):
     assert loaded[layer + "lambda_proj.weight"].shape == (12, 768)
     for name in ("q_proj", "k_proj", "v_proj"):
         assert loaded[layer + name + ".weight"][0, 0].item() == pytest.approx(packed)
+
+
+# ----------------------------------------------------- open_clip ViT-B-16 into DiffCLIP-ViT-B-16
+def _open_clip_vit_b_16_shapes() -> dict:
+    """open_clip's ViT-B-16 state-dict names and shapes (302 tensors), written out."""
+    shapes = {"positional_embedding": (77, 512), "text_projection": (512, 512), "logit_scale": (),
+              "visual.class_embedding": (768,), "visual.positional_embedding": (197, 768),
+              "visual.proj": (768, 512), "visual.conv1.weight": (768, 3, 16, 16),
+              "visual.ln_pre.weight": (768,), "visual.ln_pre.bias": (768,),
+              "visual.ln_post.weight": (768,), "visual.ln_post.bias": (768,),
+              "token_embedding.weight": (49408, 512), "ln_final.weight": (512,),
+              "ln_final.bias": (512,)}
+    for tower, width in (("visual.transformer", 768), ("transformer", 512)):
+        for i in range(12):
+            block = f"{tower}.resblocks.{i}."
+            shapes.update({
+                block + "ln_1.weight": (width,), block + "ln_1.bias": (width,),
+                block + "attn.in_proj_weight": (3 * width, width),
+                block + "attn.in_proj_bias": (3 * width,),
+                block + "attn.out_proj.weight": (width, width), block + "attn.out_proj.bias": (width,),
+                block + "ln_2.weight": (width,), block + "ln_2.bias": (width,),
+                block + "mlp.c_fc.weight": (4 * width, width), block + "mlp.c_fc.bias": (4 * width,),
+                block + "mlp.c_proj.weight": (width, 4 * width), block + "mlp.c_proj.bias": (width,)})
+    return shapes
+
+
+def test_open_clip_vit_b_16_shapes_are_open_clips():
+    keys = _shared_data_dir() / "open_clip_ViT-B-16_state_dict.json"
+    if not keys.is_file():
+        pytest.skip(f"{keys} not available")
+    expected = {key: tuple(shape) for key, shape in json.loads(keys.read_text()).items()}
+    assert _open_clip_vit_b_16_shapes() == expected
+
+
+@pytest.fixture(scope="module")
+def open_clip_vit_b_16_into_diffclip(tmp_path_factory):
+    """(file's state dict, DiffCLIP-ViT-B-16 loaded from it, the warning). Each tensor is a
+    random row broadcast over its leading dimensions (stride 0), so the file stays small."""
+    generator = torch.Generator().manual_seed(0)
+    state_dict = {key: torch.randn(shape[-1:] if shape else (), generator=generator).expand(shape)
+                  for key, shape in _open_clip_vit_b_16_shapes().items()}
+    path = tmp_path_factory.mktemp("open_clip") / "open_clip_ViT-B-16.pt"
+    torch.save(state_dict, path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = create_model("DiffCLIP-ViT-B-16", pretrained=path, backend="torch")
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert len(messages) == 1, messages
+    return state_dict, model, messages[0], str(path)
+
+
+def test_open_clip_vit_b_16_carries_every_shared_tensor_into_diffclip_vit_b_16(
+        open_clip_vit_b_16_into_diffclip):
+    state_dict, model, _, _ = open_clip_vit_b_16_into_diffclip
+    loaded = model.state_dict()
+    renamed = {"visual.class_embedding": "visual.cls_token",
+               "visual.positional_embedding": "visual.pos_embed", "visual.proj": "image_projection",
+               "visual.conv1.weight": "visual.patch_embed.proj.weight",
+               "visual.ln_post.weight": "visual.norm.weight", "visual.ln_post.bias": "visual.norm.bias"}
+    block_names = {"ln_1": "norm1", "ln_2": "norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+                   "attn.out_proj": "attn.out_proj"}
+    carried = 0
+    for key, value in state_dict.items():
+        if key.startswith("visual.transformer.resblocks."):
+            index, rest = key[len("visual.transformer.resblocks."):].split(".", 1)
+            module, _, tensor = rest.rpartition(".")
+            if module in block_names:
+                renamed[key] = f"visual.blocks.{index}.{block_names[module]}.{tensor}"
+        if key.endswith("attn.in_proj_weight") or key.endswith("attn.in_proj_bias"):
+            layer = key.rpartition(".")[0].replace("visual.transformer.resblocks", "visual.blocks")
+            kind = key.rpartition("_")[2]
+            got = torch.cat([loaded[f"{layer}.{proj}.{kind}"] for proj in ("q_proj", "k_proj", "v_proj")])
+            assert torch.equal(got, value), key
+            carried += 1
+            continue
+        target = renamed.get(key, key)
+        if target not in loaded:
+            assert key.startswith("visual.ln_pre."), key  # DiffCLIP has no norm before the blocks
+            continue
+        assert torch.equal(loaded[target].reshape(value.shape), value), key
+        carried += 1
+    assert carried == len(state_dict) - 2 and carried / len(state_dict) >= 0.9
+    assert torch.equal(loaded["visual.patch_embed.proj.bias"], torch.zeros(768))
+
+
+def test_open_clip_vit_b_16_into_diffclip_warns_once_listing_what_is_new(
+        open_clip_vit_b_16_into_diffclip):
+    _, model, message, path = open_clip_vit_b_16_into_diffclip
+    lines = message.splitlines()
+    assert lines[0] == (f"checkpoint {path!r} is in the open_clip layout: 300 of its 302 tensors "
+                        f"were carried into the model's DiffCLIP layout under their DiffCLIP names")
+    assert "left out" in lines[1] and "visual.ln_pre.bias, visual.ln_pre.weight" in lines[1]
+    assert lines[2].startswith("  new: visual.patch_embed.proj.bias (zeros")
+    assert "for 24 differential attention layers" in message and "these 120 tensors" in message
+    assert lines[-2:] == [f"  visual.blocks.{{0-11}}.attn.{_ATTN_NEW}",
+                          f"  transformer.resblocks.{{0-11}}.attn.{_ATTN_NEW}"]
+    assert model.config.layout == "diffclip" and model.config.attention == "diff"
+
+
+def test_diffclip_file_into_an_open_clip_config_is_refused(tmp_path):
+    path = tmp_path / "diffclip_tiny.pt"
+    torch.save(create_model("CLIP-Tiny").state_dict(), path)
+    with pytest.raises(ValueError, match="is in the diffclip layout but the model config has layout 'open_clip'"):
+        create_model(_open_clip_tiny(), pretrained=path)

@@ -4,6 +4,9 @@
     from diffattn.integrations.timm import FusedDiffAttention, fuse_diff_attention
 
     model = timm.create_model("vit_base_patch16_224", attn_layer=FusedDiffAttention)
+    # the backend of the layers timm builds:
+    model = timm.create_model("vit_base_patch16_224",
+                              attn_layer=FusedDiffAttention.with_backend("torch"))
     # or swap the layers of a model built with attn_layer="diff" (weights loaded or not):
     swapped = fuse_diff_attention(model)
 
@@ -41,6 +44,11 @@ What the fused op lacks, the layer hands to timm's own forward, with one
 ``BackendFallbackWarning`` per reason: an ``attn_mask``, and attention dropout while training.
 ``last_backend`` records what ran: "triton", "torch" (diffattn's backend choice, see
 diffattn.backend) or "timm".
+
+timm's plain ViTs (``timm.layers.Attention``, fused qkv) become differential with
+``diffattn.replace_attention(model, variant="v2")`` (equal to the plain model at the start) or
+``variant="v1"`` (a warm start in timm's DiffAttention head layout); see
+``diffattn.self_attention``.
 """
 from __future__ import annotations
 
@@ -53,8 +61,12 @@ from torch import Tensor, nn
 from ..backend import check_backend_name, resolve_layer_backend, warn_once
 from ..functional import run_diff_attention
 from ..lambdas import LambdaVectors
+from ..self_attention import is_qkv_attention
+from ..user_warnings import warn_at_user_code
 
 __all__ = ["FusedDiffAttention", "fuse_diff_attention"]
+
+_BACKEND_CLASSES: dict = {}
 
 
 class FusedDiffAttention(DiffAttention):
@@ -70,9 +82,26 @@ class FusedDiffAttention(DiffAttention):
     forward(x (B, N, dim), attn_mask=None, is_causal=False) -> (B, N, dim), as timm's.
     """
 
-    def __init__(self, *args, backend: str = "auto", **kwargs):
+    # The backend of layers built without one (see with_backend).
+    default_backend = "auto"
+
+    def __init__(self, *args, backend: Optional[str] = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_fused(backend)
+        self._init_fused(self.default_backend if backend is None else backend)
+
+    @classmethod
+    def with_backend(cls, backend: str) -> type:
+        """A subclass whose layers use ``backend`` when timm builds them (timm passes its own
+        arguments only and needs a class, not a partial):
+        ``timm.create_model(name, attn_layer=FusedDiffAttention.with_backend("torch"))``.
+        The same class is returned for the same backend."""
+        check_backend_name(backend)
+        if backend not in _BACKEND_CLASSES:
+            _BACKEND_CLASSES[backend] = type(f"FusedDiffAttention_{backend}", (FusedDiffAttention,),
+                                             {"default_backend": backend,
+                                              "__module__": __name__,
+                                              "__doc__": f"FusedDiffAttention, backend {backend!r}."})
+        return _BACKEND_CLASSES[backend]
 
     def _init_fused(self, backend: str) -> None:
         check_backend_name(backend)
@@ -135,7 +164,9 @@ def fuse_diff_attention(model: nn.Module, *, backend: str = "auto") -> int:
     The layer object is kept and only its class changes (as torch.nn.utils.parametrize does),
     so its parameters, buffers, hooks, device, dtype and training mode stay as they are;
     ``FusedDiffAttention`` adds no parameter. Layers that are already fused are left alone (and
-    not counted). A subclass of DiffAttention other than FusedDiffAttention raises a TypeError
+    not counted). When nothing is swapped a UserWarning says what the model holds instead
+    (already fused layers; plain timm ``Attention`` layers, which ``diffattn.replace_attention``
+    converts) and 0 is returned. A subclass of DiffAttention other than FusedDiffAttention raises a TypeError
     naming it, before any layer is changed: its own forward would be lost.
 
     Args:
@@ -154,6 +185,19 @@ def fuse_diff_attention(model: nn.Module, *, backend: str = "auto") -> int:
                             f"subclass of timm's DiffAttention with its own code: swap it "
                             f"yourself (fuse_diff_attention only swaps DiffAttention itself)")
         layers.append(module)
+    if not layers:
+        already = sum(isinstance(module, FusedDiffAttention) for module in model.modules())
+        plain = sum(is_qkv_attention(module) for module in model.modules())
+        message = (f"fuse_diff_attention swapped nothing: {type(model).__name__} holds no timm "
+                   f"DiffAttention layer")
+        if already:
+            message += f" that is not fused already ({already} are FusedDiffAttention)"
+        if plain:
+            message += (f"; it holds {plain} plain attention layers (timm's Attention): make "
+                        f"them differential with diffattn.replace_attention(model, "
+                        f"variant=\"v1\" or \"v2\")")
+        warn_at_user_code(message)
+        return 0
     for module in layers:
         module.__class__ = FusedDiffAttention
         module._init_fused(backend)

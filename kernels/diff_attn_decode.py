@@ -1,0 +1,318 @@
+"""Differential attention against a KV cache (decoding), forward only, with split-K
+(flash-decoding) and paged caches.
+
+The caches hold each sequence's keys and values at logical positions 0 .. capacity - 1;
+sequence b has ``seqlens[b]`` valid keys (the cache length after this call's append). The Nq
+query rows of sequence b are its last Nq positions: with CAUSAL, query i sees keys
+j <= seqlens[b] - Nq + i (the bottom-right diagonal); without, every valid key.
+
+Two layouts of the caches, a compile-time flag:
+
+- contiguous: K (B, Mmax, 2Hk or Hk, d), V (B, Mmax, Hk, DV); position p of sequence b is
+  row p of batch element b;
+- PAGED: K (num_blocks, PAGE, 2Hk or Hk, d), V (num_blocks, PAGE, Hk, DV) and a block table
+  BT (B, max_blocks) int32; position p of sequence b is row p % PAGE of page BT[b, p // PAGE].
+
+Launch 1, ``diff_attn_decode_kernel``: one program per (query tile, batch * head, split).
+Split s streams the key tiles of logical positions [s * SPLIT_LEN, (s + 1) * SPLIT_LEN) that
+its rows can see, with the same two online softmaxes as the forward kernel (one key tile pair
+and one value tile per step for both maps, fp32 statistics, exp2 domain). With one split it
+applies the difference and the epilogue and writes the output; with several it writes each
+map's normalised partial output O_s (BLOCK_M x DV) and base-2 log-sum-exp lse_s (-inf for a
+split that saw no key) to a workspace.
+
+Launch 2, ``diff_attn_decode_combine_kernel`` (only with several splits): one program per
+(query tile, batch * head) merges the splits of each map, O = sum_s 2^(lse_s - L) O_s /
+sum_s 2^(lse_s - L) with L = max_s lse_s, then applies X = O1 - lambda O2 and the epilogue
+(RMSNorm * weight * out_scale, or * out_scale). A row that saw no key gives zeros.
+
+No value of seqlens or the block table is read on the host: the grid comes from the static
+shapes, and splits past a sequence's length do nothing but record lse = -inf.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .config import INTERPRET, cdiv, head_block
+from .diff_attn_fwd import dot_precision, lambda_flags, lambda_strides, LOG2E
+from .launch import Launcher
+from .tiles import load_head_pair, load_lambda_rows, online_softmax_step, program_lambda
+
+
+@triton.jit
+def _cache_rows(BT, b, pos, valid, stride_bt, stride_page, stride_row,
+                PAGED: tl.constexpr, PAGE: tl.constexpr):
+    """int64 element offsets of the cache rows holding logical positions ``pos`` of sequence
+    b (rows with ``valid`` False give offset 0, never loaded)."""
+    if PAGED:
+        page = tl.load(BT + b * stride_bt + pos // PAGE, mask=valid, other=0).to(tl.int64)
+        off = page * stride_page + (pos % PAGE).to(tl.int64) * stride_row
+    else:
+        off = b * stride_page + pos.to(tl.int64) * stride_row
+    return tl.where(valid, off, 0)
+
+
+@triton.jit
+def _store_output(o1, o2, lam, W, OUT, b, h, rows, offs_dv, Nq, H, eps, out_scale,
+                  HEAD_DIM_V: tl.constexpr, HAS_NORM: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """X = O1 - lambda O2, the epilogue, and the store into OUT (B, Nq, H, DV) contiguous."""
+    x = o1 - lam[:, None] * o2
+    y = x * out_scale
+    if HAS_NORM:
+        w = tl.load(W + offs_dv, mask=offs_dv < HEAD_DIM_V, other=0.0).to(ACC_DTYPE)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1) / HEAD_DIM_V + eps)
+        y = y * rstd[:, None] * w[None, :]
+    ptrs = OUT + ((b * Nq + rows.to(tl.int64)[:, None]) * H + h) * HEAD_DIM_V + offs_dv[None, :]
+    mask = (rows[:, None] < Nq) & (offs_dv[None, :] < HEAD_DIM_V)
+    tl.store(ptrs, y.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["Nq", "H", "GROUP", "SPLIT_LEN", "stride_lb", "stride_ln",
+                               "stride_lh"])
+def diff_attn_decode_kernel(
+    Q, K, V, SEQLENS, BT, LAM, W, OUT, PART_O, PART_LSE,
+    stride_qb, stride_qn, stride_qh,
+    stride_kpage, stride_krow, stride_kh,
+    stride_vpage, stride_vrow, stride_vh,
+    stride_bt,
+    stride_lb, stride_ln, stride_lh,
+    Nq, H, GROUP, SPLIT_LEN,
+    lam_value, qk_scale, eps, out_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr, LAM_MODE: tl.constexpr,
+    LAM_DIM: tl.constexpr, BLOCK_LAM: tl.constexpr, CAUSAL: tl.constexpr,
+    PAGED: tl.constexpr, PAGE: tl.constexpr, HAS_NORM: tl.constexpr, SPLIT: tl.constexpr,
+    ACC_FP64: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    g = h // GROUP
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q1, q2 = load_head_pair(Q + b * stride_qb + 2 * h * stride_qh, stride_qh, pid_m * BLOCK_M,
+                            Nq, stride_qn, offs_d, HEAD_DIM, BLOCK_M, True, True,
+                            HEAD_DIM != BLOCK_D)
+    key_heads = 2 if KEY_PAIR else 1
+    k_head = K + key_heads * g * stride_kh
+    v_head = V + g * stride_vh
+
+    L = tl.load(SEQLENS + b).to(tl.int32)      # valid keys of this sequence, after the append
+    start = split * SPLIT_LEN
+    end = tl.minimum(start + SPLIT_LEN, L)
+    if CAUSAL:  # rows up to the tile's last see keys < L - Nq + last row + 1
+        end = tl.minimum(end, L - Nq + tl.minimum((pid_m + 1) * BLOCK_M, Nq))
+
+    m1 = tl.full([BLOCK_M], float("-inf"), dtype=acc_dtype)
+    m2 = tl.full([BLOCK_M], float("-inf"), dtype=acc_dtype)
+    l1 = tl.zeros([BLOCK_M], dtype=acc_dtype)
+    l2 = tl.zeros([BLOCK_M], dtype=acc_dtype)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_DV], dtype=acc_dtype)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_DV], dtype=acc_dtype)
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        col_ok = cols < end
+        k_off = _cache_rows(BT, b, cols, col_ok, stride_bt, stride_kpage, stride_krow, PAGED,
+                            PAGE)
+        v_off = _cache_rows(BT, b, cols, col_ok, stride_bt, stride_vpage, stride_vrow, PAGED,
+                            PAGE)
+        k_mask = col_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+        k1 = tl.load(k_head + k_off[:, None] + offs_d[None, :], mask=k_mask, other=0.0)
+        if KEY_PAIR:
+            k2 = tl.load(k_head + stride_kh + k_off[:, None] + offs_d[None, :], mask=k_mask,
+                         other=0.0)
+        else:
+            k2 = k1
+        v = tl.load(v_head + v_off[:, None] + offs_dv[None, :],
+                    mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        keep = col_ok[None, :] & (rows[:, None] < Nq)
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= rows[:, None] + (L - Nq))
+        s1 = tl.dot(q1, tl.trans(k1), input_precision=PRECISION).to(acc_dtype)
+        m1, l1, acc1 = online_softmax_step(s1, keep, m1, l1, acc1, v, qk_scale, True, PRECISION)
+        s2 = tl.dot(q2, tl.trans(k2), input_precision=PRECISION).to(acc_dtype)
+        m2, l2, acc2 = online_softmax_step(s2, keep, m2, l2, acc2, v, qk_scale, True, PRECISION)
+
+    l1_safe = tl.where(l1 > 0, l1, 1.0)
+    l2_safe = tl.where(l2 > 0, l2, 1.0)
+    o1 = acc1 * tl.where(l1 > 0, 1.0 / l1_safe, 0.0)[:, None]
+    o2 = acc2 * tl.where(l2 > 0, 1.0 / l2_safe, 0.0)[:, None]
+    if SPLIT:
+        # workspace PART_O (B, H, S, 2, Nq, DV), PART_LSE (B, H, S, 2, Nq), fp32 (fp64)
+        n_splits = tl.num_programs(2)
+        part = ((b * H + h) * n_splits + split) * 2
+        row_ok = rows < Nq
+        lse_ptrs = PART_LSE + part * Nq + rows
+        tl.store(lse_ptrs, tl.where(l1 > 0, m1 + tl.log2(l1_safe), float("-inf")), mask=row_ok)
+        tl.store(lse_ptrs + Nq, tl.where(l2 > 0, m2 + tl.log2(l2_safe), float("-inf")),
+                 mask=row_ok)
+        o_ptrs = PART_O + (part * Nq + rows.to(tl.int64)[:, None]) * HEAD_DIM_V \
+            + offs_dv[None, :]
+        o_mask = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
+        tl.store(o_ptrs, o1, mask=o_mask)
+        tl.store(o_ptrs + Nq * HEAD_DIM_V, o2, mask=o_mask)
+    else:
+        lam = load_lambda_rows(LAM, b, rows, Nq, h, stride_lb, stride_ln, stride_lh,
+                               program_lambda(LAM, lam_value, LAM_MODE, LAM_DIM, BLOCK_LAM,
+                                              acc_dtype), LAM_MODE, acc_dtype)
+        _store_output(o1, o2, lam, W, OUT, b, h, rows, offs_dv, Nq, H, eps, out_scale,
+                      HEAD_DIM_V, HAS_NORM, acc_dtype)
+
+
+@triton.jit
+def _merge_map(PART_O, PART_LSE, base, rows, offs_dv, Nq, n_splits,
+               HEAD_DIM_V: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_DV: tl.constexpr):
+    """One map's output merged over the splits (parts at base + s * 2, s < n_splits)."""
+    row_ok = rows < Nq
+    o_mask = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
+    top = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
+    total = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC_DTYPE)
+    for s in range(0, n_splits):
+        part = base + s * 2
+        lse = tl.load(PART_LSE + part * Nq + rows, mask=row_ok, other=float("-inf"))
+        o = tl.load(PART_O + (part * Nq + rows.to(tl.int64)[:, None]) * HEAD_DIM_V
+                    + offs_dv[None, :], mask=o_mask, other=0.0)
+        new_top = tl.maximum(top, lse)
+        shift = tl.where(new_top == float("-inf"), 0.0, new_top)
+        alpha = tl.exp2(top - shift)
+        w = tl.exp2(lse - shift)
+        total = total * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * o
+        top = new_top
+    return acc * tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)[:, None]
+
+
+@triton.jit(do_not_specialize=["Nq", "H", "n_splits", "stride_lb", "stride_ln", "stride_lh"])
+def diff_attn_decode_combine_kernel(
+    PART_O, PART_LSE, LAM, W, OUT,
+    stride_lb, stride_ln, stride_lh,
+    Nq, H, n_splits,
+    lam_value, eps, out_scale,
+    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, LAM_MODE: tl.constexpr,
+    LAM_DIM: tl.constexpr, BLOCK_LAM: tl.constexpr, HAS_NORM: tl.constexpr,
+    ACC_FP64: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    base = (b * H + h) * n_splits * 2
+    o1 = _merge_map(PART_O, PART_LSE, base, rows, offs_dv, Nq, n_splits, HEAD_DIM_V, acc_dtype,
+                    BLOCK_M, BLOCK_DV)
+    o2 = _merge_map(PART_O, PART_LSE, base + 1, rows, offs_dv, Nq, n_splits, HEAD_DIM_V,
+                    acc_dtype, BLOCK_M, BLOCK_DV)
+    lam = load_lambda_rows(LAM, b, rows, Nq, h, stride_lb, stride_ln, stride_lh,
+                           program_lambda(LAM, lam_value, LAM_MODE, LAM_DIM, BLOCK_LAM,
+                                          acc_dtype), LAM_MODE, acc_dtype)
+    _store_output(o1, o2, lam, W, OUT, b, h, rows, offs_dv, Nq, H, eps, out_scale, HEAD_DIM_V,
+                  HAS_NORM, acc_dtype)
+
+
+diff_attn_decode_launch = Launcher(diff_attn_decode_kernel)
+diff_attn_decode_combine_launch = Launcher(diff_attn_decode_combine_kernel)
+
+# Key tile of the decode kernel, and its launch options (interpreter: small, to exercise
+# several tiles per split at test sizes).
+DECODE_BLOCK_N = 16 if INTERPRET else 64
+DECODE_WARPS = 4
+DECODE_STAGES = 1 if INTERPRET else 2
+# Target number of programs for the split heuristic (about two waves on a 132-SM GPU).
+TARGET_PROGRAMS = 264
+MIN_SPLIT_KEYS = 512
+
+
+def decode_query_block(nq: int) -> int:
+    """Rows per program: the queries of a step, at least 16 (tl.dot's minimum), at most 64."""
+    return min(64, max(16, triton.next_power_of_2(nq)))
+
+
+def choose_num_splits(batch: int, heads: int, nq: int, capacity: int) -> int:
+    """Splits of the key range when the call has too few programs to fill the GPU: enough to
+    reach about TARGET_PROGRAMS programs, each split at least MIN_SPLIT_KEYS keys long, at
+    most 64 splits. From static shapes only."""
+    programs = batch * heads * cdiv(nq, decode_query_block(nq))
+    if programs >= TARGET_PROGRAMS or capacity < 2 * MIN_SPLIT_KEYS:
+        return 1
+    return max(1, min(cdiv(TARGET_PROGRAMS, programs), capacity // MIN_SPLIT_KEYS, 64))
+
+
+def split_length(capacity: int, num_splits: int) -> int:
+    """Logical keys per split: capacity / num_splits rounded up to whole key tiles."""
+    return cdiv(cdiv(capacity, num_splits), DECODE_BLOCK_N) * DECODE_BLOCK_N
+
+
+def diff_attn_decode(q, k_cache, v_cache, seqlens, block_table, lam, lam_value, norm_weight,
+                     scale, causal, eps, out_scale, num_splits, wrap=None, lam_vectors=False):
+    """Launch the decode kernels.
+
+    Args (validated by diffattn.kvcache):
+        q (B, Nq, 2H, d); k_cache (B or num_blocks, Mmax or PAGE, 2Hk or Hk, d); v_cache
+            (..., Hk, DV), last dims contiguous; seqlens (B,) int32, each sequence's valid
+            keys (after any append); block_table (B, max_blocks) int32 or None.
+        lam: lambda tensor (), (H,) or (B, Nq, H) in the accumulation dtype, or None to use
+            the float lam_value; with lam_vectors, the (4, L) lambda vectors (lambda =
+            exp(lq1 . lk1) - exp(lq2 . lk2) + lam_value, computed in the kernels). norm_weight (DV,) or None (the RMSNorm epilogue).
+        num_splits >= 1: the number of key splits (1: one launch, no workspace).
+    Returns (B, Nq, H, DV) in q's dtype.
+    """
+    B, Nq, H2, d = q.shape
+    Hk, DV = v_cache.shape[2], v_cache.shape[3]
+    H = H2 // 2
+    key_pair = k_cache.shape[2] != Hk
+    paged = block_table is not None
+    page = k_cache.shape[1] if paged else 1
+    capacity = block_table.shape[1] * page if paged else k_cache.shape[1]
+    device, dtype = q.device, q.dtype
+    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    out = torch.empty((B, Nq, H, DV), device=device, dtype=dtype)
+    has_norm = norm_weight is not None
+    if has_norm and norm_weight.stride(0) != 1:
+        norm_weight = norm_weight.contiguous()
+    block_m = decode_query_block(Nq)
+    split_len = split_length(capacity, num_splits)
+    num_splits = cdiv(capacity, split_len)
+    split = num_splits > 1
+    if split:
+        part_o = torch.empty((B, H, num_splits, 2, Nq, DV), device=device, dtype=acc_dtype)
+        part_lse = torch.empty((B, H, num_splits, 2, Nq), device=device, dtype=acc_dtype)
+    else:
+        part_o = part_lse = out  # not written
+    lam_flags = lambda_flags(lam, lam_vectors)
+    lam_str = lambda_strides(lam, lam_vectors)
+    lam_t = q if lam is None else lam
+    w_t = norm_weight if has_norm else q
+    bt = block_table if paged else seqlens
+    flags = dict(HEAD_DIM=d, HEAD_DIM_V=DV, BLOCK_D=head_block(d), BLOCK_DV=head_block(DV),
+                 KEY_PAIR=key_pair, **lam_flags, CAUSAL=causal, PAGED=paged, PAGE=page,
+                 HAS_NORM=has_norm, SPLIT=split, ACC_FP64=acc_dtype == torch.float64,
+                 PRECISION=dot_precision(dtype), BLOCK_M=block_m, BLOCK_N=DECODE_BLOCK_N,
+                 num_warps=DECODE_WARPS, num_stages=DECODE_STAGES)
+    integers = (*q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
+                bt.stride(0) if paged else 0, *lam_str, Nq, H, H // Hk, split_len)
+    floats = (float(lam_value), scale * LOG2E, float(eps), float(out_scale))
+    grid = (cdiv(Nq, block_m), B * H, num_splits)
+    diff_attn_decode_launch(grid, (q, k_cache, v_cache, seqlens, bt, lam_t, w_t, out, part_o,
+                                   part_lse), integers, floats, flags, wrap)
+    if split:
+        combine_flags = dict(HEAD_DIM_V=DV, BLOCK_DV=head_block(DV), **lam_flags,
+                             HAS_NORM=has_norm, ACC_FP64=acc_dtype == torch.float64,
+                             BLOCK_M=block_m, num_warps=DECODE_WARPS, num_stages=1)
+        diff_attn_decode_combine_launch((cdiv(Nq, block_m), B * H),
+                                        (part_o, part_lse, lam_t, w_t, out),
+                                        (*lam_str, Nq, H, num_splits),
+                                        (float(lam_value), float(eps), float(out_scale)),
+                                        combine_flags, wrap)
+    return out

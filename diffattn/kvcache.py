@@ -30,7 +30,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .backend import check_backend_name, resolve_backend
+from .backend import check_backend_name, resolve_backend, resolve_layer_backend
 from .functional import (_check_lambda, _check_scalars, _check_tensor, _is_real,
                          _kernel_lambda)
 from .reference import LambdaVectors, expand_lambda
@@ -444,3 +444,51 @@ class DiffKVCache:
         return (f"DiffKVCache(batch={self.k_cache.shape[0]}, capacity={self.capacity}, "
                 f"k_cache={tuple(self.k_cache.shape)}, v_cache={tuple(self.v_cache.shape)}, "
                 f"dtype={self.k_cache.dtype}, device={self.k_cache.device})")
+
+
+def layer_decode_step(layer, query: Tensor, cache: DiffKVCache, v2: bool) -> Tensor:
+    """``layer(query, kv_cache=cache)`` of DiffMultiheadAttention (v2=False) or
+    DiffMultiheadAttentionV2 (v2=True): causal self-attention of the new tokens ``query``
+    ((B, N, E) with batch_first, else (N, B, E)) over the cached ones and themselves; their
+    keys and values are appended to the cache and ``cache.seqlens`` advances by N (in place).
+    Returns the layer's output in query's layout."""
+    if not isinstance(cache, DiffKVCache):
+        raise TypeError(f"kv_cache must be a diffattn.DiffKVCache, got {type(cache).__name__}")
+    if not isinstance(query, Tensor) or query.dim() != 3 or query.shape[2] != layer.embed_dim:
+        got = tuple(query.shape) if isinstance(query, Tensor) else type(query).__name__
+        raise ValueError(f"query must have shape (batch, seq, {layer.embed_dim}) with "
+                         f"batch_first (else (seq, batch, {layer.embed_dim})) with a kv_cache, "
+                         f"got {got}")
+    if getattr(layer, "kdim", layer.embed_dim) != layer.embed_dim or \
+            getattr(layer, "vdim", layer.embed_dim) != layer.embed_dim:
+        raise ValueError("kv_cache needs a self-attention layer (kdim = vdim = embed_dim)")
+    x = query if layer.batch_first else query.transpose(0, 1)
+    B, N, _ = x.shape
+    d = layer.head_dim
+    projected = layer._project(x, x, x)
+    if v2:
+        q, logits, k, v = projected
+        lam = torch.sigmoid(logits.float())                                     # (B, N, h)
+        q = q.reshape(B, N, 2 * layer.num_heads, d)
+        k = k.reshape(B, N, layer.num_kv_heads, d)
+        v = v.reshape(B, N, layer.num_kv_heads, d)
+        extra = {}
+        check_lam = lam
+    else:
+        q, k, v = projected
+        lam = LambdaVectors(layer.lambda_vectors, layer.lambda_init)
+        q = q.reshape(B, N, layer.num_heads, d)
+        k = k.reshape(B, N, layer.num_kv_heads, d)
+        v = v.reshape(B, N, layer.num_kv_heads // 2, 2 * d)
+        extra = dict(norm_weight=layer.diff_norm.weight, eps=layer.diff_norm.eps,
+                     out_scale=1.0 - layer.lambda_init)
+        check_lam = 0.0
+    _check_kvcache(q, cache.k_cache, cache.v_cache, check_lam, k, v, cache.seqlens, None,
+                   extra.get("norm_weight"), None, True, extra.get("eps", 1e-5),
+                   extra.get("out_scale", 1.0), 0, v2=v2)
+    backend = resolve_layer_backend(layer, q.device, q.dtype, d)
+    out = run_with_kvcache(q, cache.k_cache, cache.v_cache, lam, backend, k=k, v=v,
+                           cache_seqlens=cache.seqlens, causal=True, v2=v2, **extra)
+    cache.seqlens.add_(N)
+    out = layer.out_proj(out.flatten(2))
+    return out if layer.batch_first else out.transpose(0, 1)

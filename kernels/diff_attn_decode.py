@@ -38,20 +38,22 @@ import triton.language as tl
 from .config import INTERPRET, cdiv, head_block
 from .diff_attn_fwd import dot_precision, lambda_flags, lambda_strides, LOG2E
 from .launch import Launcher
-from .tiles import load_head_pair, load_lambda_rows, online_softmax_step, program_lambda
+from .tiles import (load_head_pair, load_lambda_rows, load_tile, online_softmax_step,
+                    program_lambda)
 
 
 @triton.jit
-def _cache_rows(BT, b, pos, valid, stride_bt, stride_page, stride_row,
-                PAGED: tl.constexpr, PAGE: tl.constexpr):
-    """int64 element offsets of the cache rows holding logical positions ``pos`` of sequence
-    b (rows with ``valid`` False give offset 0, never loaded)."""
+def _tile_start(BT, b, start_n, stride_bt, stride_page, stride_row, PAGED: tl.constexpr,
+                PAGE: tl.constexpr):
+    """int64 element offset of the cache row holding logical position start_n of sequence b.
+    A key tile (BLOCK_N <= PAGE rows, starting at a multiple of BLOCK_N) never crosses a page,
+    so its rows follow this one at stride_row."""
     if PAGED:
-        page = tl.load(BT + b * stride_bt + pos // PAGE, mask=valid, other=0).to(tl.int64)
-        off = page * stride_page + (pos % PAGE).to(tl.int64) * stride_row
+        page = tl.load(BT + b * stride_bt + start_n // PAGE).to(tl.int64)
+        off = page * stride_page + tl.cast(start_n % PAGE, tl.int64) * stride_row
     else:
-        off = b * stride_page + pos.to(tl.int64) * stride_row
-    return tl.where(valid, off, 0)
+        off = b * stride_page + tl.cast(start_n, tl.int64) * stride_row
+    return off
 
 
 @triton.jit
@@ -120,19 +122,14 @@ def diff_attn_decode_kernel(
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         col_ok = cols < end
-        k_off = _cache_rows(BT, b, cols, col_ok, stride_bt, stride_kpage, stride_krow, PAGED,
-                            PAGE)
-        v_off = _cache_rows(BT, b, cols, col_ok, stride_bt, stride_vpage, stride_vrow, PAGED,
-                            PAGE)
-        k_mask = col_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-        k1 = tl.load(k_head + k_off[:, None] + offs_d[None, :], mask=k_mask, other=0.0)
-        if KEY_PAIR:
-            k2 = tl.load(k_head + stride_kh + k_off[:, None] + offs_d[None, :], mask=k_mask,
-                         other=0.0)
-        else:
-            k2 = k1
-        v = tl.load(v_head + v_off[:, None] + offs_dv[None, :],
-                    mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        k_tile = k_head + _tile_start(BT, b, start_n, stride_bt, stride_kpage, stride_krow,
+                                      PAGED, PAGE)
+        v_tile = v_head + _tile_start(BT, b, start_n, stride_bt, stride_vpage, stride_vrow,
+                                      PAGED, PAGE)
+        k1, k2 = load_head_pair(k_tile, stride_kh, 0, end - start_n, stride_krow, offs_d,
+                                HEAD_DIM, BLOCK_N, KEY_PAIR, True, HEAD_DIM != BLOCK_D)
+        v = load_tile(v_tile, 0, end - start_n, stride_vrow, offs_dv, HEAD_DIM_V, BLOCK_N,
+                      True, HEAD_DIM_V != BLOCK_DV)
         keep = col_ok[None, :] & (rows[:, None] < Nq)
         if CAUSAL:
             keep = keep & (cols[None, :] <= rows[:, None] + (L - Nq))
@@ -224,9 +221,8 @@ def diff_attn_decode_combine_kernel(
 diff_attn_decode_launch = Launcher(diff_attn_decode_kernel)
 diff_attn_decode_combine_launch = Launcher(diff_attn_decode_combine_kernel)
 
-# Key tile of the decode kernel, and its launch options (interpreter: small, to exercise
-# several tiles per split at test sizes).
-DECODE_BLOCK_N = 16 if INTERPRET else 64
+# Launch options of the decode kernel (interpreter: small key tiles, to exercise several
+# tiles per split at test sizes).
 DECODE_WARPS = 4
 DECODE_STAGES = 1 if INTERPRET else 2
 # Target number of programs for the split heuristic (about two waves on a 132-SM GPU).
@@ -249,9 +245,16 @@ def choose_num_splits(batch: int, heads: int, nq: int, capacity: int) -> int:
     return max(1, min(cdiv(TARGET_PROGRAMS, programs), capacity // MIN_SPLIT_KEYS, 64))
 
 
-def split_length(capacity: int, num_splits: int) -> int:
+def decode_block_n(value_dim: int, page: int) -> int:
+    """Keys per tile: 64 (32 for value widths above 128, whose value tiles are twice as
+    wide; 16 under the interpreter), never more than a page, so that a tile lies in one."""
+    block = 16 if INTERPRET else (64 if value_dim <= 128 else 32)
+    return min(block, page) if page > 1 else block
+
+
+def split_length(capacity: int, num_splits: int, block_n: int) -> int:
     """Logical keys per split: capacity / num_splits rounded up to whole key tiles."""
-    return cdiv(cdiv(capacity, num_splits), DECODE_BLOCK_N) * DECODE_BLOCK_N
+    return cdiv(cdiv(capacity, num_splits), block_n) * block_n
 
 
 def diff_attn_decode(q, k_cache, v_cache, seqlens, block_table, lam, lam_value, norm_weight,
@@ -282,7 +285,8 @@ def diff_attn_decode(q, k_cache, v_cache, seqlens, block_table, lam, lam_value, 
     if has_norm and norm_weight.stride(0) != 1:
         norm_weight = norm_weight.contiguous()
     block_m = decode_query_block(Nq)
-    split_len = split_length(capacity, num_splits)
+    block_n = decode_block_n(DV, page)
+    split_len = split_length(capacity, num_splits, block_n)
     num_splits = cdiv(capacity, split_len)
     split = num_splits > 1
     if split:
@@ -298,7 +302,7 @@ def diff_attn_decode(q, k_cache, v_cache, seqlens, block_table, lam, lam_value, 
     flags = dict(HEAD_DIM=d, HEAD_DIM_V=DV, BLOCK_D=head_block(d), BLOCK_DV=head_block(DV),
                  KEY_PAIR=key_pair, **lam_flags, CAUSAL=causal, PAGED=paged, PAGE=page,
                  HAS_NORM=has_norm, SPLIT=split, ACC_FP64=acc_dtype == torch.float64,
-                 PRECISION=dot_precision(dtype), BLOCK_M=block_m, BLOCK_N=DECODE_BLOCK_N,
+                 PRECISION=dot_precision(dtype), BLOCK_M=block_m, BLOCK_N=block_n,
                  num_warps=DECODE_WARPS, num_stages=DECODE_STAGES)
     integers = (*q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
                 bt.stride(0) if paged else 0, *lam_str, Nq, H, H // Hk, split_len)

@@ -80,3 +80,23 @@ def test_quick_decode_run_on_cpu(tmp_path):
     decode_rows = [r for r in rows[1:] if ",decode," in r]
     assert len(decode_rows) == 2 * len(TORCH_PROVIDERS)
     assert "## Decode level" in (out / "summary.md").read_text()
+
+
+def test_sm90_decode_launches_are_recorded():
+    """The sm_90 resource tool records the decode kernels' launches as the launcher makes
+    them (in a process without the interpreter: it needs compiled-mode kernels)."""
+    import json
+    import os
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sm90_decode_resources.py"),
+                           "--list", "--head-dims", "64"], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    launches = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    kernels = {(x["variant"], x["kernel"]) for x in launches}
+    assert ("v1_split", "decode_combine") in kernels and ("v1", "decode") in kernels
+    assert ("v1", "decode_combine") not in kernels  # one pass: no combine launch
+    paged = next(x for x in launches if x["variant"] == "v2_paged_split"
+                 and x["kernel"] == "decode")
+    assert paged["signature"]["BT"] == "*i32" and paged["signature"]["PAGED"] == "constexpr"

@@ -295,3 +295,37 @@ def test_fused_path_is_forward_only():
     with pytest.raises(RuntimeError, match="no_grad"):
         diff_attention_with_kvcache(g["q"], g["k_cache"], g["v_cache"], 0.5, k=g["k"], v=g["v"],
                                     cache_seqlens=g["cache_seqlens"], backend="triton")
+
+
+@requires_interpreter
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_traced_step_appends_and_matches_eager(backend):
+    """A decoding step under torch.compile(fullgraph=True) (aot_eager: the interpreter cannot
+    run Inductor's kernels) gives the eager output and appends to the caches in place: the
+    fused path is a registered operator, and nothing reads a length on the host."""
+    torch._dynamo.reset()
+    g = _good()
+    sl = g["cache_seqlens"]
+
+    def step(q, kc, vc, k, v, sl):
+        return diff_attention_with_kvcache(q, kc, vc, 0.5, k=k, v=v, cache_seqlens=sl,
+                                           num_splits=2, backend=backend)
+
+    kc0, vc0 = g["k_cache"].clone(), g["v_cache"].clone()
+    want = step(g["q"], kc0, vc0, g["k"], g["v"], sl)
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    got = compiled(g["q"], g["k_cache"], g["v_cache"], g["k"], g["v"], sl)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert torch.equal(g["k_cache"], kc0) and torch.equal(g["v_cache"], vc0)
+
+
+def test_torch_path_reads_no_value_on_meta():
+    """On the meta device (no values at all) the torch path and its checks still run."""
+    B, H, d, cap = 2, 2, 16, 32
+    meta = dict(device="meta")
+    out = diff_attention_v2_with_kvcache(
+        torch.empty(B, 3, 2 * H, d, **meta), torch.empty(B, cap, H, d, **meta),
+        torch.empty(B, cap, H, d, **meta), torch.empty(B, 3, H, **meta),
+        k=torch.empty(B, 2, H, d, **meta), v=torch.empty(B, 2, H, d, **meta),
+        cache_seqlens=torch.empty(B, dtype=torch.int32, **meta), backend="torch")
+    assert out.shape == (B, 3, H, d) and out.device.type == "meta"

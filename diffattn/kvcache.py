@@ -60,7 +60,8 @@ def _check_kvcache(q, k_cache, v_cache, lambda_, k, v, cache_seqlens, block_tabl
     dv = d if v2 else 2 * d
     rows = "(num_blocks, page_size" if block_table is not None else "(batch, capacity"
     _check_tensor("k_cache", k_cache, 4, f"{rows}, kv_heads, head_dim)")
-    _check_tensor("v_cache", v_cache, 4, f"{rows}, kv_heads, {'head_dim' if v2 else '2 * head_dim'})")
+    value_width = "head_dim" if v2 else "2 * head_dim"
+    _check_tensor("v_cache", v_cache, 4, f"{rows}, kv_heads, {value_width})")
     Hk = v_cache.shape[2]
     key_heads = Hk if v2 else 2 * Hk
     if k_cache.shape[2:] != (key_heads, d) or Hk < 1:
@@ -410,6 +411,11 @@ class DiffKVCache:
                 tuple(seqlens.shape) != (k_cache.shape[0],):
             raise ValueError(f"seqlens must be an int32 tensor of shape ({k_cache.shape[0]},)")
         self.k_cache, self.v_cache, self.seqlens = k_cache, v_cache, seqlens
+        if not torch.compiler.is_compiling():
+            # fixed addresses: a compiled step (mode="reduce-overhead") updates them in place
+            # inside its CUDA graph instead of copying them in and out
+            for t in (k_cache, v_cache, seqlens):
+                torch._dynamo.mark_static_address(t)
 
     @classmethod
     def empty(cls, batch: int, capacity: int, layer, *, device=None,

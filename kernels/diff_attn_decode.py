@@ -36,7 +36,6 @@ import triton
 import triton.language as tl
 
 from .config import INTERPRET, cdiv, head_block
-from .diff_attn_fwd import dot_precision, lambda_flags, lambda_strides, LOG2E
 from .launch import Launcher
 from .tiles import (load_head_pair, load_lambda_rows, load_tile, online_softmax_step,
                     program_lambda)
@@ -218,6 +217,23 @@ def diff_attn_decode_combine_kernel(
                   HAS_NORM, acc_dtype)
 
 
+LOG2E = 1.4426950408889634
+
+
+def _lambda_args(lam, lam_vectors: bool) -> tuple:
+    """(constexpr flags, (batch, row, head) element strides) of lambda for the kernels:
+    LAM_MODE 0 (the float lam_value), 1 (a (), (H,) or (B, Nq, H) tensor read through
+    strides; 0 where it does not vary), 2 (computed from the (4, L) vectors lq1, lk1, lq2,
+    lk2 with lam_value = lambda_init), as the forward kernel takes it."""
+    if lam is None:
+        return dict(LAM_MODE=0, LAM_DIM=1, BLOCK_LAM=16), (0, 0, 0)
+    if lam_vectors:
+        return (dict(LAM_MODE=2, LAM_DIM=lam.shape[1], BLOCK_LAM=head_block(lam.shape[1])),
+                (0, 0, 0))
+    strides = {0: (0, 0, 0), 1: (0, 0, lam.stride(0))}.get(lam.dim(), lam.stride())
+    return dict(LAM_MODE=1, LAM_DIM=1, BLOCK_LAM=16), tuple(strides)
+
+
 diff_attn_decode_launch = Launcher(diff_attn_decode_kernel)
 diff_attn_decode_combine_launch = Launcher(diff_attn_decode_combine_kernel)
 
@@ -267,7 +283,8 @@ def diff_attn_decode(q, k_cache, v_cache, seqlens, block_table, lam, lam_value, 
             keys (after any append); block_table (B, max_blocks) int32 or None.
         lam: lambda tensor (), (H,) or (B, Nq, H) in the accumulation dtype, or None to use
             the float lam_value; with lam_vectors, the (4, L) lambda vectors (lambda =
-            exp(lq1 . lk1) - exp(lq2 . lk2) + lam_value, computed in the kernels). norm_weight (DV,) or None (the RMSNorm epilogue).
+            exp(lq1 . lk1) - exp(lq2 . lk2) + lam_value, computed in the kernels).
+        norm_weight (DV,) or None (the RMSNorm epilogue).
         num_splits >= 1: the number of key splits (1: one launch, no workspace).
     Returns (B, Nq, H, DV) in q's dtype.
     """
@@ -294,15 +311,14 @@ def diff_attn_decode(q, k_cache, v_cache, seqlens, block_table, lam, lam_value, 
         part_lse = torch.empty((B, H, num_splits, 2, Nq), device=device, dtype=acc_dtype)
     else:
         part_o = part_lse = out  # not written
-    lam_flags = lambda_flags(lam, lam_vectors)
-    lam_str = lambda_strides(lam, lam_vectors)
+    lam_flags, lam_str = _lambda_args(lam, lam_vectors)
     lam_t = q if lam is None else lam
     w_t = norm_weight if has_norm else q
     bt = block_table if paged else seqlens
     flags = dict(HEAD_DIM=d, HEAD_DIM_V=DV, BLOCK_D=head_block(d), BLOCK_DV=head_block(DV),
                  KEY_PAIR=key_pair, **lam_flags, CAUSAL=causal, PAGED=paged, PAGE=page,
                  HAS_NORM=has_norm, SPLIT=split, ACC_FP64=acc_dtype == torch.float64,
-                 PRECISION=dot_precision(dtype), BLOCK_M=block_m, BLOCK_N=block_n,
+                 PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32", BLOCK_M=block_m, BLOCK_N=block_n,
                  num_warps=DECODE_WARPS, num_stages=DECODE_STAGES)
     integers = (*q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
                 bt.stride(0) if paged else 0, *lam_str, Nq, H, H // Hk, split_len)

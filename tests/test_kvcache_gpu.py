@@ -75,7 +75,9 @@ def test_fused_step_does_not_synchronise():
 
 @pytest.mark.parametrize("layer_cls", [DiffMultiheadAttention, DiffMultiheadAttentionV2])
 def test_compiled_decode_step_with_cuda_graphs(layer_cls):
+    from torch._dynamo.utils import counters
     torch._dynamo.reset()
+    counters.clear()
     torch.manual_seed(0)
     heads = 8 if layer_cls is DiffMultiheadAttention else 4
     layer = layer_cls(256, heads, batch_first=True, device="cuda", dtype=torch.bfloat16).eval()
@@ -94,3 +96,4 @@ def test_compiled_decode_step_with_cuda_graphs(layer_cls):
             torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
     assert graph_cache.seqlens.tolist() == eager_cache.seqlens.tolist() == [12, 12]
     torch.testing.assert_close(graph_cache.k_cache, eager_cache.k_cache)
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])

@@ -126,7 +126,9 @@ def main(argv=None) -> int:
         writer.writerows(rows)
     lines = [f"# Decode kernels compiled for sm_90 (triton {triton.__version__})", "",
              "Launch configuration as the launcher gives it (BLOCK_M, num_warps, num_stages); "
-             "registers per thread, spill bytes (stack/local), dynamic shared memory.", "",
+             "registers per thread, spill bytes (stack/local), dynamic shared memory. Recorded "
+             "with 4 differential heads in 2 key/value groups (rows = 2 heads x queries), "
+             "caches of 1024 tokens, split-K variants with 8 splits, pages of 64.", "",
              "| kernel | variant | dtype | d | config | regs | stack | local | shared | "
              "blocks/SM | error |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

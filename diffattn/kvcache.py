@@ -38,9 +38,9 @@ from .torch_path import diff_attention_torch, diff_attention_v2_torch
 
 try:
     from .kernels import INTERPRET
-    from .kernels.diff_attn_decode import choose_num_splits, diff_attn_decode
+    from .kernels.diff_attn_decode import diff_attn_decode
 except ImportError:  # no triton: resolve_backend never picks "triton"
-    INTERPRET, diff_attn_decode, choose_num_splits = False, None, None
+    INTERPRET, diff_attn_decode = False, None
 
 
 # ------------------------------------------------------------------ argument checks
@@ -271,9 +271,6 @@ def _fused_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal,
                      norm_weight, eps, out_scale, num_splits):
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     lam, lam_value, vectors = _kernel_lambda(lambda_, acc, q.device)
-    if num_splits == 0:
-        capacity = _capacity(k_cache, block_table)
-        num_splits = choose_num_splits(q.shape[0], q.shape[2] // 2, q.shape[1], capacity)
     up = q.dtype == torch.bfloat16 and INTERPRET  # the interpreter's bf16 math is wrong
     if up:
         q, k_cache, v_cache = q.float(), k_cache.float(), v_cache.float()

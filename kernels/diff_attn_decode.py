@@ -13,16 +13,19 @@ Two layouts of the caches, a compile-time flag:
 - PAGED: K (num_blocks, PAGE, 2Hk or Hk, d), V (num_blocks, PAGE, Hk, DV) and a block table
   BT (B, max_blocks) int32; position p of sequence b is row p % PAGE of page BT[b, p // PAGE].
 
-Launch 1, ``diff_attn_decode_kernel``: one program per (query tile, batch * head, split).
-Split s streams the key tiles of logical positions [s * SPLIT_LEN, (s + 1) * SPLIT_LEN) that
-its rows can see, with the same two online softmaxes as the forward kernel (one key tile pair
-and one value tile per step for both maps, fp32 statistics, exp2 domain). With one split it
+Launch 1, ``diff_attn_decode_kernel``: one program per (row tile, batch * key/value group,
+split). Its rows are (head, query) pairs of the group's GROUP = H // Hk differential heads
+(row r: query r % Nq of head g * GROUP + r // Nq), so each key and value tile is read once
+for every head that shares it (grouped-query attention, as flash-decoding packs it). Split s
+streams the key tiles of logical positions [s * SPLIT_LEN, (s + 1) * SPLIT_LEN) that its
+rows can see, with the same two online softmaxes as the forward kernel (one key tile pair and
+one value tile per step for both maps, fp32 statistics, exp2 domain). With one split it
 applies the difference and the epilogue and writes the output; with several it writes each
 map's normalised partial output O_s (BLOCK_M x DV) and base-2 log-sum-exp lse_s (-inf for a
 split that saw no key) to a workspace.
 
 Launch 2, ``diff_attn_decode_combine_kernel`` (only with several splits): one program per
-(query tile, batch * head) merges the splits of each map, O = sum_s 2^(lse_s - L) O_s /
+(row tile, batch * key/value group) merges the splits of each map, O = sum_s 2^(lse_s - L) O_s /
 sum_s 2^(lse_s - L) with L = max_s lse_s, then applies X = O1 - lambda O2 and the epilogue
 (RMSNorm * weight * out_scale, or * out_scale). A row that saw no key gives zeros.
 
@@ -37,8 +40,7 @@ import triton.language as tl
 
 from .config import INTERPRET, cdiv, head_block
 from .launch import Launcher
-from .tiles import (load_head_pair, load_lambda_rows, load_tile, online_softmax_step,
-                    program_lambda)
+from .tiles import load_head_pair, load_tile, online_softmax_step, program_lambda
 
 
 @triton.jit
@@ -56,7 +58,32 @@ def _tile_start(BT, b, start_n, stride_bt, stride_page, stride_row, PAGED: tl.co
 
 
 @triton.jit
-def _store_output(o1, o2, lam, W, OUT, b, h, rows, offs_dv, Nq, H, eps, out_scale,
+def _row_heads(g, rows, Nq, GROUP):
+    """Rows are (head of the group, query) pairs, head-major: row r is query r % Nq of
+    differential head g * GROUP + r // Nq. Returns (row in range, query index, head)."""
+    row_ok = rows < GROUP * Nq
+    qi = rows % Nq
+    h = g * GROUP + (rows // Nq).to(tl.int64)
+    return row_ok, qi, h
+
+
+@triton.jit
+def _row_lambda(LAM, b, qi, h, row_ok, stride_lb, stride_ln, stride_lh, lam_value,
+                LAM_MODE: tl.constexpr, LAM_DIM: tl.constexpr, BLOCK_LAM: tl.constexpr,
+                ACC_DTYPE: tl.constexpr):
+    """lambda of each row: read through (batch, query, head) strides (LAM_MODE 1), else the
+    program's value (the float, or computed from the four vectors)."""
+    if LAM_MODE == 1:
+        lam = tl.load(LAM + b * stride_lb + qi.to(tl.int64) * stride_ln + h * stride_lh,
+                      mask=row_ok, other=0.0).to(ACC_DTYPE)
+    else:
+        lam = tl.zeros(qi.shape, ACC_DTYPE) + program_lambda(LAM, lam_value, LAM_MODE, LAM_DIM,
+                                                             BLOCK_LAM, ACC_DTYPE)
+    return lam
+
+
+@triton.jit
+def _store_output(o1, o2, lam, W, OUT, b, qi, h, row_ok, offs_dv, Nq, H, eps, out_scale,
                   HEAD_DIM_V: tl.constexpr, HAS_NORM: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """X = O1 - lambda O2, the epilogue, and the store into OUT (B, Nq, H, DV) contiguous."""
     x = o1 - lam[:, None] * o2
@@ -65,8 +92,8 @@ def _store_output(o1, o2, lam, W, OUT, b, h, rows, offs_dv, Nq, H, eps, out_scal
         w = tl.load(W + offs_dv, mask=offs_dv < HEAD_DIM_V, other=0.0).to(ACC_DTYPE)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1) / HEAD_DIM_V + eps)
         y = y * rstd[:, None] * w[None, :]
-    ptrs = OUT + ((b * Nq + rows.to(tl.int64)[:, None]) * H + h) * HEAD_DIM_V + offs_dv[None, :]
-    mask = (rows[:, None] < Nq) & (offs_dv[None, :] < HEAD_DIM_V)
+    ptrs = OUT + (((b * Nq + qi.to(tl.int64)) * H + h) * HEAD_DIM_V)[:, None] + offs_dv[None, :]
+    mask = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
     tl.store(ptrs, y.to(OUT.dtype.element_ty), mask=mask)
 
 
@@ -90,18 +117,22 @@ def diff_attn_decode_kernel(
 ):
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bg = tl.program_id(1)
     split = tl.program_id(2)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    g = h // GROUP
+    n_groups = H // GROUP
+    b = (pid_bg // n_groups).to(tl.int64)
+    g = (pid_bg % n_groups).to(tl.int64)
 
+    # rows: the (head, query) pairs of key/value group g, so its key and value tiles are read
+    # once for all the heads that share them
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok, qi, h = _row_heads(g, rows, Nq, GROUP)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q1, q2 = load_head_pair(Q + b * stride_qb + 2 * h * stride_qh, stride_qh, pid_m * BLOCK_M,
-                            Nq, stride_qn, offs_d, HEAD_DIM, BLOCK_M, True, True,
-                            HEAD_DIM != BLOCK_D)
+    q_rows = Q + b * stride_qb + qi.to(tl.int64) * stride_qn + 2 * h * stride_qh
+    q_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q1 = tl.load(q_rows[:, None] + offs_d[None, :], mask=q_mask, other=0.0)
+    q2 = tl.load(q_rows[:, None] + stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
     key_heads = 2 if KEY_PAIR else 1
     k_head = K + key_heads * g * stride_kh
     v_head = V + g * stride_vh
@@ -109,8 +140,8 @@ def diff_attn_decode_kernel(
     L = tl.load(SEQLENS + b).to(tl.int32)      # valid keys of this sequence, after the append
     start = split * SPLIT_LEN
     end = tl.minimum(start + SPLIT_LEN, L)
-    if CAUSAL:  # rows up to the tile's last see keys < L - Nq + last row + 1
-        end = tl.minimum(end, L - Nq + tl.minimum((pid_m + 1) * BLOCK_M, Nq))
+    if CAUSAL:  # the tile's last query sees keys < L - Nq + its index + 1
+        end = tl.minimum(end, L - Nq + tl.max(tl.where(row_ok, qi, 0), 0) + 1)
 
     m1 = tl.full([BLOCK_M], float("-inf"), dtype=acc_dtype)
     m2 = tl.full([BLOCK_M], float("-inf"), dtype=acc_dtype)
@@ -120,7 +151,6 @@ def diff_attn_decode_kernel(
     acc2 = tl.zeros([BLOCK_M, BLOCK_DV], dtype=acc_dtype)
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        col_ok = cols < end
         k_tile = k_head + _tile_start(BT, b, start_n, stride_bt, stride_kpage, stride_krow,
                                       PAGED, PAGE)
         v_tile = v_head + _tile_start(BT, b, start_n, stride_bt, stride_vpage, stride_vrow,
@@ -129,9 +159,9 @@ def diff_attn_decode_kernel(
                                 HEAD_DIM, BLOCK_N, KEY_PAIR, True, HEAD_DIM != BLOCK_D)
         v = load_tile(v_tile, 0, end - start_n, stride_vrow, offs_dv, HEAD_DIM_V, BLOCK_N,
                       True, HEAD_DIM_V != BLOCK_DV)
-        keep = col_ok[None, :] & (rows[:, None] < Nq)
+        keep = (cols < end)[None, :] & row_ok[:, None]
         if CAUSAL:
-            keep = keep & (cols[None, :] <= rows[:, None] + (L - Nq))
+            keep = keep & (cols[None, :] <= (L - Nq + qi)[:, None])
         s1 = tl.dot(q1, tl.trans(k1), input_precision=PRECISION).to(acc_dtype)
         m1, l1, acc1 = online_softmax_step(s1, keep, m1, l1, acc1, v, qk_scale, True, PRECISION)
         s2 = tl.dot(q2, tl.trans(k2), input_precision=PRECISION).to(acc_dtype)
@@ -142,41 +172,39 @@ def diff_attn_decode_kernel(
     o1 = acc1 * tl.where(l1 > 0, 1.0 / l1_safe, 0.0)[:, None]
     o2 = acc2 * tl.where(l2 > 0, 1.0 / l2_safe, 0.0)[:, None]
     if SPLIT:
-        # workspace PART_O (B, H, S, 2, Nq, DV), PART_LSE (B, H, S, 2, Nq), fp32 (fp64)
-        n_splits = tl.num_programs(2)
-        part = ((b * H + h) * n_splits + split) * 2
-        row_ok = rows < Nq
-        lse_ptrs = PART_LSE + part * Nq + rows
+        # workspace PART_O (B, Hk, S, 2, GROUP * Nq, DV), PART_LSE (B, Hk, S, 2, GROUP * Nq)
+        R = GROUP * Nq
+        part = (pid_bg.to(tl.int64) * tl.num_programs(2) + split) * 2
+        lse_ptrs = PART_LSE + part * R + rows
         tl.store(lse_ptrs, tl.where(l1 > 0, m1 + tl.log2(l1_safe), float("-inf")), mask=row_ok)
-        tl.store(lse_ptrs + Nq, tl.where(l2 > 0, m2 + tl.log2(l2_safe), float("-inf")),
+        tl.store(lse_ptrs + R, tl.where(l2 > 0, m2 + tl.log2(l2_safe), float("-inf")),
                  mask=row_ok)
-        o_ptrs = PART_O + (part * Nq + rows.to(tl.int64)[:, None]) * HEAD_DIM_V \
+        o_ptrs = PART_O + (part * R + rows.to(tl.int64)[:, None]) * HEAD_DIM_V \
             + offs_dv[None, :]
         o_mask = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
         tl.store(o_ptrs, o1, mask=o_mask)
-        tl.store(o_ptrs + Nq * HEAD_DIM_V, o2, mask=o_mask)
+        tl.store(o_ptrs + R * HEAD_DIM_V, o2, mask=o_mask)
     else:
-        lam = load_lambda_rows(LAM, b, rows, Nq, h, stride_lb, stride_ln, stride_lh,
-                               program_lambda(LAM, lam_value, LAM_MODE, LAM_DIM, BLOCK_LAM,
-                                              acc_dtype), LAM_MODE, acc_dtype)
-        _store_output(o1, o2, lam, W, OUT, b, h, rows, offs_dv, Nq, H, eps, out_scale,
+        lam = _row_lambda(LAM, b, qi, h, row_ok, stride_lb, stride_ln, stride_lh, lam_value,
+                          LAM_MODE, LAM_DIM, BLOCK_LAM, acc_dtype)
+        _store_output(o1, o2, lam, W, OUT, b, qi, h, row_ok, offs_dv, Nq, H, eps, out_scale,
                       HEAD_DIM_V, HAS_NORM, acc_dtype)
 
 
 @triton.jit
-def _merge_map(PART_O, PART_LSE, base, rows, offs_dv, Nq, n_splits,
+def _merge_map(PART_O, PART_LSE, base, rows, row_ok, offs_dv, R, n_splits,
                HEAD_DIM_V: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_DV: tl.constexpr):
-    """One map's output merged over the splits (parts at base + s * 2, s < n_splits)."""
-    row_ok = rows < Nq
+    """One map's output merged over the splits (parts at base + s * 2, s < n_splits; R rows
+    per part)."""
     o_mask = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
     top = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
     total = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC_DTYPE)
     for s in range(0, n_splits):
         part = base + s * 2
-        lse = tl.load(PART_LSE + part * Nq + rows, mask=row_ok, other=float("-inf"))
-        o = tl.load(PART_O + (part * Nq + rows.to(tl.int64)[:, None]) * HEAD_DIM_V
+        lse = tl.load(PART_LSE + part * R + rows, mask=row_ok, other=float("-inf"))
+        o = tl.load(PART_O + (part * R + rows.to(tl.int64)[:, None]) * HEAD_DIM_V
                     + offs_dv[None, :], mask=o_mask, other=0.0)
         new_top = tl.maximum(top, lse)
         shift = tl.where(new_top == float("-inf"), 0.0, new_top)
@@ -188,11 +216,12 @@ def _merge_map(PART_O, PART_LSE, base, rows, offs_dv, Nq, n_splits,
     return acc * tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)[:, None]
 
 
-@triton.jit(do_not_specialize=["Nq", "H", "n_splits", "stride_lb", "stride_ln", "stride_lh"])
+@triton.jit(do_not_specialize=["Nq", "H", "GROUP", "n_splits", "stride_lb", "stride_ln",
+                               "stride_lh"])
 def diff_attn_decode_combine_kernel(
     PART_O, PART_LSE, LAM, W, OUT,
     stride_lb, stride_ln, stride_lh,
-    Nq, H, n_splits,
+    Nq, H, GROUP, n_splits,
     lam_value, eps, out_scale,
     HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, LAM_MODE: tl.constexpr,
     LAM_DIM: tl.constexpr, BLOCK_LAM: tl.constexpr, HAS_NORM: tl.constexpr,
@@ -200,21 +229,23 @@ def diff_attn_decode_combine_kernel(
 ):
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    pid_bg = tl.program_id(1)
+    n_groups = H // GROUP
+    b = (pid_bg // n_groups).to(tl.int64)
+    g = (pid_bg % n_groups).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok, qi, h = _row_heads(g, rows, Nq, GROUP)
     offs_dv = tl.arange(0, BLOCK_DV)
-    base = (b * H + h) * n_splits * 2
-    o1 = _merge_map(PART_O, PART_LSE, base, rows, offs_dv, Nq, n_splits, HEAD_DIM_V, acc_dtype,
-                    BLOCK_M, BLOCK_DV)
-    o2 = _merge_map(PART_O, PART_LSE, base + 1, rows, offs_dv, Nq, n_splits, HEAD_DIM_V,
+    R = GROUP * Nq
+    base = pid_bg.to(tl.int64) * n_splits * 2
+    o1 = _merge_map(PART_O, PART_LSE, base, rows, row_ok, offs_dv, R, n_splits, HEAD_DIM_V,
                     acc_dtype, BLOCK_M, BLOCK_DV)
-    lam = load_lambda_rows(LAM, b, rows, Nq, h, stride_lb, stride_ln, stride_lh,
-                           program_lambda(LAM, lam_value, LAM_MODE, LAM_DIM, BLOCK_LAM,
-                                          acc_dtype), LAM_MODE, acc_dtype)
-    _store_output(o1, o2, lam, W, OUT, b, h, rows, offs_dv, Nq, H, eps, out_scale, HEAD_DIM_V,
-                  HAS_NORM, acc_dtype)
+    o2 = _merge_map(PART_O, PART_LSE, base + 1, rows, row_ok, offs_dv, R, n_splits, HEAD_DIM_V,
+                    acc_dtype, BLOCK_M, BLOCK_DV)
+    lam = _row_lambda(LAM, b, qi, h, row_ok, stride_lb, stride_ln, stride_lh, lam_value,
+                      LAM_MODE, LAM_DIM, BLOCK_LAM, acc_dtype)
+    _store_output(o1, o2, lam, W, OUT, b, qi, h, row_ok, offs_dv, Nq, H, eps, out_scale,
+                  HEAD_DIM_V, HAS_NORM, acc_dtype)
 
 
 LOG2E = 1.4426950408889634
@@ -239,23 +270,28 @@ diff_attn_decode_combine_launch = Launcher(diff_attn_decode_combine_kernel)
 
 # Launch options of the decode kernel (interpreter: small key tiles, to exercise several
 # tiles per split at test sizes).
-DECODE_WARPS = 4
+def decode_warps(block_m: int) -> int:
+    """4 warps for up to 16 rows (a decoding step), 8 for more (their accumulators)."""
+    return 4 if block_m <= 16 else 8
+
+
 DECODE_STAGES = 1 if INTERPRET else 2
 # Target number of programs for the split heuristic (about two waves on a 132-SM GPU).
 TARGET_PROGRAMS = 264
 MIN_SPLIT_KEYS = 512
 
 
-def decode_query_block(nq: int) -> int:
-    """Rows per program: the queries of a step, at least 16 (tl.dot's minimum), at most 64."""
-    return min(64, max(16, triton.next_power_of_2(nq)))
+def decode_row_block(rows: int) -> int:
+    """Rows per program: the (head, query) pairs of a key/value group, at least 16 (tl.dot's
+    minimum), at most 64."""
+    return min(64, max(16, triton.next_power_of_2(rows)))
 
 
-def choose_num_splits(batch: int, heads: int, nq: int, capacity: int) -> int:
+def choose_num_splits(batch: int, kv_heads: int, rows: int, capacity: int) -> int:
     """Splits of the key range when the call has too few programs to fill the GPU: enough to
     reach about TARGET_PROGRAMS programs, each split at least MIN_SPLIT_KEYS keys long, at
-    most 64 splits. From static shapes only."""
-    programs = batch * heads * cdiv(nq, decode_query_block(nq))
+    most 64 splits. From static shapes only (rows: heads per group times queries)."""
+    programs = batch * kv_heads * cdiv(rows, decode_row_block(rows))
     if programs >= TARGET_PROGRAMS or capacity < 2 * MIN_SPLIT_KEYS:
         return 1
     return max(1, min(cdiv(TARGET_PROGRAMS, programs), capacity // MIN_SPLIT_KEYS, 64))
@@ -285,7 +321,8 @@ def diff_attn_decode(q, k_cache, v_cache, seqlens, block_table, lam, lam_value, 
             the float lam_value; with lam_vectors, the (4, L) lambda vectors (lambda =
             exp(lq1 . lk1) - exp(lq2 . lk2) + lam_value, computed in the kernels).
         norm_weight (DV,) or None (the RMSNorm epilogue).
-        num_splits >= 1: the number of key splits (1: one launch, no workspace).
+        num_splits: the number of key splits (1: one launch, no workspace; 0: chosen from
+            the shapes by choose_num_splits).
     Returns (B, Nq, H, DV) in q's dtype.
     """
     B, Nq, H2, d = q.shape
@@ -301,14 +338,18 @@ def diff_attn_decode(q, k_cache, v_cache, seqlens, block_table, lam, lam_value, 
     has_norm = norm_weight is not None
     if has_norm and norm_weight.stride(0) != 1:
         norm_weight = norm_weight.contiguous()
-    block_m = decode_query_block(Nq)
+    group = H // Hk
+    rows = group * Nq                 # (head, query) pairs of one key/value group
+    block_m = decode_row_block(rows)
     block_n = decode_block_n(DV, page)
+    if num_splits == 0:
+        num_splits = choose_num_splits(B, Hk, rows, capacity)
     split_len = split_length(capacity, num_splits, block_n)
     num_splits = cdiv(capacity, split_len)
     split = num_splits > 1
     if split:
-        part_o = torch.empty((B, H, num_splits, 2, Nq, DV), device=device, dtype=acc_dtype)
-        part_lse = torch.empty((B, H, num_splits, 2, Nq), device=device, dtype=acc_dtype)
+        part_o = torch.empty((B, Hk, num_splits, 2, rows, DV), device=device, dtype=acc_dtype)
+        part_lse = torch.empty((B, Hk, num_splits, 2, rows), device=device, dtype=acc_dtype)
     else:
         part_o = part_lse = out  # not written
     lam_flags, lam_str = _lambda_args(lam, lam_vectors)
@@ -318,21 +359,22 @@ def diff_attn_decode(q, k_cache, v_cache, seqlens, block_table, lam, lam_value, 
     flags = dict(HEAD_DIM=d, HEAD_DIM_V=DV, BLOCK_D=head_block(d), BLOCK_DV=head_block(DV),
                  KEY_PAIR=key_pair, **lam_flags, CAUSAL=causal, PAGED=paged, PAGE=page,
                  HAS_NORM=has_norm, SPLIT=split, ACC_FP64=acc_dtype == torch.float64,
-                 PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32", BLOCK_M=block_m, BLOCK_N=block_n,
-                 num_warps=DECODE_WARPS, num_stages=DECODE_STAGES)
+                 PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32",
+                 BLOCK_M=block_m, BLOCK_N=block_n,
+                 num_warps=decode_warps(block_m), num_stages=DECODE_STAGES)
     integers = (*q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
-                bt.stride(0) if paged else 0, *lam_str, Nq, H, H // Hk, split_len)
+                bt.stride(0) if paged else 0, *lam_str, Nq, H, group, split_len)
     floats = (float(lam_value), scale * LOG2E, float(eps), float(out_scale))
-    grid = (cdiv(Nq, block_m), B * H, num_splits)
+    grid = (cdiv(rows, block_m), B * Hk, num_splits)
     diff_attn_decode_launch(grid, (q, k_cache, v_cache, seqlens, bt, lam_t, w_t, out, part_o,
                                    part_lse), integers, floats, flags, wrap)
     if split:
         combine_flags = dict(HEAD_DIM_V=DV, BLOCK_DV=head_block(DV), **lam_flags,
                              HAS_NORM=has_norm, ACC_FP64=acc_dtype == torch.float64,
-                             BLOCK_M=block_m, num_warps=DECODE_WARPS, num_stages=1)
-        diff_attn_decode_combine_launch((cdiv(Nq, block_m), B * H),
+                             BLOCK_M=block_m, num_warps=decode_warps(block_m), num_stages=1)
+        diff_attn_decode_combine_launch((cdiv(rows, block_m), B * Hk),
                                         (part_o, part_lse, lam_t, w_t, out),
-                                        (*lam_str, Nq, H, num_splits),
+                                        (*lam_str, Nq, H, group, num_splits),
                                         (float(lam_value), float(eps), float(out_scale)),
                                         combine_flags, wrap)
     return out

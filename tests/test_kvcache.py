@@ -48,6 +48,8 @@ CASES = [
     Case(Nq=4, Nnew=2, lens=(0, 1, 30), H=4, Hk=1, page=16, splits=4, lam="float"),
     Case(Nnew=5, lens=(0, 0, 59), causal=False, norm=False, splits=0),
     Case(B=2, Nq=1, Nnew=1, lens=(31, 3), capacity=96, page=32, d=32, dtype=torch.float16),
+    # 8 heads share one key/value group: 72 (head, query) rows, two row tiles per group
+    Case(Nq=9, Nnew=3, lens=(0, 20, 50), H=8, Hk=1, splits=2, lam="float"),
     Case(v2=True),
     Case(v2=True, Nq=3, Nnew=3, lam="tokens", splits=3, page=16, H=4, Hk=2),
     Case(v2=True, Nq=5, Nnew=2, lens=(2, 0, 50), lam="heads", splits=2),  # rows with no key

@@ -100,3 +100,23 @@ def test_sm90_decode_launches_are_recorded():
     paged = next(x for x in launches if x["variant"] == "v2_paged_split"
                  and x["kernel"] == "decode")
     assert paged["signature"]["BT"] == "*i32" and paged["signature"]["PAGED"] == "constexpr"
+
+
+def test_decode_targets_are_evaluated_per_shape():
+    import summary
+    _, _, targets = summary.load_targets()
+    decode = [t for t in targets if t.level == "decode"]
+    assert len(decode) == 2
+
+    def row(provider, batch, ms):
+        return dict(level="decode", mode="fwd", dtype="bf16", provider=provider, shape="decode",
+                    batch=batch, seq_len=8192, heads=8, head_dim=64, causal=False, ms_p50=ms)
+
+    rows = [row("flash_v2", 1, 1.0), row("diffattn_v2", 1, 1.05), row("flash_v2", 8, 1.0),
+            row("diffattn_v2", 8, 1.2), row("sdpa_x2", 1, 2.0), row("diffattn", 1, 1.5)]
+    v2 = next(t for t in decode if t.numerator[0] == "diffattn_v2")
+    v1 = next(t for t in decode if t.numerator[0] == "diffattn")
+    measured, verdict, _ = summary.evaluate_target(v2, rows)
+    assert verdict == "FAIL" and measured == pytest.approx(1.2)
+    measured, verdict, _ = summary.evaluate_target(v1, rows)
+    assert verdict == "PASS" and measured == pytest.approx(0.75)

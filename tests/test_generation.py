@@ -119,3 +119,25 @@ def test_cache_object_and_layer_errors():
         DiffKVCache.empty(3, 0, layer)
     with pytest.raises(TypeError, match="layer"):
         DiffKVCache.empty(3, 8, nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("layer_cls, heads", [(DiffMultiheadAttention, 4),
+                                              (DiffMultiheadAttentionV2, 2)])
+def test_sequence_first_layer_decodes_like_batch_first(layer_cls, heads):
+    """batch_first=False takes (N, B, E) with a cache and gives what the batch-first layer
+    gives on the transposed input; the prompt step equals the layer's causal forward."""
+    torch.manual_seed(0)
+    first = layer_cls(64, heads, batch_first=True, backend="torch").double()
+    second = layer_cls(64, heads, batch_first=False, backend="torch").double()
+    second.load_state_dict(first.state_dict())
+    x = torch.randn(2, 6, 64, dtype=torch.float64)
+    c1, c2 = DiffKVCache.empty(2, 8, first), DiffKVCache.empty(2, 8, second)
+    with torch.no_grad():
+        y1, _ = first(x[:, :5], kv_cache=c1)
+        y2, _ = second(x[:, :5].transpose(0, 1), kv_cache=c2)
+        torch.testing.assert_close(y2.transpose(0, 1), y1)
+        torch.testing.assert_close(y1, first(x[:, :5], is_causal=True)[0])
+        z1, _ = first(x[:, 5:], kv_cache=c1)
+        z2, _ = second(x[:, 5:].transpose(0, 1), kv_cache=c2)
+        torch.testing.assert_close(z2.transpose(0, 1), z1)
+        torch.testing.assert_close(z1, first(x, is_causal=True)[0][:, 5:])

@@ -331,3 +331,14 @@ def test_torch_path_reads_no_value_on_meta():
         k=torch.empty(B, 2, H, d, **meta), v=torch.empty(B, 2, H, d, **meta),
         cache_seqlens=torch.empty(B, dtype=torch.int32, **meta), backend="torch")
     assert out.shape == (B, 3, H, d) and out.device.type == "meta"
+
+
+def test_split_choice_from_static_shapes():
+    """Few programs against a long cache are split (at most 64 splits of >= 512 keys); many
+    programs, or short caches, run in one pass."""
+    from diffattn.kernels.diff_attn_decode import choose_num_splits
+    assert choose_num_splits(1, 8, 1, 65536) == 33          # 8 programs -> about 264
+    assert choose_num_splits(1, 1, 1, 65536) == 64          # capped
+    assert choose_num_splits(1, 8, 1, 1536) == 3            # splits of >= 512 keys
+    assert choose_num_splits(64, 8, 1, 65536) == 1          # 512 programs fill the GPU
+    assert choose_num_splits(4, 8, 1, 1000) == 1            # short cache

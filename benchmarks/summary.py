@@ -327,7 +327,8 @@ def summary_markdown(rows: Sequence[dict], device_name: str, on_gpu: bool, versi
         lines += [f"- {note}" for note in report.notes] + [""]
     lines += targets_table(rows, device_name, on_gpu, targets_path)
     lines += host_table(rows)
-    lines += comparison_table(rows, "op") + comparison_table(rows, "layer") + model_table(rows)
+    lines += comparison_table(rows, "op") + comparison_table(rows, "layer")
+    lines += comparison_table(rows, "decode") + model_table(rows)
     lines += compile_table(report) + tiles_table(report) + backends_table(report)
     for title, items in (("Skipped", report.skipped), ("Failed", report.failed)):
         if items:

@@ -16,6 +16,14 @@ Levels and providers (benchmarks/providers.py, host.py, model_providers.py):
            (V2: one SDPA call over 2H heads with GQA, then the subtraction), torch_path_v2.
     layer  DiffMultiheadAttention-shaped layers: diffattn, sdpa_x2, torch_path, naive,
            sdpa_plain.
+    decode one decoding step's attention (one query per sequence, forward) against a full
+           KV cache of seq_len tokens (benchmarks/decode_providers.py): diffattn and
+           diffattn_v2 (diff_attention[_v2]_with_kvcache, split-K chosen from the shape),
+           their _paged variants (pages of 64 tokens), sdpa_x2 (V1 as two SDPA calls on the
+           cache), flash_v2 (V2 as one SDPA call over 2H heads on the cache: plain
+           attention's decode), torch_path, torch_path_v2. GPU: B in {1, 8, 64} x cache in
+           {1k, 8k, 64k} (up to 512k cached tokens), H=8 d=64; CPU: tiny caches (and the
+           fused paths through the interpreter as *_interpreter with TRITON_INTERPRET=1).
     model  training and inference steps of one tower: train_image (diffattn = DiffCLIP,
            torch_path, sdpa_plain = plain CLIP, timm, timm_diff, timm_diff_fused),
            train_text and infer_text (diffattn, torch_path, sdpa_plain) at seq_len 77 and 20;
@@ -109,6 +117,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cli import CliParser, comma_list, positive_float, positive_int  # noqa: E402
+from decode_providers import (DECODE_FUSED, DECODE_INTERPRETER_PROVIDERS,  # noqa: E402
+                              DECODE_INTERPRETER_SHAPE, DECODE_PROVIDERS, decode_bench,
+                              decode_flop_kind, decode_shapes)
 from host import (HOST_MODES, HOST_PROVIDERS, HOST_SHAPE, NO_LAUNCH_PROVIDERS,  # noqa: E402
                   host_device_label, run_host_case)
 from model_providers import (CPU_SPEC, GPU_SPEC, MODEL_PROVIDERS, TEXT_PROVIDERS,  # noqa: E402
@@ -123,11 +134,12 @@ from timing import Timer, peak_mem_mb, time_back_to_back, time_steps  # noqa: E4
 COLUMNS = ("device", "torch", "triton", "level", "provider", "mode", "dtype", "batch",
            "seq_len", "heads", "head_dim", "causal", "ms_p50", "ms_p20", "ms_p80", "tflops",
            "peak_mem_mb")
-LEVELS = ("host", "op", "layer", "model")
+LEVELS = ("host", "op", "layer", "decode", "model")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ALL_PROVIDERS = tuple(dict.fromkeys(
     HOST_PROVIDERS + tuple(NO_LAUNCH_PROVIDERS) + OP_PROVIDERS + tuple(INTERPRETER_PROVIDERS)
-    + LAYER_PROVIDERS + MODEL_PROVIDERS))
+    + LAYER_PROVIDERS + DECODE_PROVIDERS + tuple(DECODE_INTERPRETER_PROVIDERS)
+    + MODEL_PROVIDERS))
 COMPILE_CHOICES = {"default": "_compiled", "cudagraphs": "_compiled_cudagraphs"}
 MODE_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 GPU_NAIVE_BUDGET_FRACTION = 0.6
@@ -140,7 +152,8 @@ CPU_NO_KERNELS = ("CUDA not available: the fused Triton kernels need a GPU; diff
 CSV_NAME, SUMMARY_NAME = "throughput.csv", "summary.md"
 INTERPRETER_SHAPE = Shape("interpreter_tiny", 1, 77, 2, 64, False)
 # Rough seconds a case takes on a GPU, compilation included, for --time-limit-s.
-EXPECTED_S = {"host": 10.0, "op": 4.0, "layer": 5.0, "model": 15.0, "model_compiled": 100.0}
+EXPECTED_S = {"host": 10.0, "op": 4.0, "layer": 5.0, "decode": 3.0, "model": 15.0,
+              "model_compiled": 100.0}
 
 
 # ------------------------------------------------------------------------------ FLOPs
@@ -174,6 +187,9 @@ def case_flops(level: str, provider: str, shape: Shape, mode: str) -> float:
     """FLOPs of one timed call at host, op or layer level (NaN at model level)."""
     if level == "model":
         return math.nan
+    if level == "decode":  # one query per sequence against seq_len cached keys
+        return attention_flops(decode_flop_kind(provider), shape.batch, shape.heads, 1,
+                               shape.seq_len, shape.head_dim, False, mode)
     flops = attention_flops(flop_kind(provider), shape.batch, shape.heads, shape.seq_len,
                             shape.seq_len, shape.head_dim, shape.causal, mode)
     if level == "layer":
@@ -274,6 +290,8 @@ def priority(case: Case, first_dtype: str) -> int:
         if mode.endswith("_cudagraphs"):
             return 8
         return 6 if case.compiled else 5
+    if case.level == "decode":
+        return 3 if case.provider in DECODE_FUSED + ("sdpa_x2", "flash_v2") else 5
     return 7  # layer level
 
 
@@ -287,7 +305,8 @@ def naive_bytes(shape: Shape) -> int:
 def selected(provider: str, chosen: Sequence[str]) -> bool:
     """Whether a provider is in the --providers list; the no-launch and interpreter variants
     of a fused provider come with it."""
-    base = NO_LAUNCH_PROVIDERS.get(provider, INTERPRETER_PROVIDERS.get(provider, provider))
+    base = NO_LAUNCH_PROVIDERS.get(provider, INTERPRETER_PROVIDERS.get(
+        provider, DECODE_INTERPRETER_PROVIDERS.get(provider, provider)))
     return provider in chosen or base in chosen
 
 
@@ -334,6 +353,14 @@ def build_plan(args, on_cuda: bool, interpret: bool, model_available: bool) -> L
             for shape in shapes:
                 if shape.causal in causal_ok:
                     plan += [Case(level, p, shape, dtype, tuple(args.modes)) for p in names]
+    if "decode" in args.levels:
+        for dtype in args.dtype:
+            plan += [Case("decode", p, shape, dtype, ("fwd",))
+                     for shape in decode_shapes(on_cuda, args.quick) for p in DECODE_PROVIDERS
+                     if on_cuda or p not in DECODE_FUSED]
+        if interpret:
+            plan += [Case("decode", p, DECODE_INTERPRETER_SHAPE, "fp32", ("fwd",))
+                     for p in DECODE_INTERPRETER_PROVIDERS]
     if "model" in args.levels and model_available:
         dtype = low_precision[0] if low_precision else args.dtype[0]
         spec = GPU_SPEC if on_cuda else CPU_SPEC
@@ -477,9 +504,12 @@ class Runner:
                       host_device_label(case.provider, self.env.device_name))
 
     def _measure(self, case: Case) -> None:
-        build = op_bench if case.level == "op" else layer_bench
-        bench = build(case.provider, case.shape, DTYPES[case.dtype], self.env.device,
-                      case.modes)
+        if case.level == "decode":
+            bench = decode_bench(case.provider, case.shape, DTYPES[case.dtype], self.env.device)
+        else:
+            build = op_bench if case.level == "op" else layer_bench
+            bench = build(case.provider, case.shape, DTYPES[case.dtype], self.env.device,
+                          case.modes)
         self._record_sdpa_backend(case, bench)
         for mode in case.modes:
             fn = bench.makers[mode]()
@@ -586,7 +616,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--providers", type=comma_list(ALL_PROVIDERS), default=list(ALL_PROVIDERS),
                         help=f"comma list of {', '.join(ALL_PROVIDERS)}")
     parser.add_argument("--levels", type=comma_list(LEVELS), default=list(LEVELS),
-                        help="comma list of host, op, layer, model")
+                        help="comma list of host, op, layer, decode, model")
     parser.add_argument("--dtype", type=comma_list(tuple(DTYPES)), default=None,
                         help="comma list of bf16, fp16, fp32 (default bf16,fp16 on CUDA, bf16 "
                              "with --quick; fp32 on CPU); host level and the model level's "

@@ -6,6 +6,9 @@
   kernels or a PyTorch path (``backend="auto" | "triton" | "torch"``).
 - ``diff_attention_v2``: the Differential Transformer V2 op (one key per group, per-token
   lambda, no norm) on the same kernels.
+- ``diff_attention_with_kvcache`` / ``diff_attention_v2_with_kvcache``: a decoding step
+  against a KV cache (in-place append, split-K, paged caches); ``DiffKVCache`` holds a layer's
+  cache for ``forward(x, kv_cache=cache)``.
 - ``diff_attention_ref`` / ``diff_attention_v2_ref``: the plain-math references (materialise
   the maps, any dtype).
 - ``DiffMultiheadAttention``: the nn.MultiheadAttention-style module, DiffCLIP's layer.
@@ -22,6 +25,7 @@
 from .backend import BACKENDS, BackendFallbackWarning, resolve_backend
 from .convert import plain_to_v2_state_dict, replace_attention
 from .functional import diff_attention, diff_attention_v2
+from .kvcache import DiffKVCache, diff_attention_v2_with_kvcache, diff_attention_with_kvcache
 from .masks import causal_keep_mask
 from .module import DiffMultiheadAttention, HeadRMSNorm, check_lambda_init, lambda_init_for_depth
 from .module_v2 import DiffMultiheadAttentionV2
@@ -33,6 +37,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "BackendFallbackWarning",
+    "DiffKVCache",
     "DiffMultiheadAttention",
     "DiffMultiheadAttentionV2",
     "DiffSelfAttention",
@@ -44,6 +49,8 @@ __all__ = [
     "diff_attention_ref",
     "diff_attention_v2",
     "diff_attention_v2_ref",
+    "diff_attention_v2_with_kvcache",
+    "diff_attention_with_kvcache",
     "lambda_init_for_depth",
     "plain_to_v2_state_dict",
     "replace_attention",

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from .attention_inputs import attention_masks, check_inputs, restore_layout
 from .backend import check_backend_name, resolve_layer_backend, unsupported_features
 from .functional import run_diff_attention
+from .kvcache import DiffKVCache, layer_decode_step
 from .lambdas import LambdaVectors
 from .packed_projection import load_packed, projection_slice, save_packed
 from .torch_path import differential_maps
@@ -368,10 +369,15 @@ class DiffMultiheadAttention(nn.Module):
                                       unexpected_keys, error_msgs)
 
     # ---------------------------------------------------------------- forward
+    def kv_cache_shapes(self):
+        """((key heads, head dim), (value heads, value dim)) of this layer's KV cache rows
+        (see diffattn.DiffKVCache.empty)."""
+        return ((self.num_kv_heads, self.head_dim), (self.num_kv_heads // 2, 2 * self.head_dim))
+
     def forward(self, query: Tensor, key: Optional[Tensor] = None, value: Optional[Tensor] = None,
                 key_padding_mask: Optional[Tensor] = None, need_weights: bool = False,
                 attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
-                is_causal: bool = False):
+                is_causal: bool = False, kv_cache: Optional[DiffKVCache] = None):
         """nn.MultiheadAttention's contract.
 
         query (N, B, E) or (B, N, E) with batch_first, or unbatched (N, E); key/value default to
@@ -383,7 +389,17 @@ class DiffMultiheadAttention(nn.Module):
         with need_weights=True the weights are the differential maps A1 - lambda * A2,
         (B, N, S) averaged over the differential heads, or (B, num_heads // 2, N, S) with
         average_attn_weights=False (a slow path that materialises the maps).
+        kv_cache (a diffattn.DiffKVCache): a decoding step, forward only: query (B, N, E)
+        (batch_first; else (N, B, E)) holds the N new tokens; their keys and values are
+        appended to the cache, they attend causally over everything cached, and
+        kv_cache.seqlens advances by N. Self-attention only (no key, value, masks or weights).
         """
+        if kv_cache is not None:  # a decoding step: causal self-attention over the cache
+            if key is not None and key is not query or value is not None and value is not query \
+                    or key_padding_mask is not None or attn_mask is not None or need_weights:
+                raise ValueError("kv_cache takes self-attention only: no key, value, "
+                                 "key_padding_mask, attn_mask or need_weights")
+            return layer_decode_step(self, query, kv_cache, v2=False), None
         query, key, value, key_padding_mask, unbatched = check_inputs(
             query, key, value, key_padding_mask, self.embed_dim, self.kdim, self.vdim,
             self.batch_first)

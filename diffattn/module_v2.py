@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from .attention_inputs import attention_masks, check_inputs, restore_layout
 from .backend import check_backend_name, resolve_layer_backend, unsupported_features
 from .functional import run_diff_attention_v2
+from .kvcache import DiffKVCache, layer_decode_step
 from .packed_projection import load_packed, projection_slice, save_packed
 from .torch_path import differential_maps
 
@@ -200,14 +201,26 @@ class DiffMultiheadAttentionV2(nn.Module):
                                       unexpected_keys, error_msgs)
 
     # ---------------------------------------------------------------- forward
+    def kv_cache_shapes(self):
+        """((key heads, head dim), (value heads, value dim)) of this layer's KV cache rows
+        (see diffattn.DiffKVCache.empty)."""
+        return ((self.num_kv_heads, self.head_dim), (self.num_kv_heads, self.head_dim))
+
     def forward(self, query: Tensor, key: Optional[Tensor] = None, value: Optional[Tensor] = None,
                 key_padding_mask: Optional[Tensor] = None, need_weights: bool = False,
                 attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
-                is_causal: bool = False):
+                is_causal: bool = False, kv_cache: Optional[DiffKVCache] = None):
         """nn.MultiheadAttention's contract, as DiffMultiheadAttention.forward (attn_mask per
         query head: (L, S) or (B * 2 * num_heads, L, S)). With need_weights=True the weights
         are the differential maps A1 - lambda * A2, (B, N, S) averaged over the h differential
-        heads, or (B, num_heads, N, S) with average_attn_weights=False."""
+        heads, or (B, num_heads, N, S) with average_attn_weights=False. kv_cache (a
+        diffattn.DiffKVCache): a decoding step, as in DiffMultiheadAttention.forward."""
+        if kv_cache is not None:  # a decoding step: causal self-attention over the cache
+            if key is not None and key is not query or value is not None and value is not query \
+                    or key_padding_mask is not None or attn_mask is not None or need_weights:
+                raise ValueError("kv_cache takes self-attention only: no key, value, "
+                                 "key_padding_mask, attn_mask or need_weights")
+            return layer_decode_step(self, query, kv_cache, v2=True), None
         E = self.embed_dim
         query, key, value, key_padding_mask, unbatched = check_inputs(
             query, key, value, key_padding_mask, E, E, E, self.batch_first)

@@ -1,0 +1,497 @@
+"""Differential attention against a KV cache, for decoding: ``diff_attention_with_kvcache``
+(V1 / DiffCLIP) and ``diff_attention_v2_with_kvcache`` (Differential Transformer V2), forward
+only, plus ``DiffKVCache``, the small cache object the layers take.
+
+    out = diff_attention_with_kvcache(q, k_cache, v_cache, lam, k=k_new, v=v_new,
+                                      cache_seqlens=lengths)
+
+Layouts (batch first, as in diff_attention; flash-attn's ``flash_attn_with_kvcache``):
+
+    q        (B, Nq, 2H, d)           the step's queries: the last Nq positions of each sequence
+    k_cache  (B, Mmax, 2Hk, d)        V1 (key pair per group); V2: (B, Mmax, Hk, d)
+    v_cache  (B, Mmax, Hk, 2d)        V1; V2: (B, Mmax, Hk, d)
+    k, v     (B, Nnew, <cache's heads and width>) or None: appended in place at cache_seqlens[b]
+    paged    block_table (B, max_blocks) int32; caches (num_blocks, page_size, heads, dim);
+             logical position p of sequence b is row p % page_size of page
+             block_table[b, p // page_size]
+    out      (B, Nq, H, 2d) V1, (B, Nq, H, d) V2
+
+``cache_seqlens`` is each cache's valid length before the call; attention runs over
+``cache_seqlens[b] + Nnew`` keys, causal bottom-right: query i sees keys
+``j <= cache_seqlens[b] + Nnew - Nq + i``. Nothing reads a length or a block table entry on the
+host (the checks on GPU values are asynchronous device assertions), and every shape that
+sizes a launch is static, so a decode step can be compiled and captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from .backend import check_backend_name, resolve_backend, resolve_layer_backend
+from .functional import (_check_lambda, _check_scalars, _check_tensor, _is_real,
+                         _kernel_lambda)
+from .reference import LambdaVectors, expand_lambda
+from .torch_path import diff_attention_torch, diff_attention_v2_torch
+
+try:
+    from .kernels import INTERPRET
+    from .kernels.diff_attn_decode import diff_attn_decode
+except ImportError:  # no triton: resolve_backend never picks "triton"
+    INTERPRET, diff_attn_decode = False, None
+
+
+# ------------------------------------------------------------------ argument checks
+def _capacity(k_cache: Tensor, block_table: Optional[Tensor]) -> int:
+    return k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
+
+
+def _check_kvcache(q, k_cache, v_cache, lambda_, k, v, cache_seqlens, block_table, norm_weight,
+                   scale, causal, eps, out_scale, num_splits, v2: bool) -> None:
+    """Raise a ValueError/TypeError naming the first bad argument (shapes, dtypes, devices,
+    and the values of host-side integers; tensor values are checked in _check_values)."""
+    _check_tensor("q", q, 4, "(batch, seq_q, 2 * heads, head_dim)")
+    B, Nq, H2, d = q.shape
+    if H2 % 2 or H2 == 0:
+        raise ValueError(f"q must have an even number of heads (two maps per differential "
+                         f"head), got {H2}")
+    dv = d if v2 else 2 * d
+    rows = "(num_blocks, page_size" if block_table is not None else "(batch, capacity"
+    _check_tensor("k_cache", k_cache, 4, f"{rows}, kv_heads, head_dim)")
+    value_width = "head_dim" if v2 else "2 * head_dim"
+    _check_tensor("v_cache", v_cache, 4, f"{rows}, kv_heads, {value_width})")
+    Hk = v_cache.shape[2]
+    key_heads = Hk if v2 else 2 * Hk
+    if k_cache.shape[2:] != (key_heads, d) or Hk < 1:
+        raise ValueError(f"k_cache must have shape {rows}, {'kv_heads' if v2 else '2 * kv_heads'}"
+                         f", head_dim) = (..., {key_heads}, {d}) to match q {tuple(q.shape)} "
+                         f"and v_cache {tuple(v_cache.shape)}, got {tuple(k_cache.shape)}")
+    if v_cache.shape[:2] != k_cache.shape[:2] or v_cache.shape[3] != dv:
+        raise ValueError(f"v_cache must have shape {(*k_cache.shape[:2], Hk, dv)} to match "
+                         f"k_cache and q, got {tuple(v_cache.shape)}")
+    if (H2 // 2) % Hk:
+        raise ValueError(f"the number of differential heads ({H2 // 2}) must be a multiple of "
+                         f"the caches' kv_heads ({Hk})")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dimension (it is written in "
+                             f"place), got strides {t.stride()}")
+    if block_table is not None:
+        if not isinstance(block_table, Tensor) or block_table.dtype != torch.int32:
+            got = block_table.dtype if isinstance(block_table, Tensor) else type(block_table)
+            raise TypeError(f"block_table must be an int32 tensor (batch, max_blocks), got {got}")
+        if block_table.dim() != 2 or block_table.shape[0] != B or block_table.shape[1] < 1:
+            raise ValueError(f"block_table must have shape (batch, max_blocks >= 1) with batch "
+                             f"{B}, got {tuple(block_table.shape)}")
+        if block_table.device != q.device:
+            raise ValueError(f"block_table must be on q's device {q.device}, got "
+                             f"{block_table.device}")
+        page = k_cache.shape[1]
+        if page < 16 or page & (page - 1):
+            raise ValueError(f"page_size (k_cache.shape[1] with a block_table) must be a power "
+                             f"of two >= 16, got {page}")
+    elif k_cache.shape[0] != B:
+        raise ValueError(f"k_cache must have q's batch {B} in its first dimension (or pass a "
+                         f"block_table for a paged cache), got {tuple(k_cache.shape)}")
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (the new keys and values) or both None")
+    if k is not None:
+        for name, t, cache in (("k", k, k_cache), ("v", v, v_cache)):
+            _check_tensor(name, t, 4, f"(batch, seq_new, {cache.shape[2]}, {cache.shape[3]})")
+            if t.shape[0] != B or t.shape[2:] != cache.shape[2:]:
+                raise ValueError(f"{name} must have shape ({B}, seq_new, {cache.shape[2]}, "
+                                 f"{cache.shape[3]}) to match q and {name}_cache, got "
+                                 f"{tuple(t.shape)}")
+            if t.dtype != q.dtype:
+                raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+            if t.device != q.device:
+                raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+        if v.shape[1] != k.shape[1]:
+            raise ValueError(f"k and v must have the same seq_new, got {k.shape[1]} and "
+                             f"{v.shape[1]}")
+    n_new = 0 if k is None else k.shape[1]
+    capacity = _capacity(k_cache, block_table)
+    if cache_seqlens is None:
+        if k is not None:
+            raise ValueError("cache_seqlens is needed to append k and v (where each cache ends)")
+    elif isinstance(cache_seqlens, Tensor):
+        if cache_seqlens.dtype != torch.int32:
+            raise TypeError(f"cache_seqlens must be an int or an int32 tensor (batch,), got "
+                            f"{cache_seqlens.dtype}")
+        if tuple(cache_seqlens.shape) != (B,):
+            raise ValueError(f"cache_seqlens must have shape (batch,) = ({B},), got "
+                             f"{tuple(cache_seqlens.shape)}")
+        if cache_seqlens.device != q.device:
+            raise ValueError(f"cache_seqlens must be on q's device {q.device}, got "
+                             f"{cache_seqlens.device}")
+    elif isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        if cache_seqlens < 0 or cache_seqlens + n_new > capacity:
+            raise ValueError(f"cache_seqlens + seq_new ({cache_seqlens} + {n_new}) must be "
+                             f"between 0 and the cache capacity {capacity}")
+    else:
+        raise TypeError(f"cache_seqlens must be an int or an int32 tensor (batch,), got "
+                        f"{type(cache_seqlens).__name__}")
+    _check_lambda(lambda_, q, per_token=v2)
+    if norm_weight is not None:
+        if not isinstance(norm_weight, Tensor) or not norm_weight.is_floating_point():
+            raise TypeError("norm_weight must be a floating-point tensor of shape (2 * head_dim,)")
+        if tuple(norm_weight.shape) != (dv,):
+            raise ValueError(f"norm_weight must have shape (2 * head_dim,) = ({dv},), got "
+                             f"{tuple(norm_weight.shape)}")
+        if norm_weight.device != q.device:
+            raise ValueError(f"norm_weight must be on q's device {q.device}, got "
+                             f"{norm_weight.device}")
+    _check_scalars(causal, scale)
+    if not _is_real(eps) or not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a positive finite float, got {eps!r}")
+    if not _is_real(out_scale) or not math.isfinite(out_scale):
+        raise ValueError(f"out_scale must be a finite float, got {out_scale!r}")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0: chosen from the shapes), got "
+                         f"{num_splits!r}")
+
+
+def _check_values(seqlens: Tensor, n_new: int, capacity: int, block_table: Optional[Tensor],
+                  num_blocks: int, page: int) -> None:
+    """The checks that need tensor values: plain errors for CPU tensors, asynchronous device
+    assertions elsewhere (and while torch.compile traces), so nothing waits for the device."""
+    fits = (seqlens >= 0) & (seqlens + n_new <= capacity)
+    bad_pages = None
+    if block_table is not None:
+        used_blocks = (seqlens + n_new + page - 1) // page                      # (B,)
+        used = torch.arange(block_table.shape[1], device=block_table.device) < used_blocks[:, None]
+        bad_pages = used & ((block_table < 0) | (block_table >= num_blocks))
+    on_host = seqlens.device.type == "cpu" and not torch.compiler.is_compiling()
+    fit_msg = (f"cache_seqlens + seq_new ({n_new}) must be between 0 and the cache capacity "
+               f"{capacity} for every sequence")
+    page_msg = (f"block_table must point into the pool of {num_blocks} pages for every page a "
+                f"sequence uses")
+    if seqlens.device.type == "meta":
+        return
+    if on_host:
+        if not bool(fits.all()):
+            bad = (~fits).nonzero().flatten().tolist()
+            raise ValueError(f"{fit_msg}; got {seqlens[bad].tolist()} at batch index {bad}")
+        if bad_pages is not None and bool(bad_pages.any()):
+            raise ValueError(f"{page_msg}; got entries {block_table[bad_pages].tolist()}")
+        return
+    torch._assert_async(fits.all(), fit_msg)
+    if bad_pages is not None:
+        torch._assert_async(~bad_pages.any(), page_msg)
+
+
+# ------------------------------------------------------------------ pieces
+def append_to_cache(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, seqlens: Tensor,
+                    block_table: Optional[Tensor] = None) -> None:
+    """Write k, v (B, Nnew, ...) into the caches in place at positions seqlens[b] + i
+    (through the block table when paged). Index writes, no host synchronisation."""
+    B, n_new = k.shape[0], k.shape[1]
+    pos = seqlens.long()[:, None] + torch.arange(n_new, device=k.device)    # (B, Nnew)
+    if block_table is None:
+        batch = torch.arange(B, device=k.device)[:, None].expand(B, n_new)
+        k_cache[batch, pos] = k
+        v_cache[batch, pos] = v
+    else:
+        page = k_cache.shape[1]
+        pages = block_table.long().gather(1, pos // page)
+        rows = pos % page
+        k_cache[pages, rows] = k
+        v_cache[pages, rows] = v
+
+
+def logical_cache(cache: Tensor, block_table: Optional[Tensor]) -> Tensor:
+    """The cache as (B, capacity, heads, dim) in logical order (a gather when paged; entries
+    outside the pool, in unused table slots, read page 0 and are masked anyway)."""
+    if block_table is None:
+        return cache
+    pages = block_table.long().clamp(0, cache.shape[0] - 1)
+    return cache[pages].flatten(1, 2)
+
+
+def kvcache_masked(lengths: Tensor, n_q: int, capacity: int, causal: bool) -> Tensor:
+    """(B, 1, Nq, capacity) bool, True where query i must not see key j: j >= lengths[b] or,
+    with causal, j > lengths[b] - Nq + i."""
+    cols = torch.arange(capacity, device=lengths.device)
+    lengths = lengths.long()[:, None, None, None]
+    masked = cols >= lengths
+    if causal:
+        rows = torch.arange(n_q, device=lengths.device)[:, None]
+        masked = masked | (cols > lengths - n_q + rows)
+    return masked
+
+
+def _torch_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal, scale,
+                     norm_weight, eps, out_scale, v2):
+    """The readable path: gather each sequence's keys in logical order, mask past its length
+    (and the causal diagonal), and run diff_attention's torch path."""
+    keys, values = logical_cache(k_cache, block_table), logical_cache(v_cache, block_table)
+    masked = kvcache_masked(lengths, q.shape[1], keys.shape[1], causal)
+    if v2:
+        return diff_attention_v2_torch(q, keys, values, lambda_, scale=scale, attn_bias=masked)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lam = expand_lambda(lambda_, q.shape[2] // 2, acc, q.device)
+    return diff_attention_torch(q, keys, values, lam, scale=scale, norm_weight=norm_weight,
+                                eps=eps, out_scale=out_scale, attn_bias=masked)
+
+
+# ------------------------------------------------------------------ the registered operator
+# A custom operator, so that torch.compile keeps the kernel launch in the graph and CUDA
+# graphs capture it. It reads the caches; the in-place append is plain torch indexing outside
+# it, which torch.compile functionalises. On a GPU it is a triton_op (Inductor sees the
+# kernels); under the interpreter an opaque custom op with a shape-only fake.
+if diff_attn_decode is not None:
+    _register = torch.library.custom_op if INTERPRET else torch.library.triton_op
+    _WRAP = None if INTERPRET else torch.library.wrap_triton
+
+    @_register("diffattn::kvcache_fwd", mutates_args=())
+    def _kvcache_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor,
+                    block_table: Optional[Tensor], lam: Optional[Tensor], lam_value: float,
+                    lam_vectors: bool, norm_weight: Optional[Tensor], scale: float,
+                    causal: bool, eps: float, out_scale: float, num_splits: int) -> Tensor:
+        """The decode kernels over caches that already hold the new keys (lengths: valid
+        keys per sequence)."""
+        return diff_attn_decode(q, k_cache, v_cache, lengths, block_table, lam, lam_value,
+                                norm_weight, scale, causal, eps, out_scale, num_splits,
+                                _WRAP, lam_vectors)
+
+    @_kvcache_op.register_fake
+    def _(q, k_cache, v_cache, lengths, block_table, lam, lam_value, lam_vectors, norm_weight,
+          scale, causal, eps, out_scale, num_splits):
+        B, Nq, H2, _ = q.shape
+        return q.new_empty(B, Nq, H2 // 2, v_cache.shape[3])
+
+
+def _fused_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal, scale,
+                     norm_weight, eps, out_scale, num_splits):
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lam, lam_value, vectors = _kernel_lambda(lambda_, acc, q.device)
+    up = q.dtype == torch.bfloat16 and INTERPRET  # the interpreter's bf16 math is wrong
+    if up:
+        q, k_cache, v_cache = q.float(), k_cache.float(), v_cache.float()
+    if torch.compiler.is_compiling():
+        out = _kvcache_op(q, k_cache, v_cache, lengths, block_table, lam, lam_value, vectors,
+                          norm_weight, float(scale), causal, float(eps), float(out_scale),
+                          num_splits)
+    else:
+        out = diff_attn_decode(q, k_cache, v_cache, lengths, block_table, lam, lam_value,
+                               norm_weight, float(scale), causal, float(eps), float(out_scale),
+                               num_splits, lam_vectors=vectors)
+    return out.to(torch.bfloat16) if up else out
+
+
+# ------------------------------------------------------------------ public API
+def run_with_kvcache(q, k_cache, v_cache, lambda_, backend, *, k=None, v=None,
+                     cache_seqlens=None, block_table=None, causal=True, scale=None,
+                     norm_weight=None, eps=1e-5, out_scale=1.0, num_splits=0, v2=False):
+    """The two public functions without the shape checks (``backend`` resolved): checks the
+    lengths and block table values, appends, attends. ``lambda_`` may be LambdaVectors (V1)."""
+    B = q.shape[0]
+    n_new = 0 if k is None else k.shape[1]
+    capacity = _capacity(k_cache, block_table)
+    if cache_seqlens is None:
+        seqlens = torch.full((B,), capacity, dtype=torch.int32, device=q.device)
+    elif isinstance(cache_seqlens, int):
+        seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
+    else:
+        seqlens = cache_seqlens
+    if isinstance(cache_seqlens, Tensor) or block_table is not None:
+        _check_values(seqlens, n_new, capacity, block_table, k_cache.shape[0], k_cache.shape[1])
+    if k is not None and n_new > 0:
+        append_to_cache(k_cache, v_cache, k, v, seqlens, block_table)
+    lengths = seqlens + n_new if n_new else seqlens
+    scale = q.shape[3] ** -0.5 if scale is None else float(scale)
+    if backend == "triton":
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
+                q, k_cache, v_cache, norm_weight,
+                lambda_.vectors if isinstance(lambda_, LambdaVectors) else lambda_)
+                if isinstance(t, Tensor)):
+            raise RuntimeError("diff_attention_with_kvcache is forward only on the fused path: "
+                               "call it under torch.no_grad() (or torch.inference_mode()), or "
+                               "use backend='torch' to differentiate through it")
+        return _fused_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal,
+                                scale, norm_weight, eps, out_scale, num_splits)
+    return _torch_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal, scale,
+                            norm_weight, eps, out_scale, v2)
+
+
+def diff_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
+                                lambda_: Union[float, Tensor], *, k: Optional[Tensor] = None,
+                                v: Optional[Tensor] = None,
+                                cache_seqlens: Union[int, Tensor, None] = None,
+                                block_table: Optional[Tensor] = None, causal: bool = True,
+                                scale: Optional[float] = None,
+                                norm_weight: Optional[Tensor] = None, eps: float = 1e-5,
+                                out_scale: float = 1.0, num_splits: int = 0,
+                                backend: str = "auto") -> Tensor:
+    """Differential attention (V1 / DiffCLIP) of a decoding step against a KV cache, forward
+    only; k and v, when given, are first appended to the caches in place.
+
+    Args:
+        q: (B, Nq, 2H, d), the queries of the last Nq positions of each sequence.
+        k_cache: (B, Mmax, 2Hk, d), or (num_blocks, page_size, 2Hk, d) with block_table.
+        v_cache: (B, Mmax, Hk, 2d), or (num_blocks, page_size, Hk, 2d) with block_table.
+        lambda_: float, 0-dim or (H,) tensor.
+        k, v: (B, Nnew, 2Hk, d) and (B, Nnew, Hk, 2d), or None: written into the caches at
+            positions cache_seqlens[b] .. cache_seqlens[b] + Nnew - 1 (in place).
+        cache_seqlens: int or int32 (B,) tensor, each cache's valid length before the call
+            (None: every cache is full, and k, v must be None). cache_seqlens + Nnew must not
+            exceed the capacity (Mmax, or max_blocks * page_size).
+        block_table: int32 (B, max_blocks): logical position p of sequence b lives in row
+            p % page_size of page block_table[b, p // page_size]; page_size a power of two
+            >= 16. Only the entries of pages a sequence uses are read.
+        causal: query i sees keys j <= cache_seqlens[b] + Nnew - Nq + i (bottom-right); else
+            all cache_seqlens[b] + Nnew keys. A query that sees no key gives zeros.
+        scale, norm_weight, eps, out_scale: as in diff_attention (the RMSNorm epilogue).
+        num_splits: key splits of the fused path (flash-decoding): 0 chooses from the shapes,
+            1 runs one pass; the partial results are merged with their log-sum-exp.
+        backend: "auto" | "triton" | "torch" (see diffattn.backend).
+    Returns:
+        (B, Nq, H, 2d) in q's dtype.
+    """
+    check_backend_name(backend)
+    _check_kvcache(q, k_cache, v_cache, lambda_, k, v, cache_seqlens, block_table, norm_weight,
+                   scale, causal, eps, out_scale, num_splits, v2=False)
+    chosen = resolve_backend(backend, q.device, q.dtype, q.shape[3])
+    return run_with_kvcache(q, k_cache, v_cache, lambda_, chosen, k=k, v=v,
+                            cache_seqlens=cache_seqlens, block_table=block_table, causal=causal,
+                            scale=scale, norm_weight=norm_weight, eps=eps, out_scale=out_scale,
+                            num_splits=num_splits, v2=False)
+
+
+def diff_attention_v2_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
+                                   lambda_: Union[float, Tensor], *, k: Optional[Tensor] = None,
+                                   v: Optional[Tensor] = None,
+                                   cache_seqlens: Union[int, Tensor, None] = None,
+                                   block_table: Optional[Tensor] = None, causal: bool = True,
+                                   scale: Optional[float] = None, num_splits: int = 0,
+                                   backend: str = "auto") -> Tensor:
+    """Differential attention V2 of a decoding step against a KV cache, forward only: as
+    diff_attention_with_kvcache with k_cache, v_cache (B, Mmax, Hk, d) (or
+    (num_blocks, page_size, Hk, d) with block_table), k, v (B, Nnew, Hk, d), lambda_ a float,
+    (), (H,) or per token (B, Nq, H), no norm. Returns (B, Nq, H, d)."""
+    check_backend_name(backend)
+    _check_kvcache(q, k_cache, v_cache, lambda_, k, v, cache_seqlens, block_table, None, scale,
+                   causal, 1e-5, 1.0, num_splits, v2=True)
+    chosen = resolve_backend(backend, q.device, q.dtype, q.shape[3])
+    return run_with_kvcache(q, k_cache, v_cache, lambda_, chosen, k=k, v=v,
+                            cache_seqlens=cache_seqlens, block_table=block_table, causal=causal,
+                            scale=scale, num_splits=num_splits, v2=True)
+
+
+# ------------------------------------------------------------------ the layers' cache
+class DiffKVCache:
+    """One layer's key/value cache for decoding with DiffMultiheadAttention or
+    DiffMultiheadAttentionV2: ``layer(x, kv_cache=cache)`` appends the step's keys and values
+    and attends over everything cached so far (causal).
+
+    Attributes:
+        k_cache: (B, capacity, key_heads, head_dim): V1 2 * num_kv_heads // 2 key heads (a
+            pair per group), V2 num_kv_heads.
+        v_cache: (B, capacity, kv_groups, value_dim): V1 num_kv_heads // 2 groups of width
+            2 * head_dim, V2 num_kv_heads of width head_dim.
+        seqlens: (B,) int32, the tokens cached per sequence; the layer advances it after each
+            call (in place, on the device: no host synchronisation).
+
+    ``DiffKVCache.empty(batch, capacity, layer)`` allocates one for a layer (its device and
+    dtype unless given). Sequences may start at different lengths (``seqlens`` set by hand),
+    e.g. after prompts of different lengths; ``reset()`` empties the cache.
+    """
+
+    def __init__(self, k_cache: Tensor, v_cache: Tensor, seqlens: Tensor):
+        if not isinstance(seqlens, Tensor) or seqlens.dtype != torch.int32 or \
+                tuple(seqlens.shape) != (k_cache.shape[0],):
+            raise ValueError(f"seqlens must be an int32 tensor of shape ({k_cache.shape[0]},)")
+        self.k_cache, self.v_cache, self.seqlens = k_cache, v_cache, seqlens
+        if not torch.compiler.is_compiling():
+            # fixed addresses: a compiled step (mode="reduce-overhead") updates them in place
+            # inside its CUDA graph instead of copying them in and out
+            for t in (k_cache, v_cache, seqlens):
+                torch._dynamo.mark_static_address(t)
+
+    @classmethod
+    def empty(cls, batch: int, capacity: int, layer, *, device=None,
+              dtype=None) -> "DiffKVCache":
+        """A cache of ``capacity`` tokens per sequence for ``layer`` (a
+        DiffMultiheadAttention or DiffMultiheadAttentionV2), zero tokens cached."""
+        for name, value in (("batch", batch), ("capacity", capacity)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        shapes = getattr(layer, "kv_cache_shapes", None)
+        if shapes is None:
+            raise TypeError(f"layer must be a DiffMultiheadAttention or DiffMultiheadAttentionV2,"
+                            f" got {type(layer).__name__}")
+        weight = layer.in_proj_weight if hasattr(layer, "in_proj_weight") else \
+            layer.q_proj_weight
+        device = weight.device if device is None else device
+        dtype = weight.dtype if dtype is None else dtype
+        (key_heads, head_dim), (groups, value_dim) = shapes()
+        return cls(torch.zeros(batch, capacity, key_heads, head_dim, device=device, dtype=dtype),
+                   torch.zeros(batch, capacity, groups, value_dim, device=device, dtype=dtype),
+                   torch.zeros(batch, dtype=torch.int32, device=device))
+
+    @property
+    def capacity(self) -> int:
+        return self.k_cache.shape[1]
+
+    def reset(self) -> None:
+        """Forget every cached token (the tensors are kept)."""
+        self.seqlens.zero_()
+
+    def __repr__(self) -> str:
+        return (f"DiffKVCache(batch={self.k_cache.shape[0]}, capacity={self.capacity}, "
+                f"k_cache={tuple(self.k_cache.shape)}, v_cache={tuple(self.v_cache.shape)}, "
+                f"dtype={self.k_cache.dtype}, device={self.k_cache.device})")
+
+
+def layer_decode_step(layer, query: Tensor, cache: DiffKVCache, v2: bool) -> Tensor:
+    """``layer(query, kv_cache=cache)`` of DiffMultiheadAttention (v2=False) or
+    DiffMultiheadAttentionV2 (v2=True): causal self-attention of the new tokens ``query``
+    ((B, N, E) with batch_first, else (N, B, E)) over the cached ones and themselves; their
+    keys and values are appended to the cache and ``cache.seqlens`` advances by N (in place).
+    Returns the layer's output in query's layout."""
+    if not isinstance(cache, DiffKVCache):
+        raise TypeError(f"kv_cache must be a diffattn.DiffKVCache, got {type(cache).__name__}")
+    if not isinstance(query, Tensor) or query.dim() != 3 or query.shape[2] != layer.embed_dim:
+        got = tuple(query.shape) if isinstance(query, Tensor) else type(query).__name__
+        raise ValueError(f"query must have shape (batch, seq, {layer.embed_dim}) with "
+                         f"batch_first (else (seq, batch, {layer.embed_dim})) with a kv_cache, "
+                         f"got {got}")
+    if getattr(layer, "kdim", layer.embed_dim) != layer.embed_dim or \
+            getattr(layer, "vdim", layer.embed_dim) != layer.embed_dim:
+        raise ValueError("kv_cache needs a self-attention layer (kdim = vdim = embed_dim)")
+    x = query if layer.batch_first else query.transpose(0, 1)
+    B, N, _ = x.shape
+    d = layer.head_dim
+    projected = layer._project(x, x, x)
+    if v2:
+        q, logits, k, v = projected
+        lam = torch.sigmoid(logits.float())                                     # (B, N, h)
+        q = q.reshape(B, N, 2 * layer.num_heads, d)
+        k = k.reshape(B, N, layer.num_kv_heads, d)
+        v = v.reshape(B, N, layer.num_kv_heads, d)
+        extra = {}
+        check_lam = lam
+    else:
+        q, k, v = projected
+        lam = LambdaVectors(layer.lambda_vectors, layer.lambda_init)
+        q = q.reshape(B, N, layer.num_heads, d)
+        k = k.reshape(B, N, layer.num_kv_heads, d)
+        v = v.reshape(B, N, layer.num_kv_heads // 2, 2 * d)
+        extra = dict(norm_weight=layer.diff_norm.weight, eps=layer.diff_norm.eps,
+                     out_scale=1.0 - layer.lambda_init)
+        check_lam = 0.0
+    _check_kvcache(q, cache.k_cache, cache.v_cache, check_lam, k, v, cache.seqlens, None,
+                   extra.get("norm_weight"), None, True, extra.get("eps", 1e-5),
+                   extra.get("out_scale", 1.0), 0, v2=v2)
+    backend = resolve_layer_backend(layer, q.device, q.dtype, d)
+    out = run_with_kvcache(q, cache.k_cache, cache.v_cache, lam, backend, k=k, v=v,
+                           cache_seqlens=cache.seqlens, causal=True, v2=v2, **extra)
+    cache.seqlens.add_(N)
+    out = layer.out_proj(out.flatten(2))
+    return out if layer.batch_first else out.transpose(0, 1)

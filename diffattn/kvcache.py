@@ -33,7 +33,7 @@ from torch import Tensor
 from .backend import check_backend_name, resolve_backend, resolve_layer_backend
 from .functional import (_check_lambda, _check_scalars, _check_tensor, _is_real,
                          _kernel_lambda)
-from .reference import LambdaVectors, expand_lambda
+from .lambdas import LambdaVectors, expand_lambda
 from .torch_path import diff_attention_torch, diff_attention_v2_torch
 
 try:

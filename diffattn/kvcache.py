@@ -34,7 +34,7 @@ from .backend import check_backend_name, resolve_backend, resolve_layer_backend
 from .functional import (_check_lambda, _check_scalars, _check_tensor, _is_real,
                          _kernel_lambda)
 from .lambdas import LambdaVectors, expand_lambda
-from .torch_path import diff_attention_torch, diff_attention_v2_torch
+from .torch_path import diff_attention_torch, diff_attention_v2_torch, zero_padding_keys
 
 try:
     from .kernels import INTERPRET
@@ -232,6 +232,10 @@ def _torch_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal,
     (and the causal diagonal), and run diff_attention's torch path."""
     keys, values = logical_cache(k_cache, block_table), logical_cache(v_cache, block_table)
     masked = kvcache_masked(lengths, q.shape[1], keys.shape[1], causal)
+    # Rows past a sequence's length hold whatever the cache had (stale or never written):
+    # read them as 0, so that a NaN there meets no zero probability.
+    past_end = masked[:, 0, -1]  # (B, capacity): the last query sees the most keys
+    keys, values = zero_padding_keys(keys, past_end), zero_padding_keys(values, past_end)
     if v2:
         return diff_attention_v2_torch(q, keys, values, lambda_, scale=scale, attn_bias=masked)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32

@@ -183,6 +183,29 @@ def test_kvcache_matches_reference(c, backend, poison_empty):  # noqa: F811
     check_appended(c, t, k_cache, v_cache, c.dtype)
 
 
+@pytest.mark.parametrize("backend", [
+    pytest.param("triton", marks=requires_interpreter), "torch"])
+@pytest.mark.parametrize("c", [CASES[1], CASES[2], CASES[8]], ids=str)
+def test_nan_past_the_cache_length_reaches_no_output(c, backend):
+    """Rows past a sequence's length (never written, or stale) may hold anything: NaN there
+    changes nothing."""
+    t = make(c)
+    ref = reference(c, t)
+    valid = torch.arange(c.capacity)[None, :] < t["lens"][:, None].long()
+    for name in ("k_logical", "v_logical"):
+        t[name] = t[name].masked_fill(~valid[..., None, None], float("nan"))
+    if c.page:
+        for name, logical in (("k_cache", "k_logical"), ("v_cache", "v_logical")):
+            t[name] = torch.full_like(t[name], float("nan"))
+            for b in range(c.B):
+                for p in range(c.capacity):
+                    t[name][t["block_table"][b, p // c.page], p % c.page] = t[logical][b, p]
+    else:
+        t["k_cache"], t["v_cache"] = t["k_logical"].clone(), t["v_logical"].clone()
+    out, _, _ = run(c, t, backend, c.dtype)
+    assert_close_rel("out", out, ref, c.dtype, 5e-5)
+
+
 @requires_interpreter
 def test_split_counts_agree():
     """Every split count (one pass, more splits than tiles, the automatic choice) gives the

@@ -15,7 +15,7 @@
 # image step, ...) and is interrupted 40 s after its limit, keeping what it measured.
 # Without extra arguments the benchmark runs --quick in bf16 (every level, compiled model
 # modes included); extra arguments replace those defaults (--out is always OUTDIR), e.g. for
-# the full suite on a longer lease:
+# the full suite, given more time:
 #   TOTAL_LIMIT_S=1800 benchmarks/gpu_check.sh OUT --dtype bf16,fp16
 # The benchmark runs with DIFFATTN_AUTOTUNE=${BENCH_AUTOTUNE:-0}: tiles from the committed
 # table kernels/tuned_configs.json where it has the GPU's architecture and the call class,

@@ -167,3 +167,16 @@ def test_workers_default_is_zero_on_the_cpu():
     assert default_workers(torch.device("cpu"), "csv:x.csv") == 0
     assert default_workers(torch.device("cuda"), "digits") == 0
     assert 0 <= default_workers(torch.device("cuda"), "csv:x.csv") <= 4
+
+
+def test_evaluation_does_not_import_training():
+    """The dependency is one-way: training uses diffattn.evaluation, never the reverse."""
+    import subprocess
+    import sys
+
+    code = ("import sys, diffattn.eval, diffattn.evaluation.features, "
+            "diffattn.evaluation.digits_export; "
+            "print(sorted(m for m in sys.modules if m.startswith('diffattn.training')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "[]"

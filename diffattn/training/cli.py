@@ -133,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "from --templates) is recorded every epoch; its acc1 picks the best "
                            "checkpoint")
     data.add_argument("--check-data", action="store_true",
-                      help="before training, open every image of a csv dataset and list the "
-                           "unreadable ones")
+                      help="before training, open every image of a csv or folder dataset and list "
+                           "the unreadable ones")
     data.add_argument("--max-unreadable-fraction", type=float, default=0.01,
                       help="unreadable images are skipped with a warning; stop when more than "
                            "this fraction of the image files read in an epoch cannot be read "
@@ -368,10 +368,11 @@ def _prepare_run_directory(args: argparse.Namespace, is_main: bool,
 
 
 def _check_data(args: argparse.Namespace, data: TrainData, is_main: bool) -> set:
-    """--check-data: open every image of the CSV file (rank 0), warn of each unreadable one,
-    and stop when they are more than --max-unreadable-fraction. Returns their paths."""
+    """--check-data: open every image of the CSV file or folder (rank 0), warn of each
+    unreadable one, and stop when they are more than --max-unreadable-fraction. Returns their
+    paths."""
     if data.csv_paths is None:
-        raise DataError("--check-data applies to csv data")
+        raise DataError("--check-data applies to csv and folder data")
     if not is_main:
         return set()
     unreadable = check_images(data.csv_paths, progress=True)

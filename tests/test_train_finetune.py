@@ -15,7 +15,6 @@ import torch
 
 from diffattn.eval import main as eval_main
 from diffattn.models import create_model
-from diffattn.models.imagenet_classes import SIMPLE_IMAGENET_TEMPLATES
 from diffattn.train import main
 from diffattn.training.checkpointing import MODEL_FILE, load_training_state
 from diffattn.training.cli import default_workers

@@ -8,6 +8,12 @@
 Under torchrun (WORLD_SIZE set) each process joins the process group (NCCL on CUDA, gloo on
 CPU) and trains a DistributedDataParallel replica on ``--batch-size / world_size`` pairs per
 step; the contrastive loss uses the features of every rank (``loss``).
+``--pretrained FILE`` starts from a weights file and ``--attention diff|diff2`` makes the
+model's attention differential (a plain CLIP warm-starting DiffCLIP); the checkpoints hold the
+model's config and these arguments, so ``--resume`` and ``python -m diffattn.eval`` need
+neither again. With ``--val-fraction`` the held-out pairs' loss and retrieval recall@1/5/10,
+with ``--val-zeroshot ROOT`` a labelled folder's zero-shot accuracy, are computed every epoch
+by ``diffattn.evaluation``'s functions.
 After every epoch rank 0 appends a line to ``OUT/metrics.jsonl``, switches the run's
 checkpoint to the new epoch with one atomic rename (``checkpointing``: a kill at any
 moment leaves the previous or the new checkpoint, complete), keeps the best epoch by the

@@ -179,3 +179,12 @@ def test_evaluation_does_not_import_training():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_a_file_without_config_needs_model(finetuned, tmp_path, capsys):
+    _, csv_path, _, plain, _ = finetuned
+    capsys.readouterr()
+    assert main(csv_run(csv_path, tmp_path / "run", 1, "--pretrained", str(plain),
+                        "--attention", "diff")) == 1
+    (error,) = _errors(capsys)
+    assert "holds no config" in error and "--model NAME" in error

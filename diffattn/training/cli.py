@@ -436,8 +436,13 @@ def _build_model(args, checkpoint, device, backend, is_main: bool):
         args.model = DEFAULT_MODEL
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = create_model(args.model, args.pretrained, attention=args.attention,
-                             device=device, backend=backend)
+        try:
+            model = create_model(args.model, args.pretrained, attention=args.attention,
+                                 device=device, backend=backend)
+        except CheckpointError as error:
+            if args.model is None and "holds no config" in str(error):
+                raise CheckpointError(f"--pretrained: {error} (with --model NAME)") from None
+            raise
     for warning in caught:
         if is_main and not issubclass(warning.category, DeprecationWarning):
             print_warning(warning.message)

@@ -54,8 +54,10 @@ def save_training_curve(records: list, path: str) -> bool:
         axes.set_xlabel("epoch")
         axes.set_ylabel(label)
         axes.grid(alpha=0.3)
-        if len(keys) > 1:
+        if len(keys) > 1 or keys == ["val_zeroshot_acc1"]:
             axes.legend(fontsize="small")
+        if title in ("zero-shot top-1", "validation retrieval"):
+            axes.set_ylim(-0.02, 1.02)  # fractions: a flat line is not magnified
         if keys == ["lr"]:
             axes.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     temporary = path + ".tmp"

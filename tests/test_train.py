@@ -363,7 +363,7 @@ def test_resume_refuses_another_model_or_a_foreign_model_file(two_epoch_run, tmp
     _fails([*resume, "--model", "CLIP-Tiny"],
            "--model 'CLIP-Tiny' (the run was saved with 'DiffCLIP-Tiny')", capsys)
     _fails([*resume, "--model", "CLIP-Tiny", "--allow-changed-args"],
-           "was saved for another config", capsys)
+           "--resume continues the model of the checkpoint, which cannot be changed", capsys)
     folder_model = run / "epoch-0002" / MODEL_FILE
     folder_model.write_bytes(folder_model.read_bytes()[:-4] + b"\0\0\0\0")
     _fails(resume, "is not the model file", capsys)

@@ -120,7 +120,7 @@ def test_val_fraction_holds_out_csv_rows(tmp_path, tiny):
     assert (data.validation_size, data.steps_per_epoch, data.unused_per_epoch) == (4, 3, 0)
     batches = list(data.validation)
     assert [batch.images.shape[0] for batch in batches] == [4]
-    with pytest.raises(DataError, match="applies to csv and wds data"):
+    with pytest.raises(DataError, match="applies to csv, folder and wds data"):
         build_train_data(DataConfig(spec="digits", global_batch_size=4, val_fraction=0.1),
                          DistInfo(), tiny.preprocess, 77)
 

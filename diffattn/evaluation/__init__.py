@@ -1,5 +1,6 @@
-"""Evaluation of CLIP / DiffCLIP models on datasets; the command line is
-``python -m diffattn.eval`` (``diffattn-eval``).
+"""Evaluation of CLIP / DiffCLIP models on datasets; the command line, ``cli``, runs as
+``python -m diffattn.eval`` (``diffattn-eval``). Training imports this package for its
+per-epoch validation; nothing here imports ``diffattn.training``.
 
 - ``metrics``: pure functions of feature tensors with CLIP_benchmark's metric names
   (zero-shot accuracy, retrieval recall@K, linear probe), for whole datasets and for

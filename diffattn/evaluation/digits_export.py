@@ -1,5 +1,5 @@
 """scikit-learn's handwritten digits written as an evaluation set on disk, split exactly as
-training splits them (``diffattn.training.digits``: 80/20, stratified, seed ``SPLIT_SEED``)::
+training splits them (``diffattn.digits.split_digits``: 80/20, stratified, seed ``SPLIT_SEED``)::
 
     OUT/train/<digit>/<index>.png   the 1,437 training images (for a linear probe)
     OUT/test/<digit>/<index>.png    the 360 held-out images
@@ -18,7 +18,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from ..training.digits import DIGIT_TEMPLATES, NUMBER_WORDS, SPLIT_SEED, TEST_FRACTION
+from ..digits import DIGIT_TEMPLATES, NUMBER_WORDS, split_digits
 from .datasets import EvalDataError
 
 
@@ -47,16 +47,9 @@ def export_digits(out_dir: str) -> dict:
     Raises:
         EvalDataError: ``out_dir`` is a file or a folder that is not empty.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise EvalDataError(f"export-digits: {out_dir!r} exists and is not an empty folder")
-    digits = load_digits()
-    indices = np.arange(len(digits.target))
-    train_x, test_x, train_y, test_y, train_i, test_i = train_test_split(
-        digits.data, digits.target, indices, test_size=TEST_FRACTION, stratify=digits.target,
-        random_state=SPLIT_SEED)
+    train_x, test_x, train_y, test_y, train_i, test_i = split_digits()
     os.makedirs(out_dir, exist_ok=True)
     train = _write_split(out_dir, "train", train_x, train_y, train_i)
     test = _write_split(out_dir, "test", test_x, test_y, test_i)

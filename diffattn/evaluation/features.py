@@ -2,7 +2,7 @@
 and encoded batch by batch (DataLoader workers), and only the features are kept.
 
 Image files that cannot be read are skipped with one warning each (as training does,
-``diffattn.training.unreadable``); more than ``max_unreadable_fraction`` of the files stops
+``diffattn.unreadable``); more than ``max_unreadable_fraction`` of the files stops
 the run with an error listing them.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..models.preprocess import UNREADABLE_IMAGE_ERRORS, unreadable_image_reason
-from ..training.unreadable import UnreadableImages
+from ..unreadable import UnreadableWarnings
 from .datasets import EvalDataError
 
 _LISTED = 10
@@ -83,7 +83,7 @@ def encode_image_files(model, paths: list, *, batch_size: int = 64, workers: int
     device = torch.device(device)
     loader = DataLoader(ImageFiles(paths, model.preprocess), batch_size=batch_size,
                         num_workers=workers, pin_memory=device.type == "cuda")
-    tracker = UnreadableImages(max_unreadable_fraction, len(paths))
+    tracker = UnreadableWarnings()
     unreadable, features, indices = [], [], []
     for images, batch_indices, reasons in tqdm(loader, desc=desc, unit="batch",
                                                disable=not progress, leave=False):

@@ -5,10 +5,11 @@ runs as ``python -m diffattn.train`` (``diffattn-train``).
 - ``loss``: ``ClipLoss``, the contrastive loss over the features of every rank.
 - ``optim``: AdamW parameter groups without decay on norms/biases/lambdas/embeddings, the
   cosine schedule with warm-up, the logit-scale clamp.
-- ``data`` / ``digits``: the ``--data`` schemes (digits, csv, wds), their per-rank loaders
+- ``data`` / ``digits``: the ``--data`` schemes (digits, csv, folder, wds), their per-rank loaders
   (unreadable images replaced or skipped) and the validation split.
 - ``unreadable``: one warning per unreadable image, a count per epoch, the limit on them.
-- ``evaluate``: zero-shot top-1 on a held-out split, the validation loss.
+- ``evaluate``: zero-shot top-1 on a held-out split; the validation pairs' loss and retrieval
+  recall; zero-shot accuracy on a labelled folder (through ``diffattn.evaluation``).
 - ``checkpointing`` / ``metrics``: a run directory with one complete checkpoint at every
   instant (switched by one atomic rename), the best checkpoint, safe resumption,
   ``metrics.jsonl``.

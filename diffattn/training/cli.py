@@ -8,6 +8,12 @@
 Under torchrun (WORLD_SIZE set) each process joins the process group (NCCL on CUDA, gloo on
 CPU) and trains a DistributedDataParallel replica on ``--batch-size / world_size`` pairs per
 step; the contrastive loss uses the features of every rank (``loss``).
+``--pretrained FILE`` starts from a weights file and ``--attention diff|diff2`` makes the
+model's attention differential (a plain CLIP warm-starting DiffCLIP); the checkpoints hold the
+model's config and these arguments, so ``--resume`` and ``python -m diffattn.eval`` need
+neither again. With ``--val-fraction`` the held-out pairs' loss and retrieval recall@1/5/10,
+with ``--val-zeroshot ROOT`` a labelled folder's zero-shot accuracy, are computed every epoch
+by ``diffattn.evaluation``'s functions.
 After every epoch rank 0 appends a line to ``OUT/metrics.jsonl``, switches the run's
 checkpoint to the new epoch with one atomic rename (``checkpointing``: a kill at any
 moment leaves the previous or the new checkpoint, complete), keeps the best epoch by the
@@ -56,6 +62,7 @@ from tqdm import tqdm
 
 from .. import BACKENDS
 from ..cli import print_error, print_warning
+from ..evaluation.datasets import TEMPLATE_SETS, read_image_folder, read_templates
 from ..models import create_model, list_models
 from ..models.checkpoint import CheckpointError
 from .checkpointing import (BEST_MODEL_FILE, MODEL_FILE, Checkpoint, capture_rng_state,
@@ -65,7 +72,7 @@ from .checkpointing import (BEST_MODEL_FILE, MODEL_FILE, Checkpoint, capture_rng
 from .data import DataConfig, DataError, TrainData, build_train_data, check_images
 from .distributed import (DEFAULT_TIMEOUT_S, DistributedJobError, cleanup_distributed,
                                    dist_info_from_env, init_distributed, resolve_device)
-from .evaluate import validation_loss, zero_shot_top1
+from .evaluate import FolderZeroShotTask, folder_zero_shot, validate_pairs, zero_shot_top1
 from .loss import ClipLoss
 from .metrics import METRICS_FILE, append_metrics, read_metrics, truncate_metrics
 from .optim import (clamp_logit_scale, cosine_schedule, create_optimizer,
@@ -76,9 +83,16 @@ from .unreadable import UnreadableImages
 
 # Arguments whose change alters what a resumed run optimises: --resume refuses a change of any
 # of them unless --allow-changed-args. (--epochs may grow.)
-OPTIMISATION_ARGS = ("model", "data", "csv_img_key", "csv_caption_key", "csv_separator",
-                     "train_subset", "train_num_samples", "val_fraction", "batch_size", "lr",
-                     "wd", "warmup", "grad_clip", "seed")
+OPTIMISATION_ARGS = ("model", "pretrained", "attention", "data", "templates", "csv_img_key",
+                     "csv_caption_key", "csv_separator", "train_subset", "train_num_samples",
+                     "val_fraction", "batch_size", "lr", "wd", "warmup", "grad_clip", "seed")
+# Arguments that say which model is trained: --resume takes the saved run's value when one is
+# not given (the checkpoint holds the model), and refuses a different one.
+MODEL_ARGS = ("model", "pretrained", "attention")
+DEFAULT_MODEL = "DiffCLIP-Tiny"
+# DataLoader workers per process on a CUDA device when --workers is not given (at most the
+# process's share of the cores). On the CPU the default is 0: the model needs the cores.
+CUDA_WORKERS = 4
 # The device-side "first step whose loss was not finite" while none was.
 _NO_BAD_STEP = 2 ** 62
 
@@ -95,8 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "torchrun for several processes.")
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True,
-                      help="'digits' (scikit-learn's handwritten digits), 'csv:FILE' or "
-                           "'wds:PATTERN' (WebDataset shards, brace patterns)")
+                      help="'digits' (scikit-learn's handwritten digits), 'csv:FILE', "
+                           "'folder:ROOT' (one folder of images per class, captions from the "
+                           "class names and --templates; a caption file beside an image, "
+                           "img.jpg + img.txt, takes precedence) or 'wds:PATTERN' (WebDataset "
+                           "shards, brace patterns)")
+    data.add_argument("--templates", default="simple", metavar="simple|imagenet|FILE",
+                      help="caption templates for folder data's class names and --val-zeroshot: "
+                           "OpenAI's 7 simple ImageNet templates (simple, the default), their 80 "
+                           "(imagenet), or a file with one template with '{}' per line")
     data.add_argument("--csv-img-key", default="filepath", help="CSV image-path column")
     data.add_argument("--csv-caption-key", default="caption", help="CSV caption column")
     data.add_argument("--csv-separator", default=",", help="CSV delimiter")
@@ -105,21 +126,39 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--train-subset", type=int, default=None,
                       help="train on the first N samples only (digits, csv; for quick runs)")
     data.add_argument("--workers", type=int, default=None,
-                      help="DataLoader workers per process (default: 0 for digits, which is "
-                           "held in memory; else 2)")
+                      help="DataLoader workers per process (default: 0 on the CPU, where the "
+                           "model needs the cores, and for digits, which is held in memory; "
+                           f"on CUDA {CUDA_WORKERS}, at most the process's share of the cores)")
     data.add_argument("--val-fraction", type=float, default=None,
-                      help="hold out this fraction of csv rows or wds shards as validation "
-                           "pairs; their loss picks the best checkpoint")
+                      help="hold out this fraction of csv rows, folder images or wds shards as "
+                           "validation pairs: their loss and retrieval recall@1/5/10 are "
+                           "recorded every epoch, and their loss picks the best checkpoint")
+    data.add_argument("--val-zeroshot", metavar="ROOT", default=None,
+                      help="a labelled folder (one folder of images per class) whose zero-shot "
+                           "accuracy (acc1, acc5, mean per-class recall; the classes' prompts "
+                           "from --templates) is recorded every epoch; its acc1 picks the best "
+                           "checkpoint")
     data.add_argument("--check-data", action="store_true",
-                      help="before training, open every image of a csv dataset and list the "
-                           "unreadable ones")
+                      help="before training, open every image of a csv or folder dataset and list "
+                           "the unreadable ones")
     data.add_argument("--max-unreadable-fraction", type=float, default=0.01,
                       help="unreadable images are skipped with a warning; stop when more than "
                            "this fraction of the image files read in an epoch cannot be read "
                            "(default 0.01)")
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default="DiffCLIP-Tiny", choices=list_models(),
-                       help="model config (default DiffCLIP-Tiny)")
+    model.add_argument("--model", default=None, choices=list_models(),
+                       help=f"model config (default {DEFAULT_MODEL}, or the config saved in a "
+                            "diffattn --pretrained file; with --resume the saved run's)")
+    model.add_argument("--pretrained", metavar="FILE", default=None,
+                       help="start from these weights (fine-tuning): a diffattn .safetensors "
+                            "file, an open_clip state dict or a DiffCLIP release checkpoint "
+                            "(the format is detected); with --attention a plain model's weights "
+                            "warm-start a differential one")
+    model.add_argument("--attention", choices=("diff", "diff2"), default=None,
+                       help="make the model's attention differential (diff: DiffCLIP's, diff2: "
+                            "Differential Transformer V2) whatever the config or file says; "
+                            "the checkpoints record it, so --resume and evaluation need no "
+                            "flag")
     model.add_argument("--backend", default="auto", choices=BACKENDS,
                        help="differential attention implementation (auto: triton on CUDA, "
                             "torch on CPU)")
@@ -149,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "none)")
     run.add_argument("--allow-changed-args", action="store_true",
                      help="with --resume: accept optimisation arguments (lr, batch size, weight "
-                          "decay, warm-up, grad clip, seed, model, data) that differ from the "
-                          "saved run's; the learning-rate schedule is recomputed for them")
+                          "decay, warm-up, grad clip, seed, data, templates) that differ from "
+                          "the saved run's; the learning-rate schedule is recomputed for them")
     run.add_argument("--stop-after-epoch", type=int, default=None,
                      help="end this run after that many completed epochs (the schedule still "
                           "spans --epochs; continue with --resume)")
@@ -179,6 +218,11 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if not 0 <= args.max_unreadable_fraction < 1:
         parser.error(f"--max-unreadable-fraction must be in [0, 1), got "
                      f"{args.max_unreadable_fraction}")
+    if args.templates not in TEMPLATE_SETS:
+        try:
+            read_templates(args.templates)
+        except ValueError as error:
+            parser.error(str(error))
     if args.workers is not None and args.workers < 0:
         parser.error(f"--workers must be >= 0, got {args.workers}")
     if not (args.dist_timeout > 0 and math.isfinite(args.dist_timeout)):
@@ -264,6 +308,12 @@ def _check_resume(args: argparse.Namespace, state: dict, is_main: bool) -> None:
                               "pass a larger --epochs to train it further")
     saved = state["args"] if isinstance(state["args"], dict) else {}
     changes = _changed_arguments(saved, args)
+    fixed = [change for change in changes if change.startswith(("--model ", "--attention "))]
+    if fixed and args.allow_changed_args:
+        raise CheckpointError(
+            "--resume continues the model of the checkpoint, which cannot be changed: "
+            + "; ".join(fixed) + ". Leave --model and --attention out (the saved values are "
+            "used), or start a new run with --pretrained on the run's model.safetensors")
     if changes and not args.allow_changed_args:
         raise CheckpointError(
             "--resume: arguments differ from the saved run's: " + "; ".join(changes)
@@ -324,10 +374,11 @@ def _prepare_run_directory(args: argparse.Namespace, is_main: bool,
 
 
 def _check_data(args: argparse.Namespace, data: TrainData, is_main: bool) -> set:
-    """--check-data: open every image of the CSV file (rank 0), warn of each unreadable one,
-    and stop when they are more than --max-unreadable-fraction. Returns their paths."""
+    """--check-data: open every image of the CSV file or folder (rank 0), warn of each
+    unreadable one, and stop when they are more than --max-unreadable-fraction. Returns their
+    paths."""
     if data.csv_paths is None:
-        raise DataError("--check-data applies to csv data")
+        raise DataError("--check-data applies to csv and folder data")
     if not is_main:
         return set()
     unreadable = check_images(data.csv_paths, progress=True)
@@ -362,33 +413,83 @@ def train(args: argparse.Namespace) -> list:
         return _train_in(args, info, device, backend, checkpoint)
 
 
+def default_workers(device: torch.device, data_spec: str, local_world_size: int = 1) -> int:
+    """DataLoader workers per process when --workers is not given: 0 on the CPU (workers
+    would take cores from the model: a small CSV run was several times slower with 2 on a
+    2-core machine) and for digits (held in memory); on CUDA, CUDA_WORKERS, at most the
+    process's share of the cores."""
+    if device.type != "cuda" or data_spec == "digits":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(0, min(CUDA_WORKERS, (cores or 1) // local_world_size - 1))
+
+
+def _build_model(args, checkpoint, device, backend, is_main: bool):
+    """The model: the checkpoint's when resuming, else --model / --pretrained / --attention
+    (a warm start's warning printed as one ``warning:`` line). On a new run, records the model
+    as built in ``args`` (the default config's name, the attention), which the checkpoints
+    save."""
+    if checkpoint is not None:
+        return create_model(args.model, checkpoint.model_path, attention=args.attention,
+                            device=device, backend=backend)
+    if args.model is None and args.pretrained is None:
+        args.model = DEFAULT_MODEL
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model = create_model(args.model, args.pretrained, attention=args.attention,
+                                 device=device, backend=backend)
+        except CheckpointError as error:
+            if args.model is None and "holds no config" in str(error):
+                raise CheckpointError(f"--pretrained: {error} (with --model NAME)") from None
+            raise
+    for warning in caught:
+        if is_main and not issubclass(warning.category, DeprecationWarning):
+            print_warning(warning.message)
+    args.attention = model.config.attention
+    return model
+
+
+def _data_config(args, workers: int) -> DataConfig:
+    return DataConfig(spec=args.data, global_batch_size=args.batch_size, seed=args.seed,
+                      workers=workers, train_subset=args.train_subset,
+                      train_num_samples=args.train_num_samples, csv_img_key=args.csv_img_key,
+                      csv_caption_key=args.csv_caption_key, csv_separator=args.csv_separator,
+                      val_fraction=args.val_fraction, templates=tuple(read_templates(
+                          args.templates)))
+
+
 def _train_in(args, info, device, backend, checkpoint) -> list:
     """``train`` once the run directory is prepared (and locked)."""
     state = None
     if checkpoint is not None:
         state = load_training_state(checkpoint.folder)
+        saved = state["args"] if isinstance(state["args"], dict) else {}
+        for name in MODEL_ARGS:  # not given: the saved run's
+            if getattr(args, name) is None and saved.get(name) is not None:
+                setattr(args, name, saved[name])
         _check_resume(args, state, info.is_main)
 
     _seed_everything(args.seed)
-    model = create_model(args.model, None if checkpoint is None else checkpoint.model_path,
-                         device=device, backend=backend)
+    model = _build_model(args, checkpoint, device, backend, info.is_main)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    workers = args.workers if args.workers is not None else (0 if args.data == "digits" else 2)
-    data = build_train_data(
-        DataConfig(spec=args.data, global_batch_size=args.batch_size, seed=args.seed,
-                   workers=workers, train_subset=args.train_subset,
-                   train_num_samples=args.train_num_samples, csv_img_key=args.csv_img_key,
-                   csv_caption_key=args.csv_caption_key, csv_separator=args.csv_separator,
-                   val_fraction=args.val_fraction),
-        info, model.preprocess, model.config.text.context_length,
-        pin_memory=device.type == "cuda")
+    workers = (args.workers if args.workers is not None
+               else default_workers(device, args.data, info.local_world_size))
+    data = build_train_data(_data_config(args, workers), info, model.preprocess,
+                            model.config.text.context_length, pin_memory=device.type == "cuda")
+    zero_shot_folder = None
+    if args.val_zeroshot is not None:
+        zero_shot_folder = FolderZeroShotTask(read_image_folder(args.val_zeroshot,
+                                                                "--val-zeroshot"),
+                                              tuple(read_templates(args.templates)))
     reported = _check_data(args, data, info.is_main) if args.check_data else set()
 
     info = init_distributed(device, timeout_s=args.dist_timeout)
     try:
         return _run(args, info, device, model, data, state,
-                    None if checkpoint is None else checkpoint.best, reported)
+                    None if checkpoint is None else checkpoint.best, reported,
+                    zero_shot_folder, workers)
     except DistributedJobError:
         raise
     except RuntimeError as error:
@@ -399,10 +500,12 @@ def _train_in(args, info, device, backend, checkpoint) -> list:
         cleanup_distributed(info)
 
 
-def _validation_metric(data: TrainData) -> Optional[tuple]:
+def _validation_metric(data: TrainData, zero_shot_folder) -> Optional[tuple]:
     """(record key, higher is better) of the metric that picks the best checkpoint, or None."""
     if data.zero_shot is not None:
         return "zero_shot_top1", True
+    if zero_shot_folder is not None:
+        return "val_zeroshot_acc1", True
     if data.validation is not None:
         return "val_loss", False
     return None
@@ -447,8 +550,10 @@ def _stop_if_diverged(bad_step: int, epoch: int, epoch_first_step: int, args, sa
 def _summary(args, records: list, best: Optional[dict], seconds: float, stopped: bool) -> str:
     """The closing line of a run."""
     last = records[-1]
-    what = [f"loss {last['loss']:.4g}"] + [f"{key} {last[key]:.4g}" for key in
-                                           ("val_loss", "zero_shot_top1") if key in last]
+    what = [f"loss {last['loss']:.4g}"] + [
+        f"{key} {last[key]:.4g}" for key in ("val_loss", "val_image_retrieval_recall@1",
+                                             "val_text_retrieval_recall@1", "zero_shot_top1",
+                                             "val_zeroshot_acc1") if last.get(key) is not None]
     files = [MODEL_FILE] + ([BEST_MODEL_FILE] if best else []) + [METRICS_FILE]
     if os.path.isfile(os.path.join(args.out, CURVE_FILE)):
         files.append(CURVE_FILE)
@@ -462,10 +567,12 @@ def _summary(args, records: list, best: Optional[dict], seconds: float, stopped:
     return text
 
 
-def _run(args, info, device, unwrapped, data, state, best, reported) -> list:
+def _run(args, info, device, unwrapped, data, state, best, reported, zero_shot_folder=None,
+         workers: int = 0) -> list:
     """The epoch loop (process group joined, model and data built); ``state`` is the loaded
     training state when resuming, else None; ``best`` the manifest's best entry; ``reported``
-    the unreadable images --check-data already named."""
+    the unreadable images --check-data already named; ``zero_shot_folder`` the
+    --val-zeroshot task or None; ``workers`` the DataLoader workers of its images."""
     started = time.perf_counter()
     steps_per_epoch = data.steps_per_epoch
     total_steps = steps_per_epoch * args.epochs
@@ -507,7 +614,7 @@ def _run(args, info, device, unwrapped, data, state, best, reported) -> list:
     loss_fn = ClipLoss()
     unreadable = UnreadableImages(args.max_unreadable_fraction, data.samples_per_epoch)
     unreadable.warned.update(reported)
-    metric = _validation_metric(data)
+    metric = _validation_metric(data, zero_shot_folder)
     records, curve_skipped, stopped = [], False, False
     saved_epoch = start_epoch if state is not None else None
     for epoch in range(start_epoch, args.epochs):
@@ -566,9 +673,15 @@ def _run(args, info, device, unwrapped, data, state, best, reported) -> list:
         if data.zero_shot is not None:
             record["zero_shot_top1"] = zero_shot_top1(unwrapped, data.zero_shot, info, autocast)
         if data.validation is not None and info.is_main:
-            record["val_loss"], val_unreadable = validation_loss(unwrapped, data.validation,
-                                                                 autocast)
+            record["val_loss"], recall, val_unreadable = validate_pairs(
+                unwrapped, data.validation, autocast)
+            record.update((f"val_{key}", value) for key, value in recall.items())
             unreadable.warn(val_unreadable)
+        if zero_shot_folder is not None and info.is_main:
+            scores = folder_zero_shot(unwrapped, zero_shot_folder, batch_size=args.batch_size,
+                                      workers=workers, autocast=autocast,
+                                      max_unreadable_fraction=args.max_unreadable_fraction)
+            record.update((f"val_zeroshot_{key}", value) for key, value in scores.items())
         rng_states = _gather_rng_states(device, info.initialized)
         if info.is_main:
             append_metrics(args.out, record)

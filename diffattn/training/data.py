@@ -1,5 +1,5 @@
-"""Training data for ``--data``: the schemes ``digits``, ``csv:FILE`` and ``wds:PATTERN``, their
-per-rank loaders, and the held-out validation split.
+"""Training data for ``--data``: the schemes ``digits``, ``csv:FILE``, ``folder:ROOT`` and
+``wds:PATTERN``, their per-rank loaders, and the held-out validation split.
 
 - ``digits``: scikit-learn's handwritten digits (see ``digits.py``), held in memory, with a
   held-out zero-shot split.
@@ -7,6 +7,14 @@ per-rank loaders, and the held-out validation split.
   a caption column (``filepath`` and ``caption`` unless ``csv_img_key`` / ``csv_caption_key``
   say otherwise); relative paths are relative to the CSV file's folder. A file in another
   encoding is refused up front with the line that is not UTF-8.
+- ``folder:ROOT``: the image files under ROOT (recursively, sorted; the suffixes of
+  ``diffattn.models.zero_shot.IMAGE_SUFFIXES``). An image's caption comes from a caption
+  file beside it when there is one (``dog1.jpg`` + ``dog1.txt``, UTF-8: one caption, or one
+  per line and one of them drawn at random each time the image is read); otherwise from its
+  class, the folder directly under ROOT that holds it (``ROOT/<class>/...``, the folder name
+  as it is): a template (``templates``, by default OpenAI's 7 simple ImageNet ones) filled
+  with the class name, drawn at random each read. A caption file always wins over the class
+  name; an image directly in ROOT needs a caption file.
 - ``wds:PATTERN``: WebDataset tar shards (``jpg``/``jpeg``/``png``/``webp`` image + ``txt``
   caption per sample), brace patterns such as ``data/shard-{000..127}.tar``. An epoch is
   ``train_num_samples`` samples.
@@ -24,7 +32,9 @@ were passed over (``Batch.unreadable``) so that the training loop can report the
 run that has too many. A sample that finds no readable image in ``MAX_READ_ATTEMPTS`` tries
 marks its batch ``gave_up``.
 
-``val_fraction`` holds out validation pairs: for CSV data that fraction of the rows (a fixed
+``val_fraction`` holds out validation pairs: for CSV data that fraction of the rows (for
+folder data, of the images; a held-out image's caption is its caption file's first line or
+its class name in the first template) (a fixed
 random choice, independent of the training seed), for WebDataset data that fraction of the
 shards (the last ones of the expanded pattern, at least one).
 """
@@ -46,12 +56,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Subset
 
 from ..models.preprocess import UNREADABLE_IMAGE_ERRORS, load_image, unreadable_image_reason
+from ..models.imagenet_classes import SIMPLE_IMAGENET_TEMPLATES
 from ..models.tokenizer import tokenize, trim_padding
+from ..models.zero_shot import IMAGE_SUFFIXES
 from .digits import load_digits_data
 from .distributed import DistInfo
 from .evaluate import ZeroShotTask
 
-SCHEMES = ("digits", "csv", "wds")
+SCHEMES = ("digits", "csv", "folder", "wds")
 WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 WDS_SHUFFLE_BUFFER = 1000
 MAX_READ_ATTEMPTS = 32
@@ -103,7 +115,8 @@ class DataConfig:
         train_subset: keep only the first N training samples (digits, csv).
         train_num_samples: samples per epoch (wds; required there).
         csv_img_key, csv_caption_key, csv_separator: the CSV columns and delimiter.
-        val_fraction: hold out this fraction of the data for validation (csv, wds).
+        val_fraction: hold out this fraction of the data for validation (csv, folder, wds).
+        templates: the caption templates of folder data's class names (one ``{}`` each).
     """
 
     spec: str
@@ -116,6 +129,7 @@ class DataConfig:
     csv_caption_key: str = "caption"
     csv_separator: str = ","
     val_fraction: Optional[float] = None
+    templates: tuple = tuple(SIMPLE_IMAGENET_TEMPLATES)
 
 
 @dataclasses.dataclass
@@ -134,7 +148,8 @@ class TrainData:
         validation: held-out pairs as an iterable of Batch of at most ``global_batch_size``
             pairs (iterate it on one rank), else None.
         validation_size: number of held-out pairs (for wds: of held-out shards).
-        csv_paths: every image path of the CSV file (training and validation), else None.
+        csv_paths: every image path of the CSV file or folder (training and validation),
+            else None.
     """
 
     loader: Iterable
@@ -149,17 +164,18 @@ class TrainData:
 
 
 def parse_data_spec(spec: str) -> tuple[str, str]:
-    """("digits", "") | ("csv", FILE) | ("wds", PATTERN); DataError for anything else."""
+    """("digits", "") | ("csv", FILE) | ("folder", ROOT) | ("wds", PATTERN); DataError for
+    anything else."""
     scheme, _, value = spec.partition(":")
     if scheme not in SCHEMES:
         raise DataError(f"unknown --data scheme {scheme!r} in {spec!r}; use 'digits', "
-                        "'csv:FILE' or 'wds:PATTERN'")
+                        "'csv:FILE', 'folder:ROOT' or 'wds:PATTERN'")
     if scheme == "digits" and value:
         raise DataError(f"--data digits takes no argument, got {spec!r}")
     if scheme != "digits" and not value:
-        example = "csv:train.csv" if scheme == "csv" else "wds:shards/{000..009}.tar"
-        raise DataError(f"--data {scheme}: the {'file' if scheme == 'csv' else 'pattern'} after "
-                        f"the colon is missing, e.g. {example}")
+        example, what = {"csv": ("csv:train.csv", "file"), "folder": ("folder:images", "folder"),
+                         "wds": ("wds:shards/{000..009}.tar", "pattern")}[scheme]
+        raise DataError(f"--data {scheme}: the {what} after the colon is missing, e.g. {example}")
     return scheme, value
 
 
@@ -200,9 +216,30 @@ class CsvCaptions(Dataset):
             except UNREADABLE_IMAGE_ERRORS as error:
                 unreadable.append((self.paths[position], unreadable_image_reason(error)))
                 continue
-            tokens = _tokenize_one(self.captions[position], self.context_length)
+            tokens = _tokenize_one(self._caption(position), self.context_length)
             return image, tokens, tuple(unreadable), False
         return (*_placeholder(self.transform, self.context_length), tuple(unreadable), True)
+
+    def _caption(self, position: int) -> str:
+        return self.captions[position]
+
+
+class FolderCaptions(CsvCaptions):
+    """Image files with several caption choices each (``folder:ROOT``): ``captions[i]`` is a
+    tuple of strings, one drawn with torch's RNG at every read, or the first one when
+    ``draw`` is False (validation, which draws nothing from the RNGs). Unreadable images are
+    replaced as in CsvCaptions."""
+
+    def __init__(self, paths: list, captions: list, transform, context_length: int,
+                 draw: bool = True):
+        super().__init__(paths, captions, transform, context_length)
+        self.draw = draw
+
+    def _caption(self, position: int) -> str:
+        choices = self.captions[position]
+        if not self.draw or len(choices) == 1:
+            return choices[0]
+        return choices[int(torch.randint(len(choices), ()))]
 
 
 def _decode_utf8(raw: bytes, path: str) -> str:
@@ -347,6 +384,77 @@ def _csv_data(path: str, config: DataConfig, info: DistInfo, transform, context_
                            csv_paths=[image for image, _ in rows])
 
 
+# ------------------------------------------------------------------------ folder
+def _caption_file_lines(path: str) -> tuple:
+    """The non-empty lines of caption file ``path`` (UTF-8), stripped."""
+    try:
+        with open(path, encoding="utf-8-sig") as file:
+            lines = tuple(line.strip() for line in file if line.strip())
+    except UnicodeDecodeError:
+        raise DataError(f"--data folder: caption file {path!r} is not UTF-8 text") from None
+    except OSError as error:
+        raise DataError(f"--data folder: cannot read caption file {path!r}: "
+                        f"{error.strerror}") from None
+    if not lines:
+        raise DataError(f"--data folder: caption file {path!r} is empty")
+    return lines
+
+
+def read_folder_captions(root: str, templates) -> tuple[list, list]:
+    """(image paths, caption choices per image) of ``folder:ROOT`` (see the module docstring:
+    a caption file beside the image wins, else the templates filled with the class folder's
+    name).
+
+    Raises:
+        DataError: ROOT is not a folder, holds no image files, or an image directly in ROOT
+            has no caption file; an unreadable, non-UTF-8 or empty caption file.
+    """
+    if not os.path.isdir(root):
+        raise DataError(f"--data folder: no such folder: {root!r}")
+    templates = tuple(templates)
+    paths, captions = [], []
+    for folder, subfolders, files in os.walk(root):
+        subfolders.sort()
+        relative = os.path.relpath(folder, root)
+        classname = None if relative == os.curdir else relative.split(os.sep)[0]
+        names = set(files)
+        for name in sorted(files):
+            stem, suffix = os.path.splitext(name)
+            if suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            path = os.path.join(folder, name)
+            if stem + ".txt" in names:
+                choices = _caption_file_lines(os.path.join(folder, stem + ".txt"))
+            elif classname is not None:
+                choices = tuple(template.format(classname) for template in templates)
+            else:
+                raise DataError(f"--data folder: {path!r} is directly in {root!r} and has no "
+                                f"caption file {stem + '.txt'!r}: put images in one folder per "
+                                "class, or a caption file beside each image")
+            paths.append(path)
+            captions.append(choices)
+    if not paths:
+        raise DataError(f"--data folder: {root!r} holds no image files "
+                        f"({', '.join(IMAGE_SUFFIXES)})")
+    return paths, captions
+
+
+def _folder_data(root: str, config: DataConfig, info: DistInfo, transform, context_length: int,
+                 pin_memory: bool) -> TrainData:
+    paths, captions = read_folder_captions(root, config.templates)
+    validation, validation_size, train_indices = None, 0, range(len(paths))
+    if config.val_fraction is not None:
+        train_indices, val_indices = _split_validation(len(paths), config.val_fraction, "images")
+        validation = _ValidationLoader(
+            FolderCaptions([paths[i] for i in val_indices], [captions[i] for i in val_indices],
+                           transform, context_length, draw=False), config.global_batch_size)
+        validation_size = len(val_indices)
+    dataset = FolderCaptions([paths[i] for i in train_indices],
+                             [captions[i] for i in train_indices], transform, context_length)
+    return _map_style_data(dataset, config, info, pin_memory, validation=validation,
+                           validation_size=validation_size, csv_paths=paths)
+
+
 # ------------------------------------------------------------------------ webdataset
 def _decode_samples(samples, transform, context_length: int):
     """(image, tokens, unreadable, gave_up) items of WebDataset samples. A sample whose image
@@ -455,8 +563,8 @@ def _webdataset_data(pattern: str, config: DataConfig, info: DistInfo, transform
     import webdataset as wds
 
     if config.train_subset is not None:
-        raise DataError("--train-subset applies to digits and csv data; for wds set the epoch "
-                        "length with --train-num-samples")
+        raise DataError("--train-subset applies to digits, csv and folder data; for wds set "
+                        "the epoch length with --train-num-samples")
     if config.train_num_samples is None:
         raise DataError("--data wds: --train-num-samples is required (the samples per epoch)")
     urls = wds.shardlists.expand_urls(pattern)
@@ -513,15 +621,17 @@ def build_train_data(config: DataConfig, info: DistInfo, transform, context_leng
         raise DataError(f"--batch-size {config.global_batch_size} (the global batch) is not "
                         f"divisible by the world size {info.world_size}")
     if config.val_fraction is not None and scheme == "digits":
-        raise DataError("--val-fraction applies to csv and wds data; digits already holds out "
-                        "20% of the images for the zero-shot evaluation")
+        raise DataError("--val-fraction applies to csv, folder and wds data; digits already "
+                        "holds out 20% of the images for the zero-shot evaluation")
     if scheme == "wds":
         return _webdataset_data(value, config, info, transform, context_length, pin_memory)
     if config.train_num_samples is not None:
-        raise DataError("--train-num-samples applies to wds data only (digits and csv epochs "
-                        "are one pass over the data; see --train-subset)")
+        raise DataError("--train-num-samples applies to wds data only (digits, csv and folder "
+                        "epochs are one pass over the data; see --train-subset)")
     if scheme == "csv":
         return _csv_data(value, config, info, transform, context_length, pin_memory)
+    if scheme == "folder":
+        return _folder_data(value, config, info, transform, context_length, pin_memory)
     train, task = load_digits_data(transform, functools.partial(tokenize,
                                                                 context_length=context_length))
     return _map_style_data(train, config, info, pin_memory, zero_shot=task)

@@ -5,9 +5,9 @@ digits 0-9 with the package, so no download is needed. Each image is scaled to 0
 repeated to 3 channels and put through the model's own preprocessing (``model.preprocess``:
 resize to the model's input size, then its mean/std). A training caption is one of
 ``DIGIT_TEMPLATES`` filled with the digit's number word ("a photo of the number seven"), drawn
-at random each time the image is read. The images are split 80/20, stratified by digit, with
-the fixed seed ``SPLIT_SEED`` (independent of the training seed), and the 20% are the held-out
-zero-shot evaluation set, classified with the same templates.
+at random each time the image is read. The images are split as ``diffattn.digits.split_digits``
+splits them (80/20, stratified, seed ``SPLIT_SEED``), and the 20% are the held-out zero-shot
+evaluation set, classified with the same templates.
 """
 from __future__ import annotations
 
@@ -15,20 +15,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..digits import DIGIT_TEMPLATES, NUMBER_WORDS, SPLIT_SEED, TEST_FRACTION, split_digits
 from .evaluate import ZeroShotTask
 
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-DIGIT_TEMPLATES = (
-    "a photo of the number {}.",
-    "a handwritten digit {}.",
-    "an image of the digit {}.",
-    "a scan of the handwritten number {}.",
-    "the number {}, written by hand.",
-    "a black and white picture of the digit {}.",
-)
-SPLIT_SEED = 0
-TEST_FRACTION = 0.2
-
+__all__ = ["DIGIT_TEMPLATES", "NUMBER_WORDS", "SPLIT_SEED", "TEST_FRACTION", "DigitCaptions",
+           "load_digits_data"]
 
 class DigitCaptions(Dataset):
     """Preprocessed digit images with a random caption per read.
@@ -79,13 +70,7 @@ def load_digits_data(transform, tokenize) -> tuple[DigitCaptions, ZeroShotTask]:
     Returns:
         (DigitCaptions over the 80% split, ZeroShotTask over the 20% split).
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    train_x, test_x, train_y, test_y = train_test_split(
-        digits.data, digits.target, test_size=TEST_FRACTION, stratify=digits.target,
-        random_state=SPLIT_SEED)
+    train_x, test_x, train_y, test_y, _, _ = split_digits()
     train = DigitCaptions(_preprocess_digits(train_x, transform), torch.as_tensor(train_y),
                           _caption_tokens(tokenize))
     task = ZeroShotTask(images=_preprocess_digits(test_x, transform),

@@ -1,4 +1,5 @@
-"""The run's ``training_curve.png``: loss, learning rate and held-out accuracy per epoch.
+"""The run's ``training_curve.png``: loss, learning rate, held-out zero-shot accuracy and
+validation retrieval recall per epoch.
 
 matplotlib is imported here only, when a curve is drawn; without it no curve is drawn.
 """
@@ -14,7 +15,9 @@ CURVE_FILE = "training_curve.png"
 _PANELS = (
     ("loss", ("loss", "val_loss"), "contrastive loss"),
     ("learning rate", ("lr",), "lr (last step of the epoch)"),
-    ("zero-shot top-1", ("zero_shot_top1",), "accuracy"),
+    ("zero-shot top-1", ("zero_shot_top1", "val_zeroshot_acc1"), "accuracy"),
+    ("validation retrieval", tuple(f"val_{kind}_retrieval_recall@{k}" for kind in ("image", "text")
+                                   for k in (1, 5, 10)), "recall@K"),
 )
 
 
@@ -23,7 +26,8 @@ def save_training_curve(records: list, path: str) -> bool:
     one rename.
 
     One panel per quantity present in the records: training loss (and validation loss),
-    learning rate, zero-shot top-1, each against the epoch.
+    learning rate, zero-shot top-1 (digits' held-out split, --val-zeroshot's folder), the
+    validation pairs' image and text retrieval recall@1/5/10, each against the epoch.
 
     Returns:
         False (drawing nothing) when matplotlib is not installed, else True.
@@ -50,8 +54,10 @@ def save_training_curve(records: list, path: str) -> bool:
         axes.set_xlabel("epoch")
         axes.set_ylabel(label)
         axes.grid(alpha=0.3)
-        if len(keys) > 1:
-            axes.legend()
+        if len(keys) > 1 or keys == ["val_zeroshot_acc1"]:
+            axes.legend(fontsize="small")
+        if title in ("zero-shot top-1", "validation retrieval"):
+            axes.set_ylim(-0.02, 1.02)  # fractions: a flat line is not magnified
         if keys == ["lr"]:
             axes.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     temporary = path + ".tmp"

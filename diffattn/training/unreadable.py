@@ -10,15 +10,14 @@ epoch whose total over the ranks is above it.
 from __future__ import annotations
 
 import torch.distributed as dist
-from tqdm import tqdm
 
-from ..cli import print_warning
+from ..unreadable import UnreadableWarnings
 from .data import MAX_READ_ATTEMPTS, DataError
 
 _LISTED = 10
 
 
-class UnreadableImages:
+class UnreadableImages(UnreadableWarnings):
     """One rank's record of the image files it could not read.
 
     Args:
@@ -27,8 +26,8 @@ class UnreadableImages:
     """
 
     def __init__(self, limit: float, samples_per_epoch: int):
+        super().__init__()
         self.limit, self.samples_per_epoch = limit, samples_per_epoch
-        self.warned = set()
         self.epoch_entries = []
 
     def _fraction(self, count: int) -> float:
@@ -40,14 +39,6 @@ class UnreadableImages:
         return DataError(f"epoch {epoch}: {why}: {listed}{more}. Fix or remove these files "
                          "(--check-data lists every unreadable image of a CSV file) or raise "
                          "--max-unreadable-fraction")
-
-    def warn(self, entries) -> None:
-        """One warning for each file of ``entries`` ((path, reason) pairs) not warned of yet."""
-        for path, reason in entries:
-            if path not in self.warned:
-                self.warned.add(path)
-                with tqdm.external_write_mode():  # on a line of its own, not after a bar
-                    print_warning(f"skipped unreadable image {path}: {reason}")
 
     def add(self, entries, gave_up: bool, epoch: int) -> None:
         """Record a training batch's unreadable files (warning for new ones).

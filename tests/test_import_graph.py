@@ -1,6 +1,6 @@
 """The package's modules import each other without a circle, and its parts are layered:
-kernels <- diffattn's core (ops, functional API, layers, conversions) <- models (CLIP) and
-integrations <- training. Read statically from the source (every import, also those inside
+kernels <- diffattn's core (ops, functional API, layers, conversions) <- models (CLIP) <-
+evaluation <- training <- integrations (adapters for timm and CLIP_benchmark). Read statically from the source (every import, also those inside
 functions), so a circle hidden in a function-level import is found too."""
 import ast
 from pathlib import Path
@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Source folder -> the package it installs as (pyproject.toml's package-dir).
 PACKAGE_DIRS = {"diffattn": "diffattn", "kernels": "diffattn.kernels", "models": "diffattn.models"}
 # Lower layers may not import higher ones.
-LAYERS = {"kernels": 0, "core": 1, "models": 2, "integrations": 2, "training": 3}
+LAYERS = {"kernels": 0, "core": 1, "models": 2, "evaluation": 3, "training": 4,
+          "integrations": 5}
 
 
 def _project_modules() -> dict:
@@ -113,6 +114,7 @@ def find_cycle(graph: dict):
 def layer_of(module: str) -> str:
     for prefix, layer in (("diffattn.kernels", "kernels"), ("diffattn.models", "models"),
                           ("diffattn.integrations", "integrations"),
+                          ("diffattn.evaluation", "evaluation"), ("diffattn.eval", "evaluation"),
                           ("diffattn.training", "training"), ("diffattn.train", "training")):
         if module == prefix or module.startswith(prefix + "."):
             return layer

@@ -177,11 +177,10 @@ def _main() -> int:
         return compiled
     JITFunction._do_compile = stand_in_compile
 
-    import diffattn.kernels.tuning as tuning
     from diffattn.kernels import AttentionCall, diff_attn_bwd, diff_attn_fwd
     from diffattn.kernels.launch import Launcher
-    tuning.gpu_arch = lambda device: "sm_stand_in"
-    tuning.AUTOTUNE = False
+    from diffattn.kernels.tuning import untuned_tile_choice
+    untuned_tile_choice("sm_stand_in").__enter__()  # for the rest of this process
     fwd_module = sys.modules[diff_attn_fwd.__module__]
     bwd_module = sys.modules[diff_attn_bwd.__module__]
     launchers = (fwd_module.diff_attn_fwd_launch, bwd_module.diff_attn_bwd_rows_launch,

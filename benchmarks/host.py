@@ -39,11 +39,8 @@ NO_LAUNCH_DEVICE = "cpu (kernels not launched)"
 # A GPU architecture name with no entry in kernels/tuned_configs.json: tile choice takes the
 # path of an untuned GPU (first candidate, remembered per key).
 NO_LAUNCH_ARCH = "sm_no_launch"
-# (module, launcher global, kernel name) of every kernel the fused ops launch
-_LAUNCHERS = (("diffattn.kernels.diff_attn_fwd", "diff_attn_fwd_launch", "diff_attn_fwd_kernel"),
-              ("diffattn.kernels.diff_attn_bwd", "diff_attn_bwd_rows_launch",
-               "diff_attn_bwd_rows_kernel"),
-              ("diffattn.kernels.diff_attn_bwd", "diff_attn_bwd_launch", "diff_attn_bwd_kernel"))
+# every kernel the fused ops launch, by name (kernels/launch.py: LAUNCHERS)
+KERNEL_NAMES = ("diff_attn_fwd_kernel", "diff_attn_bwd_rows_kernel", "diff_attn_bwd_kernel")
 
 
 class NoLaunchKernel:
@@ -94,35 +91,22 @@ def kernels_not_launched() -> Iterator[Dict[str, NoLaunchKernel]]:
             return f"the fused kernels do not support {', '.join(features)}"
         return None
 
-    launchers = []
-    for module_name, launcher_name, kernel_name in _LAUNCHERS:
-        module = importlib.import_module(module_name)
-        if not hasattr(module, launcher_name):  # a renamed launcher would launch for real
-            raise RuntimeError(f"{module_name} has no launcher global {launcher_name!r}: the "
-                               f"host-only run of benchmarks/host.py must name the kernels' "
-                               f"launchers")
-        launchers.append((getattr(module, launcher_name), kernel_name))
-    stubs = {name: NoLaunchKernel(name) for _, name in launchers}
+    from diffattn.kernels.launch import kernels_replaced
+    from diffattn.kernels.tuning import untuned_tile_choice
+    stubs = {name: NoLaunchKernel(name) for name in KERNEL_NAMES}
     patches = [(backend, "triton_unavailable_reason", allowed_on_cpu),
-                (tuning, "gpu_arch", lambda device: NO_LAUNCH_ARCH),
-                (tuning, "AUTOTUNE", False), (tuning, "INTERPRET", False),
-                (ops, "INTERPRET", False)]
+               (tuning, "INTERPRET", False), (ops, "INTERPRET", False)]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
-    choosers = (tuning.FWD_TILES, tuning.BWD_TILES)
-    chosen = [dict(c.chosen) for c in choosers]
     try:
         with contextlib.ExitStack() as stack:
-            for launcher, name in launchers:
-                stack.enter_context(launcher.replaced(stubs[name], fast=True))
+            stack.enter_context(kernels_replaced(stubs, fast=True))
+            stack.enter_context(untuned_tile_choice(NO_LAUNCH_ARCH))
             for obj, name, value in patches:
                 setattr(obj, name, value)
             yield stubs
     finally:
         for obj, name, value in saved:
             setattr(obj, name, value)
-        for chooser, before in zip(choosers, chosen):
-            chooser.chosen.clear()
-            chooser.chosen.update(before)
 
 
 def host_call(provider: str, mode: str, dtype: torch.dtype,

@@ -84,8 +84,8 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 FWD_MODULE = "diffattn.kernels.diff_attn_fwd"
 BWD_MODULE = "diffattn.kernels.diff_attn_bwd"
-# (module, kernel global, short kernel name) of every kernel the launchers launch; the
-# kernel's launcher is the global of the same name ending in "_launch" (kernels/launch.py).
+# (module, kernel global, short kernel name) of every kernel the launchers launch; their
+# launchers are reached by kernel name (kernels/launch.py: LAUNCHERS, kernels_replaced).
 KERNELS = ((FWD_MODULE, "diff_attn_fwd_kernel", "fwd"),
            (BWD_MODULE, "diff_attn_bwd_rows_kernel", "bwd_rows"),
            (BWD_MODULE, "diff_attn_bwd_kernel", "bwd"))
@@ -122,7 +122,8 @@ class Variant:
     lam: "scalar" (a 0-dim fp32 tensor), "vectors" (the (4, d) lambda vectors with
     ``lam_vectors=True`` and lam_value = lambda_init) or "per_token" ((B, N, H)).
     norm: the RMSNorm epilogue (with out_scale = 1 - lambda_init). training: the forward
-    saves for backward and the backward runs; else inference (forward only).
+    saves for backward and the backward runs; else inference (forward only). window: the
+    local window (left, right), (-1, -1) for none.
     """
     name: str
     key_pair: bool
@@ -131,6 +132,7 @@ class Variant:
     causal: bool = False
     kpm: bool = False
     training: bool = True
+    window: Tuple[int, int] = (-1, -1)
 
     def describe(self) -> str:
         parts = ["V1 key pair, value 2d" if self.key_pair else "V2 one key, value d",
@@ -138,6 +140,7 @@ class Variant:
                   "per_token": "lambda per token"}[self.lam],
                  "RMSNorm" if self.norm else "no norm",
                  "causal" if self.causal else "full",
+                 *([f"window {self.window}"] if self.window != (-1, -1) else []),
                  "key padding" if self.kpm else "no padding",
                  "training" if self.training else "inference"]
         return ", ".join(parts)
@@ -155,6 +158,8 @@ VARIANTS = (
     Variant("v2_causal", False, "per_token", False, causal=True),
     Variant("v2_kpm", False, "per_token", False, kpm=True),
     Variant("v2_infer", False, "per_token", False, training=False),
+    Variant("v1_norm_window", True, "scalar", True, window=(8, 8)),
+    Variant("v2_window_causal", False, "per_token", False, causal=True, window=(16, -1)),
 )
 VARIANT_BY_NAME = {v.name: v for v in VARIANTS}
 ALL_VARIANTS = tuple(v.name for v in VARIANTS)
@@ -236,49 +241,28 @@ def check_environment() -> None:
 
 @contextlib.contextmanager
 def recording(launches: List[Launch]) -> Iterator[None]:
-    """Every kernel's launcher launches a Recorder instead, tile choice as on an untuned GPU;
-    restores everything on exit."""
+    """Every kernel's launcher launches a Recorder instead, tile choice as on an untuned GPU
+    (through the kernels' hooks: kernels_replaced, untuned_tile_choice); restores everything
+    on exit."""
     check_environment()
-    tuning = importlib.import_module("diffattn.kernels.tuning")
-    launchers = []
-    for module_name, name, short in KERNELS:
-        module = importlib.import_module(module_name)
-        launcher_name = name.replace("_kernel", "_launch")
-        if not hasattr(module, name) or not hasattr(module, launcher_name):
-            raise RuntimeError(f"{module_name} has no kernel global {name!r} with its launcher "
-                               f"{launcher_name!r}")
-        launchers.append((getattr(module, launcher_name), Recorder(short, launches)))
-    patches = [(tuning, "gpu_arch", lambda device: RECORD_ARCH), (tuning, "AUTOTUNE", False)]
-    if TMA_LOADS:  # the forward as on Hopper with DIFFATTN_TMA=1, wherever TMA can read
-        tma = importlib.import_module("diffattn.kernels.tma")
-        patches.append((tma, "tma_loads",
-                        lambda k, v: tma.AVAILABLE and tma.fits(k) and tma.fits(v)))
-    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
-    try:
-        with contextlib.ExitStack() as stack:
-            for launcher, recorder in launchers:
-                stack.enter_context(launcher.replaced(recorder, fast=False))
-            for obj, name, value in patches:
-                setattr(obj, name, value)
-            yield
-    finally:
-        for obj, name, value in saved:
-            setattr(obj, name, value)
-
-
-@contextlib.contextmanager
-def forced_tiles(fwd: Optional[tuple], bwd: Optional[tuple]) -> Iterator[None]:
-    """The tile choosers return the given configurations (None: their normal choice)."""
-    tuning = importlib.import_module("diffattn.kernels.tuning")
-    forced = [(c, cfg) for c, cfg in ((tuning.FWD_TILES, fwd), (tuning.BWD_TILES, bwd))
-              if cfg is not None]
-    try:
-        for chooser, config in forced:
-            chooser.choose = lambda key, device, run=None, _config=tuple(config): _config
+    from diffattn.kernels.launch import kernels_replaced
+    from diffattn.kernels.tuning import untuned_tile_choice
+    stand_ins = {name: Recorder(short, launches) for _, name, short in KERNELS}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(kernels_replaced(stand_ins, fast=False))
+        stack.enter_context(untuned_tile_choice(RECORD_ARCH))
+        if TMA_LOADS:  # the forward as on Hopper with DIFFATTN_TMA=1, wherever TMA can read
+            tma = importlib.import_module("diffattn.kernels.tma")
+            real = tma.tma_loads
+            tma.tma_loads = lambda k, v: tma.AVAILABLE and tma.fits(k) and tma.fits(v)
+            stack.callback(setattr, tma, "tma_loads", real)
         yield
-    finally:
-        for chooser, _ in forced:
-            del chooser.choose
+
+
+def forced_tiles(fwd: Optional[tuple], bwd: Optional[tuple]):
+    """The tile choosers return the given configurations (None: their normal choice)."""
+    from diffattn.kernels.tuning import forced_tiles as kernels_forced_tiles
+    return kernels_forced_tiles(fwd, bwd)
 
 
 def launcher_accepts(launcher, name: str) -> bool:
@@ -286,12 +270,10 @@ def launcher_accepts(launcher, name: str) -> bool:
 
 
 def unsupported_reason(variant: Variant) -> Optional[str]:
-    """Why this checkout's launchers cannot make the variant's call, or None."""
-    if variant.lam == "vectors":
-        fwd = importlib.import_module(FWD_MODULE).diff_attn_fwd
-        bwd = importlib.import_module(BWD_MODULE).diff_attn_bwd
-        if not (launcher_accepts(fwd, "lam_vectors") and launcher_accepts(bwd, "lam_vectors")):
-            return "the launchers take no lam_vectors argument in this checkout"
+    """Why the installed launchers cannot make the variant's call, or None."""
+    fwd = importlib.import_module(FWD_MODULE).diff_attn_fwd
+    if not launcher_accepts(fwd, "call"):
+        return "the installed launchers take no AttentionCall"
     return None
 
 
@@ -312,6 +294,7 @@ def record_case(case: Case, fwd_config: Optional[tuple] = None,
     if reason:
         raise RuntimeError(f"{case.variant}: {reason}")
     fwd_mod, bwd_mod = importlib.import_module(FWD_MODULE), importlib.import_module(BWD_MODULE)
+    from diffattn.kernels import AttentionCall
     dtype, d = _torch_dtype(case.dtype), case.head_dim
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     g = torch.Generator().manual_seed(0)
@@ -319,29 +302,29 @@ def record_case(case: Case, fwd_config: Optional[tuple] = None,
     q = torch.randn(B, N, 2 * H, d, generator=g).to(dtype)
     k = torch.randn(B, M, (2 if variant.key_pair else 1) * HK, d, generator=g).to(dtype)
     v = torch.randn(B, M, HK, dv, generator=g).to(dtype)
-    extra = {}
     lam_value = 0.0
     if variant.lam == "scalar":
         lam = torch.tensor(0.5, dtype=acc)
     elif variant.lam == "vectors":
         lam = torch.randn(4, d, generator=g).to(acc) * 0.1
-        lam_value, extra = LAMBDA_INIT, {"lam_vectors": True}
+        lam_value = LAMBDA_INIT
     else:
         lam = torch.rand(B, N, H, generator=g).to(acc)
     kpm = (torch.rand(B, M, generator=g) < 0.2) if variant.kpm else None
     norm_weight = torch.ones(dv, dtype=acc) if variant.norm else None
     out_scale = 1.0 - LAMBDA_INIT if variant.norm else 1.0
     eps = 1e-5 if variant.norm else 1.0
-    scale = d ** -0.5
+    call = AttentionCall.create(d ** -0.5, causal=variant.causal, window_size=variant.window,
+                                lam_value=lam_value, lam_vectors=variant.lam == "vectors",
+                                eps=eps, out_scale=out_scale)
     launches: List[Launch] = []
     with recording(launches), forced_tiles(fwd_config, bwd_config):
         out, x, o2, lse, rstd = fwd_mod.diff_attn_fwd(
-            q, k, v, lam, lam_value, kpm, norm_weight, scale, variant.causal, eps, out_scale,
-            variant.training, **extra)
+            q, k, v, lam, kpm, norm_weight, call, save_for_backward=variant.training)
         if variant.training:
             dout = torch.randn(out.shape, generator=g).to(dtype)
-            bwd_mod.diff_attn_bwd(dout, q, k, v, lam, lam_value, kpm, norm_weight, x, o2, lse,
-                                  rstd, scale, variant.causal, out_scale, True, True, **extra)
+            bwd_mod.diff_attn_bwd(dout, q, k, v, lam, kpm, norm_weight, (x, o2, lse, rstd),
+                                  call, need_dlam=True, need_dw=True)
     return launches
 
 

@@ -188,8 +188,8 @@ class Launch:
             self.lam = torch.rand(B, N, H, device=device)
             self.norm_weight = None
             self.out_scale = 1.0
-        self.scale = d ** -0.5
-        self.causal = p.causal
+        from diffattn.kernels import AttentionCall
+        self.call = AttentionCall.create(d ** -0.5, causal=p.causal, out_scale=self.out_scale)
         self.block_d, self.block_dv = head_block(d), head_block(DV)
         self.keys = {
             "fwd": FWD_TILES.key(device, dtype, self.block_d, self.block_dv, p.variant == "v1",
@@ -202,15 +202,14 @@ class Launch:
 
     def forward(self):
         from diffattn.kernels import diff_attn_fwd
-        return diff_attn_fwd(self.q, self.k, self.v, self.lam, 0.0, None, self.norm_weight,
-                             self.scale, self.causal, 1e-5, self.out_scale, True)
+        return diff_attn_fwd(self.q, self.k, self.v, self.lam, None, self.norm_weight, self.call)
 
     def backward(self):
         from diffattn.kernels import diff_attn_bwd
         out, x, o2, lse, rstd = self.saved
-        return diff_attn_bwd(self.dout, self.q, self.k, self.v, self.lam, 0.0, None,
-                             self.norm_weight, x, o2, lse, rstd, self.scale, self.causal,
-                             self.out_scale, True, self.norm_weight is not None)
+        return diff_attn_bwd(self.dout, self.q, self.k, self.v, self.lam, None, self.norm_weight,
+                             (x, o2, lse, rstd), self.call, need_dlam=True,
+                             need_dw=self.norm_weight is not None)
 
     def runner(self, kernel: str, config: tuple) -> Callable[[], object]:
         """A callable that launches ``kernel`` with ``config`` forced."""

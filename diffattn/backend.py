@@ -18,12 +18,8 @@ from .user_warnings import warn_at_user_code
 
 BACKENDS = ("auto", "triton", "torch")
 
-try:
-    from .kernels import INTERPRET, MAX_HEAD_DIM
-    _TRITON_IMPORT_ERROR = None
-except ImportError as exc:  # triton missing (e.g. macOS or Windows wheels of torch)
-    INTERPRET, MAX_HEAD_DIM = False, 128
-    _TRITON_IMPORT_ERROR = exc
+from .kernels import INTERPRET, MAX_HEAD_DIM
+from .kernels import TRITON_IMPORT_ERROR as _TRITON_IMPORT_ERROR
 
 _warned: set = set()
 

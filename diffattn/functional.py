@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -26,6 +26,8 @@ from torch import Tensor
 from .backend import check_backend_name, resolve_backend, unsupported_features
 from .lambdas import LambdaVectors, expand_lambda
 from .torch_path import diff_attention_torch, diff_attention_v2_torch
+
+from .kernels import AttentionCall
 
 try:
     from .ops import fused_attention
@@ -69,8 +71,9 @@ def _check_groups(H: int, Hk: int, kv_name: str) -> None:
                          f"that both maps of a head pair read the same group")
 
 
-def check_inputs(q, k, v, lambda_, key_padding_mask=None, norm_weight=None, scale=None,
-                 causal=False, eps=1e-5, out_scale=1.0) -> None:
+def check_diff_attention_args(q, k, v, lambda_, key_padding_mask=None, norm_weight=None,
+                              scale=None, causal=False, eps=1e-5, out_scale=1.0,
+                              window_size=None) -> None:
     """Raise a ValueError/TypeError naming the first bad argument of diff_attention (V1)."""
     _check_q(q)
     _check_tensor("k", k, 4, "(batch, seq_k, 2 * kv_heads, head_dim)")
@@ -100,13 +103,15 @@ def check_inputs(q, k, v, lambda_, key_padding_mask=None, norm_weight=None, scal
             raise ValueError(f"norm_weight must be on q's device {q.device}, got "
                              f"{norm_weight.device}")
     _check_scalars(causal, scale)
+    check_window_size(window_size)
     if not _is_real(eps) or not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a positive finite float, got {eps!r}")
     if not _is_real(out_scale) or not math.isfinite(out_scale):
         raise ValueError(f"out_scale must be a finite float, got {out_scale!r}")
 
 
-def check_inputs_v2(q, k, v, lambda_, key_padding_mask=None, scale=None, causal=False) -> None:
+def check_diff_attention_v2_args(q, k, v, lambda_, key_padding_mask=None, scale=None,
+                                 causal=False, window_size=None) -> None:
     """Raise a ValueError/TypeError naming the first bad argument of diff_attention_v2."""
     _check_q(q)
     _check_tensor("k", k, 4, "(batch, seq_k, kv_heads, head_dim)")
@@ -123,6 +128,20 @@ def check_inputs_v2(q, k, v, lambda_, key_padding_mask=None, scale=None, causal=
     _check_lambda(lambda_, q, per_token=True)
     _check_key_padding_mask(key_padding_mask, q, k)
     _check_scalars(causal, scale)
+    check_window_size(window_size)
+
+
+def check_window_size(window_size) -> None:
+    """Raise a TypeError/ValueError unless window_size is None or a pair of ints >= -1."""
+    if window_size is None:
+        return
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2 or not all(
+            isinstance(w, int) and not isinstance(w, bool) for w in window_size):
+        raise TypeError(f"window_size must be a pair of ints (left, right), -1 meaning "
+                        f"unbounded, got {window_size!r}")
+    if min(window_size) < -1:
+        raise ValueError(f"window_size must hold ints >= -1 (-1 = unbounded), got "
+                         f"{tuple(window_size)}")
 
 
 def _is_real(x) -> bool:
@@ -266,7 +285,7 @@ def _mask_for_kernels(key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
 
 def run_diff_attention(q, k, v, lambda_, backend, *, causal=False, key_padding_mask=None,
                        scale=None, norm_weight=None, eps=1e-5, out_scale=1.0, dropout_p=0.0,
-                       attn_mask=None) -> Tensor:
+                       attn_mask=None, window_size=None) -> Tensor:
     """diff_attention without the argument checks: for callers whose inputs are already known
     to be right (DiffMultiheadAttention). ``backend`` is "triton" or "torch" (resolved);
     ``lambda_`` may also be LambdaVectors (a layer's lambda vectors, fp32 contiguous)."""
@@ -276,30 +295,37 @@ def run_diff_attention(q, k, v, lambda_, backend, *, causal=False, key_padding_m
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     if backend == "triton":
         lam, lam_value, vectors = _kernel_lambda(lambda_, acc_dtype, q.device)
-        return fused_attention(q, k, v, lam, lam_value, _mask_for_kernels(key_padding_mask),
-                               norm_weight, scale, causal, eps, float(out_scale), vectors)
+        call = AttentionCall.create(scale, causal=causal, window_size=window_size,
+                                    lam_value=lam_value, lam_vectors=vectors, eps=eps,
+                                    out_scale=out_scale)
+        return fused_attention(q, k, v, lam, _mask_for_kernels(key_padding_mask), norm_weight,
+                               call)
     lam = expand_lambda(lambda_, q.shape[2] // 2, acc_dtype, q.device)
     with _autocast_off(q.device.type):
         return diff_attention_torch(q, k, v, lam, causal=causal,
                                     key_padding_mask=key_padding_mask, scale=scale,
                                     norm_weight=norm_weight, eps=eps, out_scale=out_scale,
-                                    dropout_p=dropout_p, attn_bias=attn_mask)
+                                    dropout_p=dropout_p, attn_bias=attn_mask,
+                                    window_size=window_size)
 
 
 def run_diff_attention_v2(q, k, v, lambda_, backend, *, causal=False, key_padding_mask=None,
-                          scale=None, dropout_p=0.0, attn_mask=None) -> Tensor:
+                          scale=None, dropout_p=0.0, attn_mask=None,
+                          window_size=None) -> Tensor:
     """diff_attention_v2 without the argument checks; ``backend`` "triton" or "torch"."""
     q, k, v = _autocast(q, k, v)
     scale = q.shape[3] ** -0.5 if scale is None else float(scale)
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     if backend == "triton":
         lam, lam_value, _ = _kernel_lambda(lambda_, acc_dtype, q.device)
-        return fused_attention(q, k, v, lam, lam_value, _mask_for_kernels(key_padding_mask),
-                               None, scale, causal, 1.0, 1.0)
+        call = AttentionCall.create(scale, causal=causal, window_size=window_size,
+                                    lam_value=lam_value)
+        return fused_attention(q, k, v, lam, _mask_for_kernels(key_padding_mask), None, call)
     with _autocast_off(q.device.type):
         return diff_attention_v2_torch(q, k, v, lambda_, causal=causal,
                                        key_padding_mask=key_padding_mask, scale=scale,
-                                       dropout_p=dropout_p, attn_bias=attn_mask)
+                                       dropout_p=dropout_p, attn_bias=attn_mask,
+                                       window_size=window_size)
 
 
 # ------------------------------------------------------------------ public API
@@ -307,7 +333,9 @@ def diff_attention(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Tensor
                    causal: bool = False, key_padding_mask: Optional[Tensor] = None,
                    scale: Optional[float] = None, norm_weight: Optional[Tensor] = None,
                    eps: float = 1e-5, out_scale: float = 1.0, dropout_p: float = 0.0,
-                   attn_mask: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+                   attn_mask: Optional[Tensor] = None,
+                   window_size: Optional[Tuple[int, int]] = None,
+                   backend: str = "auto") -> Tensor:
     """Differential attention (V1 / DiffCLIP), fused:
     softmax(s q1 k1^T) v - lambda softmax(s q2 k2^T) v, then the optional per-head RMSNorm.
 
@@ -327,12 +355,17 @@ def diff_attention(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Tensor
             backend only: the fused kernels refuse it).
         attn_mask: bool (True = masked out) or additive float mask, (N, M) or 4-D
             broadcastable to (B, 2H, N, M), per q head (torch backend only).
+        window_size: (left, right), local attention: query i sees keys j with
+            i + (M - N) - left <= j <= i + (M - N) + right (FlashAttention's rule); -1 leaves
+            that side unbounded; with causal, right is 0. None or (-1, -1): no window. The
+            fused kernels skip the key tiles outside the window.
         backend: "auto" | "triton" | "torch" (see diffattn.backend).
     Returns:
         (B, N, H, 2d) in q's dtype (the autocast dtype under autocast); fp32 accumulation.
     """
     check_backend_name(backend)
-    check_inputs(q, k, v, lambda_, key_padding_mask, norm_weight, scale, causal, eps, out_scale)
+    check_diff_attention_args(q, k, v, lambda_, key_padding_mask, norm_weight, scale, causal,
+                              eps, out_scale, window_size)
     _check_attn_mask(attn_mask, q, k)
     _check_dropout(dropout_p)
     chosen = resolve_backend(backend, q.device, q.dtype, q.shape[3],
@@ -340,13 +373,16 @@ def diff_attention(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Tensor
     return run_diff_attention(q, k, v, lambda_, chosen, causal=causal,
                               key_padding_mask=key_padding_mask, scale=scale,
                               norm_weight=norm_weight, eps=eps, out_scale=out_scale,
-                              dropout_p=dropout_p, attn_mask=attn_mask)
+                              dropout_p=dropout_p, attn_mask=attn_mask,
+                              window_size=window_size)
 
 
 def diff_attention_v2(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Tensor], *,
                       causal: bool = False, key_padding_mask: Optional[Tensor] = None,
                       scale: Optional[float] = None, dropout_p: float = 0.0,
-                      attn_mask: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+                      attn_mask: Optional[Tensor] = None,
+                      window_size: Optional[Tuple[int, int]] = None,
+                      backend: str = "auto") -> Tensor:
     """Differential attention V2 (Differential Transformer V2), fused:
     out[:, :, h] = softmax(s q_2h k_g^T) v_g - lambda softmax(s q_2h+1 k_g^T) v_g.
 
@@ -358,18 +394,19 @@ def diff_attention_v2(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Ten
         q: (B, N, 2H, d). k: (B, M, Hk, d). v: (B, M, Hk, d). H % Hk == 0.
         lambda_: float, 0-dim tensor, (H,) or per token (B, N, H); differentiable when a
             tensor. It multiplies directly (DiffMultiheadAttentionV2 applies the sigmoid).
-        causal, key_padding_mask, scale, backend: as in diff_attention.
+        causal, key_padding_mask, scale, window_size, backend: as in diff_attention.
         dropout_p, attn_mask: as in diff_attention (torch backend only); attn_mask per q head,
             broadcastable to (B, 2H, N, M).
     Returns:
         (B, N, H, d) in q's dtype (the autocast dtype under autocast); fp32 accumulation.
     """
     check_backend_name(backend)
-    check_inputs_v2(q, k, v, lambda_, key_padding_mask, scale, causal)
+    check_diff_attention_v2_args(q, k, v, lambda_, key_padding_mask, scale, causal, window_size)
     _check_attn_mask(attn_mask, q, k)
     _check_dropout(dropout_p)
     chosen = resolve_backend(backend, q.device, q.dtype, q.shape[3],
                              unsupported_features(dropout_p, attn_mask))
     return run_diff_attention_v2(q, k, v, lambda_, chosen, causal=causal,
                                  key_padding_mask=key_padding_mask, scale=scale,
-                                 dropout_p=dropout_p, attn_mask=attn_mask)
+                                 dropout_p=dropout_p, attn_mask=attn_mask,
+                                 window_size=window_size)

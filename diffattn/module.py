@@ -17,15 +17,16 @@ nn.MultiheadAttention's layouts (packed ``in_proj_weight``, or ``q_proj_weight``
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention_inputs import attention_masks, check_inputs, restore_layout
+from .attention_inputs import (attention_masks, check_module_inputs, restore_layout,
+                               with_window)
 from .backend import check_backend_name, resolve_layer_backend, unsupported_features
-from .functional import run_diff_attention
+from .functional import check_window_size, run_diff_attention
 from .kvcache import DiffKVCache, layer_decode_step
 from .lambdas import LambdaVectors
 from .packed_projection import load_packed, projection_slice, save_packed
@@ -377,7 +378,8 @@ class DiffMultiheadAttention(nn.Module):
     def forward(self, query: Tensor, key: Optional[Tensor] = None, value: Optional[Tensor] = None,
                 key_padding_mask: Optional[Tensor] = None, need_weights: bool = False,
                 attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
-                is_causal: bool = False, kv_cache: Optional[DiffKVCache] = None):
+                is_causal: bool = False, window_size: Optional[Tuple[int, int]] = None,
+                kv_cache: Optional[DiffKVCache] = None):
         """nn.MultiheadAttention's contract.
 
         query (N, B, E) or (B, N, E) with batch_first, or unbatched (N, E); key/value default to
@@ -396,11 +398,12 @@ class DiffMultiheadAttention(nn.Module):
         """
         if kv_cache is not None:  # a decoding step: causal self-attention over the cache
             if key is not None and key is not query or value is not None and value is not query \
-                    or key_padding_mask is not None or attn_mask is not None or need_weights:
+                    or key_padding_mask is not None or attn_mask is not None or need_weights \
+                    or window_size is not None:
                 raise ValueError("kv_cache takes self-attention only: no key, value, "
-                                 "key_padding_mask, attn_mask or need_weights")
+                                 "key_padding_mask, attn_mask, window_size or need_weights")
             return layer_decode_step(self, query, kv_cache, v2=False), None
-        query, key, value, key_padding_mask, unbatched = check_inputs(
+        query, key, value, key_padding_mask, unbatched = check_module_inputs(
             query, key, value, key_padding_mask, self.embed_dim, self.kdim, self.vdim,
             self.batch_first)
         q, k, v = self._project(query, key, value)
@@ -414,6 +417,7 @@ class DiffMultiheadAttention(nn.Module):
         v = v.view(B, M, self.num_kv_heads // 2, 2 * d)
         lam = LambdaVectors(self.lambda_vectors, self.lambda_init)
 
+        check_window_size(window_size)
         causal, bias, key_padding_mask = attention_masks(attn_mask, key_padding_mask, is_causal,
                                                          B, N, M, self.num_heads)
         dropout_p = self.dropout if self.training else 0.0
@@ -423,13 +427,15 @@ class DiffMultiheadAttention(nn.Module):
                                  key_padding_mask=key_padding_mask,
                                  norm_weight=self.diff_norm.weight, eps=self.diff_norm.eps,
                                  out_scale=1.0 - self.lambda_init, dropout_p=dropout_p,
-                                 attn_mask=bias)
+                                 attn_mask=bias, window_size=window_size)
         out = self.out_proj(out.flatten(2))
 
         weights = None
         if need_weights:
             *_, diff = differential_maps(q, k, lambda_=lam.value().to(q.dtype), causal=causal,
-                                         key_padding_mask=key_padding_mask, attn_bias=bias)
+                                         key_padding_mask=key_padding_mask,
+                                         attn_bias=with_window(bias, window_size, causal, N, M,
+                                                               q.device))
             weights = diff.mean(1) if average_attn_weights else diff
             if unbatched:
                 weights = weights.squeeze(0)

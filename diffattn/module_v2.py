@@ -20,15 +20,16 @@ one layer's state dict, and ``state_dict_from_plain`` the one whole-model warm s
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention_inputs import attention_masks, check_inputs, restore_layout
+from .attention_inputs import (attention_masks, check_module_inputs, restore_layout,
+                               with_window)
 from .backend import check_backend_name, resolve_layer_backend, unsupported_features
-from .functional import run_diff_attention_v2
+from .functional import check_window_size, run_diff_attention_v2
 from .kvcache import DiffKVCache, layer_decode_step
 from .packed_projection import load_packed, projection_slice, save_packed
 from .torch_path import differential_maps
@@ -209,7 +210,8 @@ class DiffMultiheadAttentionV2(nn.Module):
     def forward(self, query: Tensor, key: Optional[Tensor] = None, value: Optional[Tensor] = None,
                 key_padding_mask: Optional[Tensor] = None, need_weights: bool = False,
                 attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
-                is_causal: bool = False, kv_cache: Optional[DiffKVCache] = None):
+                is_causal: bool = False, window_size: Optional[Tuple[int, int]] = None,
+                kv_cache: Optional[DiffKVCache] = None):
         """nn.MultiheadAttention's contract, as DiffMultiheadAttention.forward (attn_mask per
         query head: (L, S) or (B * 2 * num_heads, L, S)). With need_weights=True the weights
         are the differential maps A1 - lambda * A2, (B, N, S) averaged over the h differential
@@ -217,12 +219,13 @@ class DiffMultiheadAttentionV2(nn.Module):
         diffattn.DiffKVCache): a decoding step, as in DiffMultiheadAttention.forward."""
         if kv_cache is not None:  # a decoding step: causal self-attention over the cache
             if key is not None and key is not query or value is not None and value is not query \
-                    or key_padding_mask is not None or attn_mask is not None or need_weights:
+                    or key_padding_mask is not None or attn_mask is not None or need_weights \
+                    or window_size is not None:
                 raise ValueError("kv_cache takes self-attention only: no key, value, "
-                                 "key_padding_mask, attn_mask or need_weights")
+                                 "key_padding_mask, attn_mask, window_size or need_weights")
             return layer_decode_step(self, query, kv_cache, v2=True), None
         E = self.embed_dim
-        query, key, value, key_padding_mask, unbatched = check_inputs(
+        query, key, value, key_padding_mask, unbatched = check_module_inputs(
             query, key, value, key_padding_mask, E, E, E, self.batch_first)
         q, logits, k, v = self._project(query, key, value)
         if not self.batch_first:
@@ -234,6 +237,7 @@ class DiffMultiheadAttentionV2(nn.Module):
         v = v.view(B, M, self.num_kv_heads, d)
         lam = torch.sigmoid(logits.float())                                  # (B, N, h)
 
+        check_window_size(window_size)
         causal, bias, key_padding_mask = attention_masks(attn_mask, key_padding_mask, is_causal,
                                                          B, N, M, 2 * self.num_heads)
         dropout_p = self.dropout if self.training else 0.0
@@ -241,14 +245,16 @@ class DiffMultiheadAttentionV2(nn.Module):
                                         unsupported_features(dropout_p, bias))
         out = run_diff_attention_v2(q, k, v, lam, backend, causal=causal,
                                     key_padding_mask=key_padding_mask, dropout_p=dropout_p,
-                                    attn_mask=bias)
+                                    attn_mask=bias, window_size=window_size)
         out = self.out_proj(out.flatten(2))
 
         weights = None
         if need_weights:
             *_, diff = differential_maps(q, k.repeat_interleave(2, dim=2),
                                          lambda_=lam.to(q.dtype), causal=causal,
-                                         key_padding_mask=key_padding_mask, attn_bias=bias)
+                                         key_padding_mask=key_padding_mask,
+                                         attn_bias=with_window(bias, window_size, causal, N, M,
+                                                               q.device))
             weights = diff.mean(1) if average_attn_weights else diff
             if unbatched:
                 weights = weights.squeeze(0)

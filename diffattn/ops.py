@@ -1,6 +1,6 @@
 """The fused kernels as differentiable PyTorch operations, two ways over the same launchers.
 
-- Eager: ``FusedDiffAttention``, a ``torch.autograd.Function`` that calls the launchers
+- Eager: ``DiffAttentionFunction``, a ``torch.autograd.Function`` that calls the launchers
   directly. This is the lean path an eager call takes: no dispatcher round trip, no per-call
   tuning (tile choices are remembered per length bucket), and without autograd the forward
   writes the output alone.
@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .kernels import INTERPRET, diff_attn_bwd, diff_attn_fwd
+from .kernels import INTERPRET, AttentionCall, diff_attn_bwd, diff_attn_fwd
 
 _EMPTY = (0,)
 
@@ -74,12 +74,11 @@ def _compute_dtype(t: Optional[Tensor]) -> Optional[Tensor]:
     return t.float() if INTERPRET and t is not None and t.dtype == torch.bfloat16 else t
 
 
-def _forward(q, k, v, lam, lam_value, lam_vectors, kpm, norm_weight, scale, causal, eps,
-             out_scale, save, wrap=None):
+def _forward(q, k, v, lam, kpm, norm_weight, call: AttentionCall, save, wrap=None):
     dtype = q.dtype
     up = _compute_dtype
-    out, x, o2, lse, rstd = diff_attn_fwd(up(q), up(k), up(v), lam, lam_value, kpm, norm_weight,
-                                          scale, causal, eps, out_scale, save, wrap, lam_vectors)
+    out, x, o2, lse, rstd = diff_attn_fwd(up(q), up(k), up(v), lam, kpm, norm_weight, call,
+                                          save_for_backward=save, wrap=wrap)
     if out.dtype != dtype:  # the interpreter's bf16 detour: cast back what is kept
         x_is_out = x is out
         out = out.to(dtype)
@@ -89,64 +88,62 @@ def _forward(q, k, v, lam, lam_value, lam_vectors, kpm, norm_weight, scale, caus
     return out, x, o2, lse, rstd
 
 
-def _backward(dout, q, k, v, lam, lam_value, lam_vectors, kpm, norm_weight, x, o2, lse, rstd,
-              scale, causal, out_scale, need_dlam, need_dw, wrap=None):
+def _backward(dout, q, k, v, lam, kpm, norm_weight, x, o2, lse, rstd, call: AttentionCall,
+              need_dlam, need_dw, wrap=None):
     # Gradients may arrive expanded (stride 0, as from out.sum()) or transposed: the kernels
     # need a contiguous last dimension only.
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     dtype = q.dtype
     up = _compute_dtype
-    dq, dk, dv, dlam, dw = diff_attn_bwd(up(dout), up(q), up(k), up(v), lam, lam_value, kpm,
-                                         norm_weight, up(x), up(o2), lse, rstd, scale, causal,
-                                         out_scale, need_dlam, need_dw, wrap, lam_vectors)
+    dq, dk, dv, dlam, dw = diff_attn_bwd(up(dout), up(q), up(k), up(v), lam, kpm, norm_weight,
+                                         (up(x), up(o2), lse, rstd), call, need_dlam=need_dlam,
+                                         need_dw=need_dw, wrap=wrap)
     if dq.dtype != dtype:
         dq, dk, dv = dq.to(dtype), dk.to(dtype), dv.to(dtype)
     return dq, dk, dv, dlam, dw
 
 
-class FusedDiffAttention(torch.autograd.Function):
+class DiffAttentionFunction(torch.autograd.Function):
     """Eager autograd glue around the launchers; see fused_attention for the arguments."""
 
     @staticmethod
-    def forward(ctx, q, k, v, lam, lam_value, lam_vectors, kpm, norm_weight, scale, causal, eps,
-                out_scale):
-        out, x, o2, lse, rstd = _forward(q, k, v, lam, lam_value, lam_vectors, kpm, norm_weight,
-                                         scale, causal, eps, out_scale, True)
+    def forward(ctx, q, k, v, lam, kpm, norm_weight, call):
+        out, x, o2, lse, rstd = _forward(q, k, v, lam, kpm, norm_weight, call, True)
         ctx.save_for_backward(q, k, v, lam, kpm, norm_weight, x, o2, lse, rstd)
-        ctx.args = (lam_value, lam_vectors, scale, causal, out_scale)
+        ctx.call = call
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, lam, kpm, norm_weight, x, o2, lse, rstd = ctx.saved_tensors
-        lam_value, lam_vectors, scale, causal, out_scale = ctx.args
         needs = ctx.needs_input_grad
-        dq, dk, dv, dlam, dw = _backward(dout, q, k, v, lam, lam_value, lam_vectors, kpm,
-                                         norm_weight, x, o2, lse, rstd, scale, causal, out_scale,
-                                         needs[3], needs[7])
-        return _once_differentiable((dq, dk, dv, dlam, None, None, None, dw, None, None, None,
-                                     None), (dout, q, k, v, lam, norm_weight))
+        dq, dk, dv, dlam, dw = _backward(dout, q, k, v, lam, kpm, norm_weight, x, o2, lse, rstd,
+                                         ctx.call, needs[3], needs[5])
+        return _once_differentiable((dq, dk, dv, dlam, None, dw, None),
+                                    (dout, q, k, v, lam, norm_weight))
 
 
 # ------------------------------------------------------------------ registered ops (traced)
 # On a GPU the ops are triton_ops: torch.compile traces through their bodies to the kernels.
 # Under the interpreter the kernels cannot run on the fake tensors of a trace (they read
 # memory), so there the ops are opaque custom ops with shape-only fake implementations.
+# Their schemas take the AttentionCall's fields as plain arguments (AttentionCall.as_schema_args).
 _register_op = torch.library.custom_op if INTERPRET else torch.library.triton_op
 _WRAP = None if INTERPRET else torch.library.wrap_triton
 
 
 @_register_op("diffattn::fwd", mutates_args=())
-def fused_fwd(q: Tensor, k: Tensor, v: Tensor, lam: Optional[Tensor], lam_value: float,
-              lam_vectors: bool, key_padding_mask: Optional[Tensor],
-              norm_weight: Optional[Tensor], scale: float, causal: bool, eps: float,
-              out_scale: float, save_for_backward: bool
+def fused_fwd(q: Tensor, k: Tensor, v: Tensor, lam: Optional[Tensor],
+              key_padding_mask: Optional[Tensor], norm_weight: Optional[Tensor], scale: float,
+              causal: bool, window_left: int, window_right: int, lam_value: float,
+              lam_vectors: bool, eps: float, out_scale: float, save_for_backward: bool
               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Forward kernel. Returns (out, x, o2, lse, rstd); x is empty when it would be out (outputs
     of an op may not alias), and all but out are empty without save_for_backward."""
-    out, x, o2, lse, rstd = _forward(q, k, v, lam, lam_value, lam_vectors, key_padding_mask,
-                                     norm_weight, scale, causal, eps, out_scale,
+    call = AttentionCall.from_schema_args(scale, causal, window_left, window_right, lam_value,
+                                          lam_vectors, eps, out_scale)
+    out, x, o2, lse, rstd = _forward(q, k, v, lam, key_padding_mask, norm_weight, call,
                                      save_for_backward, _WRAP)
     if not save_for_backward:
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -159,29 +156,35 @@ def fused_fwd(q: Tensor, k: Tensor, v: Tensor, lam: Optional[Tensor], lam_value:
 
 @_register_op("diffattn::bwd", mutates_args=())
 def fused_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lam: Optional[Tensor],
-              lam_value: float, lam_vectors: bool, key_padding_mask: Optional[Tensor],
-              norm_weight: Optional[Tensor], x: Tensor, o2: Tensor, lse: Tensor, rstd: Tensor,
-              scale: float, causal: bool, out_scale: float, need_dlam: bool, need_dw: bool
+              key_padding_mask: Optional[Tensor], norm_weight: Optional[Tensor], x: Tensor,
+              o2: Tensor, lse: Tensor, rstd: Tensor, scale: float, causal: bool,
+              window_left: int, window_right: int, lam_value: float, lam_vectors: bool,
+              eps: float, out_scale: float, need_dlam: bool, need_dw: bool
               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward kernels. Returns (dq, dk, dv, dlam, dnorm_weight); dlam and dnorm_weight are
     empty where not needed."""
-    dq, dk, dv, dlam, dw = _backward(dout, q, k, v, lam, lam_value, lam_vectors,
-                                     key_padding_mask, norm_weight, x, o2, lse, rstd, scale,
-                                     causal, out_scale, need_dlam, need_dw, _WRAP)
+    call = AttentionCall.from_schema_args(scale, causal, window_left, window_right, lam_value,
+                                          lam_vectors, eps, out_scale)
+    dq, dk, dv, dlam, dw = _backward(dout, q, k, v, lam, key_padding_mask, norm_weight, x, o2,
+                                     lse, rstd, call, need_dlam, need_dw, _WRAP)
     acc = lse.dtype
     dlam = lse.new_empty(_EMPTY, dtype=acc) if dlam is None else dlam
     dw = lse.new_empty(_EMPTY, dtype=acc) if dw is None else dw
     return dq, dk, dv, dlam, dw
 
 
+# fused_fwd's inputs: six tensors, the call's fields, save_for_backward.
+_N_TENSORS = 6
+_N_CALL_FIELDS = len(AttentionCall(1.0).as_schema_args())
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, lam, lam_value, lam_vectors, kpm, norm_weight, scale, causal, eps, out_scale, \
-        saved = inputs
+    q, k, v, lam, kpm, norm_weight = inputs[:_N_TENSORS]
     out, x, o2, lse, rstd = output
     ctx.save_for_backward(q, k, v, lam, kpm, norm_weight, x if x.numel() > 0 else out, o2, lse,
                           rstd)
-    ctx.args = (lam_value, lam_vectors, scale, causal, out_scale)
-    ctx.saved = saved
+    ctx.call_args = tuple(inputs[_N_TENSORS:_N_TENSORS + _N_CALL_FIELDS])
+    ctx.saved = inputs[-1]
     ctx.need = (lam is not None and lam.requires_grad,
                 norm_weight is not None and norm_weight.requires_grad)
 
@@ -191,13 +194,11 @@ def _op_backward(ctx, dout, _dx, _do2, _dlse, _drstd):
     if not ctx.saved:
         raise RuntimeError("diffattn::fwd ran with save_for_backward=False, so it kept nothing "
                            "to differentiate; call it with save_for_backward=True")
-    lam_value, lam_vectors, scale, causal, out_scale = ctx.args
-    dq, dk, dv, dlam, dw = torch.ops.diffattn.bwd(dout, q, k, v, lam, lam_value, lam_vectors,
-                                                  kpm, norm_weight, x, o2, lse, rstd, scale,
-                                                  causal, out_scale, *ctx.need)
-    return _once_differentiable((dq, dk, dv, dlam if ctx.need[0] else None, None, None, None,
-                                 dw if ctx.need[1] else None, None, None, None, None, None),
-                                (dout, q, k, v, lam, norm_weight))
+    dq, dk, dv, dlam, dw = torch.ops.diffattn.bwd(dout, q, k, v, lam, kpm, norm_weight, x, o2,
+                                                  lse, rstd, *ctx.call_args, *ctx.need)
+    grads = (dq, dk, dv, dlam if ctx.need[0] else None, None, dw if ctx.need[1] else None) + \
+        (None,) * (_N_CALL_FIELDS + 1)
+    return _once_differentiable(grads, (dout, q, k, v, lam, norm_weight))
 
 
 fused_fwd.register_autograd(_op_backward, setup_context=_setup_context)
@@ -205,8 +206,8 @@ fused_fwd.register_autograd(_op_backward, setup_context=_setup_context)
 
 if INTERPRET:
     @fused_fwd.register_fake
-    def _(q, k, v, lam, lam_value, lam_vectors, key_padding_mask, norm_weight, scale, causal,
-          eps, out_scale, save_for_backward):
+    def _(q, k, v, lam, key_padding_mask, norm_weight, scale, causal, window_left,
+          window_right, lam_value, lam_vectors, eps, out_scale, save_for_backward):
         B, N, H2, _ = q.shape
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         out = q.new_empty(B, N, H2 // 2, v.shape[3])
@@ -218,34 +219,33 @@ if INTERPRET:
         return out, x, out.new_empty(out.shape), q.new_empty(B, H2 // 2, 2, N, dtype=acc), rstd
 
     @fused_bwd.register_fake
-    def _(dout, q, k, v, lam, lam_value, lam_vectors, key_padding_mask, norm_weight, x, o2,
-          lse, rstd, scale, causal, out_scale, need_dlam, need_dw):
+    def _(dout, q, k, v, lam, key_padding_mask, norm_weight, x, o2, lse, rstd, scale, causal,
+          window_left, window_right, lam_value, lam_vectors, eps, out_scale, need_dlam,
+          need_dw):
         dlam = lse.new_empty(lam.shape if need_dlam and lam is not None else _EMPTY)
         dw = lse.new_empty((v.shape[3],) if need_dw and norm_weight is not None else _EMPTY)
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dlam, dw
 
 
 # ------------------------------------------------------------------ entry point
-def fused_attention(q: Tensor, k: Tensor, v: Tensor, lam: Optional[Tensor], lam_value: float,
+def fused_attention(q: Tensor, k: Tensor, v: Tensor, lam: Optional[Tensor],
                     key_padding_mask: Optional[Tensor], norm_weight: Optional[Tensor],
-                    scale: float, causal: bool, eps: float, out_scale: float,
-                    lam_vectors: bool = False) -> Tensor:
+                    call: AttentionCall) -> Tensor:
     """Differentiable fused differential attention (any variant; see diff_attn_fwd for the
-    layouts). lam: a (), (H,) or (B, N, H) tensor in the accumulation dtype, or None to use the
-    float lam_value, or with lam_vectors the (4, L) stacked lambda vectors (lambda_init in
-    lam_value). norm_weight (DV,) or None. Without autograd (no_grad, or no input requiring
-    grad) only the output is written."""
+    layouts). lam: a (), (H,) or (B, N, H) tensor in the accumulation dtype, or None to use
+    call.lam_value, or with call.lam_vectors the (4, L) stacked lambda vectors (lambda_init in
+    call.lam_value). norm_weight (DV,) or None. call: scale, masks, lambda mode and epilogue
+    (diffattn.kernels.AttentionCall). Without autograd (no_grad, or no input requiring grad)
+    only the output is written."""
     if torch.compiler.is_compiling():
         save = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, lam, norm_weight))
-        return fused_fwd(q, k, v, lam, lam_value, lam_vectors, key_padding_mask, norm_weight,
-                         scale, causal, eps, out_scale, save)[0]
+        return fused_fwd(q, k, v, lam, key_padding_mask, norm_weight, *call.as_schema_args(),
+                         save)[0]
     _refuse_functorch(q, k, v, lam, key_padding_mask, norm_weight)
     if torch.is_grad_enabled() and (
             q.requires_grad or k.requires_grad or v.requires_grad
             or (lam is not None and lam.requires_grad)
             or (norm_weight is not None and norm_weight.requires_grad)):
-        return FusedDiffAttention.apply(q, k, v, lam, lam_value, lam_vectors, key_padding_mask,
-                                        norm_weight, scale, causal, eps, out_scale)
-    return _forward(q, k, v, lam, lam_value, lam_vectors, key_padding_mask, norm_weight, scale,
-                    causal, eps, out_scale, False)[0]
+        return DiffAttentionFunction.apply(q, k, v, lam, key_padding_mask, norm_weight, call)
+    return _forward(q, k, v, lam, key_padding_mask, norm_weight, call, False)[0]

@@ -46,7 +46,28 @@ def zero_padding_keys(t: torch.Tensor, key_padding_mask: Optional[torch.Tensor])
     return t.masked_fill(key_padding_mask[:, :, None, None], 0.0)
 
 
-def _sdpa_masks(B, H2, N, M, device, dtype, causal, key_padding_mask, attn_bias):
+def window_keep_mask(seq_q: int, seq_k: int, window_size, causal: bool = False,
+                     device=None) -> Optional[torch.Tensor]:
+    """Bool (N, M) mask, True where query i sees key j under a local window (left, right):
+    i + (M - N) - left <= j <= i + (M - N) + right, -1 unbounded, right = 0 with causal.
+    None when the window bounds nothing (no window, or (-1, -1) without causal)."""
+    left, right = (-1, -1) if window_size is None else window_size
+    if causal:
+        right = 0
+    if left < 0 and right < 0:
+        return None
+    diagonal = torch.arange(seq_q, device=device)[:, None] + (seq_k - seq_q)
+    cols = torch.arange(seq_k, device=device)[None, :]
+    keep = torch.ones(seq_q, seq_k, dtype=torch.bool, device=device)
+    if left >= 0:
+        keep = keep & (cols >= diagonal - left)
+    if right >= 0:
+        keep = keep & (cols <= diagonal + right)
+    return keep
+
+
+def _sdpa_masks(B, H2, N, M, device, dtype, causal, key_padding_mask, attn_bias,
+                window_size=None):
     """Build what SDPA needs.
 
     Returns (bias, use_is_causal, row_valid): bias is a bool keep-mask or an additive float
@@ -56,7 +77,12 @@ def _sdpa_masks(B, H2, N, M, device, dtype, causal, key_padding_mask, attn_bias)
     return NaN there) and zeroed afterwards through row_valid, so their output and gradients
     are exactly 0. Nothing here reads tensor values on the host.
     """
-    if attn_bias is None and key_padding_mask is None:
+    left, right = (-1, -1) if window_size is None else window_size
+    window = None
+    if left >= 0 or (right >= 0 and not causal):  # a band beyond causal's own bound
+        window = window_keep_mask(N, M, window_size, causal, device)
+        causal = False  # the band holds the causal bound too
+    if attn_bias is None and key_padding_mask is None and window is None:
         if not causal:
             return None, False, None
         if N == M:
@@ -64,6 +90,8 @@ def _sdpa_masks(B, H2, N, M, device, dtype, causal, key_padding_mask, attn_bias)
     keep = torch.ones(1, 1, N, M, dtype=torch.bool, device=device)
     if causal:
         keep = causal_keep_mask(N, M, device)[None, None]
+    if window is not None:
+        keep = window[None, None]
     if key_padding_mask is not None:
         keep = keep & ~key_padding_mask[:, None, None, :]
     float_bias = None
@@ -75,7 +103,7 @@ def _sdpa_masks(B, H2, N, M, device, dtype, causal, key_padding_mask, attn_bias)
             keep = keep & ~torch.isneginf(attn_bias)
     row_any = keep.any(-1, keepdim=True)
     # Causal masking alone with N <= M leaves every row at least key 0.
-    alone = attn_bias is None and key_padding_mask is None and N <= M
+    alone = attn_bias is None and key_padding_mask is None and window is None and N <= M
     row_valid = None if alone else row_any
     if float_bias is None:
         bias = keep | ~row_any
@@ -94,10 +122,12 @@ def _pair_maps(t, H2):
 def diff_attention_torch(q, k, v, lam: torch.Tensor, *, causal=False,
                          key_padding_mask: Optional[torch.Tensor] = None, scale=None,
                          norm_weight: Optional[torch.Tensor] = None, eps=1e-5, out_scale=1.0,
-                         dropout_p=0.0, attn_bias: Optional[torch.Tensor] = None):
+                         dropout_p=0.0, attn_bias: Optional[torch.Tensor] = None,
+                         window_size=None):
     """V1: two SDPA calls and the difference. lam is (H,) (fp32, fp64 for fp64 inputs).
 
     attn_bias: bool (True = masked out) or additive float, broadcastable to (B, 2H, N, M).
+    window_size: (left, right) local attention (see window_keep_mask).
     dropout_p is applied to each map separately, before the difference (as in DiffCLIP).
     """
     B, N, H2, d = q.shape
@@ -110,7 +140,7 @@ def diff_attention_torch(q, k, v, lam: torch.Tensor, *, causal=False,
     if Hk != H:  # grouped-query attention: group g serves heads g*(H//Hk) ... (g+1)*(H//Hk)-1
         k1, k2, vh = (t.repeat_interleave(H // Hk, dim=1) for t in (k1, k2, vh))
     bias, is_causal, row_valid = _sdpa_masks(B, H2, N, M, q.device, q.dtype, causal,
-                                             key_padding_mask, attn_bias)
+                                             key_padding_mask, attn_bias, window_size)
     bias1, bias2 = _pair_maps(bias, H2)
     o1 = F.scaled_dot_product_attention(q1, k1, vh, attn_mask=bias1, dropout_p=dropout_p,
                                         is_causal=is_causal, scale=scale)
@@ -129,16 +159,17 @@ def diff_attention_torch(q, k, v, lam: torch.Tensor, *, causal=False,
 
 def diff_attention_v2_torch(q, k, v, lambda_, *, causal=False,
                             key_padding_mask: Optional[torch.Tensor] = None, scale=None,
-                            dropout_p=0.0, attn_bias: Optional[torch.Tensor] = None):
+                            dropout_p=0.0, attn_bias: Optional[torch.Tensor] = None,
+                            window_size=None):
     """V2: one SDPA call over the 2H q heads (keys/values grouped), then map 2h minus lambda
     times map 2h+1. lambda_: a float, () or (H,) or (B, N, H) tensor. attn_bias: bool
     (True = masked out) or additive float, broadcastable to (B, 2H, N, M); dropout_p applies
-    to every map."""
+    to every map. window_size: (left, right) local attention (see window_keep_mask)."""
     B, N, H2, d = q.shape
     M = k.shape[1]
     k, v = zero_padding_keys(k, key_padding_mask), zero_padding_keys(v, key_padding_mask)
     bias, is_causal, row_valid = _sdpa_masks(B, H2, N, M, q.device, q.dtype, causal,
-                                             key_padding_mask, attn_bias)
+                                             key_padding_mask, attn_bias, window_size)
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        attn_mask=bias, dropout_p=dropout_p, is_causal=is_causal,
                                        scale=scale, enable_gqa=k.shape[2] != H2)  # (B, 2H, N, d)

@@ -29,12 +29,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import RED_COLS, RED_ROWS, ROWS_BLOCK_M, cdiv, head_block, rows_warps
-from .diff_attn_fwd import LOG2E, dot_precision, lambda_flags, lambda_strides
+from .config import RED_COLS, RED_ROWS, ROWS_BLOCK_M, cdiv, rows_warps
+from .call import LOG2E, AttentionCall, lambda_strides, strides, variant_flags
 from .launch import Launcher
-from .tiles import (causal_key_end, causal_keep, full_tiles_end, key_keep, load_head_pair,
-                    load_kept_key_value_tiles, load_key_value_tiles, load_lambda_rows,
-                    load_lambda_vectors, load_tile, program_lambda, query_key_keep)
+from .common import (band_tiles, causal_key_end, causal_keep, full_tiles_end, key_keep,
+                     load_head_pair, load_kept_key_value_tiles, load_key_value_tiles,
+                     load_lambda_rows, load_lambda_vectors, load_tile, program_lambda,
+                     query_key_keep, window_keep)
 from .tuning import BWD_TILES
 
 # dlambda reduction modes (DLAM_REDUCE): lambda per row and head (no reduction: the row pass
@@ -138,11 +139,11 @@ def _probabilities(a, b, lse, qk_scale, keep, MASKED: tl.constexpr, PRECISION: t
 @triton.jit
 def _dkdv_query_tiles(k1, k2, v, dk1, dk2, dv, col_keep, cols, start, end, q_base, do_base,
                       lse_base, delta_base, LAM, b, h, stride_lb, stride_ln, stride_lh,
-                      lam_scalar, stride_qh, stride_qn, stride_don, N, M, qk_scale,
-                      HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                      BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr, LAM_MODE: tl.constexpr,
-                      CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
-                      BLOCK_M: tl.constexpr):
+                      lam_scalar, stride_qh, stride_qn, stride_don, N, M, window_left,
+                      window_right, qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr,
+                      LAM_MODE: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                      MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
     """Accumulate one key tile's dK and dV over the query tiles [start, end) of head h
     (lam_scalar: the program's lambda, see program_lambda)."""
     offs_d = tl.arange(0, BLOCK_D)
@@ -162,6 +163,9 @@ def _dkdv_query_tiles(k1, k2, v, dk1, dk2, dv, col_keep, cols, start, end, q_bas
             keep = col_keep[:, None]
             if CAUSAL:
                 keep = keep & causal_keep(rows[None, :], cols[:, None], N, M)
+            if WINDOW:
+                keep = keep & window_keep(rows[None, :], cols[:, None], N, M, window_left,
+                                          window_right)
         # One map after the other, so that few (BLOCK_N x BLOCK_M) fp32 tiles are live at once:
         # dP1^T (shared: dP2 = -lambda dP1), P1^T, then P2^T.
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION).to(dv.dtype)
@@ -182,12 +186,13 @@ def _dkdv_program(tile, bg, Q, K, V, LAM, KPM, DO, LSE, DELTA, DK, DV,
                   stride_qb, stride_qn, stride_qh, stride_kb, stride_km, stride_kh,
                   stride_vb, stride_vm, stride_vh, stride_dob, stride_don, stride_doh,
                   stride_lb, stride_ln, stride_lh, stride_kpm_b,
-                  N, M, H, HK, GROUP, lam_value, qk_scale, sm_scale,
+                  N, M, H, HK, GROUP, window_left, window_right, lam_value, qk_scale, sm_scale,
                   HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr, LAM_MODE: tl.constexpr,
                   LAM_DIM: tl.constexpr, BLOCK_LAM: tl.constexpr,
-                  CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_FP64: tl.constexpr,
-                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, WINDOW: tl.constexpr,
+                  ACC_FP64: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
     """dK and dV of one key tile of one key/value group, over every head that reads it."""
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     b = (bg // HK).to(tl.int64)
@@ -216,17 +221,26 @@ def _dkdv_program(tile, bg, Q, K, V, LAM, KPM, DO, LSE, DELTA, DK, DV,
     # Query tiles [lo, open_lo) cross the causal diagonal and [open_hi, N) hold the ragged
     # last rows: masked. Tiles in between see every key of this tile (a whole tile without
     # padding): no masks. Causal: query rows i see key j when j <= i + (M - N); tiles
-    # before lo see none of this key tile.
-    lo = 0
-    open_lo = 0
-    if CAUSAL:
-        lo = (tl.maximum(tile * BLOCK_N - (M - N), 0) // BLOCK_M) * BLOCK_M
-        first_open = tl.maximum(tile * BLOCK_N + BLOCK_N - 1 - (M - N), lo)
-        open_lo = tl.minimum(tl.cdiv(first_open, BLOCK_M) * BLOCK_M, N)
-    open_hi = open_lo
-    if not HAS_KPM:
-        if tile * BLOCK_N + BLOCK_N <= M:
-            open_hi = tl.maximum(open_lo, (N // BLOCK_M) * BLOCK_M)
+    # before lo see none of this key tile. Window: rows i see key j when
+    # j - (M - N) - window_right <= i <= j - (M - N) + window_left; rows from hi on see none.
+    if WINDOW:
+        lo, open_lo, open_hi, hi = band_tiles(tile * BLOCK_N, BLOCK_N,
+                                              -(M - N) - window_right, -(M - N) + window_left,
+                                              N, BLOCK_M)
+        if HAS_KPM or tile * BLOCK_N + BLOCK_N > M:
+            open_hi = open_lo
+    else:
+        hi = N
+        lo = 0
+        open_lo = 0
+        if CAUSAL:
+            lo = (tl.maximum(tile * BLOCK_N - (M - N), 0) // BLOCK_M) * BLOCK_M
+            first_open = tl.maximum(tile * BLOCK_N + BLOCK_N - 1 - (M - N), lo)
+            open_lo = tl.minimum(tl.cdiv(first_open, BLOCK_M) * BLOCK_M, N)
+        open_hi = open_lo
+        if not HAS_KPM:
+            if tile * BLOCK_N + BLOCK_N <= M:
+                open_hi = tl.maximum(open_lo, (N // BLOCK_M) * BLOCK_M)
     lam_scalar = program_lambda(LAM, lam_value, LAM_MODE, LAM_DIM, BLOCK_LAM, acc_dtype)
     for head in range(0, GROUP):
         h = g * GROUP + head
@@ -237,18 +251,21 @@ def _dkdv_program(tile, bg, Q, K, V, LAM, KPM, DO, LSE, DELTA, DK, DV,
         dk1, dk2, dv = _dkdv_query_tiles(
             k1, k2, v, dk1, dk2, dv, col_keep, cols, lo, open_lo, q_base, do_base, lse_base,
             delta_base, LAM, b, h, stride_lb, stride_ln, stride_lh, lam_scalar, stride_qh,
-            stride_qn, stride_don, N, M, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-            KEY_PAIR, LAM_MODE, CAUSAL, True, PRECISION, BLOCK_M)
+            stride_qn, stride_don, N, M, window_left, window_right, qk_scale, HEAD_DIM,
+            HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR, LAM_MODE, CAUSAL, WINDOW, True, PRECISION,
+            BLOCK_M)
         dk1, dk2, dv = _dkdv_query_tiles(
             k1, k2, v, dk1, dk2, dv, col_keep, cols, open_lo, open_hi, q_base, do_base,
             lse_base, delta_base, LAM, b, h, stride_lb, stride_ln, stride_lh, lam_scalar,
-            stride_qh, stride_qn, stride_don, N, M, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
-            BLOCK_DV, KEY_PAIR, LAM_MODE, CAUSAL, False, PRECISION, BLOCK_M)
+            stride_qh, stride_qn, stride_don, N, M, window_left, window_right, qk_scale,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR, LAM_MODE, CAUSAL, WINDOW, False,
+            PRECISION, BLOCK_M)
         dk1, dk2, dv = _dkdv_query_tiles(
-            k1, k2, v, dk1, dk2, dv, col_keep, cols, open_hi, N, q_base, do_base, lse_base,
+            k1, k2, v, dk1, dk2, dv, col_keep, cols, open_hi, hi, q_base, do_base, lse_base,
             delta_base, LAM, b, h, stride_lb, stride_ln, stride_lh, lam_scalar, stride_qh,
-            stride_qn, stride_don, N, M, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-            KEY_PAIR, LAM_MODE, CAUSAL, True, PRECISION, BLOCK_M)
+            stride_qn, stride_don, N, M, window_left, window_right, qk_scale, HEAD_DIM,
+            HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR, LAM_MODE, CAUSAL, WINDOW, True, PRECISION,
+            BLOCK_M)
 
     # DK (B, M, key_heads * HK, d), DV (B, M, HK, DV) contiguous: the tile's first element in
     # int64, the rest in int32 offsets.
@@ -268,11 +285,11 @@ def _dkdv_program(tile, bg, Q, K, V, LAM, KPM, DO, LSE, DELTA, DK, DV,
 
 @triton.jit
 def _dq_key_tiles(q1, q2, do, dq1, dq2, lse1, lse2, d1, d2, lam, rows, start, end, k_base,
-                  v_base, kpm_row, stride_kh, stride_km, stride_vm, N, M, qk_scale,
-                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr, CAUSAL: tl.constexpr,
-                  HAS_KPM: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+                  v_base, kpm_row, stride_kh, stride_km, stride_vm, N, M, window_left,
+                  window_right, qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr,
+                  CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, WINDOW: tl.constexpr,
+                  MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """Accumulate a query tile's dq over the key tiles [start, end)."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
@@ -288,7 +305,8 @@ def _dq_key_tiles(q1, q2, do, dq1, dq2, lse1, lse2, d1, d2, lam, rows, start, en
                                              BLOCK_DV, KEY_PAIR, MASKED, BLOCK_N)
         keep = None
         if MASKED:
-            keep = query_key_keep(kpm_row, rows, cols, N, M, HAS_KPM, CAUSAL)
+            keep = query_key_keep(kpm_row, rows, cols, N, M, window_left, window_right,
+                                  HAS_KPM, CAUSAL, WINDOW)
         # One map after the other (see _dkdv_query_tiles): dP1 (shared), then each map's P.
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION).to(dq1.dtype)
         p1 = _probabilities(q1, k1, lse1[:, None], qk_scale, keep, MASKED, PRECISION, dq1.dtype)
@@ -304,12 +322,13 @@ def _dq_program(tile, bh, Q, K, V, LAM, KPM, DO, LSE, DELTA, DQ,
                 stride_qb, stride_qn, stride_qh, stride_kb, stride_km, stride_kh,
                 stride_vb, stride_vm, stride_vh, stride_dob, stride_don, stride_doh,
                 stride_lb, stride_ln, stride_lh, stride_kpm_b,
-                N, M, H, GROUP, lam_value, qk_scale, sm_scale,
+                N, M, H, GROUP, window_left, window_right, lam_value, qk_scale, sm_scale,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr, LAM_MODE: tl.constexpr,
                 LAM_DIM: tl.constexpr, BLOCK_LAM: tl.constexpr,
-                CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, ACC_FP64: tl.constexpr,
-                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, WINDOW: tl.constexpr,
+                ACC_FP64: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
     """dq of one query tile of one differential head (both maps)."""
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     b = (bh // H).to(tl.int64)
@@ -336,22 +355,36 @@ def _dq_program(tile, bh, Q, K, V, LAM, KPM, DO, LSE, DELTA, DQ,
     dq1 = tl.zeros([BLOCK_M, BLOCK_D], dtype=acc_dtype)
     dq2 = tl.zeros([BLOCK_M, BLOCK_D], dtype=acc_dtype)
 
-    end = M
-    first_hidden = M
-    if CAUSAL:
-        end = causal_key_end((tile + 1) * BLOCK_M, N, M)
-        first_hidden = tile * BLOCK_M + (M - N) + 1
-    open_end = 0
-    if not HAS_KPM:
-        open_end = full_tiles_end(first_hidden, M, BLOCK_N)
-    dq1, dq2 = _dq_key_tiles(q1, q2, do, dq1, dq2, lse1, lse2, d1, d2, lam, rows, 0, open_end,
-                             k_base, v_base, kpm_row, stride_kh, stride_km, stride_vm, N, M,
-                             qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR,
-                             CAUSAL, HAS_KPM, False, PRECISION, BLOCK_N)
+    if WINDOW:  # the key tiles of this query tile's band, as in the forward
+        start, open_start, open_end, end = band_tiles(
+            tile * BLOCK_M, BLOCK_M, (M - N) - window_left, (M - N) + window_right, M, BLOCK_N)
+        if HAS_KPM:
+            open_end = open_start
+        dq1, dq2 = _dq_key_tiles(q1, q2, do, dq1, dq2, lse1, lse2, d1, d2, lam, rows, start,
+                                 open_start, k_base, v_base, kpm_row, stride_kh, stride_km,
+                                 stride_vm, N, M, window_left, window_right, qk_scale, HEAD_DIM,
+                                 HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR, CAUSAL, HAS_KPM,
+                                 WINDOW, True, PRECISION, BLOCK_N)
+    else:
+        open_start = 0
+        end = M
+        first_hidden = M
+        if CAUSAL:
+            end = causal_key_end((tile + 1) * BLOCK_M, N, M)
+            first_hidden = tile * BLOCK_M + (M - N) + 1
+        open_end = 0
+        if not HAS_KPM:
+            open_end = full_tiles_end(first_hidden, M, BLOCK_N)
+    dq1, dq2 = _dq_key_tiles(q1, q2, do, dq1, dq2, lse1, lse2, d1, d2, lam, rows, open_start,
+                             open_end, k_base, v_base, kpm_row, stride_kh, stride_km, stride_vm,
+                             N, M, window_left, window_right, qk_scale, HEAD_DIM, HEAD_DIM_V,
+                             BLOCK_D, BLOCK_DV, KEY_PAIR, CAUSAL, HAS_KPM, WINDOW, False,
+                             PRECISION, BLOCK_N)
     dq1, dq2 = _dq_key_tiles(q1, q2, do, dq1, dq2, lse1, lse2, d1, d2, lam, rows, open_end, end,
                              k_base, v_base, kpm_row, stride_kh, stride_km, stride_vm, N, M,
-                             qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR,
-                             CAUSAL, HAS_KPM, True, PRECISION, BLOCK_N)
+                             window_left, window_right, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+                             BLOCK_DV, KEY_PAIR, CAUSAL, HAS_KPM, WINDOW, True, PRECISION,
+                             BLOCK_N)
 
     dq_ptrs = (DQ + ((b * N + tile * BLOCK_M) * (2 * H) + 2 * h) * HEAD_DIM
                + (tl.arange(0, BLOCK_M)[:, None] * (2 * H * HEAD_DIM) + offs_d[None, :]))
@@ -409,7 +442,8 @@ def _reduce_program(r, DLAM_PART, DLAM, DW_PART, DW, LAM, n_lam_parts, H, n_dw_r
 
 
 @triton.jit(do_not_specialize=["N", "M", "H", "HK", "GROUP", "stride_kpm_b", "stride_lb",
-                               "stride_ln", "stride_lh", "n_kv_tiles", "n_q_tiles",
+                               "stride_ln", "stride_lh", "window_left", "window_right",
+                               "n_kv_tiles", "n_q_tiles",
                                "n_kv_progs", "n_q_progs", "n_lam_parts", "n_dw_rows",
                                "n_dlam_progs"])
 def diff_attn_bwd_kernel(
@@ -420,13 +454,14 @@ def diff_attn_bwd_kernel(
     stride_dob, stride_don, stride_doh,
     stride_lb, stride_ln, stride_lh,
     stride_kpm_b,
-    N, M, H, HK, GROUP,
+    N, M, H, HK, GROUP, window_left, window_right,
     n_kv_tiles, n_q_tiles, n_kv_progs, n_q_progs, n_lam_parts, n_dw_rows, n_dlam_progs,
     lam_value, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr, LAM_MODE: tl.constexpr,
     LAM_DIM: tl.constexpr, BLOCK_LAM: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DLAM_REDUCE: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, WINDOW: tl.constexpr,
+    DLAM_REDUCE: tl.constexpr,
     ACC_FP64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr,
     BLOCK_N2: tl.constexpr, RED_ROWS: tl.constexpr, RED_COLS: tl.constexpr,
@@ -437,18 +472,18 @@ def diff_attn_bwd_kernel(
                       DK, DV, stride_qb, stride_qn, stride_qh, stride_kb, stride_km, stride_kh,
                       stride_vb, stride_vm, stride_vh, stride_dob, stride_don, stride_doh,
                       stride_lb, stride_ln, stride_lh, stride_kpm_b, N, M, H, HK, GROUP,
-                      lam_value, qk_scale, sm_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-                      KEY_PAIR, LAM_MODE, LAM_DIM, BLOCK_LAM, CAUSAL, HAS_KPM, ACC_FP64,
-                      PRECISION, BLOCK_M1, BLOCK_N1)
+                      window_left, window_right, lam_value, qk_scale, sm_scale, HEAD_DIM,
+                      HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR, LAM_MODE, LAM_DIM, BLOCK_LAM,
+                      CAUSAL, HAS_KPM, WINDOW, ACC_FP64, PRECISION, BLOCK_M1, BLOCK_N1)
     elif pid < n_kv_progs + n_q_progs:
         pid_q = pid - n_kv_progs
         _dq_program(pid_q % n_q_tiles, pid_q // n_q_tiles, Q, K, V, LAM, KPM, DO, LSE, DELTA,
                     DQ, stride_qb, stride_qn, stride_qh, stride_kb, stride_km, stride_kh,
                     stride_vb, stride_vm, stride_vh, stride_dob, stride_don, stride_doh,
                     stride_lb, stride_ln, stride_lh, stride_kpm_b, N, M, H, GROUP,
-                    lam_value, qk_scale, sm_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-                    KEY_PAIR, LAM_MODE, LAM_DIM, BLOCK_LAM, CAUSAL, HAS_KPM, ACC_FP64,
-                    PRECISION, BLOCK_M2, BLOCK_N2)
+                    window_left, window_right, lam_value, qk_scale, sm_scale, HEAD_DIM,
+                    HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR, LAM_MODE, LAM_DIM, BLOCK_LAM,
+                    CAUSAL, HAS_KPM, WINDOW, ACC_FP64, PRECISION, BLOCK_M2, BLOCK_N2)
     else:
         _reduce_program(pid - n_kv_progs - n_q_progs, DLAM_PART, DLAM, DW_PART, DW, LAM,
                         n_lam_parts, H, n_dw_rows, n_dlam_progs, HEAD_DIM_V,
@@ -459,33 +494,34 @@ def diff_attn_bwd_kernel(
 diff_attn_bwd_launch = Launcher(diff_attn_bwd_kernel)
 
 
-def diff_attn_bwd(dout, q, k, v, lam, lam_value, key_padding_mask, norm_weight, x, o2, lse,
-                  rstd, scale, causal, out_scale, need_dlam=True, need_dw=True, wrap=None,
-                  lam_vectors=False):
+def diff_attn_bwd(dout, q, k, v, lam, key_padding_mask, norm_weight, saved, call: AttentionCall,
+                  *, need_dlam=True, need_dw=True, wrap=None):
     """Launch the backward: the row pass, then one launch of key-tile, query-tile and
     reduction programs.
 
-    Args: the forward's inputs and saved tensors (see diff_attn_fwd), and dout (B, N, H, DV)
-    with a contiguous last dim (any other strides, stride 0 included). need_dlam / need_dw:
-    whether lambda (a tensor, or its vectors with lam_vectors) and the norm weight need
-    gradients. wrap, lam_vectors: as in diff_attn_fwd.
+    Args: the forward's inputs and call (see diff_attn_fwd), ``saved`` = (x, o2, lse, rstd)
+    as the forward returned them, and dout (B, N, H, DV) with a contiguous last dim (any other
+    strides, stride 0 included). need_dlam / need_dw: whether lambda (a tensor, or its vectors
+    with call.lam_vectors) and the norm weight need gradients. wrap: as in diff_attn_fwd.
     Returns dq (B, N, 2H, d), dk and dv shaped like k and v, contiguous, in the inputs' dtype;
     dlam shaped like lam (the four vectors' gradients with lam_vectors) and dnorm_weight (DV,)
     in the accumulation dtype, or None where not needed.
     """
+    x, o2, lse, rstd = saved
     B, N, H2, d = q.shape
     M, Hk, DV = v.shape[1], v.shape[2], v.shape[3]
     H = H2 // 2
-    key_pair = k.shape[2] != Hk
     device, dtype, acc_dtype = q.device, q.dtype, lse.dtype
     has_norm = norm_weight is not None
     if has_norm and norm_weight.stride(0) != 1:
         norm_weight = norm_weight.contiguous()
-    store_dx = has_norm or out_scale != 1.0
+    store_dx = has_norm or call.out_scale != 1.0
     need_dlam = need_dlam and lam is not None
     need_dw = need_dw and has_norm
-    block_d, block_dv = head_block(d), head_block(DV)
-    acc_fp64 = acc_dtype == torch.float64
+    flags = variant_flags(call, q, k, v, lam, key_padding_mask)
+    block_dv = flags["BLOCK_DV"]
+    acc_fp64 = flags["ACC_FP64"]
+    lam_vectors = call.lam_vectors
     n_row_tiles = cdiv(N, ROWS_BLOCK_M)
 
     dx = torch.empty((B, N, H, DV), device=device, dtype=dtype) if store_dx else dout
@@ -503,19 +539,21 @@ def diff_attn_bwd(dout, q, k, v, lam, lam_value, key_padding_mask, norm_weight, 
     if need_dw:
         dw_part = torch.empty((n_row_tiles * B * H, block_dv), device=device, dtype=acc_dtype)
         dw = torch.empty(DV, device=device, dtype=acc_dtype)
-    l_strides = lambda_strides(lam, lam_vectors)
-    l_flags = lambda_flags(lam, lam_vectors)
+    lam_strides = dict(zip(("stride_lb", "stride_ln", "stride_lh"),
+                           lambda_strides(lam, lam_vectors)))
+    lam_flags = {name: flags[name] for name in ("LAM_MODE", "LAM_DIM", "BLOCK_LAM")}
     lam_ptr = q if lam is None else lam
 
     diff_attn_bwd_rows_launch(
-        (n_row_tiles, B * H),
-        (dout, x, o2, lam_ptr, norm_weight if has_norm else q, rstd, dx, delta,
-         q if dlam_part is None else dlam_part, q if dw_part is None else dw_part),
-        (*dout.stride()[:3], *l_strides, N, H), (float(lam_value), float(out_scale)),
-        dict(HEAD_DIM_V=DV, BLOCK_DV=block_dv, **l_flags, NEED_DLAM=need_dlam,
-             DLAM_REDUCE=dlam_reduce, HAS_NORM=has_norm, NEED_DW=need_dw, STORE_DX=store_dx,
-             ACC_FP64=acc_fp64, BLOCK_M=ROWS_BLOCK_M, num_warps=rows_warps(block_dv)),
-        wrap)
+        (n_row_tiles, B * H), wrap,
+        DY=dout, X=x, O2=o2, LAM=lam_ptr, W=norm_weight if has_norm else q, RSTD=rstd, DX=dx,
+        DELTA=delta, DLAM=q if dlam_part is None else dlam_part,
+        DW_PART=q if dw_part is None else dw_part,
+        **strides("dy", dout, "bnh"), **lam_strides, N=N, H=H,
+        lam_value=float(call.lam_value), out_scale=float(call.out_scale),
+        HEAD_DIM_V=DV, BLOCK_DV=block_dv, **lam_flags, NEED_DLAM=need_dlam,
+        DLAM_REDUCE=dlam_reduce, HAS_NORM=has_norm, NEED_DW=need_dw, STORE_DX=store_dx,
+        ACC_FP64=acc_fp64, BLOCK_M=ROWS_BLOCK_M, num_warps=rows_warps(block_dv))
 
     dq = torch.empty((B, N, H2, d), device=device, dtype=dtype)
     dk = torch.empty(k.shape, device=device, dtype=dtype)
@@ -524,29 +562,32 @@ def diff_attn_bwd(dout, q, k, v, lam, lam_value, key_padding_mask, norm_weight, 
     n_dlam_progs = {DLAM_PER_HEAD: H, DLAM_SCALAR: 1, DLAM_VECTORS: 1}.get(dlam_reduce, 0) \
         if need_dlam else 0
     n_red_progs = n_dlam_progs + (cdiv(DV, RED_COLS) if need_dw else 0)
-    tensors = (q, k, v, lam_ptr, kpm, dx, lse, delta, dq, dk, dv,
-               q if dlam_part is None else dlam_part, q if dlam is None else dlam,
-               q if dw_part is None else dw_part, q if dw is None else dw)
-    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dx.stride()[:3], *l_strides,
-               kpm.stride(0) if key_padding_mask is not None else 0)
-    floats = (float(lam_value), scale * LOG2E, float(scale))
-    flags = dict(HEAD_DIM=d, HEAD_DIM_V=DV, BLOCK_D=block_d, BLOCK_DV=block_dv,
-                 KEY_PAIR=key_pair, CAUSAL=causal, **l_flags,
-                 HAS_KPM=key_padding_mask is not None, DLAM_REDUCE=dlam_reduce,
-                 ACC_FP64=acc_fp64, PRECISION=dot_precision(dtype), RED_ROWS=RED_ROWS,
-                 RED_COLS=RED_COLS)
+    window_left, window_right = call.window_bounds(N, M)
+    arguments = dict(
+        Q=q, K=k, V=v, LAM=lam_ptr, KPM=kpm, DO=dx, LSE=lse, DELTA=delta, DQ=dq, DK=dk, DV=dv,
+        DLAM_PART=q if dlam_part is None else dlam_part, DLAM=q if dlam is None else dlam,
+        DW_PART=q if dw_part is None else dw_part, DW=q if dw is None else dw,
+        **strides("q", q, "bnh"), **strides("k", k, "bmh"), **strides("v", v, "bmh"),
+        **strides("do", dx, "bnh"), **lam_strides,
+        stride_kpm_b=kpm.stride(0) if key_padding_mask is not None else 0,
+        N=N, M=M, H=H, HK=Hk, GROUP=H // Hk, window_left=window_left,
+        window_right=window_right)
+    reductions = dict(n_lam_parts=n_row_tiles * B, n_dw_rows=n_row_tiles * B * H,
+                      n_dlam_progs=n_dlam_progs, lam_value=float(call.lam_value),
+                      qk_scale=call.scale * LOG2E, sm_scale=float(call.scale), **flags,
+                      DLAM_REDUCE=dlam_reduce, RED_ROWS=RED_ROWS, RED_COLS=RED_COLS)
 
     def run(config):
-        kwargs = BWD_TILES.launch_kwargs(config)
-        n_kv_tiles = cdiv(M, kwargs["BLOCK_N1"])
-        n_q_tiles = cdiv(N, kwargs["BLOCK_M2"])
+        tiles = BWD_TILES.launch_kwargs(config)
+        n_kv_tiles = cdiv(M, tiles["BLOCK_N1"])
+        n_q_tiles = cdiv(N, tiles["BLOCK_M2"])
         n_kv_progs, n_q_progs = n_kv_tiles * B * Hk, n_q_tiles * B * H
         diff_attn_bwd_launch(
-            (n_kv_progs + n_q_progs + n_red_progs,), tensors,
-            (*strides, N, M, H, Hk, H // Hk, n_kv_tiles, n_q_tiles, n_kv_progs, n_q_progs,
-             n_row_tiles * B, n_row_tiles * B * H, n_dlam_progs),
-            floats, {**flags, **kwargs}, wrap)
+            (n_kv_progs + n_q_progs + n_red_progs,), wrap, **arguments, n_kv_tiles=n_kv_tiles,
+            n_q_tiles=n_q_tiles, n_kv_progs=n_kv_progs, n_q_progs=n_q_progs, **reductions,
+            **tiles)
 
-    key = BWD_TILES.key(device, dtype, block_d, block_dv, key_pair, causal, N, M)
+    key = BWD_TILES.key(device, dtype, flags["BLOCK_D"], block_dv, flags["KEY_PAIR"],
+                        call.causal, N, M)
     run(BWD_TILES.choose(key, device, run if wrap is None else None))
     return dq, dk, dv, dlam, dw

@@ -38,9 +38,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .call import LOG2E, dot_precision, lambda_flags, lambda_strides, strides
 from .config import INTERPRET, cdiv, head_block
 from .launch import Launcher
-from .tiles import load_head_pair, load_tile, online_softmax_step, program_lambda
+from .common import load_head_pair, load_tile, online_softmax_step, program_lambda
 
 
 @triton.jit
@@ -248,23 +249,6 @@ def diff_attn_decode_combine_kernel(
                   HEAD_DIM_V, HAS_NORM, acc_dtype)
 
 
-LOG2E = 1.4426950408889634
-
-
-def _lambda_args(lam, lam_vectors: bool) -> tuple:
-    """(constexpr flags, (batch, row, head) element strides) of lambda for the kernels:
-    LAM_MODE 0 (the float lam_value), 1 (a (), (H,) or (B, Nq, H) tensor read through
-    strides; 0 where it does not vary), 2 (computed from the (4, L) vectors lq1, lk1, lq2,
-    lk2 with lam_value = lambda_init), as the forward kernel takes it."""
-    if lam is None:
-        return dict(LAM_MODE=0, LAM_DIM=1, BLOCK_LAM=16), (0, 0, 0)
-    if lam_vectors:
-        return (dict(LAM_MODE=2, LAM_DIM=lam.shape[1], BLOCK_LAM=head_block(lam.shape[1])),
-                (0, 0, 0))
-    strides = {0: (0, 0, 0), 1: (0, 0, lam.stride(0))}.get(lam.dim(), lam.stride())
-    return dict(LAM_MODE=1, LAM_DIM=1, BLOCK_LAM=16), tuple(strides)
-
-
 diff_attn_decode_launch = Launcher(diff_attn_decode_kernel)
 diff_attn_decode_combine_launch = Launcher(diff_attn_decode_combine_kernel)
 
@@ -352,29 +336,29 @@ def diff_attn_decode(q, k_cache, v_cache, seqlens, block_table, lam, lam_value, 
         part_lse = torch.empty((B, Hk, num_splits, 2, rows), device=device, dtype=acc_dtype)
     else:
         part_o = part_lse = out  # not written
-    lam_flags, lam_str = _lambda_args(lam, lam_vectors)
+    lam_flags = lambda_flags(lam, lam_vectors)
+    lam_str = dict(zip(("stride_lb", "stride_ln", "stride_lh"), lambda_strides(lam, lam_vectors)))
     lam_t = q if lam is None else lam
     w_t = norm_weight if has_norm else q
     bt = block_table if paged else seqlens
-    flags = dict(HEAD_DIM=d, HEAD_DIM_V=DV, BLOCK_D=head_block(d), BLOCK_DV=head_block(DV),
-                 KEY_PAIR=key_pair, **lam_flags, CAUSAL=causal, PAGED=paged, PAGE=page,
-                 HAS_NORM=has_norm, SPLIT=split, ACC_FP64=acc_dtype == torch.float64,
-                 PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32",
-                 BLOCK_M=block_m, BLOCK_N=block_n,
-                 num_warps=decode_warps(block_m), num_stages=DECODE_STAGES)
-    integers = (*q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
-                bt.stride(0) if paged else 0, *lam_str, Nq, H, group, split_len)
-    floats = (float(lam_value), scale * LOG2E, float(eps), float(out_scale))
+    acc_fp64 = acc_dtype == torch.float64
     grid = (cdiv(rows, block_m), B * Hk, num_splits)
-    diff_attn_decode_launch(grid, (q, k_cache, v_cache, seqlens, bt, lam_t, w_t, out, part_o,
-                                   part_lse), integers, floats, flags, wrap)
+    diff_attn_decode_launch(
+        grid, wrap, Q=q, K=k_cache, V=v_cache, SEQLENS=seqlens, BT=bt, LAM=lam_t, W=w_t,
+        OUT=out, PART_O=part_o, PART_LSE=part_lse, **strides("q", q, "bnh"),
+        **strides("k", k_cache, ("page", "row", "h")), **strides("v", v_cache, ("page", "row", "h")),
+        stride_bt=bt.stride(0) if paged else 0, **lam_str, Nq=Nq, H=H, GROUP=group,
+        SPLIT_LEN=split_len, lam_value=float(lam_value), qk_scale=scale * LOG2E, eps=float(eps),
+        out_scale=float(out_scale), HEAD_DIM=d, HEAD_DIM_V=DV, BLOCK_D=head_block(d),
+        BLOCK_DV=head_block(DV), KEY_PAIR=key_pair, **lam_flags, CAUSAL=causal, PAGED=paged,
+        PAGE=page, HAS_NORM=has_norm, SPLIT=split, ACC_FP64=acc_fp64,
+        PRECISION=dot_precision(dtype), BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=decode_warps(block_m), num_stages=DECODE_STAGES)
     if split:
-        combine_flags = dict(HEAD_DIM_V=DV, BLOCK_DV=head_block(DV), **lam_flags,
-                             HAS_NORM=has_norm, ACC_FP64=acc_dtype == torch.float64,
-                             BLOCK_M=block_m, num_warps=decode_warps(block_m), num_stages=1)
-        diff_attn_decode_combine_launch((cdiv(rows, block_m), B * Hk),
-                                        (part_o, part_lse, lam_t, w_t, out),
-                                        (*lam_str, Nq, H, group, num_splits),
-                                        (float(lam_value), float(eps), float(out_scale)),
-                                        combine_flags, wrap)
+        diff_attn_decode_combine_launch(
+            (cdiv(rows, block_m), B * Hk), wrap, PART_O=part_o, PART_LSE=part_lse, LAM=lam_t,
+            W=w_t, OUT=out, **lam_str, Nq=Nq, H=H, GROUP=group, n_splits=num_splits,
+            lam_value=float(lam_value), eps=float(eps), out_scale=float(out_scale),
+            HEAD_DIM_V=DV, BLOCK_DV=head_block(DV), **lam_flags, HAS_NORM=has_norm,
+            ACC_FP64=acc_fp64, BLOCK_M=block_m, num_warps=decode_warps(block_m), num_stages=1)
     return out

@@ -38,32 +38,30 @@ The equations: docs/kernel-math.md.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
 
 from . import tma
-from .config import cdiv, head_block
+from .call import LOG2E, AttentionCall, lambda_strides, strides, variant_flags
+from .config import cdiv
 from .launch import Launcher
-from .tiles import (causal_key_end, full_tiles_end, key_keep, load_head_pair,
-                    load_key_value_tiles, load_lambda_rows, online_softmax_step, program_lambda,
-                    query_key_keep)
+from .common import (band_tiles, causal_key_end, full_tiles_end, key_keep, load_head_pair,
+                     load_key_value_tiles, load_lambda_rows, online_softmax_step,
+                     program_lambda, query_key_keep)
 from .tuning import FWD_TILES
-
-LOG2E = 1.4426950408889634
 
 
 @triton.jit
 def _attend_key_tiles(q1, q2, k_base, v_base, k1_desc, k2_desc, v_desc, kpm_row, rows, start,
                       end, m1, l1, acc1, m2, l2, acc2, stride_kh, stride_km, stride_vm, N, M,
-                      qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr,
-                      CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, MASKED: tl.constexpr,
-                      PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
+                      window_left, window_right, qk_scale, HEAD_DIM: tl.constexpr,
+                      HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                      KEY_PAIR: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                      WINDOW: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+                      BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
     """Both online softmaxes over the key tiles [start, end). MASKED applies the ragged-edge,
-    padding and causal masks; without it every key of every tile is visible to every row.
+    padding, causal and window masks; without it every key of every tile is visible to every row.
     USE_TMA reads the key and value tiles through the tensor descriptors (rows past M read
     as zero) instead of the pointers."""
     for start_n in range(start, end, BLOCK_N):
@@ -80,7 +78,8 @@ def _attend_key_tiles(q1, q2, k_base, v_base, k1_desc, k2_desc, v_desc, kpm_row,
                                              BLOCK_DV, KEY_PAIR, MASKED, BLOCK_N)
         keep = None
         if MASKED:
-            keep = query_key_keep(kpm_row, rows, cols, N, M, HAS_KPM, CAUSAL)
+            keep = query_key_keep(kpm_row, rows, cols, N, M, window_left, window_right,
+                                  HAS_KPM, CAUSAL, WINDOW)
             if HAS_KPM:  # padding keys' values read as 0: p = 0 times a NaN/inf value is NaN
                 v = tl.where(key_keep(kpm_row, cols, M, HAS_KPM)[:, None], v, 0.0)
         s1 = tl.dot(q1, tl.trans(k1), input_precision=PRECISION).to(acc1.dtype)
@@ -95,7 +94,7 @@ def _attend_key_tiles(q1, q2, k_base, v_base, k1_desc, k2_desc, v_desc, kpm_row,
 # Sizes are not specialised on == 1 (N = 1 would otherwise compile a second copy of each
 # variant); the kernels mask ragged edges and need no divisibility hints.
 @triton.jit(do_not_specialize=["N", "M", "H", "GROUP", "stride_kpm_b", "stride_lb",
-                               "stride_ln", "stride_lh"])
+                               "stride_ln", "stride_lh", "window_left", "window_right"])
 def diff_attn_fwd_kernel(
     Q, K, V, LAM, KPM, W, OUT, X, O2, LSE, RSTD,
     stride_qb, stride_qn, stride_qh,
@@ -103,12 +102,12 @@ def diff_attn_fwd_kernel(
     stride_vb, stride_vm, stride_vh,
     stride_lb, stride_ln, stride_lh,
     stride_kpm_b,
-    N, M, H, GROUP,
+    N, M, H, GROUP, window_left, window_right,
     lam_value, qk_scale, eps, out_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr, LAM_MODE: tl.constexpr,
     LAM_DIM: tl.constexpr, BLOCK_LAM: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_NORM: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, WINDOW: tl.constexpr, HAS_NORM: tl.constexpr,
     SAVE_FOR_BWD: tl.constexpr, STORE_X: tl.constexpr, ACC_FP64: tl.constexpr,
     PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -152,26 +151,39 @@ def diff_attn_fwd_kernel(
     acc1 = tl.zeros([BLOCK_M, BLOCK_DV], dtype=acc_dtype)
     acc2 = tl.zeros([BLOCK_M, BLOCK_DV], dtype=acc_dtype)
 
-    # Key tiles [0, open_end) are whole and seen by every row of this program; the tiles from
-    # there to `end` need masks. Causal: tiles past the last row's diagonal are never visited.
-    end = M
-    first_hidden = M
-    if CAUSAL:
-        end = causal_key_end((pid_m + 1) * BLOCK_M, N, M)
-        first_hidden = pid_m * BLOCK_M + (M - N) + 1
-    open_end = 0
-    if not HAS_KPM:
-        open_end = full_tiles_end(first_hidden, M, BLOCK_N)
+    # Key tiles [open_start, open_end) are whole and seen by every row of this program; the
+    # tiles from there to `end` (and, with a window, from `start` to open_start) need masks.
+    # Causal or windowed: tiles outside the rows' band are never visited.
+    if WINDOW:
+        start, open_start, open_end, end = band_tiles(
+            pid_m * BLOCK_M, BLOCK_M, (M - N) - window_left, (M - N) + window_right, M, BLOCK_N)
+        if HAS_KPM:
+            open_end = open_start
+        m1, l1, acc1, m2, l2, acc2 = _attend_key_tiles(
+            q1, q2, k_base, v_base, k1_desc, k2_desc, v_desc, kpm_row, rows, start, open_start,
+            m1, l1, acc1, m2, l2, acc2, stride_kh, stride_km, stride_vm, N, M, window_left,
+            window_right, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR, CAUSAL,
+            HAS_KPM, WINDOW, True, PRECISION, BLOCK_N, USE_TMA)
+    else:
+        open_start = 0
+        end = M
+        first_hidden = M
+        if CAUSAL:
+            end = causal_key_end((pid_m + 1) * BLOCK_M, N, M)
+            first_hidden = pid_m * BLOCK_M + (M - N) + 1
+        open_end = 0
+        if not HAS_KPM:
+            open_end = full_tiles_end(first_hidden, M, BLOCK_N)
     m1, l1, acc1, m2, l2, acc2 = _attend_key_tiles(
-        q1, q2, k_base, v_base, k1_desc, k2_desc, v_desc, kpm_row, rows, 0, open_end, m1, l1,
-        acc1, m2, l2, acc2, stride_kh, stride_km, stride_vm, N, M, qk_scale, HEAD_DIM,
-        HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR, CAUSAL, HAS_KPM, False, PRECISION, BLOCK_N,
-        USE_TMA)
+        q1, q2, k_base, v_base, k1_desc, k2_desc, v_desc, kpm_row, rows, open_start, open_end,
+        m1, l1, acc1, m2, l2, acc2, stride_kh, stride_km, stride_vm, N, M, window_left,
+        window_right, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR, CAUSAL,
+        HAS_KPM, WINDOW, False, PRECISION, BLOCK_N, USE_TMA)
     m1, l1, acc1, m2, l2, acc2 = _attend_key_tiles(
-        q1, q2, k_base, v_base, k1_desc, k2_desc, v_desc, kpm_row, rows, open_end, end, m1, l1,
-        acc1, m2, l2, acc2, stride_kh, stride_km, stride_vm, N, M, qk_scale, HEAD_DIM,
-        HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR, CAUSAL, HAS_KPM, True, PRECISION, BLOCK_N,
-        USE_TMA)
+        q1, q2, k_base, v_base, k1_desc, k2_desc, v_desc, kpm_row, rows, open_end, end,
+        m1, l1, acc1, m2, l2, acc2, stride_kh, stride_km, stride_vm, N, M, window_left,
+        window_right, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR, CAUSAL,
+        HAS_KPM, WINDOW, True, PRECISION, BLOCK_N, USE_TMA)
 
     # A row that saw no key: O = 0 and LSE = +inf, so backward recomputes P = 0 there.
     l1_safe = tl.where(l1 > 0, l1, 1.0)
@@ -212,34 +224,8 @@ def diff_attn_fwd_kernel(
 diff_attn_fwd_launch = Launcher(diff_attn_fwd_kernel)
 
 
-def dot_precision(dtype) -> str:
-    """fp32 inputs use exact fp32 products ("ieee"), not TF32; fp16/bf16 ignore this."""
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
-
-
-def lambda_strides(lam: Optional[torch.Tensor], lam_vectors: bool) -> tuple:
-    """(batch, row, head) element strides of a lambda tensor of shape (), (H,) or (B, N, H);
-    zeros where lambda does not vary (and for no tensor, or lambda's vectors)."""
-    if lam is None or lam_vectors or lam.dim() == 0:
-        return 0, 0, 0
-    if lam.dim() == 1:
-        return 0, 0, lam.stride(0)
-    return lam.stride()
-
-
-def lambda_flags(lam: Optional[torch.Tensor], lam_vectors: bool) -> dict:
-    """The kernels' lambda switches: LAM_MODE 0 (the float lam_value), 1 (a tensor read
-    through strides), 2 (computed from the (4, LAM_DIM) vectors lq1, lk1, lq2, lk2 with
-    lam_value = lambda_init)."""
-    if lam is None:
-        return dict(LAM_MODE=0, LAM_DIM=1, BLOCK_LAM=16)
-    if lam_vectors:
-        return dict(LAM_MODE=2, LAM_DIM=lam.shape[1], BLOCK_LAM=head_block(lam.shape[1]))
-    return dict(LAM_MODE=1, LAM_DIM=1, BLOCK_LAM=16)
-
-
-def diff_attn_fwd(q, k, v, lam, lam_value, key_padding_mask, norm_weight, scale, causal, eps,
-                  out_scale, save_for_backward=True, wrap=None, lam_vectors=False):
+def diff_attn_fwd(q, k, v, lam, key_padding_mask, norm_weight, call: AttentionCall, *,
+                  save_for_backward=True, wrap=None):
     """Launch the forward kernel.
 
     Args (already validated by diffattn.functional):
@@ -247,12 +233,14 @@ def diff_attn_fwd(q, k, v, lam, lam_value, key_padding_mask, norm_weight, scale,
             per group, V2); v (B, M, Hk, DV). Same dtype and device, last dim contiguous (any
             other strides).
         lam: lambda as a tensor of shape (), (H,) or (B, N, H) in the accumulation dtype (fp32,
-            fp64 for fp64 inputs), any strides; or None to use the float ``lam_value``; or,
-            with lam_vectors, the Differential Transformer's four lambda vectors stacked
-            (4, L) contiguous (lq1, lk1, lq2, lk2), lambda = exp(lq1 . lk1) - exp(lq2 . lk2)
-            + lam_value computed in the kernel.
+            fp64 for fp64 inputs), any strides; or None to use the float ``call.lam_value``;
+            or, with ``call.lam_vectors``, the Differential Transformer's four lambda vectors
+            stacked (4, L) contiguous (lq1, lk1, lq2, lk2), lambda = exp(lq1 . lk1) -
+            exp(lq2 . lk2) + lam_value computed in the kernel.
         key_padding_mask (B, M) bool (True = ignore) or None.
         norm_weight (DV,) in any float dtype, or None: switches on the RMSNorm epilogue.
+        call: the call's scale, masks (causal, window), lambda mode and epilogue
+            (kernels/call.py).
         save_for_backward: False (inference) writes the output only; x, o2, lse and rstd are
             then None.
         wrap: torch.library.wrap_triton inside a registered op (torch.compile traces the
@@ -265,14 +253,13 @@ def diff_attn_fwd(q, k, v, lam, lam_value, key_padding_mask, norm_weight, scale,
     B, N, H2, d = q.shape
     M, Hk, DV = v.shape[1], v.shape[2], v.shape[3]
     H = H2 // 2
-    key_pair = k.shape[2] != Hk
     device, dtype = q.device, q.dtype
     acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     out = torch.empty((B, N, H, DV), device=device, dtype=dtype)
     has_norm = norm_weight is not None
     if has_norm and norm_weight.stride(0) != 1:
         norm_weight = norm_weight.contiguous()
-    store_x = has_norm or out_scale != 1.0
+    store_x = has_norm or call.out_scale != 1.0
     if save_for_backward:
         x = torch.empty_like(out) if store_x else out
         o2 = torch.empty_like(out)
@@ -281,26 +268,28 @@ def diff_attn_fwd(q, k, v, lam, lam_value, key_padding_mask, norm_weight, scale,
     else:
         x = o2 = lse = rstd = out  # not written
     kpm = q if key_padding_mask is None else key_padding_mask.view(torch.uint8)
-    block_d, block_dv = head_block(d), head_block(DV)
-    integers = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                *lambda_strides(lam, lam_vectors),
-                kpm.stride(0) if key_padding_mask is not None else 0, N, M, H, H // Hk)
-    floats = (float(lam_value), scale * LOG2E, float(eps), float(out_scale))
-    flags = dict(HEAD_DIM=d, HEAD_DIM_V=DV, BLOCK_D=block_d, BLOCK_DV=block_dv,
-                 KEY_PAIR=key_pair, CAUSAL=causal, **lambda_flags(lam, lam_vectors),
-                 HAS_KPM=key_padding_mask is not None, HAS_NORM=has_norm,
-                 SAVE_FOR_BWD=save_for_backward, STORE_X=store_x,
-                 ACC_FP64=acc_dtype == torch.float64, PRECISION=dot_precision(dtype),
-                 USE_TMA=wrap is None and tma.tma_loads(k, v))
-    tensors = (q, k, v, q if lam is None else lam, kpm, norm_weight if has_norm else q,
-               out, x, o2, lse, rstd)
+    window_left, window_right = call.window_bounds(N, M)
+    arguments = dict(
+        Q=q, K=k, V=v, LAM=q if lam is None else lam, KPM=kpm,
+        W=norm_weight if has_norm else q, OUT=out, X=x, O2=o2, LSE=lse, RSTD=rstd,
+        **strides("q", q, "bnh"), **strides("k", k, "bmh"), **strides("v", v, "bmh"),
+        **dict(zip(("stride_lb", "stride_ln", "stride_lh"),
+                   lambda_strides(lam, call.lam_vectors))),
+        stride_kpm_b=kpm.stride(0) if key_padding_mask is not None else 0,
+        N=N, M=M, H=H, GROUP=H // Hk, window_left=window_left, window_right=window_right,
+        lam_value=float(call.lam_value), qk_scale=call.scale * LOG2E, eps=float(call.eps),
+        out_scale=float(call.out_scale),
+        **variant_flags(call, q, k, v, lam, key_padding_mask), HAS_NORM=has_norm,
+        SAVE_FOR_BWD=save_for_backward, STORE_X=store_x,
+        USE_TMA=wrap is None and tma.tma_loads(k, v))
 
     def run(config):
-        kwargs = FWD_TILES.launch_kwargs(config)
-        grid = (cdiv(N, kwargs["BLOCK_M"]), B * H)
-        diff_attn_fwd_launch(grid, tensors, integers, floats, {**flags, **kwargs}, wrap)
+        tiles = FWD_TILES.launch_kwargs(config)
+        grid = (cdiv(N, tiles["BLOCK_M"]), B * H)
+        diff_attn_fwd_launch(grid, wrap, **arguments, **tiles)
 
-    key = FWD_TILES.key(device, dtype, block_d, block_dv, key_pair, causal, N, M)
+    key = FWD_TILES.key(device, dtype, arguments["BLOCK_D"], arguments["BLOCK_DV"],
+                        arguments["KEY_PAIR"], call.causal, N, M)
     run(FWD_TILES.choose(key, device, run if wrap is None else None))
     if not save_for_backward:
         return out, None, None, None, None

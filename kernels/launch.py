@@ -17,26 +17,35 @@ calls with a handful of shapes, so a handful of keys. Past ``MAX_REMEMBERED`` ke
 The first call of a key (and every call where this shortcut does not apply) goes through
 ``kernel[grid]`` itself, which compiles if needed and returns the compiled kernel that is then
 remembered; so a key maps to exactly the kernel Triton would pick, and the launch receives the
-same arguments in the same order. The shortcut is used for eager launches on a GPU with
-triton >= 3.4 (``triton.knobs``); not under the interpreter, not for launches traced by
-torch.compile (those go through ``wrap_triton``), not while a Triton stage-inspection hook is
-installed, and not with ``DIFFATTN_FAST_LAUNCH=0``.
+same arguments in the same order. The shortcut uses Triton internals (``compiled.run``,
+``packed_metadata``, ``triton.knobs``), so it is on only for the Triton versions it was tested
+with (``TESTED_TRITON``) and for eager launches on a GPU: not under the interpreter, not for
+launches traced by torch.compile (those go through ``wrap_triton``), not while a Triton
+stage-inspection hook is installed, and not with ``DIFFATTN_FAST_LAUNCH=0``.
+:func:`launch_path` says which path launches take here, and why.
 
-Arguments come in the order of the kernels' signatures: pointers, then integers, then floats,
-then the compile-time constants (``tl.constexpr``) and the options ``num_warps`` /
-``num_stages`` by keyword. Python floats are always 32-bit float arguments; callers pass
-``float(x)`` for them.
+Launches are by keyword: ``launcher(grid, **arguments)`` with every kernel parameter by name
+(and the options ``num_warps`` / ``num_stages``). The shortcut binds the names to the
+kernel's parameter order once per key. Python floats are always 32-bit float arguments;
+callers pass ``float(x)`` for them.
+
+Tools reach the kernels through :data:`LAUNCHERS` (every launcher by kernel name) and
+:func:`kernels_replaced` (stand-ins that record or skip the launches), not through module
+globals.
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
 import os
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 from .config import INTERPRET
 
 ENABLED = os.environ.get("DIFFATTN_FAST_LAUNCH", "1") != "0"
+# [lowest, past highest) Triton (major, minor) versions the shortcut was checked against
+# (tests/test_launch.py): 3.6 on the GPU image, 3.9 in CI.
+TESTED_TRITON = ((3, 4), (3, 10))
 
 try:  # triton >= 3.4: launch hooks live in triton.knobs
     from triton import knobs as _knobs
@@ -45,55 +54,94 @@ except ImportError:  # older triton: every launch goes through kernel[grid]
 
 # Keys remembered per kernel before the dictionary starts over.
 MAX_REMEMBERED = 4096
+# Every Launcher by its kernel's name (diff_attn_fwd_kernel, ...).
+LAUNCHERS: Dict[str, "Launcher"] = {}
+
+
+def _triton_version() -> Tuple[int, int]:
+    import triton
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def shortcut_unavailable_reason() -> Optional[str]:
+    """Why eager launches go through Triton's own ``kernel[grid]`` path here, or None when
+    they take the shortcut (per-call hooks and torch.compile's traced launches aside)."""
+    if not ENABLED:
+        return "DIFFATTN_FAST_LAUNCH=0"
+    if INTERPRET:
+        return "TRITON_INTERPRET=1 (the interpreter launches every call)"
+    version = _triton_version()
+    lowest, past = TESTED_TRITON
+    if not lowest <= version < past or _knobs is None:
+        return (f"triton {'.'.join(map(str, version))} is outside the versions the shortcut "
+                f"was tested with ({lowest[0]}.{lowest[1]} <= version < {past[0]}.{past[1]})")
+    return None
+
+
+def launch_path() -> str:
+    """"shortcut" or "triton (<reason>)": how eager kernel launches are made here."""
+    reason = shortcut_unavailable_reason()
+    return "shortcut" if reason is None else f"triton ({reason})"
+
+
+def _fact(value):
+    """What of an argument decides Triton's specialisation: a tensor's dtype and pointer
+    alignment, an integer's value, the type of anything else (floats are always fp32)."""
+    if isinstance(value, int):
+        return value
+    data_ptr = getattr(value, "data_ptr", None)
+    if data_ptr is not None:
+        return value.dtype, data_ptr() & 15
+    return value if isinstance(value, (str, type(None))) else type(value)
 
 
 class Launcher:
-    """Launches one ``@triton.jit`` kernel: ``launcher(grid, pointers, integers, floats,
-    constexprs)`` is ``kernel[grid](*pointers, *integers, *floats, **constexprs)``.
-
-    ``pointers`` are tensors (never None), ``integers`` Python ints >= 0, ``floats`` Python
-    floats; ``constexprs`` holds every ``tl.constexpr`` parameter (and num_warps /
+    """Launches one ``@triton.jit`` kernel: ``launcher(grid, **arguments)`` is
+    ``kernel[grid](**arguments)``, every parameter by name (tensors never None, integers
+    Python ints >= 0, floats Python floats, compile-time constants and num_warps /
     num_stages), built in the same key order on every call. ``wrap`` (torch.library's
     ``wrap_triton`` while torch.compile traces) launches ``wrap(kernel)[grid](...)`` instead.
     """
 
     def __init__(self, kernel):
         self.kernel = kernel
-        self.compiled: Dict[tuple, Tuple[Any, tuple]] = {}
-        params = list(inspect.signature(getattr(kernel, "fn", kernel)).parameters.values())
+        self.compiled: Dict[tuple, Tuple[Any, tuple, tuple]] = {}
+        fn = getattr(kernel, "fn", kernel)
+        params = list(inspect.signature(fn).parameters.values())
         constant = ["constexpr" in str(p.annotation) for p in params]
         first = constant.index(True) if True in constant else len(params)
-        # the launch passes the constants last, in signature order
+        # the runtime parameters come first, then the constants, in signature order
+        self.runtime_names = [p.name for p in params[:first]]
         self.constexpr_names = [p.name for p in params[first:]]
         self.defaults = {p.name: p.default for p in params[first:]
                          if p.default is not inspect.Parameter.empty}
-        self.fast = (ENABLED and not INTERPRET and _knobs is not None
-                     and all(constant[first:]))
+        self.fast = shortcut_unavailable_reason() is None and all(constant[first:])
         self._device: Optional[Callable[[], int]] = None
         self._stream: Optional[Callable[[int], int]] = None
+        LAUNCHERS[fn.__name__] = self
 
-    def __call__(self, grid: Tuple[int, ...], pointers: Sequence, integers: Sequence[int],
-                 floats: Sequence[float], constexprs: Dict[str, Any], wrap=None) -> None:
+    def __call__(self, grid: Tuple[int, ...], wrap=None, **arguments) -> None:
         if wrap is not None or not self.fast or \
                 getattr(_knobs.runtime, "add_stages_inspection_hook", None) is not None:
             kernel = self.kernel if wrap is None else wrap(self.kernel)
-            kernel[grid](*pointers, *integers, *floats, **constexprs)
+            kernel[grid](**arguments)
             return
         if self._device is None:
             from triton.runtime import driver
             self._device = driver.active.get_current_device
             self._stream = driver.active.get_current_stream
         device = self._device()
-        key = (device, tuple(constexprs.values()), tuple([t.dtype for t in pointers]),
-               tuple([t.data_ptr() & 15 for t in pointers]), tuple(integers))
+        values = tuple(arguments.values())
+        key = (device, tuple(arguments), tuple([_fact(v) for v in values]))
         entry = self.compiled.get(key)
         if entry is None:
             if len(self.compiled) >= MAX_REMEMBERED:  # e.g. a length that grows every call
                 self.compiled.clear()
-            self._launch_and_remember(key, grid, pointers, integers, floats, constexprs)
+            self._launch_and_remember(key, grid, arguments)
             return
-        compiled, constants = entry
-        args = (*pointers, *integers, *floats, *constants)
+        compiled, order, constants = entry
+        args = (*[values[i] for i in order], *constants)
         stream = self._stream(device)
         runtime = _knobs.runtime
         n = len(grid)
@@ -102,13 +150,15 @@ class Launcher:
                      compiled.launch_metadata(grid, stream, *args),
                      runtime.launch_enter_hook, runtime.launch_exit_hook, *args)
 
-    def _launch_and_remember(self, key, grid, pointers, integers, floats, constexprs) -> None:
-        compiled = self.kernel[grid](*pointers, *integers, *floats, **constexprs)
+    def _launch_and_remember(self, key, grid, arguments) -> None:
+        compiled = self.kernel[grid](**arguments)
         if all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata",
                                                      "launch_metadata")):
-            constants = tuple(constexprs[name] if name in constexprs else self.defaults[name]
+            names = list(arguments)
+            order = tuple(names.index(name) for name in self.runtime_names)
+            constants = tuple(arguments[name] if name in arguments else self.defaults[name]
                               for name in self.constexpr_names)
-            self.compiled[key] = (compiled, constants)
+            self.compiled[key] = (compiled, order, constants)
 
     @contextlib.contextmanager
     def replaced(self, kernel, *, fast: bool) -> Iterator[None]:
@@ -125,3 +175,20 @@ class Launcher:
             yield
         finally:
             self.kernel, self.compiled, self.fast, self._device, self._stream = saved
+
+
+@contextlib.contextmanager
+def kernels_replaced(stand_ins: Dict[str, Any], *, fast: bool) -> Iterator[None]:
+    """``Launcher.replaced`` for several kernels at once, by kernel name (keys of LAUNCHERS:
+    the kernels the fused ops launch are registered when diffattn.kernels is imported).
+    An unknown name is a KeyError naming the known ones."""
+    import importlib
+    for module in ("diff_attn_fwd", "diff_attn_bwd", "diff_attn_decode"):  # register on import
+        importlib.import_module(f"{__package__}.{module}")
+    unknown = [name for name in stand_ins if name not in LAUNCHERS]
+    if unknown:
+        raise KeyError(f"no launcher for {unknown}; known kernels: {sorted(LAUNCHERS)}")
+    with contextlib.ExitStack() as stack:
+        for name, stand_in in stand_ins.items():
+            stack.enter_context(LAUNCHERS[name].replaced(stand_in, fast=fast))
+        yield

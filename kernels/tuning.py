@@ -18,11 +18,12 @@ Under ``TRITON_INTERPRET=1`` a single fixed configuration is used.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Iterator, Optional, Sequence
 
 import torch
 
@@ -164,3 +165,35 @@ class TileChooser:
 
 FWD_TILES = TileChooser("fwd", FWD_CANDIDATES, FWD_FIELDS, INTERPRET_FWD)
 BWD_TILES = TileChooser("bwd", BWD_CANDIDATES, BWD_FIELDS, INTERPRET_BWD)
+
+
+@contextlib.contextmanager
+def untuned_tile_choice(arch: str = "sm_untuned") -> Iterator[None]:
+    """Inside the block, tiles are chosen as on a GPU named ``arch`` that has no entry in the
+    tuned table, with autotuning off: the first candidate of each class. The choices made
+    inside are forgotten on exit. For tools that record or count launches without a GPU."""
+    global gpu_arch, AUTOTUNE
+    saved = (gpu_arch, AUTOTUNE, [dict(c.chosen) for c in (FWD_TILES, BWD_TILES)])
+    gpu_arch, AUTOTUNE = (lambda device: arch), False
+    try:
+        yield
+    finally:
+        gpu_arch, AUTOTUNE = saved[0], saved[1]
+        for chooser, before in zip((FWD_TILES, BWD_TILES), saved[2]):
+            chooser.chosen.clear()
+            chooser.chosen.update(before)
+
+
+@contextlib.contextmanager
+def forced_tiles(fwd: Optional[tuple] = None, bwd: Optional[tuple] = None) -> Iterator[None]:
+    """Inside the block the forward / backward run the given tile configurations (in the
+    order of config.FWD_FIELDS / BWD_FIELDS; None keeps the normal choice)."""
+    forced = [(c, tuple(cfg)) for c, cfg in ((FWD_TILES, fwd), (BWD_TILES, bwd))
+              if cfg is not None]
+    try:
+        for chooser, config in forced:
+            chooser.choose = lambda key, device, run=None, _config=config: _config
+        yield
+    finally:
+        for chooser, _ in forced:
+            del chooser.choose

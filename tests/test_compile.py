@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from diffattn import DiffMultiheadAttention, DiffMultiheadAttentionV2, ops
+from diffattn.kernels import AttentionCall
 from helpers import INTERPRET, requires_interpreter
 
 BACKENDS = ["torch"] + (["triton"] if INTERPRET else [])
@@ -69,26 +70,27 @@ def test_opcheck_forward(save, vectors):
         lam = (0.1 * torch.randn(4, 16)).requires_grad_(save)
     init = 0.8 if vectors else 0.0
     torch.library.opcheck(torch.ops.diffattn.fwd.default,
-                          (q, k, v, lam, init, vectors, mask, weight, 0.25, True, 1e-5, 0.2, save))
+                          (q, k, v, lam, mask, weight, 0.25, True, -1, -1, init, vectors, 1e-5,
+                           0.2, save))
 
 
 @requires_interpreter
 def test_opcheck_backward():
     q, k, v, lam, mask, weight = _op_inputs(requires_grad=False)
-    saved = ops.fused_fwd(q, k, v, lam, 0.0, False, mask, weight, 0.25, True, 1e-5, 0.2,
+    saved = ops.fused_fwd(q, k, v, lam, mask, weight, 0.25, True, -1, -1, 0.0, False, 1e-5, 0.2,
                           True)[1:]
     dout = torch.randn(2, 20, 2, 32)
     torch.library.opcheck(torch.ops.diffattn.bwd.default,
-                          (dout, q, k, v, lam, 0.0, False, mask, weight, *saved, 0.25, True, 0.2,
-                           True, True))
+                          (dout, q, k, v, lam, mask, weight, *saved, 0.25, True, -1, -1, 0.0,
+                           False, 1e-5, 0.2, True, True))
 
 
 @requires_interpreter
 def test_eager_path_and_registered_ops_agree_bitwise():
     q, k, v, lam, mask, weight = _op_inputs(requires_grad=True)
-    args = (q, k, v, lam, 0.0, False, mask, weight, 0.25, True, 1e-5, 0.2)
-    eager = ops.FusedDiffAttention.apply(*args)
-    traced = ops.fused_fwd(*args, True)[0]
+    call = AttentionCall(0.25, causal=True, eps=1e-5, out_scale=0.2)
+    eager = ops.DiffAttentionFunction.apply(q, k, v, lam, mask, weight, call)
+    traced = ops.fused_fwd(q, k, v, lam, mask, weight, *call.as_schema_args(), True)[0]
     assert torch.equal(eager, traced)
     dout = torch.randn(eager.shape)
     inputs = (q, k, v, lam, weight)
@@ -100,6 +102,7 @@ def test_eager_path_and_registered_ops_agree_bitwise():
 @requires_interpreter
 def test_backward_of_an_unsaved_forward_is_a_clear_error():
     q, k, v, lam, mask, weight = _op_inputs(requires_grad=True)
-    out = ops.fused_fwd(q, k, v, lam, 0.0, False, mask, weight, 0.25, True, 1e-5, 0.2, False)[0]
+    out = ops.fused_fwd(q, k, v, lam, mask, weight, 0.25, True, -1, -1, 0.0, False, 1e-5, 0.2,
+                        False)[0]
     with pytest.raises(RuntimeError, match="save_for_backward=False"):
         out.sum().backward()

@@ -186,8 +186,8 @@ def test_inference_writes_only_the_output(poison_empty):
     with torch.no_grad():
         inference = diff_attention(q, k, v, lam, causal=True, key_padding_mask=mask,
                                    norm_weight=weight, out_scale=0.2, backend="triton")
-        saved = ops.fused_fwd(q, k, v, lam, 0.0, False, mask, weight, 0.25, True, 1e-5, 0.2,
-                              False)
+        saved = ops.fused_fwd(q, k, v, lam, mask, weight, 0.25, True, -1, -1, 0.0, False,
+                              1e-5, 0.2, False)
     assert torch.equal(inference, with_grad.detach())
     assert torch.equal(saved[0], inference)
     assert all(t.numel() == 0 for t in saved[1:])

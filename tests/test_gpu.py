@@ -304,8 +304,8 @@ def _op_inputs(norm: bool, requires_grad: bool, save_for_backward: bool = True):
     lam = problem["lambda_"].clone().requires_grad_(requires_grad)
     weight = problem["norm_weight"].float() if norm else None
     out_scale = 0.2 if norm else 1.0
-    return (q, k, v, lam, 0.0, False, problem["kwargs"].get("key_padding_mask"), weight,
-            64 ** -0.5, True, 1e-5, out_scale, save_for_backward), problem["dout"]
+    return (q, k, v, lam, problem["kwargs"].get("key_padding_mask"), weight, 64 ** -0.5, True,
+            -1, -1, 0.0, False, 1e-5, out_scale, save_for_backward), problem["dout"]
 
 
 @pytest.mark.parametrize("norm,save", [(False, True), (True, True), (True, False)],
@@ -319,11 +319,11 @@ def test_opcheck_fwd(norm, save):
 def test_opcheck_bwd():
     from diffattn import ops  # noqa: F401
     args, dout = _op_inputs(norm=True, requires_grad=False)
-    q, k, v, lam, lam_value, vectors, kpm, weight, scale, causal, eps, out_scale, _ = args
+    q, k, v, lam, kpm, weight, *call_args, _ = args
     out, x, o2, lse, rstd = torch.ops.diffattn.fwd(*args)
     torch.library.opcheck(torch.ops.diffattn.bwd.default,
-                          (dout, q, k, v, lam, lam_value, vectors, kpm, weight, x, o2, lse, rstd,
-                           scale, causal, out_scale, True, True))
+                          (dout, q, k, v, lam, kpm, weight, x, o2, lse, rstd, *call_args, True,
+                           True))
 
 
 # ------------------------------------------------------------------------------ accuracy

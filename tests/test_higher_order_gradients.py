@@ -11,6 +11,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffattn import (DiffMultiheadAttention, diff_attention, diff_attention_ref,
                       diff_attention_v2, diff_attention_v2_ref)
+from diffattn.kernels.call import AttentionCall
 from helpers import INTERPRET, assert_close_rel
 
 needs_fused = pytest.mark.skipif(not INTERPRET, reason="needs the fused path (TRITON_INTERPRET=1)")
@@ -78,8 +79,8 @@ def test_fused_first_derivatives_under_create_graph_stay_right():
 @needs_fused
 def test_registered_op_refuses_second_derivatives():
     (q, k, v, lam), _ = _inputs(False)
-    out = torch.ops.diffattn.fwd(q, k, v, lam, 0.0, False, None, None, 0.5, False, 1e-5, 1.0,
-                                 True)[0]
+    call = AttentionCall.create(0.5)
+    out = torch.ops.diffattn.fwd(q, k, v, lam, None, None, *call.as_schema_args(), True)[0]
     (dq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match=REMEDY):
         dq.pow(2).sum().backward()

@@ -38,7 +38,7 @@ def test_the_shortcut_launches_what_triton_would():
 
 
 def test_the_interpreter_always_takes_tritons_path():
-    from diffattn.kernels import diff_attn_bwd, diff_attn_fwd
+    from diffattn.kernels import AttentionCall, diff_attn_bwd, diff_attn_fwd
     from diffattn.kernels.config import INTERPRET
     if not INTERPRET:
         pytest.skip("kernels are compiled here")
@@ -61,12 +61,41 @@ def test_replaced_restores_the_launcher():
     with pytest.raises(KeyError):
         with launcher.replaced(Stand(), fast=False):
             for _ in range(2):
-                launcher((2, 1), (x,), (3,), (0.5,), {"A": 1})
-            assert len(calls) == 2 and calls[1][0] == (2, 1)
-            assert calls[1][1][0] is x and calls[1][1][1:] == (3, 0.5)
-            assert calls[1][2] == {"A": 1}
+                launcher((2, 1), X=x, n=3, scale=0.5, A=1)
+            assert len(calls) == 2 and calls[1][0] == (2, 1) and calls[1][1] == ()
+            assert calls[1][2]["X"] is x
+            assert {k: v for k, v in calls[1][2].items() if k != "X"} == \
+                {"n": 3, "scale": 0.5, "A": 1}
             raise KeyError("leave the block with an error")
     assert (launcher.kernel, launcher.fast, launcher.compiled, launcher._device) == before
+
+
+def test_launch_path_says_which_path_and_why(monkeypatch):
+    import diffattn.kernels.launch as launch
+    path = launch.launch_path()
+    reason = launch.shortcut_unavailable_reason()
+    assert (path == "shortcut") == (reason is None)
+    if reason is not None:
+        assert reason in path
+    monkeypatch.setattr(launch, "TESTED_TRITON", ((1, 0), (1, 1)))
+    monkeypatch.setattr(launch, "ENABLED", True)
+    monkeypatch.setattr(launch, "INTERPRET", False)
+    assert "outside the versions the shortcut was tested with" in launch.launch_path()
+    assert not launch.Launcher(lambda X: None).fast
+    monkeypatch.setattr(launch, "ENABLED", False)
+    assert "DIFFATTN_FAST_LAUNCH=0" in launch.launch_path()
+
+
+def test_kernels_replaced_reaches_every_launcher_by_name():
+    from diffattn.kernels.launch import LAUNCHERS, kernels_replaced
+    names = {"diff_attn_fwd_kernel", "diff_attn_bwd_rows_kernel", "diff_attn_bwd_kernel"}
+    stand_ins = {name: object() for name in names}
+    with kernels_replaced(stand_ins, fast=False):
+        assert all(LAUNCHERS[n].kernel is stand_ins[n] for n in names)
+    assert all(LAUNCHERS[n].kernel is not stand_ins[n] for n in names)
+    with pytest.raises(KeyError, match="known kernels"):
+        with kernels_replaced({"no_such_kernel": object()}, fast=False):
+            pass
 
 
 def test_the_remembered_keys_are_bounded(monkeypatch):
@@ -98,7 +127,7 @@ def test_the_remembered_keys_are_bounded(monkeypatch):
             pytest.skip("this triton has no launch shortcut")
         for n in range(20):
             for _ in range(2):
-                launcher((1,), (x,), (n,), (0.5,), {"BLOCK": 16})
+                launcher((1,), X=x, n=n, scale=0.5, BLOCK=16)
             assert len(launcher.compiled) <= 8
     assert len(launched) == 40
 
@@ -148,18 +177,17 @@ def _main() -> int:
         return compiled
     JITFunction._do_compile = stand_in_compile
 
-    import diffattn.kernels.tuning as tuning
-    from diffattn.kernels import diff_attn_bwd, diff_attn_fwd
+    from diffattn.kernels import AttentionCall, diff_attn_bwd, diff_attn_fwd
     from diffattn.kernels.launch import Launcher
-    tuning.gpu_arch = lambda device: "sm_stand_in"
-    tuning.AUTOTUNE = False
+    from diffattn.kernels.tuning import untuned_tile_choice
+    untuned_tile_choice("sm_stand_in").__enter__()  # for the rest of this process
     fwd_module = sys.modules[diff_attn_fwd.__module__]
     bwd_module = sys.modules[diff_attn_bwd.__module__]
     launchers = (fwd_module.diff_attn_fwd_launch, bwd_module.diff_attn_bwd_rows_launch,
                  bwd_module.diff_attn_bwd_launch)
     assert all(x.fast for x in launchers), "the shortcut is off"
 
-    recorded = []  # (launcher, grid, pointers, integers, floats, constexprs)
+    recorded = []  # (launcher, grid, arguments by name)
     stats = {"launches": 0, "through_triton": 0}
     real_call, real_remember = Launcher.__call__, Launcher._launch_and_remember
 
@@ -167,12 +195,12 @@ def _main() -> int:
         stats["through_triton"] += 1
         real_remember(self, *args)
 
-    def checked_call(self, grid, pointers, integers, floats, constexprs, wrap=None):
-        recorded.append((self, grid, pointers, integers, floats, constexprs))
-        real_call(self, grid, pointers, integers, floats, constexprs, wrap)
+    def checked_call(self, grid, wrap=None, **arguments):
+        recorded.append((self, grid, arguments))
+        real_call(self, grid, wrap, **arguments)
         stats["launches"] += 1
         launched = log[-1]
-        self.kernel[grid](*pointers, *integers, *floats, **constexprs)  # Triton's own path
+        self.kernel[grid](**arguments)  # Triton's own path
         expected = log[-1]
         if launched[0] is not expected[0]:
             raise AssertionError(f"{self.kernel.__name__}: compiled for {launched[0].key}, "
@@ -197,7 +225,9 @@ def _main() -> int:
         for N in (1, 16, 17):
             for misaligned in (False, True):
                 for variant in ("v1_norm", "v1", "v2"):
-                    for causal, kpm in ((False, False), (True, False), (False, True)):
+                    for causal, kpm, window in ((False, False, None), (True, False, None),
+                                                (False, True, None), (True, True, (3, -1)),
+                                                (False, False, (2, 5))):
                         B, H, d = 2, 2, 16
                         q = tensors(B, N, 2 * H, d, dtype=dtype, misaligned=misaligned)
                         pair = variant != "v2"
@@ -208,33 +238,39 @@ def _main() -> int:
                             torch.tensor(0.3, dtype=acc)
                         w = torch.ones(2 * d) if variant == "v1_norm" else None
                         mask = torch.zeros(B, N, dtype=torch.bool) if kpm else None
+                        call = AttentionCall.create(
+                            0.25, causal=causal, window_size=window, eps=1e-5,
+                            out_scale=0.8 if w is not None else 1.0)
                         for save in (False, True):
                             for _ in range(2):  # the second call takes the shortcut
-                                out = diff_attn_fwd(q, k, v, lam, 0.0, mask, w, 0.25, causal,
-                                                    1e-5, 0.8 if w is not None else 1.0, save)
+                                out = diff_attn_fwd(q, k, v, lam, mask, w, call,
+                                                    save_for_backward=save)
                         _, x, o2, lse, rstd = out
                         dout = torch.randn_like(x)
                         for _ in range(2):
-                            diff_attn_bwd(dout, q, k, v, lam, 0.0, mask, w, x, o2, lse, rstd,
-                                          0.25, causal, 0.8 if w is not None else 1.0)
+                            diff_attn_bwd(dout, q, k, v, lam, mask, w, (x, o2, lse, rstd),
+                                          call)
                         cases += 1
     # recorded launches again, one argument changed at a time: each integer through values
     # that specialise differently, each pointer through byte offsets 0..15
     rng = random.Random(0)
     values = [0, 1, 2, 15, 16, 17, 31, 32, 48, 2**31 - 1, 2**31, 2**31 + 16, 2**32, 2**40 + 3]
-    for launcher, grid, pointers, integers, floats, constexprs in rng.sample(recorded, 24):
-        for i in range(len(integers)):
-            for value in values:
-                ints = integers[:i] + (value,) + integers[i + 1:]
-                for _ in range(2):
-                    launcher(grid, pointers, ints, floats, constexprs)
-        for i, p in enumerate(pointers):
-            storage = torch.zeros(64, dtype=torch.uint8)
-            for offset in range(0, 16, p.element_size()):
-                ptrs = pointers[:i] + (storage[offset:offset + 16].view(p.dtype),) + \
-                    pointers[i + 1:]
-                for _ in range(2):
-                    launcher(grid, ptrs, integers, floats, constexprs)
+    for launcher, grid, arguments in rng.sample(recorded, 24):
+        runtime = set(launcher.runtime_names)
+        for name, arg in arguments.items():
+            if name not in runtime:
+                continue
+            if isinstance(arg, torch.Tensor):  # each byte offset its dtype allows
+                storage = torch.zeros(64, dtype=torch.uint8)
+                for offset in range(0, 16, arg.element_size()):
+                    changed = {**arguments,
+                               name: storage[offset:offset + 16].view(arg.dtype)}
+                    for _ in range(2):
+                        launcher(grid, **changed)
+            elif isinstance(arg, int):
+                for value in values:
+                    for _ in range(2):
+                        launcher(grid, **{**arguments, name: value})
     remembered = sum(len(x.compiled) for x in launchers)
     print(f"cases: {cases}; remembered specialisations: {remembered}; launches: "
           f"{stats['launches']}; shortcut launches checked: "

@@ -139,12 +139,16 @@ def load_kept_key_value_tiles(k_base, v_base, stride_kh, stride_km, stride_vm, s
 
 
 @triton.jit
-def query_key_keep(kpm_row, rows, cols, N, M, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr):
+def query_key_keep(kpm_row, rows, cols, N, M, window_left, window_right, HAS_KPM: tl.constexpr,
+                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
     """(len(rows), len(cols)) True where query ``rows`` see key ``cols``: the key exists, is not
-    padding and, with CAUSAL, is on or below the bottom-right diagonal."""
+    padding, with CAUSAL is on or below the bottom-right diagonal and with WINDOW lies in the
+    local window (window_keep)."""
     keep = key_keep(kpm_row, cols, M, HAS_KPM)[None, :]
     if CAUSAL:
         keep = keep & causal_keep(rows[:, None], cols[None, :], N, M)
+    if WINDOW:
+        keep = keep & window_keep(rows[:, None], cols[None, :], N, M, window_left, window_right)
     return keep
 
 
@@ -163,6 +167,32 @@ def key_keep(kpm_row, cols, n_cols, HAS_KPM: tl.constexpr):
 def causal_keep(q_idx, k_idx, N, M):
     """Query q_idx sees key k_idx (broadcast shapes): k <= q + (M - N), bottom-right diagonal."""
     return k_idx <= q_idx + (M - N)
+
+
+@triton.jit
+def window_keep(q_idx, k_idx, N, M, window_left, window_right):
+    """Query q_idx sees key k_idx (broadcast shapes) inside the local window around its
+    bottom-right-aligned diagonal: q + (M - N) - window_left <= k <= q + (M - N) + window_right
+    (the host passes M and N for unbounded sides)."""
+    diagonal = q_idx + (M - N)
+    return (k_idx >= diagonal - window_left) & (k_idx <= diagonal + window_right)
+
+
+@triton.jit
+def band_tiles(start, BLOCK: tl.constexpr, lo_offset, hi_offset, limit, TILE: tl.constexpr):
+    """Loop bounds over the other axis for the items [start, start + BLOCK) of a band: item x
+    sees the indices y in [0, limit) with x + lo_offset <= y <= x + hi_offset. Returns
+    (first, open_first, open_end, end), multiples of TILE except end: the tiles in
+    [first, open_first) and [open_end, end) hold the band's edges (masked), those in
+    [open_first, open_end) are seen whole by every item (no mask); tiles outside
+    [first, end) are seen by none and skipped. An empty band gives empty ranges."""
+    end = tl.minimum(tl.maximum(start + BLOCK + hi_offset, 0), limit)
+    first = (tl.maximum(start + lo_offset, 0) // TILE) * TILE
+    open_first = tl.cdiv(tl.maximum(start + BLOCK - 1 + lo_offset, 0), TILE) * TILE
+    open_end = (tl.minimum(tl.maximum(start + hi_offset + 1, 0), limit) // TILE) * TILE
+    open_first = tl.minimum(tl.maximum(open_first, first), end)
+    open_end = tl.maximum(tl.minimum(open_end, end), open_first)
+    return first, open_first, open_end, end
 
 
 @triton.jit

@@ -1,0 +1,129 @@
+"""One description of a differential attention call, from the functional API to the launchers.
+
+:class:`AttentionCall` holds everything about a call that is not a tensor: the softmax scale,
+the masks' rules (causal, local window), the lambda mode and the epilogue. The functional API
+builds it once (``AttentionCall.create`` checks and normalises the window); ``diffattn.ops``
+passes it through autograd unchanged (flattened by ``as_schema_args`` only where a
+``torch.library`` schema needs plain arguments) and the launchers derive every kernel flag
+from it and the tensors in one place, :func:`variant_flags`.
+
+Visibility rule (FlashAttention's): query i of N sees key j of M when
+``i + M - N - left <= j <= i + M - N + right``; -1 means unbounded on that side, and causal is
+``right = 0``. A new mode of the kernels (for example packed variable-length sequences) is one
+more field here and one more flag in ``variant_flags``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from .config import head_block
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """The non-tensor arguments of one fused call.
+
+    scale: softmax scale (d ** -0.5 by default in the functional API).
+    causal: query i sees keys j <= i + (M - N) (bottom-right aligned diagonal).
+    window: (left, right) as given by the caller, with right already 0 when causal; -1 is
+        unbounded. (-1, -1) is no window.
+    lam_value: lambda when no lambda tensor is passed; lambda_init with lam_vectors.
+    lam_vectors: the lambda tensor holds the four (4, L) lambda vectors (V1 layers).
+    eps, out_scale: the epilogue (RMSNorm with a norm weight, then the output scale).
+    """
+    scale: float
+    causal: bool = False
+    window: Tuple[int, int] = (-1, -1)
+    lam_value: float = 0.0
+    lam_vectors: bool = False
+    eps: float = 1e-5
+    out_scale: float = 1.0
+
+    @classmethod
+    def create(cls, scale: float, *, causal: bool = False,
+               window_size: Optional[Tuple[int, int]] = None, lam_value: float = 0.0,
+               lam_vectors: bool = False, eps: float = 1e-5,
+               out_scale: float = 1.0) -> "AttentionCall":
+        """The call with ``window_size`` normalised (causal folds into right = 0). The window
+        must already be checked (diffattn.functional.check_window_size)."""
+        left, right = (-1, -1) if window_size is None else (int(window_size[0]),
+                                                              int(window_size[1]))
+        if causal:
+            right = 0
+        return cls(float(scale), bool(causal), (left, right), float(lam_value),
+                   bool(lam_vectors), float(eps), float(out_scale))
+
+    @property
+    def local(self) -> bool:
+        """True when a window bound other than the causal diagonal applies (the kernels'
+        WINDOW flag; causal alone keeps its own, cheaper CAUSAL flag)."""
+        left, right = self.window
+        return left >= 0 or (right >= 0 and not self.causal)
+
+    def window_bounds(self, N: int, M: int) -> Tuple[int, int]:
+        """(left, right) as the kernels take them: unbounded sides become M and N (which no
+        query can reach past), bounded ones are clipped to them."""
+        left, right = self.window
+        return (M if left < 0 else min(left, M)), (N if right < 0 else min(right, N))
+
+    def as_schema_args(self) -> tuple:
+        """The fields as plain arguments, in the order of ``from_schema_args``."""
+        return (self.scale, self.causal, self.window[0], self.window[1], self.lam_value,
+                self.lam_vectors, self.eps, self.out_scale)
+
+    @classmethod
+    def from_schema_args(cls, scale: float, causal: bool, window_left: int, window_right: int,
+                         lam_value: float, lam_vectors: bool, eps: float,
+                         out_scale: float) -> "AttentionCall":
+        return cls(scale, causal, (window_left, window_right), lam_value, lam_vectors, eps,
+                   out_scale)
+
+
+def dot_precision(dtype) -> str:
+    """fp32 inputs use exact fp32 products ("ieee"), not TF32; fp16/bf16 ignore this."""
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def lambda_strides(lam: Optional[torch.Tensor], lam_vectors: bool) -> tuple:
+    """(batch, row, head) element strides of a lambda tensor of shape (), (H,) or (B, N, H);
+    zeros where lambda does not vary (and for no tensor, or lambda's vectors)."""
+    if lam is None or lam_vectors or lam.dim() == 0:
+        return 0, 0, 0
+    if lam.dim() == 1:
+        return 0, 0, lam.stride(0)
+    return lam.stride()
+
+
+def lambda_flags(lam: Optional[torch.Tensor], lam_vectors: bool) -> dict:
+    """The kernels' lambda switches: LAM_MODE 0 (the float lam_value), 1 (a tensor read
+    through strides), 2 (computed from the (4, LAM_DIM) vectors lq1, lk1, lq2, lk2 with
+    lam_value = lambda_init)."""
+    if lam is None:
+        return dict(LAM_MODE=0, LAM_DIM=1, BLOCK_LAM=16)
+    if lam_vectors:
+        return dict(LAM_MODE=2, LAM_DIM=lam.shape[1], BLOCK_LAM=head_block(lam.shape[1]))
+    return dict(LAM_MODE=1, LAM_DIM=1, BLOCK_LAM=16)
+
+
+def strides(name: str, t: torch.Tensor, axes: str) -> dict:
+    """The kernels' stride arguments of tensor ``name`` by keyword: strides("q", q, "bnh") is
+    {"stride_qb": q.stride(0), "stride_qn": q.stride(1), "stride_qh": q.stride(2)}."""
+    return {f"stride_{name}{axis}": t.stride(i) for i, axis in enumerate(axes)}
+
+
+def variant_flags(call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  lam: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor]) -> dict:
+    """The compile-time flags the forward and backward kernels share, from the call and its
+    tensors (layouts in diff_attn_fwd): head sizes and their blocks, the key layout (a key
+    pair per group in V1), the masks, lambda's mode, the accumulation and dot precision."""
+    d, DV = q.shape[3], v.shape[3]
+    return dict(HEAD_DIM=d, HEAD_DIM_V=DV, BLOCK_D=head_block(d), BLOCK_DV=head_block(DV),
+                KEY_PAIR=k.shape[2] != v.shape[2], CAUSAL=call.causal and not call.local,
+                **lambda_flags(lam, call.lam_vectors), HAS_KPM=key_padding_mask is not None,
+                WINDOW=call.local, ACC_FP64=q.dtype == torch.float64,
+                PRECISION=dot_precision(q.dtype))

@@ -522,7 +522,7 @@ def case_tasks(case: Case, lists: dict, limit: Optional[int], arch: int,
 def all_tasks(run_cases: Sequence[Case], lists: dict, limit: Optional[int], arch: int,
               skipped: List[dict], extra_only: bool = False) -> List[Task]:
     """The tasks of every case, by case tier, then the slow backward first within a tier;
-    cases the checkout cannot run are appended to ``skipped``."""
+    cases the kernels cannot run are appended to ``skipped``."""
     tasks = []
     for case in run_cases:
         reason = unsupported_reason(VARIANT_BY_NAME[case.variant])
@@ -932,7 +932,7 @@ def command_args(argv: Sequence[str]) -> List[str]:
 
 
 def kernels_revision() -> str:
-    """Which kernels were compiled: the git commit of the kernels' checkout, with a note when
+    """Which kernels were compiled: the git commit of the kernels' source, with a note when
     kernels/ has uncommitted changes ("" outside git)."""
     kernels_dir = Path(importlib.import_module("diffattn.kernels").__file__).resolve().parent
     try:

@@ -54,17 +54,23 @@ from .tuning import FWD_TILES
 
 @triton.jit
 def _attend_key_tiles(q1, q2, k_base, v_base, k1_desc, k2_desc, v_desc, kpm_row, rows, start,
-                      end, m1, l1, acc1, m2, l2, acc2, stride_kh, stride_km, stride_vm, N, M,
-                      window_left, window_right, qk_scale, HEAD_DIM: tl.constexpr,
-                      HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                      end, skip_from, skip, m1, l1, acc1, m2, l2, acc2, stride_kh, stride_km,
+                      stride_vm, N, M, window_left, window_right, qk_scale,
+                      HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                       KEY_PAIR: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
                       WINDOW: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
                       BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
-    """Both online softmaxes over the key tiles [start, end). MASKED applies the ragged-edge,
-    padding, causal and window masks; without it every key of every tile is visible to every row.
+    """Both online softmaxes over the key tiles [start, end) (with WINDOW and MASKED, the
+    tiles from skip_from on are shifted by ``skip``: the band's two edges in one loop). MASKED
+    applies the ragged-edge, padding, causal and window masks; without it every key of every
+    tile is visible to every row.
     USE_TMA reads the key and value tiles through the tensor descriptors (rows past M read
     as zero) instead of the pointers."""
-    for start_n in range(start, end, BLOCK_N):
+    for loop_n in range(start, end, BLOCK_N):
+        start_n = loop_n
+        if WINDOW and MASKED:  # one loop over both edges of the band: jump over its middle
+            start_n = tl.where(loop_n >= skip_from, loop_n + skip, loop_n)
         cols = start_n + tl.arange(0, BLOCK_N)
         if USE_TMA:
             k1 = k1_desc.load([start_n, 0])
@@ -159,11 +165,8 @@ def diff_attn_fwd_kernel(
             pid_m * BLOCK_M, BLOCK_M, (M - N) - window_left, (M - N) + window_right, M, BLOCK_N)
         if HAS_KPM:
             open_end = open_start
-        m1, l1, acc1, m2, l2, acc2 = _attend_key_tiles(
-            q1, q2, k_base, v_base, k1_desc, k2_desc, v_desc, kpm_row, rows, start, open_start,
-            m1, l1, acc1, m2, l2, acc2, stride_kh, stride_km, stride_vm, N, M, window_left,
-            window_right, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR, CAUSAL,
-            HAS_KPM, WINDOW, True, PRECISION, BLOCK_N, USE_TMA)
+        # the band's edges [start, open_start) and [open_end, end) in one masked loop
+        masked_start, masked_end = start, end - (open_end - open_start)
     else:
         open_start = 0
         end = M
@@ -174,16 +177,17 @@ def diff_attn_fwd_kernel(
         open_end = 0
         if not HAS_KPM:
             open_end = full_tiles_end(first_hidden, M, BLOCK_N)
+        masked_start, masked_end = open_end, end
     m1, l1, acc1, m2, l2, acc2 = _attend_key_tiles(
         q1, q2, k_base, v_base, k1_desc, k2_desc, v_desc, kpm_row, rows, open_start, open_end,
-        m1, l1, acc1, m2, l2, acc2, stride_kh, stride_km, stride_vm, N, M, window_left,
+        0, 0, m1, l1, acc1, m2, l2, acc2, stride_kh, stride_km, stride_vm, N, M, window_left,
         window_right, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR, CAUSAL,
         HAS_KPM, WINDOW, False, PRECISION, BLOCK_N, USE_TMA)
     m1, l1, acc1, m2, l2, acc2 = _attend_key_tiles(
-        q1, q2, k_base, v_base, k1_desc, k2_desc, v_desc, kpm_row, rows, open_end, end,
-        m1, l1, acc1, m2, l2, acc2, stride_kh, stride_km, stride_vm, N, M, window_left,
-        window_right, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR, CAUSAL,
-        HAS_KPM, WINDOW, True, PRECISION, BLOCK_N, USE_TMA)
+        q1, q2, k_base, v_base, k1_desc, k2_desc, v_desc, kpm_row, rows, masked_start,
+        masked_end, open_start, open_end - open_start, m1, l1, acc1, m2, l2, acc2, stride_kh,
+        stride_km, stride_vm, N, M, window_left, window_right, qk_scale, HEAD_DIM, HEAD_DIM_V,
+        BLOCK_D, BLOCK_DV, KEY_PAIR, CAUSAL, HAS_KPM, WINDOW, True, PRECISION, BLOCK_N, USE_TMA)
 
     # A row that saw no key: O = 0 and LSE = +inf, so backward recomputes P = 0 there.
     l1_safe = tl.where(l1 > 0, l1, 1.0)

@@ -180,7 +180,8 @@ def _main() -> int:
     from diffattn.kernels import AttentionCall, diff_attn_bwd, diff_attn_fwd
     from diffattn.kernels.launch import Launcher
     from diffattn.kernels.tuning import untuned_tile_choice
-    untuned_tile_choice("sm_stand_in").__enter__()  # for the rest of this process
+    untuned = untuned_tile_choice("sm_stand_in")  # for the rest of this process
+    untuned.__enter__()
     fwd_module = sys.modules[diff_attn_fwd.__module__]
     bwd_module = sys.modules[diff_attn_bwd.__module__]
     launchers = (fwd_module.diff_attn_fwd_launch, bwd_module.diff_attn_bwd_rows_launch,

@@ -30,7 +30,7 @@ from .functional import check_window_size, run_diff_attention
 from .kvcache import DiffKVCache, layer_decode_step
 from .lambdas import LambdaVectors
 from .packed_projection import load_packed, projection_slice, save_packed
-from .torch_path import differential_maps
+from .torch_path import differential_maps, rms_norm_epilogue
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 _SEPARATE = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
@@ -74,7 +74,10 @@ def lambda_init_for_depth(layer_index: int) -> float:
 
 class HeadRMSNorm(nn.Module):
     """RMSNorm over one head's 2d features, weight shared by all heads (DiffCLIP's diff_norm).
-    The fused path applies it inside the kernel; this module holds the weight and eps."""
+
+    The layers' fused path applies it inside the kernel, reading ``weight`` and ``eps`` from
+    here; calling the module applies it in PyTorch: x (..., 2d) -> the same shape and dtype,
+    ``x * rsqrt(mean(x^2) + eps) * weight``, computed in fp32 (fp64 for fp64 inputs)."""
 
     def __init__(self, dim: int, eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
@@ -82,6 +85,12 @@ class HeadRMSNorm(nn.Module):
             raise ValueError(f"eps must be a positive finite float, got {eps!r}")
         self.eps = float(eps)
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.weight.shape[0]:
+            raise ValueError(f"x must have {self.weight.shape[0]} features in its last "
+                             f"dimension, got shape {tuple(x.shape)}")
+        return rms_norm_epilogue(x, self.weight, self.eps, 1.0)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -339,3 +339,19 @@ def test_bad_forward_inputs():
         m(x, torch.randn(2, 6, 32), torch.randn(2, 7, 32))
     with pytest.raises(ValueError, match="key must have query's batch size 2"):
         m(x, torch.randn(3, 6, 32), torch.randn(3, 6, 32))
+
+
+def test_head_rms_norm_is_callable_and_matches_float64_math():
+    from diffattn import HeadRMSNorm
+    torch.manual_seed(0)
+    norm = HeadRMSNorm(8, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 4, 8)
+    x64 = x.double()
+    ref = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.double()
+    got = norm(x)
+    assert got.dtype == x.dtype and got.shape == x.shape
+    assert torch.allclose(got.double(), ref, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="8 features"):
+        norm(torch.randn(2, 7))

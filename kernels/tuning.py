@@ -8,7 +8,7 @@ order:
 
 1. the committed table of tuned winners, ``tuned_configs.json`` beside this file, for this
    GPU architecture (``sm_90`` for an H100): the entry of the same class at the nearest
-   length bucket. ``benchmarks/tune.py`` writes it from a sweep on the GPU, so the choices can
+   length bucket. ``tools/tune.py`` writes it from a sweep on the GPU, so the choices can
    be read and reviewed without one;
 2. with autotuning on (the default; ``DIFFATTN_AUTOTUNE=0`` switches it off), a timing of every
    candidate of the class on this first call, keeping the fastest. Never while a CUDA graph is

@@ -1,4 +1,4 @@
-"""CPU tests of the tile-tuning sweep (benchmarks/tune.py): the problem list, candidates, the
+"""CPU tests of the tile-tuning sweep (tools/tune.py): the problem list, candidates, the
 table merge and its format (read back by the kernels' own reader), the sweep with a fake timer
 and clock, arguments, and a dry run of the whole CLI through the Triton interpreter."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tools"))
 
 import tune  # noqa: E402
 from diffattn.kernels import INTERPRET, tuning  # noqa: E402

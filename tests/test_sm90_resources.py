@@ -149,3 +149,19 @@ def test_one_real_compile_for_sm90(tmp_path):
     assert row["config"] == ",".join(map(str, FWD_CANDIDATES["narrow"][0]))
     summary = out.with_suffix(".md").read_text()
     assert "## Failed compiles\n\nNone." in summary
+
+
+def test_tma_flag_records_the_forward_with_tensor_descriptors():
+    """--tma records the forward as DIFFATTN_TMA=1 runs it on Hopper (kernels/tma.py's
+    recording hook), without it the pointer loads."""
+    if not hasattr(pytest.importorskip("triton.language"), "make_tensor_descriptor"):
+        pytest.skip("this triton has no tensor descriptors")
+    flags = []
+    for extra in ([], ["--tma"]):
+        proc = _tool("--list", "--variants", "v2_infer", "--dtypes", "bf16", "--head-dims", "64",
+                     "--candidates", "1", *extra)
+        assert proc.returncode == 0, proc.stderr
+        fwd = json.loads(next(line for line in proc.stdout.splitlines()
+                              if line.startswith("{")))
+        flags.append(fwd["constexprs"][str(list(fwd["signature"]).index("USE_TMA"))])
+    assert flags == [False, True]

@@ -637,15 +637,20 @@ def compile_spec(spec: Spec, arch: int) -> dict:
     return usage
 
 
+def task_row(task: Task, **values) -> dict:
+    """The CSV row of a task: what was compiled, then ``values``."""
+    import triton
+    return {"target": f"sm_{task.arch}", "triton": triton.__version__,
+            "kernel": task.spec.kernel, "variant": task.variant, "dtype": task.dtype,
+            "head_dim": task.head_dim, "group": task.group, "candidate": task.candidate,
+            "config": ",".join(str(x) for x in task.config),
+            "num_warps": task.spec.options.get("num_warps", 4),
+            "num_stages": task.spec.options.get("num_stages", 3), **values}
+
+
 def run_task(task: Task) -> Task:
     """Compile one task and fill its row (errors are recorded in the row, not raised)."""
-    import triton
-    row = {"target": f"sm_{task.arch}", "triton": triton.__version__, "kernel": task.spec.kernel,
-           "variant": task.variant, "dtype": task.dtype, "head_dim": task.head_dim,
-           "group": task.group, "candidate": task.candidate,
-           "config": ",".join(str(x) for x in task.config),
-           "num_warps": task.spec.options.get("num_warps", 4),
-           "num_stages": task.spec.options.get("num_stages", 3)}
+    row = task_row(task)
     start = time.perf_counter()
     try:
         usage = compile_spec(task.spec, task.arch)
@@ -731,16 +736,7 @@ def run_tasks(tasks: Sequence[Task], jobs: int, deadline: Optional[float],
     rows = []
     for task in tasks:
         row = done.get(task.index)
-        if row is None:
-            import triton
-            row = {"target": f"sm_{task.arch}", "triton": triton.__version__,
-                   "kernel": task.spec.kernel, "variant": task.variant, "dtype": task.dtype,
-                   "head_dim": task.head_dim, "group": task.group, "candidate": task.candidate,
-                   "config": ",".join(str(x) for x in task.config),
-                   "num_warps": task.spec.options.get("num_warps", 4),
-                   "num_stages": task.spec.options.get("num_stages", 3),
-                   "error": "not compiled: time limit"}
-        rows.append(row)
+        rows.append(task_row(task, error="not compiled: time limit") if row is None else row)
     return rows
 
 

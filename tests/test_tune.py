@@ -168,3 +168,14 @@ def test_arguments_and_refusals(capsys, tmp_path):
         assert tune.main(["--table", str(tmp_path / "t.json")]) == 2   # interpreter: dry only
         err = capsys.readouterr().err.strip().splitlines()
         assert all(line.startswith("error: ") for line in err) and len(err) == 2
+
+
+def test_forced_tiles_nest_and_restore():
+    """The sweep forces one candidate at a time through tuning.forced_tiles; blocks nest."""
+    first, second = tuple(FWD_CANDIDATES["narrow"][0]), tuple(FWD_CANDIDATES["narrow"][1])
+    with tuning.forced_tiles(fwd=first):
+        with tuning.forced_tiles(fwd=second, bwd=tuple(BWD_CANDIDATES["narrow"][0])):
+            assert tuning.FWD_TILES.choose(None, CPU) == second
+        assert tuning.FWD_TILES.choose(None, CPU) == first
+        assert "choose" not in vars(tuning.BWD_TILES)
+    assert "choose" not in vars(tuning.FWD_TILES)

@@ -20,7 +20,7 @@
 # The benchmark runs with DIFFATTN_AUTOTUNE=${BENCH_AUTOTUNE:-0}: tiles from the committed
 # table kernels/tuned_configs.json where it has the GPU's architecture and the call class,
 # else the first candidate (timing every candidate on first use would spend the budget
-# compiling; BENCH_AUTOTUNE=1 allows it). With TUNE=1, benchmarks/tune.py first sweeps the
+# compiling; BENCH_AUTOTUNE=1 allows it). With TUNE=1, tools/tune.py first sweeps the
 # candidates and merges the winners into that table, which the benchmark then reads; the
 # table and the sweep's CSV are copied to OUTDIR to be committed.
 #
@@ -121,9 +121,9 @@ fi
 
 tune_rc=0
 if [ "$TUNE" != "0" ]; then
-    note "== benchmarks/tune.py --time-limit-s $TUNE_LIMIT_S -> $ROOT/kernels/tuned_configs.json"
+    note "== tools/tune.py --time-limit-s $TUNE_LIMIT_S -> $ROOT/kernels/tuned_configs.json"
     start=$SECONDS
-    timeout -s INT -k 20 "$((TUNE_LIMIT_S + 60))" python "$ROOT/benchmarks/tune.py" \
+    timeout -s INT -k 20 "$((TUNE_LIMIT_S + 60))" python "$ROOT/tools/tune.py" \
         --time-limit-s "$TUNE_LIMIT_S" --csv "$OUT/tune.csv" >> "$LOG" 2>&1
     tune_rc=$?
     cp "$ROOT/kernels/tuned_configs.json" "$OUT/tuned_configs.json"

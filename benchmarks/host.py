@@ -23,7 +23,6 @@ Modes: ``fwd`` (forward under ``torch.no_grad``) and ``fwd_bwd`` (forward with a
 from __future__ import annotations
 
 import contextlib
-import importlib
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
@@ -39,7 +38,7 @@ NO_LAUNCH_DEVICE = "cpu (kernels not launched)"
 # A GPU architecture name with no entry in kernels/tuned_configs.json: tile choice takes the
 # path of an untuned GPU (first candidate, remembered per key).
 NO_LAUNCH_ARCH = "sm_no_launch"
-# every kernel the fused ops launch, by name (kernels/launch.py: LAUNCHERS)
+# every kernel the fused ops launch, by name (kernels/launch.py: registered_launchers)
 KERNEL_NAMES = ("diff_attn_fwd_kernel", "diff_attn_bwd_rows_kernel", "diff_attn_bwd_kernel")
 
 
@@ -79,34 +78,15 @@ def kernels_not_launched() -> Iterator[Dict[str, NoLaunchKernel]]:
     bf16 detour is off, as on a GPU. Everything is restored on exit, the tile choices made
     inside included. Yields {kernel name: its NoLaunchKernel}.
     """
-    backend = importlib.import_module("diffattn.backend")
-    ops = importlib.import_module("diffattn.ops")
-    tuning = importlib.import_module("diffattn.kernels.tuning")
-    real_reason = backend.triton_unavailable_reason
-
-    def allowed_on_cpu(device, dtype, head_dim, features=()):
-        if device.type != "cpu":
-            return real_reason(device, dtype, head_dim, features)
-        if features:
-            return f"the fused kernels do not support {', '.join(features)}"
-        return None
-
+    from diffattn.backend import fused_path_on_cpu
     from diffattn.kernels.launch import kernels_replaced
     from diffattn.kernels.tuning import untuned_tile_choice
     stubs = {name: NoLaunchKernel(name) for name in KERNEL_NAMES}
-    patches = [(backend, "triton_unavailable_reason", allowed_on_cpu),
-               (tuning, "INTERPRET", False), (ops, "INTERPRET", False)]
-    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
-    try:
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(kernels_replaced(stubs, fast=True))
-            stack.enter_context(untuned_tile_choice(NO_LAUNCH_ARCH))
-            for obj, name, value in patches:
-                setattr(obj, name, value)
-            yield stubs
-    finally:
-        for obj, name, value in saved:
-            setattr(obj, name, value)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(kernels_replaced(stubs, fast=True))
+        stack.enter_context(untuned_tile_choice(NO_LAUNCH_ARCH))
+        stack.enter_context(fused_path_on_cpu())
+        yield stubs
 
 
 def host_call(provider: str, mode: str, dtype: torch.dtype,

@@ -12,6 +12,9 @@ the program, without a source line).
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 
 from .user_warnings import warn_at_user_code
@@ -98,3 +101,35 @@ def resolve_layer_backend(layer, device: torch.device, dtype: torch.dtype, head_
     if backend != layer.last_backend:
         layer.last_backend = backend
     return backend
+
+
+@contextlib.contextmanager
+def fused_path_on_cpu() -> Iterator[None]:
+    """Inside the block, calls on CPU tensors take the fused path as they would on a GPU, with
+    no interpreter involved: ``backend="triton"`` is accepted for them, bf16 inputs are not
+    widened to fp32 and tile choice runs as for compiled kernels. Only for tools that replace
+    every kernel by a stand-in (``diffattn.kernels.launch.kernels_replaced``) to measure the
+    host's own work; a real launch on CPU tensors inside would fail. Restored on exit."""
+    import importlib
+    ops = importlib.import_module("diffattn.ops")
+    tuning = importlib.import_module("diffattn.kernels.tuning")
+    module = importlib.import_module(__name__)
+    real_reason = module.triton_unavailable_reason
+
+    def allowed_on_cpu(device, dtype, head_dim, features=()):
+        if device.type != "cpu":
+            return real_reason(device, dtype, head_dim, features)
+        if features:
+            return f"the fused kernels do not support {', '.join(features)}"
+        return None
+
+    patches = [(module, "triton_unavailable_reason", allowed_on_cpu),
+               (tuning, "INTERPRET", False), (ops, "INTERPRET", False)]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+    try:
+        for obj, name, value in patches:
+            setattr(obj, name, value)
+        yield
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)

@@ -47,7 +47,7 @@ BWD_CANDIDATES = {
     "fp32": [(16, 16, 16, 16, 8, 1), (16, 32, 32, 16, 8, 2), (16, 16, 16, 16, 4, 1),
              (32, 32, 32, 32, 8, 2)],
 }
-# Order and choice from compiling every candidate for sm_90 (benchmarks/sm90_resources.py,
+# Order and choice from compiling every candidate for sm_90 (tools/sm90_resources.py,
 # results under benchmarks/results/): the first candidate of each group spills least across
 # the V1 and V2 variants; candidates that spilled more than ~1 KB per thread were dropped.
 

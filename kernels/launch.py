@@ -29,7 +29,7 @@ Launches are by keyword: ``launcher(grid, **arguments)`` with every kernel param
 kernel's parameter order once per key. Python floats are always 32-bit float arguments;
 callers pass ``float(x)`` for them.
 
-Tools reach the kernels through :data:`LAUNCHERS` (every launcher by kernel name) and
+Tools reach the kernels through :func:`registered_launchers` (every launcher by kernel name) and
 :func:`kernels_replaced` (stand-ins that record or skip the launches), not through module
 globals.
 """
@@ -177,14 +177,21 @@ class Launcher:
             self.kernel, self.compiled, self.fast, self._device, self._stream = saved
 
 
+def registered_launchers() -> Dict[str, "Launcher"]:
+    """:data:`LAUNCHERS` with every kernel module imported (a launcher registers itself when
+    its module is imported): {kernel name: Launcher}; ``launcher.kernel`` is the
+    ``@triton.jit`` kernel (outside :meth:`Launcher.replaced`)."""
+    import importlib
+    for module in ("diff_attn_fwd", "diff_attn_bwd", "diff_attn_decode"):
+        importlib.import_module(f"{__package__}.{module}")
+    return LAUNCHERS
+
+
 @contextlib.contextmanager
 def kernels_replaced(stand_ins: Dict[str, Any], *, fast: bool) -> Iterator[None]:
-    """``Launcher.replaced`` for several kernels at once, by kernel name (keys of LAUNCHERS:
-    the kernels the fused ops launch are registered when diffattn.kernels is imported).
-    An unknown name is a KeyError naming the known ones."""
-    import importlib
-    for module in ("diff_attn_fwd", "diff_attn_bwd", "diff_attn_decode"):  # register on import
-        importlib.import_module(f"{__package__}.{module}")
+    """``Launcher.replaced`` for several kernels at once, by kernel name (keys of
+    :func:`registered_launchers`). An unknown name is a KeyError naming the known ones."""
+    registered_launchers()
     unknown = [name for name in stand_ins if name not in LAUNCHERS]
     if unknown:
         raise KeyError(f"no launcher for {unknown}; known kernels: {sorted(LAUNCHERS)}")

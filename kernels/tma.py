@@ -22,8 +22,9 @@ Triton allocator is already set there.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Dict
+from typing import Dict, Iterator
 
 import torch
 import triton.language as tl
@@ -34,10 +35,26 @@ ENABLED = os.environ.get("DIFFATTN_TMA", "0") == "1"
 AVAILABLE = hasattr(tl, "make_tensor_descriptor")
 
 _capable: Dict[int, bool] = {}
+_everywhere = False
+
+
+@contextlib.contextmanager
+def tma_loads_wherever_they_fit() -> Iterator[None]:
+    """Inside the block the forward takes TMA loads wherever the tensors allow them
+    (:func:`fits`), on any device and whatever ``DIFFATTN_TMA`` says: the launches a Hopper
+    GPU makes with ``DIFFATTN_TMA=1``, for tools that record launches without one."""
+    global _everywhere
+    saved, _everywhere = _everywhere, True
+    try:
+        yield
+    finally:
+        _everywhere = saved
 
 
 def tma_loads(k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the forward should read k (B, M, *, d) and v (B, M, Hk, DV) with TMA."""
+    if _everywhere:
+        return AVAILABLE and fits(k) and fits(v)
     if not (ENABLED and AVAILABLE) or not (fits(k) and fits(v)):
         return False
     if k.device.type != "cuda":

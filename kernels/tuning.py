@@ -8,7 +8,7 @@ order:
 
 1. the committed table of tuned winners, ``tuned_configs.json`` beside this file, for this
    GPU architecture (``sm_90`` for an H100): the entry of the same class at the nearest
-   length bucket. ``benchmarks/tune.py`` writes it from a sweep on the GPU, so the choices can
+   length bucket. ``tools/tune.py`` writes it from a sweep on the GPU, so the choices can
    be read and reviewed without one;
 2. with autotuning on (the default; ``DIFFATTN_AUTOTUNE=0`` switches it off), a timing of every
    candidate of the class on this first call, keeping the fastest. Never while a CUDA graph is
@@ -187,13 +187,19 @@ def untuned_tile_choice(arch: str = "sm_untuned") -> Iterator[None]:
 @contextlib.contextmanager
 def forced_tiles(fwd: Optional[tuple] = None, bwd: Optional[tuple] = None) -> Iterator[None]:
     """Inside the block the forward / backward run the given tile configurations (in the
-    order of config.FWD_FIELDS / BWD_FIELDS; None keeps the normal choice)."""
+    order of config.FWD_FIELDS / BWD_FIELDS; None keeps the normal choice). For tools that
+    time or compile one configuration at a time (tools/tune.py, tools/sm90_resources.py);
+    blocks may nest."""
     forced = [(c, tuple(cfg)) for c, cfg in ((FWD_TILES, fwd), (BWD_TILES, bwd))
               if cfg is not None]
+    saved = [(chooser, chooser.__dict__.get("choose")) for chooser, _ in forced]
     try:
         for chooser, config in forced:
             chooser.choose = lambda key, device, run=None, _config=config: _config
         yield
     finally:
-        for chooser, _ in forced:
-            del chooser.choose
+        for chooser, before in reversed(saved):
+            if before is None:
+                chooser.__dict__.pop("choose", None)
+            else:
+                chooser.choose = before

@@ -89,9 +89,9 @@ def test_sm90_decode_launches_are_recorded():
     import os
     import subprocess
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sm90_decode_resources.py"),
-                           "--list", "--head-dims", "64"], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=120)
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "sm90_resources.py"),
+                           "--kernels", "decode", "--list", "--head-dims", "64"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     launches = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     kernels = {(x["variant"], x["kernel"]) for x in launches}

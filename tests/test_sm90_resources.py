@@ -1,6 +1,6 @@
-"""CPU tests of benchmarks/sm90_resources.py: the recorded launches match the kernels'
-arguments, argument types follow Triton's own specialisation, cuobjdump output parsing, the
-residency estimate, bad arguments, and one real compile for sm_90 (skipped without ptxas).
+"""CPU tests of tools/sm90_resources.py: the recorded launches match the kernels'
+arguments, cuobjdump output parsing, the residency estimate, the cases of each kernel family,
+bad arguments, and one real compile for sm_90 (skipped without ptxas).
 
 The tool needs compiled-mode kernels, while tests/conftest.py turns on the interpreter on
 machines without a GPU, so recording and compiling run in a subprocess without
@@ -18,11 +18,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "sm90_resources.py"
-sys.path.insert(0, str(ROOT / "benchmarks"))
+SCRIPT = ROOT / "tools" / "sm90_resources.py"
+sys.path.insert(0, str(ROOT / "tools"))
 
 import sm90_resources  # noqa: E402
 from diffattn.kernels.config import BWD_CANDIDATES, FWD_CANDIDATES  # noqa: E402
@@ -95,25 +94,6 @@ def test_recorded_signatures_match_the_kernels_arguments():
     assert (bwd["options"]["num_warps"], bwd["options"]["num_stages"]) == first[4:]
 
 
-def test_argument_types_follow_tritons_specialisation():
-    libtriton = pytest.importorskip("triton._C.libtriton")
-    native = getattr(libtriton, "native_specialize_impl", None)
-    if native is None:
-        pytest.skip("this triton has no native_specialize_impl")
-    from triton.backends.nvidia.compiler import CUDABackend
-    values = [torch.empty(8, dtype=torch.bfloat16), torch.empty(9, dtype=torch.uint8)[1:],
-              torch.empty(4, dtype=torch.float32), 1, 0, 16, 17, -3, 2 ** 31, 2 ** 63,
-              -2 ** 40, 0.5, True, None]
-    for value in values:
-        for specialize in (True, False):
-            for align in (True, False):
-                want = native(CUDABackend, value, False, specialize, align)
-                got = sm90_resources.arg_type(value, specialize, align)
-                assert got[0] == want[0], (value, specialize, align)
-                if want[0] != "constexpr":  # else the second item is the value itself
-                    assert (got[1] or "") == (want[1] or ""), (value, specialize, align)
-
-
 def test_resource_usage_parsing_and_residency():
     text = ("\nResource usage:\n Common:\n  GLOBAL:0\n Function other:\n  REG:10 STACK:0 "
             "SHARED:0 LOCAL:0 CONSTANT[0]:1\n Function diff_attn_fwd_kernel:\n  REG:255 "
@@ -134,6 +114,11 @@ def test_cases_cover_the_variants():
     assert {c.dtype for c in full} == {"bf16", "fp16", "fp32"}
     assert {c.head_dim for c in full} == {32, 64, 128}
     assert len(full) == len(set(full))
+    decode = sm90_resources.cases(quick=True, kernels="decode")
+    assert {c.variant for c in decode} == set(sm90_resources.ALL_DECODE_VARIANTS)
+    assert {c.kind for c in decode} == {"decode"}
+    both = sm90_resources.cases(quick=True, kernels="all")
+    assert len(both) == len(quick) + len(decode)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -164,3 +149,19 @@ def test_one_real_compile_for_sm90(tmp_path):
     assert row["config"] == ",".join(map(str, FWD_CANDIDATES["narrow"][0]))
     summary = out.with_suffix(".md").read_text()
     assert "## Failed compiles\n\nNone." in summary
+
+
+def test_tma_flag_records_the_forward_with_tensor_descriptors():
+    """--tma records the forward as DIFFATTN_TMA=1 runs it on Hopper (kernels/tma.py's
+    recording hook), without it the pointer loads."""
+    if not hasattr(pytest.importorskip("triton.language"), "make_tensor_descriptor"):
+        pytest.skip("this triton has no tensor descriptors")
+    flags = []
+    for extra in ([], ["--tma"]):
+        proc = _tool("--list", "--variants", "v2_infer", "--dtypes", "bf16", "--head-dims", "64",
+                     "--candidates", "1", *extra)
+        assert proc.returncode == 0, proc.stderr
+        fwd = json.loads(next(line for line in proc.stdout.splitlines()
+                              if line.startswith("{")))
+        flags.append(fwd["constexprs"][str(list(fwd["signature"]).index("USE_TMA"))])
+    assert flags == [False, True]

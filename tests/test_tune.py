@@ -1,4 +1,4 @@
-"""CPU tests of the tile-tuning sweep (benchmarks/tune.py): the problem list, candidates, the
+"""CPU tests of the tile-tuning sweep (tools/tune.py): the problem list, candidates, the
 table merge and its format (read back by the kernels' own reader), the sweep with a fake timer
 and clock, arguments, and a dry run of the whole CLI through the Triton interpreter."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tools"))
 
 import tune  # noqa: E402
 from diffattn.kernels import INTERPRET, tuning  # noqa: E402
@@ -168,3 +168,14 @@ def test_arguments_and_refusals(capsys, tmp_path):
         assert tune.main(["--table", str(tmp_path / "t.json")]) == 2   # interpreter: dry only
         err = capsys.readouterr().err.strip().splitlines()
         assert all(line.startswith("error: ") for line in err) and len(err) == 2
+
+
+def test_forced_tiles_nest_and_restore():
+    """The sweep forces one candidate at a time through tuning.forced_tiles; blocks nest."""
+    first, second = tuple(FWD_CANDIDATES["narrow"][0]), tuple(FWD_CANDIDATES["narrow"][1])
+    with tuning.forced_tiles(fwd=first):
+        with tuning.forced_tiles(fwd=second, bwd=tuple(BWD_CANDIDATES["narrow"][0])):
+            assert tuning.FWD_TILES.choose(None, CPU) == second
+        assert tuning.FWD_TILES.choose(None, CPU) == first
+        assert "choose" not in vars(tuning.BWD_TILES)
+    assert "choose" not in vars(tuning.FWD_TILES)

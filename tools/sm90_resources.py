@@ -1,47 +1,50 @@
 """Registers, spills and shared memory of every kernel variant and tile candidate, compiled
 for a GPU target (default sm_90) on a machine without a GPU or driver.
 
-    python benchmarks/sm90_resources.py --quick                   # first two candidates, bf16
-    python benchmarks/sm90_resources.py --jobs 2 --time-limit 5400
-    python benchmarks/sm90_resources.py --list                    # the launches, no compile
-    python benchmarks/sm90_resources.py --quick --tma             # forward with TMA loads
-    python benchmarks/sm90_resources.py --extra benchmarks/sm90_extra_candidates.json \
+    python tools/sm90_resources.py --quick                   # first two candidates, bf16
+    python tools/sm90_resources.py --jobs 2 --time-limit 5400
+    python tools/sm90_resources.py --list                    # the launches, no compile
+    python tools/sm90_resources.py --quick --tma             # forward with TMA loads
+    python tools/sm90_resources.py --kernels decode          # the KV-cache decode kernels
+    python tools/sm90_resources.py --extra tools/sm90_extra_candidates.json \
         --extra-only --csv benchmarks/results/sm90-resources-triton3.6-extra.csv
 
-How the launches are found: the real launchers (``diff_attn_fwd``, ``diff_attn_bwd``) run on
-small CPU tensors with every kernel's launcher launching a recorder instead, whose
-``kernel[grid](...)`` keeps (args, kwargs), and with the tile chooser forced to each
-candidate in turn, so every compile gets exactly the arguments a real launch of that
-candidate passes. Each recorded
-launch becomes a ``triton.compile`` source the way Triton's launcher specialises it:
+How the launches are found: the real launchers run on small CPU tensors with every kernel
+replaced by a recorder (``kernels_replaced`` of ``kernels/launch.py``), whose
+``kernel[grid](...)`` keeps the arguments, and with the tile choice forced to each candidate in
+turn (``forced_tiles`` of ``kernels/tuning.py``), so every compile gets exactly the arguments
+a real launch of that candidate passes. Each recorded launch goes through the kernel's own
+argument binder (``triton.runtime.jit.create_function_from_signature``, the function Triton's
+launcher specialises a call with: pointer dtypes, 16-byte alignment, integers equal to 1 or
+divisible by 16, 32- or 64-bit) and becomes a ``triton.compile`` source (``ASTSource``) for
+the target. Nothing is launched and no interpreter is involved: ``TRITON_INTERPRET`` must not
+be set. While recording, tiles are chosen as on a GPU with no tuned table entry
+(``untuned_tile_choice``).
 
-    torch tensor          "*<dtype>" (bf16, fp16, fp32, fp64, u8, ...), divisible by 16
-                          (``tt.divisibility``) when its address is 16-byte aligned
-    Python int            "i32" (-2**31 .. 2**31-1), "u64" (2**63 .. 2**64-1), else "i64";
-                          a value of 1 becomes the constexpr 1, a multiple of 16 gets the
-                          divisibility attribute (neither for the kernel's do_not_specialize
-                          arguments)
-    Python float, bool    "fp32", "u1"
-    tl.constexpr kwarg    the constexpr value; None: the constexpr None
-    num_warps, num_stages compile options
+Kernels (``--kernels``): ``attention`` (the default: the forward, the backward's row kernel and
+main kernel), ``decode`` (the KV-cache decode kernel and its split-K combine kernel) or
+``all``.
 
-Nothing is launched and no interpreter is involved: ``TRITON_INTERPRET`` must not be set.
-While recording, ``kernels.tuning`` runs as on a GPU with no tuned table entry
-(``gpu_arch`` returns a name absent from the table, ``AUTOTUNE`` off).
-
-Variants (``VARIANTS``): V1 with a key pair per group, value width 2d and the RMSNorm
+Attention variants (``VARIANTS``): V1 with a key pair per group, value width 2d and the RMSNorm
 epilogue (lambda a 0-dim tensor as DiffMultiheadAttention passes it; or lambda's four
-vectors, where the launchers accept ``lam_vectors``), V1 plain (0-dim lambda, no epilogue),
-V2 (one key head per group, value width d, lambda per token); full and causal attention,
-with and without a key padding mask; training (forward saving for backward, then the
-backward's row kernel and main kernel) and inference (forward only). ``CASES`` lists the
-(variant, dtype, head dim) combinations; each forward and backward main kernel is compiled
-with every candidate of its group (``kernels/config.py``: narrow, wide, fp32), the row
-kernel with the configuration the launcher gives it. ``--quick``: bf16, head dims 64 and 128,
-the first two candidates of each group. ``--extra FILE`` adds candidates to the groups
-(``benchmarks/sm90_extra_candidates.json``); ``--extra-only`` compiles those alone.
-``--tma`` records the forward as ``DIFFATTN_TMA=1`` runs it on Hopper: key and value tiles
-through tensor descriptors (``kernels/tma.py``).
+vectors), V1 plain (0-dim lambda, no epilogue), V2 (one key head per group, value width d,
+lambda per token); full, causal and local-window attention, with and without a key padding
+mask; training (forward saving for backward, then the backward's row kernel and main kernel)
+and inference (forward only). Each forward and backward main kernel is compiled with every
+candidate of its group (``kernels/config.py``: narrow, wide, fp32), the row kernel with the
+configuration the launcher gives it.
+
+Decode variants (``DECODE_VARIANTS``): V1 (a key pair per group, value width 2d, RMSNorm
+epilogue, lambda per head or from the four vectors) and V2 (one key per group, value width d,
+lambda per token), on a contiguous or a paged cache, in one pass or split-K (the decode kernel
+writes partial results and the combine kernel merges them), one query per sequence or 16. Both
+kernels are compiled with the configuration the launcher gives them.
+
+``CASE_GRID`` lists the (variant, dtype, head dim) combinations. ``--quick``: bf16, head dims
+64 and 128, the first two candidates of each group. ``--extra FILE`` adds candidates to the
+groups (``tools/sm90_extra_candidates.json``); ``--extra-only`` compiles those alone. ``--tma``
+records the forward as ``DIFFATTN_TMA=1`` runs it on Hopper: key and value tiles through
+tensor descriptors (``kernels/tma.py``).
 
 Per compile: registers per thread (REG), stack and local bytes (STACK/LOCAL > 0: spills to
 local memory), from ``cuobjdump --dump-resource-usage`` of the cubin, and the dynamic shared
@@ -51,7 +54,8 @@ per block, 64 warps, 32 blocks).
 
 Outputs: a CSV (``CSV_COLUMNS``, one row per compile) and a markdown summary (failures,
 spilling candidates, shared memory over the limit, a per-candidate table per kernel), by
-default ``benchmarks/results/<target>-resources-triton<major.minor>[-quick][-tma].csv|.md``.
+default ``benchmarks/results/<target>-[decode-|all-]resources-triton<major.minor>[-quick][-tma]
+.csv|.md``.
 
 Exit status: 0; 1 when some compile failed; 2 for bad arguments.
 """
@@ -61,7 +65,6 @@ import argparse
 import contextlib
 import csv
 import importlib
-import inspect
 import json
 import multiprocessing
 import os
@@ -73,26 +76,26 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from cli import CliParser  # noqa: E402
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-FWD_MODULE = "diffattn.kernels.diff_attn_fwd"
-BWD_MODULE = "diffattn.kernels.diff_attn_bwd"
-# (module, kernel global, short kernel name) of every kernel the launchers launch; their
-# launchers are reached by kernel name (kernels/launch.py: LAUNCHERS, kernels_replaced).
-KERNELS = ((FWD_MODULE, "diff_attn_fwd_kernel", "fwd"),
-           (BWD_MODULE, "diff_attn_bwd_rows_kernel", "bwd_rows"),
-           (BWD_MODULE, "diff_attn_bwd_kernel", "bwd"))
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+# Short name -> kernel name (a key of kernels/launch.py's registered_launchers()) of every
+# kernel the launchers launch, per --kernels choice.
+KERNELS = {"fwd": "diff_attn_fwd_kernel", "bwd_rows": "diff_attn_bwd_rows_kernel",
+           "bwd": "diff_attn_bwd_kernel", "decode": "diff_attn_decode_kernel",
+           "decode_combine": "diff_attn_decode_combine_kernel"}
+KERNEL_ORDER = {name: i for i, name in enumerate(("fwd", "bwd", "bwd_rows", "decode",
+                                                  "decode_combine"))}
+KERNEL_CHOICES = ("attention", "decode", "all")
 # A GPU architecture name with no entry in the tuned table: tile choice as on an untuned GPU.
 RECORD_ARCH = "sm_resources"
-# --tma: record the forward with tensor-descriptor loads (kernels/tma.py).
-TMA_LOADS = False
 
 # sm_90 limits for the shared-memory check and the residency estimate.
 MAX_SHARED_PER_BLOCK = 232448          # 227 KiB, the opt-in maximum of one block
@@ -107,16 +110,13 @@ CSV_COLUMNS = ("target", "triton", "kernel", "variant", "dtype", "head_dim", "gr
                "shared", "static_shared", "spills", "over_shared", "blocks_per_sm",
                "compile_s", "error")
 
-_TORCH_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64",
-                "uint8": "u8", "int8": "i8", "int16": "i16", "int32": "i32", "int64": "i64",
-                "bool": "i1"}
 _RESOURCE_LINE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 
 
 # ------------------------------------------------------------------ variants and cases
 @dataclass(frozen=True)
 class Variant:
-    """One way the library calls the kernels.
+    """One way the library calls the attention kernels.
 
     key_pair: V1 (two key heads per group, value width 2d) or V2 (one, value width d).
     lam: "scalar" (a 0-dim fp32 tensor), "vectors" (the (4, d) lambda vectors with
@@ -133,6 +133,7 @@ class Variant:
     kpm: bool = False
     training: bool = True
     window: Tuple[int, int] = (-1, -1)
+    kind = "attention"
 
     def describe(self) -> str:
         parts = ["V1 key pair, value 2d" if self.key_pair else "V2 one key, value d",
@@ -144,6 +145,33 @@ class Variant:
                  "key padding" if self.kpm else "no padding",
                  "training" if self.training else "inference"]
         return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class DecodeVariant:
+    """One way the library calls the KV-cache decode kernels.
+
+    v2: one key per group, value width d, lambda per token; else V1 (a key pair, value width
+    2d, RMSNorm epilogue). lam: "heads" ((H,)), "vectors" (the four vectors) or "tokens"
+    ((B, queries, H)). paged: a paged cache (pages of DECODE_PAGE). splits: key splits (1: one
+    pass, no combine kernel). queries: query tokens per sequence.
+    """
+    name: str
+    v2: bool
+    lam: str
+    paged: bool = False
+    splits: int = 1
+    queries: int = 1
+    kind = "decode"
+
+    def describe(self) -> str:
+        return ", ".join([
+            "V2 one key, value d" if self.v2 else "V1 key pair, value 2d, RMSNorm",
+            {"heads": "lambda per head", "vectors": "lambda from vectors",
+             "tokens": "lambda per token"}[self.lam],
+            "paged cache" if self.paged else "contiguous cache",
+            f"split-K {self.splits}" if self.splits > 1 else "one pass",
+            f"{self.queries} quer{'y' if self.queries == 1 else 'ies'} per sequence"])
 
 
 VARIANTS = (
@@ -161,22 +189,43 @@ VARIANTS = (
     Variant("v1_norm_window", True, "scalar", True, window=(8, 8)),
     Variant("v2_window_causal", False, "per_token", False, causal=True, window=(16, -1)),
 )
-VARIANT_BY_NAME = {v.name: v for v in VARIANTS}
+DECODE_VARIANTS = (
+    DecodeVariant("v1", False, "heads"),
+    DecodeVariant("v1_vec", False, "vectors"),
+    DecodeVariant("v1_split", False, "heads", splits=8),
+    DecodeVariant("v1_paged_split", False, "heads", paged=True, splits=8),
+    DecodeVariant("v1_q16", False, "heads", queries=16),
+    DecodeVariant("v2", True, "tokens"),
+    DecodeVariant("v2_split", True, "tokens", splits=8),
+    DecodeVariant("v2_paged_split", True, "tokens", paged=True, splits=8),
+    DecodeVariant("v2_q16", True, "tokens", queries=16),
+)
+# Variants by (kind, name): the two kinds share some names (v1, v2 ...).
+VARIANT_BY_KEY: Dict[Tuple[str, str], Union[Variant, DecodeVariant]] = {
+    (v.kind, v.name): v for v in VARIANTS + DECODE_VARIANTS}
 ALL_VARIANTS = tuple(v.name for v in VARIANTS)
-# (variants, dtypes, head dims): the full run's cases, in priority order (a run cut short by
-# its time limit has the earlier entries). bf16 covers every variant at d = 64 and 128,
-# the main V1 and V2 paths first; d = 32, fp16 and fp32 (its own candidate group) those two.
+ALL_DECODE_VARIANTS = tuple(v.name for v in DECODE_VARIANTS)
+# (kind, variants, dtypes, head dims): the full run's cases, in priority order (a run cut
+# short by its time limit has the earlier entries). bf16 covers every variant at d = 64 and
+# 128, the main V1 and V2 paths first; d = 32, fp16 and fp32 (its own candidate group) those
+# two; the decode kernels in bf16 at d = 64 and 128.
 CASE_GRID = (
-    (("v1_norm", "v2"), ("bf16",), (64, 128)),
-    (ALL_VARIANTS, ("bf16",), (64, 128)),
-    (("v1_norm", "v2"), ("bf16",), (32,)),
-    (("v1_norm",), ("fp16",), (64,)),
-    (("v1_norm", "v2"), ("fp32",), (64, 128)),
+    ("attention", ("v1_norm", "v2"), ("bf16",), (64, 128)),
+    ("attention", ALL_VARIANTS, ("bf16",), (64, 128)),
+    ("attention", ("v1_norm", "v2"), ("bf16",), (32,)),
+    ("attention", ("v1_norm",), ("fp16",), (64,)),
+    ("attention", ("v1_norm", "v2"), ("fp32",), (64, 128)),
+    ("decode", ALL_DECODE_VARIANTS, ("bf16",), (64, 128)),
 )
 QUICK_DTYPES, QUICK_HEAD_DIMS, QUICK_CANDIDATES = ("bf16",), (64, 128), 2
 LAMBDA_INIT = 0.8
 # Recording shapes: batch, query and key lengths, differential heads, key/value groups.
 B, N, M, H, HK = 2, 40, 48, 2, 1
+# Decode recording shapes: differential heads, key/value groups, cache length, page size.
+DECODE_H, DECODE_HK, DECODE_M, DECODE_PAGE = 4, 2, 1024, 64
+DECODE_NOTE = (f"Decode variants are recorded with {DECODE_H} differential heads in "
+               f"{DECODE_HK} key/value groups (rows = {DECODE_H // DECODE_HK} heads x queries), "
+               f"caches of {DECODE_M} tokens, pages of {DECODE_PAGE}.")
 
 
 @dataclass(frozen=True)
@@ -185,14 +234,23 @@ class Case:
     dtype: str
     head_dim: int
     tier: int = field(default=0, compare=False)  # its CASE_GRID entry: compile order
+    kind: str = "attention"
+
+    @property
+    def spec(self) -> Union[Variant, DecodeVariant]:
+        return VARIANT_BY_KEY[(self.kind, self.variant)]
 
 
 def cases(quick: bool, variants: Optional[Sequence[str]] = None,
           dtypes: Optional[Sequence[str]] = None,
-          head_dims: Optional[Sequence[int]] = None) -> List[Case]:
-    """The (variant, dtype, head dim) cases of a run, in CASE_GRID order, filtered."""
+          head_dims: Optional[Sequence[int]] = None,
+          kernels: str = "attention") -> List[Case]:
+    """The (variant, dtype, head dim) cases of a run, in CASE_GRID order, filtered;
+    ``kernels``: "attention", "decode" or "all"."""
     found: List[Case] = []
-    for tier, (names, grid_dtypes, grid_dims) in enumerate(CASE_GRID):
+    for tier, (kind, names, grid_dtypes, grid_dims) in enumerate(CASE_GRID):
+        if kernels not in ("all", kind):
+            continue
         for dtype in grid_dtypes:
             if quick and dtype not in QUICK_DTYPES:
                 continue
@@ -200,7 +258,7 @@ def cases(quick: bool, variants: Optional[Sequence[str]] = None,
                 if quick and d not in QUICK_HEAD_DIMS:
                     continue
                 for name in names:
-                    case = Case(name, dtype, d, tier)
+                    case = Case(name, dtype, d, tier, kind)
                     if case in found or (variants and name not in variants) or \
                             (dtypes and dtype not in dtypes) or (head_dims and d not in head_dims):
                         continue
@@ -211,7 +269,7 @@ def cases(quick: bool, variants: Optional[Sequence[str]] = None,
 # ------------------------------------------------------------------ recording the launches
 @dataclass
 class Launch:
-    """One recorded ``kernel[grid](*args, **kwargs)``."""
+    """One recorded ``kernel[grid](*args, **kwargs)``; ``kernel`` is its short name."""
     kernel: str
     grid: tuple
     args: tuple
@@ -240,41 +298,24 @@ def check_environment() -> None:
 
 
 @contextlib.contextmanager
-def recording(launches: List[Launch]) -> Iterator[None]:
-    """Every kernel's launcher launches a Recorder instead, tile choice as on an untuned GPU
-    (through the kernels' hooks: kernels_replaced, untuned_tile_choice); restores everything
-    on exit."""
+def recording(launches: List[Launch], fwd: Optional[tuple] = None, bwd: Optional[tuple] = None,
+              tma: bool = False) -> Iterator[None]:
+    """Inside the block every kernel's launcher appends its launch to ``launches`` instead of
+    launching, with tiles as on an untuned GPU or forced to ``fwd`` / ``bwd`` (configurations
+    in the order of kernels/config.py's FWD_FIELDS / BWD_FIELDS), and with TMA loads wherever
+    they fit when ``tma``; all through the kernels' hooks, restored on exit."""
     check_environment()
     from diffattn.kernels.launch import kernels_replaced
-    from diffattn.kernels.tuning import untuned_tile_choice
-    stand_ins = {name: Recorder(short, launches) for _, name, short in KERNELS}
+    from diffattn.kernels.tuning import forced_tiles, untuned_tile_choice
+    stand_ins = {name: Recorder(short, launches) for short, name in KERNELS.items()}
     with contextlib.ExitStack() as stack:
         stack.enter_context(kernels_replaced(stand_ins, fast=False))
         stack.enter_context(untuned_tile_choice(RECORD_ARCH))
-        if TMA_LOADS:  # the forward as on Hopper with DIFFATTN_TMA=1, wherever TMA can read
-            tma = importlib.import_module("diffattn.kernels.tma")
-            real = tma.tma_loads
-            tma.tma_loads = lambda k, v: tma.AVAILABLE and tma.fits(k) and tma.fits(v)
-            stack.callback(setattr, tma, "tma_loads", real)
+        stack.enter_context(forced_tiles(fwd, bwd))
+        if tma:
+            from diffattn.kernels.tma import tma_loads_wherever_they_fit
+            stack.enter_context(tma_loads_wherever_they_fit())
         yield
-
-
-def forced_tiles(fwd: Optional[tuple], bwd: Optional[tuple]):
-    """The tile choosers return the given configurations (None: their normal choice)."""
-    from diffattn.kernels.tuning import forced_tiles as kernels_forced_tiles
-    return kernels_forced_tiles(fwd, bwd)
-
-
-def launcher_accepts(launcher, name: str) -> bool:
-    return name in inspect.signature(launcher).parameters
-
-
-def unsupported_reason(variant: Variant) -> Optional[str]:
-    """Why the installed launchers cannot make the variant's call, or None."""
-    fwd = importlib.import_module(FWD_MODULE).diff_attn_fwd
-    if not launcher_accepts(fwd, "call"):
-        return "the installed launchers take no AttentionCall"
-    return None
 
 
 def _torch_dtype(name: str):
@@ -284,17 +325,16 @@ def _torch_dtype(name: str):
 
 
 def record_case(case: Case, fwd_config: Optional[tuple] = None,
-                bwd_config: Optional[tuple] = None) -> List[Launch]:
+                bwd_config: Optional[tuple] = None, tma: bool = False) -> List[Launch]:
     """Run the variant's launchers on small CPU tensors and return their launches: the
-    forward's, then (training) the backward's row and main kernels. fwd_config / bwd_config
-    force the tile configurations (None: the first candidate, as on an untuned GPU)."""
+    forward's, then (training) the backward's row and main kernels; for a decode variant the
+    decode kernel's, then (split-K) the combine kernel's. fwd_config / bwd_config force the
+    tile configurations (None: the first candidate, as on an untuned GPU)."""
+    if case.kind == "decode":
+        return record_decode(case)
     import torch
-    variant = VARIANT_BY_NAME[case.variant]
-    reason = unsupported_reason(variant)
-    if reason:
-        raise RuntimeError(f"{case.variant}: {reason}")
-    fwd_mod, bwd_mod = importlib.import_module(FWD_MODULE), importlib.import_module(BWD_MODULE)
-    from diffattn.kernels import AttentionCall
+    from diffattn.kernels import AttentionCall, diff_attn_bwd, diff_attn_fwd
+    variant = case.spec
     dtype, d = _torch_dtype(case.dtype), case.head_dim
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     g = torch.Generator().manual_seed(0)
@@ -318,48 +358,52 @@ def record_case(case: Case, fwd_config: Optional[tuple] = None,
                                 lam_value=lam_value, lam_vectors=variant.lam == "vectors",
                                 eps=eps, out_scale=out_scale)
     launches: List[Launch] = []
-    with recording(launches), forced_tiles(fwd_config, bwd_config):
-        out, x, o2, lse, rstd = fwd_mod.diff_attn_fwd(
+    with recording(launches, fwd_config, bwd_config, tma):
+        out, x, o2, lse, rstd = diff_attn_fwd(
             q, k, v, lam, kpm, norm_weight, call, save_for_backward=variant.training)
         if variant.training:
             dout = torch.randn(out.shape, generator=g).to(dtype)
-            bwd_mod.diff_attn_bwd(dout, q, k, v, lam, kpm, norm_weight, (x, o2, lse, rstd),
-                                  call, need_dlam=True, need_dw=True)
+            diff_attn_bwd(dout, q, k, v, lam, kpm, norm_weight, (x, o2, lse, rstd),
+                          call, need_dlam=True, need_dw=True)
     return launches
 
 
-# ------------------------------------------------------------------ signatures
-def arg_type(value, specialize: bool = True, align: bool = True) -> Tuple[str, Optional[str]]:
-    """(Triton type, specialisation) of a non-constexpr launch argument, as Triton's launcher
-    derives it: type "constexpr" for a specialised 1 or None; specialisation "D" (divisible
-    by 16), "" or None (not specialised)."""
-    if value is None:
-        return "constexpr", None
-    if isinstance(value, bool):
-        return "u1", None
-    if isinstance(value, int):
-        if -2 ** 31 <= value <= 2 ** 31 - 1:
-            ty = "i32"
-        elif 2 ** 63 <= value <= 2 ** 64 - 1:
-            ty = "u64"
-        else:
-            ty = "i64"
-        if not specialize:
-            return ty, None
-        if value == 1:
-            return "constexpr", None
-        return ty, "D" if (align and value % 16 == 0) else ""
-    if isinstance(value, float):
-        return "fp32", None
-    if hasattr(value, "data_ptr") and hasattr(value, "dtype"):
-        name = str(value.dtype).replace("torch.", "")
-        if name not in _TORCH_TYPES:
-            raise TypeError(f"no Triton pointer type for tensors of {value.dtype}")
-        ty = "*" + _TORCH_TYPES[name]
-        if not specialize:
-            return ty, None
-        return ty, "D" if (align and value.data_ptr() % 16 == 0) else ""
-    raise TypeError(f"cannot pass a {type(value).__name__} to a kernel")
+def record_decode(case: Case) -> List[Launch]:
+    """The launches of one decode call of the case's variant (no kernel runs)."""
+    import torch
+    from diffattn.kernels.diff_attn_decode import diff_attn_decode
+    variant, dtype, d = case.spec, _torch_dtype(case.dtype), case.head_dim
+    batch, heads, groups, length, page = 2, DECODE_H, DECODE_HK, DECODE_M, DECODE_PAGE
+    g = torch.Generator().manual_seed(0)
+    dv = d if variant.v2 else 2 * d
+    q = torch.randn(batch, variant.queries, 2 * heads, d, generator=g).to(dtype)
+    rows = (batch * length // page, page) if variant.paged else (batch, length)
+    k_cache = torch.randn(*rows, groups if variant.v2 else 2 * groups, d, generator=g).to(dtype)
+    v_cache = torch.randn(*rows, groups, dv, generator=g).to(dtype)
+    block_table = torch.arange(batch * length // page, dtype=torch.int32).view(batch, -1) \
+        if variant.paged else None
+    seqlens = torch.full((batch,), length, dtype=torch.int32)
+    lam_value = 0.0
+    if variant.lam == "heads":
+        lam = torch.rand(heads, generator=g)
+    elif variant.lam == "vectors":
+        lam, lam_value = torch.randn(4, d, generator=g) * 0.1, LAMBDA_INIT
+    else:
+        lam = torch.rand(batch, variant.queries, heads, generator=g)
+    norm = None if variant.v2 else torch.ones(dv)
+    launches: List[Launch] = []
+    with recording(launches):
+        diff_attn_decode(q, k_cache, v_cache, seqlens, block_table, lam, lam_value, norm,
+                         d ** -0.5, True, 1e-5, 1.0 - LAMBDA_INIT if norm is not None else 1.0,
+                         variant.splits, lam_vectors=variant.lam == "vectors")
+    return launches
+
+
+# ------------------------------------------------------------------ compile sources
+def jit_kernel(short: str):
+    """The ``@triton.jit`` kernel of a short kernel name (a key of KERNELS)."""
+    from diffattn.kernels.launch import registered_launchers
+    return registered_launchers()[KERNELS[short]].kernel
 
 
 @dataclass
@@ -367,8 +411,6 @@ class Spec:
     """A compile source of one launch: ``signature`` {arg name: type}, ``constexprs``
     {arg index: value}, ``attrs`` {arg index: "D"}, ``options`` (num_warps, ...)."""
     kernel: str
-    module: str
-    name: str
     signature: Dict[str, str]
     constexprs: Dict[int, object]
     attrs: Dict[int, str]
@@ -382,41 +424,26 @@ class Spec:
         return tuple(values[f] for f in fields)
 
 
-def launch_spec(launch: Launch) -> Spec:
-    """The compile source of a recorded launch of one of KERNELS."""
-    module_name, name = next((m, n) for m, n, s in KERNELS if s == launch.kernel)
-    fn = getattr(importlib.import_module(module_name), name)
-    params = fn.params
-    names = [p.name for p in params]
-    if len(launch.args) > len(params):
-        raise TypeError(f"{name}: {len(launch.args)} positional arguments for {len(params)} "
-                        f"parameters")
-    values = dict(zip(names, launch.args))
-    options = {}
-    for key, value in launch.kwargs.items():
-        if key in names:
-            if key in values:
-                raise TypeError(f"{name}: argument {key!r} given twice")
-            values[key] = value
-        else:
-            options[key] = value
-    missing = [n for n in names if n not in values]
-    if missing:
-        raise TypeError(f"{name}: missing arguments {missing}")
+def launch_spec(launch: Launch, arch: int = 90) -> Spec:
+    """The compile source of a recorded launch, specialised by Triton's own argument binder
+    for the target (``create_function_from_signature``, Triton 3.3 and newer): the type of
+    every argument ("*bf16", "i32", "fp32", "constexpr" ...), its specialisation ("D": a
+    pointer or integer divisible by 16) and the launch options."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+    fn = jit_kernel(launch.kernel)
+    binder = create_function_from_signature(fn.signature, fn.params,
+                                            make_backend(GPUTarget("cuda", arch, 32)))
+    bound, specialization, options = binder(*launch.args, **launch.kwargs)
     signature, constexprs, attrs = {}, {}, {}
-    for i, p in enumerate(params):
-        value = values[p.name]
-        if p.is_constexpr:
-            signature[p.name] = "constexpr"
-            constexprs[i] = value
-            continue
-        ty, spec = arg_type(value, not p.do_not_specialize, not p.do_not_specialize_on_alignment)
-        signature[p.name] = ty
+    for i, (name, (ty, spec)) in enumerate(zip(bound, specialization)):
+        signature[name] = ty
         if ty == "constexpr":
-            constexprs[i] = value
+            constexprs[i] = bound[name]
         elif spec == "D":
             attrs[i] = "D"
-    return Spec(launch.kernel, module_name, name, signature, constexprs, attrs, options)
+    return Spec(launch.kernel, signature, constexprs, attrs, dict(options))
 
 
 # ------------------------------------------------------------------ compile tasks
@@ -465,13 +492,27 @@ def candidate_label(kernel: str, group: str, config: tuple) -> str:
     return f"{group}#{known.index(config)}" if config in known else f"{group}+extra"
 
 
+def launch_config(spec: Spec) -> tuple:
+    """(BLOCK_M, num_warps, num_stages) of a kernel whose launcher picks its own
+    configuration (the backward's row kernel, the decode kernels)."""
+    return spec.tiles(("BLOCK_M",)) + (spec.options.get("num_warps", 4),
+                                      spec.options.get("num_stages", 3))
+
+
 def case_tasks(case: Case, lists: dict, limit: Optional[int], arch: int,
-               extra_only: bool = False) -> List[Task]:
+               extra_only: bool = False, tma: bool = False) -> List[Task]:
     """Every compile of one case: the forward with each candidate of its group, and for
     training the backward row kernel (its own configuration) and main kernel with each
-    candidate. extra_only: the added (not kernels/config.py) candidates alone."""
+    candidate; for a decode case each launch of the call. extra_only: the added (not
+    kernels/config.py) candidates alone (no decode compiles)."""
+    if case.kind == "decode":
+        if extra_only:
+            return []
+        specs = [launch_spec(launch, arch) for launch in record_case(case)]
+        return [Task(s, case.variant, case.dtype, case.head_dim, "decode", "launch",
+                     launch_config(s), arch) for s in specs]
     config = importlib.import_module("diffattn.kernels.config")
-    variant = VARIANT_BY_NAME[case.variant]
+    variant = case.spec
     dv = 2 * case.head_dim if variant.key_pair else case.head_dim
     group = config.candidate_group(_torch_dtype(case.dtype), config.head_block(dv))
     fwd_list = lists["fwd"][group][:limit]
@@ -485,8 +526,8 @@ def case_tasks(case: Case, lists: dict, limit: Optional[int], arch: int,
     tasks = []
 
     def add(launch: Launch, fields, label, cfg):
-        spec = launch_spec(launch)
-        if fields is not None and spec.tiles(fields) != cfg:
+        spec = launch_spec(launch, arch)
+        if spec.tiles(fields) != cfg:
             raise RuntimeError(f"{case}: the launch ran {spec.tiles(fields)}, not the forced "
                                f"{cfg}")
         tasks.append(Task(spec, case.variant, case.dtype, case.head_dim, group, label, cfg,
@@ -495,7 +536,7 @@ def case_tasks(case: Case, lists: dict, limit: Optional[int], arch: int,
     for i in range(max(len(fwd_list), len(bwd_list))):
         fcfg = fwd_list[i] if i < len(fwd_list) else first_fwd
         bcfg = bwd_list[i] if i < len(bwd_list) else None
-        launches = record_case(case, fcfg, bcfg)
+        launches = record_case(case, fcfg, bcfg, tma)
         by_kernel = {}
         for launch in launches:
             by_kernel.setdefault(launch.kernel, []).append(launch)
@@ -510,28 +551,20 @@ def case_tasks(case: Case, lists: dict, limit: Optional[int], arch: int,
             add(by_kernel["bwd"][0], config.BWD_FIELDS, candidate_label("bwd", group, bcfg),
                 bcfg)
         if i == 0 and variant.training and not extra_only:
-            rows = launch_spec(by_kernel["bwd_rows"][0])
-            names = list(rows.signature)
-            block_m = next(v for j, v in rows.constexprs.items() if names[j] == "BLOCK_M")
-            rcfg = (block_m, rows.options.get("num_warps", 4), rows.options.get("num_stages", 3))
+            rows = launch_spec(by_kernel["bwd_rows"][0], arch)
             tasks.append(Task(rows, case.variant, case.dtype, case.head_dim, "rows", "launch",
-                              rcfg, arch))
+                              launch_config(rows), arch))
     return tasks
 
 
 def all_tasks(run_cases: Sequence[Case], lists: dict, limit: Optional[int], arch: int,
-              skipped: List[dict], extra_only: bool = False) -> List[Task]:
-    """The tasks of every case, by case tier, then the slow backward first within a tier;
-    cases the kernels cannot run are appended to ``skipped``."""
+              extra_only: bool = False, tma: bool = False) -> List[Task]:
+    """The tasks of every case, by case tier, then the slow backward first within a tier."""
     tasks = []
     for case in run_cases:
-        reason = unsupported_reason(VARIANT_BY_NAME[case.variant])
-        if reason:
-            skipped.append({"variant": case.variant, "dtype": case.dtype,
-                            "head_dim": case.head_dim, "reason": reason})
-            continue
-        tasks.extend((case.tier, t) for t in case_tasks(case, lists, limit, arch, extra_only))
-    order = {"bwd": 0, "fwd": 1, "bwd_rows": 2}
+        tasks.extend((case.tier, t) for t in case_tasks(case, lists, limit, arch, extra_only,
+                                                        tma))
+    order = {"bwd": 0, "fwd": 1, "bwd_rows": 2, "decode": 3, "decode_combine": 4}
     tasks = [t for _, t in sorted(tasks, key=lambda x: (x[0], order[x[1].spec.kernel]))]
     for i, task in enumerate(tasks):
         task.index = i
@@ -585,7 +618,7 @@ def compile_spec(spec: Spec, arch: int) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
-    fn = getattr(importlib.import_module(spec.module), spec.name)
+    fn = jit_kernel(spec.kernel)
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     attrs = {(i,): backend.parse_attr(desc) for i, desc in spec.attrs.items()}
@@ -604,15 +637,20 @@ def compile_spec(spec: Spec, arch: int) -> dict:
     return usage
 
 
+def task_row(task: Task, **values) -> dict:
+    """The CSV row of a task: what was compiled, then ``values``."""
+    import triton
+    return {"target": f"sm_{task.arch}", "triton": triton.__version__,
+            "kernel": task.spec.kernel, "variant": task.variant, "dtype": task.dtype,
+            "head_dim": task.head_dim, "group": task.group, "candidate": task.candidate,
+            "config": ",".join(str(x) for x in task.config),
+            "num_warps": task.spec.options.get("num_warps", 4),
+            "num_stages": task.spec.options.get("num_stages", 3), **values}
+
+
 def run_task(task: Task) -> Task:
     """Compile one task and fill its row (errors are recorded in the row, not raised)."""
-    import triton
-    row = {"target": f"sm_{task.arch}", "triton": triton.__version__, "kernel": task.spec.kernel,
-           "variant": task.variant, "dtype": task.dtype, "head_dim": task.head_dim,
-           "group": task.group, "candidate": task.candidate,
-           "config": ",".join(str(x) for x in task.config),
-           "num_warps": task.spec.options.get("num_warps", 4),
-           "num_stages": task.spec.options.get("num_stages", 3)}
+    row = task_row(task)
     start = time.perf_counter()
     try:
         usage = compile_spec(task.spec, task.arch)
@@ -698,16 +736,7 @@ def run_tasks(tasks: Sequence[Task], jobs: int, deadline: Optional[float],
     rows = []
     for task in tasks:
         row = done.get(task.index)
-        if row is None:
-            import triton
-            row = {"target": f"sm_{task.arch}", "triton": triton.__version__,
-                   "kernel": task.spec.kernel, "variant": task.variant, "dtype": task.dtype,
-                   "head_dim": task.head_dim, "group": task.group, "candidate": task.candidate,
-                   "config": ",".join(str(x) for x in task.config),
-                   "num_warps": task.spec.options.get("num_warps", 4),
-                   "num_stages": task.spec.options.get("num_stages", 3),
-                   "error": "not compiled: time limit"}
-        rows.append(row)
+        rows.append(task_row(task, error="not compiled: time limit") if row is None else row)
     return rows
 
 
@@ -733,8 +762,8 @@ def _is_time_limit(row: dict) -> bool:
     return str(row.get("error", "")).startswith("not compiled")
 
 
-def summary_markdown(rows: Sequence[dict], skipped: Sequence[dict], title: str,
-                     command: str, provenance: str = "") -> str:
+def summary_markdown(rows: Sequence[dict], title: str, command: str,
+                     provenance: str = "") -> str:
     """The markdown summary of a run's rows (see the module docstring)."""
     lines = [f"# {title}", "",
              f"Written by `{command}`: every kernel the launchers run, compiled for the target "
@@ -767,11 +796,6 @@ def summary_markdown(rows: Sequence[dict], skipped: Sequence[dict], title: str,
     else:
         lines.append("None.")
     lines.append("")
-    if skipped:
-        lines += ["## Variants not run", ""]
-        for s in skipped:
-            lines.append(f"- {s['variant']} {s['dtype']} d{s['head_dim']}: {s['reason']}")
-        lines.append("")
 
     lines += ["## Shared memory over the limit", ""]
     if over:
@@ -791,7 +815,7 @@ def summary_markdown(rows: Sequence[dict], skipped: Sequence[dict], title: str,
     for r in rows:
         key = (r["kernel"], r["dtype"], int(r["head_dim"]), r["candidate"], r["config"])
         keyed.setdefault(key, []).append(r)
-    order = {"fwd": 0, "bwd": 1, "bwd_rows": 2}
+    order = KERNEL_ORDER
     for key in sorted(keyed, key=lambda k: (order[k[0]], k[1], k[2], k[3])):
         group = keyed[key]
         ok = [r for r in group if _ok(r)]
@@ -816,7 +840,8 @@ def summary_markdown(rows: Sequence[dict], skipped: Sequence[dict], title: str,
         tables.setdefault((r["kernel"], r["dtype"], int(r["head_dim"])), []).append(r)
     for key in sorted(tables, key=lambda k: (order[k[0]], k[1], k[2])):
         group = tables[key]
-        variants = [v for v in ALL_VARIANTS if any(r["variant"] == v for r in group)]
+        names = ALL_DECODE_VARIANTS if key[0].startswith("decode") else ALL_VARIANTS
+        variants = [v for v in names if any(r["variant"] == v for r in group)]
         configs = []
         for r in group:
             c = (r["candidate"], r["config"])
@@ -843,8 +868,13 @@ def summary_markdown(rows: Sequence[dict], skipped: Sequence[dict], title: str,
             lines.append(f"| {cand} | {cfg} | " + " | ".join(out) + " |")
         lines.append("")
     lines += ["## Variants", ""]
-    for v in VARIANTS:
-        lines.append(f"- {v.name}: {v.describe()}")
+    decode = any(r["kernel"].startswith("decode") for r in rows)
+    attention = not decode or any(not r["kernel"].startswith("decode") for r in rows)
+    for v in (VARIANTS if attention else ()) + (DECODE_VARIANTS if decode else ()):
+        lines.append(f"- {v.name}{' (decode)' if v.kind == 'decode' and attention else ''}: "
+                     f"{v.describe()}")
+    if decode:
+        lines += ["", DECODE_NOTE]
     lines.append("")
     return "\n".join(lines)
 
@@ -866,8 +896,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
     p.add_argument("--time-limit", type=float, default=None,
                    help="seconds; compiles not finished by then are listed as not run")
+    p.add_argument("--kernels", choices=KERNEL_CHOICES, default="attention",
+                   help="attention (forward and backward, the default), decode (KV-cache "
+                        "decode and combine) or all")
     p.add_argument("--variants", type=lambda s: s.split(","), default=None,
-                   help=f"comma-separated subset of {','.join(ALL_VARIANTS)}")
+                   help=f"comma-separated subset of {','.join(ALL_VARIANTS)} (attention) or "
+                        f"{','.join(ALL_DECODE_VARIANTS)} (decode)")
     p.add_argument("--dtypes", type=lambda s: s.split(","), default=None,
                    help="comma-separated subset of bf16,fp16,fp32")
     p.add_argument("--head-dims", type=lambda s: [int(x) for x in s.split(",")], default=None,
@@ -897,7 +931,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         p.error("--extra-only needs --extra")
     if args.candidates is not None and args.candidates < 1:
         p.error(f"--candidates must be at least 1, got {args.candidates}")
-    for name, given, allowed in (("--variants", args.variants, ALL_VARIANTS),
+    known_variants = {"attention": ALL_VARIANTS, "decode": ALL_DECODE_VARIANTS,
+                      "all": ALL_VARIANTS + ALL_DECODE_VARIANTS}[args.kernels]
+    for name, given, allowed in (("--variants", args.variants, tuple(dict.fromkeys(
+                                     known_variants))),
                                  ("--dtypes", args.dtypes, ("bf16", "fp16", "fp32")),
                                  ("--head-dims", args.head_dims, (32, 64, 128))):
         unknown = [x for x in (given or []) if x not in allowed]
@@ -945,10 +982,13 @@ def kernels_revision() -> str:
     return f"Kernels: commit {rev}" + (" with uncommitted changes in kernels/." if dirty else ".")
 
 
-def default_paths(arch: int, quick: bool, tma: bool = False) -> Tuple[Path, Path]:
+def default_paths(arch: int, quick: bool, tma: bool = False,
+                  kernels: str = "attention") -> Tuple[Path, Path]:
     import triton
     version = ".".join(triton.__version__.split(".")[:2])
-    stem = f"sm{arch}-resources-triton{version}{'-quick' if quick else ''}{'-tma' if tma else ''}"
+    kind = {"attention": "", "decode": "decode-", "all": "all-"}[kernels]
+    stem = (f"sm{arch}-{kind}resources-triton{version}{'-quick' if quick else ''}"
+            f"{'-tma' if tma else ''}")
     return RESULTS_DIR / f"{stem}.csv", RESULTS_DIR / f"{stem}.md"
 
 
@@ -974,25 +1014,20 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    global TMA_LOADS
-    TMA_LOADS = args.tma
     limit = QUICK_CANDIDATES if args.quick else args.candidates
-    run_cases = cases(args.quick, args.variants, args.dtypes, args.head_dims)
+    run_cases = cases(args.quick, args.variants, args.dtypes, args.head_dims, args.kernels)
     if not run_cases:
         print("error: no case matches the given variants, dtypes and head dims",
               file=sys.stderr)
         return 2
     start = time.monotonic()
-    skipped: List[dict] = []
-    tasks = all_tasks(run_cases, lists, limit, args.target, skipped, args.extra_only)
-    for s in skipped:
-        print(f"skipped {s['variant']} {s['dtype']} d{s['head_dim']}: {s['reason']}")
+    tasks = all_tasks(run_cases, lists, limit, args.target, args.extra_only, args.tma)
     if args.list:
         for task in tasks:
             print(spec_json(task))
         return 0
     import triton
-    csv_path, md_path = default_paths(args.target, args.quick, args.tma)
+    csv_path, md_path = default_paths(args.target, args.quick, args.tma, args.kernels)
     csv_path = args.csv or csv_path
     md_path = args.md or (csv_path.with_suffix(".md") if args.csv else md_path)
     print(f"{len(tasks)} compiles for sm_{args.target} with triton {triton.__version__}, "
@@ -1000,12 +1035,14 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     deadline = None if args.time_limit is None else start + args.time_limit
     rows = run_tasks(tasks, args.jobs, deadline, progress=lambda s: print(s, flush=True))
     write_csv(rows, csv_path)
-    command = " ".join(["python benchmarks/sm90_resources.py"] + command_args(argv))
+    command = " ".join(["python tools/sm90_resources.py"] + command_args(argv))
     title = f"Kernel resources for sm_{args.target}, triton {triton.__version__}" + \
+        {"attention": "", "decode": ", KV-cache decode kernels",
+         "all": ", attention and KV-cache decode kernels"}[args.kernels] + \
         (" (quick subset)" if args.quick else "") + \
         (", forward with tensor-descriptor (TMA) loads" if args.tma else "")
     md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text(summary_markdown(rows, skipped, title, command, kernels_revision()))
+    md_path.write_text(summary_markdown(rows, title, command, kernels_revision()))
     failed = [r for r in rows if r.get("error") and not _is_time_limit(r)]
     print(f"wrote {csv_path} and {md_path}: {len(rows)} compiles, {len(failed)} failed, "
           f"{time.monotonic() - start:.0f} s")

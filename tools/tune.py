@@ -1,9 +1,9 @@
 """Sweep the fused kernels' tile candidates on this GPU and write the winners into the tuned
 table (kernels/tuned_configs.json), which the kernels read before anything else.
 
-    python benchmarks/tune.py                                # every problem, 420 s at most
-    python benchmarks/tune.py --time-limit-s 300 --csv out/tune.csv --extra-candidates
-    TRITON_INTERPRET=1 python benchmarks/tune.py --dry-run --table /tmp/t.json   # CPU check
+    python tools/tune.py                                # every problem, 420 s at most
+    python tools/tune.py --time-limit-s 300 --csv out/tune.csv --extra-candidates
+    TRITON_INTERPRET=1 python tools/tune.py --dry-run --table /tmp/t.json   # CPU check
 
 Problems: the op-level shapes of benchmarks/throughput.py (CLIP vision N=197 d=64, CLIP text
 N=77 d=64 causal, ViT-L N=577 d=128, N in {1024, 4096, 16384} at 16k tokens d=64 causal and
@@ -15,7 +15,7 @@ candidates compile once; classes run bf16 before fp16 and V1 before V2.
 
 Per problem and kernel (forward, then backward), every candidate of the class's group
 (``kernels/config.py``; with --extra-candidates also a wider grid) is forced through the
-launchers' tile chooser (``TileChooser.chosen`` for the problem's key) and the launcher
+launchers' tile choice (``kernels.tuning.forced_tiles``) and the launcher
 ``diff_attn_fwd`` / ``diff_attn_bwd`` is timed with ``triton.testing.do_bench`` (median).
 Candidates that fail to compile or launch are recorded and left out. The fastest one is
 written for the current architecture (``kernels.tuning.gpu_arch``, e.g. sm_90) under its
@@ -50,7 +50,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from cli import CliParser, comma_list, positive_int, positive_float  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -172,7 +172,6 @@ class Launch:
 
     def __init__(self, problem: Problem, device: torch.device):
         from diffattn.kernels.config import head_block
-        from diffattn.kernels.tuning import BWD_TILES, FWD_TILES
         p = problem
         dtype = DTYPES[p.dtype]
         B, N, H, d, DV = p.batch, p.seq_len, p.heads, p.head_dim, p.value_dim
@@ -191,12 +190,7 @@ class Launch:
         from diffattn.kernels import AttentionCall
         self.call = AttentionCall.create(d ** -0.5, causal=p.causal, out_scale=self.out_scale)
         self.block_d, self.block_dv = head_block(d), head_block(DV)
-        self.keys = {
-            "fwd": FWD_TILES.key(device, dtype, self.block_d, self.block_dv, p.variant == "v1",
-                                 p.causal, N, N),
-            "bwd": BWD_TILES.key(device, dtype, self.block_d, self.block_dv, p.variant == "v1",
-                                 p.causal, N, N)}
-        self.choosers = {"fwd": FWD_TILES, "bwd": BWD_TILES}
+        self.problem, self.dtype = p, dtype
         self.saved = None
         self.dout = None
 
@@ -213,24 +207,22 @@ class Launch:
 
     def runner(self, kernel: str, config: tuple) -> Callable[[], object]:
         """A callable that launches ``kernel`` with ``config`` forced."""
-        chooser, key = self.choosers[kernel], self.keys[kernel]
+        from diffattn.kernels.tuning import forced_tiles
         if kernel == "bwd" and self.saved is None:
             self.saved = self.forward()
             self.dout = torch.randn_like(self.saved[0])
+        forced = {kernel: config}
 
         def run():
-            chooser.chosen[key] = config
-            try:
+            with forced_tiles(**forced):
                 return self.forward() if kernel == "fwd" else self.backward()
-            finally:
-                chooser.chosen.pop(key, None)
         return run
 
     def class_and_bucket(self) -> tuple:
         from diffattn.kernels.tuning import bucket_name, call_class, length_bucket
-        _, dtype, block_d, block_dv, key_pair, causal, n, m = self.keys["fwd"]
-        return (call_class(dtype, block_d, block_dv, key_pair, causal),
-                bucket_name(length_bucket(n), length_bucket(m)))
+        p = self.problem
+        return (call_class(self.dtype, self.block_d, self.block_dv, p.variant == "v1", p.causal),
+                bucket_name(length_bucket(p.seq_len), length_bucket(p.seq_len)))
 
 
 def cuda_timer(warmup_ms: int, rep_ms: int) -> Callable[[Callable], float]:

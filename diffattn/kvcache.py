@@ -453,12 +453,21 @@ class DiffKVCache:
                 f"dtype={self.k_cache.dtype}, device={self.k_cache.device})")
 
 
-def layer_decode_step(layer, query: Tensor, cache: DiffKVCache, v2: bool) -> Tensor:
+def layer_decode_step(layer, query: Tensor, cache: DiffKVCache, v2: bool, *,
+                      other_arguments: dict) -> Tensor:
     """``layer(query, kv_cache=cache)`` of DiffMultiheadAttention (v2=False) or
     DiffMultiheadAttentionV2 (v2=True): causal self-attention of the new tokens ``query``
     ((B, N, E) with batch_first, else (N, B, E)) over the cached ones and themselves; their
     keys and values are appended to the cache and ``cache.seqlens`` advances by N (in place).
+    ``other_arguments``: the forward's key, value, key_padding_mask, attn_mask, window_size
+    and need_weights, which a decoding step does not take (key and value may be query itself).
     Returns the layer's output in query's layout."""
+    given = [name for name, value in other_arguments.items()
+             if value is not None and value is not False
+             and not (name in ("key", "value") and value is query)]
+    if given:
+        raise ValueError("kv_cache takes self-attention only: no key, value, key_padding_mask, "
+                         f"attn_mask, window_size or need_weights (got {', '.join(given)})")
     if not isinstance(cache, DiffKVCache):
         raise TypeError(f"kv_cache must be a diffattn.DiffKVCache, got {type(cache).__name__}")
     if not isinstance(query, Tensor) or query.dim() != 3 or query.shape[2] != layer.embed_dim:

@@ -406,12 +406,9 @@ class DiffMultiheadAttention(nn.Module):
         kv_cache.seqlens advances by N. Self-attention only (no key, value, masks or weights).
         """
         if kv_cache is not None:  # a decoding step: causal self-attention over the cache
-            if key is not None and key is not query or value is not None and value is not query \
-                    or key_padding_mask is not None or attn_mask is not None or need_weights \
-                    or window_size is not None:
-                raise ValueError("kv_cache takes self-attention only: no key, value, "
-                                 "key_padding_mask, attn_mask, window_size or need_weights")
-            return layer_decode_step(self, query, kv_cache, v2=False), None
+            other = dict(key=key, value=value, key_padding_mask=key_padding_mask,
+                         attn_mask=attn_mask, window_size=window_size, need_weights=need_weights)
+            return layer_decode_step(self, query, kv_cache, v2=False, other_arguments=other), None
         query, key, value, key_padding_mask, unbatched = check_module_inputs(
             query, key, value, key_padding_mask, self.embed_dim, self.kdim, self.vdim,
             self.batch_first)

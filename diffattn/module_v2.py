@@ -218,12 +218,9 @@ class DiffMultiheadAttentionV2(nn.Module):
         heads, or (B, num_heads, N, S) with average_attn_weights=False. kv_cache (a
         diffattn.DiffKVCache): a decoding step, as in DiffMultiheadAttention.forward."""
         if kv_cache is not None:  # a decoding step: causal self-attention over the cache
-            if key is not None and key is not query or value is not None and value is not query \
-                    or key_padding_mask is not None or attn_mask is not None or need_weights \
-                    or window_size is not None:
-                raise ValueError("kv_cache takes self-attention only: no key, value, "
-                                 "key_padding_mask, attn_mask, window_size or need_weights")
-            return layer_decode_step(self, query, kv_cache, v2=True), None
+            other = dict(key=key, value=value, key_padding_mask=key_padding_mask,
+                         attn_mask=attn_mask, window_size=window_size, need_weights=need_weights)
+            return layer_decode_step(self, query, kv_cache, v2=True, other_arguments=other), None
         E = self.embed_dim
         query, key, value, key_padding_mask, unbatched = check_module_inputs(
             query, key, value, key_padding_mask, E, E, E, self.batch_first)

@@ -141,3 +141,18 @@ def test_sequence_first_layer_decodes_like_batch_first(layer_cls, heads):
         z2, _ = second(x[:, 5:].transpose(0, 1), kv_cache=c2)
         torch.testing.assert_close(z2.transpose(0, 1), z1)
         torch.testing.assert_close(z1, first(x, is_causal=True)[0][:, 5:])
+
+
+@pytest.mark.parametrize("layer_cls", [DiffMultiheadAttention, DiffMultiheadAttentionV2])
+def test_a_decoding_step_refuses_what_it_does_not_take(layer_cls):
+    layer = layer_cls(16, 4, batch_first=True)
+    cache = DiffKVCache.empty(1, 8, layer)
+    x = torch.randn(1, 2, 16)
+    with torch.no_grad():
+        layer(x, x, x, kv_cache=cache)  # key and value may be the query itself
+    for extra, name in ((dict(key_padding_mask=torch.zeros(1, 2, dtype=torch.bool)),
+                         "key_padding_mask"), (dict(window_size=(4, 0)), "window_size"),
+                        (dict(need_weights=True), "need_weights"),
+                        (dict(key=torch.randn(1, 2, 16)), "key")):
+        with pytest.raises(ValueError, match=f"got {name}"):
+            layer(x, **extra, kv_cache=cache)

@@ -32,6 +32,18 @@ def sequence_bounds(CU_Q, CU_K, b, N, M, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def sequence_start(b, N, row0, VARLEN: tl.constexpr):
+    """Sequence b's first row in the row space of a (batch, seq, ...) contiguous tensor: b * N,
+    or with VARLEN row0 (packed rows). Called where the row is used, so that without VARLEN
+    the code is the padded layout's own."""
+    if VARLEN:
+        start = row0
+    else:
+        start = b * N
+    return start
+
+
+@triton.jit
 def row_offset(b, row0, stride_b, stride_row, VARLEN: tl.constexpr):
     """Element offset of sequence b's first row in a tensor addressed by (batch, row)
     strides: b * stride_b, or with VARLEN (packed rows, no batch axis) row0 * stride_row."""

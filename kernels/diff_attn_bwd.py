@@ -36,7 +36,8 @@ from .launch import Launcher
 from .common import (band_tiles, causal_key_end, causal_keep, full_tiles_end, key_keep,
                      load_head_pair, load_kept_key_value_tiles, load_key_value_tiles,
                      load_lambda_rows, load_lambda_vectors, load_tile, program_lambda,
-                     query_key_keep, row_offset, sequence_bounds, sequence_rows, window_keep)
+                     query_key_keep, row_offset, sequence_bounds, sequence_rows,
+                     sequence_start, window_keep)
 from .tuning import BWD_TILES
 
 # dlambda reduction modes (DLAM_REDUCE): lambda per row and head (no reduction: the row pass
@@ -76,7 +77,7 @@ def diff_attn_bwd_rows_kernel(
                    HEAD_DIM_V != BLOCK_DV).to(acc_dtype)
     # X, O2, DX: (B, N, H, DV) or packed (total_q, H, DV) contiguous; the tile's first element
     # in int64, the rest int32.
-    first = ((q_row0 + pid_m * BLOCK_M) * H + h) * HEAD_DIM_V
+    first = ((sequence_start(b, N, q_row0, VARLEN) + pid_m * BLOCK_M) * H + h) * HEAD_DIM_V
     tile_off = tl.arange(0, BLOCK_M)[:, None] * (H * HEAD_DIM_V) + offs_dv[None, :]
     x = tl.load(X + first + tile_off, mask=mask, other=0.0).to(acc_dtype)
     o2 = tl.load(O2 + first + tile_off, mask=mask, other=0.0).to(acc_dtype)
@@ -106,7 +107,8 @@ def diff_attn_bwd_rows_kernel(
     tl.store(delta_ptrs + N, -lam * dx_o2, mask=row_ok)
     if NEED_DLAM:
         if DLAM_REDUCE == 0:  # per row: DLAM is the (B, N, H) or (total_q, H) gradient itself
-            tl.store(DLAM + (q_row0 + rows) * H + h, -dx_o2, mask=row_ok)
+            tl.store(DLAM + (sequence_start(b, N, q_row0, VARLEN) + rows) * H + h, -dx_o2,
+                     mask=row_ok)
         else:  # the tile's partial sum, (row tiles, B * H)
             tl.store(DLAM + pid_m * tl.num_programs(1) + pid_bh, -tl.sum(dx_o2, 0))
 
@@ -213,24 +215,25 @@ def _dkdv_program(tile, bg, Q, K, V, LAM, KPM, DO, LSE, DELTA, DK, DV, CU_Q, CU_
     if VARLEN:
         if tile * BLOCK_N >= M_b:  # past this sequence's keys
             return
-    q_off = row_offset(b, q_row0, stride_qb, stride_qn, VARLEN)
-    do_off = row_offset(b, q_row0, stride_dob, stride_don, VARLEN)
-    lam_rows = sequence_rows(LAM, q_row0, stride_ln, VARLEN)
     key_heads = 2 if KEY_PAIR else 1
     cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k_base = K + row_offset(b, k_row0, stride_kb, stride_km, VARLEN) + key_heads * g * stride_kh
-    v_base = V + row_offset(b, k_row0, stride_vb, stride_vm, VARLEN) + g * stride_vh
 
     col_keep = key_keep(KPM + b * stride_kpm_b, cols, M_b, HAS_KPM)
     if HAS_KPM:  # padding keys read as 0: no NaN/inf there reaches dK
-        k1, k2, v = load_kept_key_value_tiles(k_base, v_base, stride_kh,
+        k1, k2, v = load_kept_key_value_tiles(K + row_offset(b, k_row0, stride_kb, stride_km,
+                                                             VARLEN) + key_heads * g * stride_kh,
+                                              V + row_offset(b, k_row0, stride_vb, stride_vm,
+                                                             VARLEN) + g * stride_vh, stride_kh,
                                               stride_km, stride_vm, tile * BLOCK_N, col_keep,
                                               HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR,
                                               BLOCK_N)
     else:
-        k1, k2, v = load_key_value_tiles(k_base, v_base, stride_kh, stride_km, stride_vm,
+        k1, k2, v = load_key_value_tiles(K + row_offset(b, k_row0, stride_kb, stride_km, VARLEN)
+                                         + key_heads * g * stride_kh,
+                                         V + row_offset(b, k_row0, stride_vb, stride_vm, VARLEN)
+                                         + g * stride_vh, stride_kh, stride_km, stride_vm,
                                          tile * BLOCK_N, M_b, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
                                          BLOCK_DV, KEY_PAIR, True, BLOCK_N)
     dk1 = tl.zeros([BLOCK_N, BLOCK_D], dtype=acc_dtype)
@@ -261,10 +264,11 @@ def _dkdv_program(tile, bg, Q, K, V, LAM, KPM, DO, LSE, DELTA, DK, DV, CU_Q, CU_
             if tile * BLOCK_N + BLOCK_N <= M_b:
                 open_hi = tl.maximum(open_lo, (N_b // BLOCK_M) * BLOCK_M)
     lam_scalar = program_lambda(LAM, lam_value, LAM_MODE, LAM_DIM, BLOCK_LAM, acc_dtype)
+    lam_rows = sequence_rows(LAM, q_row0, stride_ln, VARLEN)
     for head in range(0, GROUP):
         h = g * GROUP + head
-        q_base = Q + q_off + 2 * h * stride_qh
-        do_base = DO + do_off + h * stride_doh
+        q_base = Q + row_offset(b, q_row0, stride_qb, stride_qn, VARLEN) + 2 * h * stride_qh
+        do_base = DO + row_offset(b, q_row0, stride_dob, stride_don, VARLEN) + h * stride_doh
         lse_base = LSE + ((b * H + h) * 2) * N
         delta_base = DELTA + ((b * H + h) * 2) * N
         dk1, dk2, dv = _dkdv_query_tiles(
@@ -290,13 +294,14 @@ def _dkdv_program(tile, bg, Q, K, V, LAM, KPM, DO, LSE, DELTA, DK, DV, CU_Q, CU_
     # tile's first element in int64, the rest in int32 offsets.
     col_ok = cols < M_b
     local = tl.arange(0, BLOCK_N)[:, None]
-    dk_ptrs = (DK + ((k_row0 + tile * BLOCK_N) * (key_heads * HK) + key_heads * g) * HEAD_DIM
+    k_start = sequence_start(b, M, k_row0, VARLEN)
+    dk_ptrs = (DK + ((k_start + tile * BLOCK_N) * (key_heads * HK) + key_heads * g) * HEAD_DIM
                + (local * (key_heads * HK * HEAD_DIM) + offs_d[None, :]))
     k_mask = col_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     tl.store(dk_ptrs, (dk1 * sm_scale).to(DK.dtype.element_ty), mask=k_mask)
     if KEY_PAIR:
         tl.store(dk_ptrs + HEAD_DIM, (dk2 * sm_scale).to(DK.dtype.element_ty), mask=k_mask)
-    dv_ptrs = (DV + ((k_row0 + tile * BLOCK_N) * HK + g) * HEAD_DIM_V
+    dv_ptrs = (DV + ((k_start + tile * BLOCK_N) * HK + g) * HEAD_DIM_V
                + (local * (HK * HEAD_DIM_V) + offs_dv[None, :]))
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty),
              mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
@@ -414,7 +419,8 @@ def _dq_program(tile, bh, Q, K, V, LAM, KPM, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                              BLOCK_DV, KEY_PAIR, CAUSAL, HAS_KPM, WINDOW, True, PRECISION,
                              BLOCK_N)
 
-    dq_ptrs = (DQ + ((q_row0 + tile * BLOCK_M) * (2 * H) + 2 * h) * HEAD_DIM
+    dq_ptrs = (DQ + ((sequence_start(b, N, q_row0, VARLEN) + tile * BLOCK_M) * (2 * H) + 2 * h)
+               * HEAD_DIM
                + (tl.arange(0, BLOCK_M)[:, None] * (2 * H * HEAD_DIM) + offs_d[None, :]))
     q_mask = (rows < N_b)[:, None] & (offs_d[None, :] < HEAD_DIM)
     tl.store(dq_ptrs, (dq1 * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)

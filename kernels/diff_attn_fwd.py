@@ -50,7 +50,7 @@ from .launch import Launcher
 from .common import (band_tiles, causal_key_end, full_tiles_end, key_keep, load_head_pair,
                      load_key_value_tiles, load_lambda_rows, online_softmax_step,
                      program_lambda, query_key_keep, row_offset, sequence_bounds,
-                     sequence_rows)
+                     sequence_rows, sequence_start)
 from .tuning import FWD_TILES
 
 
@@ -127,21 +127,17 @@ def diff_attn_fwd_kernel(
     if VARLEN:
         if pid_m * BLOCK_M >= N_b:  # past this sequence's queries
             return
-    q_off = row_offset(b, q_row0, stride_qb, stride_qn, VARLEN)
-    k_off = row_offset(b, k_row0, stride_kb, stride_km, VARLEN)
-    v_off = row_offset(b, k_row0, stride_vb, stride_vm, VARLEN)
-    lam_rows = sequence_rows(LAM, q_row0, stride_ln, VARLEN)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    q1, q2 = load_head_pair(Q + q_off + 2 * h * stride_qh, stride_qh, pid_m * BLOCK_M, N_b,
-                            stride_qn, offs_d, HEAD_DIM, BLOCK_M, True, True,
-                            HEAD_DIM != BLOCK_D)
+    q1, q2 = load_head_pair(Q + row_offset(b, q_row0, stride_qb, stride_qn, VARLEN)
+                            + 2 * h * stride_qh, stride_qh, pid_m * BLOCK_M, N_b, stride_qn,
+                            offs_d, HEAD_DIM, BLOCK_M, True, True, HEAD_DIM != BLOCK_D)
     key_heads = 2 if KEY_PAIR else 1
-    k_base = K + k_off + key_heads * g * stride_kh
-    v_base = V + v_off + g * stride_vh
+    k_base = K + row_offset(b, k_row0, stride_kb, stride_km, VARLEN) + key_heads * g * stride_kh
+    v_base = V + row_offset(b, k_row0, stride_vb, stride_vm, VARLEN) + g * stride_vh
     kpm_row = KPM + b * stride_kpm_b
     k1_desc = k_base  # the descriptors are unused without USE_TMA
     k2_desc = k_base
@@ -204,7 +200,7 @@ def diff_attn_fwd_kernel(
     l2_safe = tl.where(l2 > 0, l2, 1.0)
     inv_l1 = tl.where(l1 > 0, 1.0 / l1_safe, 0.0)
     inv_l2 = tl.where(l2 > 0, 1.0 / l2_safe, 0.0)
-    lam = load_lambda_rows(lam_rows, b, rows, N_b, h, stride_lb, stride_ln, stride_lh,
+    lam = load_lambda_rows(sequence_rows(LAM, q_row0, stride_ln, VARLEN), b, rows, N_b, h, stride_lb, stride_ln, stride_lh,
                            program_lambda(LAM, lam_value, LAM_MODE, LAM_DIM, BLOCK_LAM,
                                           acc_dtype), LAM_MODE, acc_dtype)
     o2 = acc2 * inv_l2[:, None]
@@ -213,7 +209,7 @@ def diff_attn_fwd_kernel(
     row_ok = rows < N_b
     # (B, N, H, DV) or packed (total_q, H, DV) contiguous: the tile's first element in int64,
     # the rest in int32 offsets (added to the pointer after it: OUT + first + tile_off).
-    first = ((q_row0 + pid_m * BLOCK_M) * H + h) * HEAD_DIM_V
+    first = ((sequence_start(b, N, q_row0, VARLEN) + pid_m * BLOCK_M) * H + h) * HEAD_DIM_V
     tile_off = tl.arange(0, BLOCK_M)[:, None] * (H * HEAD_DIM_V) + offs_dv[None, :]
     out_mask = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
     y = x * out_scale

@@ -426,11 +426,13 @@ def _check_packed(name: str, t, heads: str, dim: str) -> None:
 def _cu_seqlens_error(message: str, device_type: str, values_ok: Tensor) -> None:
     """A ValueError now for CPU offsets; an asynchronous device assertion otherwise (the
     check never waits for the device)."""
-    if device_type == "cpu" and not torch.compiler.is_compiling():
-        if not bool(values_ok):
-            raise ValueError(message)
+    if device_type != "cpu" or torch.compiler.is_compiling():
+        torch._assert_async(values_ok, message)
         return
-    torch._assert_async(values_ok, message)
+    try:  # on the CPU the assertion runs at once (and reads no value through the dispatcher)
+        torch._assert_async(values_ok, message)
+    except RuntimeError:
+        raise ValueError(message) from None
 
 
 def check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> None:

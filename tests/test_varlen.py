@@ -183,6 +183,20 @@ def test_uniform_lengths_equal_the_padded_call():
     assert torch.equal(packed, padded.flatten(0, 1))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_value_is_read_on_the_host(backend):
+    from test_host_sync import NoHostReads
+    q, k, v, lam, weight, cu_q, cu_k = v1_inputs(torch.float32, ([3, 0, 4], [2, 5, 0]), d=8)
+    with NoHostReads():
+        out = diff_attention_varlen(q, k, v, cu_q, cu_k, 4, 5, lam, causal=True,
+                                    norm_weight=weight, backend=backend)
+        out.sum().backward()
+        lam_tokens = torch.rand(7, 2, requires_grad=True)
+        out = diff_attention_v2_varlen(q, k[:, :1], v[..., :8], cu_q, cu_k, 4, 5, lam_tokens,
+                                       backend=backend)
+        out.sum().backward()
+
+
 def _small():
     q, k, v = torch.randn(5, 4, 8), torch.randn(6, 2, 8), torch.randn(6, 1, 16)
     return q, k, v, offsets([2, 3]), offsets([4, 2])

@@ -254,7 +254,7 @@ def diff_attn_fwd(q, k, v, lam, key_padding_mask, norm_weight, call: AttentionCa
         cu_seqlens_q, cu_seqlens_k: with ``call.max_seqlens`` (packed sequences), int32
             (batch + 1,) cumulative offsets of the packed q (total_q, 2H, d), k (total_k, ...)
             and v (total_k, Hk, DV); the per-query outputs are then (total_q, H, DV) and lse,
-            rstd are sized by batch and max_seqlen_q.
+            rstd are sized by batch and max_seqlen_q (0 past each sequence's end).
         save_for_backward: False (inference) writes the output only; x, o2, lse and rstd are
             then None.
         wrap: torch.library.wrap_triton inside a registered op (torch.compile traces the
@@ -275,8 +275,10 @@ def diff_attn_fwd(q, k, v, lam, key_padding_mask, norm_weight, call: AttentionCa
     if save_for_backward:
         x = torch.empty_like(out) if store_x else out
         o2 = torch.empty_like(out)
-        lse = torch.empty((B, H, 2, N), device=device, dtype=acc_dtype)
-        rstd = torch.empty((B, H, N if has_norm else 0), device=device, dtype=acc_dtype)
+        # Packed sequences: rows past a sequence's end are no query's and stay 0.
+        stats = torch.zeros if call.varlen else torch.empty
+        lse = stats((B, H, 2, N), device=device, dtype=acc_dtype)
+        rstd = stats((B, H, N if has_norm else 0), device=device, dtype=acc_dtype)
     else:
         x = o2 = lse = rstd = out  # not written
     kpm = q if key_padding_mask is None else key_padding_mask.view(torch.uint8)

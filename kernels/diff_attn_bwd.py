@@ -22,6 +22,9 @@
 
 Layouts as in diff_attn_fwd.py; dX, when stored, is (B, N, H, DV) contiguous in q's dtype;
 DELTA (B, H, 2, N) holds D1, D2. The equations: docs/kernel-math.md.
+VARLEN (packed sequences, see diff_attn_fwd.py): every program works on its own sequence's
+rows; key-tile and query-tile programs past their sequence's end exit, row-pass programs past
+it store zero partial sums, so the fixed-order reductions (and determinism) are unchanged.
 """
 from __future__ import annotations
 

@@ -32,6 +32,12 @@ Layouts (element strides, last dimension contiguous):
     Q (B, N, 2H, d), K (B, M, 2Hk or Hk, d), V (B, M, Hk, DV), KPM (B, M) bool (True = ignore)
     OUT, X, O2 (B, N, H, DV) contiguous; LSE (B, H, 2, N); RSTD (B, H, N)
 Causal rule: query i sees keys j <= i + (M - N) (diagonal aligned bottom-right).
+VARLEN (packed variable-length sequences): Q (total_q, 2H, d), K, V (total_k, ...), OUT, X,
+O2 (total_q, H, DV); CU_Q, CU_K int32 (B + 1,) cumulative offsets. Program (m, b, h) reads
+sequence b's first rows and lengths N_b, M_b from them (sequence_bounds) and exits when its
+query tile starts past N_b; N and M are then the maxima (the grid and LSE, RSTD are sized by
+them) and every mask and loop bound uses N_b, M_b. Without VARLEN the same helpers give b * N,
+N, b * M, M where they are used, so the padded kernel's code is what it was.
 USE_TMA (Hopper, DIFFATTN_TMA=1, kernels/tma.py): the key and value tiles come through tensor
 descriptors made on the device instead of pointer loads; everything else is the same.
 The equations: docs/kernel-math.md.

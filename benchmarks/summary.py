@@ -28,7 +28,12 @@ OP_RATIOS = (("speed-up vs sdpa_x2", "sdpa_x2", "diffattn", "ms_p50"),
              ("diffattn / sdpa_plain time", "diffattn", "sdpa_plain", "ms_p50"),
              ("V2 speed-up vs flash_v2", "flash_v2", "diffattn_v2", "ms_p50"),
              ("mem diffattn / sdpa_x2", "diffattn", "sdpa_x2", "peak_mem_mb"),
-             ("mem diffattn_v2 / flash_v2", "diffattn_v2", "flash_v2", "peak_mem_mb"))
+             ("mem diffattn_v2 / flash_v2", "diffattn_v2", "flash_v2", "peak_mem_mb"),
+             ("packed speed-up vs padded", "diffattn_padded", "diffattn_packed", "ms_p50"),
+             ("V2 packed speed-up vs padded", "diffattn_v2_padded", "diffattn_v2_packed",
+              "ms_p50"),
+             ("torch path packed speed-up vs padded", "torch_path_padded", "torch_path_packed",
+              "ms_p50"))
 MODEL_RATIOS = (("diffattn / sdpa_plain", "diffattn", "sdpa_plain"),
                 ("diffattn / timm", "diffattn", "timm"),
                 ("sdpa_plain / timm", "sdpa_plain", "timm"),
@@ -328,7 +333,8 @@ def summary_markdown(rows: Sequence[dict], device_name: str, on_gpu: bool, versi
     lines += targets_table(rows, device_name, on_gpu, targets_path)
     lines += host_table(rows)
     lines += comparison_table(rows, "op") + comparison_table(rows, "layer")
-    lines += comparison_table(rows, "decode") + model_table(rows)
+    lines += comparison_table(rows, "decode") + comparison_table(rows, "varlen")
+    lines += model_table(rows)
     lines += compile_table(report) + tiles_table(report) + backends_table(report)
     for title, items in (("Skipped", report.skipped), ("Failed", report.failed)):
         if items:

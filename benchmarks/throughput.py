@@ -24,6 +24,14 @@ Levels and providers (benchmarks/providers.py, host.py, model_providers.py):
            attention's decode), torch_path, torch_path_v2. GPU: B in {1, 8, 64} x cache in
            {1k, 8k, 64k} (up to 512k cached tokens), H=8 d=64; CPU: tiny caches (and the
            fused paths through the interpreter as *_interpreter with TRITON_INTERPRET=1).
+    varlen sequences of different lengths, packed (diff_attention[_v2]_varlen: diffattn_packed,
+           diffattn_v2_packed) against padded to the longest with a key padding mask
+           (diffattn_padded, diffattn_v2_padded), and the same through the torch path
+           (torch_path[_v2]_packed / _padded) (benchmarks/varlen_providers.py). GPU: 16
+           sequences of 1024 tokens (equal lengths) and of up to 2048 (varied lengths), H=8
+           d=64, causal (without --quick also not causal, and 64 sequences of up to 1024 at
+           d=128); CPU: 4 short sequences (the fused ones through the interpreter as
+           *_interpreter with TRITON_INTERPRET=1). FLOPs count the real tokens only.
     model  training and inference steps of one tower: train_image (diffattn = DiffCLIP,
            torch_path, sdpa_plain = plain CLIP, timm, timm_diff, timm_diff_fused),
            train_text and infer_text (diffattn, torch_path, sdpa_plain) at seq_len 77 and 20;
@@ -120,6 +128,9 @@ from cli import CliParser, comma_list, positive_float, positive_int  # noqa: E40
 from decode_providers import (DECODE_FUSED, DECODE_INTERPRETER_PROVIDERS,  # noqa: E402
                               DECODE_INTERPRETER_SHAPE, DECODE_PROVIDERS, decode_bench,
                               decode_flop_kind, decode_shapes)
+from varlen_providers import (VARLEN_FUSED, VARLEN_INTERPRETER_PROVIDERS,  # noqa: E402
+                              VARLEN_INTERPRETER_SHAPE, VARLEN_PROVIDERS, sequence_lengths,
+                              varlen_bench, varlen_flop_kind, varlen_shapes)
 from host import (HOST_MODES, HOST_PROVIDERS, HOST_SHAPE, NO_LAUNCH_PROVIDERS,  # noqa: E402
                   host_device_label, run_host_case)
 from model_providers import (CPU_SPEC, GPU_SPEC, MODEL_PROVIDERS, TEXT_PROVIDERS,  # noqa: E402
@@ -134,12 +145,12 @@ from timing import Timer, peak_mem_mb, time_back_to_back, time_steps  # noqa: E4
 COLUMNS = ("device", "torch", "triton", "level", "provider", "mode", "dtype", "batch",
            "seq_len", "heads", "head_dim", "causal", "ms_p50", "ms_p20", "ms_p80", "tflops",
            "peak_mem_mb")
-LEVELS = ("host", "op", "layer", "decode", "model")
+LEVELS = ("host", "op", "layer", "decode", "varlen", "model")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ALL_PROVIDERS = tuple(dict.fromkeys(
     HOST_PROVIDERS + tuple(NO_LAUNCH_PROVIDERS) + OP_PROVIDERS + tuple(INTERPRETER_PROVIDERS)
     + LAYER_PROVIDERS + DECODE_PROVIDERS + tuple(DECODE_INTERPRETER_PROVIDERS)
-    + MODEL_PROVIDERS))
+    + VARLEN_PROVIDERS + tuple(VARLEN_INTERPRETER_PROVIDERS) + MODEL_PROVIDERS))
 COMPILE_CHOICES = {"default": "_compiled", "cudagraphs": "_compiled_cudagraphs"}
 MODE_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 GPU_NAIVE_BUDGET_FRACTION = 0.6
@@ -152,7 +163,8 @@ CPU_NO_KERNELS = ("CUDA not available: the fused Triton kernels need a GPU; diff
 CSV_NAME, SUMMARY_NAME = "throughput.csv", "summary.md"
 INTERPRETER_SHAPE = Shape("interpreter_tiny", 1, 77, 2, 64, False)
 # Rough seconds a case takes on a GPU, compilation included, for --time-limit-s.
-EXPECTED_S = {"host": 10.0, "op": 4.0, "layer": 5.0, "decode": 3.0, "model": 15.0,
+EXPECTED_S = {"host": 10.0, "op": 4.0, "layer": 5.0, "decode": 3.0, "varlen": 4.0,
+              "model": 15.0,
               "model_compiled": 100.0}
 
 
@@ -190,6 +202,10 @@ def case_flops(level: str, provider: str, shape: Shape, mode: str) -> float:
     if level == "decode":  # one query per sequence against seq_len cached keys
         return attention_flops(decode_flop_kind(provider), shape.batch, shape.heads, 1,
                                shape.seq_len, shape.head_dim, False, mode)
+    if level == "varlen":  # the real tokens' work: sequence b costs as one of N_b tokens
+        return sum(attention_flops(varlen_flop_kind(provider), 1, shape.heads, n, n,
+                                   shape.head_dim, shape.causal, mode)
+                   for n in sequence_lengths(shape))
     flops = attention_flops(flop_kind(provider), shape.batch, shape.heads, shape.seq_len,
                             shape.seq_len, shape.head_dim, shape.causal, mode)
     if level == "layer":
@@ -292,6 +308,8 @@ def priority(case: Case, first_dtype: str) -> int:
         return 6 if case.compiled else 5
     if case.level == "decode":
         return 3 if case.provider in DECODE_FUSED + ("sdpa_x2", "flash_v2") else 5
+    if case.level == "varlen":
+        return 3 if case.provider in VARLEN_FUSED else 5
     return 7  # layer level
 
 
@@ -306,7 +324,8 @@ def selected(provider: str, chosen: Sequence[str]) -> bool:
     """Whether a provider is in the --providers list; the no-launch and interpreter variants
     of a fused provider come with it."""
     base = NO_LAUNCH_PROVIDERS.get(provider, INTERPRETER_PROVIDERS.get(
-        provider, DECODE_INTERPRETER_PROVIDERS.get(provider, provider)))
+        provider, DECODE_INTERPRETER_PROVIDERS.get(
+            provider, VARLEN_INTERPRETER_PROVIDERS.get(provider, provider))))
     return provider in chosen or base in chosen
 
 
@@ -361,6 +380,14 @@ def build_plan(args, on_cuda: bool, interpret: bool, model_available: bool) -> L
         if interpret:
             plan += [Case("decode", p, DECODE_INTERPRETER_SHAPE, "fp32", ("fwd",))
                      for p in DECODE_INTERPRETER_PROVIDERS]
+    if "varlen" in args.levels:
+        for dtype in args.dtype:
+            plan += [Case("varlen", p, shape, dtype, tuple(args.modes))
+                     for shape in varlen_shapes(on_cuda, args.quick) for p in VARLEN_PROVIDERS
+                     if shape.causal in causal_ok and (on_cuda or p not in VARLEN_FUSED)]
+        if interpret:
+            plan += [Case("varlen", p, VARLEN_INTERPRETER_SHAPE, "fp32", tuple(args.modes))
+                     for p in VARLEN_INTERPRETER_PROVIDERS]
     if "model" in args.levels and model_available:
         dtype = low_precision[0] if low_precision else args.dtype[0]
         spec = GPU_SPEC if on_cuda else CPU_SPEC
@@ -506,6 +533,9 @@ class Runner:
     def _measure(self, case: Case) -> None:
         if case.level == "decode":
             bench = decode_bench(case.provider, case.shape, DTYPES[case.dtype], self.env.device)
+        elif case.level == "varlen":
+            bench = varlen_bench(case.provider, case.shape, DTYPES[case.dtype], self.env.device,
+                                 case.modes)
         else:
             build = op_bench if case.level == "op" else layer_bench
             bench = build(case.provider, case.shape, DTYPES[case.dtype], self.env.device,
@@ -616,7 +646,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--providers", type=comma_list(ALL_PROVIDERS), default=list(ALL_PROVIDERS),
                         help=f"comma list of {', '.join(ALL_PROVIDERS)}")
     parser.add_argument("--levels", type=comma_list(LEVELS), default=list(LEVELS),
-                        help="comma list of host, op, layer, decode, model")
+                        help="comma list of host, op, layer, decode, varlen, model")
     parser.add_argument("--dtype", type=comma_list(tuple(DTYPES)), default=None,
                         help="comma list of bf16, fp16, fp32 (default bf16,fp16 on CUDA, bf16 "
                              "with --quick; fp32 on CPU); host level and the model level's "

@@ -6,6 +6,9 @@
   kernels or a PyTorch path (``backend="auto" | "triton" | "torch"``).
 - ``diff_attention_v2``: the Differential Transformer V2 op (one key per group, per-token
   lambda, no norm) on the same kernels.
+- ``diff_attention_varlen`` / ``diff_attention_v2_varlen``: the same over packed
+  variable-length sequences ((total, heads, dim) with int32 cumulative offsets, as
+  flash-attn's varlen functions), one launch for every sequence, forward and backward.
 - ``diff_attention_with_kvcache`` / ``diff_attention_v2_with_kvcache``: a decoding step
   against a KV cache (in-place append, split-K, paged caches); ``DiffKVCache`` holds a layer's
   cache for ``forward(x, kv_cache=cache)``.
@@ -24,7 +27,8 @@
 """
 from .backend import BACKENDS, BackendFallbackWarning, resolve_backend
 from .convert import plain_to_v2_state_dict, replace_attention
-from .functional import diff_attention, diff_attention_v2
+from .functional import (diff_attention, diff_attention_v2, diff_attention_v2_varlen,
+                         diff_attention_varlen)
 from .kvcache import DiffKVCache, diff_attention_v2_with_kvcache, diff_attention_with_kvcache
 from .masks import causal_keep_mask
 from .module import DiffMultiheadAttention, HeadRMSNorm, check_lambda_init, lambda_init_for_depth
@@ -47,8 +51,10 @@ __all__ = [
     "check_lambda_init",
     "diff_attention",
     "diff_attention_ref",
+    "diff_attention_varlen",
     "diff_attention_v2",
     "diff_attention_v2_ref",
+    "diff_attention_v2_varlen",
     "diff_attention_v2_with_kvcache",
     "diff_attention_with_kvcache",
     "lambda_init_for_depth",

@@ -25,7 +25,8 @@ from torch import Tensor
 
 from .backend import check_backend_name, resolve_backend, unsupported_features
 from .lambdas import LambdaVectors, expand_lambda
-from .torch_path import diff_attention_torch, diff_attention_v2_torch
+from .torch_path import (diff_attention_torch, diff_attention_v2_torch,
+                         diff_attention_v2_varlen_torch, diff_attention_varlen_torch)
 
 from .kernels import AttentionCall
 
@@ -410,3 +411,169 @@ def diff_attention_v2(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Ten
                                  key_padding_mask=key_padding_mask, scale=scale,
                                  dropout_p=dropout_p, attn_mask=attn_mask,
                                  window_size=window_size)
+
+
+# ------------------------------------------------------------------ packed sequences
+def _check_packed(name: str, t, heads: str, dim: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (total, {heads}, {dim}), got "
+                        f"{type(t).__name__}")
+    if t.dim() != 3:
+        raise ValueError(f"{name} must be packed as (total, {heads}, {dim}) (sequences one "
+                         f"after another, see cu_seqlens), got {tuple(t.shape)}")
+
+
+def _cu_seqlens_error(message: str, device_type: str, values_ok: Tensor) -> None:
+    """A ValueError now for CPU offsets; an asynchronous device assertion otherwise (the
+    check never waits for the device)."""
+    if device_type != "cpu" or torch.compiler.is_compiling():
+        torch._assert_async(values_ok, message)
+        return
+    try:  # on the CPU the assertion runs at once (and reads no value through the dispatcher)
+        torch._assert_async(values_ok, message)
+    except RuntimeError:
+        raise ValueError(message) from None
+
+
+def check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> None:
+    """Raise a ValueError/TypeError naming the first bad packed-sequence argument: cu_seqlens_q
+    and cu_seqlens_k int32 1-D (batch + 1,) tensors on q's device, starting at 0, ending at
+    q.shape[0] / k.shape[0], non-decreasing, no sequence longer than max_seqlen_q /
+    max_seqlen_k (ints >= 0). Checks of values on an accelerator are asynchronous device
+    assertions."""
+    for name, cu, t, t_name in (("cu_seqlens_q", cu_seqlens_q, q, "q"),
+                                ("cu_seqlens_k", cu_seqlens_k, k, "k")):
+        if not isinstance(cu, Tensor):
+            raise TypeError(f"{name} must be an int32 tensor of shape (batch + 1,), got "
+                            f"{type(cu).__name__}")
+        if cu.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32 (cumulative sequence offsets), got "
+                            f"{cu.dtype}")
+        if cu.dim() != 1 or cu.shape[0] < 1:
+            raise ValueError(f"{name} must be 1-D of shape (batch + 1,), got "
+                             f"{tuple(cu.shape)}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {cu.device}")
+    if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1),"
+                         f" got {cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int (the longest sequence), got {value!r}")
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    if q.device.type == "meta" or torch._C._functorch.is_functorch_wrapped_tensor(q):
+        return
+    for name, cu, total, name_max, longest in (
+            ("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q),
+            ("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k)):
+        lengths = cu[1:] - cu[:-1]
+        device_type = cu.device.type
+        _cu_seqlens_error(f"{name} must start at 0", device_type, cu[0] == 0)
+        _cu_seqlens_error(f"{name} must end at the packed total {total} (the first dimension "
+                          f"of {'q' if name.endswith('q') else 'k'})", device_type,
+                          cu[-1] == total)
+        _cu_seqlens_error(f"{name} must be non-decreasing (cumulative offsets)", device_type,
+                          (lengths >= 0).all())
+        _cu_seqlens_error(f"{name_max} = {longest} is smaller than a sequence of {name}",
+                          device_type, (lengths <= longest).all())
+
+
+def diff_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
+                          cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                          lambda_: Union[float, Tensor], *, causal: bool = False,
+                          window_size: Optional[Tuple[int, int]] = None,
+                          scale: Optional[float] = None, norm_weight: Optional[Tensor] = None,
+                          eps: float = 1e-5, out_scale: float = 1.0,
+                          backend: str = "auto") -> Tensor:
+    """diff_attention (V1 / DiffCLIP) over packed variable-length sequences, as flash-attn's
+    varlen functions take them: sequence b is rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1
+    of q and rows cu_seqlens_k[b] .. cu_seqlens_k[b + 1] - 1 of k and v.
+
+    Args:
+        q: (total_q, 2H, d). k: (total_k, 2Hk, d). v: (total_k, Hk, 2d). H % Hk == 0.
+        cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) cumulative offsets, from 0 to total_q /
+            total_k, non-decreasing; zero-length sequences are allowed.
+        max_seqlen_q, max_seqlen_k: ints, the longest query / key sequence (or more): the fused
+            grid is sized from them, so the offsets are never read on the host.
+        lambda_: float, 0-dim tensor or (H,) tensor; differentiable when a tensor.
+        causal, window_size: per sequence, as in diff_attention: query i of a sequence of Nq
+            queries and Nk keys sees keys j <= i + Nk - Nq (bottom-right). A query that sees
+            no key gives zeros.
+        scale, norm_weight, eps, out_scale, backend: as in diff_attention.
+    Returns:
+        (total_q, H, 2d) in q's dtype.
+    """
+    check_backend_name(backend)
+    _check_packed("q", q, "2 * heads", "head_dim")
+    _check_packed("k", k, "2 * kv_heads", "head_dim")
+    _check_packed("v", v, "kv_heads", "2 * head_dim")
+    if isinstance(lambda_, Tensor) and lambda_.dim() > 1:
+        raise ValueError(f"lambda_ must be a float, a 0-dim tensor or (H,) tensor, got "
+                         f"{tuple(lambda_.shape)}")
+    check_diff_attention_args(q[None], k[None], v[None], lambda_, None, norm_weight, scale,
+                              causal, eps, out_scale, window_size)
+    check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    chosen = resolve_backend(backend, q.device, q.dtype, q.shape[2], unsupported_features(0.0,
+                                                                                         None))
+    q, k, v = _autocast(q, k, v)
+    scale = q.shape[2] ** -0.5 if scale is None else float(scale)
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if chosen == "triton":
+        lam, lam_value, _ = _kernel_lambda(lambda_, acc_dtype, q.device)
+        call = AttentionCall.create(scale, causal=causal, window_size=window_size,
+                                    lam_value=lam_value, eps=eps, out_scale=out_scale,
+                                    max_seqlens=(max_seqlen_q, max_seqlen_k))
+        return fused_attention(q, k, v, lam, None, norm_weight, call, cu_seqlens_q,
+                               cu_seqlens_k)
+    lam = expand_lambda(lambda_, q.shape[1] // 2, acc_dtype, q.device)
+    with _autocast_off(q.device.type):
+        return diff_attention_varlen_torch(q, k, v, lam, cu_seqlens_q, cu_seqlens_k,
+                                           max_seqlen_q, max_seqlen_k, causal=causal,
+                                           scale=scale, norm_weight=norm_weight, eps=eps,
+                                           out_scale=out_scale, window_size=window_size)
+
+
+def diff_attention_v2_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
+                             cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                             lambda_: Union[float, Tensor], *, causal: bool = False,
+                             window_size: Optional[Tuple[int, int]] = None,
+                             scale: Optional[float] = None, backend: str = "auto") -> Tensor:
+    """diff_attention_v2 over packed variable-length sequences (see diff_attention_varlen).
+
+    Args:
+        q: (total_q, 2H, d). k, v: (total_k, Hk, d). H % Hk == 0.
+        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k: as in diff_attention_varlen.
+        lambda_: float, 0-dim tensor, (H,) or per token (total_q, H); differentiable when a
+            tensor.
+        causal, window_size, scale, backend: as in diff_attention_varlen.
+    Returns:
+        (total_q, H, d) in q's dtype.
+    """
+    check_backend_name(backend)
+    _check_packed("q", q, "2 * heads", "head_dim")
+    _check_packed("k", k, "kv_heads", "head_dim")
+    _check_packed("v", v, "kv_heads", "head_dim")
+    lam_check = lambda_
+    if isinstance(lambda_, Tensor) and lambda_.dim() == 2:
+        if isinstance(q, Tensor) and tuple(lambda_.shape) != (q.shape[0], q.shape[1] // 2):
+            raise ValueError(f"lambda_ per token must have shape (total_q, H) = "
+                             f"{(q.shape[0], q.shape[1] // 2)}, got {tuple(lambda_.shape)}")
+        lam_check = lambda_[None]
+    check_diff_attention_v2_args(q[None], k[None], v[None], lam_check, None, scale, causal,
+                                 window_size)
+    check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    chosen = resolve_backend(backend, q.device, q.dtype, q.shape[2], unsupported_features(0.0,
+                                                                                         None))
+    q, k, v = _autocast(q, k, v)
+    scale = q.shape[2] ** -0.5 if scale is None else float(scale)
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if chosen == "triton":
+        lam, lam_value, _ = _kernel_lambda(lambda_, acc_dtype, q.device)
+        call = AttentionCall.create(scale, causal=causal, window_size=window_size,
+                                    lam_value=lam_value, max_seqlens=(max_seqlen_q, max_seqlen_k))
+        return fused_attention(q, k, v, lam, None, None, call, cu_seqlens_q, cu_seqlens_k)
+    with _autocast_off(q.device.type):
+        return diff_attention_v2_varlen_torch(q, k, v, lambda_, cu_seqlens_q, cu_seqlens_k,
+                                              max_seqlen_q, max_seqlen_k, causal=causal,
+                                              scale=scale, window_size=window_size)

@@ -74,10 +74,12 @@ def _compute_dtype(t: Optional[Tensor]) -> Optional[Tensor]:
     return t.float() if INTERPRET and t is not None and t.dtype == torch.bfloat16 else t
 
 
-def _forward(q, k, v, lam, kpm, norm_weight, call: AttentionCall, save, wrap=None):
+def _forward(q, k, v, lam, kpm, norm_weight, call: AttentionCall, save, wrap=None, cu_q=None,
+             cu_k=None):
     dtype = q.dtype
     up = _compute_dtype
     out, x, o2, lse, rstd = diff_attn_fwd(up(q), up(k), up(v), lam, kpm, norm_weight, call,
+                                          cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
                                           save_for_backward=save, wrap=wrap)
     if out.dtype != dtype:  # the interpreter's bf16 detour: cast back what is kept
         x_is_out = x is out
@@ -89,7 +91,7 @@ def _forward(q, k, v, lam, kpm, norm_weight, call: AttentionCall, save, wrap=Non
 
 
 def _backward(dout, q, k, v, lam, kpm, norm_weight, x, o2, lse, rstd, call: AttentionCall,
-              need_dlam, need_dw, wrap=None):
+              need_dlam, need_dw, wrap=None, cu_q=None, cu_k=None):
     # Gradients may arrive expanded (stride 0, as from out.sum()) or transposed: the kernels
     # need a contiguous last dimension only.
     if dout.stride(-1) != 1:
@@ -97,7 +99,8 @@ def _backward(dout, q, k, v, lam, kpm, norm_weight, x, o2, lse, rstd, call: Atte
     dtype = q.dtype
     up = _compute_dtype
     dq, dk, dv, dlam, dw = diff_attn_bwd(up(dout), up(q), up(k), up(v), lam, kpm, norm_weight,
-                                         (up(x), up(o2), lse, rstd), call, need_dlam=need_dlam,
+                                         (up(x), up(o2), lse, rstd), call, cu_seqlens_q=cu_q,
+                                         cu_seqlens_k=cu_k, need_dlam=need_dlam,
                                          need_dw=need_dw, wrap=wrap)
     if dq.dtype != dtype:
         dq, dk, dv = dq.to(dtype), dk.to(dtype), dv.to(dtype)
@@ -108,19 +111,20 @@ class DiffAttentionFunction(torch.autograd.Function):
     """Eager autograd glue around the launchers; see fused_attention for the arguments."""
 
     @staticmethod
-    def forward(ctx, q, k, v, lam, kpm, norm_weight, call):
-        out, x, o2, lse, rstd = _forward(q, k, v, lam, kpm, norm_weight, call, True)
-        ctx.save_for_backward(q, k, v, lam, kpm, norm_weight, x, o2, lse, rstd)
+    def forward(ctx, q, k, v, lam, kpm, norm_weight, call, cu_q=None, cu_k=None):
+        out, x, o2, lse, rstd = _forward(q, k, v, lam, kpm, norm_weight, call, True, None,
+                                         cu_q, cu_k)
+        ctx.save_for_backward(q, k, v, lam, kpm, norm_weight, x, o2, lse, rstd, cu_q, cu_k)
         ctx.call = call
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, lam, kpm, norm_weight, x, o2, lse, rstd = ctx.saved_tensors
+        q, k, v, lam, kpm, norm_weight, x, o2, lse, rstd, cu_q, cu_k = ctx.saved_tensors
         needs = ctx.needs_input_grad
         dq, dk, dv, dlam, dw = _backward(dout, q, k, v, lam, kpm, norm_weight, x, o2, lse, rstd,
-                                         ctx.call, needs[3], needs[5])
-        return _once_differentiable((dq, dk, dv, dlam, None, dw, None),
+                                         ctx.call, needs[3], needs[5], None, cu_q, cu_k)
+        return _once_differentiable((dq, dk, dv, dlam, None, dw, None, None, None),
                                     (dout, q, k, v, lam, norm_weight))
 
 
@@ -128,7 +132,9 @@ class DiffAttentionFunction(torch.autograd.Function):
 # On a GPU the ops are triton_ops: torch.compile traces through their bodies to the kernels.
 # Under the interpreter the kernels cannot run on the fake tensors of a trace (they read
 # memory), so there the ops are opaque custom ops with shape-only fake implementations.
-# Their schemas take the AttentionCall's fields as plain arguments (AttentionCall.as_schema_args).
+# Their schemas take the AttentionCall's fields as plain arguments (AttentionCall.as_schema_args),
+# and last, with defaults for the padded layout, packed sequences' cumulative offsets and
+# maximum lengths (AttentionCall.packed_schema_args).
 _register_op = torch.library.custom_op if INTERPRET else torch.library.triton_op
 _WRAP = None if INTERPRET else torch.library.wrap_triton
 
@@ -137,14 +143,18 @@ _WRAP = None if INTERPRET else torch.library.wrap_triton
 def fused_fwd(q: Tensor, k: Tensor, v: Tensor, lam: Optional[Tensor],
               key_padding_mask: Optional[Tensor], norm_weight: Optional[Tensor], scale: float,
               causal: bool, window_left: int, window_right: int, lam_value: float,
-              lam_vectors: bool, eps: float, out_scale: float, save_for_backward: bool
+              lam_vectors: bool, eps: float, out_scale: float, save_for_backward: bool,
+              cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
+              max_seqlen_q: int = -1, max_seqlen_k: int = -1
               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Forward kernel. Returns (out, x, o2, lse, rstd); x is empty when it would be out (outputs
-    of an op may not alias), and all but out are empty without save_for_backward."""
+    of an op may not alias), and all but out are empty without save_for_backward. Packed
+    sequences: the cumulative offsets and max_seqlen_q / max_seqlen_k >= 0."""
     call = AttentionCall.from_schema_args(scale, causal, window_left, window_right, lam_value,
-                                          lam_vectors, eps, out_scale)
+                                          lam_vectors, eps, out_scale, max_seqlen_q,
+                                          max_seqlen_k)
     out, x, o2, lse, rstd = _forward(q, k, v, lam, key_padding_mask, norm_weight, call,
-                                     save_for_backward, _WRAP)
+                                     save_for_backward, _WRAP, cu_seqlens_q, cu_seqlens_k)
     if not save_for_backward:
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         return (out, out.new_empty(_EMPTY), out.new_empty(_EMPTY),
@@ -159,45 +169,56 @@ def fused_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lam: Optional[Tenso
               key_padding_mask: Optional[Tensor], norm_weight: Optional[Tensor], x: Tensor,
               o2: Tensor, lse: Tensor, rstd: Tensor, scale: float, causal: bool,
               window_left: int, window_right: int, lam_value: float, lam_vectors: bool,
-              eps: float, out_scale: float, need_dlam: bool, need_dw: bool
+              eps: float, out_scale: float, need_dlam: bool, need_dw: bool,
+              cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
+              max_seqlen_q: int = -1, max_seqlen_k: int = -1
               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward kernels. Returns (dq, dk, dv, dlam, dnorm_weight); dlam and dnorm_weight are
     empty where not needed."""
     call = AttentionCall.from_schema_args(scale, causal, window_left, window_right, lam_value,
-                                          lam_vectors, eps, out_scale)
+                                          lam_vectors, eps, out_scale, max_seqlen_q,
+                                          max_seqlen_k)
     dq, dk, dv, dlam, dw = _backward(dout, q, k, v, lam, key_padding_mask, norm_weight, x, o2,
-                                     lse, rstd, call, need_dlam, need_dw, _WRAP)
+                                     lse, rstd, call, need_dlam, need_dw, _WRAP, cu_seqlens_q,
+                                     cu_seqlens_k)
     acc = lse.dtype
     dlam = lse.new_empty(_EMPTY, dtype=acc) if dlam is None else dlam
     dw = lse.new_empty(_EMPTY, dtype=acc) if dw is None else dw
     return dq, dk, dv, dlam, dw
 
 
-# fused_fwd's inputs: six tensors, the call's fields, save_for_backward.
+# fused_fwd's inputs: six tensors, the call's fields, save_for_backward, then the two
+# cumulative offsets and the two maximum lengths of packed sequences.
 _N_TENSORS = 6
 _N_CALL_FIELDS = len(AttentionCall(1.0).as_schema_args())
+_SAVE = _N_TENSORS + _N_CALL_FIELDS
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, lam, kpm, norm_weight = inputs[:_N_TENSORS]
     out, x, o2, lse, rstd = output
+    cu_q, cu_k, max_q, max_k = (tuple(inputs[_SAVE + 1:]) + (None, None, -1, -1)[
+        len(inputs) - _SAVE - 1:])
     ctx.save_for_backward(q, k, v, lam, kpm, norm_weight, x if x.numel() > 0 else out, o2, lse,
-                          rstd)
-    ctx.call_args = tuple(inputs[_N_TENSORS:_N_TENSORS + _N_CALL_FIELDS])
-    ctx.saved = inputs[-1]
+                          rstd, cu_q, cu_k)
+    ctx.call_args = tuple(inputs[_N_TENSORS:_SAVE])
+    ctx.max_seqlens = (max_q, max_k)
+    ctx.saved = inputs[_SAVE]
+    ctx.n_inputs = len(inputs)
     ctx.need = (lam is not None and lam.requires_grad,
                 norm_weight is not None and norm_weight.requires_grad)
 
 
 def _op_backward(ctx, dout, _dx, _do2, _dlse, _drstd):
-    q, k, v, lam, kpm, norm_weight, x, o2, lse, rstd = ctx.saved_tensors
+    q, k, v, lam, kpm, norm_weight, x, o2, lse, rstd, cu_q, cu_k = ctx.saved_tensors
     if not ctx.saved:
         raise RuntimeError("diffattn::fwd ran with save_for_backward=False, so it kept nothing "
                            "to differentiate; call it with save_for_backward=True")
     dq, dk, dv, dlam, dw = torch.ops.diffattn.bwd(dout, q, k, v, lam, kpm, norm_weight, x, o2,
-                                                  lse, rstd, *ctx.call_args, *ctx.need)
+                                                  lse, rstd, *ctx.call_args, *ctx.need, cu_q,
+                                                  cu_k, *ctx.max_seqlens)
     grads = (dq, dk, dv, dlam if ctx.need[0] else None, None, dw if ctx.need[1] else None) + \
-        (None,) * (_N_CALL_FIELDS + 1)
+        (None,) * (ctx.n_inputs - _N_TENSORS)
     return _once_differentiable(grads, (dout, q, k, v, lam, norm_weight))
 
 
@@ -207,10 +228,16 @@ fused_fwd.register_autograd(_op_backward, setup_context=_setup_context)
 if INTERPRET:
     @fused_fwd.register_fake
     def _(q, k, v, lam, key_padding_mask, norm_weight, scale, causal, window_left,
-          window_right, lam_value, lam_vectors, eps, out_scale, save_for_backward):
-        B, N, H2, _ = q.shape
+          window_right, lam_value, lam_vectors, eps, out_scale, save_for_backward,
+          cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=-1, max_seqlen_k=-1):
+        H2 = q.shape[-2]
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        out = q.new_empty(B, N, H2 // 2, v.shape[3])
+        if max_seqlen_q >= 0:  # packed: (total_q, H, DV); row statistics (batch, H, ., max)
+            B, N = cu_seqlens_q.shape[0] - 1, max_seqlen_q
+            out = q.new_empty(q.shape[0], H2 // 2, v.shape[-1])
+        else:
+            B, N = q.shape[0], q.shape[1]
+            out = q.new_empty(B, N, H2 // 2, v.shape[3])
         if not save_for_backward:
             return (out, q.new_empty(_EMPTY), q.new_empty(_EMPTY), q.new_empty(_EMPTY, dtype=acc),
                     q.new_empty(_EMPTY, dtype=acc))
@@ -221,25 +248,32 @@ if INTERPRET:
     @fused_bwd.register_fake
     def _(dout, q, k, v, lam, key_padding_mask, norm_weight, x, o2, lse, rstd, scale, causal,
           window_left, window_right, lam_value, lam_vectors, eps, out_scale, need_dlam,
-          need_dw):
+          need_dw, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=-1, max_seqlen_k=-1):
         dlam = lse.new_empty(lam.shape if need_dlam and lam is not None else _EMPTY)
-        dw = lse.new_empty((v.shape[3],) if need_dw and norm_weight is not None else _EMPTY)
+        dw = lse.new_empty((v.shape[-1],) if need_dw and norm_weight is not None else _EMPTY)
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dlam, dw
 
 
 # ------------------------------------------------------------------ entry point
 def fused_attention(q: Tensor, k: Tensor, v: Tensor, lam: Optional[Tensor],
                     key_padding_mask: Optional[Tensor], norm_weight: Optional[Tensor],
-                    call: AttentionCall) -> Tensor:
+                    call: AttentionCall, cu_seqlens_q: Optional[Tensor] = None,
+                    cu_seqlens_k: Optional[Tensor] = None) -> Tensor:
     """Differentiable fused differential attention (any variant; see diff_attn_fwd for the
-    layouts). lam: a (), (H,) or (B, N, H) tensor in the accumulation dtype, or None to use
-    call.lam_value, or with call.lam_vectors the (4, L) stacked lambda vectors (lambda_init in
-    call.lam_value). norm_weight (DV,) or None. call: scale, masks, lambda mode and epilogue
-    (diffattn.kernels.AttentionCall). Without autograd (no_grad, or no input requiring grad)
-    only the output is written."""
+    layouts). lam: a (), (H,) or (B, N, H) tensor in the accumulation dtype ((total_q, H) for
+    packed sequences), or None to use call.lam_value, or with call.lam_vectors the (4, L)
+    stacked lambda vectors (lambda_init in call.lam_value). norm_weight (DV,) or None. call:
+    scale, masks, lambda mode, epilogue and, for packed sequences, the maximum lengths
+    (diffattn.kernels.AttentionCall); cu_seqlens_q / cu_seqlens_k: the packed sequences' int32
+    cumulative offsets. Without autograd (no_grad, or no input requiring grad) only the output
+    is written."""
     if torch.compiler.is_compiling():
         save = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, lam, norm_weight))
+        if call.varlen:
+            return fused_fwd(q, k, v, lam, key_padding_mask, norm_weight,
+                             *call.as_schema_args(), save, cu_seqlens_q, cu_seqlens_k,
+                             *call.packed_schema_args())[0]
         return fused_fwd(q, k, v, lam, key_padding_mask, norm_weight, *call.as_schema_args(),
                          save)[0]
     _refuse_functorch(q, k, v, lam, key_padding_mask, norm_weight)
@@ -247,5 +281,9 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, lam: Optional[Tensor],
             q.requires_grad or k.requires_grad or v.requires_grad
             or (lam is not None and lam.requires_grad)
             or (norm_weight is not None and norm_weight.requires_grad)):
+        if call.varlen:
+            return DiffAttentionFunction.apply(q, k, v, lam, key_padding_mask, norm_weight, call,
+                                               cu_seqlens_q, cu_seqlens_k)
         return DiffAttentionFunction.apply(q, k, v, lam, key_padding_mask, norm_weight, call)
-    return _forward(q, k, v, lam, key_padding_mask, norm_weight, call, False)[0]
+    return _forward(q, k, v, lam, key_padding_mask, norm_weight, call, False, None,
+                    cu_seqlens_q, cu_seqlens_k)[0]

@@ -218,3 +218,62 @@ def differential_maps(q, k, *, lambda_, causal=False, key_padding_mask=None,
     probs = torch.softmax(scores.masked_fill(~row_has_key, 0.0), dim=-1) * row_has_key
     a1, a2 = probs[:, 0::2], probs[:, 1::2]
     return a1, a2, a1 - lambda_for_maps(lambda_, H, q.dtype, q.device) * a2
+
+
+# ------------------------------------------------------------------ packed sequences
+def pad_packed(t: torch.Tensor, cu_seqlens: torch.Tensor, length: int):
+    """Packed rows t (total, ...) as a right-aligned padded batch (batch, length, ...):
+    sequence b (rows cu_seqlens[b] .. cu_seqlens[b + 1] - 1) fills the LAST rows of its entry,
+    so that the padded layout's bottom-right causal diagonal and window are each sequence's
+    own. Returns (padded, valid (batch, length) bool); padding rows are 0. Nothing is read on
+    the host."""
+    total = t.shape[0]
+    offsets = cu_seqlens.long()
+    idx = offsets[1:, None] - length + torch.arange(length, device=t.device)[None, :]
+    valid = idx >= offsets[:-1, None]
+    extended = torch.cat([t, t.new_zeros((1, *t.shape[1:]))])  # row `total` reads as 0
+    return extended[torch.where(valid, idx, total)], valid
+
+
+def unpad_packed(padded: torch.Tensor, cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """The inverse of pad_packed: (batch, length, ...) right-aligned rows back to (total, ...)."""
+    B, length = padded.shape[0], padded.shape[1]
+    offsets = cu_seqlens.long()
+    token = torch.arange(total, device=padded.device)
+    seq = torch.searchsorted(offsets[1:], token, right=True).clamp_max(max(B - 1, 0))
+    row = token - offsets[seq + 1] + length
+    return padded.reshape(B * length, *padded.shape[2:])[seq * length + row]
+
+
+def diff_attention_varlen_torch(q, k, v, lam: torch.Tensor, cu_seqlens_q, cu_seqlens_k,
+                                max_seqlen_q: int, max_seqlen_k: int, *, causal=False,
+                                scale=None, norm_weight=None, eps=1e-5, out_scale=1.0,
+                                window_size=None):
+    """V1 over packed sequences: q (total_q, 2H, d), k (total_k, 2Hk, d), v (total_k, Hk, 2d)
+    padded right-aligned (pad_packed), padding keys excluded through a key padding mask, then
+    diff_attention_torch and the rows unpadded. lam (H,). -> (total_q, H, 2d)."""
+    N, M = max(max_seqlen_q, 1), max(max_seqlen_k, 1)
+    qp, _ = pad_packed(q, cu_seqlens_q, N)
+    kp, k_valid = pad_packed(k, cu_seqlens_k, M)
+    vp, _ = pad_packed(v, cu_seqlens_k, M)
+    out = diff_attention_torch(qp, kp, vp, lam, causal=causal, key_padding_mask=~k_valid,
+                               scale=scale, norm_weight=norm_weight, eps=eps,
+                               out_scale=out_scale, window_size=window_size)
+    return unpad_packed(out, cu_seqlens_q, q.shape[0])
+
+
+def diff_attention_v2_varlen_torch(q, k, v, lambda_, cu_seqlens_q, cu_seqlens_k,
+                                   max_seqlen_q: int, max_seqlen_k: int, *, causal=False,
+                                   scale=None, window_size=None):
+    """V2 over packed sequences (see diff_attention_varlen_torch): k, v (total_k, Hk, d);
+    lambda_ a float, (), (H,) or per token (total_q, H). -> (total_q, H, d)."""
+    N, M = max(max_seqlen_q, 1), max(max_seqlen_k, 1)
+    qp, _ = pad_packed(q, cu_seqlens_q, N)
+    kp, k_valid = pad_packed(k, cu_seqlens_k, M)
+    vp, _ = pad_packed(v, cu_seqlens_k, M)
+    if isinstance(lambda_, torch.Tensor) and lambda_.dim() == 2:
+        lambda_ = pad_packed(lambda_, cu_seqlens_q, N)[0]
+    out = diff_attention_v2_torch(qp, kp, vp, lambda_, causal=causal,
+                                  key_padding_mask=~k_valid, scale=scale,
+                                  window_size=window_size)
+    return unpad_packed(out, cu_seqlens_q, q.shape[0])

@@ -9,8 +9,14 @@ from it and the tensors in one place, :func:`variant_flags`.
 
 Visibility rule (FlashAttention's): query i of N sees key j of M when
 ``i + M - N - left <= j <= i + M - N + right``; -1 means unbounded on that side, and causal is
-``right = 0``. A new mode of the kernels (for example packed variable-length sequences) is one
-more field here and one more flag in ``variant_flags``.
+``right = 0``. A new mode of the kernels is one more field here and one more flag in
+``variant_flags``: packed variable-length sequences are ``max_seqlens`` and ``VARLEN``.
+
+Packed sequences (``max_seqlens`` given): q (total_q, 2H, d), k (total_k, 2Hk or Hk, d),
+v (total_k, Hk, DV) hold the sequences one after another; int32 cumulative offsets
+cu_seqlens_q / cu_seqlens_k (batch + 1,) say where sequence b starts and ends, and the rule
+above holds per sequence with its own N and M. max_seqlens = (max_seqlen_q, max_seqlen_k)
+bound every sequence's lengths (the grid is sized from them, as in flash-attn).
 """
 from __future__ import annotations
 
@@ -35,6 +41,8 @@ class AttentionCall:
     lam_value: lambda when no lambda tensor is passed; lambda_init with lam_vectors.
     lam_vectors: the lambda tensor holds the four (4, L) lambda vectors (V1 layers).
     eps, out_scale: the epilogue (RMSNorm with a norm weight, then the output scale).
+    max_seqlens: (max_seqlen_q, max_seqlen_k) for packed variable-length sequences (the
+        tensors come with cu_seqlens), None for the padded (batch, seq, heads, dim) layout.
     """
     scale: float
     causal: bool = False
@@ -43,20 +51,28 @@ class AttentionCall:
     lam_vectors: bool = False
     eps: float = 1e-5
     out_scale: float = 1.0
+    max_seqlens: Optional[Tuple[int, int]] = None
 
     @classmethod
     def create(cls, scale: float, *, causal: bool = False,
                window_size: Optional[Tuple[int, int]] = None, lam_value: float = 0.0,
-               lam_vectors: bool = False, eps: float = 1e-5,
-               out_scale: float = 1.0) -> "AttentionCall":
+               lam_vectors: bool = False, eps: float = 1e-5, out_scale: float = 1.0,
+               max_seqlens: Optional[Tuple[int, int]] = None) -> "AttentionCall":
         """The call with ``window_size`` normalised (causal folds into right = 0). The window
         must already be checked (diffattn.functional.check_window_size)."""
         left, right = (-1, -1) if window_size is None else (int(window_size[0]),
                                                               int(window_size[1]))
         if causal:
             right = 0
+        if max_seqlens is not None:
+            max_seqlens = (int(max_seqlens[0]), int(max_seqlens[1]))
         return cls(float(scale), bool(causal), (left, right), float(lam_value),
-                   bool(lam_vectors), float(eps), float(out_scale))
+                   bool(lam_vectors), float(eps), float(out_scale), max_seqlens)
+
+    @property
+    def varlen(self) -> bool:
+        """True for packed variable-length sequences (the kernels' VARLEN flag)."""
+        return self.max_seqlens is not None
 
     @property
     def local(self) -> bool:
@@ -72,16 +88,23 @@ class AttentionCall:
         return (M if left < 0 else min(left, M)), (N if right < 0 else min(right, N))
 
     def as_schema_args(self) -> tuple:
-        """The fields as plain arguments, in the order of ``from_schema_args``."""
+        """The fields as plain arguments, in the order of ``from_schema_args`` (all but
+        max_seqlens, see packed_schema_args)."""
         return (self.scale, self.causal, self.window[0], self.window[1], self.lam_value,
                 self.lam_vectors, self.eps, self.out_scale)
 
+    def packed_schema_args(self) -> tuple:
+        """max_seqlens as two plain ints, (-1, -1) for the padded layout: the registered ops
+        take them last, after the cumulative offsets, with these defaults."""
+        return (-1, -1) if self.max_seqlens is None else self.max_seqlens
+
     @classmethod
     def from_schema_args(cls, scale: float, causal: bool, window_left: int, window_right: int,
-                         lam_value: float, lam_vectors: bool, eps: float,
-                         out_scale: float) -> "AttentionCall":
+                         lam_value: float, lam_vectors: bool, eps: float, out_scale: float,
+                         max_seqlen_q: int = -1, max_seqlen_k: int = -1) -> "AttentionCall":
+        max_seqlens = None if max_seqlen_q < 0 else (max_seqlen_q, max_seqlen_k)
         return cls(scale, causal, (window_left, window_right), lam_value, lam_vectors, eps,
-                   out_scale)
+                   out_scale, max_seqlens)
 
 
 def dot_precision(dtype) -> str:
@@ -90,13 +113,37 @@ def dot_precision(dtype) -> str:
 
 
 def lambda_strides(lam: Optional[torch.Tensor], lam_vectors: bool) -> tuple:
-    """(batch, row, head) element strides of a lambda tensor of shape (), (H,) or (B, N, H);
-    zeros where lambda does not vary (and for no tensor, or lambda's vectors)."""
+    """(batch, row, head) element strides of a lambda tensor of shape (), (H,), (B, N, H) or
+    per packed token (total_q, H); zeros where lambda does not vary (and for no tensor, or
+    lambda's vectors)."""
     if lam is None or lam_vectors or lam.dim() == 0:
         return 0, 0, 0
     if lam.dim() == 1:
         return 0, 0, lam.stride(0)
+    if lam.dim() == 2:
+        return (0,) + tuple(lam.stride())
     return lam.stride()
+
+
+def packed_strides(name: str, t: torch.Tensor, axes: str) -> dict:
+    """strides() of a (batch, seq, heads, dim) tensor, or of a packed (total, heads, dim) one
+    with a batch stride of 0 (packed sequences are addressed from their start row)."""
+    if t.dim() == len(axes) + 1:
+        return strides(name, t, axes)
+    return {f"stride_{name}{axes[0]}": 0, **strides(name, t, axes[1:])}
+
+
+def call_dims(call: "AttentionCall", q: torch.Tensor, v: torch.Tensor,
+              cu_seqlens_q: Optional[torch.Tensor]) -> tuple:
+    """(B, N, M, H, d, Hk, DV, rows): the batch, the query and key lengths the grid and the
+    saved row statistics are sized by (the maxima for packed sequences), the heads, head
+    sizes, and the leading shape of per-query tensors ((B, N) or (total_q,))."""
+    d, Hk, DV = q.shape[-1], v.shape[-2], v.shape[-1]
+    H = q.shape[-2] // 2
+    if call.varlen:
+        N, M = call.max_seqlens
+        return cu_seqlens_q.shape[0] - 1, N, M, H, d, Hk, DV, (q.shape[0],)
+    return q.shape[0], q.shape[1], v.shape[1], H, d, Hk, DV, (q.shape[0], q.shape[1])
 
 
 def lambda_flags(lam: Optional[torch.Tensor], lam_vectors: bool) -> dict:
@@ -120,10 +167,11 @@ def variant_flags(call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torc
                   lam: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor]) -> dict:
     """The compile-time flags the forward and backward kernels share, from the call and its
     tensors (layouts in diff_attn_fwd): head sizes and their blocks, the key layout (a key
-    pair per group in V1), the masks, lambda's mode, the accumulation and dot precision."""
-    d, DV = q.shape[3], v.shape[3]
+    pair per group in V1), the masks, lambda's mode, packed sequences, the accumulation and
+    dot precision."""
+    d, DV = q.shape[-1], v.shape[-1]
     return dict(HEAD_DIM=d, HEAD_DIM_V=DV, BLOCK_D=head_block(d), BLOCK_DV=head_block(DV),
-                KEY_PAIR=k.shape[2] != v.shape[2], CAUSAL=call.causal and not call.local,
+                KEY_PAIR=k.shape[-2] != v.shape[-2], CAUSAL=call.causal and not call.local,
                 **lambda_flags(lam, call.lam_vectors), HAS_KPM=key_padding_mask is not None,
-                WINDOW=call.local, ACC_FP64=q.dtype == torch.float64,
+                WINDOW=call.local, VARLEN=call.varlen, ACC_FP64=q.dtype == torch.float64,
                 PRECISION=dot_precision(q.dtype))

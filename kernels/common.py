@@ -13,6 +13,57 @@ import triton.language as tl
 
 
 @triton.jit
+def sequence_bounds(CU_Q, CU_K, b, N, M, VARLEN: tl.constexpr):
+    """(q_row0, N_b, k_row0, M_b): the first query row and the query count of sequence b, and
+    the same for its keys. Padded: b * N, N, b * M, M (rows of the (batch * seq) row space).
+    VARLEN: read from the int32 cumulative offsets CU_Q, CU_K (batch + 1,) of the packed
+    (total, heads, dim) tensors."""
+    if VARLEN:
+        q_row0 = tl.load(CU_Q + b).to(tl.int64)
+        n_b = (tl.load(CU_Q + b + 1) - q_row0).to(tl.int32)
+        k_row0 = tl.load(CU_K + b).to(tl.int64)
+        m_b = (tl.load(CU_K + b + 1) - k_row0).to(tl.int32)
+    else:
+        q_row0 = b * N
+        n_b = N
+        k_row0 = b * M
+        m_b = M
+    return q_row0, n_b, k_row0, m_b
+
+
+@triton.jit
+def sequence_start(b, N, row0, VARLEN: tl.constexpr):
+    """Sequence b's first row in the row space of a (batch, seq, ...) contiguous tensor: b * N,
+    or with VARLEN row0 (packed rows). Called where the row is used, so that without VARLEN
+    the code is the padded layout's own."""
+    if VARLEN:
+        start = row0
+    else:
+        start = b * N
+    return start
+
+
+@triton.jit
+def row_offset(b, row0, stride_b, stride_row, VARLEN: tl.constexpr):
+    """Element offset of sequence b's first row in a tensor addressed by (batch, row)
+    strides: b * stride_b, or with VARLEN (packed rows, no batch axis) row0 * stride_row."""
+    if VARLEN:
+        off = row0 * stride_row
+    else:
+        off = b * stride_b
+    return off
+
+
+@triton.jit
+def sequence_rows(base, row0, stride_row, VARLEN: tl.constexpr):
+    """``base`` moved to sequence row0 with VARLEN (a per-row tensor read through batch, row
+    strides, such as lambda per token, whose batch stride is then 0); unchanged otherwise."""
+    if VARLEN:
+        base = base + row0 * stride_row
+    return base
+
+
+@triton.jit
 def load_tile(base, start, n_rows, stride, cols, n_cols, BLOCK_ROWS: tl.constexpr,
               MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
     """(BLOCK_ROWS, len(cols)) tile of rows start .. start + BLOCK_ROWS - 1 at base; rows >=

@@ -22,6 +22,9 @@
 
 Layouts as in diff_attn_fwd.py; dX, when stored, is (B, N, H, DV) contiguous in q's dtype;
 DELTA (B, H, 2, N) holds D1, D2. The equations: docs/kernel-math.md.
+VARLEN (packed sequences, see diff_attn_fwd.py): every program works on its own sequence's
+rows; key-tile and query-tile programs past their sequence's end exit, row-pass programs past
+it store zero partial sums, so the fixed-order reductions (and determinism) are unchanged.
 """
 from __future__ import annotations
 
@@ -30,12 +33,14 @@ import triton
 import triton.language as tl
 
 from .config import RED_COLS, RED_ROWS, ROWS_BLOCK_M, cdiv, rows_warps
-from .call import LOG2E, AttentionCall, lambda_strides, strides, variant_flags
+from .call import (LOG2E, AttentionCall, call_dims, lambda_strides, packed_strides,
+                   variant_flags)
 from .launch import Launcher
 from .common import (band_tiles, causal_key_end, causal_keep, full_tiles_end, key_keep,
                      load_head_pair, load_kept_key_value_tiles, load_key_value_tiles,
                      load_lambda_rows, load_lambda_vectors, load_tile, program_lambda,
-                     query_key_keep, window_keep)
+                     query_key_keep, row_offset, sequence_bounds, sequence_rows,
+                     sequence_start, window_keep)
 from .tuning import BWD_TILES
 
 # dlambda reduction modes (DLAM_REDUCE): lambda per row and head (no reduction: the row pass
@@ -46,34 +51,41 @@ DLAM_PER_ROW, DLAM_PER_HEAD, DLAM_SCALAR, DLAM_VECTORS = 0, 1, 2, 3
 
 @triton.jit(do_not_specialize=["N", "H", "stride_lb", "stride_ln", "stride_lh"])
 def diff_attn_bwd_rows_kernel(
-    DY, X, O2, LAM, W, RSTD, DX, DELTA, DLAM, DW_PART,
+    DY, X, O2, LAM, W, RSTD, DX, DELTA, DLAM, DW_PART, CU_Q,
     stride_dyb, stride_dyn, stride_dyh,
     stride_lb, stride_ln, stride_lh,
     N, H, lam_value, out_scale,
     HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, LAM_MODE: tl.constexpr,
     LAM_DIM: tl.constexpr, BLOCK_LAM: tl.constexpr,
     NEED_DLAM: tl.constexpr, DLAM_REDUCE: tl.constexpr, HAS_NORM: tl.constexpr,
-    NEED_DW: tl.constexpr, STORE_DX: tl.constexpr, ACC_FP64: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    NEED_DW: tl.constexpr, STORE_DX: tl.constexpr, VARLEN: tl.constexpr,
+    ACC_FP64: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
+    # This program's sequence (N_b rows from q_row0; N is the maximum with VARLEN). Programs
+    # past its end run with every row masked: their partial sums are the zeros the fixed-order
+    # reduction expects.
+    q_row0, N_b, _, _ = sequence_bounds(CU_Q, CU_Q, b, N, N, VARLEN)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
-    row_ok = rows < N
+    row_ok = rows < N_b
     mask = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
 
-    dy = load_tile(DY + b * stride_dyb + h * stride_dyh, pid_m * BLOCK_M, N, stride_dyn, offs_dv,
-                   HEAD_DIM_V, BLOCK_M, True, HEAD_DIM_V != BLOCK_DV).to(acc_dtype)
-    # X, O2, DX: (B, N, H, DV) contiguous; the tile's first element in int64, the rest int32.
-    first = ((b * N + pid_m * BLOCK_M) * H + h) * HEAD_DIM_V
+    dy = load_tile(DY + row_offset(b, q_row0, stride_dyb, stride_dyn, VARLEN) + h * stride_dyh,
+                   pid_m * BLOCK_M, N_b, stride_dyn, offs_dv, HEAD_DIM_V, BLOCK_M, True,
+                   HEAD_DIM_V != BLOCK_DV).to(acc_dtype)
+    # X, O2, DX: (B, N, H, DV) or packed (total_q, H, DV) contiguous; the tile's first element
+    # in int64, the rest int32.
+    first = ((sequence_start(b, N, q_row0, VARLEN) + pid_m * BLOCK_M) * H + h) * HEAD_DIM_V
     tile_off = tl.arange(0, BLOCK_M)[:, None] * (H * HEAD_DIM_V) + offs_dv[None, :]
     x = tl.load(X + first + tile_off, mask=mask, other=0.0).to(acc_dtype)
     o2 = tl.load(O2 + first + tile_off, mask=mask, other=0.0).to(acc_dtype)
-    lam = load_lambda_rows(LAM, b, rows, N, h, stride_lb, stride_ln, stride_lh,
+    lam = load_lambda_rows(sequence_rows(LAM, q_row0, stride_ln, VARLEN), b, rows, N_b, h,
+                           stride_lb, stride_ln, stride_lh,
                            program_lambda(LAM, lam_value, LAM_MODE, LAM_DIM, BLOCK_LAM,
                                           acc_dtype), LAM_MODE, acc_dtype)
 
@@ -97,8 +109,9 @@ def diff_attn_bwd_rows_kernel(
     tl.store(delta_ptrs, tl.sum(dx * x, 1) + lam * dx_o2, mask=row_ok)  # rowsum(dX * O1)
     tl.store(delta_ptrs + N, -lam * dx_o2, mask=row_ok)
     if NEED_DLAM:
-        if DLAM_REDUCE == 0:  # per row: DLAM is the (B, N, H) gradient itself
-            tl.store(DLAM + (b * N + rows) * H + h, -dx_o2, mask=row_ok)
+        if DLAM_REDUCE == 0:  # per row: DLAM is the (B, N, H) or (total_q, H) gradient itself
+            tl.store(DLAM + (sequence_start(b, N, q_row0, VARLEN) + rows) * H + h, -dx_o2,
+                     mask=row_ok)
         else:  # the tile's partial sum, (row tiles, B * H)
             tl.store(DLAM + pid_m * tl.num_programs(1) + pid_bh, -tl.sum(dx_o2, 0))
 
@@ -107,20 +120,21 @@ diff_attn_bwd_rows_launch = Launcher(diff_attn_bwd_rows_kernel)
 
 
 @triton.jit
-def _load_row_stats(lse_base, delta_base, rows, N, MASKED: tl.constexpr):
-    """Both maps' log-sum-exp and D terms of a query tile. Rows past N load LSE = +inf, so
-    their recomputed probabilities are 0."""
+def _load_row_stats(lse_base, delta_base, rows, N, stride_map, MASKED: tl.constexpr):
+    """Both maps' log-sum-exp and D terms of a query tile (the second map's stride_map
+    elements after the first's). Rows past N load LSE = +inf, so their recomputed
+    probabilities are 0."""
     if MASKED:
         ok = rows < N
         lse1 = tl.load(lse_base + rows, mask=ok, other=float("inf"))
-        lse2 = tl.load(lse_base + N + rows, mask=ok, other=float("inf"))
+        lse2 = tl.load(lse_base + stride_map + rows, mask=ok, other=float("inf"))
         d1 = tl.load(delta_base + rows, mask=ok, other=0.0)
-        d2 = tl.load(delta_base + N + rows, mask=ok, other=0.0)
+        d2 = tl.load(delta_base + stride_map + rows, mask=ok, other=0.0)
     else:
         lse1 = tl.load(lse_base + rows)
-        lse2 = tl.load(lse_base + N + rows)
+        lse2 = tl.load(lse_base + stride_map + rows)
         d1 = tl.load(delta_base + rows)
-        d2 = tl.load(delta_base + N + rows)
+        d2 = tl.load(delta_base + stride_map + rows)
     return lse1, lse2, d1, d2
 
 
@@ -139,13 +153,15 @@ def _probabilities(a, b, lse, qk_scale, keep, MASKED: tl.constexpr, PRECISION: t
 @triton.jit
 def _dkdv_query_tiles(k1, k2, v, dk1, dk2, dv, col_keep, cols, start, end, q_base, do_base,
                       lse_base, delta_base, LAM, b, h, stride_lb, stride_ln, stride_lh,
-                      lam_scalar, stride_qh, stride_qn, stride_don, N, M, window_left,
-                      window_right, qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                      lam_scalar, stride_qh, stride_qn, stride_don, N, M, stride_map,
+                      window_left, window_right, qk_scale, HEAD_DIM: tl.constexpr,
+                      HEAD_DIM_V: tl.constexpr,
                       BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr,
                       LAM_MODE: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
                       MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
     """Accumulate one key tile's dK and dV over the query tiles [start, end) of head h
-    (lam_scalar: the program's lambda, see program_lambda)."""
+    (lam_scalar: the program's lambda, see program_lambda; N, M: this sequence's lengths;
+    stride_map: the row statistics' distance between the two maps)."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in range(start, end, BLOCK_M):
@@ -154,7 +170,7 @@ def _dkdv_query_tiles(k1, k2, v, dk1, dk2, dv, col_keep, cols, start, end, q_bas
                                 BLOCK_M, True, MASKED, HEAD_DIM != BLOCK_D)
         do = load_tile(do_base, start_m, N, stride_don, offs_dv, HEAD_DIM_V, BLOCK_M, MASKED,
                        HEAD_DIM_V != BLOCK_DV)
-        lse1, lse2, d1, d2 = _load_row_stats(lse_base, delta_base, rows, N, MASKED)
+        lse1, lse2, d1, d2 = _load_row_stats(lse_base, delta_base, rows, N, stride_map, MASKED)
         lam = load_lambda_rows(LAM, b, rows, N, h, stride_lb, stride_ln, stride_lh, lam_scalar,
                                LAM_MODE, dv.dtype)
 
@@ -182,7 +198,7 @@ def _dkdv_query_tiles(k1, k2, v, dk1, dk2, dv, col_keep, cols, start, end, q_bas
 
 
 @triton.jit
-def _dkdv_program(tile, bg, Q, K, V, LAM, KPM, DO, LSE, DELTA, DK, DV,
+def _dkdv_program(tile, bg, Q, K, V, LAM, KPM, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
                   stride_qb, stride_qn, stride_qh, stride_kb, stride_km, stride_kh,
                   stride_vb, stride_vm, stride_vh, stride_dob, stride_don, stride_doh,
                   stride_lb, stride_ln, stride_lh, stride_kpm_b,
@@ -191,29 +207,38 @@ def _dkdv_program(tile, bg, Q, K, V, LAM, KPM, DO, LSE, DELTA, DK, DV,
                   BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr, LAM_MODE: tl.constexpr,
                   LAM_DIM: tl.constexpr, BLOCK_LAM: tl.constexpr,
                   CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, WINDOW: tl.constexpr,
-                  ACC_FP64: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+                  VARLEN: tl.constexpr, ACC_FP64: tl.constexpr, PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK and dV of one key tile of one key/value group, over every head that reads it."""
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     b = (bg // HK).to(tl.int64)
     g = (bg % HK).to(tl.int64)
+    # This program's sequence; the row statistics (B, H, 2, N) keep the padded N (the maximum).
+    q_row0, N_b, k_row0, M_b = sequence_bounds(CU_Q, CU_K, b, N, M, VARLEN)
+    if VARLEN:
+        if tile * BLOCK_N >= M_b:  # past this sequence's keys
+            return
     key_heads = 2 if KEY_PAIR else 1
     cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    col_keep = key_keep(KPM + b * stride_kpm_b, cols, M, HAS_KPM)
+    col_keep = key_keep(KPM + b * stride_kpm_b, cols, M_b, HAS_KPM)
     if HAS_KPM:  # padding keys read as 0: no NaN/inf there reaches dK
-        k1, k2, v = load_kept_key_value_tiles(K + b * stride_kb + key_heads * g * stride_kh,
-                                              V + b * stride_vb + g * stride_vh, stride_kh,
+        k1, k2, v = load_kept_key_value_tiles(K + row_offset(b, k_row0, stride_kb, stride_km,
+                                                             VARLEN) + key_heads * g * stride_kh,
+                                              V + row_offset(b, k_row0, stride_vb, stride_vm,
+                                                             VARLEN) + g * stride_vh, stride_kh,
                                               stride_km, stride_vm, tile * BLOCK_N, col_keep,
                                               HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR,
                                               BLOCK_N)
     else:
-        k1, k2, v = load_key_value_tiles(K + b * stride_kb + key_heads * g * stride_kh,
-                                         V + b * stride_vb + g * stride_vh, stride_kh,
-                                         stride_km, stride_vm, tile * BLOCK_N, M, HEAD_DIM,
-                                         HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR, True, BLOCK_N)
+        k1, k2, v = load_key_value_tiles(K + row_offset(b, k_row0, stride_kb, stride_km, VARLEN)
+                                         + key_heads * g * stride_kh,
+                                         V + row_offset(b, k_row0, stride_vb, stride_vm, VARLEN)
+                                         + g * stride_vh, stride_kh, stride_km, stride_vm,
+                                         tile * BLOCK_N, M_b, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+                                         BLOCK_DV, KEY_PAIR, True, BLOCK_N)
     dk1 = tl.zeros([BLOCK_N, BLOCK_D], dtype=acc_dtype)
     dk2 = tl.zeros([BLOCK_N, BLOCK_D], dtype=acc_dtype)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=acc_dtype)
@@ -225,59 +250,61 @@ def _dkdv_program(tile, bg, Q, K, V, LAM, KPM, DO, LSE, DELTA, DK, DV,
     # j - (M - N) - window_right <= i <= j - (M - N) + window_left; rows from hi on see none.
     if WINDOW:
         lo, open_lo, open_hi, hi = band_tiles(tile * BLOCK_N, BLOCK_N,
-                                              -(M - N) - window_right, -(M - N) + window_left,
-                                              N, BLOCK_M)
-        if HAS_KPM or tile * BLOCK_N + BLOCK_N > M:
+                                              -(M_b - N_b) - window_right,
+                                              -(M_b - N_b) + window_left, N_b, BLOCK_M)
+        if HAS_KPM or tile * BLOCK_N + BLOCK_N > M_b:
             open_hi = open_lo
     else:
-        hi = N
+        hi = N_b
         lo = 0
         open_lo = 0
         if CAUSAL:
-            lo = (tl.maximum(tile * BLOCK_N - (M - N), 0) // BLOCK_M) * BLOCK_M
-            first_open = tl.maximum(tile * BLOCK_N + BLOCK_N - 1 - (M - N), lo)
-            open_lo = tl.minimum(tl.cdiv(first_open, BLOCK_M) * BLOCK_M, N)
+            lo = (tl.maximum(tile * BLOCK_N - (M_b - N_b), 0) // BLOCK_M) * BLOCK_M
+            first_open = tl.maximum(tile * BLOCK_N + BLOCK_N - 1 - (M_b - N_b), lo)
+            open_lo = tl.minimum(tl.cdiv(first_open, BLOCK_M) * BLOCK_M, N_b)
         open_hi = open_lo
         if not HAS_KPM:
-            if tile * BLOCK_N + BLOCK_N <= M:
-                open_hi = tl.maximum(open_lo, (N // BLOCK_M) * BLOCK_M)
+            if tile * BLOCK_N + BLOCK_N <= M_b:
+                open_hi = tl.maximum(open_lo, (N_b // BLOCK_M) * BLOCK_M)
     lam_scalar = program_lambda(LAM, lam_value, LAM_MODE, LAM_DIM, BLOCK_LAM, acc_dtype)
+    lam_rows = sequence_rows(LAM, q_row0, stride_ln, VARLEN)
     for head in range(0, GROUP):
         h = g * GROUP + head
-        q_base = Q + b * stride_qb + 2 * h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
+        q_base = Q + row_offset(b, q_row0, stride_qb, stride_qn, VARLEN) + 2 * h * stride_qh
+        do_base = DO + row_offset(b, q_row0, stride_dob, stride_don, VARLEN) + h * stride_doh
         lse_base = LSE + ((b * H + h) * 2) * N
         delta_base = DELTA + ((b * H + h) * 2) * N
         dk1, dk2, dv = _dkdv_query_tiles(
             k1, k2, v, dk1, dk2, dv, col_keep, cols, lo, open_lo, q_base, do_base, lse_base,
-            delta_base, LAM, b, h, stride_lb, stride_ln, stride_lh, lam_scalar, stride_qh,
-            stride_qn, stride_don, N, M, window_left, window_right, qk_scale, HEAD_DIM,
+            delta_base, lam_rows, b, h, stride_lb, stride_ln, stride_lh, lam_scalar, stride_qh,
+            stride_qn, stride_don, N_b, M_b, N, window_left, window_right, qk_scale, HEAD_DIM,
             HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR, LAM_MODE, CAUSAL, WINDOW, True, PRECISION,
             BLOCK_M)
         dk1, dk2, dv = _dkdv_query_tiles(
             k1, k2, v, dk1, dk2, dv, col_keep, cols, open_lo, open_hi, q_base, do_base,
-            lse_base, delta_base, LAM, b, h, stride_lb, stride_ln, stride_lh, lam_scalar,
-            stride_qh, stride_qn, stride_don, N, M, window_left, window_right, qk_scale,
+            lse_base, delta_base, lam_rows, b, h, stride_lb, stride_ln, stride_lh, lam_scalar,
+            stride_qh, stride_qn, stride_don, N_b, M_b, N, window_left, window_right, qk_scale,
             HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR, LAM_MODE, CAUSAL, WINDOW, False,
             PRECISION, BLOCK_M)
         dk1, dk2, dv = _dkdv_query_tiles(
             k1, k2, v, dk1, dk2, dv, col_keep, cols, open_hi, hi, q_base, do_base, lse_base,
-            delta_base, LAM, b, h, stride_lb, stride_ln, stride_lh, lam_scalar, stride_qh,
-            stride_qn, stride_don, N, M, window_left, window_right, qk_scale, HEAD_DIM,
+            delta_base, lam_rows, b, h, stride_lb, stride_ln, stride_lh, lam_scalar, stride_qh,
+            stride_qn, stride_don, N_b, M_b, N, window_left, window_right, qk_scale, HEAD_DIM,
             HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR, LAM_MODE, CAUSAL, WINDOW, True, PRECISION,
             BLOCK_M)
 
-    # DK (B, M, key_heads * HK, d), DV (B, M, HK, DV) contiguous: the tile's first element in
-    # int64, the rest in int32 offsets.
-    col_ok = cols < M
+    # DK (B, M, key_heads * HK, d), DV (B, M, HK, DV) or packed (total_k, ...) contiguous: the
+    # tile's first element in int64, the rest in int32 offsets.
+    col_ok = cols < M_b
     local = tl.arange(0, BLOCK_N)[:, None]
-    dk_ptrs = (DK + ((b * M + tile * BLOCK_N) * (key_heads * HK) + key_heads * g) * HEAD_DIM
+    k_start = sequence_start(b, M, k_row0, VARLEN)
+    dk_ptrs = (DK + ((k_start + tile * BLOCK_N) * (key_heads * HK) + key_heads * g) * HEAD_DIM
                + (local * (key_heads * HK * HEAD_DIM) + offs_d[None, :]))
     k_mask = col_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     tl.store(dk_ptrs, (dk1 * sm_scale).to(DK.dtype.element_ty), mask=k_mask)
     if KEY_PAIR:
         tl.store(dk_ptrs + HEAD_DIM, (dk2 * sm_scale).to(DK.dtype.element_ty), mask=k_mask)
-    dv_ptrs = (DV + ((b * M + tile * BLOCK_N) * HK + g) * HEAD_DIM_V
+    dv_ptrs = (DV + ((k_start + tile * BLOCK_N) * HK + g) * HEAD_DIM_V
                + (local * (HK * HEAD_DIM_V) + offs_dv[None, :]))
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty),
              mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
@@ -318,7 +345,7 @@ def _dq_key_tiles(q1, q2, do, dq1, dq2, lse1, lse2, d1, d2, lam, rows, start, en
 
 
 @triton.jit
-def _dq_program(tile, bh, Q, K, V, LAM, KPM, DO, LSE, DELTA, DQ,
+def _dq_program(tile, bh, Q, K, V, LAM, KPM, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                 stride_qb, stride_qn, stride_qh, stride_kb, stride_km, stride_kh,
                 stride_vb, stride_vm, stride_vh, stride_dob, stride_don, stride_doh,
                 stride_lb, stride_ln, stride_lh, stride_kpm_b,
@@ -327,68 +354,78 @@ def _dq_program(tile, bh, Q, K, V, LAM, KPM, DO, LSE, DELTA, DQ,
                 BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr, LAM_MODE: tl.constexpr,
                 LAM_DIM: tl.constexpr, BLOCK_LAM: tl.constexpr,
                 CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, WINDOW: tl.constexpr,
-                ACC_FP64: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr):
+                VARLEN: tl.constexpr, ACC_FP64: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dq of one query tile of one differential head (both maps)."""
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     g = h // GROUP
+    # This program's sequence; the row statistics (B, H, 2, N) keep the padded N (the maximum).
+    q_row0, N_b, k_row0, M_b = sequence_bounds(CU_Q, CU_K, b, N, M, VARLEN)
+    if VARLEN:
+        if tile * BLOCK_M >= N_b:  # past this sequence's queries
+            return
     key_heads = 2 if KEY_PAIR else 1
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    q1, q2 = load_head_pair(Q + b * stride_qb + 2 * h * stride_qh, stride_qh, tile * BLOCK_M,
-                            N, stride_qn, offs_d, HEAD_DIM, BLOCK_M, True, True,
-                            HEAD_DIM != BLOCK_D)
-    do = load_tile(DO + b * stride_dob + h * stride_doh, tile * BLOCK_M, N, stride_don, offs_dv,
-                   HEAD_DIM_V, BLOCK_M, True, HEAD_DIM_V != BLOCK_DV)
+    q1, q2 = load_head_pair(Q + row_offset(b, q_row0, stride_qb, stride_qn, VARLEN)
+                            + 2 * h * stride_qh, stride_qh, tile * BLOCK_M, N_b, stride_qn,
+                            offs_d, HEAD_DIM, BLOCK_M, True, True, HEAD_DIM != BLOCK_D)
+    do = load_tile(DO + row_offset(b, q_row0, stride_dob, stride_don, VARLEN) + h * stride_doh,
+                   tile * BLOCK_M, N_b, stride_don, offs_dv, HEAD_DIM_V, BLOCK_M, True,
+                   HEAD_DIM_V != BLOCK_DV)
     lse1, lse2, d1, d2 = _load_row_stats(LSE + ((b * H + h) * 2) * N,
-                                         DELTA + ((b * H + h) * 2) * N, rows, N, True)
-    lam = load_lambda_rows(LAM, b, rows, N, h, stride_lb, stride_ln, stride_lh,
+                                         DELTA + ((b * H + h) * 2) * N, rows, N_b, N, True)
+    lam = load_lambda_rows(sequence_rows(LAM, q_row0, stride_ln, VARLEN), b, rows, N_b, h,
+                           stride_lb, stride_ln, stride_lh,
                            program_lambda(LAM, lam_value, LAM_MODE, LAM_DIM, BLOCK_LAM,
                                           acc_dtype), LAM_MODE, acc_dtype)
-    k_base = K + b * stride_kb + key_heads * g * stride_kh
-    v_base = V + b * stride_vb + g * stride_vh
+    k_base = K + row_offset(b, k_row0, stride_kb, stride_km, VARLEN) + key_heads * g * stride_kh
+    v_base = V + row_offset(b, k_row0, stride_vb, stride_vm, VARLEN) + g * stride_vh
     kpm_row = KPM + b * stride_kpm_b
     dq1 = tl.zeros([BLOCK_M, BLOCK_D], dtype=acc_dtype)
     dq2 = tl.zeros([BLOCK_M, BLOCK_D], dtype=acc_dtype)
 
     if WINDOW:  # the key tiles of this query tile's band, as in the forward
         start, open_start, open_end, end = band_tiles(
-            tile * BLOCK_M, BLOCK_M, (M - N) - window_left, (M - N) + window_right, M, BLOCK_N)
+            tile * BLOCK_M, BLOCK_M, (M_b - N_b) - window_left, (M_b - N_b) + window_right, M_b,
+            BLOCK_N)
         if HAS_KPM:
             open_end = open_start
         dq1, dq2 = _dq_key_tiles(q1, q2, do, dq1, dq2, lse1, lse2, d1, d2, lam, rows, start,
                                  open_start, k_base, v_base, kpm_row, stride_kh, stride_km,
-                                 stride_vm, N, M, window_left, window_right, qk_scale, HEAD_DIM,
+                                 stride_vm, N_b, M_b, window_left, window_right, qk_scale,
+                                 HEAD_DIM,
                                  HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR, CAUSAL, HAS_KPM,
                                  WINDOW, True, PRECISION, BLOCK_N)
     else:
         open_start = 0
-        end = M
-        first_hidden = M
+        end = M_b
+        first_hidden = M_b
         if CAUSAL:
-            end = causal_key_end((tile + 1) * BLOCK_M, N, M)
-            first_hidden = tile * BLOCK_M + (M - N) + 1
+            end = causal_key_end((tile + 1) * BLOCK_M, N_b, M_b)
+            first_hidden = tile * BLOCK_M + (M_b - N_b) + 1
         open_end = 0
         if not HAS_KPM:
-            open_end = full_tiles_end(first_hidden, M, BLOCK_N)
+            open_end = full_tiles_end(first_hidden, M_b, BLOCK_N)
     dq1, dq2 = _dq_key_tiles(q1, q2, do, dq1, dq2, lse1, lse2, d1, d2, lam, rows, open_start,
                              open_end, k_base, v_base, kpm_row, stride_kh, stride_km, stride_vm,
-                             N, M, window_left, window_right, qk_scale, HEAD_DIM, HEAD_DIM_V,
+                             N_b, M_b, window_left, window_right, qk_scale, HEAD_DIM, HEAD_DIM_V,
                              BLOCK_D, BLOCK_DV, KEY_PAIR, CAUSAL, HAS_KPM, WINDOW, False,
                              PRECISION, BLOCK_N)
     dq1, dq2 = _dq_key_tiles(q1, q2, do, dq1, dq2, lse1, lse2, d1, d2, lam, rows, open_end, end,
-                             k_base, v_base, kpm_row, stride_kh, stride_km, stride_vm, N, M,
-                             window_left, window_right, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+                             k_base, v_base, kpm_row, stride_kh, stride_km, stride_vm, N_b,
+                             M_b, window_left, window_right, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
                              BLOCK_DV, KEY_PAIR, CAUSAL, HAS_KPM, WINDOW, True, PRECISION,
                              BLOCK_N)
 
-    dq_ptrs = (DQ + ((b * N + tile * BLOCK_M) * (2 * H) + 2 * h) * HEAD_DIM
+    dq_ptrs = (DQ + ((sequence_start(b, N, q_row0, VARLEN) + tile * BLOCK_M) * (2 * H) + 2 * h)
+               * HEAD_DIM
                + (tl.arange(0, BLOCK_M)[:, None] * (2 * H * HEAD_DIM) + offs_d[None, :]))
-    q_mask = (rows < N)[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q_mask = (rows < N_b)[:, None] & (offs_d[None, :] < HEAD_DIM)
     tl.store(dq_ptrs, (dq1 * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
     tl.store(dq_ptrs + HEAD_DIM, (dq2 * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
@@ -447,7 +484,7 @@ def _reduce_program(r, DLAM_PART, DLAM, DW_PART, DW, LAM, n_lam_parts, H, n_dw_r
                                "n_kv_progs", "n_q_progs", "n_lam_parts", "n_dw_rows",
                                "n_dlam_progs"])
 def diff_attn_bwd_kernel(
-    Q, K, V, LAM, KPM, DO, LSE, DELTA, DQ, DK, DV, DLAM_PART, DLAM, DW_PART, DW,
+    Q, K, V, LAM, KPM, DO, LSE, DELTA, DQ, DK, DV, DLAM_PART, DLAM, DW_PART, DW, CU_Q, CU_K,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_km, stride_kh,
     stride_vb, stride_vm, stride_vh,
@@ -460,7 +497,7 @@ def diff_attn_bwd_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr, LAM_MODE: tl.constexpr,
     LAM_DIM: tl.constexpr, BLOCK_LAM: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, WINDOW: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
     DLAM_REDUCE: tl.constexpr,
     ACC_FP64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr,
@@ -469,21 +506,21 @@ def diff_attn_bwd_kernel(
     pid = tl.program_id(0)
     if pid < n_kv_progs:
         _dkdv_program(pid % n_kv_tiles, pid // n_kv_tiles, Q, K, V, LAM, KPM, DO, LSE, DELTA,
-                      DK, DV, stride_qb, stride_qn, stride_qh, stride_kb, stride_km, stride_kh,
+                      DK, DV, CU_Q, CU_K, stride_qb, stride_qn, stride_qh, stride_kb, stride_km, stride_kh,
                       stride_vb, stride_vm, stride_vh, stride_dob, stride_don, stride_doh,
                       stride_lb, stride_ln, stride_lh, stride_kpm_b, N, M, H, HK, GROUP,
                       window_left, window_right, lam_value, qk_scale, sm_scale, HEAD_DIM,
                       HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR, LAM_MODE, LAM_DIM, BLOCK_LAM,
-                      CAUSAL, HAS_KPM, WINDOW, ACC_FP64, PRECISION, BLOCK_M1, BLOCK_N1)
+                      CAUSAL, HAS_KPM, WINDOW, VARLEN, ACC_FP64, PRECISION, BLOCK_M1, BLOCK_N1)
     elif pid < n_kv_progs + n_q_progs:
         pid_q = pid - n_kv_progs
         _dq_program(pid_q % n_q_tiles, pid_q // n_q_tiles, Q, K, V, LAM, KPM, DO, LSE, DELTA,
-                    DQ, stride_qb, stride_qn, stride_qh, stride_kb, stride_km, stride_kh,
+                    DQ, CU_Q, CU_K, stride_qb, stride_qn, stride_qh, stride_kb, stride_km, stride_kh,
                     stride_vb, stride_vm, stride_vh, stride_dob, stride_don, stride_doh,
                     stride_lb, stride_ln, stride_lh, stride_kpm_b, N, M, H, GROUP,
                     window_left, window_right, lam_value, qk_scale, sm_scale, HEAD_DIM,
                     HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR, LAM_MODE, LAM_DIM, BLOCK_LAM,
-                    CAUSAL, HAS_KPM, WINDOW, ACC_FP64, PRECISION, BLOCK_M2, BLOCK_N2)
+                    CAUSAL, HAS_KPM, WINDOW, VARLEN, ACC_FP64, PRECISION, BLOCK_M2, BLOCK_N2)
     else:
         _reduce_program(pid - n_kv_progs - n_q_progs, DLAM_PART, DLAM, DW_PART, DW, LAM,
                         n_lam_parts, H, n_dw_rows, n_dlam_progs, HEAD_DIM_V,
@@ -495,22 +532,22 @@ diff_attn_bwd_launch = Launcher(diff_attn_bwd_kernel)
 
 
 def diff_attn_bwd(dout, q, k, v, lam, key_padding_mask, norm_weight, saved, call: AttentionCall,
-                  *, need_dlam=True, need_dw=True, wrap=None):
+                  *, cu_seqlens_q=None, cu_seqlens_k=None, need_dlam=True, need_dw=True,
+                  wrap=None):
     """Launch the backward: the row pass, then one launch of key-tile, query-tile and
     reduction programs.
 
-    Args: the forward's inputs and call (see diff_attn_fwd), ``saved`` = (x, o2, lse, rstd)
-    as the forward returned them, and dout (B, N, H, DV) with a contiguous last dim (any other
-    strides, stride 0 included). need_dlam / need_dw: whether lambda (a tensor, or its vectors
+    Args: the forward's inputs and call (see diff_attn_fwd; packed sequences with their
+    cu_seqlens_q / cu_seqlens_k), ``saved`` = (x, o2, lse, rstd) as the forward returned them,
+    and dout shaped like the output ((B, N, H, DV) or packed (total_q, H, DV)) with a
+    contiguous last dim (any other strides, stride 0 included). need_dlam / need_dw: whether lambda (a tensor, or its vectors
     with call.lam_vectors) and the norm weight need gradients. wrap: as in diff_attn_fwd.
-    Returns dq (B, N, 2H, d), dk and dv shaped like k and v, contiguous, in the inputs' dtype;
+    Returns dq, dk and dv shaped like q, k and v, contiguous, in the inputs' dtype;
     dlam shaped like lam (the four vectors' gradients with lam_vectors) and dnorm_weight (DV,)
     in the accumulation dtype, or None where not needed.
     """
     x, o2, lse, rstd = saved
-    B, N, H2, d = q.shape
-    M, Hk, DV = v.shape[1], v.shape[2], v.shape[3]
-    H = H2 // 2
+    B, N, M, H, d, Hk, DV, rows = call_dims(call, q, v, cu_seqlens_q)
     device, dtype, acc_dtype = q.device, q.dtype, lse.dtype
     has_norm = norm_weight is not None
     if has_norm and norm_weight.stride(0) != 1:
@@ -524,13 +561,13 @@ def diff_attn_bwd(dout, q, k, v, lam, key_padding_mask, norm_weight, saved, call
     lam_vectors = call.lam_vectors
     n_row_tiles = cdiv(N, ROWS_BLOCK_M)
 
-    dx = torch.empty((B, N, H, DV), device=device, dtype=dtype) if store_dx else dout
+    dx = torch.empty((*rows, H, DV), device=device, dtype=dtype) if store_dx else dout
     delta = torch.empty((B, H, 2, N), device=device, dtype=acc_dtype)
     dlam = dlam_part = dw = dw_part = None
     dlam_reduce = DLAM_PER_ROW
     if need_dlam:
-        if lam.dim() == 3:
-            dlam = dlam_part = torch.empty((B, N, H), device=device, dtype=acc_dtype)
+        if lam.dim() == len(rows) + 1:  # per row: (B, N, H), or (total_q, H) when packed
+            dlam = dlam_part = torch.empty((*rows, H), device=device, dtype=acc_dtype)
         else:
             dlam_reduce = DLAM_VECTORS if lam_vectors else \
                 DLAM_PER_HEAD if lam.dim() == 1 else DLAM_SCALAR
@@ -549,13 +586,14 @@ def diff_attn_bwd(dout, q, k, v, lam, key_padding_mask, norm_weight, saved, call
         DY=dout, X=x, O2=o2, LAM=lam_ptr, W=norm_weight if has_norm else q, RSTD=rstd, DX=dx,
         DELTA=delta, DLAM=q if dlam_part is None else dlam_part,
         DW_PART=q if dw_part is None else dw_part,
-        **strides("dy", dout, "bnh"), **lam_strides, N=N, H=H,
+        CU_Q=q if cu_seqlens_q is None else cu_seqlens_q,
+        **packed_strides("dy", dout, "bnh"), **lam_strides, N=N, H=H,
         lam_value=float(call.lam_value), out_scale=float(call.out_scale),
         HEAD_DIM_V=DV, BLOCK_DV=block_dv, **lam_flags, NEED_DLAM=need_dlam,
         DLAM_REDUCE=dlam_reduce, HAS_NORM=has_norm, NEED_DW=need_dw, STORE_DX=store_dx,
-        ACC_FP64=acc_fp64, BLOCK_M=ROWS_BLOCK_M, num_warps=rows_warps(block_dv))
+        VARLEN=flags["VARLEN"], ACC_FP64=acc_fp64, BLOCK_M=ROWS_BLOCK_M, num_warps=rows_warps(block_dv))
 
-    dq = torch.empty((B, N, H2, d), device=device, dtype=dtype)
+    dq = torch.empty(q.shape, device=device, dtype=dtype)
     dk = torch.empty(k.shape, device=device, dtype=dtype)
     dv = torch.empty(v.shape, device=device, dtype=dtype)
     kpm = q if key_padding_mask is None else key_padding_mask.view(torch.uint8)
@@ -567,8 +605,10 @@ def diff_attn_bwd(dout, q, k, v, lam, key_padding_mask, norm_weight, saved, call
         Q=q, K=k, V=v, LAM=lam_ptr, KPM=kpm, DO=dx, LSE=lse, DELTA=delta, DQ=dq, DK=dk, DV=dv,
         DLAM_PART=q if dlam_part is None else dlam_part, DLAM=q if dlam is None else dlam,
         DW_PART=q if dw_part is None else dw_part, DW=q if dw is None else dw,
-        **strides("q", q, "bnh"), **strides("k", k, "bmh"), **strides("v", v, "bmh"),
-        **strides("do", dx, "bnh"), **lam_strides,
+        CU_Q=q if cu_seqlens_q is None else cu_seqlens_q,
+        CU_K=q if cu_seqlens_k is None else cu_seqlens_k,
+        **packed_strides("q", q, "bnh"), **packed_strides("k", k, "bmh"),
+        **packed_strides("v", v, "bmh"), **packed_strides("do", dx, "bnh"), **lam_strides,
         stride_kpm_b=kpm.stride(0) if key_padding_mask is not None else 0,
         N=N, M=M, H=H, HK=Hk, GROUP=H // Hk, window_left=window_left,
         window_right=window_right)

@@ -32,6 +32,12 @@ Layouts (element strides, last dimension contiguous):
     Q (B, N, 2H, d), K (B, M, 2Hk or Hk, d), V (B, M, Hk, DV), KPM (B, M) bool (True = ignore)
     OUT, X, O2 (B, N, H, DV) contiguous; LSE (B, H, 2, N); RSTD (B, H, N)
 Causal rule: query i sees keys j <= i + (M - N) (diagonal aligned bottom-right).
+VARLEN (packed variable-length sequences): Q (total_q, 2H, d), K, V (total_k, ...), OUT, X,
+O2 (total_q, H, DV); CU_Q, CU_K int32 (B + 1,) cumulative offsets. Program (m, b, h) reads
+sequence b's first rows and lengths N_b, M_b from them (sequence_bounds) and exits when its
+query tile starts past N_b; N and M are then the maxima (the grid and LSE, RSTD are sized by
+them) and every mask and loop bound uses N_b, M_b. Without VARLEN the same helpers give b * N,
+N, b * M, M where they are used, so the padded kernel's code is what it was.
 USE_TMA (Hopper, DIFFATTN_TMA=1, kernels/tma.py): the key and value tiles come through tensor
 descriptors made on the device instead of pointer loads; everything else is the same.
 The equations: docs/kernel-math.md.
@@ -43,12 +49,14 @@ import triton
 import triton.language as tl
 
 from . import tma
-from .call import LOG2E, AttentionCall, lambda_strides, strides, variant_flags
+from .call import (LOG2E, AttentionCall, call_dims, lambda_strides, packed_strides,
+                   variant_flags)
 from .config import cdiv
 from .launch import Launcher
 from .common import (band_tiles, causal_key_end, full_tiles_end, key_keep, load_head_pair,
                      load_key_value_tiles, load_lambda_rows, online_softmax_step,
-                     program_lambda, query_key_keep)
+                     program_lambda, query_key_keep, row_offset, sequence_bounds,
+                     sequence_rows, sequence_start)
 from .tuning import FWD_TILES
 
 
@@ -102,7 +110,7 @@ def _attend_key_tiles(q1, q2, k_base, v_base, k1_desc, k2_desc, v_desc, kpm_row,
 @triton.jit(do_not_specialize=["N", "M", "H", "GROUP", "stride_kpm_b", "stride_lb",
                                "stride_ln", "stride_lh", "window_left", "window_right"])
 def diff_attn_fwd_kernel(
-    Q, K, V, LAM, KPM, W, OUT, X, O2, LSE, RSTD,
+    Q, K, V, LAM, KPM, W, OUT, X, O2, LSE, RSTD, CU_Q, CU_K,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_km, stride_kh,
     stride_vb, stride_vm, stride_vh,
@@ -113,10 +121,10 @@ def diff_attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr, LAM_MODE: tl.constexpr,
     LAM_DIM: tl.constexpr, BLOCK_LAM: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, WINDOW: tl.constexpr, HAS_NORM: tl.constexpr,
-    SAVE_FOR_BWD: tl.constexpr, STORE_X: tl.constexpr, ACC_FP64: tl.constexpr,
-    PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
+    HAS_NORM: tl.constexpr, SAVE_FOR_BWD: tl.constexpr, STORE_X: tl.constexpr,
+    ACC_FP64: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     pid_m = tl.program_id(0)
@@ -124,30 +132,37 @@ def diff_attn_fwd_kernel(
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     g = h // GROUP
+    # This program's sequence (see sequence_bounds): padded, sequence b of lengths N and M;
+    # VARLEN, from the cumulative offsets, with N and M the maxima (they size the grid and
+    # the saved row statistics).
+    q_row0, N_b, k_row0, M_b = sequence_bounds(CU_Q, CU_K, b, N, M, VARLEN)
+    if VARLEN:
+        if pid_m * BLOCK_M >= N_b:  # past this sequence's queries
+            return
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    q1, q2 = load_head_pair(Q + b * stride_qb + 2 * h * stride_qh, stride_qh, pid_m * BLOCK_M, N,
-                            stride_qn, offs_d, HEAD_DIM, BLOCK_M, True, True,
-                            HEAD_DIM != BLOCK_D)
+    q1, q2 = load_head_pair(Q + row_offset(b, q_row0, stride_qb, stride_qn, VARLEN)
+                            + 2 * h * stride_qh, stride_qh, pid_m * BLOCK_M, N_b, stride_qn,
+                            offs_d, HEAD_DIM, BLOCK_M, True, True, HEAD_DIM != BLOCK_D)
     key_heads = 2 if KEY_PAIR else 1
-    k_base = K + b * stride_kb + key_heads * g * stride_kh
-    v_base = V + b * stride_vb + g * stride_vh
+    k_base = K + row_offset(b, k_row0, stride_kb, stride_km, VARLEN) + key_heads * g * stride_kh
+    v_base = V + row_offset(b, k_row0, stride_vb, stride_vm, VARLEN) + g * stride_vh
     kpm_row = KPM + b * stride_kpm_b
     k1_desc = k_base  # the descriptors are unused without USE_TMA
     k2_desc = k_base
     v_desc = v_base
     if USE_TMA:  # Hopper's tensor memory accelerator: (M, d) views of this group's heads
-        k1_desc = tl.make_tensor_descriptor(k_base, shape=[M, HEAD_DIM], strides=[stride_km, 1],
+        k1_desc = tl.make_tensor_descriptor(k_base, shape=[M_b, HEAD_DIM], strides=[stride_km, 1],
                                             block_shape=[BLOCK_N, BLOCK_D])
         k2_desc = k1_desc
         if KEY_PAIR:
-            k2_desc = tl.make_tensor_descriptor(k_base + stride_kh, shape=[M, HEAD_DIM],
+            k2_desc = tl.make_tensor_descriptor(k_base + stride_kh, shape=[M_b, HEAD_DIM],
                                                 strides=[stride_km, 1],
                                                 block_shape=[BLOCK_N, BLOCK_D])
-        v_desc = tl.make_tensor_descriptor(v_base, shape=[M, HEAD_DIM_V], strides=[stride_vm, 1],
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[M_b, HEAD_DIM_V], strides=[stride_vm, 1],
                                            block_shape=[BLOCK_N, BLOCK_DV])
 
     m1 = tl.full([BLOCK_M], float("-inf"), dtype=acc_dtype)
@@ -162,31 +177,32 @@ def diff_attn_fwd_kernel(
     # Causal or windowed: tiles outside the rows' band are never visited.
     if WINDOW:
         start, open_start, open_end, end = band_tiles(
-            pid_m * BLOCK_M, BLOCK_M, (M - N) - window_left, (M - N) + window_right, M, BLOCK_N)
+            pid_m * BLOCK_M, BLOCK_M, (M_b - N_b) - window_left, (M_b - N_b) + window_right, M_b,
+            BLOCK_N)
         if HAS_KPM:
             open_end = open_start
         # the band's edges [start, open_start) and [open_end, end) in one masked loop
         masked_start, masked_end = start, end - (open_end - open_start)
     else:
         open_start = 0
-        end = M
-        first_hidden = M
+        end = M_b
+        first_hidden = M_b
         if CAUSAL:
-            end = causal_key_end((pid_m + 1) * BLOCK_M, N, M)
-            first_hidden = pid_m * BLOCK_M + (M - N) + 1
+            end = causal_key_end((pid_m + 1) * BLOCK_M, N_b, M_b)
+            first_hidden = pid_m * BLOCK_M + (M_b - N_b) + 1
         open_end = 0
         if not HAS_KPM:
-            open_end = full_tiles_end(first_hidden, M, BLOCK_N)
+            open_end = full_tiles_end(first_hidden, M_b, BLOCK_N)
         masked_start, masked_end = open_end, end
     m1, l1, acc1, m2, l2, acc2 = _attend_key_tiles(
         q1, q2, k_base, v_base, k1_desc, k2_desc, v_desc, kpm_row, rows, open_start, open_end,
-        0, 0, m1, l1, acc1, m2, l2, acc2, stride_kh, stride_km, stride_vm, N, M, window_left,
+        0, 0, m1, l1, acc1, m2, l2, acc2, stride_kh, stride_km, stride_vm, N_b, M_b, window_left,
         window_right, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR, CAUSAL,
         HAS_KPM, WINDOW, False, PRECISION, BLOCK_N, USE_TMA)
     m1, l1, acc1, m2, l2, acc2 = _attend_key_tiles(
         q1, q2, k_base, v_base, k1_desc, k2_desc, v_desc, kpm_row, rows, masked_start,
         masked_end, open_start, open_end - open_start, m1, l1, acc1, m2, l2, acc2, stride_kh,
-        stride_km, stride_vm, N, M, window_left, window_right, qk_scale, HEAD_DIM, HEAD_DIM_V,
+        stride_km, stride_vm, N_b, M_b, window_left, window_right, qk_scale, HEAD_DIM, HEAD_DIM_V,
         BLOCK_D, BLOCK_DV, KEY_PAIR, CAUSAL, HAS_KPM, WINDOW, True, PRECISION, BLOCK_N, USE_TMA)
 
     # A row that saw no key: O = 0 and LSE = +inf, so backward recomputes P = 0 there.
@@ -194,16 +210,17 @@ def diff_attn_fwd_kernel(
     l2_safe = tl.where(l2 > 0, l2, 1.0)
     inv_l1 = tl.where(l1 > 0, 1.0 / l1_safe, 0.0)
     inv_l2 = tl.where(l2 > 0, 1.0 / l2_safe, 0.0)
-    lam = load_lambda_rows(LAM, b, rows, N, h, stride_lb, stride_ln, stride_lh,
+    lam = load_lambda_rows(sequence_rows(LAM, q_row0, stride_ln, VARLEN), b, rows, N_b, h,
+                           stride_lb, stride_ln, stride_lh,
                            program_lambda(LAM, lam_value, LAM_MODE, LAM_DIM, BLOCK_LAM,
                                           acc_dtype), LAM_MODE, acc_dtype)
     o2 = acc2 * inv_l2[:, None]
     x = acc1 * inv_l1[:, None] - lam[:, None] * o2
 
-    row_ok = rows < N
-    # (B, N, H, DV) contiguous: the tile's first element in int64, the rest in int32 offsets
-    # (added to the pointer after it: OUT + first + tile_off).
-    first = ((b * N + pid_m * BLOCK_M) * H + h) * HEAD_DIM_V
+    row_ok = rows < N_b
+    # (B, N, H, DV) or packed (total_q, H, DV) contiguous: the tile's first element in int64,
+    # the rest in int32 offsets (added to the pointer after it: OUT + first + tile_off).
+    first = ((sequence_start(b, N, q_row0, VARLEN) + pid_m * BLOCK_M) * H + h) * HEAD_DIM_V
     tile_off = tl.arange(0, BLOCK_M)[:, None] * (H * HEAD_DIM_V) + offs_dv[None, :]
     out_mask = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
     y = x * out_scale
@@ -229,7 +246,7 @@ diff_attn_fwd_launch = Launcher(diff_attn_fwd_kernel)
 
 
 def diff_attn_fwd(q, k, v, lam, key_padding_mask, norm_weight, call: AttentionCall, *,
-                  save_for_backward=True, wrap=None):
+                  cu_seqlens_q=None, cu_seqlens_k=None, save_for_backward=True, wrap=None):
     """Launch the forward kernel.
 
     Args (already validated by diffattn.functional):
@@ -245,6 +262,10 @@ def diff_attn_fwd(q, k, v, lam, key_padding_mask, norm_weight, call: AttentionCa
         norm_weight (DV,) in any float dtype, or None: switches on the RMSNorm epilogue.
         call: the call's scale, masks (causal, window), lambda mode and epilogue
             (kernels/call.py).
+        cu_seqlens_q, cu_seqlens_k: with ``call.max_seqlens`` (packed sequences), int32
+            (batch + 1,) cumulative offsets of the packed q (total_q, 2H, d), k (total_k, ...)
+            and v (total_k, Hk, DV); the per-query outputs are then (total_q, H, DV) and lse,
+            rstd are sized by batch and max_seqlen_q (0 past each sequence's end).
         save_for_backward: False (inference) writes the output only; x, o2, lse and rstd are
             then None.
         wrap: torch.library.wrap_triton inside a registered op (torch.compile traces the
@@ -254,12 +275,10 @@ def diff_attn_fwd(q, k, v, lam, key_padding_mask, norm_weight, call: AttentionCa
         epilogue is the identity); o2 (B, N, H, DV); lse (B, H, 2, N) base-2 log-sum-exp of the
         scaled scores; rstd (B, H, N) with the norm, else an empty (B, H, 0) tensor.
     """
-    B, N, H2, d = q.shape
-    M, Hk, DV = v.shape[1], v.shape[2], v.shape[3]
-    H = H2 // 2
+    B, N, M, H, d, Hk, DV, rows = call_dims(call, q, v, cu_seqlens_q)
     device, dtype = q.device, q.dtype
     acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    out = torch.empty((B, N, H, DV), device=device, dtype=dtype)
+    out = torch.empty((*rows, H, DV), device=device, dtype=dtype)
     has_norm = norm_weight is not None
     if has_norm and norm_weight.stride(0) != 1:
         norm_weight = norm_weight.contiguous()
@@ -267,8 +286,10 @@ def diff_attn_fwd(q, k, v, lam, key_padding_mask, norm_weight, call: AttentionCa
     if save_for_backward:
         x = torch.empty_like(out) if store_x else out
         o2 = torch.empty_like(out)
-        lse = torch.empty((B, H, 2, N), device=device, dtype=acc_dtype)
-        rstd = torch.empty((B, H, N if has_norm else 0), device=device, dtype=acc_dtype)
+        # Packed sequences: rows past a sequence's end are no query's and stay 0.
+        stats = torch.zeros if call.varlen else torch.empty
+        lse = stats((B, H, 2, N), device=device, dtype=acc_dtype)
+        rstd = stats((B, H, N if has_norm else 0), device=device, dtype=acc_dtype)
     else:
         x = o2 = lse = rstd = out  # not written
     kpm = q if key_padding_mask is None else key_padding_mask.view(torch.uint8)
@@ -276,7 +297,10 @@ def diff_attn_fwd(q, k, v, lam, key_padding_mask, norm_weight, call: AttentionCa
     arguments = dict(
         Q=q, K=k, V=v, LAM=q if lam is None else lam, KPM=kpm,
         W=norm_weight if has_norm else q, OUT=out, X=x, O2=o2, LSE=lse, RSTD=rstd,
-        **strides("q", q, "bnh"), **strides("k", k, "bmh"), **strides("v", v, "bmh"),
+        CU_Q=q if cu_seqlens_q is None else cu_seqlens_q,
+        CU_K=q if cu_seqlens_k is None else cu_seqlens_k,
+        **packed_strides("q", q, "bnh"), **packed_strides("k", k, "bmh"),
+        **packed_strides("v", v, "bmh"),
         **dict(zip(("stride_lb", "stride_ln", "stride_lh"),
                    lambda_strides(lam, call.lam_vectors))),
         stride_kpm_b=kpm.stride(0) if key_padding_mask is not None else 0,
@@ -285,7 +309,7 @@ def diff_attn_fwd(q, k, v, lam, key_padding_mask, norm_weight, call: AttentionCa
         out_scale=float(call.out_scale),
         **variant_flags(call, q, k, v, lam, key_padding_mask), HAS_NORM=has_norm,
         SAVE_FOR_BWD=save_for_backward, STORE_X=store_x,
-        USE_TMA=wrap is None and tma.tma_loads(k, v))
+        USE_TMA=wrap is None and not call.varlen and tma.tma_loads(k, v))
 
     def run(config):
         tiles = FWD_TILES.launch_kwargs(config)

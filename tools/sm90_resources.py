@@ -123,7 +123,9 @@ class Variant:
     ``lam_vectors=True`` and lam_value = lambda_init) or "per_token" ((B, N, H)).
     norm: the RMSNorm epilogue (with out_scale = 1 - lambda_init). training: the forward
     saves for backward and the backward runs; else inference (forward only). window: the
-    local window (left, right), (-1, -1) for none.
+    local window (left, right), (-1, -1) for none. varlen: packed variable-length sequences
+    (the tensors packed as (total, heads, dim) with cumulative offsets; lambda per token is
+    then (total_q, H)).
     """
     name: str
     key_pair: bool
@@ -134,6 +136,7 @@ class Variant:
     training: bool = True
     window: Tuple[int, int] = (-1, -1)
     kind = "attention"
+    varlen: bool = False
 
     def describe(self) -> str:
         parts = ["V1 key pair, value 2d" if self.key_pair else "V2 one key, value d",
@@ -143,6 +146,7 @@ class Variant:
                  "causal" if self.causal else "full",
                  *([f"window {self.window}"] if self.window != (-1, -1) else []),
                  "key padding" if self.kpm else "no padding",
+                 *(["packed sequences"] if self.varlen else []),
                  "training" if self.training else "inference"]
         return ", ".join(parts)
 
@@ -188,6 +192,9 @@ VARIANTS = (
     Variant("v2_infer", False, "per_token", False, training=False),
     Variant("v1_norm_window", True, "scalar", True, window=(8, 8)),
     Variant("v2_window_causal", False, "per_token", False, causal=True, window=(16, -1)),
+    Variant("v1_norm_varlen", True, "scalar", True, varlen=True),
+    Variant("v1_norm_causal_varlen", True, "scalar", True, causal=True, varlen=True),
+    Variant("v2_causal_varlen", False, "per_token", False, causal=True, varlen=True),
 )
 DECODE_VARIANTS = (
     DecodeVariant("v1", False, "heads"),
@@ -354,17 +361,25 @@ def record_case(case: Case, fwd_config: Optional[tuple] = None,
     norm_weight = torch.ones(dv, dtype=acc) if variant.norm else None
     out_scale = 1.0 - LAMBDA_INIT if variant.norm else 1.0
     eps = 1e-5 if variant.norm else 1.0
+    packed = {}
+    if variant.varlen:  # B sequences of lengths N and M packed (uniform offsets)
+        q, k, v = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
+        if lam.dim() == 3:
+            lam = lam.flatten(0, 1)
+        packed = dict(cu_seqlens_q=torch.arange(0, (B + 1) * N, N, dtype=torch.int32),
+                      cu_seqlens_k=torch.arange(0, (B + 1) * M, M, dtype=torch.int32))
     call = AttentionCall.create(d ** -0.5, causal=variant.causal, window_size=variant.window,
                                 lam_value=lam_value, lam_vectors=variant.lam == "vectors",
-                                eps=eps, out_scale=out_scale)
+                                eps=eps, out_scale=out_scale,
+                                **(dict(max_seqlens=(N, M)) if variant.varlen else {}))
     launches: List[Launch] = []
     with recording(launches, fwd_config, bwd_config, tma):
         out, x, o2, lse, rstd = diff_attn_fwd(
-            q, k, v, lam, kpm, norm_weight, call, save_for_backward=variant.training)
+            q, k, v, lam, kpm, norm_weight, call, save_for_backward=variant.training, **packed)
         if variant.training:
             dout = torch.randn(out.shape, generator=g).to(dtype)
             diff_attn_bwd(dout, q, k, v, lam, kpm, norm_weight, (x, o2, lse, rstd),
-                          call, need_dlam=True, need_dw=True)
+                          call, need_dlam=True, need_dw=True, **packed)
     return launches
 
 

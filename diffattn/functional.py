@@ -94,17 +94,24 @@ def check_diff_attention_args(q, k, v, lambda_, key_padding_mask=None, norm_weig
     _check_same(q, k=k, v=v)
     _check_lambda(lambda_, q, per_token=False)
     _check_key_padding_mask(key_padding_mask, q, k)
+    check_epilogue_args(norm_weight, eps, out_scale, 2 * d, q.device)
+    _check_scalars(causal, scale)
+    check_window_size(window_size)
+
+
+def check_epilogue_args(norm_weight, eps, out_scale, value_dim: int, device) -> None:
+    """Raise a ValueError/TypeError naming the first bad argument of the V1 epilogue:
+    norm_weight None or a floating tensor (value_dim,) on ``device``, eps > 0 and out_scale
+    finite."""
     if norm_weight is not None:
         if not isinstance(norm_weight, Tensor) or not norm_weight.is_floating_point():
             raise TypeError("norm_weight must be a floating-point tensor of shape (2 * head_dim,)")
-        if tuple(norm_weight.shape) != (2 * d,):
-            raise ValueError(f"norm_weight must have shape (2 * head_dim,) = ({2 * d},), got "
-                             f"{tuple(norm_weight.shape)}")
-        if norm_weight.device != q.device:
-            raise ValueError(f"norm_weight must be on q's device {q.device}, got "
+        if tuple(norm_weight.shape) != (value_dim,):
+            raise ValueError(f"norm_weight must have shape (2 * head_dim,) = ({value_dim},), "
+                             f"got {tuple(norm_weight.shape)}")
+        if norm_weight.device != device:
+            raise ValueError(f"norm_weight must be on q's device {device}, got "
                              f"{norm_weight.device}")
-    _check_scalars(causal, scale)
-    check_window_size(window_size)
     if not _is_real(eps) or not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a positive finite float, got {eps!r}")
     if not _is_real(out_scale) or not math.isfinite(out_scale):

@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from .backend import check_backend_name, resolve_backend, resolve_layer_backend
-from .functional import (_check_lambda, _check_scalars, _check_tensor, _is_real,
-                         _kernel_lambda)
+from .functional import (_check_lambda, _check_scalars, _check_tensor,
+                         _kernel_lambda, check_epilogue_args)
 from .lambdas import LambdaVectors, expand_lambda
 from .torch_path import diff_attention_torch, diff_attention_v2_torch, zero_padding_keys
 
@@ -138,20 +138,8 @@ def _check_kvcache(q, k_cache, v_cache, lambda_, k, v, cache_seqlens, block_tabl
         raise TypeError(f"cache_seqlens must be an int or an int32 tensor (batch,), got "
                         f"{type(cache_seqlens).__name__}")
     _check_lambda(lambda_, q, per_token=v2)
-    if norm_weight is not None:
-        if not isinstance(norm_weight, Tensor) or not norm_weight.is_floating_point():
-            raise TypeError("norm_weight must be a floating-point tensor of shape (2 * head_dim,)")
-        if tuple(norm_weight.shape) != (dv,):
-            raise ValueError(f"norm_weight must have shape (2 * head_dim,) = ({dv},), got "
-                             f"{tuple(norm_weight.shape)}")
-        if norm_weight.device != q.device:
-            raise ValueError(f"norm_weight must be on q's device {q.device}, got "
-                             f"{norm_weight.device}")
+    check_epilogue_args(norm_weight, eps, out_scale, dv, q.device)
     _check_scalars(causal, scale)
-    if not _is_real(eps) or not (eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a positive finite float, got {eps!r}")
-    if not _is_real(out_scale) or not math.isfinite(out_scale):
-        raise ValueError(f"out_scale must be a finite float, got {out_scale!r}")
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0: chosen from the shapes), got "
                          f"{num_splits!r}")

@@ -129,8 +129,9 @@ def replace_attention(module: nn.Module, *, variant: str = "v1",
         holds instead (layers already differential, timm DiffAttention layers).
     Raises:
         ValueError naming the layer, before anything is changed, for a layer the variant
-        cannot convert (timm-style layers: qk_norm, scale_norm, a gate; v1: an odd head width) (v1: an odd num_heads; v2: no biases, or kdim/vdim other than
-        embed_dim; both: add_bias_kv or add_zero_attn). ValueError for an unknown variant or
+        cannot convert (nn.MultiheadAttention: v1 an odd num_heads, v2 no biases or
+        kdim/vdim other than embed_dim, both add_bias_kv or add_zero_attn; timm-style layers:
+        qk_norm, scale_norm, a gate, v1 an odd head width). ValueError for an unknown variant or
         an argument of the other variant; TypeError for arguments of the wrong type.
     """
     if not isinstance(module, nn.Module):

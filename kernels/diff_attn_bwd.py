@@ -506,7 +506,8 @@ def diff_attn_bwd_kernel(
     pid = tl.program_id(0)
     if pid < n_kv_progs:
         _dkdv_program(pid % n_kv_tiles, pid // n_kv_tiles, Q, K, V, LAM, KPM, DO, LSE, DELTA,
-                      DK, DV, CU_Q, CU_K, stride_qb, stride_qn, stride_qh, stride_kb, stride_km, stride_kh,
+                      DK, DV, CU_Q, CU_K, stride_qb, stride_qn, stride_qh, stride_kb, stride_km,
+                      stride_kh,
                       stride_vb, stride_vm, stride_vh, stride_dob, stride_don, stride_doh,
                       stride_lb, stride_ln, stride_lh, stride_kpm_b, N, M, H, HK, GROUP,
                       window_left, window_right, lam_value, qk_scale, sm_scale, HEAD_DIM,
@@ -540,8 +541,9 @@ def diff_attn_bwd(dout, q, k, v, lam, key_padding_mask, norm_weight, saved, call
     Args: the forward's inputs and call (see diff_attn_fwd; packed sequences with their
     cu_seqlens_q / cu_seqlens_k), ``saved`` = (x, o2, lse, rstd) as the forward returned them,
     and dout shaped like the output ((B, N, H, DV) or packed (total_q, H, DV)) with a
-    contiguous last dim (any other strides, stride 0 included). need_dlam / need_dw: whether lambda (a tensor, or its vectors
-    with call.lam_vectors) and the norm weight need gradients. wrap: as in diff_attn_fwd.
+    contiguous last dim (any other strides, stride 0 included). need_dlam / need_dw: whether
+    lambda (a tensor, or its vectors with call.lam_vectors) and the norm weight need
+    gradients. wrap: as in diff_attn_fwd.
     Returns dq, dk and dv shaped like q, k and v, contiguous, in the inputs' dtype;
     dlam shaped like lam (the four vectors' gradients with lam_vectors) and dnorm_weight (DV,)
     in the accumulation dtype, or None where not needed.

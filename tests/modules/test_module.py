@@ -191,7 +191,7 @@ def test_unbatched_input():
 
 
 def _shared_file(name):
-    root = Path(os.environ.get("DIFFATTN_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+    root = Path(os.environ.get("DIFFATTN_SHARED", Path(__file__).resolve().parents[3] / "shared"))
     path = root / "data" / name
     if not path.exists():
         pytest.skip(f"{path} not available")

@@ -5,7 +5,7 @@ The end-to-end test runs ``--quick`` as a user would on a machine without CUDA; 
 check the pieces a CPU run cannot show: the FLOP formulas, that every provider computes
 differential attention, the run order under a time limit, and that the summary and plots come
 out right when GPU numbers (the fused rows and peak memory) are there. Host level:
-tests/test_benchmark_host.py; model level: tests/test_benchmark_models.py.
+tests/benchmarks/test_benchmark_host.py; model level: tests/benchmarks/test_benchmark_models.py.
 """
 from __future__ import annotations
 

@@ -42,6 +42,7 @@ def _read_csv(path):
         return tuple(reader.fieldnames), list(reader)
 
 
+@pytest.mark.slow
 def test_quick_run_without_cuda(tmp_path):
     """--quick with CUDA hidden and no interpreter, as a user would run it (about 25 s on a
     2-core machine with one thread per op): exits 0, writes

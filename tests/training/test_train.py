@@ -66,6 +66,7 @@ def two_epoch_run(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------ distributed runs
+@pytest.mark.slow
 def test_two_process_run_writes_metrics_and_checkpoint(two_epoch_run):
     records = read_metrics(two_epoch_run)
     assert [record["epoch"] for record in records] == [1, 2]
@@ -88,6 +89,7 @@ def test_two_process_run_writes_metrics_and_checkpoint(two_epoch_run):
         MODEL_FILE, "metrics.jsonl", "training_curve.png", "train.lock"}
 
 
+@pytest.mark.slow
 def test_resumed_run_matches_uninterrupted_run(two_epoch_run, tmp_path):
     torchrun([*SHORT_RUN, "--out", str(tmp_path), "--stop-after-epoch", "1"])
     assert [record["epoch"] for record in read_metrics(tmp_path)] == [1]
@@ -136,6 +138,7 @@ def _loss_worker(rank: int, world_size: int, store: str, out: str, global_batch:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_gathered_loss_and_gradients_equal_single_process(tmp_path):
     global_batch, world_size = 8, 2
     out = tmp_path / "ranks.pt"
@@ -356,6 +359,7 @@ def test_unknown_model_name_is_refused(tmp_path, capsys):
     assert "invalid choice: 'NoSuchModel'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_model_or_a_foreign_model_file(two_epoch_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(two_epoch_run, run)

@@ -306,11 +306,12 @@ def test_gradcheck_triton_float64_full_jacobian():
 
 def test_gradcheck_torch_backend_float64():
     g = torch.Generator().manual_seed(4)
-    q = torch.randn(1, 5, 4, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(1, 7, 2, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(1, 7, 1, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    # Full Jacobian: causal with N < M, two query heads per key/value group, the norm epilogue.
+    q = torch.randn(1, 5, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 7, 2, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 7, 1, 8, generator=g, dtype=torch.float64, requires_grad=True)
     lam = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
-    w = torch.rand(16, generator=g, dtype=torch.float64).add(0.5).requires_grad_()
+    w = torch.rand(8, generator=g, dtype=torch.float64).add(0.5).requires_grad_()
 
     def fn(q, k, v, lam, w):
         return diff_attention(q, k, v, lam, causal=True, norm_weight=w, backend="torch")

@@ -106,12 +106,13 @@ fi
 
 test_rc=0
 if [ "$TESTS" != "0" ]; then
-    note "== tests/test_gpu.py (limit ${TEST_LIMIT_S} s) -> $OUT/gpu_tests.log"
+    note "== tests/ops/test_gpu.py tests/ops/test_kvcache_gpu.py (limit ${TEST_LIMIT_S} s) -> $OUT/gpu_tests.log"
     start=$SECONDS
     # One tile configuration per kernel variant in the tests (no autotuning): compile time is
     # what limits this stage.
     DIFFATTN_AUTOTUNE=0 timeout -s INT -k 20 "$TEST_LIMIT_S" python -m pytest \
-        "$ROOT/tests/test_gpu.py" -q -rA -p no:cacheprovider --rootdir "$ROOT" \
+        "$ROOT/tests/ops/test_gpu.py" "$ROOT/tests/ops/test_kvcache_gpu.py" \
+        -q -rA -p no:cacheprovider --rootdir "$ROOT" \
         --durations=10 > "$OUT/gpu_tests.log" 2>&1
     test_rc=$?
     note "tests: exit status $test_rc after $((SECONDS - start)) s; $(tail -n 1 "$OUT/gpu_tests.log")"

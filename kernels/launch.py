@@ -44,7 +44,7 @@ from .config import INTERPRET
 
 ENABLED = os.environ.get("DIFFATTN_FAST_LAUNCH", "1") != "0"
 # [lowest, past highest) Triton (major, minor) versions the shortcut was checked against
-# (tests/test_launch.py): 3.6 on the GPU image, 3.9 in CI.
+# (tests/ops/test_launch.py): 3.6 on the GPU image, 3.9 in CI.
 TESTED_TRITON = ((3, 4), (3, 10))
 
 try:  # triton >= 3.4: launch hooks live in triton.knobs

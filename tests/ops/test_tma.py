@@ -11,17 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-import test_diff_attention as v1
-import test_diff_attention_v2 as v2
 from diffattn.kernels import tma
+from test_diff_attention import CASES, _check
 from helpers import poison_empty, requires_interpreter  # noqa: F401
 
 pytestmark = pytest.mark.skipif(not tma.AVAILABLE,
                                 reason="this triton has no tl.make_tensor_descriptor")
 
 # Power-of-two head widths (TMA's condition here); the others are covered by the fallback test.
-V1_CASES = [c for c in v1.CASES if c.d in (16, 32, 64, 128)]
-V2_CASES = [c for c in v2.CASES if c.d in (16, 32, 64, 128)]
+TMA_CASES = [c for c in CASES if c.d in (16, 32, 64, 128)]
 
 
 @pytest.fixture
@@ -39,16 +37,10 @@ def tma_on(monkeypatch):
 
 
 @requires_interpreter
-@pytest.mark.parametrize("case", V1_CASES, ids=str)
-def test_v1_with_tma_loads_matches_float64_reference(case, tma_on, poison_empty):
-    v1._check(case, "triton")
-    assert tma_on and all(tma_on)
-
-
-@requires_interpreter
-@pytest.mark.parametrize("case", V2_CASES, ids=str)
-def test_v2_with_tma_loads_matches_float64_reference(case, tma_on, poison_empty):
-    v2._check(case, "triton")
+@pytest.mark.parametrize("case", TMA_CASES, ids=str)
+def test_with_tma_loads_matches_float64_reference(case, tma_on, poison_empty):
+    """V1 and V2 cases of test_diff_attention.py's harness with the descriptor loads on."""
+    _check(case, "triton")
     assert tma_on and all(tma_on)
 
 
@@ -74,6 +66,6 @@ def test_off_by_default_and_where_tma_cannot_read(monkeypatch):
 
 @requires_interpreter
 def test_a_width_tma_cannot_read_takes_the_pointer_loads(tma_on):
-    case = next(c for c in v1.CASES if c.d == 24)
-    v1._check(case, "triton")
+    case = next(c for c in CASES if c.variant == "v1" and c.d == 24)
+    _check(case, "triton")
     assert tma_on and not any(tma_on)

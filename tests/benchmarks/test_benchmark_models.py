@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import model_providers as mp  # noqa: E402
@@ -72,6 +72,7 @@ def test_tower_parameters_split_the_model():
     assert vision | text | {id(model.logit_scale)} == {id(p) for p in model.parameters()}
 
 
+@pytest.mark.slow
 def test_compiled_mode_runs_through_torch_compile():
     measured, model = mp.model_step("sdpa_plain", "train_text_compiled", 20, SPEC,
                                     torch.float32, CPU, _create_model(), compile_backend="eager")

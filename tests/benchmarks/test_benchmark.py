@@ -5,7 +5,7 @@ The end-to-end test runs ``--quick`` as a user would on a machine without CUDA; 
 check the pieces a CPU run cannot show: the FLOP formulas, that every provider computes
 differential attention, the run order under a time limit, and that the summary and plots come
 out right when GPU numbers (the fused rows and peak memory) are there. Host level:
-tests/test_benchmark_host.py; model level: tests/test_benchmark_models.py.
+tests/benchmarks/test_benchmark_host.py; model level: tests/benchmarks/test_benchmark_models.py.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import plots  # noqa: E402
@@ -42,6 +42,7 @@ def _read_csv(path):
         return tuple(reader.fieldnames), list(reader)
 
 
+@pytest.mark.slow
 def test_quick_run_without_cuda(tmp_path):
     """--quick with CUDA hidden and no interpreter, as a user would run it (about 25 s on a
     2-core machine with one thread per op): exits 0, writes

@@ -322,6 +322,7 @@ def test_fused_path_is_forward_only():
                                     cache_seqlens=g["cache_seqlens"], backend="triton")
 
 
+@pytest.mark.slow
 @requires_interpreter
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_traced_step_appends_and_matches_eager(backend):

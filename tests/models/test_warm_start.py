@@ -108,7 +108,7 @@ def test_packed_weights_of_the_wrong_shape_are_listed(tmp_path):
 def _shared_data_dir() -> Path:
     if "DIFFATTN_SHARED" in os.environ:
         return Path(os.environ["DIFFATTN_SHARED"]) / "data"
-    return Path(__file__).resolve().parents[2] / "shared" / "data"
+    return Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def test_vit_b_32_open_clip_keys_warm_start_with_one_grouped_warning(tmp_path):

@@ -319,6 +319,7 @@ def test_dist_timeout_must_be_positive(tmp_path):
         main(["--data", "digits", "--out", str(tmp_path), "--dist-timeout", "0"])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="needs SIGSTOP")
 def test_a_stalled_rank_ends_the_job_naming_the_timeout(tmp_path):
     csv_path = write_csv_dataset(tmp_path / "data", count=8)

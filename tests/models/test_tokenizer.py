@@ -39,7 +39,7 @@ INLINE_CASES = [
 def _shared_data_dir() -> Path:
     if "DIFFATTN_SHARED" in os.environ:
         return Path(os.environ["DIFFATTN_SHARED"]) / "data"
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def _unpadded(row: torch.Tensor) -> list[int]:

@@ -15,6 +15,8 @@ from diffattn import DiffMultiheadAttention, DiffMultiheadAttentionV2, ops
 from diffattn.kernels import AttentionCall
 from helpers import INTERPRET, requires_interpreter
 
+pytestmark = pytest.mark.slow  # torch.compile and opcheck: tens of seconds on a small CPU
+
 BACKENDS = ["torch"] + (["triton"] if INTERPRET else [])
 
 

@@ -1,26 +1,32 @@
-"""DiffMultiheadAttention against a float64 reference written from the DiffCLIP formulas.
+"""DiffMultiheadAttention (V1, DiffCLIP) and DiffMultiheadAttentionV2 against float64 layers
+written from their formulas.
 
-The reference below shares no code with diffattn: projections, lambda, both softmax maps, the
-difference, the per-head RMSNorm, (1 - lambda_init) and out_proj, all by explicit matmuls.
+The references below share no code with diffattn: projections, lambda, both softmax maps, the
+difference, (V1) the per-head RMSNorm and (1 - lambda_init), and out_proj, all by explicit
+matmuls. The comparison with the reference, the shared cases (self attention, causal, padding,
+GQA, cross attention) and the bad constructor arguments run for both layers from one harness;
+what only one layer has (V1's lambda vectors, masks and checkpoint layouts, V2's from_plain and
+state-dict names) has its own tests.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from diffattn import DiffMultiheadAttention, lambda_init_for_depth
+from diffattn import DiffMultiheadAttention, DiffMultiheadAttentionV2, lambda_init_for_depth
 from helpers import INTERPRET, REL_TOL, assert_close_rel
 
 BACKENDS = ["torch"] + (["triton"] if INTERPRET else [])
 
 
-def reference_layer(params: dict, x, kv, *, num_heads, num_kv_heads, lambda_init,
+def reference_layer_v1(params: dict, x, kv, *, num_heads, num_kv_heads, lambda_init,
                     causal=False, key_padding_mask=None, attn_mask=None):
     """x (B, N, E), kv (B, M, E) float64 -> (B, N, E). attn_mask: bool (True = masked) or
     float additive, (N, M) or (B, num_heads, N, M)."""
@@ -65,6 +71,37 @@ def reference_layer(params: dict, x, kv, *, num_heads, num_kv_heads, lambda_init
     return linear("out_proj", torch.cat(heads, -1))
 
 
+def reference_layer_v2(params: dict, x, kv, *, num_heads, num_kv_heads, causal=False,
+                    key_padding_mask=None):
+    """x (B, N, E), kv (B, M, E) float64 -> (B, N, E), by explicit matmuls."""
+    B, N, E = x.shape
+    M = kv.shape[1]
+    h, hk, d = num_heads, num_kv_heads, E // num_heads
+
+    def linear(name, t):
+        out = t @ params[f"{name}.weight"].T
+        return out + params[f"{name}.bias"] if f"{name}.bias" in params else out
+
+    q = linear("q_proj", x).view(B, N, 2 * h, d)
+    k = linear("k_proj", kv).view(B, M, hk, d)
+    v = linear("v_proj", kv).view(B, M, hk, d)
+    lam = torch.sigmoid(linear("lambda_proj", x))                    # (B, N, h)
+    blocked = torch.zeros(B, N, M, dtype=torch.bool)
+    if causal:
+        blocked |= torch.ones(N, M, dtype=torch.bool).triu(1 + M - N)
+    if key_padding_mask is not None:
+        blocked |= key_padding_mask[:, None, :]
+    heads = []
+    for i in range(h):
+        g = i // (h // hk)
+        maps = []
+        for a in range(2):
+            s = q[:, :, 2 * i + a] @ k[:, :, g].transpose(1, 2) / math.sqrt(d)
+            maps.append(torch.softmax(s.masked_fill(blocked, -math.inf), -1).nan_to_num(0.0))
+        heads.append((maps[0] - lam[:, :, i, None] * maps[1]) @ v[:, :, g])
+    return linear("out_proj", torch.cat(heads, -1))
+
+
 def randomize_(module: nn.Module, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -74,8 +111,34 @@ def randomize_(module: nn.Module, seed=0):
     return module
 
 
-def check_against_reference(m: DiffMultiheadAttention, x, kv=None, **mask_kwargs):
-    """Output and gradients of the input and of every parameter, in fp32, against float64."""
+@dataclass(frozen=True)
+class Variant:
+    """What the shared harness needs to know about one layer."""
+    name: str
+    layer: type
+    reference: object                     # reference_layer_v1 / reference_layer_v2
+    in_proj: tuple                        # the per-projection names stacked in in_proj_*
+    reference_kwargs: object = lambda m: {}
+    gqa_kwargs: dict = field(default_factory=dict)
+    self_attention_causal: bool = False   # the causal flag of the plain self-attention case
+
+
+VARIANTS = {
+    "DiffMultiheadAttention": Variant(
+        "v1", DiffMultiheadAttention, reference_layer_v1, ("q_proj", "k_proj", "v_proj"),
+        reference_kwargs=lambda m: {"lambda_init": m.lambda_init},
+        gqa_kwargs={"lambda_init": lambda_init_for_depth(3)}),
+    "DiffMultiheadAttentionV2": Variant(
+        "v2", DiffMultiheadAttentionV2, reference_layer_v2,
+        ("q_proj", "lambda_proj", "k_proj", "v_proj"), self_attention_causal=True),
+}
+BOTH = pytest.mark.parametrize("variant", list(VARIANTS.values()), ids=lambda v: v.name)
+
+
+def check_against_reference(m, x, kv=None, **mask_kwargs):
+    """Output and gradients of the input and of every parameter, in fp32, against float64
+    (the V1 or V2 reference, chosen by the layer's class)."""
+    variant = VARIANTS[type(m).__name__]
     m.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_()
     kv_in = None if kv is None else kv.clone().requires_grad_()
@@ -95,9 +158,9 @@ def check_against_reference(m: DiffMultiheadAttention, x, kv=None, **mask_kwargs
     if ref_masks.get("attn_mask") is not None and ref_masks["attn_mask"].dim() == 3:
         am = ref_masks["attn_mask"]
         ref_masks["attn_mask"] = am.view(-1, m.num_heads, *am.shape[1:])
-    ref = bf(reference_layer(params, bf(xr), bf(kvr), num_heads=m.num_heads,
-                             num_kv_heads=m.num_kv_heads, lambda_init=m.lambda_init,
-                             causal=causal, **ref_masks))
+    ref = bf(variant.reference(params, bf(xr), bf(kvr), num_heads=m.num_heads,
+                               num_kv_heads=m.num_kv_heads, causal=causal,
+                               **variant.reference_kwargs(m), **ref_masks))
     ref.backward(grad_out.double())
     assert_close_rel("out", out, ref, torch.float32)
     assert_close_rel("d input", x.grad, xr.grad, torch.float32)
@@ -105,40 +168,44 @@ def check_against_reference(m: DiffMultiheadAttention, x, kv=None, **mask_kwargs
         assert_close_rel("d key/value input", kv_in.grad, kvr.grad, torch.float32)
     for n, p in m.named_parameters():
         # parameter gradients sum over every token: fp32 rounding grows with the sum
-        assert_close_rel(f"d {n}", p.grad, reference_grad(params, n), torch.float32, tol=1e-4)
+        assert_close_rel(f"d {n}", p.grad, reference_grad(params, n, variant), torch.float32,
+                         tol=1e-4)
 
 
-def reference_grad(params: dict, name: str):
+def reference_grad(params: dict, name: str, variant: Variant):
     """The reference's gradient of module parameter ``name`` (packed projections stacked)."""
     if name.startswith("in_proj_"):
         kind = name[len("in_proj_"):]
-        return torch.cat([params[f"{p}.{kind}"].grad for p in ("q_proj", "k_proj", "v_proj")])
+        return torch.cat([params[f"{p}.{kind}"].grad for p in variant.in_proj])
     if name == "lambda_vectors":
         return torch.stack([params[n].grad for n in ("lambda_q1", "lambda_k1", "lambda_q2",
                                                       "lambda_k2")])
     return params[name].grad
 
 
+@BOTH
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("batch_first", [True, False])
-def test_self_attention_matches_reference(backend, batch_first):
-    m = randomize_(DiffMultiheadAttention(64, 4, batch_first=batch_first, backend=backend))
+def test_self_attention_matches_reference(variant, backend, batch_first):
+    m = randomize_(variant.layer(64, 4, batch_first=batch_first, backend=backend))
     x = torch.randn(2, 37, 64) if batch_first else torch.randn(37, 2, 64)
-    check_against_reference(m, x)
+    check_against_reference(m, x, causal=variant.self_attention_causal)
     assert m.last_backend == backend
 
 
+@BOTH
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_causal_padding_gqa_and_cross_attention(backend):
-    m = randomize_(DiffMultiheadAttention(96, 4, num_kv_heads=2, batch_first=True,
-                                          lambda_init=lambda_init_for_depth(3),
-                                          backend=backend), seed=1)
+def test_causal_padding_gqa_and_cross_attention(variant, backend):
+    m = randomize_(variant.layer(96, 4, num_kv_heads=2, batch_first=True, backend=backend,
+                                 **variant.gqa_kwargs), seed=1)
     x = torch.randn(2, 29, 96)
     pad = torch.rand(2, 29) < 0.25
     pad[1] = True  # a batch element with every key padded: zeros, not NaN
     check_against_reference(m, x, causal=True, key_padding_mask=pad)
     kv = torch.randn(2, 41, 96)
-    check_against_reference(m, x, kv, key_padding_mask=torch.rand(2, 41) < 0.3)
+    kv_pad = torch.rand(2, 41) < 0.3
+    kv_pad[1] = True  # the same with keys and values from another sequence
+    check_against_reference(m, x, kv, key_padding_mask=kv_pad)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -191,7 +258,7 @@ def test_unbatched_input():
 
 
 def _shared_file(name):
-    root = Path(os.environ.get("DIFFATTN_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+    root = Path(os.environ.get("DIFFATTN_SHARED", Path(__file__).resolve().parents[3] / "shared"))
     path = root / "data" / name
     if not path.exists():
         pytest.skip(f"{path} not available")
@@ -291,7 +358,8 @@ def test_extra_repr_shows_heads_lambda_and_backend():
     assert "lambda_init=0.5" in text and "backend='torch'" in text
 
 
-@pytest.mark.parametrize("kwargs,match", [
+BAD_CONSTRUCTOR_ARGUMENTS = {
+    "v1": [
     (dict(embed_dim=65, num_heads=4), "embed_dim"),
     (dict(embed_dim=64, num_heads=3), "num_heads must be a positive even"),
     (dict(embed_dim=64, num_heads=4, num_kv_heads=3), "num_kv_heads"),
@@ -306,10 +374,24 @@ def test_extra_repr_shows_heads_lambda_and_backend():
     (dict(embed_dim=64, num_heads=4, lambda_init=1.5), r"lambda_init must lie in \(0, 1\)"),
     (dict(embed_dim=64, num_heads=4, lambda_init=0.0), r"lambda_init must lie in \(0, 1\).*below zero"),
     (dict(embed_dim=64, num_heads=4, lambda_init=-0.2), r"lambda_init must lie in \(0, 1\)"),
-])
-def test_bad_constructor_arguments(kwargs, match):
+    ],
+    "v2": [
+    (dict(embed_dim=65, num_heads=4), "multiple of num_heads"),
+    (dict(embed_dim=64, num_heads=0), "num_heads must be a positive int"),
+    (dict(embed_dim=64, num_heads=4, num_kv_heads=3), "num_kv_heads"),
+    (dict(embed_dim=64, num_heads=4, dropout=1.0), "dropout"),
+    (dict(embed_dim=64, num_heads=4, backend="fast"), "backend must be one of"),
+    ],
+}
+
+
+@pytest.mark.parametrize("variant,kwargs,match", [
+    pytest.param(VARIANTS[layer], kwargs, match, id=f"{name}-kwargs{i}-{match}")
+    for layer, name in (("DiffMultiheadAttention", "v1"), ("DiffMultiheadAttentionV2", "v2"))
+    for i, (kwargs, match) in enumerate(BAD_CONSTRUCTOR_ARGUMENTS[name])])
+def test_bad_constructor_arguments(variant, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        DiffMultiheadAttention(**kwargs)
+        variant.layer(**kwargs)
 
 
 def test_lambda_init_type_and_depth_index_are_checked():
@@ -355,3 +437,66 @@ def test_head_rms_norm_is_callable_and_matches_float64_math():
     assert torch.allclose(got.double(), ref, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="8 features"):
         norm(torch.randn(2, 7))
+
+
+# V2 only: from_plain, the per-projection state dict, need_weights with a per-token lambda.
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_v2_from_plain_equals_the_plain_layer(backend, batch_first):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(64, 4, batch_first=batch_first)
+    m = DiffMultiheadAttentionV2.from_plain(mha, backend=backend)
+    assert (m.embed_dim, m.num_heads, m.num_kv_heads, m.batch_first) == (64, 4, 4, batch_first)
+    x = torch.randn(3, 25, 64) if batch_first else torch.randn(25, 3, 64)
+    causal = torch.ones(25, 25, dtype=torch.bool).triu(1)
+    for mask in (None, causal):
+        want = mha(x, x, x, need_weights=False, attn_mask=mask)[0]
+        got = m(x, attn_mask=mask)[0]
+        assert ((got - want).abs().max() / want.abs().max()).item() < 1e-4
+    torch.testing.assert_close(m.k_proj.weight, mha.in_proj_weight[64:128])
+    torch.testing.assert_close(m.out_proj.weight, mha.out_proj.weight)
+    lam = torch.sigmoid(m.lambda_proj(x)).detach()
+    torch.testing.assert_close(lam, torch.full_like(lam, 1e-5))
+
+
+def test_v2_from_plain_refuses_what_it_cannot_start_equal():
+    with pytest.raises(ValueError, match="with biases"):
+        DiffMultiheadAttentionV2.from_plain(nn.MultiheadAttention(32, 2, bias=False))
+    with pytest.raises(ValueError, match="kdim = vdim"):
+        DiffMultiheadAttentionV2.from_plain(nn.MultiheadAttention(32, 2, kdim=16, vdim=16))
+    with pytest.raises(TypeError, match="nn.MultiheadAttention"):
+        DiffMultiheadAttentionV2.from_plain(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="initial_lambda"):
+        DiffMultiheadAttentionV2.from_plain(nn.MultiheadAttention(32, 2), initial_lambda=0.0)
+
+
+def test_v2_state_dict_names_round_trip_and_shapes():
+    m = randomize_(DiffMultiheadAttentionV2(96, 3, num_kv_heads=1))
+    sd = m.state_dict()
+    assert {k: tuple(v.shape) for k, v in sd.items()} == {
+        "q_proj.weight": (192, 96), "q_proj.bias": (192,),
+        "lambda_proj.weight": (3, 96), "lambda_proj.bias": (3,),
+        "k_proj.weight": (32, 96), "k_proj.bias": (32,),
+        "v_proj.weight": (32, 96), "v_proj.bias": (32,),
+        "out_proj.weight": (96, 96), "out_proj.bias": (96,)}
+    assert len({t.data_ptr() for t in sd.values()}) == len(sd)  # no shared storage
+    other = DiffMultiheadAttentionV2(96, 3, num_kv_heads=1)
+    other.load_state_dict(sd, strict=True)
+    assert torch.equal(other.in_proj_weight, m.in_proj_weight)
+    partial = {k: v for k, v in sd.items() if k != "k_proj.weight"}
+    with pytest.raises(RuntimeError, match="missing"):
+        other.load_state_dict(partial)
+
+
+def test_v2_need_weights_and_dropout():
+    m = DiffMultiheadAttentionV2(32, 2, dropout=0.5, batch_first=True, backend="auto")
+    x = torch.randn(2, 6, 32)
+    _, w = m.eval()(x, need_weights=True, average_attn_weights=False)
+    assert w.shape == (2, 2, 6, 6)
+    torch.testing.assert_close(w.sum(-1), (1 - torch.sigmoid(m.lambda_proj(x))).transpose(1, 2))
+    m.train()
+    assert not torch.allclose(m(x)[0], m(x)[0])
+    assert m.last_backend == "torch"
+    with pytest.raises(RuntimeError, match="dropout"):
+        DiffMultiheadAttentionV2(32, 2, dropout=0.5, backend="triton")(x)

@@ -134,6 +134,7 @@ def _check_run_directory(out, possible_epochs) -> int:
     return epoch
 
 
+@pytest.mark.slow
 def test_sigkill_at_every_save_stage_and_at_random_moments_loses_nothing(launcher, tmp_path):
     csv_path = write_csv_dataset(tmp_path / "data", count=8)  # 2 steps per epoch
     epochs = 5
@@ -172,6 +173,7 @@ def test_sigkill_at_every_save_stage_and_at_random_moments_loses_nothing(launche
     assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_python_m_diffattn_train_killed_while_saving_resumes_from_the_last_epoch(tmp_path):
     csv_path = write_csv_dataset(tmp_path / "data", count=8)
     out = tmp_path / "run"

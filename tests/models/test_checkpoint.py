@@ -28,7 +28,7 @@ from diffattn.models.checkpoint import (
 def _shared_data_dir() -> Path:
     if "DIFFATTN_SHARED" in os.environ:
         return Path(os.environ["DIFFATTN_SHARED"]) / "data"
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def _tiny_state_dict() -> dict:

@@ -29,7 +29,7 @@ BACKENDS = ["torch"] + (["triton"] if INTERPRET else [])
 def _shared_data_dir() -> Path:
     if "DIFFATTN_SHARED" in os.environ:
         return Path(os.environ["DIFFATTN_SHARED"]) / "data"
-    return Path(__file__).resolve().parents[2] / "shared" / "data"
+    return Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def _tiny_config(layout: str, attention: str) -> CLIPConfig:

@@ -562,6 +562,9 @@ def diff_attention_v2_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tens
     _check_packed("k", k, "kv_heads", "head_dim")
     _check_packed("v", v, "kv_heads", "head_dim")
     lam_check = lambda_
+    if isinstance(lambda_, Tensor) and lambda_.dim() > 2:
+        raise ValueError(f"lambda_ must be a float, a 0-dim tensor, (H,) or per token "
+                         f"(total_q, H), got shape {tuple(lambda_.shape)}")
     if isinstance(lambda_, Tensor) and lambda_.dim() == 2:
         if isinstance(q, Tensor) and tuple(lambda_.shape) != (q.shape[0], q.shape[1] // 2):
             raise ValueError(f"lambda_ per token must have shape (total_q, H) = "

@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from .backend import check_backend_name, resolve_backend, resolve_layer_backend
-from .functional import (_check_lambda, _check_scalars, _check_tensor,
-                         _kernel_lambda, check_epilogue_args)
+from .functional import (_check_lambda, _check_scalars, _check_tensor, _kernel_lambda,
+                         _last_dim_contiguous, check_epilogue_args)
 from .lambdas import LambdaVectors, expand_lambda
 from .torch_path import diff_attention_torch, diff_attention_v2_torch, zero_padding_keys
 
@@ -261,6 +261,7 @@ if diff_attn_decode is not None:
 
 def _fused_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal, scale,
                      norm_weight, eps, out_scale, num_splits):
+    q = _last_dim_contiguous(q)  # the decode kernel reads q's rows as contiguous vectors
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     lam, lam_value, vectors = _kernel_lambda(lambda_, acc, q.device)
     up = q.dtype == torch.bfloat16 and INTERPRET  # the interpreter's bf16 math is wrong
@@ -294,18 +295,19 @@ def run_with_kvcache(q, k_cache, v_cache, lambda_, backend, *, k=None, v=None,
         seqlens = cache_seqlens
     if isinstance(cache_seqlens, Tensor) or block_table is not None:
         _check_values(seqlens, n_new, capacity, block_table, k_cache.shape[0], k_cache.shape[1])
+    if backend == "triton" and torch.is_grad_enabled() and any(
+            isinstance(t, Tensor) and t.requires_grad for t in (
+                q, k, v, k_cache, v_cache, norm_weight,
+                lambda_.vectors if isinstance(lambda_, LambdaVectors) else lambda_)):
+        # refused before anything is written into the caches
+        raise RuntimeError("diff_attention_with_kvcache is forward only on the fused path: "
+                           "call it under torch.no_grad() (or torch.inference_mode()), or "
+                           "use backend='torch' to differentiate through it")
     if k is not None and n_new > 0:
         append_to_cache(k_cache, v_cache, k, v, seqlens, block_table)
     lengths = seqlens + n_new if n_new else seqlens
     scale = q.shape[3] ** -0.5 if scale is None else float(scale)
     if backend == "triton":
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (
-                q, k_cache, v_cache, norm_weight,
-                lambda_.vectors if isinstance(lambda_, LambdaVectors) else lambda_)
-                if isinstance(t, Tensor)):
-            raise RuntimeError("diff_attention_with_kvcache is forward only on the fused path: "
-                               "call it under torch.no_grad() (or torch.inference_mode()), or "
-                               "use backend='torch' to differentiate through it")
         return _fused_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal,
                                 scale, norm_weight, eps, out_scale, num_splits)
     return _torch_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal, scale,
@@ -342,7 +344,10 @@ def diff_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
         scale, norm_weight, eps, out_scale: as in diff_attention (the RMSNorm epilogue).
         num_splits: key splits of the fused path (flash-decoding): 0 chooses from the shapes,
             1 runs one pass; the partial results are merged with their log-sum-exp.
-        backend: "auto" | "triton" | "torch" (see diffattn.backend).
+        backend: "auto" | "triton" | "torch" (see diffattn.backend). The fused path is
+            forward only (call it under torch.no_grad()); differentiating through the torch
+            path makes the in-place append part of the autograd graph, so the caches then
+            carry the graph of every step until they are detached.
     Returns:
         (B, Nq, H, 2d) in q's dtype.
     """

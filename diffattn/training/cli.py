@@ -323,6 +323,13 @@ def _check_resume(args: argparse.Namespace, state: dict, is_main: bool) -> None:
         print_warning("resuming with changed arguments: " + "; ".join(changes))
 
 
+def _refuse_new_run_over_a_run(out: str) -> None:
+    """A new run (no --resume) refuses a directory whose run saved a checkpoint or metrics."""
+    if find_checkpoint(out) is not None or os.path.isfile(os.path.join(out, METRICS_FILE)):
+        raise CheckpointError(f"--out {out!r} already holds a run; pass --resume to "
+                              "continue it, or choose another directory")
+
+
 def _refuse_foreign_directory(out: str) -> None:
     """CheckpointError when ``out`` holds files but no run of ours."""
     if holds_run(out):
@@ -357,15 +364,15 @@ def _prepare_run_directory(args: argparse.Namespace, is_main: bool,
         stack.enter_context(RunLock(out))
         check_writable(out)
         if holds_run(out):
+            if not args.resume:  # refused before the cleanup changes anything
+                _refuse_new_run_over_a_run(out)
             clean_run_directory(out)
         else:
             _refuse_foreign_directory(out)  # again, holding the lock
             start_run(out)
     checkpoint = find_checkpoint(out)
     if not args.resume:
-        if checkpoint is not None or os.path.isfile(os.path.join(out, METRICS_FILE)):
-            raise CheckpointError(f"--out {out!r} already holds a run; pass --resume to "
-                                  "continue it, or choose another directory")
+        _refuse_new_run_over_a_run(out)
         return None
     if checkpoint is None and is_main:
         print(f"--resume: no complete checkpoint in {out!r}, starting a new run", flush=True)

@@ -103,8 +103,14 @@ class RunLock:
         """
         if fcntl is None:
             return self
+        if os.path.islink(self.path) or (os.path.lexists(self.path)
+                                         and not os.path.isfile(self.path)):
+            raise CheckpointError(f"{self.path!r} is not a regular file: the run's lock file is "
+                                  "never written through a link or over anything else")
         with writing(self.path):
-            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            # O_NOFOLLOW: a link put there between the check and the open is refused too
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT
+                                 | getattr(os, "O_NOFOLLOW", 0), 0o666)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:

@@ -320,6 +320,24 @@ def test_fused_path_is_forward_only():
     with pytest.raises(RuntimeError, match="no_grad"):
         diff_attention_with_kvcache(g["q"], g["k_cache"], g["v_cache"], 0.5, k=g["k"], v=g["v"],
                                     cache_seqlens=g["cache_seqlens"], backend="triton")
+    # refused before anything was appended
+    assert not g["k_cache"].any() and not g["v_cache"].any()
+
+
+@requires_interpreter
+@pytest.mark.parametrize("v2", [False, True])
+def test_a_query_with_a_strided_last_dim_matches_the_torch_path(v2):
+    g = _good(v2)
+    q = g.pop("q")
+    strided_q = q.transpose(2, 3).contiguous().transpose(2, 3)  # same values, stride(-1) != 1
+    assert strided_q.stride(-1) != 1
+    outs = {}
+    for backend, query in (("torch", q), ("triton", strided_q)):
+        args = {**g, "k_cache": g["k_cache"].clone(), "v_cache": g["v_cache"].clone()}
+        fn = diff_attention_v2_with_kvcache if v2 else diff_attention_with_kvcache
+        outs[backend] = fn(query, args.pop("k_cache"), args.pop("v_cache"), args.pop("lambda_"),
+                           backend=backend, **args)
+    torch.testing.assert_close(outs["triton"], outs["torch"], rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.slow

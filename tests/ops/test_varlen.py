@@ -261,3 +261,7 @@ def test_v2_per_token_lambda_shape_is_checked():
     with pytest.raises(ValueError, match=r"lambda_ per token must have shape \(total_q, H\)"):
         diff_attention_v2_varlen(q, k, v, offsets([2, 3]), offsets([4, 2]), 3, 4,
                                  torch.rand(4, 2), backend="torch")
+    for backend in ("triton", "torch"):  # a padded-style (1, total_q, H) lambda is refused too
+        with pytest.raises(ValueError, match=r"per token \(total_q, H\), got shape"):
+            diff_attention_v2_varlen(q, k, v, offsets([2, 3]), offsets([4, 2]), 3, 4,
+                                     torch.rand(1, 5, 2), backend=backend)

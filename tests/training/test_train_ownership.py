@@ -352,3 +352,37 @@ def test_a_stalled_rank_ends_the_job_naming_the_timeout(tmp_path):
     assert len(errors) == 1, rest[-3000:]
     assert "did not respond within --dist-timeout 4 s" in errors[0]
     assert "Traceback" not in rest
+
+
+def _tree(folder) -> dict:
+    """{relative path: (size, mtime_ns)} of everything under folder."""
+    return {os.path.relpath(os.path.join(root, name), folder):
+            (os.lstat(os.path.join(root, name)).st_size,
+             os.lstat(os.path.join(root, name)).st_mtime_ns)
+            for root, dirs, names in os.walk(folder) for name in dirs + names}
+
+
+def test_a_refused_new_run_over_a_run_changes_nothing(one_epoch_run, tmp_path, capsys):
+    csv_path, run = one_epoch_run
+    out = _copy(run, tmp_path)
+    (out / "epoch-0002.tmp").mkdir()  # what an interrupted save leaves; cleanup would remove it
+    before = _tree(out)
+    capsys.readouterr()
+    assert main(csv_run(csv_path, out, 2, "--val-fraction", "0.2")) == 1
+    assert "already holds a run" in _one_error(capsys)
+    after = _tree(out)
+    # the lock file is taken (and gets this process's PID) before the directory is read
+    assert after.pop(LOCK_FILE)[0] > 0 and before.pop(LOCK_FILE)
+    assert after == before
+
+
+def test_the_lock_file_is_never_written_through_a_link(tmp_path, capsys):
+    csv_path = write_csv_dataset(tmp_path / "data", count=8)
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    out = tmp_path / "run"
+    out.mkdir()
+    os.symlink(target, out / LOCK_FILE)
+    assert main(csv_run(csv_path, out, 1)) == 1
+    assert "not a regular file" in _one_error(capsys)
+    assert target.read_text() == "keep me"

@@ -197,14 +197,21 @@ def _check_lambda_values(lambda_: Tensor) -> None:
     do not exist (meta tensors) or cannot be checked (inside torch.func transforms)."""
     if lambda_.device.type == "meta" or torch._C._functorch.is_functorch_wrapped_tensor(lambda_):
         return
-    finite = torch.isfinite(lambda_).all()
-    if lambda_.device.type != "cpu" or torch.compiler.is_compiling():
-        torch._assert_async(finite, _LAMBDA_NOT_FINITE)
+    check_values(torch.isfinite(lambda_).all(), _LAMBDA_NOT_FINITE)
+
+
+def check_values(ok: Tensor, message: str) -> None:
+    """A check that needs tensor values (``ok``, a bool tensor) without waiting for the
+    device: for CPU tensors a ValueError with ``message`` at once (the assertion runs
+    synchronously there), on an accelerator (or while torch.compile traces) an asynchronous
+    device assertion."""
+    if ok.device.type != "cpu" or torch.compiler.is_compiling():
+        torch._assert_async(ok, message)
         return
     try:
-        torch._assert_async(finite, _LAMBDA_NOT_FINITE)
+        torch._assert_async(ok, message)
     except RuntimeError:
-        raise ValueError(_LAMBDA_NOT_FINITE) from None
+        raise ValueError(message) from None
 
 
 def _check_key_padding_mask(key_padding_mask, q: Tensor, k: Tensor) -> None:
@@ -430,18 +437,6 @@ def _check_packed(name: str, t, heads: str, dim: str) -> None:
                          f"after another, see cu_seqlens), got {tuple(t.shape)}")
 
 
-def _cu_seqlens_error(message: str, device_type: str, values_ok: Tensor) -> None:
-    """A ValueError now for CPU offsets; an asynchronous device assertion otherwise (the
-    check never waits for the device)."""
-    if device_type != "cpu" or torch.compiler.is_compiling():
-        torch._assert_async(values_ok, message)
-        return
-    try:  # on the CPU the assertion runs at once (and reads no value through the dispatcher)
-        torch._assert_async(values_ok, message)
-    except RuntimeError:
-        raise ValueError(message) from None
-
-
 def check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> None:
     """Raise a ValueError/TypeError naming the first bad packed-sequence argument: cu_seqlens_q
     and cu_seqlens_k int32 1-D (batch + 1,) tensors on q's device, starting at 0, ending at
@@ -475,15 +470,12 @@ def check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
             ("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q),
             ("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k)):
         lengths = cu[1:] - cu[:-1]
-        device_type = cu.device.type
-        _cu_seqlens_error(f"{name} must start at 0", device_type, cu[0] == 0)
-        _cu_seqlens_error(f"{name} must end at the packed total {total} (the first dimension "
-                          f"of {'q' if name.endswith('q') else 'k'})", device_type,
-                          cu[-1] == total)
-        _cu_seqlens_error(f"{name} must be non-decreasing (cumulative offsets)", device_type,
-                          (lengths >= 0).all())
-        _cu_seqlens_error(f"{name_max} = {longest} is smaller than a sequence of {name}",
-                          device_type, (lengths <= longest).all())
+        check_values(cu[0] == 0, f"{name} must start at 0")
+        check_values(cu[-1] == total, f"{name} must end at the packed total {total} (the first "
+                     f"dimension of {'q' if name.endswith('q') else 'k'})")
+        check_values((lengths >= 0).all(), f"{name} must be non-decreasing (cumulative offsets)")
+        check_values((lengths <= longest).all(),
+                     f"{name_max} = {longest} is smaller than a sequence of {name}")
 
 
 def diff_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,

@@ -401,9 +401,14 @@ class DiffKVCache:
     """
 
     def __init__(self, k_cache: Tensor, v_cache: Tensor, seqlens: Tensor):
-        if not isinstance(seqlens, Tensor) or seqlens.dtype != torch.int32 or \
-                tuple(seqlens.shape) != (k_cache.shape[0],):
-            raise ValueError(f"seqlens must be an int32 tensor of shape ({k_cache.shape[0]},)")
+        for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("seqlens", seqlens)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if seqlens.dtype != torch.int32:
+            raise TypeError(f"seqlens must be an int32 tensor, got {seqlens.dtype}")
+        if tuple(seqlens.shape) != (k_cache.shape[0],):
+            raise ValueError(f"seqlens must have shape ({k_cache.shape[0]},), got "
+                             f"{tuple(seqlens.shape)}")
         self.k_cache, self.v_cache, self.seqlens = k_cache, v_cache, seqlens
         if not torch.compiler.is_compiling():
             # fixed addresses: a compiled step (mode="reduce-overhead") updates them in place

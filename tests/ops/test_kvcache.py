@@ -384,3 +384,14 @@ def test_split_choice_from_static_shapes():
     assert choose_num_splits(1, 8, 1, 1536) == 3            # splits of >= 512 keys
     assert choose_num_splits(64, 8, 1, 65536) == 1          # 512 programs fill the GPU
     assert choose_num_splits(4, 8, 1, 1000) == 1            # short cache
+
+
+def test_a_cache_of_the_wrong_types_is_refused_by_name():
+    from diffattn import DiffKVCache
+    k, v = torch.zeros(2, 8, 2, 16), torch.zeros(2, 8, 1, 32)
+    with pytest.raises(TypeError, match="k_cache must be a tensor"):
+        DiffKVCache(None, v, torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(TypeError, match="seqlens must be an int32 tensor"):
+        DiffKVCache(k, v, torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"seqlens must have shape \(2,\)"):
+        DiffKVCache(k, v, torch.zeros(3, dtype=torch.int32))

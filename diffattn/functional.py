@@ -513,6 +513,16 @@ def diff_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
     check_diff_attention_args(q[None], k[None], v[None], lambda_, None, norm_weight, scale,
                               causal, eps, out_scale, window_size)
     check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return _run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                       lambda_, backend, causal=causal, window_size=window_size, scale=scale,
+                       norm_weight=norm_weight, eps=eps, out_scale=out_scale, v2=False)
+
+
+def _run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, lambda_,
+                backend, *, causal, window_size, scale, norm_weight, eps, out_scale,
+                v2: bool) -> Tensor:
+    """The packed call after its checks: the backend, autocast, then the fused kernels (one
+    launch over every sequence) or the torch path (V1 or V2 by ``v2``)."""
     chosen = resolve_backend(backend, q.device, q.dtype, q.shape[2], unsupported_features(0.0,
                                                                                          None))
     q, k, v = _autocast(q, k, v)
@@ -525,8 +535,12 @@ def diff_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                                     max_seqlens=(max_seqlen_q, max_seqlen_k))
         return fused_attention(q, k, v, lam, None, norm_weight, call, cu_seqlens_q,
                                cu_seqlens_k)
-    lam = expand_lambda(lambda_, q.shape[1] // 2, acc_dtype, q.device)
     with _autocast_off(q.device.type):
+        if v2:
+            return diff_attention_v2_varlen_torch(q, k, v, lambda_, cu_seqlens_q, cu_seqlens_k,
+                                                  max_seqlen_q, max_seqlen_k, causal=causal,
+                                                  scale=scale, window_size=window_size)
+        lam = expand_lambda(lambda_, q.shape[1] // 2, acc_dtype, q.device)
         return diff_attention_varlen_torch(q, k, v, lam, cu_seqlens_q, cu_seqlens_k,
                                            max_seqlen_q, max_seqlen_k, causal=causal,
                                            scale=scale, norm_weight=norm_weight, eps=eps,
@@ -565,17 +579,6 @@ def diff_attention_v2_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tens
     check_diff_attention_v2_args(q[None], k[None], v[None], lam_check, None, scale, causal,
                                  window_size)
     check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    chosen = resolve_backend(backend, q.device, q.dtype, q.shape[2], unsupported_features(0.0,
-                                                                                         None))
-    q, k, v = _autocast(q, k, v)
-    scale = q.shape[2] ** -0.5 if scale is None else float(scale)
-    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    if chosen == "triton":
-        lam, lam_value, _ = _kernel_lambda(lambda_, acc_dtype, q.device)
-        call = AttentionCall.create(scale, causal=causal, window_size=window_size,
-                                    lam_value=lam_value, max_seqlens=(max_seqlen_q, max_seqlen_k))
-        return fused_attention(q, k, v, lam, None, None, call, cu_seqlens_q, cu_seqlens_k)
-    with _autocast_off(q.device.type):
-        return diff_attention_v2_varlen_torch(q, k, v, lambda_, cu_seqlens_q, cu_seqlens_k,
-                                              max_seqlen_q, max_seqlen_k, causal=causal,
-                                              scale=scale, window_size=window_size)
+    return _run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                       lambda_, backend, causal=causal, window_size=window_size, scale=scale,
+                       norm_weight=None, eps=1e-5, out_scale=1.0, v2=True)

@@ -85,3 +85,15 @@ def one_thread():
     """Every test of a module that imports this fixture trains on one thread."""
     with one_training_thread():
         yield
+
+
+def error_lines(capsys) -> list:
+    """The ``error:`` lines the command printed to stderr since the last read."""
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+
+
+def one_error_line(capsys) -> str:
+    """The single ``error:`` line the command printed (asserted to be exactly one)."""
+    errors = error_lines(capsys)
+    assert len(errors) == 1, errors
+    return errors[0]

@@ -25,7 +25,8 @@ from diffattn.training.checkpointing import (MODEL_FILE, PAUSE_VARIABLE, SAVE_ST
 from diffattn.training.metrics import METRICS_FILE, append_metrics, read_metrics
 
 from _training_data import one_thread  # noqa: F401 (autouse)
-from _training_data import ONE_THREAD, csv_run, one_training_thread, write_csv_dataset
+from _training_data import (ONE_THREAD, csv_run, one_error_line, one_training_thread,
+                            write_csv_dataset)
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork and SIGKILL")
 
@@ -217,12 +218,6 @@ def _copy_run(run, destination):
     return destination
 
 
-def _one_error_line(capsys) -> str:
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, errors
-    return errors[0]
-
-
 @pytest.mark.parametrize("damage", ["empty", "truncated", "random"])
 def test_damaged_train_state_is_one_error_line_naming_it(finished_run, tmp_path, capsys, damage):
     csv_path, run = finished_run
@@ -233,7 +228,7 @@ def test_damaged_train_state_is_one_error_line_naming_it(finished_run, tmp_path,
                             "random": os.urandom(len(data))}[damage])
     capsys.readouterr()
     assert main(csv_run(csv_path, out, 2, "--resume")) == 1
-    assert str(state_path) in _one_error_line(capsys)
+    assert str(state_path) in one_error_line(capsys)
 
 
 def test_damaged_manifest_and_model_are_one_error_line(finished_run, tmp_path, capsys):
@@ -241,12 +236,12 @@ def test_damaged_manifest_and_model_are_one_error_line(finished_run, tmp_path, c
     out = _copy_run(run, tmp_path / "manifest")
     (out / "checkpoint.json").write_text("{not json")
     assert main(csv_run(csv_path, out, 2, "--resume")) == 1
-    assert "checkpoint.json" in _one_error_line(capsys)
+    assert "checkpoint.json" in one_error_line(capsys)
 
     out = _copy_run(run, tmp_path / "model")
     (out / "epoch-0001" / MODEL_FILE).write_bytes(b"")
     assert main(csv_run(csv_path, out, 2, "--resume")) == 1
-    assert "epoch-0001/model.safetensors" in _one_error_line(capsys)
+    assert "epoch-0001/model.safetensors" in one_error_line(capsys)
 
 
 def test_partial_last_metrics_line_does_not_block_resume(finished_run, tmp_path, capsys):
@@ -266,7 +261,7 @@ def test_corrupt_metrics_line_is_named(finished_run, tmp_path, capsys):
     out = _copy_run(run, tmp_path / "run")
     (out / METRICS_FILE).write_text("garbage\n" + (run / METRICS_FILE).read_text())
     assert main(csv_run(csv_path, out, 2, "--resume")) == 1
-    assert "metrics.jsonl' line 1 is not valid JSON" in _one_error_line(capsys)
+    assert "metrics.jsonl' line 1 is not valid JSON" in one_error_line(capsys)
 
 
 def test_run_files_have_the_same_permissions(finished_run):

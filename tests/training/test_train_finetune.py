@@ -22,7 +22,7 @@ from diffattn.training.data import DataError, read_folder_captions
 from diffattn.training.metrics import read_metrics
 
 from _training_data import one_thread  # noqa: F401 (autouse)
-from _training_data import csv_run, one_training_thread, png_bytes, write_csv_dataset
+from _training_data import csv_run, error_lines, one_training_thread, png_bytes, write_csv_dataset
 
 CLASSES = ("cat", "dog")
 
@@ -33,10 +33,6 @@ def _class_tree(root, per_class: int = 3):
         for i in range(per_class):
             (root / name / f"{i}.png").write_bytes(png_bytes(10 * offset + i))
     return root
-
-
-def _errors(capsys) -> list:
-    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +88,7 @@ def test_resume_needs_no_model_flags_and_refuses_a_changed_attention(finetuned, 
     for extra in (("--attention", "diff2"), ("--attention", "diff2", "--allow-changed-args"),
                   ("--pretrained", str(tmp_path / "other.pt"))):
         assert main(csv_run(csv_path, out, 2, "--resume", *common, *extra)) == 1
-        (error,) = _errors(capsys)
+        (error,) = error_lines(capsys)
         assert (f"--{extra[0][2:]} '{extra[1]}' (the run was saved with "
                 f"'{'diff' if extra[0] == '--attention' else plain}')") in error, error
     assert [record["epoch"] for record in read_metrics(out)] == [1]
@@ -159,7 +155,7 @@ def test_folder_data_captions_from_class_names_or_caption_files(tmp_path, capsys
     assert record["val_image_retrieval_recall@1"] is not None and record["val_loss"] > 0
     assert main(["--data", f"folder:{tmp_path / 'missing'}", "--out",
                  str(tmp_path / "run2")]) == 1
-    assert "no such folder" in _errors(capsys)[0]
+    assert "no such folder" in error_lines(capsys)[0]
 
 
 def test_workers_default_is_zero_on_the_cpu():
@@ -186,5 +182,5 @@ def test_a_file_without_config_needs_model(finetuned, tmp_path, capsys):
     capsys.readouterr()
     assert main(csv_run(csv_path, tmp_path / "run", 1, "--pretrained", str(plain),
                         "--attention", "diff")) == 1
-    (error,) = _errors(capsys)
+    (error,) = error_lines(capsys)
     assert "holds no config" in error and "--model NAME" in error

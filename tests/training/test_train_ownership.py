@@ -38,20 +38,11 @@ from diffattn.training.run_directory import (LOCK_FILE, RunLock, RunWriteError,
                                              write_failure_cause, writing)
 
 from _training_data import one_thread  # noqa: F401 (autouse)
-from _training_data import ONE_THREAD, csv_run, one_training_thread, write_csv_dataset
+from _training_data import (ONE_THREAD, csv_run, error_lines, one_error_line,
+                            one_training_thread, write_csv_dataset)
 
 # A few lr-1e6 steps without clipping or warm-up make the loss NaN.
 DIVERGING = ("--lr", "1e6", "--warmup", "0", "--grad-clip", "0", "--allow-changed-args")
-
-
-def _errors(capsys) -> list:
-    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-
-
-def _one_error(capsys) -> str:
-    errors = _errors(capsys)
-    assert len(errors) == 1, errors
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +88,7 @@ def test_folder_of_user_files_is_refused_untouched(tmp_path, capsys, resume):
     (out / MODEL_FILE).write_text("my own model")
     before = sorted(os.listdir(out))
     assert main(csv_run(csv_path, out, 1, *(["--resume"] if resume else []))) == 1
-    error = _one_error(capsys)
+    error = one_error_line(capsys)
     assert "holds files that no training run wrote" in error and "draft.tmp" in error
     _assert_intact(out, files)
     assert sorted(os.listdir(out)) == before  # not even a lock file
@@ -109,7 +100,7 @@ def test_cleanup_deletes_only_what_the_run_wrote(one_epoch_run, tmp_path, capsys
     files = _user_files(out)
     capsys.readouterr()
     assert main(_resume(csv_path, out, 2)) == 1  # epoch-0002.tmp is in the way, not deleted
-    assert "epoch-0002.tmp" in _one_error(capsys)
+    assert "epoch-0002.tmp" in one_error_line(capsys)
     _assert_intact(out, files)
     (out / "epoch-0002.tmp").unlink()
     del files["epoch-0002.tmp"]
@@ -138,7 +129,7 @@ def test_a_first_save_cut_short_is_cleaned_up_by_resume(tmp_path, monkeypatch, c
     (out / "notes.txt").write_text("kept")  # added by the user to the run's directory
     capsys.readouterr()
     assert main(csv_run(csv_path, out, 1)) == 1  # a new run: the directory holds one
-    assert "already holds a run" in _one_error(capsys)
+    assert "already holds a run" in one_error_line(capsys)
     assert main(csv_run(csv_path, out, 1, "--resume")) == 0
     assert "no complete checkpoint" in capsys.readouterr().out
     assert not (out / "epoch-0001.tmp").exists()
@@ -155,7 +146,7 @@ def test_a_locked_directory_is_refused_naming_the_pid(one_epoch_run, tmp_path, c
     with RunLock(str(out)):
         for argv in (_resume(csv_path, out, 2), csv_run(csv_path, out, 1)):
             assert main(argv) == 1
-            error = _one_error(capsys)
+            error = one_error_line(capsys)
             assert f"in use by another training run (PID {os.getpid()})" in error, error
     assert find_checkpoint(str(out)).epoch == 1
 
@@ -180,7 +171,7 @@ def test_a_diverging_first_epoch_saves_nothing(tmp_path, capsys):
     csv_path = write_csv_dataset(tmp_path / "data", count=8)
     out = tmp_path / "run"
     assert main(csv_run(csv_path, out, 2, *DIVERGING)) == 1
-    error = _one_error(capsys)
+    error = one_error_line(capsys)
     assert re.search(r"the loss stopped being finite at step \d+ \(epoch 1, its step \d+\)",
                      error), error
     assert "no checkpoint had been saved" in error
@@ -195,7 +186,7 @@ def test_divergence_keeps_the_last_finite_checkpoint_as_checkpoint_and_best(
     before = load_file(out / MODEL_FILE)
     capsys.readouterr()
     assert main(_resume(csv_path, out, 3, *DIVERGING)) == 1
-    error = _one_error(capsys)
+    error = one_error_line(capsys)
     assert re.search(r"at step \d+ \(epoch 2, its step \d+\)", error), error
     assert "the checkpoint of epoch 1, the last with finite weights, is kept" in error
     checkpoint = find_checkpoint(str(out))
@@ -222,7 +213,7 @@ def test_non_finite_weights_after_the_last_step_of_an_epoch_stop_the_run(
     monkeypatch.setattr(train_cli, "clamp_logit_scale", clamp_then_poison)
     out = tmp_path / "run"
     assert main(csv_run(csv_path, out, 3)) == 1
-    error = _one_error(capsys)
+    error = one_error_line(capsys)
     assert "the weights stopped being finite after step 4 (the last of epoch 2)" in error, error
     assert find_checkpoint(str(out)).epoch == 1
 
@@ -276,7 +267,7 @@ def test_a_file_size_limit_is_one_error_line_and_the_checkpoint_stays(
         assert main(_resume(csv_path, out, 2)) == 1
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    error = _one_error(capsys)
+    error = one_error_line(capsys)
     assert f"cannot write {str(out / 'epoch-0002.tmp' / file)!r}: file too large" in error, error
     assert "the checkpoint of epoch 1 (epoch-0001) is kept" in error
     assert find_checkpoint(str(out)).epoch == 1
@@ -310,7 +301,7 @@ def test_a_read_only_out_fails_before_training(tmp_path, capsys):
         assert main(csv_run(csv_path, out, 1)) == 1
     finally:
         out.chmod(0o755)
-    assert "cannot write" in _one_error(capsys)
+    assert "cannot write" in one_error_line(capsys)
 
 
 # ------------------------------------------------------------------------ distributed
@@ -369,7 +360,7 @@ def test_a_refused_new_run_over_a_run_changes_nothing(one_epoch_run, tmp_path, c
     before = _tree(out)
     capsys.readouterr()
     assert main(csv_run(csv_path, out, 2, "--val-fraction", "0.2")) == 1
-    assert "already holds a run" in _one_error(capsys)
+    assert "already holds a run" in one_error_line(capsys)
     after = _tree(out)
     # the lock file is taken (and gets this process's PID) before the directory is read
     assert after.pop(LOCK_FILE)[0] > 0 and before.pop(LOCK_FILE)
@@ -384,5 +375,5 @@ def test_the_lock_file_is_never_written_through_a_link(tmp_path, capsys):
     out.mkdir()
     os.symlink(target, out / LOCK_FILE)
     assert main(csv_run(csv_path, out, 1)) == 1
-    assert "not a regular file" in _one_error(capsys)
+    assert "not a regular file" in one_error_line(capsys)
     assert target.read_text() == "keep me"

@@ -14,7 +14,7 @@ from diffattn.training.metrics import METRICS_FILE, read_metrics
 from diffattn.training.optim import cosine_multiplier
 
 from _training_data import one_thread  # noqa: F401 (autouse)
-from _training_data import csv_run, one_training_thread, write_csv_dataset
+from _training_data import csv_run, error_lines, one_training_thread, write_csv_dataset
 
 
 
@@ -33,17 +33,13 @@ def _copy(run, tmp_path):
     return shutil.copytree(run, tmp_path / "run")
 
 
-def _errors(capsys) -> list:
-    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-
-
 def test_changed_optimisation_arguments_are_refused_naming_each(stopped_run, tmp_path, capsys):
     csv_path, run = stopped_run
     out = _copy(run, tmp_path)
     capsys.readouterr()
     assert main(csv_run(csv_path, out, 3, "--resume", "--lr", "0.1", "--batch-size", "2",
                         "--wd", "0.2", "--warmup", "5", "--model", "CLIP-Tiny")) == 1
-    (error,) = _errors(capsys)
+    (error,) = error_lines(capsys)
     for change in ("--lr 0.1 (the run was saved with 0.0005)",
                    "--batch-size 2 (the run was saved with 4)",
                    "--wd 0.2 (the run was saved with 0.1)",
@@ -56,7 +52,7 @@ def test_changed_optimisation_arguments_are_refused_naming_each(stopped_run, tmp
     other_data = write_csv_dataset(tmp_path / "other", count=8)
     assert main(csv_run(other_data, out, 2, "--resume")) == 1
     assert f"--data 'csv:{other_data}' (the run was saved with 'csv:{csv_path}')" in \
-        _errors(capsys)[0]
+        error_lines(capsys)[0]
 
 
 def test_allowed_changes_recompute_the_schedule_for_the_new_lr(stopped_run, tmp_path, capsys):
@@ -88,7 +84,7 @@ def test_nothing_left_to_train_is_an_error(stopped_run, tmp_path, capsys):
     out = _copy(run, tmp_path)
     capsys.readouterr()
     assert main(csv_run(csv_path, out, 1, "--resume")) == 1
-    (error,) = _errors(capsys)
+    (error,) = error_lines(capsys)
     assert "has completed 1 epoch(s) and --epochs is 1: nothing is left to train" in error
 
 

@@ -261,6 +261,34 @@ def full_tiles_end(first_hidden, limit, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def query_tile_key_ranges(row0, N, M, window_left, window_right, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                          WINDOW: tl.constexpr):
+    """The key tiles of query rows [row0, row0 + BLOCK_M) (forward and dq): (start,
+    open_start, open_end, end). Tiles in [open_start, open_end) are whole and seen by every
+    row (no mask); those in [start, open_start) (a window's leading edge) and
+    [open_end, end) need masks; tiles outside [start, end) are never visited. Key padding
+    leaves no tile unmasked."""
+    if WINDOW:
+        start, open_start, open_end, end = band_tiles(
+            row0, BLOCK_M, (M - N) - window_left, (M - N) + window_right, M, BLOCK_N)
+        if HAS_KPM:
+            open_end = open_start
+    else:
+        start = 0
+        open_start = 0
+        end = M
+        first_hidden = M
+        if CAUSAL:
+            end = causal_key_end(row0 + BLOCK_M, N, M)
+            first_hidden = row0 + (M - N) + 1
+        open_end = 0
+        if not HAS_KPM:
+            open_end = full_tiles_end(first_hidden, M, BLOCK_N)
+    return start, open_start, open_end, end
+
+
+@triton.jit
 def online_softmax_step(s, keep, m, l, acc, v, qk_scale, MASKED: tl.constexpr,
                         PRECISION: tl.constexpr):
     """Fold one tile of raw scores s = q k^T into a running softmax state (m, l, acc).

@@ -36,10 +36,10 @@ from .config import RED_COLS, RED_ROWS, ROWS_BLOCK_M, cdiv, rows_warps
 from .call import (LOG2E, AttentionCall, call_dims, lambda_strides, packed_strides,
                    variant_flags)
 from .launch import Launcher
-from .common import (band_tiles, causal_key_end, causal_keep, full_tiles_end, key_keep,
-                     load_head_pair, load_kept_key_value_tiles, load_key_value_tiles,
-                     load_lambda_rows, load_lambda_vectors, load_tile, program_lambda,
-                     query_key_keep, row_offset, sequence_bounds, sequence_rows,
+from .common import (band_tiles, causal_keep, key_keep, load_head_pair,
+                     load_kept_key_value_tiles, load_key_value_tiles, load_lambda_rows,
+                     load_lambda_vectors, load_tile, program_lambda, query_key_keep,
+                     query_tile_key_ranges, row_offset, sequence_bounds, sequence_rows,
                      sequence_start, window_keep)
 from .tuning import BWD_TILES
 
@@ -389,28 +389,15 @@ def _dq_program(tile, bh, Q, K, V, LAM, KPM, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     dq1 = tl.zeros([BLOCK_M, BLOCK_D], dtype=acc_dtype)
     dq2 = tl.zeros([BLOCK_M, BLOCK_D], dtype=acc_dtype)
 
-    if WINDOW:  # the key tiles of this query tile's band, as in the forward
-        start, open_start, open_end, end = band_tiles(
-            tile * BLOCK_M, BLOCK_M, (M_b - N_b) - window_left, (M_b - N_b) + window_right, M_b,
-            BLOCK_N)
-        if HAS_KPM:
-            open_end = open_start
+    start, open_start, open_end, end = query_tile_key_ranges(
+        tile * BLOCK_M, N_b, M_b, window_left, window_right, BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM,
+        WINDOW)
+    if WINDOW:  # the band's leading edge (the trailing one is the masked run below)
         dq1, dq2 = _dq_key_tiles(q1, q2, do, dq1, dq2, lse1, lse2, d1, d2, lam, rows, start,
                                  open_start, k_base, v_base, kpm_row, stride_kh, stride_km,
                                  stride_vm, N_b, M_b, window_left, window_right, qk_scale,
-                                 HEAD_DIM,
-                                 HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR, CAUSAL, HAS_KPM,
-                                 WINDOW, True, PRECISION, BLOCK_N)
-    else:
-        open_start = 0
-        end = M_b
-        first_hidden = M_b
-        if CAUSAL:
-            end = causal_key_end((tile + 1) * BLOCK_M, N_b, M_b)
-            first_hidden = tile * BLOCK_M + (M_b - N_b) + 1
-        open_end = 0
-        if not HAS_KPM:
-            open_end = full_tiles_end(first_hidden, M_b, BLOCK_N)
+                                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR, CAUSAL,
+                                 HAS_KPM, WINDOW, True, PRECISION, BLOCK_N)
     dq1, dq2 = _dq_key_tiles(q1, q2, do, dq1, dq2, lse1, lse2, d1, d2, lam, rows, open_start,
                              open_end, k_base, v_base, kpm_row, stride_kh, stride_km, stride_vm,
                              N_b, M_b, window_left, window_right, qk_scale, HEAD_DIM, HEAD_DIM_V,
@@ -418,9 +405,9 @@ def _dq_program(tile, bh, Q, K, V, LAM, KPM, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                              PRECISION, BLOCK_N)
     dq1, dq2 = _dq_key_tiles(q1, q2, do, dq1, dq2, lse1, lse2, d1, d2, lam, rows, open_end, end,
                              k_base, v_base, kpm_row, stride_kh, stride_km, stride_vm, N_b,
-                             M_b, window_left, window_right, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
-                             BLOCK_DV, KEY_PAIR, CAUSAL, HAS_KPM, WINDOW, True, PRECISION,
-                             BLOCK_N)
+                             M_b, window_left, window_right, qk_scale, HEAD_DIM, HEAD_DIM_V,
+                             BLOCK_D, BLOCK_DV, KEY_PAIR, CAUSAL, HAS_KPM, WINDOW, True,
+                             PRECISION, BLOCK_N)
 
     dq_ptrs = (DQ + ((sequence_start(b, N, q_row0, VARLEN) + tile * BLOCK_M) * (2 * H) + 2 * h)
                * HEAD_DIM

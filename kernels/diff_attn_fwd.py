@@ -53,10 +53,10 @@ from .call import (LOG2E, AttentionCall, call_dims, lambda_strides, packed_strid
                    variant_flags)
 from .config import cdiv
 from .launch import Launcher
-from .common import (band_tiles, causal_key_end, full_tiles_end, key_keep, load_head_pair,
-                     load_key_value_tiles, load_lambda_rows, online_softmax_step,
-                     program_lambda, query_key_keep, row_offset, sequence_bounds,
-                     sequence_rows, sequence_start)
+from .common import (key_keep, load_head_pair, load_key_value_tiles, load_lambda_rows,
+                     online_softmax_step, program_lambda, query_key_keep,
+                     query_tile_key_ranges, row_offset, sequence_bounds, sequence_rows,
+                     sequence_start)
 from .tuning import FWD_TILES
 
 
@@ -175,24 +175,12 @@ def diff_attn_fwd_kernel(
     # Key tiles [open_start, open_end) are whole and seen by every row of this program; the
     # tiles from there to `end` (and, with a window, from `start` to open_start) need masks.
     # Causal or windowed: tiles outside the rows' band are never visited.
-    if WINDOW:
-        start, open_start, open_end, end = band_tiles(
-            pid_m * BLOCK_M, BLOCK_M, (M_b - N_b) - window_left, (M_b - N_b) + window_right, M_b,
-            BLOCK_N)
-        if HAS_KPM:
-            open_end = open_start
-        # the band's edges [start, open_start) and [open_end, end) in one masked loop
+    start, open_start, open_end, end = query_tile_key_ranges(
+        pid_m * BLOCK_M, N_b, M_b, window_left, window_right, BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM,
+        WINDOW)
+    if WINDOW:  # the band's edges [start, open_start) and [open_end, end) in one masked loop
         masked_start, masked_end = start, end - (open_end - open_start)
     else:
-        open_start = 0
-        end = M_b
-        first_hidden = M_b
-        if CAUSAL:
-            end = causal_key_end((pid_m + 1) * BLOCK_M, N_b, M_b)
-            first_hidden = pid_m * BLOCK_M + (M_b - N_b) + 1
-        open_end = 0
-        if not HAS_KPM:
-            open_end = full_tiles_end(first_hidden, M_b, BLOCK_N)
         masked_start, masked_end = open_end, end
     m1, l1, acc1, m2, l2, acc2 = _attend_key_tiles(
         q1, q2, k_base, v_base, k1_desc, k2_desc, v_desc, kpm_row, rows, open_start, open_end,

@@ -299,19 +299,6 @@ class NaiveDiffAttention(nn.Module):
         return out, None
 
 
-def use_naive_attention(model: nn.Module) -> int:
-    """Replace every DiffMultiheadAttention inside ``model`` by a NaiveDiffAttention on the same
-    parameters; return how many were replaced."""
-    targets = [(name, mod) for name, mod in model.named_modules()
-               if isinstance(mod, DiffMultiheadAttention)]
-    for name, mod in targets:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, NaiveDiffAttention(mod))
-    if not targets:
-        raise ProviderUnavailable("the model has no DiffMultiheadAttention layer to replace")
-    return len(targets)
-
-
 # ------------------------------------------------------------------------------ SDPA backend
 _SDPA_NAMES = {int(value): name for name, value in
                torch.nn.attention.SDPBackend.__members__.items()}

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cli import CliParser  # noqa: E402
+from arguments import CliParser  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ("device", "torch", "triton", "level", "provider", "mode", "dtype", "batch",

@@ -124,7 +124,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cli import CliParser, comma_list, positive_float, positive_int  # noqa: E402
+from arguments import CliParser, comma_list, positive_float, positive_int  # noqa: E402
 from decode_providers import (DECODE_FUSED, DECODE_INTERPRETER_PROVIDERS,  # noqa: E402
                               DECODE_INTERPRETER_SHAPE, DECODE_PROVIDERS, decode_bench,
                               decode_flop_kind, decode_shapes)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from diffattn import BACKENDS
-from diffattn.cli import print_error, print_warning
+from diffattn.user_messages import print_error, print_warning
 
 from .factory import create_model, list_models
 from .imagenet_classes import IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES

@@ -81,7 +81,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from cli import CliParser  # noqa: E402
+from arguments import CliParser  # noqa: E402
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 

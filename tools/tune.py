@@ -51,7 +51,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from cli import CliParser, comma_list, positive_int, positive_float  # noqa: E402
+from arguments import CliParser, comma_list, positive_int, positive_float  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 VARIANTS = ("v1", "v2")

@@ -27,7 +27,7 @@ import warnings
 import torch
 
 from .. import BACKENDS
-from ..cli import print_error, print_warning
+from ..user_messages import print_error, print_warning
 from .datasets import (IMAGENET_DATASETS, EvalDataError,
                                   read_caption_csv, read_image_folder, read_imagenet_folder,
                                   read_label_csv, read_lines, read_templates,

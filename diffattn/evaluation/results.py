@@ -18,7 +18,6 @@ import os
 import tempfile
 
 RESULT_KEYS = ("task", "model", "pretrained", "dataset", "metrics", "num_samples")
-TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe")
 
 
 class ResultFileError(ValueError):

@@ -61,7 +61,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .. import BACKENDS
-from ..cli import print_error, print_warning
+from ..unreadable import UnreadableImages
+from ..user_messages import print_error, print_warning
 from ..evaluation.datasets import TEMPLATE_SETS, read_image_folder, read_templates
 from ..models import create_model, list_models
 from ..models.checkpoint import CheckpointError
@@ -69,7 +70,8 @@ from .checkpointing import (BEST_MODEL_FILE, MODEL_FILE, Checkpoint, capture_rng
                                      clean_run_directory, find_checkpoint, foreign_entries,
                                      holds_run, load_training_state, restore_rng_state,
                                      save_checkpoint, start_run)
-from .data import DataConfig, DataError, TrainData, build_train_data, check_images
+from .data import (MAX_READ_ATTEMPTS, DataConfig, DataError, TrainData, build_train_data,
+                   check_images)
 from .distributed import (DEFAULT_TIMEOUT_S, DistributedJobError, cleanup_distributed,
                                    dist_info_from_env, init_distributed, resolve_device)
 from .evaluate import FolderZeroShotTask, folder_zero_shot, validate_pairs, zero_shot_top1
@@ -79,7 +81,6 @@ from .optim import (clamp_logit_scale, cosine_schedule, create_optimizer,
                              set_peak_lr_and_weight_decay)
 from .plots import CURVE_FILE, save_training_curve
 from .run_directory import RunLock, check_writable, writing
-from .unreadable import UnreadableImages
 
 # Arguments whose change alters what a resumed run optimises: --resume refuses a change of any
 # of them unless --allow-changed-args. (--epochs may grow.)
@@ -619,7 +620,8 @@ def _run(args, info, device, unwrapped, data, state, best, reported, zero_shot_f
     autocast = (functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
                 if device.type == "cuda" else contextlib.nullcontext)
     loss_fn = ClipLoss()
-    unreadable = UnreadableImages(args.max_unreadable_fraction, data.samples_per_epoch)
+    unreadable = UnreadableImages(args.max_unreadable_fraction, data.samples_per_epoch,
+                                  max_read_attempts=MAX_READ_ATTEMPTS, error=DataError)
     unreadable.warned.update(reported)
     metric = _validation_metric(data, zero_shot_folder)
     records, curve_skipped, stopped = [], False, False

@@ -1,7 +1,7 @@
 """Training data for ``--data``: the schemes ``digits``, ``csv:FILE``, ``folder:ROOT`` and
 ``wds:PATTERN``, their per-rank loaders, and the held-out validation split.
 
-- ``digits``: scikit-learn's handwritten digits (see ``digits.py``), held in memory, with a
+- ``digits``: scikit-learn's handwritten digits (see ``diffattn.digits``), held in memory, with a
   held-out zero-shot split.
 - ``csv:FILE``: a UTF-8 CSV file (a byte-order mark is allowed) with an image-path column and
   a caption column (``filepath`` and ``caption`` unless ``csv_img_key`` / ``csv_caption_key``
@@ -59,9 +59,8 @@ from ..models.preprocess import UNREADABLE_IMAGE_ERRORS, load_image, unreadable_
 from ..models.imagenet_classes import SIMPLE_IMAGENET_TEMPLATES
 from ..models.tokenizer import tokenize, trim_padding
 from ..models.zero_shot import IMAGE_SUFFIXES
-from .digits import load_digits_data
+from ..digits import ZeroShotTask, load_digits_data
 from .distributed import DistInfo
-from .evaluate import ZeroShotTask
 
 SCHEMES = ("digits", "csv", "folder", "wds")
 WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")

@@ -13,30 +13,14 @@ import dataclasses
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
 
+from ..digits import ZeroShotTask
 from ..evaluation.datasets import LabelledImages
 from ..evaluation.features import encode_image_files
 from ..evaluation.metrics import classification_metrics, retrieval_recall, zero_shot_logits
 from ..models.zero_shot import build_zero_shot_classifier
 from .distributed import DistInfo
 from .loss import contrastive_loss
-
-
-@dataclasses.dataclass(frozen=True)
-class ZeroShotTask:
-    """A held-out classification set.
-
-    Attributes:
-        images: (N, 3, S, S) preprocessed images.
-        labels: (N,) class indices into ``classnames``.
-        classnames, templates: the zero-shot classifier's prompts (``template.format(name)``).
-    """
-
-    images: Tensor
-    labels: Tensor
-    classnames: tuple
-    templates: tuple
 
 
 @torch.no_grad()
@@ -121,13 +105,6 @@ def validate_pairs(model, batches, autocast=contextlib.nullcontext,
         recall = retrieval_recall(torch.cat(all_images), torch.cat(all_texts),
                                   torch.arange(count), recall_k)
     return (total / count if count else float("nan")), recall, unreadable
-
-
-def validation_loss(model, batches, autocast=contextlib.nullcontext) -> tuple[float, list]:
-    """(mean contrastive loss, unreadable files) of held-out pairs: ``validate_pairs``
-    without the retrieval metrics."""
-    loss, _, unreadable = validate_pairs(model, batches, autocast)
-    return loss, unreadable
 
 
 @dataclasses.dataclass(frozen=True)

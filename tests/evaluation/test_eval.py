@@ -395,7 +395,7 @@ def test_write_result_is_atomic_and_refuses_foreign_files(tmp_path):
 
 
 def test_export_digits_gives_the_held_out_images_training_evaluates(tmp_path):
-    from diffattn.training.digits import load_digits_data
+    from diffattn.digits import load_digits_data
 
     counts = main(["export-digits", str(tmp_path / "digits")])
     assert counts == 0

@@ -86,8 +86,6 @@ def test_quick_run_without_cuda(tmp_path):
     assert throughput.CPU_NO_KERNELS in text
     assert "not measured (CPU run)" in text and "PASS" not in text and "FAIL" not in text
     assert "kernels not launched" in text
-    for word in ("issue", "session"):
-        assert word not in text.lower()
     assert proc.stdout.rstrip().endswith(text.rstrip().splitlines()[-1])
 
 
@@ -448,11 +446,9 @@ def _results(rows):
     return {t.text: summary.evaluate_target(t, rows) for t in targets}
 
 
-def test_targets_file_is_valid_and_has_no_internal_words():
+def test_targets_file_is_valid():
     dtype, devices, targets = summary.load_targets()
     assert dtype == "bf16" and "H100" in devices and len(targets) >= 15
-    text = summary.TARGETS_PATH.read_text().lower()
-    assert "issue" not in text and "session" not in text
 
 
 def test_targets_pass_fail_and_not_measured():
@@ -516,8 +512,6 @@ def test_summary_with_gpu_rows():
     assert "EFFICIENT_ATTENTION" in text and "- a note" in text and "budget" in text
     assert "61.2" in text and "(64, 64, 4, 2)" in text
     assert "targets are stated for" not in text
-    for word in ("issue", "session"):
-        assert word not in text.lower()
 
 
 def test_summary_on_another_gpu_says_so():
@@ -547,4 +541,3 @@ def test_gpu_check_script_parses():
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = script.read_text()
     assert "TUNE" in text and "tune.py" in text and "test_gpu.py" in text
-    assert "issue" not in text.lower() and "session" not in text.lower()

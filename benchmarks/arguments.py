@@ -1,5 +1,6 @@
 """Command-line helpers shared by the benchmark scripts: an argument parser whose errors are
-one ``error:`` line and exit status 2, and comma-separated choice lists."""
+one ``error:`` line and exit status 2, comma-separated choice lists, positive numbers, and
+the timing arguments of ``triton.testing.do_bench``."""
 from __future__ import annotations
 
 import argparse
@@ -28,23 +29,29 @@ def comma_list(choices: Sequence[str]) -> Callable[[str], List[str]]:
     return parse
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    try:
-        number = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {number}")
-    return number
+def _positive(convert: Callable[[str], float], what: str) -> Callable[[str], float]:
+    """An argparse type: ``convert(text)``, which must be > 0; errors say ``what`` it expects."""
+    def parse(text: str):
+        try:
+            number = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        if not number > 0:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return number
+    parse.__name__ = f"positive_{convert.__name__}"
+    return parse
 
 
-def positive_float(text: str) -> float:
-    """An argparse type: a number > 0."""
-    try:
-        number = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return number
+positive_int = _positive(int, "a positive integer")
+positive_float = _positive(float, "a positive number")
+
+
+def add_do_bench_arguments(parser: argparse.ArgumentParser, warmup_ms: int, rep_ms: int,
+                           per: str) -> None:
+    """``--warmup-ms`` and ``--rep-ms``, do_bench's warm-up and repetition times ``per`` timing
+    (e.g. "per candidate"), with their defaults."""
+    parser.add_argument("--warmup-ms", type=positive_int, default=warmup_ms,
+                        help=f"do_bench warm-up {per} (default {warmup_ms})")
+    parser.add_argument("--rep-ms", type=positive_int, default=rep_ms,
+                        help=f"do_bench repetition {per} (default {rep_ms})")

@@ -54,6 +54,10 @@ INTERPRETER_PROVIDERS = {"diffattn_interpreter": "diffattn",
                          "diffattn_v2_interpreter": "diffattn_v2"}
 FUSED_PROVIDERS = ("diffattn", "diffattn_v2")
 V2_PROVIDERS = ("diffattn_v2", "flash_v2", "torch_path_v2", "diffattn_v2_interpreter")
+# The providers that call this library's op (diff_attention, or diff_attention_v2 for the V2
+# providers), and the backend they ask for.
+_LIBRARY_BACKENDS = {"diffattn": "triton", "torch_path": "torch", "diffattn_v2": "triton",
+                     "torch_path_v2": "torch"}
 OP_MODES = ("fwd", "bwd", "fwd_bwd")
 LAMBDA = 0.8  # a typical lambda (DiffCLIP's lambda_init); any value costs the same
 
@@ -203,67 +207,66 @@ def _packed_projection(m: nn.Module, query: Tensor):
             v.view(B, N, m.num_kv_heads // 2, 2 * d).transpose(1, 2))
 
 
-class UnfusedDiffLayer(nn.Module):
+class _LayerProvider(nn.Module):
+    """A DiffMultiheadAttention layer's parameters computed another way, with
+    nn.MultiheadAttention's call contract, so it can replace the layer inside a model
+    (``need_weights=True`` is not supported: a benchmark provider).
+
+    Subclasses give ``attend(m, query, key, value, key_padding_mask, attn_mask, is_causal)``:
+    batch-first (B, N, E), (B, M, Ekv) inputs -> (B, N, 2 * H * d), the input of the output
+    projection.
+    """
+
+    def __init__(self, layer: DiffMultiheadAttention):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, query: Tensor, key: Optional[Tensor] = None,
+                value: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
+                need_weights: bool = False, attn_mask: Optional[Tensor] = None,
+                average_attn_weights: bool = True, is_causal: bool = False):
+        if need_weights:
+            raise NotImplementedError(f"{type(self).__name__} is a benchmark provider: "
+                                      "need_weights=True is not supported")
+        m = self.layer
+        query, key, value = _mha_inputs(m, query, key, value)
+        out = m.out_proj(self.attend(m, query, key, value, key_padding_mask, attn_mask,
+                                     is_causal))
+        return (out if m.batch_first else out.transpose(0, 1)), None
+
+
+class UnfusedDiffLayer(_LayerProvider):
     """A DiffMultiheadAttention layer written with stock ops, the fastest unfused way: one GEMM
     for q, k, v where the layer holds them packed (else its three projections), two SDPA
     calls on strided views of the projections, one ``addcmul`` for the difference,
     ``F.rms_norm`` with the weight pre-scaled by (1 - lambda_init), the output projection.
 
-    Uses the wrapped layer's parameters and nn.MultiheadAttention's call contract (masks other
-    than ``is_causal`` are not supported: a benchmark provider).
+    Masks other than ``is_causal`` are not supported.
     """
 
-    def __init__(self, layer: DiffMultiheadAttention):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, query: Tensor, key: Optional[Tensor] = None,
-                value: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
-                need_weights: bool = False, attn_mask: Optional[Tensor] = None,
-                average_attn_weights: bool = True, is_causal: bool = False):
-        if need_weights or key_padding_mask is not None or attn_mask is not None:
+    def attend(self, m, query, key, value, key_padding_mask, attn_mask, is_causal):
+        if key_padding_mask is not None or attn_mask is not None:
             raise NotImplementedError("UnfusedDiffLayer is a benchmark provider: masks other "
-                                      "than is_causal and need_weights are not supported")
-        m = self.layer
-        query, key, value = _mha_inputs(m, query, key, value)
+                                      "than is_causal are not supported")
         B, N, _ = query.shape
         packed = _packed_projection(m, query) if key is query and value is query else None
         q, k, v = packed if packed is not None else _split_heads(m, query, key, value)
         H, gqa = m.num_heads // 2, m.num_kv_heads != m.num_heads
-        causal = is_causal
-        o1 = F.scaled_dot_product_attention(q[:, 0::2], k[:, 0::2], v, is_causal=causal,
+        o1 = F.scaled_dot_product_attention(q[:, 0::2], k[:, 0::2], v, is_causal=is_causal,
                                             enable_gqa=gqa)
-        o2 = F.scaled_dot_product_attention(q[:, 1::2], k[:, 1::2], v, is_causal=causal,
+        o2 = F.scaled_dot_product_attention(q[:, 1::2], k[:, 1::2], v, is_causal=is_causal,
                                             enable_gqa=gqa)
         x = torch.addcmul(o1, m.compute_lambda().to(o1.dtype), o2, value=-1.0)  # (B, H, N, 2d)
         weight = m.diff_norm.weight * (1.0 - m.lambda_init)
         x = F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), m.diff_norm.eps)
-        out = m.out_proj(x.transpose(1, 2).reshape(B, N, 2 * H * m.head_dim))
-        if not m.batch_first:
-            out = out.transpose(0, 1)
-        return out, None
+        return x.transpose(1, 2).reshape(B, N, 2 * H * m.head_dim)
 
 
-class NaiveDiffAttention(nn.Module):
-    """A DiffMultiheadAttention layer computed the DiffCLIP release's way (explicit maps).
+class NaiveDiffAttention(_LayerProvider):
+    """A DiffMultiheadAttention layer computed the DiffCLIP release's way (explicit maps), on
+    the wrapped layer's parameters (projections, lambda vectors, norm weight)."""
 
-    Uses the wrapped layer's parameters (projections, lambda vectors, norm weight) and
-    nn.MultiheadAttention's call contract, so it can replace the layer inside a model.
-    """
-
-    def __init__(self, layer: DiffMultiheadAttention):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, query: Tensor, key: Optional[Tensor] = None,
-                value: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
-                need_weights: bool = False, attn_mask: Optional[Tensor] = None,
-                average_attn_weights: bool = True, is_causal: bool = False):
-        m = self.layer
-        if need_weights:
-            raise NotImplementedError("NaiveDiffAttention is a benchmark provider: "
-                                      "need_weights=True is not supported")
-        query, key, value = _mha_inputs(m, query, key, value)
+    def attend(self, m, query, key, value, key_padding_mask, attn_mask, is_causal):
         B, N, _ = query.shape
         M = key.shape[1]
         d, H2, Hk2 = m.head_dim, m.num_heads, m.num_kv_heads
@@ -293,10 +296,7 @@ class NaiveDiffAttention(nn.Module):
         xf = x.float()
         x = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + m.diff_norm.eps)
              * m.diff_norm.weight.float()).type_as(x) * (1.0 - m.lambda_init)
-        out = m.out_proj(x.transpose(1, 2).reshape(B, N, H2 * d))
-        if not m.batch_first:
-            out = out.transpose(0, 1)
-        return out, None
+        return x.transpose(1, 2).reshape(B, N, H2 * d)
 
 
 # ------------------------------------------------------------------------------ SDPA backend
@@ -394,24 +394,15 @@ def op_forward(provider: str, shape: Shape, dtype: torch.dtype,
         probe = lambda: sdpa_backend_name(*(t.transpose(1, 2) for t in (q, k, v)), causal)
         return (lambda: plain_attention(q, k, v, causal)), [q, k, v], probe
     kernel = INTERPRETER_PROVIDERS.get(provider, provider)
-    if kernel in V2_PROVIDERS:
-        q, k, v, lam = leaves = v2_inputs(shape, dtype, device)
-        if kernel == "diffattn_v2":
-            return (lambda: diff_attention_v2(q, k, v, lam, causal=causal, backend="triton"),
-                    leaves, None)
-        if kernel == "torch_path_v2":
-            return (lambda: diff_attention_v2(q, k, v, lam, causal=causal, backend="torch"),
-                    leaves, None)
+    v2 = kernel in V2_PROVIDERS
+    q, k, v, lam = leaves = (v2_inputs if v2 else v1_inputs)(shape, dtype, device)
+    if kernel in _LIBRARY_BACKENDS:
+        op, backend = diff_attention_v2 if v2 else diff_attention, _LIBRARY_BACKENDS[kernel]
+        return (lambda: op(q, k, v, lam, causal=causal, backend=backend)), leaves, None
+    if v2:
         probe = lambda: sdpa_backend_name(q.transpose(1, 2), k.transpose(1, 2),
                                           v.transpose(1, 2), causal, enable_gqa=True)
         return (lambda: flash_v2_attention(q, k, v, lam, causal)), leaves, probe
-    q, k, v, lam = leaves = v1_inputs(shape, dtype, device)
-    if kernel == "diffattn":
-        return (lambda: diff_attention(q, k, v, lam, causal=causal, backend="triton"),
-                leaves, None)
-    if kernel == "torch_path":
-        return (lambda: diff_attention(q, k, v, lam, causal=causal, backend="torch"),
-                leaves, None)
     if kernel == "naive":
         return (lambda: naive_diff_attention(q, k, v, lam, causal)), leaves, None
     if kernel == "sdpa_x2":

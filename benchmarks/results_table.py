@@ -101,18 +101,23 @@ def host_section(rows: Sequence[dict]) -> List[str]:
             + _table(("provider", "device", "mode", "us per call"), lines) + [""])
 
 
+def _present_columns(groups: Dict[tuple, Dict[str, dict]], columns: Sequence[str],
+                     ratios: Sequence[tuple]) -> tuple:
+    """(the providers of ``columns`` that some group holds, the ``ratios`` (name, numerator,
+    denominator) between two of them)."""
+    present = [p for p in columns if any(p in group for group in groups.values())]
+    return present, [x for x in ratios if x[1] in present and x[2] in present]
+
+
 def op_section(rows: Sequence[dict], dtype: str) -> List[str]:
     groups: Dict[tuple, Dict[str, dict]] = {}
     for r in rows:
         if r["level"] == "op" and r["dtype"] == dtype:
             key = (r["batch"], r["seq_len"], r["heads"], r["head_dim"], r["causal"], r["mode"])
             groups.setdefault(key, {})[r["provider"]] = r
-    if not groups:
-        return []
-    present = [p for p in OP_COLUMNS if any(p in g for g in groups.values())]
+    present, ratios = _present_columns(groups, OP_COLUMNS, OP_RATIOS)
     if not present:
         return []
-    ratios = [x for x in OP_RATIOS if x[1] in present and x[2] in present]
     header = ["shape", "mode"] + [f"{p} ms" for p in present] + [x[0] for x in ratios]
     lines = []
     for (batch, n, heads, d, causal, mode), group in sorted(
@@ -131,12 +136,9 @@ def model_section(rows: Sequence[dict]) -> List[str]:
         if r["level"] == "model":
             groups.setdefault((r["mode"], r["dtype"], r["batch"], r["seq_len"]), {})[
                 r["provider"]] = r
-    if not groups:
-        return []
-    present = [p for p in MODEL_COLUMNS if any(p in g for g in groups.values())]
+    present, ratios = _present_columns(groups, MODEL_COLUMNS, MODEL_RATIOS)
     if not present:
         return []
-    ratios = [x for x in MODEL_RATIOS if x[1] in present and x[2] in present]
     header = ["mode", "dtype", "batch", "seq_len"] + list(present) + [x[0] for x in ratios]
     lines = []
     for (mode, dtype, batch, seq_len), group in groups.items():

@@ -279,28 +279,34 @@ def model_table(rows: Sequence[dict]) -> List[str]:
     return lines + [""]
 
 
-def compile_table(report: Report) -> List[str]:
-    if not report.compile_s:
+def _report_section(title: str, text: str, header: Sequence[str], rows: list) -> List[str]:
+    """A ``## title`` section of a paragraph and a table of ``rows`` (lists of cells); nothing
+    without rows."""
+    if not rows:
         return []
-    lines = ["## First step of each model case", "",
-             "Seconds of the first, untimed step: for compiled modes this is torch.compile's "
-             "compilation plus one step; for eager modes, one-time setup (library autotuning, "
-             "kernel compilation) plus one step.", "",
-             "| case | first step s |", "|---|---|"]
-    lines += [f"| {label} | {seconds:.1f} |" for label, seconds in report.compile_s.items()]
-    return lines + [""]
+    return ([f"## {title}", "", text, "", "| " + " | ".join(header) + " |",
+             "|" + "---|" * len(header)]
+            + ["| " + " | ".join(row) + " |" for row in rows] + [""])
+
+
+def compile_table(report: Report) -> List[str]:
+    return _report_section(
+        "First step of each model case",
+        "Seconds of the first, untimed step: for compiled modes this is torch.compile's "
+        "compilation plus one step; for eager modes, one-time setup (library autotuning, "
+        "kernel compilation) plus one step.",
+        ("case", "first step s"),
+        [[label, f"{seconds:.1f}"] for label, seconds in report.compile_s.items()])
 
 
 def tiles_table(report: Report) -> List[str]:
-    if not report.tiles:
-        return []
-    lines = ["## Tile configurations of the fused kernels", "",
-             "As chosen during this run, per kernel, call class and length bucket (forward: "
-             "BLOCK_M, BLOCK_N, warps, stages; backward: BLOCK_M1, BLOCK_N1, BLOCK_M2, "
-             "BLOCK_N2, warps, stages).", "",
-             "| kernel | class | bucket | config | from |", "|---|---|---|---|---|"]
-    lines += [f"| {k} | {c} | {b} | {tuple(cfg)} | {src} |" for k, c, b, cfg, src in report.tiles]
-    return lines + [""]
+    return _report_section(
+        "Tile configurations of the fused kernels",
+        "As chosen during this run, per kernel, call class and length bucket (forward: "
+        "BLOCK_M, BLOCK_N, warps, stages; backward: BLOCK_M1, BLOCK_N1, BLOCK_M2, "
+        "BLOCK_N2, warps, stages).",
+        ("kernel", "class", "bucket", "config", "from"),
+        [[k, c, b, str(tuple(cfg)), src] for k, c, b, cfg, src in report.tiles])
 
 
 def backends_table(report: Report) -> List[str]:

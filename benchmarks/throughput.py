@@ -124,7 +124,8 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from arguments import CliParser, comma_list, positive_float, positive_int  # noqa: E402
+from arguments import (CliParser, add_do_bench_arguments, comma_list,  # noqa: E402
+                       positive_float, positive_int)
 from decode_providers import (DECODE_FUSED, DECODE_INTERPRETER_PROVIDERS,  # noqa: E402
                               DECODE_INTERPRETER_SHAPE, DECODE_PROVIDERS, decode_bench,
                               decode_flop_kind, decode_shapes)
@@ -664,21 +665,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                              "none on CPU)")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend of the compiled modes (default inductor)")
-    parser.add_argument("--warmup-ms", type=positive_int, default=25,
-                        help="do_bench warm-up (CUDA)")
-    parser.add_argument("--rep-ms", type=positive_int, default=100,
-                        help="do_bench repetition (CUDA)")
-    parser.add_argument("--host-calls", type=positive_int, default=None,
-                        help="calls per back-to-back loop at host level (default 200, 100 "
-                             "with --quick)")
-    parser.add_argument("--host-loops", type=positive_int, default=None,
-                        help="timed loops at host level (default 7, 5 with --quick)")
-    parser.add_argument("--image-batch", type=positive_int, default=None,
-                        help="train_image batch (default 128 on CUDA, 4 on CPU)")
-    parser.add_argument("--text-batch", type=positive_int, default=None,
-                        help="train_text / infer_text batch (default 256 on CUDA, 8 on CPU)")
-    parser.add_argument("--model-steps", type=positive_int, default=None,
-                        help="timed steps per model case (default 10 on CUDA, 3 on CPU)")
+    add_do_bench_arguments(parser, warmup_ms=25, rep_ms=100, per="per case on CUDA")
+    # Counts whose defaults depend on the device or on --quick (filled in by apply_defaults).
+    for flag, help_text in (
+            ("--host-calls", "calls per back-to-back loop at host level (default 200, 100 with "
+                             "--quick)"),
+            ("--host-loops", "timed loops at host level (default 7, 5 with --quick)"),
+            ("--image-batch", "train_image batch (default 128 on CUDA, 4 on CPU)"),
+            ("--text-batch", "train_text / infer_text batch (default 256 on CUDA, 8 on CPU)"),
+            ("--model-steps", "timed steps per model case (default 10 on CUDA, 3 on CPU)")):
+        parser.add_argument(flag, type=positive_int, default=None, help=help_text)
     parser.add_argument("--model-warmup", type=int, default=None,
                         help="untimed steps after the first one (default 2 on CUDA, 1 on CPU)")
     parser.add_argument("--time-limit-s", type=positive_float, default=None,

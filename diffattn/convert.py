@@ -171,19 +171,16 @@ def replace_attention(module: nn.Module, *, variant: str = "v1",
     for index, (name, layer) in enumerate(targets):
         parent_name, _, child = name.rpartition(".")
         parent = module.get_submodule(parent_name)
-        if isinstance(layer, nn.MultiheadAttention):
-            if variant == "v1":
-                new = DiffMultiheadAttention.from_plain(
-                    layer, lambda_init=_layer_lambda_init(lambda_init, index), backend=backend)
-            else:
-                new = DiffMultiheadAttentionV2.from_plain(layer, initial_lambda=initial_lambda,
-                                                          backend=backend)
-        elif variant == "v1":
-            new = DiffSelfAttention.from_qkv_attention(
-                layer, lambda_init=_layer_lambda_init(lambda_init, index), backend=backend)
+        plain = isinstance(layer, nn.MultiheadAttention)
+        if variant == "v1":
+            convert = (DiffMultiheadAttention.from_plain if plain
+                       else DiffSelfAttention.from_qkv_attention)
+            new = convert(layer, lambda_init=_layer_lambda_init(lambda_init, index),
+                          backend=backend)
         else:
-            new = DiffSelfAttentionV2.from_qkv_attention(layer, initial_lambda=initial_lambda,
-                                                         backend=backend)
+            convert = (DiffMultiheadAttentionV2.from_plain if plain
+                       else DiffSelfAttentionV2.from_qkv_attention)
+            new = convert(layer, initial_lambda=initial_lambda, backend=backend)
         setattr(parent, child, new)
         replaced.add(id(new))
     _keep_off_torch_fast_paths(module, replaced)
@@ -196,11 +193,11 @@ def _nothing_replaced_message(module: nn.Module) -> str:
                        for layer in module.modules())
     timm_diff = sum(hasattr(layer, "lambda_init") and hasattr(layer, "qkv")
                     for layer in module.modules())
-    message = (f"replace_attention replaced nothing: {type(module).__name__} holds no "
-               f"nn.MultiheadAttention and no fused-qkv self-attention layer (timm's Attention)")
-    if differential:
-        message += f"; it already holds {differential} differential attention layers"
-    if timm_diff:
-        message += (f"; it holds {timm_diff} timm DiffAttention layers: run them on the fused "
-                    f"kernels with diffattn.integrations.timm.fuse_diff_attention")
-    return message
+    notes = {  # note: the count of layers it is about (the note is left out at 0)
+        f"it already holds {differential} differential attention layers": differential,
+        f"it holds {timm_diff} timm DiffAttention layers: run them on the fused kernels with "
+        f"diffattn.integrations.timm.fuse_diff_attention": timm_diff,
+    }
+    return "; ".join([f"replace_attention replaced nothing: {type(module).__name__} holds no "
+                      f"nn.MultiheadAttention and no fused-qkv self-attention layer (timm's "
+                      f"Attention)"] + [note for note, count in notes.items() if count])

@@ -51,7 +51,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from arguments import CliParser, comma_list, positive_int, positive_float  # noqa: E402
+from arguments import (CliParser, add_do_bench_arguments, comma_list,  # noqa: E402
+                       positive_float, positive_int)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 VARIANTS = ("v1", "v2")
@@ -339,10 +340,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="also sweep a wider grid than kernels/config.py's candidates")
     parser.add_argument("--max-candidates", type=positive_int, default=None,
                         help="at most this many candidates per kernel and problem")
-    parser.add_argument("--warmup-ms", type=positive_int, default=10,
-                        help="do_bench warm-up per candidate (default 10)")
-    parser.add_argument("--rep-ms", type=positive_int, default=40,
-                        help="do_bench repetition per candidate (default 40)")
+    add_do_bench_arguments(parser, warmup_ms=10, rep_ms=40, per="per candidate")
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny shapes and two candidates per kernel through the Triton "
                              "interpreter (TRITON_INTERPRET=1): checks the sweep, not the speed")

@@ -47,8 +47,7 @@ def test_readme_is_a_front_door_that_links_the_manual():
     text = README.read_text(encoding="utf-8")
     assert len(text.splitlines()) <= README_MAX_LINES
     for page in PAGES[1:]:
-        if page.suffix == ".md":
-            assert f"docs/{page.name}" in text, f"README does not link {page.name}"
+        assert f"(docs/{page.name})" in text, f"README does not link {page.name}"
     blocks = python_blocks(README)
     assert any("diff_attention(q, k, v" in block for block in blocks)
     assert any("DiffMultiheadAttention(" in block for block in blocks)

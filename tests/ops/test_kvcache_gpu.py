@@ -48,9 +48,10 @@ def test_kernels_match_reference(c):
     from diffattn import diff_attention_v2_with_kvcache, diff_attention_with_kvcache
     with torch.no_grad():
         if c.v2:
-            out = diff_attention_v2_with_kvcache(cast(g["q"]), k_cache, v_cache, lam, **kw)
+            out = diff_attention_v2_with_kvcache(cast(g["q"]), k_cache, v_cache, lambda_=lam,
+                                                 **kw)
         else:
-            out = diff_attention_with_kvcache(cast(g["q"]), k_cache, v_cache, lam,
+            out = diff_attention_with_kvcache(cast(g["q"]), k_cache, v_cache, lambda_=lam,
                                               norm_weight=cast(g["norm"]), out_scale=0.75, **kw)
     tol = 2e-2 if c.dtype == torch.bfloat16 else 4e-3
     assert_close_rel("out", out.cpu(), ref, c.dtype, tol)
@@ -60,9 +61,9 @@ def test_fused_step_does_not_synchronise():
     c = GPU_CASES[0]
     g = _to(make(c), "cuda")
     from diffattn import diff_attention_with_kvcache
-    args = (g["q"].bfloat16(), g["k_cache"].bfloat16(), g["v_cache"].bfloat16(), 0.5)
+    args = (g["q"].bfloat16(), g["k_cache"].bfloat16(), g["v_cache"].bfloat16())
     kw = dict(k=g["k_new"].bfloat16(), v=g["v_new"].bfloat16(), cache_seqlens=g["lens"],
-              backend="triton")
+              lambda_=0.5, causal=True, backend="triton")
     with torch.no_grad():
         diff_attention_with_kvcache(*args, **kw)  # compile first
         torch.cuda.synchronize()

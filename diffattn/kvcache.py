@@ -233,8 +233,8 @@ def _check_values(seqlens: Tensor, n_new: int, capacity: int, block_table: Optio
                 f"sequence uses")
     if seqlens.device.type == "meta":
         return
-    _check_option_values(seqlens, cache_batch_idx, cache_rows, cache_leftpad, rotary_cos,
-                         rotary_rows)
+    _check_option_values(seqlens, n_new, cache_batch_idx, cache_rows, cache_leftpad,
+                         rotary_cos, rotary_rows)
     if on_host:
         if not bool(fits.all()):
             bad = (~fits).nonzero().flatten().tolist()
@@ -247,9 +247,9 @@ def _check_values(seqlens: Tensor, n_new: int, capacity: int, block_table: Optio
         torch._assert_async(~bad_pages.any(), page_msg)
 
 
-def _check_option_values(seqlens: Tensor, cache_batch_idx: Optional[Tensor], cache_rows: int,
-                         cache_leftpad: Optional[Tensor], rotary_cos: Optional[Tensor],
-                         rotary_rows: int) -> None:
+def _check_option_values(seqlens: Tensor, n_new: int, cache_batch_idx: Optional[Tensor],
+                         cache_rows: int, cache_leftpad: Optional[Tensor],
+                         rotary_cos: Optional[Tensor], rotary_rows: int) -> None:
     """Value ranges of the step's options (check_values: a ValueError on CPU, an asynchronous
     device assertion elsewhere). rotary_rows: the positions past cache_seqlens[b] that are
     rotated (the new keys, or the queries when they sit at their own positions)."""
@@ -257,8 +257,9 @@ def _check_option_values(seqlens: Tensor, cache_batch_idx: Optional[Tensor], cac
         check_values(((cache_batch_idx >= 0) & (cache_batch_idx < cache_rows)).all(),
                      f"cache_batch_idx must hold cache rows between 0 and {cache_rows - 1}")
     if cache_leftpad is not None:
-        check_values(((cache_leftpad >= 0) & (cache_leftpad <= seqlens)).all(),
-                     "cache_leftpad must be between 0 and cache_seqlens for every sequence")
+        check_values(((cache_leftpad >= 0) & (cache_leftpad <= seqlens + n_new)).all(),
+                     "cache_leftpad must be between 0 and cache_seqlens + seq_new for every "
+                     "sequence")
     if rotary_cos is not None:
         check_values((seqlens + rotary_rows <= rotary_cos.shape[0]).all(),
                      f"rotary_cos and rotary_sin must have a row for every rotated position: "
@@ -576,8 +577,9 @@ _COMMON_ARGS_DOC = """
             not with block_table). With repeated rows and new keys, which append wins is
             unspecified.
         cache_leftpad: int32 (B,) or None: sequence b's keys start at logical position
-            cache_leftpad[b] (0 <= cache_leftpad[b] <= cache_seqlens[b]); the rows before it
-            are never read (a left-padded batch).
+            cache_leftpad[b] (0 <= cache_leftpad[b] <= cache_seqlens[b] + Nnew); the rows
+            before it are never read (a left-padded batch: prefill the padded prompts with
+            cache_seqlens = 0 and cache_leftpad = the pad lengths, then decode).
         block_table: int32 (B, max_blocks): logical position p of sequence b lives in row
             p % page_size of page block_table[b, p // page_size]; page_size a power of two
             >= 16. Only the entries of pages a sequence uses are read.

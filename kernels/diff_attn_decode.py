@@ -224,7 +224,7 @@ def diff_attn_decode_kernel(
                             COS=COS, SIN=SIN, pos=pos, stride_ro=stride_ro,
                             ROTARY_DIM=ROTARY_DIM, INTERLEAVED=ROTARY_INTERLEAVED,
                             ACC_DTYPE=acc_dtype)
-    kv_b = b
+    kv_b = b  # the cache row (contiguous caches) or the block table's row (paged: always b)
     if HAS_CACHE_ROWS:
         kv_b = tl.load(CACHE_ROWS + b).to(tl.int64)
     first_key = L * 0

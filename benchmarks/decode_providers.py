@@ -102,8 +102,8 @@ def decode_bench(provider: str, shape: Shape, dtype: torch.dtype,
 
         def forward():
             with torch.no_grad():
-                return fn(q, k_cache, v_cache, lam, cache_seqlens=seqlens,
-                          block_table=block_table, backend=backend)
+                return fn(q, k_cache, v_cache, cache_seqlens=seqlens, block_table=block_table,
+                          lambda_=lam, causal=True, backend=backend)
     elif base == "sdpa_x2":
         def forward():
             with torch.no_grad():

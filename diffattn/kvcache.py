@@ -2,8 +2,8 @@
 (V1 / DiffCLIP) and ``diff_attention_v2_with_kvcache`` (Differential Transformer V2), forward
 only, plus ``DiffKVCache``, the small cache object the layers take.
 
-    out = diff_attention_with_kvcache(q, k_cache, v_cache, lam, k=k_new, v=v_new,
-                                      cache_seqlens=lengths)
+    out = diff_attention_with_kvcache(q, k_cache, v_cache, k_new, v_new,
+                                      cache_seqlens=lengths, lambda_=lam, causal=True)
 
 Layouts (batch first, as in diff_attention; flash-attn's ``flash_attn_with_kvcache``):
 
@@ -17,22 +17,28 @@ Layouts (batch first, as in diff_attention; flash-attn's ``flash_attn_with_kvcac
     out      (B, Nq, H, 2d) V1, (B, Nq, H, d) V2
 
 ``cache_seqlens`` is each cache's valid length before the call; attention runs over
-``cache_seqlens[b] + Nnew`` keys, causal bottom-right: query i sees keys
-``j <= cache_seqlens[b] + Nnew - Nq + i``. Nothing reads a length or a block table entry on the
-host (the checks on GPU values are asynchronous device assertions), and every shape that
-sizes a launch is static, so a decode step can be compiled and captured in a CUDA graph.
+``L = cache_seqlens[b] + Nnew`` keys; with ``causal`` (default False, as in flash-attn),
+bottom-right: query i sees keys ``j <= L - Nq + i``. flash-attn's options follow its
+documented semantics: ``rotary_cos``/``rotary_sin``/``rotary_interleaved`` (the new keys
+rotated at ``cache_seqlens[b] + i`` before the append, q likewise when causal or windowed,
+else at ``cache_seqlens[b]``), ``cache_batch_idx``, ``cache_leftpad``, ``window_size`` and
+``return_softmax_lse``. ``lambda_`` is keyword-only. Nothing reads a length or a block table
+entry on the host (the checks on GPU values are asynchronous device assertions), and every
+shape that sizes a launch is static, so a decode step can be compiled and captured in a CUDA
+graph.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .backend import check_backend_name, resolve_backend, resolve_layer_backend
 from .functional import (_check_lambda, _check_scalars, _check_tensor, _kernel_lambda,
-                         _last_dim_contiguous, check_epilogue_args)
+                         _last_dim_contiguous, check_epilogue_args, check_values,
+                         check_window_size)
 from .lambdas import LambdaVectors, expand_lambda
 from .torch_path import diff_attention_torch, diff_attention_v2_torch, zero_padding_keys
 
@@ -49,9 +55,16 @@ def _capacity(k_cache: Tensor, block_table: Optional[Tensor]) -> int:
 
 
 def _check_kvcache(q, k_cache, v_cache, lambda_, k, v, cache_seqlens, block_table, norm_weight,
-                   scale, causal, eps, out_scale, num_splits, v2: bool) -> None:
+                   scale, causal, eps, out_scale, num_splits, v2: bool, *, cache_batch_idx=None,
+                   cache_leftpad=None, rotary_cos=None, rotary_sin=None,
+                   rotary_interleaved=True, window_size=None,
+                   return_softmax_lse=False) -> None:
     """Raise a ValueError/TypeError naming the first bad argument (shapes, dtypes, devices,
     and the values of host-side integers; tensor values are checked in _check_values)."""
+    for name, t in (("k", k), ("v", v)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a tensor or None, got {type(t).__name__} (lambda_ "
+                            f"is keyword-only: lambda_=...)")
     _check_tensor("q", q, 4, "(batch, seq_q, 2 * heads, head_dim)")
     B, Nq, H2, d = q.shape
     if H2 % 2 or H2 == 0:
@@ -96,9 +109,10 @@ def _check_kvcache(q, k_cache, v_cache, lambda_, k, v, cache_seqlens, block_tabl
         if page < 16 or page & (page - 1):
             raise ValueError(f"page_size (k_cache.shape[1] with a block_table) must be a power "
                              f"of two >= 16, got {page}")
-    elif k_cache.shape[0] != B:
+    elif k_cache.shape[0] != B and cache_batch_idx is None:
         raise ValueError(f"k_cache must have q's batch {B} in its first dimension (or pass a "
-                         f"block_table for a paged cache), got {tuple(k_cache.shape)}")
+                         f"block_table for a paged cache, or cache_batch_idx), got "
+                         f"{tuple(k_cache.shape)}")
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (the new keys and values) or both None")
     if k is not None:
@@ -137,6 +151,8 @@ def _check_kvcache(q, k_cache, v_cache, lambda_, k, v, cache_seqlens, block_tabl
     else:
         raise TypeError(f"cache_seqlens must be an int or an int32 tensor (batch,), got "
                         f"{type(cache_seqlens).__name__}")
+    _check_step_options(q, k, block_table, cache_batch_idx, cache_leftpad, rotary_cos,
+                        rotary_sin, rotary_interleaved, window_size, return_softmax_lse)
     _check_lambda(lambda_, q, per_token=v2)
     check_epilogue_args(norm_weight, eps, out_scale, dv, q.device)
     _check_scalars(causal, scale)
@@ -145,8 +161,61 @@ def _check_kvcache(q, k_cache, v_cache, lambda_, k, v, cache_seqlens, block_tabl
                          f"{num_splits!r}")
 
 
+def _check_index_tensor(name: str, t, q: Tensor, meaning: str) -> None:
+    B = q.shape[0]
+    if not isinstance(t, Tensor) or t.dtype != torch.int32:
+        got = t.dtype if isinstance(t, Tensor) else type(t).__name__
+        raise TypeError(f"{name} must be an int32 tensor (batch,) ({meaning}), got {got}")
+    if tuple(t.shape) != (B,):
+        raise ValueError(f"{name} must have shape (batch,) = ({B},), got {tuple(t.shape)}")
+    if t.device != q.device:
+        raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+
+
+def _check_step_options(q, k, block_table, cache_batch_idx, cache_leftpad, rotary_cos,
+                        rotary_sin, rotary_interleaved, window_size, return_softmax_lse) -> None:
+    """The options of flash_attn_with_kvcache: cache rows, left padding, rotary embedding,
+    local window, the log-sum-exp (types and shapes; values in _check_values)."""
+    if cache_batch_idx is not None:
+        _check_index_tensor("cache_batch_idx", cache_batch_idx, q, "the cache row of each "
+                            "sequence")
+        if block_table is not None:
+            raise ValueError("cache_batch_idx applies to contiguous caches: with a block_table "
+                             "the table's rows choose each sequence's pages")
+    if cache_leftpad is not None:
+        _check_index_tensor("cache_leftpad", cache_leftpad, q, "the first cached key of each "
+                            "sequence")
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("rotary_cos and rotary_sin must be given together or both None")
+    if rotary_cos is not None:
+        d = q.shape[3]
+        for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+            if not isinstance(t, Tensor) or not t.is_floating_point():
+                got = t.dtype if isinstance(t, Tensor) else type(t).__name__
+                raise TypeError(f"{name} must be a floating tensor (seqlen_ro, rotary_dim / 2), "
+                                f"got {got}")
+            if t.dim() != 2 or not 1 <= t.shape[1] <= d // 2 or t.shape[0] < 1:
+                raise ValueError(f"{name} must have shape (seqlen_ro, rotary_dim / 2) with "
+                                 f"2 <= rotary_dim <= head_dim {d}, got {tuple(t.shape)}")
+            if t.device != q.device:
+                raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+        if rotary_sin.shape != rotary_cos.shape:
+            raise ValueError(f"rotary_sin must have rotary_cos's shape "
+                             f"{tuple(rotary_cos.shape)}, got {tuple(rotary_sin.shape)}")
+        if k is None:
+            raise ValueError("rotary_cos and rotary_sin need the new keys k and v (the rotary "
+                             "embedding is applied to the keys as they are appended)")
+    for name, flag in (("rotary_interleaved", rotary_interleaved),
+                       ("return_softmax_lse", return_softmax_lse)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    check_window_size(window_size)
+
+
 def _check_values(seqlens: Tensor, n_new: int, capacity: int, block_table: Optional[Tensor],
-                  num_blocks: int, page: int) -> None:
+                  num_blocks: int, page: int, *, cache_batch_idx: Optional[Tensor] = None,
+                  cache_rows: int = 0, cache_leftpad: Optional[Tensor] = None,
+                  rotary_cos: Optional[Tensor] = None, rotary_rows: int = 0) -> None:
     """The checks that need tensor values: plain errors for CPU tensors, asynchronous device
     assertions elsewhere (and while torch.compile traces), so nothing waits for the device."""
     fits = (seqlens >= 0) & (seqlens + n_new <= capacity)
@@ -154,6 +223,9 @@ def _check_values(seqlens: Tensor, n_new: int, capacity: int, block_table: Optio
     if block_table is not None:
         used_blocks = (seqlens + n_new + page - 1) // page                      # (B,)
         used = torch.arange(block_table.shape[1], device=block_table.device) < used_blocks[:, None]
+        if cache_leftpad is not None:  # pages wholly before the left pad are never read
+            used = used & (torch.arange(block_table.shape[1], device=block_table.device)
+                           >= (cache_leftpad // page)[:, None])
         bad_pages = used & ((block_table < 0) | (block_table >= num_blocks))
     on_host = seqlens.device.type == "cpu" and not torch.compiler.is_compiling()
     fit_msg = (f"cache_seqlens + seq_new ({n_new}) must be between 0 and the cache capacity "
@@ -162,6 +234,8 @@ def _check_values(seqlens: Tensor, n_new: int, capacity: int, block_table: Optio
                 f"sequence uses")
     if seqlens.device.type == "meta":
         return
+    _check_option_values(seqlens, n_new, cache_batch_idx, cache_rows, cache_leftpad,
+                         rotary_cos, rotary_rows)
     if on_host:
         if not bool(fits.all()):
             bad = (~fits).nonzero().flatten().tolist()
@@ -174,15 +248,39 @@ def _check_values(seqlens: Tensor, n_new: int, capacity: int, block_table: Optio
         torch._assert_async(~bad_pages.any(), page_msg)
 
 
+def _check_option_values(seqlens: Tensor, n_new: int, cache_batch_idx: Optional[Tensor],
+                         cache_rows: int, cache_leftpad: Optional[Tensor],
+                         rotary_cos: Optional[Tensor], rotary_rows: int) -> None:
+    """Value ranges of the step's options (check_values: a ValueError on CPU, an asynchronous
+    device assertion elsewhere). rotary_rows: the positions past cache_seqlens[b] that are
+    rotated (the new keys, or the queries when they sit at their own positions)."""
+    if cache_batch_idx is not None:
+        check_values(((cache_batch_idx >= 0) & (cache_batch_idx < cache_rows)).all(),
+                     f"cache_batch_idx must hold cache rows between 0 and {cache_rows - 1}")
+    if cache_leftpad is not None:
+        check_values(((cache_leftpad >= 0) & (cache_leftpad <= seqlens + n_new)).all(),
+                     "cache_leftpad must be between 0 and cache_seqlens + seq_new for every "
+                     "sequence")
+    if rotary_cos is not None:
+        check_values((seqlens + rotary_rows <= rotary_cos.shape[0]).all(),
+                     f"rotary_cos and rotary_sin must have a row for every rotated position: "
+                     f"cache_seqlens + {rotary_rows} must not exceed seqlen_ro "
+                     f"{rotary_cos.shape[0]}")
+
+
 # ------------------------------------------------------------------ pieces
 def append_to_cache(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, seqlens: Tensor,
-                    block_table: Optional[Tensor] = None) -> None:
+                    block_table: Optional[Tensor] = None,
+                    cache_batch_idx: Optional[Tensor] = None) -> None:
     """Write k, v (B, Nnew, ...) into the caches in place at positions seqlens[b] + i
-    (through the block table when paged). Index writes, no host synchronisation."""
+    (through the block table when paged; into cache row cache_batch_idx[b] when given). Index
+    writes, no host synchronisation."""
     B, n_new = k.shape[0], k.shape[1]
     pos = seqlens.long()[:, None] + torch.arange(n_new, device=k.device)    # (B, Nnew)
     if block_table is None:
-        batch = torch.arange(B, device=k.device)[:, None].expand(B, n_new)
+        rows = torch.arange(B, device=k.device) if cache_batch_idx is None \
+            else cache_batch_idx.long()
+        batch = rows[:, None].expand(B, n_new)
         k_cache[batch, pos] = k
         v_cache[batch, pos] = v
     else:
@@ -215,21 +313,106 @@ def kvcache_masked(lengths: Tensor, n_q: int, capacity: int, causal: bool) -> Te
 
 
 def _torch_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal, scale,
-                     norm_weight, eps, out_scale, v2):
+                     norm_weight, eps, out_scale, v2, *, cache_leftpad=None,
+                     cache_batch_idx=None, window_size=None, return_lse=False):
     """The readable path: gather each sequence's keys in logical order, mask past its length
     (and the causal diagonal), and run diff_attention's torch path."""
     keys, values = logical_cache(k_cache, block_table), logical_cache(v_cache, block_table)
+    if cache_batch_idx is not None:
+        keys, values = keys[cache_batch_idx.long()], values[cache_batch_idx.long()]
     masked = kvcache_masked(lengths, q.shape[1], keys.shape[1], causal)
-    # Rows past a sequence's length hold whatever the cache had (stale or never written):
+    masked = mask_step_options(masked, lengths, q.shape[1], causal, cache_leftpad, window_size)
+    # Rows outside a sequence's keys hold whatever the cache had (stale or never written):
     # read them as 0, so that a NaN there meets no zero probability.
-    past_end = masked[:, 0, -1]  # (B, capacity): the last query sees the most keys
-    keys, values = zero_padding_keys(keys, past_end), zero_padding_keys(values, past_end)
+    unused = kvcache_unused_rows(lengths, keys.shape[1], cache_leftpad)
+    keys, values = zero_padding_keys(keys, unused), zero_padding_keys(values, unused)
     if v2:
-        return diff_attention_v2_torch(q, keys, values, lambda_, scale=scale, attn_bias=masked)
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    lam = expand_lambda(lambda_, q.shape[2] // 2, acc, q.device)
-    return diff_attention_torch(q, keys, values, lam, scale=scale, norm_weight=norm_weight,
-                                eps=eps, out_scale=out_scale, attn_bias=masked)
+        out = diff_attention_v2_torch(q, keys, values, lambda_, scale=scale, attn_bias=masked)
+    else:
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        lam = expand_lambda(lambda_, q.shape[2] // 2, acc, q.device)
+        out = diff_attention_torch(q, keys, values, lam, scale=scale, norm_weight=norm_weight,
+                                   eps=eps, out_scale=out_scale, attn_bias=masked)
+    if return_lse:
+        return out, kvcache_lse(q, keys, masked, scale, v2)
+    return out
+
+
+# ------------------------------------------------------------------ the step's options (torch)
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,
+                 interleaved: bool) -> Tensor:
+    """x (B, N, heads, d) with its first rotary_dim = 2 * cos.shape[1] dims rotated at
+    positions (B, N) (rows of cos, sin (seqlen_ro, rotary_dim / 2)): GPT-J interleaved pairs
+    (2i, 2i + 1) with interleaved, else GPT-NeoX halves (i, i + rotary_dim / 2); each pair
+    (a, b) at frequency i becomes (a cos - b sin, b cos + a sin). Computed in float32
+    (float64 for float64 x), returned in x's dtype."""
+    half = cos.shape[1]
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rows = positions.long().clamp(0, cos.shape[0] - 1)   # out-of-range rows fail check_values
+    c = cos.to(compute)[rows][:, :, None, :]             # (B, N, 1, rotary_dim / 2)
+    s = sin.to(compute)[rows][:, :, None, :]
+    xr = x[..., :2 * half].to(compute)
+    if interleaved:
+        a, b = xr[..., 0::2], xr[..., 1::2]
+        rotated = torch.stack((a * c - b * s, b * c + a * s), dim=-1).flatten(-2)
+    else:
+        a, b = xr[..., :half], xr[..., half:]
+        rotated = torch.cat((a * c - b * s, b * c + a * s), dim=-1)
+    return torch.cat((rotated.to(x.dtype), x[..., 2 * half:]), dim=-1)
+
+
+def rotary_positions(seqlens: Tensor, n: int, each_position: bool) -> Tensor:
+    """(B, n) positions of n new tokens: seqlens[b] + i, or seqlens[b] for all of them."""
+    offsets = torch.arange(n, device=seqlens.device) if each_position else \
+        torch.zeros(n, dtype=torch.long, device=seqlens.device)
+    return seqlens.long()[:, None] + offsets
+
+
+def mask_step_options(masked: Tensor, lengths: Tensor, n_q: int, causal: bool,
+                      cache_leftpad: Optional[Tensor], window_size) -> Tensor:
+    """kvcache_masked's (B, 1, Nq, capacity) mask with the keys before cache_leftpad[b] and
+    outside the local window (left, right) masked too: query i sees keys
+    L - Nq + i - left <= j <= L - Nq + i + right (L = lengths[b]; -1 unbounded; right is 0
+    with causal)."""
+    cols = torch.arange(masked.shape[-1], device=lengths.device)
+    if cache_leftpad is not None:
+        masked = masked | (cols < cache_leftpad.long()[:, None, None, None])
+    left, right = (-1, -1) if window_size is None else window_size
+    if left >= 0 or (right >= 0 and not causal):
+        diagonal = lengths.long()[:, None, None, None] - n_q + \
+            torch.arange(n_q, device=lengths.device)[:, None]
+        if left >= 0:
+            masked = masked | (cols < diagonal - left)
+        if right >= 0 and not causal:
+            masked = masked | (cols > diagonal + right)
+    return masked
+
+
+def kvcache_unused_rows(lengths: Tensor, capacity: int,
+                        cache_leftpad: Optional[Tensor]) -> Tensor:
+    """(B, capacity) bool, True for the cache rows that hold none of sequence b's keys: past
+    lengths[b], or before cache_leftpad[b]."""
+    cols = torch.arange(capacity, device=lengths.device)
+    unused = cols >= lengths.long()[:, None]
+    if cache_leftpad is not None:
+        unused = unused | (cols < cache_leftpad.long()[:, None])
+    return unused
+
+
+def kvcache_lse(q: Tensor, keys: Tensor, masked: Tensor, scale: float, v2: bool) -> Tensor:
+    """(B, 2H, Nq) float32: each map's natural-log log-sum-exp of scale * q k^T over the keys
+    it sees (q head 2h: map 1 of head h, 2h + 1: map 2), -inf for a row that sees none.
+    keys (B, M, 2Hk or Hk, d) in logical order; masked (B, 1, Nq, M), True = unseen."""
+    H2 = q.shape[2]
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    heads = torch.arange(H2, device=q.device)
+    if v2:      # q head j reads key head j // (2H / Hk)
+        key_head = heads // (H2 // keys.shape[2])
+    else:       # map m of head h reads key 2g + m of its group g = h // (H / Hk)
+        key_head = 2 * ((heads // 2) // ((H2 // 2) // (keys.shape[2] // 2))) + heads % 2
+    scores = torch.einsum("bnjd,bmjd->bjnm", q.to(compute),
+                          keys[:, :, key_head].to(compute)) * scale
+    return torch.logsumexp(scores.masked_fill(masked, float("-inf")), dim=-1).float()
 
 
 # ------------------------------------------------------------------ the registered operator
@@ -245,45 +428,76 @@ if diff_attn_decode is not None:
     def _kvcache_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor,
                     block_table: Optional[Tensor], lam: Optional[Tensor], lam_value: float,
                     lam_vectors: bool, norm_weight: Optional[Tensor], scale: float,
-                    causal: bool, eps: float, out_scale: float, num_splits: int) -> Tensor:
+                    causal: bool, eps: float, out_scale: float, num_splits: int,
+                    rotary_cos: Optional[Tensor], rotary_sin: Optional[Tensor],
+                    rotary_interleaved: bool, rotary_per_row: bool, n_new: int,
+                    cache_leftpad: Optional[Tensor], cache_batch_idx: Optional[Tensor],
+                    window_left: int, window_right: int,
+                    return_lse: bool) -> Tuple[Tensor, Tensor]:
         """The decode kernels over caches that already hold the new keys (lengths: valid
-        keys per sequence)."""
-        return diff_attn_decode(q, k_cache, v_cache, lengths, block_table, lam, lam_value,
-                                norm_weight, scale, causal, eps, out_scale, num_splits,
-                                _WRAP, lam_vectors)
+        keys per sequence). Returns (out, lse); lse is empty without return_lse."""
+        result = diff_attn_decode(
+            q, k_cache, v_cache, lengths, block_table, lam, lam_value, norm_weight, scale,
+            causal, eps, out_scale, num_splits, _WRAP, lam_vectors, rotary_cos=rotary_cos,
+            rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
+            rotary_per_row=rotary_per_row, n_new=n_new, cache_leftpad=cache_leftpad,
+            cache_batch_idx=cache_batch_idx, window_size=(window_left, window_right),
+            return_lse=return_lse)
+        return result if return_lse else (result, q.new_empty(0, dtype=torch.float32))
 
     @_kvcache_op.register_fake
     def _(q, k_cache, v_cache, lengths, block_table, lam, lam_value, lam_vectors, norm_weight,
-          scale, causal, eps, out_scale, num_splits):
+          scale, causal, eps, out_scale, num_splits, rotary_cos, rotary_sin, rotary_interleaved,
+          rotary_per_row, n_new, cache_leftpad, cache_batch_idx, window_left, window_right,
+          return_lse):
         B, Nq, H2, _ = q.shape
-        return q.new_empty(B, Nq, H2 // 2, v_cache.shape[3])
+        lse_shape = (B, H2, Nq) if return_lse else (0,)
+        return (q.new_empty(B, Nq, H2 // 2, v_cache.shape[3]),
+                q.new_empty(lse_shape, dtype=torch.float32))
 
 
 def _fused_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal, scale,
-                     norm_weight, eps, out_scale, num_splits):
+                     norm_weight, eps, out_scale, num_splits, *, rotary_cos=None,
+                     rotary_sin=None, rotary_interleaved=True, rotary_per_row=False, n_new=0,
+                     cache_leftpad=None, cache_batch_idx=None, window_size=None,
+                     return_lse=False):
     q = _last_dim_contiguous(q)  # the decode kernel reads q's rows as contiguous vectors
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     lam, lam_value, vectors = _kernel_lambda(lambda_, acc, q.device)
     up = q.dtype == torch.bfloat16 and INTERPRET  # the interpreter's bf16 math is wrong
     if up:
         q, k_cache, v_cache = q.float(), k_cache.float(), v_cache.float()
+    if rotary_cos is not None:  # the kernel reads cos/sin rows as contiguous vectors
+        rotary_cos, rotary_sin = _last_dim_contiguous(rotary_cos), _last_dim_contiguous(rotary_sin)
+    left, right = (-1, -1) if window_size is None else window_size
+    options = dict(rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                   rotary_interleaved=rotary_interleaved, rotary_per_row=rotary_per_row,
+                   n_new=n_new, cache_leftpad=cache_leftpad, cache_batch_idx=cache_batch_idx)
     if torch.compiler.is_compiling():
-        out = _kvcache_op(q, k_cache, v_cache, lengths, block_table, lam, lam_value, vectors,
-                          norm_weight, float(scale), causal, float(eps), float(out_scale),
-                          num_splits)
+        out, lse = _kvcache_op(q, k_cache, v_cache, lengths, block_table, lam, lam_value,
+                               vectors, norm_weight, float(scale), causal, float(eps),
+                               float(out_scale), num_splits, window_left=left,
+                               window_right=right, return_lse=return_lse, **options)
     else:
-        out = diff_attn_decode(q, k_cache, v_cache, lengths, block_table, lam, lam_value,
-                               norm_weight, float(scale), causal, float(eps), float(out_scale),
-                               num_splits, lam_vectors=vectors)
-    return out.to(torch.bfloat16) if up else out
+        result = diff_attn_decode(q, k_cache, v_cache, lengths, block_table, lam, lam_value,
+                                  norm_weight, float(scale), causal, float(eps),
+                                  float(out_scale), num_splits, lam_vectors=vectors,
+                                  window_size=(left, right), return_lse=return_lse, **options)
+        out, lse = result if return_lse else (result, None)
+    out = out.to(torch.bfloat16) if up else out
+    return (out, lse) if return_lse else out
 
 
 # ------------------------------------------------------------------ public API
 def run_with_kvcache(q, k_cache, v_cache, lambda_, backend, *, k=None, v=None,
-                     cache_seqlens=None, block_table=None, causal=True, scale=None,
-                     norm_weight=None, eps=1e-5, out_scale=1.0, num_splits=0, v2=False):
+                     rotary_cos=None, rotary_sin=None, cache_seqlens=None,
+                     cache_batch_idx=None, cache_leftpad=None, block_table=None, causal=False,
+                     window_size=None, rotary_interleaved=True, scale=None, norm_weight=None,
+                     eps=1e-5, out_scale=1.0, num_splits=0, return_softmax_lse=False,
+                     v2=False):
     """The two public functions without the shape checks (``backend`` resolved): checks the
-    lengths and block table values, appends, attends. ``lambda_`` may be LambdaVectors (V1)."""
+    index tensors' values, rotates and appends the new keys, attends. ``lambda_`` may be
+    LambdaVectors (V1)."""
     B = q.shape[0]
     n_new = 0 if k is None else k.shape[1]
     capacity = _capacity(k_cache, block_table)
@@ -293,92 +507,218 @@ def run_with_kvcache(q, k_cache, v_cache, lambda_, backend, *, k=None, v=None,
         seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
     else:
         seqlens = cache_seqlens
-    if isinstance(cache_seqlens, Tensor) or block_table is not None:
-        _check_values(seqlens, n_new, capacity, block_table, k_cache.shape[0], k_cache.shape[1])
+    # index tensors are read as laid out: one int per sequence, contiguous
+    cache_batch_idx = None if cache_batch_idx is None else cache_batch_idx.contiguous()
+    cache_leftpad = None if cache_leftpad is None else cache_leftpad.contiguous()
+    if window_size is not None and tuple(window_size) == (-1, -1):
+        window_size = None
+    window_size = None if window_size is None else tuple(window_size)
+    # flash-attn's rule: q sits at its own positions when causal or windowed, else every
+    # query at cache_seqlens
+    rotary_per_row = causal or window_size is not None
+    has_options = rotary_cos is not None or cache_batch_idx is not None or \
+        cache_leftpad is not None
+    if isinstance(cache_seqlens, Tensor) or block_table is not None or has_options:
+        _check_values(seqlens, n_new, capacity, block_table, k_cache.shape[0], k_cache.shape[1],
+                      cache_batch_idx=cache_batch_idx, cache_rows=k_cache.shape[0],
+                      cache_leftpad=cache_leftpad, rotary_cos=rotary_cos,
+                      rotary_rows=max(n_new, q.shape[1] if rotary_per_row else 1))
     if backend == "triton" and torch.is_grad_enabled() and any(
             isinstance(t, Tensor) and t.requires_grad for t in (
-                q, k, v, k_cache, v_cache, norm_weight,
+                q, k, v, k_cache, v_cache, norm_weight, rotary_cos, rotary_sin,
                 lambda_.vectors if isinstance(lambda_, LambdaVectors) else lambda_)):
         # refused before anything is written into the caches
         raise RuntimeError("diff_attention_with_kvcache is forward only on the fused path: "
                            "call it under torch.no_grad() (or torch.inference_mode()), or "
                            "use backend='torch' to differentiate through it")
     if k is not None and n_new > 0:
-        append_to_cache(k_cache, v_cache, k, v, seqlens, block_table)
+        if rotary_cos is not None:
+            k = apply_rotary(k, rotary_cos, rotary_sin, rotary_positions(seqlens, n_new, True),
+                             rotary_interleaved)
+        append_to_cache(k_cache, v_cache, k, v, seqlens, block_table, cache_batch_idx)
     lengths = seqlens + n_new if n_new else seqlens
     scale = q.shape[3] ** -0.5 if scale is None else float(scale)
     if backend == "triton":
         return _fused_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal,
-                                scale, norm_weight, eps, out_scale, num_splits)
+                                scale, norm_weight, eps, out_scale, num_splits,
+                                rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                                rotary_interleaved=rotary_interleaved,
+                                rotary_per_row=rotary_per_row, n_new=n_new,
+                                cache_leftpad=cache_leftpad, cache_batch_idx=cache_batch_idx,
+                                window_size=window_size, return_lse=return_softmax_lse)
+    if rotary_cos is not None:
+        q = apply_rotary(q, rotary_cos, rotary_sin,
+                         rotary_positions(seqlens, q.shape[1], rotary_per_row),
+                         rotary_interleaved)
     return _torch_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal, scale,
-                            norm_weight, eps, out_scale, v2)
+                            norm_weight, eps, out_scale, v2, cache_leftpad=cache_leftpad,
+                            cache_batch_idx=cache_batch_idx, window_size=window_size,
+                            return_lse=return_softmax_lse)
 
 
-def diff_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
-                                lambda_: Union[float, Tensor], *, k: Optional[Tensor] = None,
-                                v: Optional[Tensor] = None,
-                                cache_seqlens: Union[int, Tensor, None] = None,
-                                block_table: Optional[Tensor] = None, causal: bool = True,
-                                scale: Optional[float] = None,
-                                norm_weight: Optional[Tensor] = None, eps: float = 1e-5,
-                                out_scale: float = 1.0, num_splits: int = 0,
-                                backend: str = "auto") -> Tensor:
-    """Differential attention (V1 / DiffCLIP) of a decoding step against a KV cache, forward
-    only; k and v, when given, are first appended to the caches in place.
+_SIGNATURE_DOC = """
+    Signature (flash-attn's ``flash_attn_with_kvcache`` order up to block_table; everything
+    after it, lambda_ included, is keyword-only, so that a flash-style positional call is a
+    TypeError, never a silently different one)::
 
-    Args:
-        q: (B, Nq, 2H, d), the queries of the last Nq positions of each sequence.
-        k_cache: (B, Mmax, 2Hk, d), or (num_blocks, page_size, 2Hk, d) with block_table.
-        v_cache: (B, Mmax, Hk, 2d), or (num_blocks, page_size, Hk, 2d) with block_table.
-        lambda_: float, 0-dim or (H,) tensor.
-        k, v: (B, Nnew, 2Hk, d) and (B, Nnew, Hk, 2d), or None: written into the caches at
-            positions cache_seqlens[b] .. cache_seqlens[b] + Nnew - 1 (in place).
-        cache_seqlens: int or int32 (B,) tensor, each cache's valid length before the call
-            (None: every cache is full, and k, v must be None). cache_seqlens + Nnew must not
-            exceed the capacity (Mmax, or max_blocks * page_size).
+        {name}(
+            q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None, *,
+            lambda_, scale=None, causal=False, window_size=None, rotary_interleaved=True,
+            {extra}num_splits=0, return_softmax_lse=False, backend="auto")
+"""
+
+_COMMON_ARGS_DOC = """
+        cache_seqlens: int or int32 (B,) tensor: where each sequence's cached keys end before
+            the call (None: every cache is full, and k, v must be None). With cache_leftpad
+            the keys are rows cache_leftpad[b] .. cache_seqlens[b] - 1. cache_seqlens + Nnew
+            must not exceed the capacity (Mmax, or max_blocks * page_size).
+        cache_batch_idx: int32 (B,) or None: sequence b reads and appends cache row
+            cache_batch_idx[b] (contiguous caches, whose first dimension may then exceed B;
+            not with block_table). With repeated rows and new keys, which append wins is
+            unspecified.
+        cache_leftpad: int32 (B,) or None: sequence b's keys start at logical position
+            cache_leftpad[b] (0 <= cache_leftpad[b] <= cache_seqlens[b] + Nnew); the rows
+            before it are never read (a left-padded batch: prefill the padded prompts with
+            cache_seqlens = 0 and cache_leftpad = the pad lengths, then decode).
         block_table: int32 (B, max_blocks): logical position p of sequence b lives in row
             p % page_size of page block_table[b, p // page_size]; page_size a power of two
             >= 16. Only the entries of pages a sequence uses are read.
-        causal: query i sees keys j <= cache_seqlens[b] + Nnew - Nq + i (bottom-right); else
-            all cache_seqlens[b] + Nnew keys. A query that sees no key gives zeros.
-        scale, norm_weight, eps, out_scale: as in diff_attention (the RMSNorm epilogue).
+        rotary_cos, rotary_sin: (seqlen_ro, rotary_dim / 2) or None (needs k, v): the rotary
+            embedding of the first rotary_dim dims of each head (2 <= rotary_dim <= d; the
+            rest are left as they are). New key i is rotated at position
+            cache_seqlens[b] + i before it is appended (both keys of a V1 key pair); query i
+            at cache_seqlens[b] + i when causal or windowed, else every query at
+            cache_seqlens[b] (flash-attn's rule; both q maps of a differential head).
+            Positions are logical cache positions, so with cache_leftpad the first real
+            token of a sequence sits at position cache_leftpad[b], as in flash-attn.
+            cache_seqlens + max(Nnew, Nq if causal or windowed else 1) must not exceed
+            seqlen_ro. On the fused path q is rotated inside the decode kernel.
+        rotary_interleaved: True: GPT-J pairs (dims 2i, 2i + 1); False: GPT-NeoX halves
+            (dims i, i + rotary_dim / 2). Each pair (a, b) becomes (a cos - b sin,
+            b cos + a sin).
+        causal: default False, as in flash-attn: every query sees all L = cache_seqlens[b]
+            + Nnew keys. True: query i sees keys j <= L - Nq + i (bottom-right aligned). A
+            query that sees no key gives zeros.
+        window_size: (left, right) or None, -1 = unbounded: local attention, query i sees
+            keys L - Nq + i - left <= j <= L - Nq + i + right (right is 0 with causal;
+            FlashAttention's rule, as in diff_attention). None or (-1, -1): no window.
         num_splits: key splits of the fused path (flash-decoding): 0 chooses from the shapes,
             1 runs one pass; the partial results are merged with their log-sum-exp.
+        return_softmax_lse: also return lse (B, 2H, Nq) float32, each softmax map's
+            natural-log log-sum-exp of scale * q k^T over the keys it sees, in q-head order
+            (q head 2h: map 1 of differential head h, 2h + 1: map 2); -inf for a row that
+            sees no key.
         backend: "auto" | "triton" | "torch" (see diffattn.backend). The fused path is
             forward only (call it under torch.no_grad()); differentiating through the torch
             path makes the in-place append part of the autograd graph, so the caches then
             carry the graph of every step until they are detached.
+"""
+
+
+def diff_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
+                                k: Optional[Tensor] = None, v: Optional[Tensor] = None,
+                                rotary_cos: Optional[Tensor] = None,
+                                rotary_sin: Optional[Tensor] = None,
+                                cache_seqlens: Union[int, Tensor, None] = None,
+                                cache_batch_idx: Optional[Tensor] = None,
+                                cache_leftpad: Optional[Tensor] = None,
+                                block_table: Optional[Tensor] = None, *,
+                                lambda_: Union[float, Tensor], scale: Optional[float] = None,
+                                causal: bool = False,
+                                window_size: Optional[Tuple[int, int]] = None,
+                                rotary_interleaved: bool = True,
+                                norm_weight: Optional[Tensor] = None, eps: float = 1e-5,
+                                out_scale: float = 1.0, num_splits: int = 0,
+                                return_softmax_lse: bool = False,
+                                backend: str = "auto"):
+    """Differential attention (V1 / DiffCLIP) of a decoding step against a KV cache, forward
+    only; k and v, when given, are first appended to the caches in place.
+{signature}
+    Args:
+        q: (B, Nq, 2H, d), the queries of the last Nq positions of each sequence.
+        k_cache: (B, Mmax, 2Hk, d), or (num_blocks, page_size, 2Hk, d) with block_table.
+        v_cache: (B, Mmax, Hk, 2d), or (num_blocks, page_size, Hk, 2d) with block_table.
+        k, v: (B, Nnew, 2Hk, d) and (B, Nnew, Hk, 2d), or None: written into the caches at
+            positions cache_seqlens[b] .. cache_seqlens[b] + Nnew - 1 (in place).
+        lambda_: float, 0-dim or (H,) tensor (keyword-only).
+        scale: softmax scale (flash-attn's softmax_scale), default d ** -0.5.
+        norm_weight, eps, out_scale: as in diff_attention (the RMSNorm epilogue).{common}
     Returns:
-        (B, Nq, H, 2d) in q's dtype.
+        (B, Nq, H, 2d) in q's dtype; (out, lse) with return_softmax_lse.
     """
     check_backend_name(backend)
     _check_kvcache(q, k_cache, v_cache, lambda_, k, v, cache_seqlens, block_table, norm_weight,
-                   scale, causal, eps, out_scale, num_splits, v2=False)
+                   scale, causal, eps, out_scale, num_splits, v2=False,
+                   cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
+                   rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                   rotary_interleaved=rotary_interleaved, window_size=window_size,
+                   return_softmax_lse=return_softmax_lse)
     chosen = resolve_backend(backend, q.device, q.dtype, q.shape[3])
     return run_with_kvcache(q, k_cache, v_cache, lambda_, chosen, k=k, v=v,
-                            cache_seqlens=cache_seqlens, block_table=block_table, causal=causal,
-                            scale=scale, norm_weight=norm_weight, eps=eps, out_scale=out_scale,
-                            num_splits=num_splits, v2=False)
+                            rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                            cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
+                            cache_leftpad=cache_leftpad, block_table=block_table,
+                            causal=causal, window_size=window_size,
+                            rotary_interleaved=rotary_interleaved, scale=scale,
+                            norm_weight=norm_weight, eps=eps, out_scale=out_scale,
+                            num_splits=num_splits, return_softmax_lse=return_softmax_lse,
+                            v2=False)
 
 
 def diff_attention_v2_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
-                                   lambda_: Union[float, Tensor], *, k: Optional[Tensor] = None,
-                                   v: Optional[Tensor] = None,
+                                   k: Optional[Tensor] = None, v: Optional[Tensor] = None,
+                                   rotary_cos: Optional[Tensor] = None,
+                                   rotary_sin: Optional[Tensor] = None,
                                    cache_seqlens: Union[int, Tensor, None] = None,
-                                   block_table: Optional[Tensor] = None, causal: bool = True,
-                                   scale: Optional[float] = None, num_splits: int = 0,
-                                   backend: str = "auto") -> Tensor:
-    """Differential attention V2 of a decoding step against a KV cache, forward only: as
-    diff_attention_with_kvcache with k_cache, v_cache (B, Mmax, Hk, d) (or
-    (num_blocks, page_size, Hk, d) with block_table), k, v (B, Nnew, Hk, d), lambda_ a float,
-    (), (H,) or per token (B, Nq, H), no norm. Returns (B, Nq, H, d)."""
+                                   cache_batch_idx: Optional[Tensor] = None,
+                                   cache_leftpad: Optional[Tensor] = None,
+                                   block_table: Optional[Tensor] = None, *,
+                                   lambda_: Union[float, Tensor],
+                                   scale: Optional[float] = None, causal: bool = False,
+                                   window_size: Optional[Tuple[int, int]] = None,
+                                   rotary_interleaved: bool = True, num_splits: int = 0,
+                                   return_softmax_lse: bool = False, backend: str = "auto"):
+    """Differential attention V2 of a decoding step against a KV cache, forward only; k and v,
+    when given, are first appended to the caches in place.
+{signature}
+    Args:
+        q: (B, Nq, 2H, d), the queries of the last Nq positions of each sequence.
+        k_cache, v_cache: (B, Mmax, Hk, d), or (num_blocks, page_size, Hk, d) with
+            block_table (the 2H q heads share Hk key/value heads: q head j reads head
+            j // (2H / Hk)).
+        k, v: (B, Nnew, Hk, d) or None: written into the caches at positions
+            cache_seqlens[b] .. cache_seqlens[b] + Nnew - 1 (in place).
+        lambda_: float, (), (H,) or per token (B, Nq, H) tensor (keyword-only).
+        scale: softmax scale (flash-attn's softmax_scale), default d ** -0.5.{common}
+    Returns:
+        (B, Nq, H, d) in q's dtype; (out, lse) with return_softmax_lse.
+    """
     check_backend_name(backend)
     _check_kvcache(q, k_cache, v_cache, lambda_, k, v, cache_seqlens, block_table, None, scale,
-                   causal, 1e-5, 1.0, num_splits, v2=True)
+                   causal, 1e-5, 1.0, num_splits, v2=True, cache_batch_idx=cache_batch_idx,
+                   cache_leftpad=cache_leftpad, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                   rotary_interleaved=rotary_interleaved, window_size=window_size,
+                   return_softmax_lse=return_softmax_lse)
     chosen = resolve_backend(backend, q.device, q.dtype, q.shape[3])
     return run_with_kvcache(q, k_cache, v_cache, lambda_, chosen, k=k, v=v,
-                            cache_seqlens=cache_seqlens, block_table=block_table, causal=causal,
-                            scale=scale, num_splits=num_splits, v2=True)
+                            rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                            cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
+                            cache_leftpad=cache_leftpad, block_table=block_table,
+                            causal=causal, window_size=window_size,
+                            rotary_interleaved=rotary_interleaved, scale=scale,
+                            num_splits=num_splits, return_softmax_lse=return_softmax_lse,
+                            v2=True)
+
+
+for _fn, _extra in ((diff_attention_with_kvcache, "norm_weight=None, eps=1e-5, out_scale=1.0,"
+                                                  "\n            "),
+                    (diff_attention_v2_with_kvcache, "")):
+    if _fn.__doc__:  # None under python -OO
+        _fn.__doc__ = _fn.__doc__.format(
+            signature=_SIGNATURE_DOC.format(name=_fn.__name__, extra=_extra),
+            common=_COMMON_ARGS_DOC.rstrip())
+del _fn, _extra
 
 
 # ------------------------------------------------------------------ the layers' cache

@@ -31,6 +31,20 @@ sum_s 2^(lse_s - L) with L = max_s lse_s, then applies X = O1 - lambda O2 and th
 
 No value of seqlens or the block table is read on the host: the grid comes from the static
 shapes, and splits past a sequence's length do nothing but record lse = -inf.
+
+Options of a decoding step (flash-attn's ``flash_attn_with_kvcache``), each a compile-time
+flag that leaves the kernel as above when off:
+
+- ROTARY_DIM > 0: q is rotated on load (rotary embedding of its first ROTARY_DIM dims, GPT-J
+  interleaved pairs with ROTARY_INTERLEAVED, else GPT-NeoX halves) by the rows of COS, SIN
+  (seqlen_ro, ROTARY_DIM / 2) at position seqlens[b] - n_new + i for query i
+  (ROTARY_PER_ROW: causal or windowed), else at seqlens[b] - n_new for every query;
+- HAS_LEFTPAD: sequence b's keys start at logical position LEFTPAD[b] (earlier ones unseen);
+- HAS_CACHE_ROWS: sequence b reads cache row CACHE_ROWS[b] (contiguous caches only);
+- WINDOW: local attention, query i sees keys L - Nq + i - window_left ..
+  L - Nq + i + window_right (-1: unbounded);
+- RETURN_LSE: LSE (B, 2H, Nq) float32, each map's natural-log log-sum-exp of its scaled
+  scores (q head 2h: map 1 of head h, 2h + 1: map 2), -inf for a row that saw no key.
 """
 from __future__ import annotations
 
@@ -98,8 +112,58 @@ def _store_output(o1, o2, lam, W, OUT, b, qi, h, row_ok, offs_dv, Nq, H, eps, ou
     tl.store(ptrs, y.to(OUT.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _rotary_q_tile(q, q_map, offs_d, q_mask, COS, SIN, pos, stride_ro, ROTARY_DIM: tl.constexpr,
+                   INTERLEAVED: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """q (BLOCK_M, BLOCK_D), read at q_map[:, None] + offs_d, with its first ROTARY_DIM dims
+    rotated at positions pos (BLOCK_M,): each dim pairs with its partner (dim ^ 1 interleaved,
+    dim +- ROTARY_DIM / 2 in halves), x * cos -+ partner * sin. Returned in q's dtype."""
+    if INTERLEAVED:
+        partner = offs_d ^ 1
+        freq = offs_d // 2
+        first = offs_d % 2 == 0
+    else:
+        first = offs_d < ROTARY_DIM // 2
+        partner = tl.where(first, offs_d + ROTARY_DIM // 2, offs_d - ROTARY_DIM // 2)
+        freq = tl.where(first, offs_d, offs_d - ROTARY_DIM // 2)
+    rotated = (offs_d < ROTARY_DIM)[None, :] & q_mask
+    q_partner = tl.load(q_map[:, None] + partner[None, :], mask=rotated, other=0.0)
+    cs = pos.to(tl.int64)[:, None] * stride_ro + freq[None, :]
+    cos = tl.load(COS + cs, mask=rotated, other=1.0).to(ACC_DTYPE)
+    sin = tl.load(SIN + cs, mask=rotated, other=0.0).to(ACC_DTYPE)
+    sin = tl.where(first[None, :], -sin, sin)
+    x = q.to(ACC_DTYPE)
+    return tl.where(rotated, x * cos + q_partner.to(ACC_DTYPE) * sin, x).to(q.dtype)
+
+
+@triton.jit
+def _store_lse(LSE, lse2, b, h, map_index, qi, row_ok, Nq, H):
+    """Store one map's base-2 log-sum-exp lse2 (BLOCK_M,) as natural-log float32 into LSE
+    (B, 2H, Nq) at q head 2h + map_index."""
+    lse = tl.where(lse2 == float("-inf"), float("-inf"), lse2 * 0.6931471805599453)
+    ptrs = LSE + ((b * 2 * H + 2 * h + map_index) * Nq + qi.to(tl.int64))
+    tl.store(ptrs, lse.to(tl.float32), mask=row_ok)
+
+
+@triton.jit
+def _merged_lse(PART_LSE, base, rows, row_ok, R, n_splits, ACC_DTYPE: tl.constexpr,
+                BLOCK_M: tl.constexpr):
+    """One map's base-2 log-sum-exp over the splits (parts at base + s * 2), -inf when no
+    split saw a key."""
+    top = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
+    total = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+    for s in range(0, n_splits):
+        lse = tl.load(PART_LSE + (base + s * 2) * R + rows, mask=row_ok, other=float("-inf"))
+        new_top = tl.maximum(top, lse)
+        shift = tl.where(new_top == float("-inf"), 0.0, new_top)
+        total = total * tl.exp2(top - shift) + tl.exp2(lse - shift)
+        top = new_top
+    return tl.where(total > 0, top + tl.log2(tl.where(total > 0, total, 1.0)), float("-inf"))
+
+
 @triton.jit(do_not_specialize=["Nq", "H", "GROUP", "SPLIT_LEN", "stride_lb", "stride_ln",
-                               "stride_lh"])
+                               "stride_lh", "stride_ro", "n_new", "window_left",
+                               "window_right"])
 def diff_attn_decode_kernel(
     Q, K, V, SEQLENS, BT, LAM, W, OUT, PART_O, PART_LSE,
     stride_qb, stride_qn, stride_qh,
@@ -115,6 +179,11 @@ def diff_attn_decode_kernel(
     PAGED: tl.constexpr, PAGE: tl.constexpr, HAS_NORM: tl.constexpr, SPLIT: tl.constexpr,
     ACC_FP64: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    # the step's options (see the module docstring); unused pointers may be any tensor
+    COS, SIN, LEFTPAD, CACHE_ROWS, LSE, stride_ro, n_new, window_left, window_right,
+    ROTARY_DIM: tl.constexpr, ROTARY_INTERLEAVED: tl.constexpr, ROTARY_PER_ROW: tl.constexpr,
+    HAS_LEFTPAD: tl.constexpr, HAS_CACHE_ROWS: tl.constexpr, WINDOW: tl.constexpr,
+    RETURN_LSE: tl.constexpr,
 ):
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     pid_m = tl.program_id(0)
@@ -143,6 +212,33 @@ def diff_attn_decode_kernel(
     end = tl.minimum(start + SPLIT_LEN, L)
     if CAUSAL:  # the tile's last query sees keys < L - Nq + its index + 1
         end = tl.minimum(end, L - Nq + tl.max(tl.where(row_ok, qi, 0), 0) + 1)
+    # ---- the step's options: rotary q, cache rows, left padding, window
+    if ROTARY_DIM > 0:
+        pos = L - n_new + 0 * qi
+        if ROTARY_PER_ROW:
+            pos = pos + qi
+        q1 = _rotary_q_tile(q=q1, q_map=q_rows, offs_d=offs_d, q_mask=q_mask, COS=COS, SIN=SIN,
+                            pos=pos, stride_ro=stride_ro, ROTARY_DIM=ROTARY_DIM,
+                            INTERLEAVED=ROTARY_INTERLEAVED, ACC_DTYPE=acc_dtype)
+        q2 = _rotary_q_tile(q=q2, q_map=q_rows + stride_qh, offs_d=offs_d, q_mask=q_mask,
+                            COS=COS, SIN=SIN, pos=pos, stride_ro=stride_ro,
+                            ROTARY_DIM=ROTARY_DIM, INTERLEAVED=ROTARY_INTERLEAVED,
+                            ACC_DTYPE=acc_dtype)
+    kv_b = b  # the cache row (contiguous caches) or the block table's row (paged: always b)
+    if HAS_CACHE_ROWS:
+        kv_b = tl.load(CACHE_ROWS + b).to(tl.int64)
+    first_key = L * 0
+    if HAS_LEFTPAD:
+        first_key = tl.load(LEFTPAD + b).to(tl.int32)
+    if WINDOW:
+        diagonal = L - Nq + qi                                              # (BLOCK_M,)
+        band_start = tl.min(tl.where(row_ok, diagonal, L), 0) - window_left
+        band_end = tl.max(tl.where(row_ok, diagonal, 0), 0) + window_right + 1
+        first_key = tl.where(window_left >= 0, tl.maximum(first_key, band_start), first_key)
+        end = tl.where(window_right >= 0, tl.minimum(end, band_end), end)
+    if HAS_LEFTPAD or WINDOW:  # whole key tiles before the first visible key are skipped
+        start = tl.maximum(start, (tl.maximum(first_key, 0) // BLOCK_N) * BLOCK_N)
+    # ----
 
     m1 = tl.full([BLOCK_M], float("-inf"), dtype=acc_dtype)
     m2 = tl.full([BLOCK_M], float("-inf"), dtype=acc_dtype)
@@ -152,9 +248,9 @@ def diff_attn_decode_kernel(
     acc2 = tl.zeros([BLOCK_M, BLOCK_DV], dtype=acc_dtype)
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k_tile = k_head + _tile_start(BT, b, start_n, stride_bt, stride_kpage, stride_krow,
+        k_tile = k_head + _tile_start(BT, kv_b, start_n, stride_bt, stride_kpage, stride_krow,
                                       PAGED, PAGE)
-        v_tile = v_head + _tile_start(BT, b, start_n, stride_bt, stride_vpage, stride_vrow,
+        v_tile = v_head + _tile_start(BT, kv_b, start_n, stride_bt, stride_vpage, stride_vrow,
                                       PAGED, PAGE)
         k1, k2 = load_head_pair(k_tile, stride_kh, 0, end - start_n, stride_krow, offs_d,
                                 HEAD_DIM, BLOCK_N, KEY_PAIR, True, HEAD_DIM != BLOCK_D)
@@ -163,6 +259,17 @@ def diff_attn_decode_kernel(
         keep = (cols < end)[None, :] & row_ok[:, None]
         if CAUSAL:
             keep = keep & (cols[None, :] <= (L - Nq + qi)[:, None])
+        # ---- the step's options: keys before the left pad (never written: read as 0) and
+        # outside the window are unseen
+        if HAS_LEFTPAD:
+            keep = keep & (cols >= first_key)[None, :]
+            v = tl.where((cols >= first_key)[:, None], v, 0.0)
+        if WINDOW:
+            band = (cols[None, :] >= (diagonal - window_left)[:, None]) | (window_left < 0)
+            band = band & ((cols[None, :] <= (diagonal + window_right)[:, None])
+                           | (window_right < 0))
+            keep = keep & band
+        # ----
         s1 = tl.dot(q1, tl.trans(k1), input_precision=PRECISION).to(acc_dtype)
         m1, l1, acc1 = online_softmax_step(s1, keep, m1, l1, acc1, v, qk_scale, True, PRECISION)
         s2 = tl.dot(q2, tl.trans(k2), input_precision=PRECISION).to(acc_dtype)
@@ -172,6 +279,11 @@ def diff_attn_decode_kernel(
     l2_safe = tl.where(l2 > 0, l2, 1.0)
     o1 = acc1 * tl.where(l1 > 0, 1.0 / l1_safe, 0.0)[:, None]
     o2 = acc2 * tl.where(l2 > 0, 1.0 / l2_safe, 0.0)[:, None]
+    if RETURN_LSE and not SPLIT:
+        _store_lse(LSE=LSE, lse2=tl.where(l1 > 0, m1 + tl.log2(l1_safe), float("-inf")), b=b,
+                   h=h, map_index=0, qi=qi, row_ok=row_ok, Nq=Nq, H=H)
+        _store_lse(LSE=LSE, lse2=tl.where(l2 > 0, m2 + tl.log2(l2_safe), float("-inf")), b=b,
+                   h=h, map_index=1, qi=qi, row_ok=row_ok, Nq=Nq, H=H)
     if SPLIT:
         # workspace PART_O (B, Hk, S, 2, GROUP * Nq, DV), PART_LSE (B, Hk, S, 2, GROUP * Nq)
         R = GROUP * Nq
@@ -227,6 +339,7 @@ def diff_attn_decode_combine_kernel(
     HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, LAM_MODE: tl.constexpr,
     LAM_DIM: tl.constexpr, BLOCK_LAM: tl.constexpr, HAS_NORM: tl.constexpr,
     ACC_FP64: tl.constexpr, BLOCK_M: tl.constexpr,
+    LSE, RETURN_LSE: tl.constexpr,  # each map's merged log-sum-exp (B, 2H, Nq) float32
 ):
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     pid_m = tl.program_id(0)
@@ -247,6 +360,13 @@ def diff_attn_decode_combine_kernel(
                       LAM_MODE, LAM_DIM, BLOCK_LAM, acc_dtype)
     _store_output(o1, o2, lam, W, OUT, b, qi, h, row_ok, offs_dv, Nq, H, eps, out_scale,
                   HEAD_DIM_V, HAS_NORM, acc_dtype)
+    if RETURN_LSE:
+        for map_index in tl.static_range(2):
+            lse2 = _merged_lse(PART_LSE=PART_LSE, base=base + map_index, rows=rows,
+                               row_ok=row_ok, R=R, n_splits=n_splits, ACC_DTYPE=acc_dtype,
+                               BLOCK_M=BLOCK_M)
+            _store_lse(LSE=LSE, lse2=lse2, b=b, h=h, map_index=map_index, qi=qi,
+                       row_ok=row_ok, Nq=Nq, H=H)
 
 
 diff_attn_decode_launch = Launcher(diff_attn_decode_kernel)
@@ -294,7 +414,10 @@ def split_length(capacity: int, num_splits: int, block_n: int) -> int:
 
 
 def diff_attn_decode(q, k_cache, v_cache, seqlens, block_table, lam, lam_value, norm_weight,
-                     scale, causal, eps, out_scale, num_splits, wrap=None, lam_vectors=False):
+                     scale, causal, eps, out_scale, num_splits, wrap=None, lam_vectors=False, *,
+                     rotary_cos=None, rotary_sin=None, rotary_interleaved=True,
+                     rotary_per_row=False, n_new=0, cache_leftpad=None, cache_batch_idx=None,
+                     window_size=None, return_lse=False):
     """Launch the decode kernels.
 
     Args (validated by diffattn.kvcache):
@@ -307,7 +430,16 @@ def diff_attn_decode(q, k_cache, v_cache, seqlens, block_table, lam, lam_value, 
         norm_weight (DV,) or None (the RMSNorm epilogue).
         num_splits: the number of key splits (1: one launch, no workspace; 0: chosen from
             the shapes by choose_num_splits).
-    Returns (B, Nq, H, DV) in q's dtype.
+        rotary_cos, rotary_sin (seqlen_ro, rotary_dim / 2), last dim contiguous, or None:
+            q is rotated on load (rotary_interleaved: GPT-J pairs, else GPT-NeoX halves) at
+            position seqlens[b] - n_new + i (rotary_per_row) or seqlens[b] - n_new.
+        cache_leftpad (B,) int32 contiguous or None: the first key of each sequence.
+        cache_batch_idx (B,) int32 contiguous or None: the cache row of each sequence
+            (contiguous caches only).
+        window_size (left, right) or None: local attention, -1 unbounded (right ignored with
+            causal).
+        return_lse: also return each map's log-sum-exp (B, 2H, Nq) float32.
+    Returns (B, Nq, H, DV) in q's dtype, and the log-sum-exp with return_lse.
     """
     B, Nq, H2, d = q.shape
     Hk, DV = v_cache.shape[2], v_cache.shape[3]
@@ -342,6 +474,22 @@ def diff_attn_decode(q, k_cache, v_cache, seqlens, block_table, lam, lam_value, 
     w_t = norm_weight if has_norm else q
     bt = block_table if paged else seqlens
     acc_fp64 = acc_dtype == torch.float64
+    # the step's options
+    rotary_dim = 0 if rotary_cos is None else 2 * rotary_cos.shape[1]
+    left, right = (-1, -1) if window_size is None else window_size
+    if causal:
+        right = -1  # the causal bound is the tighter one
+    window = left >= 0 or right >= 0
+    lse = torch.empty((B, H2, Nq), device=device, dtype=torch.float32) if return_lse else out
+    options = dict(
+        COS=q if rotary_cos is None else rotary_cos, SIN=q if rotary_sin is None else rotary_sin,
+        LEFTPAD=seqlens if cache_leftpad is None else cache_leftpad,
+        CACHE_ROWS=seqlens if cache_batch_idx is None else cache_batch_idx, LSE=lse,
+        stride_ro=0 if rotary_cos is None else rotary_cos.stride(0), n_new=int(n_new),
+        window_left=int(left), window_right=int(right), ROTARY_DIM=rotary_dim,
+        ROTARY_INTERLEAVED=bool(rotary_interleaved), ROTARY_PER_ROW=bool(rotary_per_row),
+        HAS_LEFTPAD=cache_leftpad is not None, HAS_CACHE_ROWS=cache_batch_idx is not None,
+        WINDOW=window, RETURN_LSE=bool(return_lse))
     grid = (cdiv(rows, block_m), B * Hk, num_splits)
     diff_attn_decode_launch(
         grid, wrap, Q=q, K=k_cache, V=v_cache, SEQLENS=seqlens, BT=bt, LAM=lam_t, W=w_t,
@@ -352,7 +500,7 @@ def diff_attn_decode(q, k_cache, v_cache, seqlens, block_table, lam, lam_value, 
         out_scale=float(out_scale), HEAD_DIM=d, HEAD_DIM_V=DV, BLOCK_D=head_block(d),
         BLOCK_DV=head_block(DV), KEY_PAIR=key_pair, **lam_flags, CAUSAL=causal, PAGED=paged,
         PAGE=page, HAS_NORM=has_norm, SPLIT=split, ACC_FP64=acc_fp64,
-        PRECISION=dot_precision(dtype), BLOCK_M=block_m, BLOCK_N=block_n,
+        PRECISION=dot_precision(dtype), BLOCK_M=block_m, BLOCK_N=block_n, **options,
         num_warps=decode_warps(block_m), num_stages=DECODE_STAGES)
     if split:
         diff_attn_decode_combine_launch(
@@ -360,5 +508,6 @@ def diff_attn_decode(q, k_cache, v_cache, seqlens, block_table, lam, lam_value, 
             W=w_t, OUT=out, **lam_str, Nq=Nq, H=H, GROUP=group, n_splits=num_splits,
             lam_value=float(lam_value), eps=float(eps), out_scale=float(out_scale),
             HEAD_DIM_V=DV, BLOCK_DV=head_block(DV), **lam_flags, HAS_NORM=has_norm,
-            ACC_FP64=acc_fp64, BLOCK_M=block_m, num_warps=decode_warps(block_m), num_stages=1)
-    return out
+            ACC_FP64=acc_fp64, BLOCK_M=block_m, LSE=lse, RETURN_LSE=bool(return_lse),
+            num_warps=decode_warps(block_m), num_stages=1)
+    return (out, lse) if return_lse else out

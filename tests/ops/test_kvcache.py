@@ -142,9 +142,9 @@ def run(c: Case, t, backend, dtype, seqlens_as_int=False):
               cache_seqlens=t["lens"].clone(), block_table=t["block_table"], causal=c.causal,
               num_splits=c.splits, backend=backend)
     if c.v2:
-        out = diff_attention_v2_with_kvcache(cast(t["q"]), k_cache, v_cache, lam, **kw)
+        out = diff_attention_v2_with_kvcache(cast(t["q"]), k_cache, v_cache, lambda_=lam, **kw)
     else:
-        out = diff_attention_with_kvcache(cast(t["q"]), k_cache, v_cache, lam,
+        out = diff_attention_with_kvcache(cast(t["q"]), k_cache, v_cache, lambda_=lam,
                                           norm_weight=cast(t["norm"]), out_scale=0.75, **kw)
     return out, k_cache, v_cache
 
@@ -227,14 +227,15 @@ def test_int_seqlens_and_full_cache():
     out, _, _ = run(c, t, "triton", torch.float32)
     q, kc, vc = t["q"].float(), t["k_cache"].float(), t["v_cache"].float()
     out_int = diff_attention_with_kvcache(
-        q, kc, vc, t["lam"].float(), k=t["k_new"].float(), v=t["v_new"].float(),
+        q, kc, vc, lambda_=t["lam"].float(), k=t["k_new"].float(), v=t["v_new"].float(),
         cache_seqlens=10, block_table=t["block_table"], norm_weight=t["norm"].float(),
-        out_scale=0.75, backend="triton")
+        out_scale=0.75, causal=True, backend="triton")
     torch.testing.assert_close(out_int, out)
     c2 = Case(lens=(64, 64, 64), Nnew=0, Nq=3, splits=2)
     t2 = make(c2)
     full = diff_attention_with_kvcache(t2["q"].float(), t2["k_cache"].float(),
-                                       t2["v_cache"].float(), t2["lam"].float(),
+                                       t2["v_cache"].float(), lambda_=t2["lam"].float(),
+                                       causal=True,
                                        norm_weight=t2["norm"].float(), out_scale=0.75,
                                        num_splits=2, backend="triton")
     assert_close_rel("full", full, reference(c2, t2), torch.float32, 5e-5)
@@ -251,8 +252,8 @@ def _good(v2=False):
 def _call(args, v2=False):
     args = dict(args)
     fn = diff_attention_v2_with_kvcache if v2 else diff_attention_with_kvcache
-    return fn(args.pop("q"), args.pop("k_cache"), args.pop("v_cache"), args.pop("lambda_"),
-              backend="torch", **args)
+    return fn(args.pop("q"), args.pop("k_cache"), args.pop("v_cache"),
+              lambda_=args.pop("lambda_"), backend="torch", **args)
 
 
 @pytest.mark.parametrize("change, error, words", [
@@ -318,7 +319,8 @@ def test_fused_path_is_forward_only():
     g = _good()
     g["q"].requires_grad_(True)
     with pytest.raises(RuntimeError, match="no_grad"):
-        diff_attention_with_kvcache(g["q"], g["k_cache"], g["v_cache"], 0.5, k=g["k"], v=g["v"],
+        diff_attention_with_kvcache(g["q"], g["k_cache"], g["v_cache"], lambda_=0.5, k=g["k"],
+                                    v=g["v"],
                                     cache_seqlens=g["cache_seqlens"], backend="triton")
     # refused before anything was appended
     assert not g["k_cache"].any() and not g["v_cache"].any()
@@ -335,8 +337,8 @@ def test_a_query_with_a_strided_last_dim_matches_the_torch_path(v2):
     for backend, query in (("torch", q), ("triton", strided_q)):
         args = {**g, "k_cache": g["k_cache"].clone(), "v_cache": g["v_cache"].clone()}
         fn = diff_attention_v2_with_kvcache if v2 else diff_attention_with_kvcache
-        outs[backend] = fn(query, args.pop("k_cache"), args.pop("v_cache"), args.pop("lambda_"),
-                           backend=backend, **args)
+        outs[backend] = fn(query, args.pop("k_cache"), args.pop("v_cache"),
+                           lambda_=args.pop("lambda_"), backend=backend, **args)
     torch.testing.assert_close(outs["triton"], outs["torch"], rtol=2e-5, atol=2e-5)
 
 
@@ -352,7 +354,7 @@ def test_traced_step_appends_and_matches_eager(backend):
     sl = g["cache_seqlens"]
 
     def step(q, kc, vc, k, v, sl):
-        return diff_attention_with_kvcache(q, kc, vc, 0.5, k=k, v=v, cache_seqlens=sl,
+        return diff_attention_with_kvcache(q, kc, vc, lambda_=0.5, k=k, v=v, cache_seqlens=sl,
                                            num_splits=2, backend=backend)
 
     kc0, vc0 = g["k_cache"].clone(), g["v_cache"].clone()
@@ -369,7 +371,7 @@ def test_torch_path_reads_no_value_on_meta():
     meta = dict(device="meta")
     out = diff_attention_v2_with_kvcache(
         torch.empty(B, 3, 2 * H, d, **meta), torch.empty(B, cap, H, d, **meta),
-        torch.empty(B, cap, H, d, **meta), torch.empty(B, 3, H, **meta),
+        torch.empty(B, cap, H, d, **meta), lambda_=torch.empty(B, 3, H, **meta),
         k=torch.empty(B, 2, H, d, **meta), v=torch.empty(B, 2, H, d, **meta),
         cache_seqlens=torch.empty(B, dtype=torch.int32, **meta), backend="torch")
     assert out.shape == (B, 3, H, d) and out.device.type == "meta"

@@ -401,7 +401,7 @@ def kvcache_unused_rows(lengths: Tensor, capacity: int,
 
 def kvcache_lse(q: Tensor, keys: Tensor, masked: Tensor, scale: float, v2: bool) -> Tensor:
     """(B, 2H, Nq) float32: each map's natural-log log-sum-exp of scale * q k^T over the keys
-    it sees (q head 2h: map 1 of head h, 2h + 1: map 2), -inf for a row that sees none.
+    it sees (q head 2h: map 1 of head h, 2h + 1: map 2), +inf for a row that sees none.
     keys (B, M, 2Hk or Hk, d) in logical order; masked (B, 1, Nq, M), True = unseen."""
     H2 = q.shape[2]
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -412,7 +412,8 @@ def kvcache_lse(q: Tensor, keys: Tensor, masked: Tensor, scale: float, v2: bool)
         key_head = 2 * ((heads // 2) // ((H2 // 2) // (keys.shape[2] // 2))) + heads % 2
     scores = torch.einsum("bnjd,bmjd->bjnm", q.to(compute),
                           keys[:, :, key_head].to(compute)) * scale
-    return torch.logsumexp(scores.masked_fill(masked, float("-inf")), dim=-1).float()
+    lse = torch.logsumexp(scores.masked_fill(masked, float("-inf")), dim=-1)
+    return lse.masked_fill(lse == float("-inf"), float("inf")).float()
 
 
 # ------------------------------------------------------------------ the registered operator
@@ -607,8 +608,8 @@ _COMMON_ARGS_DOC = """
             1 runs one pass; the partial results are merged with their log-sum-exp.
         return_softmax_lse: also return lse (B, 2H, Nq) float32, each softmax map's
             natural-log log-sum-exp of scale * q k^T over the keys it sees, in q-head order
-            (q head 2h: map 1 of differential head h, 2h + 1: map 2); -inf for a row that
-            sees no key.
+            (q head 2h: map 1 of differential head h, 2h + 1: map 2); +inf for a row that
+            sees no key (flash-attn's value).
         backend: "auto" | "triton" | "torch" (see diffattn.backend). The fused path is
             forward only (call it under torch.no_grad()); differentiating through the torch
             path makes the in-place append part of the autograd graph, so the caches then

@@ -139,8 +139,8 @@ def _rotary_q_tile(q, q_map, offs_d, q_mask, COS, SIN, pos, stride_ro, ROTARY_DI
 @triton.jit
 def _store_lse(LSE, lse2, b, h, map_index, qi, row_ok, Nq, H):
     """Store one map's base-2 log-sum-exp lse2 (BLOCK_M,) as natural-log float32 into LSE
-    (B, 2H, Nq) at q head 2h + map_index."""
-    lse = tl.where(lse2 == float("-inf"), float("-inf"), lse2 * 0.6931471805599453)
+    (B, 2H, Nq) at q head 2h + map_index; +inf (flash-attn's value) for a row that sees no key."""
+    lse = tl.where(lse2 == float("-inf"), float("inf"), lse2 * 0.6931471805599453)
     ptrs = LSE + ((b * 2 * H + 2 * h + map_index) * Nq + qi.to(tl.int64))
     tl.store(ptrs, lse.to(tl.float32), mask=row_ok)
 

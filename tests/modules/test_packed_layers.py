@@ -125,3 +125,14 @@ def test_dropout_in_training_is_refused_with_packed_sequences():
         layer(torch.randn(7, 32), cu_seqlens=offsets([3, 4]), max_seqlen=4)
     out, _ = layer.eval()(torch.randn(7, 32), cu_seqlens=offsets([3, 4]), max_seqlen=4)
     assert out.shape == (7, 32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_packed_layer_reads_no_values_on_the_host(backend, v2):
+    from ops.test_host_sync import NoHostReads
+    layer = make_layer(v2, backend)
+    x = torch.randn(7, 32, requires_grad=True)
+    with NoHostReads():
+        out, _ = layer(x, cu_seqlens=offsets([3, 0, 4]), max_seqlen=4, is_causal=True)
+        out.sum().backward()

@@ -176,3 +176,19 @@ def test_return_softmax_lse_must_be_a_bool():
     q, k, v = dense_inputs(False)
     with pytest.raises(TypeError, match="return_softmax_lse must be a bool"):
         diff_attention(q, k, v, 0.4, return_softmax_lse=1, backend="torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lse_and_lambda_vectors_read_no_values_on_the_host(backend):
+    from test_host_sync import NoHostReads
+    q, k, v = dense_inputs(False, B=1, N=4, M=6)
+    lv = torch.randn(4, 8, requires_grad=True)
+    cu_q, cu_k = offsets([1, 0, 3]), offsets([2, 0, 4])
+    with NoHostReads():
+        out, lse = diff_attention(q, k, v, lambda_vectors=lv, lambda_init=0.2, rms_norm=True,
+                                  causal=True, return_softmax_lse=True, backend=backend)
+        out.sum().backward()
+        out, lse = diff_attention_varlen(q[0], k[0], v[0], cu_q, cu_k, 3, 4, lambda_vectors=lv,
+                                         lambda_init=0.2, causal=True,
+                                         return_softmax_lse=True, backend=backend)
+        out.sum().backward()

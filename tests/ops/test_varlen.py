@@ -178,8 +178,8 @@ def test_uniform_lengths_equal_the_padded_call():
         torch.randn(B, M, 1, 32, generator=g)
     padded = diff_attention(q, k, v, 0.4, causal=True, backend="triton")
     packed = diff_attention_varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
-                                   offsets([N] * B), offsets([M] * B), N, M, lambda_=0.4, causal=True,
-                                   backend="triton")
+                                   offsets([N] * B), offsets([M] * B), N, M, lambda_=0.4,
+                                   causal=True, backend="triton")
     assert torch.equal(packed, padded.flatten(0, 1))
 
 
@@ -192,8 +192,8 @@ def test_no_value_is_read_on_the_host(backend):
                                     norm_weight=weight, backend=backend)
         out.sum().backward()
         lam_tokens = torch.rand(7, 2, requires_grad=True)
-        out = diff_attention_v2_varlen(q, k[:, :1], v[..., :8], cu_q, cu_k, 4, 5, lambda_=lam_tokens,
-                                       backend=backend)
+        out = diff_attention_v2_varlen(q, k[:, :1], v[..., :8], cu_q, cu_k, 4, 5,
+                                       lambda_=lam_tokens, backend=backend)
         out.sum().backward()
 
 

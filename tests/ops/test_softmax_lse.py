@@ -74,13 +74,12 @@ def dense_inputs(v2: bool, B=2, N=5, M=9, H=2, Hk=1, d=8, seed=0):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
-@pytest.mark.parametrize("N,M,causal,window,padding", [
-    (5, 9, False, None, False),
-    (9, 5, True, None, False),       # the first 4 queries see no key
-    (6, 6, False, (2, 1), True),
-    (7, 11, True, (3, -1), True),
-], ids=["plain", "causal-N>M", "window-padding", "causal-window-padding"])
-@pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
+@pytest.mark.parametrize("N,M,causal,window,padding,grad", [
+    (5, 9, False, None, False, False),
+    (9, 5, True, None, False, True),       # the first 4 queries see no key
+    (6, 6, False, (2, 1), True, False),
+    (7, 11, True, (3, -1), True, True),
+], ids=["plain", "causal-N>M-autograd", "window-padding", "causal-window-padding-autograd"])
 def test_dense_lse(backend, v2, N, M, causal, window, padding, grad):
     q, k, v = dense_inputs(v2, N=N, M=M, Hk=1)
     kpm = None
@@ -133,9 +132,9 @@ def offsets(lengths) -> torch.Tensor:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
-@pytest.mark.parametrize("causal,window", [(False, None), (True, None), (False, (2, 0))],
-                         ids=["plain", "causal", "window"])
-@pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
+@pytest.mark.parametrize("causal,window,grad", [
+    (False, None, False), (True, None, True), (False, (2, 0), False), (True, (3, -1), True)],
+    ids=["plain", "causal-autograd", "window", "causal-window-autograd"])
 def test_packed_lse(backend, v2, causal, window, grad):
     lengths_q, lengths_k = [3, 0, 6, 2, 4], [4, 3, 5, 0, 4]  # empty query and key sequences
     g = torch.Generator().manual_seed(3)

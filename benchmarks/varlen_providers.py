@@ -97,7 +97,7 @@ def varlen_bench(provider: str, shape: Shape, dtype: torch.dtype, device: torch.
         fn = diff_attention_v2_varlen if v2 else diff_attention_varlen
 
         def forward():
-            return fn(q, k, v, cu, cu, N, N, lam, causal=shape.causal, backend=backend)
+            return fn(q, k, v, cu, cu, N, N, lambda_=lam, causal=shape.causal, backend=backend)
     else:
         q, k, v = leaf(B, N, 2 * H, d), leaf(B, N, k_heads, d), leaf(B, N, H, v_width)
         mask = torch.arange(N)[None, :] >= torch.tensor(lengths)[:, None]  # True = padding

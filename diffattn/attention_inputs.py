@@ -179,3 +179,46 @@ def with_window(attn_bias: Optional[Tensor], window_size, causal: bool, N: int, 
     if attn_bias.dtype == torch.bool:
         return attn_bias | ~keep
     return attn_bias.masked_fill(~keep, float("-inf"))
+
+
+def check_packed_inputs(layer, query, cu_seqlens, max_seqlen, other_arguments: dict) -> None:
+    """Check a packed-sequence forward ``layer(x, cu_seqlens=..., max_seqlen=...)``: causal or
+    bidirectional self-attention within each of the sequences packed one after another in
+    query (total, E). cu_seqlens: int32 (batch + 1,) cumulative offsets (their values are
+    checked by the packed op); max_seqlen: an int >= the longest sequence. other_arguments:
+    the forward's key, value, key_padding_mask, attn_mask, need_weights and kv_cache, which a
+    packed call does not take (key and value may be query itself). Attention dropout is not
+    available on packed sequences: a training layer with dropout > 0 is refused."""
+    given = [name for name, value in other_arguments.items()
+             if value is not None and value is not False
+             and not (name in ("key", "value") and value is query)]
+    if given:
+        raise ValueError(f"cu_seqlens takes packed self-attention only: no key, value, "
+                         f"key_padding_mask, attn_mask, need_weights or kv_cache (got "
+                         f"{', '.join(given)})")
+    if cu_seqlens is None or max_seqlen is None:
+        missing = "cu_seqlens" if cu_seqlens is None else "max_seqlen"
+        raise ValueError(f"packed sequences need both cu_seqlens (int32 (batch + 1,) offsets) "
+                         f"and max_seqlen (the longest sequence, an int); {missing} is missing")
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32 or \
+            cu_seqlens.dim() != 1:
+        got = (f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}" if isinstance(cu_seqlens, Tensor)
+               else type(cu_seqlens).__name__)
+        raise TypeError(f"cu_seqlens must be an int32 tensor of shape (batch + 1,), got {got}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+        raise TypeError(f"max_seqlen must be an int (the longest sequence), got "
+                        f"{max_seqlen!r}")
+    if max_seqlen < 0:
+        raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
+    if not isinstance(query, Tensor):
+        raise TypeError(f"query must be a tensor, got {type(query).__name__}")
+    if query.dim() != 2 or query.shape[1] != layer.embed_dim:
+        raise ValueError(f"query must be packed as (total, embed_dim) = (total, "
+                         f"{layer.embed_dim}) with cu_seqlens, got {tuple(query.shape)}")
+    if getattr(layer, "kdim", layer.embed_dim) != layer.embed_dim or \
+            getattr(layer, "vdim", layer.embed_dim) != layer.embed_dim:
+        raise ValueError("cu_seqlens needs a self-attention layer (kdim = vdim = embed_dim)")
+    if layer.training and layer.dropout > 0:
+        raise ValueError(f"attention dropout (dropout={layer.dropout}) is not available on "
+                         f"packed sequences (cu_seqlens): build the layer with dropout=0, or "
+                         f"call it in eval mode")

@@ -25,6 +25,8 @@ from torch import Tensor
 
 from .backend import check_backend_name, resolve_backend, unsupported_features
 from .lambdas import LambdaVectors, expand_lambda
+from .softmax_lse import (fused_lse, fused_lse_varlen, lse_dtype, softmax_lse_torch,
+                          softmax_lse_varlen_torch)
 from .torch_path import (diff_attention_torch, diff_attention_v2_torch,
                          diff_attention_v2_varlen_torch, diff_attention_varlen_torch)
 
@@ -200,6 +202,72 @@ def _check_lambda_values(lambda_: Tensor) -> None:
     check_values(torch.isfinite(lambda_).all(), _LAMBDA_NOT_FINITE)
 
 
+def resolve_lambda_vectors(lambda_, lambda_vectors, lambda_init, q: Tensor):
+    """The lambda of a V1 call: ``lambda_`` as given, or with ``lambda_vectors`` (4, d) = lq1,
+    lk1, lq2, lk2 the LambdaVectors exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init (vectors in
+    the accumulation dtype, differentiable). Exactly one of lambda_ and lambda_vectors;
+    lambda_init goes with lambda_vectors only. q must already be checked."""
+    if lambda_vectors is None:
+        if lambda_init is not None:
+            raise ValueError("lambda_init is only used with lambda_vectors (lambda = "
+                             "exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init); with lambda_, "
+                             "fold it into lambda_")
+        if lambda_ is None:
+            raise TypeError("lambda_ is required (a float or a tensor), or lambda_vectors with "
+                            "lambda_init")
+        return lambda_
+    if lambda_ is not None:
+        raise ValueError("lambda_ and lambda_vectors are mutually exclusive: pass one of them")
+    d = q.shape[-1]
+    if not isinstance(lambda_vectors, Tensor) or not lambda_vectors.is_floating_point():
+        got = lambda_vectors.dtype if isinstance(lambda_vectors, Tensor) \
+            else type(lambda_vectors).__name__
+        raise TypeError(f"lambda_vectors must be a floating-point tensor (4, head_dim) = "
+                        f"(lq1, lk1, lq2, lk2), got {got}")
+    if tuple(lambda_vectors.shape) != (4, d):
+        raise ValueError(f"lambda_vectors must have shape (4, head_dim) = (4, {d}) (rows lq1, "
+                         f"lk1, lq2, lk2), got {tuple(lambda_vectors.shape)}")
+    if lambda_vectors.device != q.device:
+        raise ValueError(f"lambda_vectors must be on q's device {q.device}, got "
+                         f"{lambda_vectors.device}")
+    if lambda_init is None:
+        raise TypeError("lambda_init is required with lambda_vectors (lambda = exp(lq1 . lk1) "
+                        "- exp(lq2 . lk2) + lambda_init)")
+    if not _is_real(lambda_init) or not math.isfinite(lambda_init):
+        raise ValueError(f"lambda_init must be a finite float, got {lambda_init!r}")
+    if lambda_vectors.device.type != "meta" and \
+            not torch._C._functorch.is_functorch_wrapped_tensor(lambda_vectors):
+        check_values(torch.isfinite(lambda_vectors).all(),
+                     "lambda_vectors must be finite: the tensor holds NaN or inf")
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return LambdaVectors(lambda_vectors.to(acc_dtype).contiguous(), float(lambda_init))
+
+
+def resolve_rms_norm(norm_weight, rms_norm, value_dim: int, q: Tensor):
+    """The norm weight of a V1 call: rms_norm None leaves norm_weight as given (a weight
+    switches the per-head RMSNorm on); rms_norm=True without a weight is the weightless norm
+    (a weight of ones, made here); rms_norm=False with a weight is refused."""
+    if rms_norm is None:
+        return norm_weight
+    if not isinstance(rms_norm, bool):
+        raise TypeError(f"rms_norm must be a bool or None, got {type(rms_norm).__name__}")
+    if not rms_norm:
+        if norm_weight is not None:
+            raise ValueError("rms_norm=False contradicts norm_weight, which switches the "
+                             "RMSNorm on: leave rms_norm unset, or drop norm_weight")
+        return None
+    if norm_weight is not None:
+        return norm_weight
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.ones(value_dim, dtype=acc_dtype, device=q.device)
+
+
+def _check_return_lse(return_softmax_lse) -> None:
+    if not isinstance(return_softmax_lse, bool):
+        raise TypeError(f"return_softmax_lse must be a bool, got "
+                        f"{type(return_softmax_lse).__name__}")
+
+
 def check_values(ok: Tensor, message: str) -> None:
     """A check that needs tensor values (``ok``, a bool tensor) without waiting for the
     device: for CPU tensors a ValueError with ``message`` at once (the assertion runs
@@ -300,10 +368,11 @@ def _mask_for_kernels(key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
 
 def run_diff_attention(q, k, v, lambda_, backend, *, causal=False, key_padding_mask=None,
                        scale=None, norm_weight=None, eps=1e-5, out_scale=1.0, dropout_p=0.0,
-                       attn_mask=None, window_size=None) -> Tensor:
+                       attn_mask=None, window_size=None, return_lse=False):
     """diff_attention without the argument checks: for callers whose inputs are already known
     to be right (DiffMultiheadAttention). ``backend`` is "triton" or "torch" (resolved);
-    ``lambda_`` may also be LambdaVectors (a layer's lambda vectors, fp32 contiguous)."""
+    ``lambda_`` may also be LambdaVectors (a layer's lambda vectors, fp32 contiguous).
+    return_lse: (out, lse (B, 2H, N)) as diff_attention's return_softmax_lse."""
     q, k, v = _autocast(q, k, v)
     d = q.shape[3]
     scale = d ** -0.5 if scale is None else float(scale)
@@ -313,21 +382,28 @@ def run_diff_attention(q, k, v, lambda_, backend, *, causal=False, key_padding_m
         call = AttentionCall.create(scale, causal=causal, window_size=window_size,
                                     lam_value=lam_value, lam_vectors=vectors, eps=eps,
                                     out_scale=out_scale)
-        return fused_attention(q, k, v, lam, _mask_for_kernels(key_padding_mask), norm_weight,
-                               call)
+        result = fused_attention(q, k, v, lam, _mask_for_kernels(key_padding_mask), norm_weight,
+                                 call, return_lse=return_lse)
+        return (result[0], fused_lse(result[1], lse_dtype(q))) if return_lse else result
     lam = expand_lambda(lambda_, q.shape[2] // 2, acc_dtype, q.device)
     with _autocast_off(q.device.type):
-        return diff_attention_torch(q, k, v, lam, causal=causal,
-                                    key_padding_mask=key_padding_mask, scale=scale,
-                                    norm_weight=norm_weight, eps=eps, out_scale=out_scale,
-                                    dropout_p=dropout_p, attn_bias=attn_mask,
-                                    window_size=window_size)
+        out = diff_attention_torch(q, k, v, lam, causal=causal,
+                                   key_padding_mask=key_padding_mask, scale=scale,
+                                   norm_weight=norm_weight, eps=eps, out_scale=out_scale,
+                                   dropout_p=dropout_p, attn_bias=attn_mask,
+                                   window_size=window_size)
+        if not return_lse:
+            return out
+        return out, softmax_lse_torch(q, k, key_pair=True, scale=scale, causal=causal,
+                                      key_padding_mask=key_padding_mask, attn_bias=attn_mask,
+                                      window_size=window_size)
 
 
 def run_diff_attention_v2(q, k, v, lambda_, backend, *, causal=False, key_padding_mask=None,
-                          scale=None, dropout_p=0.0, attn_mask=None,
-                          window_size=None) -> Tensor:
-    """diff_attention_v2 without the argument checks; ``backend`` "triton" or "torch"."""
+                          scale=None, dropout_p=0.0, attn_mask=None, window_size=None,
+                          return_lse=False):
+    """diff_attention_v2 without the argument checks; ``backend`` "triton" or "torch";
+    return_lse as in run_diff_attention."""
     q, k, v = _autocast(q, k, v)
     scale = q.shape[3] ** -0.5 if scale is None else float(scale)
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -335,28 +411,39 @@ def run_diff_attention_v2(q, k, v, lambda_, backend, *, causal=False, key_paddin
         lam, lam_value, _ = _kernel_lambda(lambda_, acc_dtype, q.device)
         call = AttentionCall.create(scale, causal=causal, window_size=window_size,
                                     lam_value=lam_value)
-        return fused_attention(q, k, v, lam, _mask_for_kernels(key_padding_mask), None, call)
+        result = fused_attention(q, k, v, lam, _mask_for_kernels(key_padding_mask), None, call,
+                                 return_lse=return_lse)
+        return (result[0], fused_lse(result[1], lse_dtype(q))) if return_lse else result
     with _autocast_off(q.device.type):
-        return diff_attention_v2_torch(q, k, v, lambda_, causal=causal,
-                                       key_padding_mask=key_padding_mask, scale=scale,
-                                       dropout_p=dropout_p, attn_bias=attn_mask,
-                                       window_size=window_size)
+        out = diff_attention_v2_torch(q, k, v, lambda_, causal=causal,
+                                      key_padding_mask=key_padding_mask, scale=scale,
+                                      dropout_p=dropout_p, attn_bias=attn_mask,
+                                      window_size=window_size)
+        if not return_lse:
+            return out
+        return out, softmax_lse_torch(q, k, key_pair=False, scale=scale, causal=causal,
+                                      key_padding_mask=key_padding_mask, attn_bias=attn_mask,
+                                      window_size=window_size)
 
 
 # ------------------------------------------------------------------ public API
-def diff_attention(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Tensor], *,
+def diff_attention(q: Tensor, k: Tensor, v: Tensor,
+                   lambda_: Optional[Union[float, Tensor]] = None, *,
                    causal: bool = False, key_padding_mask: Optional[Tensor] = None,
                    scale: Optional[float] = None, norm_weight: Optional[Tensor] = None,
                    eps: float = 1e-5, out_scale: float = 1.0, dropout_p: float = 0.0,
                    attn_mask: Optional[Tensor] = None,
                    window_size: Optional[Tuple[int, int]] = None,
-                   backend: str = "auto") -> Tensor:
+                   lambda_vectors: Optional[Tensor] = None, lambda_init: Optional[float] = None,
+                   rms_norm: Optional[bool] = None, return_softmax_lse: bool = False,
+                   backend: str = "auto"):
     """Differential attention (V1 / DiffCLIP), fused:
     softmax(s q1 k1^T) v - lambda softmax(s q2 k2^T) v, then the optional per-head RMSNorm.
 
     Args:
         q: (B, N, 2H, d). k: (B, M, 2Hk, d). v: (B, M, Hk, 2d). H % Hk == 0.
         lambda_: float, 0-dim tensor or (H,) tensor; differentiable when a tensor; finite.
+            Required unless lambda_vectors is given (the two are mutually exclusive).
         causal: query i sees keys j <= i + (M - N): the diagonal is aligned to the bottom-right
             corner (FlashAttention's rule). For N == M this is j <= i; when N > M the first
             N - M queries see no key and give zeros.
@@ -374,13 +461,29 @@ def diff_attention(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Tensor
             i + (M - N) - left <= j <= i + (M - N) + right (FlashAttention's rule); -1 leaves
             that side unbounded; with causal, right is 0. None or (-1, -1): no window. The
             fused kernels skip the key tiles outside the window.
+        lambda_vectors: (4, d) floating tensor, the rows lq1, lk1, lq2, lk2 of the
+            Differential Transformer's lambda, exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init,
+            shared by all heads; computed by the kernels (as DiffMultiheadAttention does),
+            differentiable into lambda_vectors. Needs lambda_init (a finite float).
+        rms_norm: None (default): the RMSNorm epilogue runs when norm_weight is given.
+            True: it runs, weightless (weight 1) unless norm_weight is given. False: no norm
+            (a norm_weight is then refused).
+        return_softmax_lse: also return each softmax map's log-sum-exp (see Returns).
         backend: "auto" | "triton" | "torch" (see diffattn.backend).
     Returns:
         (B, N, H, 2d) in q's dtype (the autocast dtype under autocast); fp32 accumulation.
+        With return_softmax_lse, (out, lse): lse (B, 2H, N) float32 (float64 for float64
+        inputs), row 2h + a the natural log-sum-exp of map a of head h's scaled scores over
+        the keys its query sees (flash-attn's layout and convention: +inf where a query sees
+        no key); not differentiable. attn_mask, where given, is part of the scores.
     """
     check_backend_name(backend)
-    check_diff_attention_args(q, k, v, lambda_, key_padding_mask, norm_weight, scale, causal,
+    lam_check = 0.0 if lambda_ is None or lambda_vectors is not None else lambda_
+    check_diff_attention_args(q, k, v, lam_check, key_padding_mask, norm_weight, scale, causal,
                               eps, out_scale, window_size)
+    lambda_ = resolve_lambda_vectors(lambda_, lambda_vectors, lambda_init, q)
+    norm_weight = resolve_rms_norm(norm_weight, rms_norm, v.shape[3], q)
+    _check_return_lse(return_softmax_lse)
     _check_attn_mask(attn_mask, q, k)
     _check_dropout(dropout_p)
     chosen = resolve_backend(backend, q.device, q.dtype, q.shape[3],
@@ -389,7 +492,7 @@ def diff_attention(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Tensor
                               key_padding_mask=key_padding_mask, scale=scale,
                               norm_weight=norm_weight, eps=eps, out_scale=out_scale,
                               dropout_p=dropout_p, attn_mask=attn_mask,
-                              window_size=window_size)
+                              window_size=window_size, return_lse=return_softmax_lse)
 
 
 def diff_attention_v2(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Tensor], *,
@@ -397,7 +500,7 @@ def diff_attention_v2(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Ten
                       scale: Optional[float] = None, dropout_p: float = 0.0,
                       attn_mask: Optional[Tensor] = None,
                       window_size: Optional[Tuple[int, int]] = None,
-                      backend: str = "auto") -> Tensor:
+                      return_softmax_lse: bool = False, backend: str = "auto"):
     """Differential attention V2 (Differential Transformer V2), fused:
     out[:, :, h] = softmax(s q_2h k_g^T) v_g - lambda softmax(s q_2h+1 k_g^T) v_g.
 
@@ -412,11 +515,14 @@ def diff_attention_v2(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Ten
         causal, key_padding_mask, scale, window_size, backend: as in diff_attention.
         dropout_p, attn_mask: as in diff_attention (torch backend only); attn_mask per q head,
             broadcastable to (B, 2H, N, M).
+        return_softmax_lse: also return each softmax map's log-sum-exp, as in diff_attention.
     Returns:
         (B, N, H, d) in q's dtype (the autocast dtype under autocast); fp32 accumulation.
+        With return_softmax_lse, (out, lse (B, 2H, N)) as in diff_attention.
     """
     check_backend_name(backend)
     check_diff_attention_v2_args(q, k, v, lambda_, key_padding_mask, scale, causal, window_size)
+    _check_return_lse(return_softmax_lse)
     _check_attn_mask(attn_mask, q, k)
     _check_dropout(dropout_p)
     chosen = resolve_backend(backend, q.device, q.dtype, q.shape[3],
@@ -424,7 +530,7 @@ def diff_attention_v2(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Ten
     return run_diff_attention_v2(q, k, v, lambda_, chosen, causal=causal,
                                  key_padding_mask=key_padding_mask, scale=scale,
                                  dropout_p=dropout_p, attn_mask=attn_mask,
-                                 window_size=window_size)
+                                 window_size=window_size, return_lse=return_softmax_lse)
 
 
 # ------------------------------------------------------------------ packed sequences
@@ -479,15 +585,20 @@ def check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
 
 
 def diff_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
-                          cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
-                          lambda_: Union[float, Tensor], *, causal: bool = False,
+                          cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
+                          lambda_: Optional[Union[float, Tensor]] = None, causal: bool = False,
                           window_size: Optional[Tuple[int, int]] = None,
                           scale: Optional[float] = None, norm_weight: Optional[Tensor] = None,
                           eps: float = 1e-5, out_scale: float = 1.0,
-                          backend: str = "auto") -> Tensor:
+                          lambda_vectors: Optional[Tensor] = None,
+                          lambda_init: Optional[float] = None, rms_norm: Optional[bool] = None,
+                          return_softmax_lse: bool = False, backend: str = "auto"):
     """diff_attention (V1 / DiffCLIP) over packed variable-length sequences, as flash-attn's
     varlen functions take them: sequence b is rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1
     of q and rows cu_seqlens_k[b] .. cu_seqlens_k[b + 1] - 1 of k and v.
+
+    Everything after max_seqlen_k is keyword-only (where flash_attn_varlen_func takes
+    dropout_p, a positional argument is a TypeError).
 
     Args:
         q: (total_q, 2H, d). k: (total_k, 2Hk, d). v: (total_k, Hk, 2d). H % Hk == 0.
@@ -495,13 +606,18 @@ def diff_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
             total_k, non-decreasing; zero-length sequences are allowed.
         max_seqlen_q, max_seqlen_k: ints, the longest query / key sequence (or more): the fused
             grid is sized from them, so the offsets are never read on the host.
-        lambda_: float, 0-dim tensor or (H,) tensor; differentiable when a tensor.
+        lambda_: float, 0-dim tensor or (H,) tensor; differentiable when a tensor. Required
+            unless lambda_vectors is given.
         causal, window_size: per sequence, as in diff_attention: query i of a sequence of Nq
             queries and Nk keys sees keys j <= i + Nk - Nq (bottom-right). A query that sees
             no key gives zeros.
-        scale, norm_weight, eps, out_scale, backend: as in diff_attention.
+        scale, norm_weight, eps, out_scale, lambda_vectors, lambda_init, rms_norm, backend: as
+            in diff_attention.
+        return_softmax_lse: also return each softmax map's log-sum-exp (see Returns).
     Returns:
-        (total_q, H, 2d) in q's dtype.
+        (total_q, H, 2d) in q's dtype. With return_softmax_lse, (out, lse): lse (2H, total_q)
+        float32 (float64 for float64 inputs), as flash-attn's varlen functions lay it out, with
+        diff_attention's convention (+inf where a query sees no key); not differentiable.
     """
     check_backend_name(backend)
     _check_packed("q", q, "2 * heads", "head_dim")
@@ -510,58 +626,76 @@ def diff_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
     if isinstance(lambda_, Tensor) and lambda_.dim() > 1:
         raise ValueError(f"lambda_ must be a float, a 0-dim tensor or (H,) tensor, got "
                          f"{tuple(lambda_.shape)}")
-    check_diff_attention_args(q[None], k[None], v[None], lambda_, None, norm_weight, scale,
+    lam_check = 0.0 if lambda_ is None or lambda_vectors is not None else lambda_
+    check_diff_attention_args(q[None], k[None], v[None], lam_check, None, norm_weight, scale,
                               causal, eps, out_scale, window_size)
+    lambda_ = resolve_lambda_vectors(lambda_, lambda_vectors, lambda_init, q)
+    norm_weight = resolve_rms_norm(norm_weight, rms_norm, v.shape[2], q)
+    _check_return_lse(return_softmax_lse)
     check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return _run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        lambda_, backend, causal=causal, window_size=window_size, scale=scale,
-                       norm_weight=norm_weight, eps=eps, out_scale=out_scale, v2=False)
+                       norm_weight=norm_weight, eps=eps, out_scale=out_scale, v2=False,
+                       return_lse=return_softmax_lse)
 
 
 def _run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, lambda_,
                 backend, *, causal, window_size, scale, norm_weight, eps, out_scale,
-                v2: bool) -> Tensor:
+                v2: bool, return_lse: bool = False):
     """The packed call after its checks: the backend, autocast, then the fused kernels (one
-    launch over every sequence) or the torch path (V1 or V2 by ``v2``)."""
+    launch over every sequence) or the torch path (V1 or V2 by ``v2``); with return_lse,
+    (out, lse (2H, total_q))."""
     chosen = resolve_backend(backend, q.device, q.dtype, q.shape[2], unsupported_features(0.0,
                                                                                          None))
     q, k, v = _autocast(q, k, v)
     scale = q.shape[2] ** -0.5 if scale is None else float(scale)
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     if chosen == "triton":
-        lam, lam_value, _ = _kernel_lambda(lambda_, acc_dtype, q.device)
+        lam, lam_value, vectors = _kernel_lambda(lambda_, acc_dtype, q.device)
         call = AttentionCall.create(scale, causal=causal, window_size=window_size,
-                                    lam_value=lam_value, eps=eps, out_scale=out_scale,
-                                    max_seqlens=(max_seqlen_q, max_seqlen_k))
-        return fused_attention(q, k, v, lam, None, norm_weight, call, cu_seqlens_q,
-                               cu_seqlens_k)
+                                    lam_value=lam_value, lam_vectors=vectors, eps=eps,
+                                    out_scale=out_scale, max_seqlens=(max_seqlen_q, max_seqlen_k))
+        result = fused_attention(q, k, v, lam, None, norm_weight, call, cu_seqlens_q,
+                                 cu_seqlens_k, return_lse=return_lse)
+        if not return_lse:
+            return result
+        return result[0], fused_lse_varlen(result[1], cu_seqlens_q, q.shape[0], lse_dtype(q))
     with _autocast_off(q.device.type):
         if v2:
-            return diff_attention_v2_varlen_torch(q, k, v, lambda_, cu_seqlens_q, cu_seqlens_k,
-                                                  max_seqlen_q, max_seqlen_k, causal=causal,
-                                                  scale=scale, window_size=window_size)
-        lam = expand_lambda(lambda_, q.shape[1] // 2, acc_dtype, q.device)
-        return diff_attention_varlen_torch(q, k, v, lam, cu_seqlens_q, cu_seqlens_k,
-                                           max_seqlen_q, max_seqlen_k, causal=causal,
-                                           scale=scale, norm_weight=norm_weight, eps=eps,
-                                           out_scale=out_scale, window_size=window_size)
+            out = diff_attention_v2_varlen_torch(q, k, v, lambda_, cu_seqlens_q, cu_seqlens_k,
+                                                 max_seqlen_q, max_seqlen_k, causal=causal,
+                                                 scale=scale, window_size=window_size)
+        else:
+            lam = expand_lambda(lambda_, q.shape[1] // 2, acc_dtype, q.device)
+            out = diff_attention_varlen_torch(q, k, v, lam, cu_seqlens_q, cu_seqlens_k,
+                                              max_seqlen_q, max_seqlen_k, causal=causal,
+                                              scale=scale, norm_weight=norm_weight, eps=eps,
+                                              out_scale=out_scale, window_size=window_size)
+        if not return_lse:
+            return out
+        return out, softmax_lse_varlen_torch(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                             max_seqlen_k, key_pair=not v2, scale=scale,
+                                             causal=causal, window_size=window_size)
 
 
 def diff_attention_v2_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
-                             cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
-                             lambda_: Union[float, Tensor], *, causal: bool = False,
+                             cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
+                             lambda_: Union[float, Tensor], causal: bool = False,
                              window_size: Optional[Tuple[int, int]] = None,
-                             scale: Optional[float] = None, backend: str = "auto") -> Tensor:
-    """diff_attention_v2 over packed variable-length sequences (see diff_attention_varlen).
+                             scale: Optional[float] = None, return_softmax_lse: bool = False,
+                             backend: str = "auto"):
+    """diff_attention_v2 over packed variable-length sequences (see diff_attention_varlen;
+    everything after max_seqlen_k is keyword-only).
 
     Args:
         q: (total_q, 2H, d). k, v: (total_k, Hk, d). H % Hk == 0.
         cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k: as in diff_attention_varlen.
         lambda_: float, 0-dim tensor, (H,) or per token (total_q, H); differentiable when a
-            tensor.
-        causal, window_size, scale, backend: as in diff_attention_varlen.
+            tensor. Keyword-only, required.
+        causal, window_size, scale, return_softmax_lse, backend: as in diff_attention_varlen.
     Returns:
-        (total_q, H, d) in q's dtype.
+        (total_q, H, d) in q's dtype; with return_softmax_lse, (out, lse (2H, total_q)) as in
+        diff_attention_varlen.
     """
     check_backend_name(backend)
     _check_packed("q", q, "2 * heads", "head_dim")
@@ -578,7 +712,9 @@ def diff_attention_v2_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tens
         lam_check = lambda_[None]
     check_diff_attention_v2_args(q[None], k[None], v[None], lam_check, None, scale, causal,
                                  window_size)
+    _check_return_lse(return_softmax_lse)
     check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return _run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        lambda_, backend, causal=causal, window_size=window_size, scale=scale,
-                       norm_weight=None, eps=1e-5, out_scale=1.0, v2=True)
+                       norm_weight=None, eps=1e-5, out_scale=1.0, v2=True,
+                       return_lse=return_softmax_lse)

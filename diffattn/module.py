@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention_inputs import (attention_masks, check_module_inputs, restore_layout,
-                               with_window)
+from .attention_inputs import (attention_masks, check_module_inputs, check_packed_inputs,
+                               restore_layout, with_window)
 from .backend import check_backend_name, resolve_layer_backend, unsupported_features
-from .functional import check_window_size, run_diff_attention
+from .functional import check_window_size, diff_attention_varlen, run_diff_attention
 from .kvcache import DiffKVCache, layer_decode_step
 from .lambdas import LambdaVectors
 from .packed_projection import load_packed, projection_slice, save_packed
@@ -388,7 +388,8 @@ class DiffMultiheadAttention(nn.Module):
                 key_padding_mask: Optional[Tensor] = None, need_weights: bool = False,
                 attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False, window_size: Optional[Tuple[int, int]] = None,
-                kv_cache: Optional[DiffKVCache] = None):
+                kv_cache: Optional[DiffKVCache] = None, cu_seqlens: Optional[Tensor] = None,
+                max_seqlen: Optional[int] = None):
         """nn.MultiheadAttention's contract.
 
         query (N, B, E) or (B, N, E) with batch_first, or unbatched (N, E); key/value default to
@@ -404,7 +405,19 @@ class DiffMultiheadAttention(nn.Module):
         (batch_first; else (N, B, E)) holds the N new tokens; their keys and values are
         appended to the cache, they attend causally over everything cached, and
         kv_cache.seqlens advances by N. Self-attention only (no key, value, masks or weights).
+        cu_seqlens, max_seqlen: packed sequences (diffattn.diff_attention_varlen's layout):
+        query (total, E) holds the sequences one after another, sequence b being rows
+        cu_seqlens[b] .. cu_seqlens[b + 1] - 1 (int32 (batch + 1,) offsets, zero-length
+        sequences allowed), max_seqlen (an int) bounds their lengths. Each sequence attends
+        to itself only, causally with is_causal=True, within window_size if given; the result
+        equals one call per sequence. Returns (output (total, E), None). Self-attention only
+        (no key, value, masks, weights or kv_cache), and no attention dropout in training.
         """
+        if cu_seqlens is not None or max_seqlen is not None:  # packed sequences
+            other = dict(key=key, value=value, key_padding_mask=key_padding_mask,
+                         attn_mask=attn_mask, need_weights=need_weights, kv_cache=kv_cache)
+            return self._forward_packed(query, cu_seqlens, max_seqlen, is_causal, window_size,
+                                        other), None
         if kv_cache is not None:  # a decoding step: causal self-attention over the cache
             other = dict(key=key, value=value, key_padding_mask=key_padding_mask,
                          attn_mask=attn_mask, window_size=window_size, need_weights=need_weights)
@@ -446,3 +459,21 @@ class DiffMultiheadAttention(nn.Module):
             if unbatched:
                 weights = weights.squeeze(0)
         return restore_layout(out, self.batch_first, unbatched), weights
+
+    def _forward_packed(self, query: Tensor, cu_seqlens, max_seqlen, is_causal, window_size,
+                        other_arguments: dict) -> Tensor:
+        """forward on packed sequences: query (total, E) -> (total, E)."""
+        check_packed_inputs(self, query, cu_seqlens, max_seqlen, other_arguments)
+        q, k, v = self._project(query, query, query)
+        total, d = query.shape[0], self.head_dim
+        q = q.view(total, self.num_heads, d)
+        k = k.view(total, self.num_kv_heads, d)
+        v = v.view(total, self.num_kv_heads // 2, 2 * d)
+        backend = resolve_layer_backend(self, q.device, q.dtype, d)
+        out = diff_attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                    lambda_vectors=self.lambda_vectors,
+                                    lambda_init=self.lambda_init, causal=bool(is_causal),
+                                    window_size=window_size, norm_weight=self.diff_norm.weight,
+                                    eps=self.diff_norm.eps, out_scale=1.0 - self.lambda_init,
+                                    backend=backend)
+        return self.out_proj(out.flatten(1))

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention_inputs import (attention_masks, check_module_inputs, restore_layout,
-                               with_window)
+from .attention_inputs import (attention_masks, check_module_inputs, check_packed_inputs,
+                               restore_layout, with_window)
 from .backend import check_backend_name, resolve_layer_backend, unsupported_features
-from .functional import check_window_size, run_diff_attention_v2
+from .functional import check_window_size, diff_attention_v2_varlen, run_diff_attention_v2
 from .kvcache import DiffKVCache, layer_decode_step
 from .packed_projection import load_packed, projection_slice, save_packed
 from .torch_path import differential_maps
@@ -211,12 +211,20 @@ class DiffMultiheadAttentionV2(nn.Module):
                 key_padding_mask: Optional[Tensor] = None, need_weights: bool = False,
                 attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False, window_size: Optional[Tuple[int, int]] = None,
-                kv_cache: Optional[DiffKVCache] = None):
+                kv_cache: Optional[DiffKVCache] = None, cu_seqlens: Optional[Tensor] = None,
+                max_seqlen: Optional[int] = None):
         """nn.MultiheadAttention's contract, as DiffMultiheadAttention.forward (attn_mask per
         query head: (L, S) or (B * 2 * num_heads, L, S)). With need_weights=True the weights
         are the differential maps A1 - lambda * A2, (B, N, S) averaged over the h differential
         heads, or (B, num_heads, N, S) with average_attn_weights=False. kv_cache (a
-        diffattn.DiffKVCache): a decoding step, as in DiffMultiheadAttention.forward."""
+        diffattn.DiffKVCache): a decoding step, as in DiffMultiheadAttention.forward.
+        cu_seqlens, max_seqlen: packed sequences, query (total, E) -> (output (total, E),
+        None), as in DiffMultiheadAttention.forward."""
+        if cu_seqlens is not None or max_seqlen is not None:  # packed sequences
+            other = dict(key=key, value=value, key_padding_mask=key_padding_mask,
+                         attn_mask=attn_mask, need_weights=need_weights, kv_cache=kv_cache)
+            return self._forward_packed(query, cu_seqlens, max_seqlen, is_causal, window_size,
+                                        other), None
         if kv_cache is not None:  # a decoding step: causal self-attention over the cache
             other = dict(key=key, value=value, key_padding_mask=key_padding_mask,
                          attn_mask=attn_mask, window_size=window_size, need_weights=need_weights)
@@ -256,6 +264,22 @@ class DiffMultiheadAttentionV2(nn.Module):
             if unbatched:
                 weights = weights.squeeze(0)
         return restore_layout(out, self.batch_first, unbatched), weights
+
+    def _forward_packed(self, query: Tensor, cu_seqlens, max_seqlen, is_causal, window_size,
+                        other_arguments: dict) -> Tensor:
+        """forward on packed sequences: query (total, E) -> (total, E)."""
+        check_packed_inputs(self, query, cu_seqlens, max_seqlen, other_arguments)
+        q, logits, k, v = self._project(query, query, query)
+        total, d = query.shape[0], self.head_dim
+        q = q.view(total, 2 * self.num_heads, d)
+        k = k.view(total, self.num_kv_heads, d)
+        v = v.view(total, self.num_kv_heads, d)
+        lam = torch.sigmoid(logits.float())                                  # (total, h)
+        backend = resolve_layer_backend(self, q.device, q.dtype, d)
+        out = diff_attention_v2_varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                       lambda_=lam, causal=bool(is_causal),
+                                       window_size=window_size, backend=backend)
+        return self.out_proj(out.flatten(1))
 
 
 # --------------------------------------------------------------------------- from plain attention

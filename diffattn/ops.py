@@ -111,20 +111,24 @@ class DiffAttentionFunction(torch.autograd.Function):
     """Eager autograd glue around the launchers; see fused_attention for the arguments."""
 
     @staticmethod
-    def forward(ctx, q, k, v, lam, kpm, norm_weight, call, cu_q=None, cu_k=None):
+    def forward(ctx, q, k, v, lam, kpm, norm_weight, call, cu_q=None, cu_k=None,
+                return_lse=False):
         out, x, o2, lse, rstd = _forward(q, k, v, lam, kpm, norm_weight, call, True, None,
                                          cu_q, cu_k)
         ctx.save_for_backward(q, k, v, lam, kpm, norm_weight, x, o2, lse, rstd, cu_q, cu_k)
         ctx.call = call
-        return out
+        if not return_lse:
+            return out
+        ctx.mark_non_differentiable(lse)
+        return out, lse
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, dout, *_dlse):
         q, k, v, lam, kpm, norm_weight, x, o2, lse, rstd, cu_q, cu_k = ctx.saved_tensors
         needs = ctx.needs_input_grad
         dq, dk, dv, dlam, dw = _backward(dout, q, k, v, lam, kpm, norm_weight, x, o2, lse, rstd,
                                          ctx.call, needs[3], needs[5], None, cu_q, cu_k)
-        return _once_differentiable((dq, dk, dv, dlam, None, dw, None, None, None),
+        return _once_differentiable((dq, dk, dv, dlam, None, dw, None, None, None, None),
                                     (dout, q, k, v, lam, norm_weight))
 
 
@@ -258,7 +262,7 @@ if INTERPRET:
 def fused_attention(q: Tensor, k: Tensor, v: Tensor, lam: Optional[Tensor],
                     key_padding_mask: Optional[Tensor], norm_weight: Optional[Tensor],
                     call: AttentionCall, cu_seqlens_q: Optional[Tensor] = None,
-                    cu_seqlens_k: Optional[Tensor] = None) -> Tensor:
+                    cu_seqlens_k: Optional[Tensor] = None, return_lse: bool = False):
     """Differentiable fused differential attention (any variant; see diff_attn_fwd for the
     layouts). lam: a (), (H,) or (B, N, H) tensor in the accumulation dtype ((total_q, H) for
     packed sequences), or None to use call.lam_value, or with call.lam_vectors the (4, L)
@@ -266,24 +270,26 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, lam: Optional[Tensor],
     scale, masks, lambda mode, epilogue and, for packed sequences, the maximum lengths
     (diffattn.kernels.AttentionCall); cu_seqlens_q / cu_seqlens_k: the packed sequences' int32
     cumulative offsets. Without autograd (no_grad, or no input requiring grad) only the output
-    is written."""
+    is written. return_lse: return (out, lse) with the forward's own row statistics, the
+    base-2 log-sum-exp of each map's scaled scores (B, H, 2, N) (N the maximum length for
+    packed sequences), +inf for a row that sees no key; not differentiable."""
     if torch.compiler.is_compiling():
         save = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, lam, norm_weight))
-        if call.varlen:
-            return fused_fwd(q, k, v, lam, key_padding_mask, norm_weight,
-                             *call.as_schema_args(), save, cu_seqlens_q, cu_seqlens_k,
-                             *call.packed_schema_args())[0]
-        return fused_fwd(q, k, v, lam, key_padding_mask, norm_weight, *call.as_schema_args(),
-                         save)[0]
+        packed = (cu_seqlens_q, cu_seqlens_k, *call.packed_schema_args()) if call.varlen \
+            else ()
+        outputs = fused_fwd(q, k, v, lam, key_padding_mask, norm_weight,
+                            *call.as_schema_args(), save or return_lse, *packed)
+        return (outputs[0], outputs[3]) if return_lse else outputs[0]
     _refuse_functorch(q, k, v, lam, key_padding_mask, norm_weight)
     if torch.is_grad_enabled() and (
             q.requires_grad or k.requires_grad or v.requires_grad
             or (lam is not None and lam.requires_grad)
             or (norm_weight is not None and norm_weight.requires_grad)):
-        if call.varlen:
-            return DiffAttentionFunction.apply(q, k, v, lam, key_padding_mask, norm_weight, call,
-                                               cu_seqlens_q, cu_seqlens_k)
-        return DiffAttentionFunction.apply(q, k, v, lam, key_padding_mask, norm_weight, call)
-    return _forward(q, k, v, lam, key_padding_mask, norm_weight, call, False, None,
-                    cu_seqlens_q, cu_seqlens_k)[0]
+        packed = (cu_seqlens_q, cu_seqlens_k) if call.varlen or return_lse else ()
+        lse = (return_lse,) if return_lse else ()
+        return DiffAttentionFunction.apply(q, k, v, lam, key_padding_mask, norm_weight, call,
+                                           *packed, *lse)
+    outputs = _forward(q, k, v, lam, key_padding_mask, norm_weight, call, return_lse, None,
+                       cu_seqlens_q, cu_seqlens_k)
+    return (outputs[0], outputs[3]) if return_lse else outputs[0]

@@ -555,7 +555,7 @@ def diff_attn_bwd(dout, q, k, v, lam, key_padding_mask, norm_weight, saved, call
     dlam = dlam_part = dw = dw_part = None
     dlam_reduce = DLAM_PER_ROW
     if need_dlam:
-        if lam.dim() == len(rows) + 1:  # per row: (B, N, H), or (total_q, H) when packed
+        if not lam_vectors and lam.dim() == len(rows) + 1:  # per row (B, N, H) / (total_q, H)
             dlam = dlam_part = torch.empty((*rows, H), device=device, dtype=acc_dtype)
         else:
             dlam_reduce = DLAM_VECTORS if lam_vectors else \

@@ -99,7 +99,7 @@ def check(name, got, want, dtype, tol=None):
 def test_v1_forward_and_every_gradient(backend, dtype, causal, window, poison_empty):
     q, k, v, lam, weight, cu_q, cu_k = v1_inputs(dtype)
     kwargs = dict(causal=causal, window_size=window)
-    out = diff_attention_varlen(q, k, v, cu_q, cu_k, max(LENGTHS[0]), max(LENGTHS[1]), lam,
+    out = diff_attention_varlen(q, k, v, cu_q, cu_k, max(LENGTHS[0]), max(LENGTHS[1]), lambda_=lam,
                                 norm_weight=weight, out_scale=0.6, backend=backend, **kwargs)
     assert out.shape == (q.shape[0], 2, 32) and out.dtype == dtype
     leaves = (q, k, v, lam, weight)
@@ -130,7 +130,7 @@ def test_v2_per_token_lambda(backend, causal, window, poison_empty):
     v = torch.randn(Tk, Hk, d, generator=g).requires_grad_()
     lam = torch.rand(Tq, H, generator=g).requires_grad_()
     cu_q, cu_k = offsets(lengths[0]), offsets(lengths[1])
-    out = diff_attention_v2_varlen(q, k, v, cu_q, cu_k, 35, 34, lam, causal=causal,
+    out = diff_attention_v2_varlen(q, k, v, cu_q, cu_k, 35, 34, lambda_=lam, causal=causal,
                                    window_size=window, backend=backend)
     assert out.shape == (Tq, H, d)
     leaves = (q, k, v, lam)
@@ -150,7 +150,7 @@ def test_gradcheck_through_the_kernels():
     q, k, v, lam, weight, cu_q, cu_k = v1_inputs(torch.float64, lengths, H=1, d=4, seed=3)
 
     def f(q, k, v, lam, weight):
-        return diff_attention_varlen(q, k, v, cu_q, cu_k, 3, 3, lam, causal=True,
+        return diff_attention_varlen(q, k, v, cu_q, cu_k, 3, 3, lambda_=lam, causal=True,
                                      norm_weight=weight, out_scale=0.5, backend="triton")
 
     assert torch.autograd.gradcheck(f, (q, k, v, lam, weight), fast_mode=True)
@@ -162,7 +162,7 @@ def test_backward_is_deterministic():
     dout = torch.randn(q.shape[0], 2, 32)
     runs = []
     for _ in range(2):
-        out = diff_attention_varlen(q, k, v, cu_q, cu_k, 37, 33, lam, causal=True,
+        out = diff_attention_varlen(q, k, v, cu_q, cu_k, 37, 33, lambda_=lam, causal=True,
                                     norm_weight=weight, backend="triton")
         runs.append(torch.autograd.grad(out, (q, k, v, lam, weight), dout))
     for a, b in zip(*runs):
@@ -178,8 +178,8 @@ def test_uniform_lengths_equal_the_padded_call():
         torch.randn(B, M, 1, 32, generator=g)
     padded = diff_attention(q, k, v, 0.4, causal=True, backend="triton")
     packed = diff_attention_varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
-                                   offsets([N] * B), offsets([M] * B), N, M, 0.4, causal=True,
-                                   backend="triton")
+                                   offsets([N] * B), offsets([M] * B), N, M, lambda_=0.4,
+                                   causal=True, backend="triton")
     assert torch.equal(packed, padded.flatten(0, 1))
 
 
@@ -188,12 +188,12 @@ def test_no_value_is_read_on_the_host(backend):
     from test_host_sync import NoHostReads
     q, k, v, lam, weight, cu_q, cu_k = v1_inputs(torch.float32, ([3, 0, 4], [2, 5, 0]), d=8)
     with NoHostReads():
-        out = diff_attention_varlen(q, k, v, cu_q, cu_k, 4, 5, lam, causal=True,
+        out = diff_attention_varlen(q, k, v, cu_q, cu_k, 4, 5, lambda_=lam, causal=True,
                                     norm_weight=weight, backend=backend)
         out.sum().backward()
         lam_tokens = torch.rand(7, 2, requires_grad=True)
-        out = diff_attention_v2_varlen(q, k[:, :1], v[..., :8], cu_q, cu_k, 4, 5, lam_tokens,
-                                       backend=backend)
+        out = diff_attention_v2_varlen(q, k[:, :1], v[..., :8], cu_q, cu_k, 4, 5,
+                                       lambda_=lam_tokens, backend=backend)
         out.sum().backward()
 
 
@@ -260,8 +260,8 @@ def test_v2_per_token_lambda_shape_is_checked():
     q, k, v = torch.randn(5, 4, 8), torch.randn(6, 1, 8), torch.randn(6, 1, 8)
     with pytest.raises(ValueError, match=r"lambda_ per token must have shape \(total_q, H\)"):
         diff_attention_v2_varlen(q, k, v, offsets([2, 3]), offsets([4, 2]), 3, 4,
-                                 torch.rand(4, 2), backend="torch")
+                                 lambda_=torch.rand(4, 2), backend="torch")
     for backend in ("triton", "torch"):  # a padded-style (1, total_q, H) lambda is refused too
         with pytest.raises(ValueError, match=r"per token \(total_q, H\), got shape"):
             diff_attention_v2_varlen(q, k, v, offsets([2, 3]), offsets([4, 2]), 3, 4,
-                                     torch.rand(1, 5, 2), backend=backend)
+                                     lambda_=torch.rand(1, 5, 2), backend=backend)

@@ -24,8 +24,8 @@ LN2 = math.log(2.0)
 
 
 def lse_dtype(q: Tensor) -> torch.dtype:
-    """float32, or float64 for float64 inputs (the accumulation dtype)."""
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
+    """float32 for every input dtype, as flash-attn returns it (and the KV-cache ops)."""
+    return torch.float32
 
 
 def fused_lse(lse2: Tensor, dtype: torch.dtype) -> Tensor:
@@ -53,7 +53,7 @@ def softmax_lse_torch(q: Tensor, k: Tensor, *, key_pair: bool, scale: float,
                       causal: bool = False, key_padding_mask: Optional[Tensor] = None,
                       attn_bias: Optional[Tensor] = None, window_size=None) -> Tensor:
     """(B, 2H, N) log-sum-exp of each map's scores, from the materialised (B, 2H, N, M) scores
-    in float32 (float64 for float64 inputs).
+    in float32 (computed in float64 for float64 inputs).
 
     q (B, N, 2H, d). k (B, M, 2Hk, d) with key_pair (V1: q head 2h + a reads key head
     2g + a) or (B, M, Hk, d) (V2: both maps read key head g), g = h // (H // Hk).
@@ -62,7 +62,7 @@ def softmax_lse_torch(q: Tensor, k: Tensor, *, key_pair: bool, scale: float,
     """
     B, N, H2, d = q.shape
     M = k.shape[1]
-    compute = lse_dtype(q)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     if key_pair:
         Hk = k.shape[2] // 2
         k_heads = k.reshape(B, M, Hk, 2, d).repeat_interleave(H2 // 2 // Hk, dim=2)
@@ -81,7 +81,7 @@ def softmax_lse_torch(q: Tensor, k: Tensor, *, key_pair: bool, scale: float,
         else:
             scores = scores + attn_bias.to(compute)
     lse = torch.logsumexp(scores.masked_fill(~keep, -math.inf), dim=-1)
-    return lse.masked_fill(torch.isneginf(lse), math.inf)
+    return lse.masked_fill(torch.isneginf(lse), math.inf).to(lse_dtype(q))
 
 
 def softmax_lse_varlen_torch(q: Tensor, k: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,

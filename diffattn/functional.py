@@ -437,12 +437,17 @@ def _check_packed(name: str, t, heads: str, dim: str) -> None:
                          f"after another, see cu_seqlens), got {tuple(t.shape)}")
 
 
-def check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> None:
+def check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                      max_seqlen_k) -> Tuple[Tensor, Tensor]:
     """Raise a ValueError/TypeError naming the first bad packed-sequence argument: cu_seqlens_q
     and cu_seqlens_k int32 1-D (batch + 1,) tensors on q's device, starting at 0, ending at
     q.shape[0] / k.shape[0], non-decreasing, no sequence longer than max_seqlen_q /
     max_seqlen_k (ints >= 0). Checks of values on an accelerator are asynchronous device
-    assertions."""
+    assertions.
+
+    Returns (cu_seqlens_q, cu_seqlens_k) as the kernels read them: contiguous (a strided or
+    expanded view is copied; a contiguous tensor is returned as it is). The value checks read
+    these."""
     for name, cu, t, t_name in (("cu_seqlens_q", cu_seqlens_q, q, "q"),
                                 ("cu_seqlens_k", cu_seqlens_k, k, "k")):
         if not isinstance(cu, Tensor):
@@ -464,8 +469,9 @@ def check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
             raise TypeError(f"{name} must be an int (the longest sequence), got {value!r}")
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     if q.device.type == "meta" or torch._C._functorch.is_functorch_wrapped_tensor(q):
-        return
+        return cu_seqlens_q, cu_seqlens_k
     for name, cu, total, name_max, longest in (
             ("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q),
             ("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k)):
@@ -476,6 +482,7 @@ def check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
         check_values((lengths >= 0).all(), f"{name} must be non-decreasing (cumulative offsets)")
         check_values((lengths <= longest).all(),
                      f"{name_max} = {longest} is smaller than a sequence of {name}")
+    return cu_seqlens_q, cu_seqlens_k
 
 
 def diff_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
@@ -512,7 +519,8 @@ def diff_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                          f"{tuple(lambda_.shape)}")
     check_diff_attention_args(q[None], k[None], v[None], lambda_, None, norm_weight, scale,
                               causal, eps, out_scale, window_size)
-    check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    cu_seqlens_q, cu_seqlens_k = check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k,
+                                                   max_seqlen_q, max_seqlen_k)
     return _run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        lambda_, backend, causal=causal, window_size=window_size, scale=scale,
                        norm_weight=norm_weight, eps=eps, out_scale=out_scale, v2=False)
@@ -578,7 +586,8 @@ def diff_attention_v2_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tens
         lam_check = lambda_[None]
     check_diff_attention_v2_args(q[None], k[None], v[None], lam_check, None, scale, causal,
                                  window_size)
-    check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    cu_seqlens_q, cu_seqlens_k = check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k,
+                                                   max_seqlen_q, max_seqlen_k)
     return _run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        lambda_, backend, causal=causal, window_size=window_size, scale=scale,
                        norm_weight=None, eps=1e-5, out_scale=1.0, v2=True)

@@ -222,7 +222,7 @@ def _torch_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal,
     masked = kvcache_masked(lengths, q.shape[1], keys.shape[1], causal)
     # Rows past a sequence's length hold whatever the cache had (stale or never written):
     # read them as 0, so that a NaN there meets no zero probability.
-    past_end = masked[:, 0, -1]  # (B, capacity): the last query sees the most keys
+    past_end = kvcache_masked(lengths, 1, keys.shape[1], False)[:, 0, 0]  # (B, capacity)
     keys, values = zero_padding_keys(keys, past_end), zero_padding_keys(values, past_end)
     if v2:
         return diff_attention_v2_torch(q, keys, values, lambda_, scale=scale, attn_bias=masked)
@@ -292,7 +292,9 @@ def run_with_kvcache(q, k_cache, v_cache, lambda_, backend, *, k=None, v=None,
     elif isinstance(cache_seqlens, int):
         seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
     else:
-        seqlens = cache_seqlens
+        seqlens = cache_seqlens.contiguous()  # the kernels read it, and a block table's rows,
+    if block_table is not None:                # at stride 1: the value checks read these copies
+        block_table = block_table.contiguous()
     if isinstance(cache_seqlens, Tensor) or block_table is not None:
         _check_values(seqlens, n_new, capacity, block_table, k_cache.shape[0], k_cache.shape[1])
     if backend == "triton" and torch.is_grad_enabled() and any(

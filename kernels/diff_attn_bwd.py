@@ -537,6 +537,8 @@ def diff_attn_bwd(dout, q, k, v, lam, key_padding_mask, norm_weight, saved, call
     """
     x, o2, lse, rstd = saved
     B, N, M, H, d, Hk, DV, rows = call_dims(call, q, v, cu_seqlens_q)
+    if call.varlen:  # the kernels read the offsets at stride 1
+        cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     device, dtype, acc_dtype = q.device, q.dtype, lse.dtype
     has_norm = norm_weight is not None
     if has_norm and norm_weight.stride(0) != 1:

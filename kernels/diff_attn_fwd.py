@@ -264,6 +264,8 @@ def diff_attn_fwd(q, k, v, lam, key_padding_mask, norm_weight, call: AttentionCa
         scaled scores; rstd (B, H, N) with the norm, else an empty (B, H, 0) tensor.
     """
     B, N, M, H, d, Hk, DV, rows = call_dims(call, q, v, cu_seqlens_q)
+    if call.varlen:  # the kernels read the offsets at stride 1
+        cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     device, dtype = q.device, q.dtype
     acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     out = torch.empty((*rows, H, DV), device=device, dtype=dtype)

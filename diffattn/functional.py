@@ -499,7 +499,8 @@ def diff_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
     Args:
         q: (total_q, 2H, d). k: (total_k, 2Hk, d). v: (total_k, Hk, 2d). H % Hk == 0.
         cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) cumulative offsets, from 0 to total_q /
-            total_k, non-decreasing; zero-length sequences are allowed.
+            total_k, non-decreasing; zero-length sequences are allowed. Any layout (a strided
+            or expanded view is copied to a contiguous one before it is checked and read).
         max_seqlen_q, max_seqlen_k: ints, the longest query / key sequence (or more): the fused
             grid is sized from them, so the offsets are never read on the host.
         lambda_: float, 0-dim tensor or (H,) tensor; differentiable when a tensor.

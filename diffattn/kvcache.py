@@ -291,9 +291,9 @@ def run_with_kvcache(q, k_cache, v_cache, lambda_, backend, *, k=None, v=None,
         seqlens = torch.full((B,), capacity, dtype=torch.int32, device=q.device)
     elif isinstance(cache_seqlens, int):
         seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
-    else:
-        seqlens = cache_seqlens.contiguous()  # the kernels read it, and a block table's rows,
-    if block_table is not None:                # at stride 1: the value checks read these copies
+    else:  # the kernels read the lengths and a block table's rows at stride 1, and so do
+        seqlens = cache_seqlens.contiguous()  # the value checks (strided views are copied)
+    if block_table is not None:
         block_table = block_table.contiguous()
     if isinstance(cache_seqlens, Tensor) or block_table is not None:
         _check_values(seqlens, n_new, capacity, block_table, k_cache.shape[0], k_cache.shape[1])
@@ -340,7 +340,9 @@ def diff_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
             exceed the capacity (Mmax, or max_blocks * page_size).
         block_table: int32 (B, max_blocks): logical position p of sequence b lives in row
             p % page_size of page block_table[b, p // page_size]; page_size a power of two
-            >= 16. Only the entries of pages a sequence uses are read.
+            >= 16. Only the entries of pages a sequence uses are read. cache_seqlens and
+            block_table may have any layout (strided or expanded views are copied to
+            contiguous ones before they are checked and read).
         causal: query i sees keys j <= cache_seqlens[b] + Nnew - Nq + i (bottom-right); else
             all cache_seqlens[b] + Nnew keys. A query that sees no key gives zeros.
         scale, norm_weight, eps, out_scale: as in diff_attention (the RMSNorm epilogue).

@@ -101,13 +101,19 @@ def diff_attn_bwd_rows_kernel(
         dx = rstd[:, None] * g - x * (rstd * rstd * rstd * mean_gx)[:, None]
     else:
         dx = g
-    if STORE_DX:
-        tl.store(DX + first + tile_off, dx.to(DX.dtype.element_ty), mask=mask)
-
     dx_o2 = tl.sum(dx * o2, 1)
+    # D1, D2 pair with dP = dX V^T of the second launch, which reads dX as stored: they are
+    # formed from that rounded dX, so that dP - D stays exact where the row's dP are all equal
+    # (dlambda keeps the unrounded dX).
+    dx_kept = dx
+    if STORE_DX:
+        dx_kept = dx.to(DX.dtype.element_ty)
+        tl.store(DX + first + tile_off, dx_kept, mask=mask)
+        dx_kept = dx_kept.to(acc_dtype)
+    kept_o2 = tl.sum(dx_kept * o2, 1)
     delta_ptrs = DELTA + ((b * H + h) * 2) * N + rows
-    tl.store(delta_ptrs, tl.sum(dx * x, 1) + lam * dx_o2, mask=row_ok)  # rowsum(dX * O1)
-    tl.store(delta_ptrs + N, -lam * dx_o2, mask=row_ok)
+    tl.store(delta_ptrs, tl.sum(dx_kept * x, 1) + lam * kept_o2, mask=row_ok)  # rowsum(dX * O1)
+    tl.store(delta_ptrs + N, -lam * kept_o2, mask=row_ok)
     if NEED_DLAM:
         if DLAM_REDUCE == 0:  # per row: DLAM is the (B, N, H) or (total_q, H) gradient itself
             tl.store(DLAM + (sequence_start(b, N, q_row0, VARLEN) + rows) * H + h, -dx_o2,

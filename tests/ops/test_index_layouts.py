@@ -16,7 +16,8 @@ import sys
 import pytest
 import torch
 
-from diffattn import (diff_attention_v2_varlen, diff_attention_v2_with_kvcache,
+from diffattn import (DiffKVCache, DiffMultiheadAttention, DiffMultiheadAttentionV2,
+                      diff_attention_v2_varlen, diff_attention_v2_with_kvcache,
                       diff_attention_varlen, diff_attention_with_kvcache)
 from diffattn.reference import diff_attention_ref, diff_attention_v2_ref
 from helpers import assert_close_rel, poison_empty, requires_interpreter  # noqa: F401
@@ -277,3 +278,24 @@ def test_block_table_range_check_reads_the_used_entries(backend):
     with pytest.raises(ValueError, match="block_table must point into the pool"):
         _decode(False, q, k_pool, v_pool, lam, norm, seqlens, bad.t().contiguous().t(),
                 backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_layer_cache_with_strided_lengths(v2, backend):
+    """A DiffKVCache whose seqlens is a strided view: the decoding steps give what contiguous
+    lengths give, and the view advances in place."""
+    torch.manual_seed(0)
+    layer = (DiffMultiheadAttentionV2 if v2 else DiffMultiheadAttention)(
+        64, 2, batch_first=True, num_kv_heads=2, backend=backend)
+    start = torch.tensor([1, 3, 0], dtype=torch.int32)
+    contiguous = DiffKVCache.empty(3, 8, layer)
+    contiguous.seqlens.copy_(start)
+    strided = DiffKVCache.empty(3, 8, layer)
+    strided = DiffKVCache(strided.k_cache, strided.v_cache, every_other(start.clone()))
+    prompt, step = torch.randn(3, 2, 64), torch.randn(3, 1, 64)
+    with torch.no_grad():
+        for x in (prompt, step):
+            assert torch.equal(layer(x, kv_cache=strided)[0], layer(x, kv_cache=contiguous)[0])
+    assert strided.seqlens.tolist() == contiguous.seqlens.tolist() == [4, 6, 3]
+    assert torch.equal(strided.k_cache, contiguous.k_cache)

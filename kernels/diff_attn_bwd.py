@@ -593,6 +593,8 @@ def diff_attn_bwd(dout, q, k, v, lam, key_padding_mask, norm_weight, saved, call
     dq = torch.empty(q.shape, device=device, dtype=dtype)
     dk = torch.empty(k.shape, device=device, dtype=dtype)
     dv = torch.empty(v.shape, device=device, dtype=dtype)
+    if key_padding_mask is not None and key_padding_mask.stride(-1) != 1:
+        key_padding_mask = key_padding_mask.contiguous()  # its rows are read at stride 1
     kpm = q if key_padding_mask is None else key_padding_mask.view(torch.uint8)
     n_dlam_progs = {DLAM_PER_HEAD: H, DLAM_SCALAR: 1, DLAM_VECTORS: 1}.get(dlam_reduce, 0) \
         if need_dlam else 0

@@ -290,6 +290,8 @@ def diff_attn_fwd(q, k, v, lam, key_padding_mask, norm_weight, call: AttentionCa
         rstd = stats((B, H, N if has_norm else 0), device=device, dtype=acc_dtype)
     else:
         x = o2 = lse = rstd = out  # not written
+    if key_padding_mask is not None and key_padding_mask.stride(-1) != 1:
+        key_padding_mask = key_padding_mask.contiguous()  # its rows are read at stride 1
     kpm = q if key_padding_mask is None else key_padding_mask.view(torch.uint8)
     window_left, window_right = call.window_bounds(N, M)
     arguments = dict(

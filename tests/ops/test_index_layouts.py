@@ -6,6 +6,8 @@ the same output, on both backends, V1 and V2, close to a float64 reference. The 
 read what the kernels read: a block table whose garbage lies between its valid columns passes,
 one whose valid columns point outside the page pool is refused. A strided-offset call runs in
 a subprocess too, so that a crash (an out-of-bounds read) fails the test instead of the run.
+Also: a layer's DiffKVCache with strided lengths, and the launchers given a key padding mask
+with a strided last dimension.
 """
 from __future__ import annotations
 

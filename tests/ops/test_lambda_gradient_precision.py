@@ -4,8 +4,8 @@ X (one key, or two maps that agree: X = (1 - lambda) O2) each row's -rowsum(dX *
 a fraction of its terms; and rows whose contributions cancel each other leave a small total.
 The fused path's error against float64 must stay within a few times the torch path's (which
 computes X in fp32 from its fp16 map outputs), and so must every other gradient's (or within
-the dtype's tolerance). The fused kernels run through the Triton interpreter in fp16 (its fp16 tl.dot is
-right, its bf16 is not); on a GPU the same cases run in fp16 and bf16.
+the dtype's tolerance). The fused kernels run through the Triton interpreter in fp16 (its fp16
+tl.dot is right, its bf16 is not); on a GPU the same cases run in fp16 and bf16.
 """
 from __future__ import annotations
 

@@ -543,12 +543,17 @@ def _check_packed(name: str, t, heads: str, dim: str) -> None:
                          f"after another, see cu_seqlens), got {tuple(t.shape)}")
 
 
-def check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> None:
+def check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                      max_seqlen_k) -> Tuple[Tensor, Tensor]:
     """Raise a ValueError/TypeError naming the first bad packed-sequence argument: cu_seqlens_q
     and cu_seqlens_k int32 1-D (batch + 1,) tensors on q's device, starting at 0, ending at
     q.shape[0] / k.shape[0], non-decreasing, no sequence longer than max_seqlen_q /
     max_seqlen_k (ints >= 0). Checks of values on an accelerator are asynchronous device
-    assertions."""
+    assertions.
+
+    Returns (cu_seqlens_q, cu_seqlens_k) as the kernels read them: contiguous (a strided or
+    expanded view is copied; a contiguous tensor is returned as it is). The value checks read
+    these."""
     for name, cu, t, t_name in (("cu_seqlens_q", cu_seqlens_q, q, "q"),
                                 ("cu_seqlens_k", cu_seqlens_k, k, "k")):
         if not isinstance(cu, Tensor):
@@ -570,8 +575,9 @@ def check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
             raise TypeError(f"{name} must be an int (the longest sequence), got {value!r}")
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     if q.device.type == "meta" or torch._C._functorch.is_functorch_wrapped_tensor(q):
-        return
+        return cu_seqlens_q, cu_seqlens_k
     for name, cu, total, name_max, longest in (
             ("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q),
             ("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k)):
@@ -582,6 +588,7 @@ def check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
         check_values((lengths >= 0).all(), f"{name} must be non-decreasing (cumulative offsets)")
         check_values((lengths <= longest).all(),
                      f"{name_max} = {longest} is smaller than a sequence of {name}")
+    return cu_seqlens_q, cu_seqlens_k
 
 
 def diff_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
@@ -603,7 +610,8 @@ def diff_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
     Args:
         q: (total_q, 2H, d). k: (total_k, 2Hk, d). v: (total_k, Hk, 2d). H % Hk == 0.
         cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) cumulative offsets, from 0 to total_q /
-            total_k, non-decreasing; zero-length sequences are allowed.
+            total_k, non-decreasing; zero-length sequences are allowed. Any layout (a strided
+            or expanded view is copied to a contiguous one before it is checked and read).
         max_seqlen_q, max_seqlen_k: ints, the longest query / key sequence (or more): the fused
             grid is sized from them, so the offsets are never read on the host.
         lambda_: float, 0-dim tensor or (H,) tensor; differentiable when a tensor. Required
@@ -632,7 +640,8 @@ def diff_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
     lambda_ = resolve_lambda_vectors(lambda_, lambda_vectors, lambda_init, q)
     norm_weight = resolve_rms_norm(norm_weight, rms_norm, v.shape[2], q)
     _check_return_lse(return_softmax_lse)
-    check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    cu_seqlens_q, cu_seqlens_k = check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k,
+                                                   max_seqlen_q, max_seqlen_k)
     return _run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        lambda_, backend, causal=causal, window_size=window_size, scale=scale,
                        norm_weight=norm_weight, eps=eps, out_scale=out_scale, v2=False,
@@ -713,7 +722,8 @@ def diff_attention_v2_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tens
     check_diff_attention_v2_args(q[None], k[None], v[None], lam_check, None, scale, causal,
                                  window_size)
     _check_return_lse(return_softmax_lse)
-    check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    cu_seqlens_q, cu_seqlens_k = check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k,
+                                                   max_seqlen_q, max_seqlen_k)
     return _run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        lambda_, backend, causal=causal, window_size=window_size, scale=scale,
                        norm_weight=None, eps=1e-5, out_scale=1.0, v2=True,

@@ -506,8 +506,10 @@ def run_with_kvcache(q, k_cache, v_cache, lambda_, backend, *, k=None, v=None,
         seqlens = torch.full((B,), capacity, dtype=torch.int32, device=q.device)
     elif isinstance(cache_seqlens, int):
         seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
-    else:
-        seqlens = cache_seqlens
+    else:  # the kernels read the lengths and a block table's rows at stride 1, and so do
+        seqlens = cache_seqlens.contiguous()  # the value checks (strided views are copied)
+    if block_table is not None:
+        block_table = block_table.contiguous()
     # index tensors are read as laid out: one int per sequence, contiguous
     cache_batch_idx = None if cache_batch_idx is None else cache_batch_idx.contiguous()
     cache_leftpad = None if cache_leftpad is None else cache_leftpad.contiguous()
@@ -584,7 +586,9 @@ _COMMON_ARGS_DOC = """
             cache_seqlens = 0 and cache_leftpad = the pad lengths, then decode).
         block_table: int32 (B, max_blocks): logical position p of sequence b lives in row
             p % page_size of page block_table[b, p // page_size]; page_size a power of two
-            >= 16. Only the entries of pages a sequence uses are read.
+            >= 16. Only the entries of pages a sequence uses are read. cache_seqlens and
+            block_table may have any layout (strided or expanded views are copied to
+            contiguous ones before they are checked and read).
         rotary_cos, rotary_sin: (seqlen_ro, rotary_dim / 2) or None (needs k, v): the rotary
             embedding of the first rotary_dim dims of each head (2 <= rotary_dim <= d; the
             rest are left as they are). New key i is rotated at position

@@ -84,7 +84,7 @@ def _forward(q, k, v, lam, kpm, norm_weight, call: AttentionCall, save, wrap=Non
     if out.dtype != dtype:  # the interpreter's bf16 detour: cast back what is kept
         x_is_out = x is out
         out = out.to(dtype)
-        if save:
+        if save and norm_weight is None:  # with the norm, x and o2 stay fp32 (diff_attn_fwd)
             o2 = o2.to(dtype)
             x = out if x_is_out else x.to(dtype)
     return out, x, o2, lse, rstd
@@ -245,9 +245,12 @@ if INTERPRET:
         if not save_for_backward:
             return (out, q.new_empty(_EMPTY), q.new_empty(_EMPTY), q.new_empty(_EMPTY, dtype=acc),
                     q.new_empty(_EMPTY, dtype=acc))
-        x = out.new_empty(out.shape if norm_weight is not None or out_scale != 1.0 else _EMPTY)
+        kept = acc if norm_weight is not None else out.dtype  # x and o2: see diff_attn_fwd
+        x = out.new_empty(out.shape if norm_weight is not None or out_scale != 1.0 else _EMPTY,
+                          dtype=kept)
         rstd = q.new_empty(B, H2 // 2, N if norm_weight is not None else 0, dtype=acc)
-        return out, x, out.new_empty(out.shape), q.new_empty(B, H2 // 2, 2, N, dtype=acc), rstd
+        return (out, x, out.new_empty(out.shape, dtype=kept),
+                q.new_empty(B, H2 // 2, 2, N, dtype=acc), rstd)
 
     @fused_bwd.register_fake
     def _(dout, q, k, v, lam, key_padding_mask, norm_weight, x, o2, lse, rstd, scale, causal,

@@ -101,13 +101,19 @@ def diff_attn_bwd_rows_kernel(
         dx = rstd[:, None] * g - x * (rstd * rstd * rstd * mean_gx)[:, None]
     else:
         dx = g
-    if STORE_DX:
-        tl.store(DX + first + tile_off, dx.to(DX.dtype.element_ty), mask=mask)
-
     dx_o2 = tl.sum(dx * o2, 1)
+    # D1, D2 pair with dP = dX V^T of the second launch, which reads dX as stored: they are
+    # formed from that rounded dX, so that dP - D stays exact where the row's dP are all equal
+    # (dlambda keeps the unrounded dX).
+    dx_kept = dx
+    if STORE_DX:
+        dx_kept = dx.to(DX.dtype.element_ty)
+        tl.store(DX + first + tile_off, dx_kept, mask=mask)
+        dx_kept = dx_kept.to(acc_dtype)
+    kept_o2 = tl.sum(dx_kept * o2, 1)
     delta_ptrs = DELTA + ((b * H + h) * 2) * N + rows
-    tl.store(delta_ptrs, tl.sum(dx * x, 1) + lam * dx_o2, mask=row_ok)  # rowsum(dX * O1)
-    tl.store(delta_ptrs + N, -lam * dx_o2, mask=row_ok)
+    tl.store(delta_ptrs, tl.sum(dx_kept * x, 1) + lam * kept_o2, mask=row_ok)  # rowsum(dX * O1)
+    tl.store(delta_ptrs + N, -lam * kept_o2, mask=row_ok)
     if NEED_DLAM:
         if DLAM_REDUCE == 0:  # per row: DLAM is the (B, N, H) or (total_q, H) gradient itself
             tl.store(DLAM + (sequence_start(b, N, q_row0, VARLEN) + rows) * H + h, -dx_o2,
@@ -537,6 +543,8 @@ def diff_attn_bwd(dout, q, k, v, lam, key_padding_mask, norm_weight, saved, call
     """
     x, o2, lse, rstd = saved
     B, N, M, H, d, Hk, DV, rows = call_dims(call, q, v, cu_seqlens_q)
+    if call.varlen:  # the kernels read the offsets at stride 1
+        cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     device, dtype, acc_dtype = q.device, q.dtype, lse.dtype
     has_norm = norm_weight is not None
     if has_norm and norm_weight.stride(0) != 1:
@@ -585,6 +593,8 @@ def diff_attn_bwd(dout, q, k, v, lam, key_padding_mask, norm_weight, saved, call
     dq = torch.empty(q.shape, device=device, dtype=dtype)
     dk = torch.empty(k.shape, device=device, dtype=dtype)
     dv = torch.empty(v.shape, device=device, dtype=dtype)
+    if key_padding_mask is not None and key_padding_mask.stride(-1) != 1:
+        key_padding_mask = key_padding_mask.contiguous()  # its rows are read at stride 1
     kpm = q if key_padding_mask is None else key_padding_mask.view(torch.uint8)
     n_dlam_progs = {DLAM_PER_HEAD: H, DLAM_SCALAR: 1, DLAM_VECTORS: 1}.get(dlam_reduce, 0) \
         if need_dlam else 0

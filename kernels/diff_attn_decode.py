@@ -446,6 +446,9 @@ def diff_attn_decode(q, k_cache, v_cache, seqlens, block_table, lam, lam_value, 
     H = H2 // 2
     key_pair = k_cache.shape[2] != Hk
     paged = block_table is not None
+    seqlens = seqlens.contiguous()  # read at stride 1, as is a block table's row
+    if paged:
+        block_table = block_table.contiguous()
     page = k_cache.shape[1] if paged else 1
     capacity = block_table.shape[1] * page if paged else k_cache.shape[1]
     device, dtype = q.device, q.dtype

@@ -25,8 +25,9 @@ Epilogue, per row:  O_a = acc_a / l_a,   X = O1 - lambda_row O2,
                     Y = X * rsqrt(mean(X^2) + eps) * w * c   (HAS_NORM)
                     Y = X * c                                 (otherwise)
 Saved for backward (skipped for inference, SAVE_FOR_BWD=False): X (only when it differs from
-Y), O2, the base-2 log-sum-exp of each map's scaled scores (+inf for a row that sees no key, so
-recomputed probabilities are 0) and, with the norm, the row's rsqrt.
+Y), O2 (both in the accumulation dtype with the norm, see diff_attn_fwd), the base-2
+log-sum-exp of each map's scaled scores (+inf for a row that sees no key, so recomputed
+probabilities are 0) and, with the norm, the row's rsqrt.
 
 Layouts (element strides, last dimension contiguous):
     Q (B, N, 2H, d), K (B, M, 2Hk or Hk, d), V (B, M, Hk, DV), KPM (B, M) bool (True = ignore)
@@ -260,10 +261,13 @@ def diff_attn_fwd(q, k, v, lam, key_padding_mask, norm_weight, call: AttentionCa
             launch); None launches directly (and may time the tile candidates on a first call).
     Returns:
         out (B, N, H, DV) in q's dtype; x (the pre-epilogue difference, ``out`` itself when the
-        epilogue is the identity); o2 (B, N, H, DV); lse (B, H, 2, N) base-2 log-sum-exp of the
-        scaled scores; rstd (B, H, N) with the norm, else an empty (B, H, 0) tensor.
+        epilogue is the identity); o2 (B, N, H, DV); x and o2 in the accumulation dtype with
+        the norm, else in q's dtype; lse (B, H, 2, N) base-2 log-sum-exp of the scaled scores;
+        rstd (B, H, N) with the norm, else an empty (B, H, 0) tensor.
     """
     B, N, M, H, d, Hk, DV, rows = call_dims(call, q, v, cu_seqlens_q)
+    if call.varlen:  # the kernels read the offsets at stride 1
+        cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     device, dtype = q.device, q.dtype
     acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     out = torch.empty((*rows, H, DV), device=device, dtype=dtype)
@@ -272,14 +276,22 @@ def diff_attn_fwd(q, k, v, lam, key_padding_mask, norm_weight, call: AttentionCa
         norm_weight = norm_weight.contiguous()
     store_x = has_norm or call.out_scale != 1.0
     if save_for_backward:
-        x = torch.empty_like(out) if store_x else out
-        o2 = torch.empty_like(out)
+        # The norm's backward takes dY's part along X out of dX, so the lambda gradient
+        # -rowsum(dX * O2) is a small remainder of large terms wherever O2 lies near X's
+        # direction: X and O2 rounded to 16 bits apart would leave their rounding times rstd
+        # there. With the norm both are kept in the accumulation dtype (for fp16/bf16 inputs
+        # 4 more bytes per output element: twice the output's size).
+        kept = acc_dtype if has_norm else dtype
+        x = torch.empty_like(out, dtype=kept) if store_x else out
+        o2 = torch.empty_like(out, dtype=kept)
         # Packed sequences: rows past a sequence's end are no query's and stay 0.
         stats = torch.zeros if call.varlen else torch.empty
         lse = stats((B, H, 2, N), device=device, dtype=acc_dtype)
         rstd = stats((B, H, N if has_norm else 0), device=device, dtype=acc_dtype)
     else:
         x = o2 = lse = rstd = out  # not written
+    if key_padding_mask is not None and key_padding_mask.stride(-1) != 1:
+        key_padding_mask = key_padding_mask.contiguous()  # its rows are read at stride 1
     kpm = q if key_padding_mask is None else key_padding_mask.view(torch.uint8)
     window_left, window_right = call.window_bounds(N, M)
     arguments = dict(

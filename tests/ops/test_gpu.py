@@ -14,7 +14,8 @@ flash-attn tests' rule) + FLOOR[dtype] x max(max|ref|, 1), the interpreter suite
 The floor matters where the exact value is small or 0 and the kernels' results are rounding
 noise of O(1) terms: dq with a single key (dP - D with D from the stored, rounded O), and
 dlambda with a single key and the norm (O1 = O2, so the RMSNorm's scale invariance makes it
-0 exactly; the kernels form it from X and O2 saved in the input dtype, the torch path in fp32).
+0 up to eps; with the norm the kernels keep X and O2 in fp32 for it, the torch path forms X in
+fp32 from its rounded map outputs; tests/ops/test_lambda_gradient_precision.py).
 
 The large-offset test comes last on purpose: an out-of-bounds access there would poison the
 CUDA context for any test after it.

@@ -48,7 +48,7 @@ def _call(op: str, axis: str, backend: str):
         cu_q, cu_k = _offsets([N] * B), _offsets([M] * B)
         fn = diff_attention_v2_varlen if v2 else diff_attention_varlen
         tensors = [rnd(B * N, 2 * H, D), rnd(B * M, key_heads, D), rnd(B * M, HK, dv), lam, w]
-        return (lambda q, k, v, lam, w: fn(q, k, v, cu_q, cu_k, N, M, lam, causal=True,
+        return (lambda q, k, v, lam, w: fn(q, k, v, cu_q, cu_k, N, M, lambda_=lam, causal=True,
                                            backend=backend,
                                            **({} if v2 else dict(norm_weight=w)))), tensors, True
     # KV cache: zero keys = empty caches and no new keys; otherwise 2 cached keys, M - 2 new
@@ -65,9 +65,9 @@ def _call(op: str, axis: str, backend: str):
 
     def call(q, k_cache, v_cache):
         with torch.no_grad():
-            return fn(q, k_cache, v_cache, lam, k=k_new if n_new else None,
+            return fn(q, k_cache, v_cache, k=k_new if n_new else None,
                       v=v_new if n_new else None, cache_seqlens=cached, block_table=block_table,
-                      backend=backend, **norm)
+                      lambda_=lam, causal=True, backend=backend, **norm)
     return call, [rnd(B, N, 2 * H, D)] + caches, False
 
 

@@ -56,9 +56,9 @@ def _packed_inputs(v2: bool, lengths_q, lengths_k, seed=0):
 
 def _packed(v2, q, k, v, cu_q, cu_k, max_q, max_k, lam, norm, backend):
     if v2:
-        return diff_attention_v2_varlen(q, k, v, cu_q, cu_k, max_q, max_k, lam, causal=True,
-                                        backend=backend)
-    return diff_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, lam, causal=True,
+        return diff_attention_v2_varlen(q, k, v, cu_q, cu_k, max_q, max_k, lambda_=lam,
+                                        causal=True, backend=backend)
+    return diff_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, lambda_=lam, causal=True,
                                  norm_weight=norm, backend=backend)
 
 
@@ -129,9 +129,9 @@ cu_q = torch.tensor([0, 5, 5, 42, 45], dtype=torch.int32)
 cu_k = torch.tensor([0, 7, 11, 44, 46], dtype=torch.int32)
 q, k = torch.randn(45, 4, 16, generator=g), torch.randn(46, 2, 16, generator=g)
 v = torch.randn(46, 1, 32, generator=g)
-want = diff_attention_varlen(q, k, v, cu_q, cu_k, 37, 33, 0.3, backend="triton")
+want = diff_attention_varlen(q, k, v, cu_q, cu_k, 37, 33, lambda_=0.3, backend="triton")
 strided = lambda t: torch.stack([t, torch.full_like(t, 1 << 20)], -1)[..., 0]
-got = diff_attention_varlen(q, k, v, strided(cu_q), strided(cu_k), 37, 33, 0.3,
+got = diff_attention_varlen(q, k, v, strided(cu_q), strided(cu_k), 37, 33, lambda_=0.3,
                             backend="triton")
 assert torch.equal(got, want)
 print("ok")
@@ -178,12 +178,13 @@ def _cache_inputs(v2: bool, paged: bool, seed=0):
 def _decode(v2, q, k_cache, v_cache, lam, norm, seqlens, block_table, backend, splits=2):
     with torch.no_grad():
         if v2:
-            return diff_attention_v2_with_kvcache(q, k_cache, v_cache, lam,
-                                                  cache_seqlens=seqlens, block_table=block_table,
-                                                  num_splits=splits, backend=backend)
-        return diff_attention_with_kvcache(q, k_cache, v_cache, lam, cache_seqlens=seqlens,
-                                           block_table=block_table, norm_weight=norm,
-                                           num_splits=splits, backend=backend)
+            return diff_attention_v2_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens,
+                                                  block_table=block_table, lambda_=lam,
+                                                  causal=True, num_splits=splits,
+                                                  backend=backend)
+        return diff_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens,
+                                           block_table=block_table, lambda_=lam, causal=True,
+                                           norm_weight=norm, num_splits=splits, backend=backend)
 
 
 def _decode_reference(v2, q, keys, values, lam, norm, lengths):
@@ -258,9 +259,9 @@ def test_strided_index_tensors_append_in_place(backend):
                            (every_other(seqlens), block_table.t().contiguous().t())):
         k_cache, v_cache = k_pool.clone(), v_pool.clone()
         with torch.no_grad():
-            out = diff_attention_with_kvcache(q, k_cache, v_cache, 0.4, k=k_new, v=v_new,
+            out = diff_attention_with_kvcache(q, k_cache, v_cache, k_new, v_new,
                                               cache_seqlens=lengths, block_table=table,
-                                              backend=backend)
+                                              lambda_=0.4, causal=True, backend=backend)
         pools.append((out, k_cache, v_cache))
         assert torch.equal(lengths, seqlens), "cache_seqlens is not advanced by the call"
     for name, want, got in zip(("out", "k_cache", "v_cache"), *pools):

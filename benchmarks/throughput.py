@@ -36,8 +36,8 @@ Levels and providers (benchmarks/providers.py, host.py, model_providers.py):
            from one prompt (benchmarks/transformers_providers.py): hf_eager and hf_sdpa
            (transformers' own attention implementations) against the same model fused by
            diffattn.integrations.transformers, diffattn (fused kernels, GPU) and torch_path
-           (the PyTorch path); modes prefill (ms of generate(max_new_tokens=1)) and decode
-           (ms per further token). GPU: a 1B-shaped model at prompts 128 and 1024; CPU: the
+           (the PyTorch path); modes prefill (ms to the first token) and decode (ms per
+           further token, the median step). GPU: a 1B-shaped model at prompts 128 and 1024; CPU: the
            tiny model at prompt 128 (--quick), also prompt 1024 and a small model. Needs the
            optional extra diffattn[transformers] (skipped without it).
     model  training and inference steps of one tower: train_image (diffattn = DiffCLIP,
@@ -615,7 +615,7 @@ class Runner:
         ids = prompt(case.shape.batch, case.shape.seq_len, spec.vocab, self.env.device)
         time_round(model, ids, tokens=2)  # warm-up (kernel compilation on a GPU)
         rounds = [time_round(model, ids) for _ in range(self.timer.cpu_repeats)]
-        for index, mode in enumerate(case.modes):
+        for index, mode in enumerate(TRANSFORMERS_MODES):  # time_round's first two
             times = quantiles_ms([r[index] for r in rounds])
             self._row(case, mode, self._geometry(case.shape), times, math.nan, math.nan)
 

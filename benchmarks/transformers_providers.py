@@ -10,11 +10,12 @@ Providers (the same weights for all):
     torch_path   fuse_diff_attention(model, backend="torch"): diffattn's PyTorch path.
 
 Modes, per prompt of ``seq_len`` tokens (batch ``batch``):
-    prefill      ms of ``generate(max_new_tokens=1)``: the prompt's forward, cache included,
-                 and the first token.
-    decode       ms per generated token: (``generate(max_new_tokens=1 + T)`` minus
-                 ``generate(max_new_tokens=1)``) / T, T = DECODE_TOKENS.
-Each of ``rounds`` rounds times both; the rows' ms_p50 / p20 / p80 are over rounds.
+    prefill      ms from the ``generate`` call to the first token's logits: the prompt's
+                 forward, cache included.
+    decode       ms per further token: the median, over DECODE_TOKENS steps, of the time
+                 between two tokens' logits (a logits processor records when generate reaches
+                 it), one step's forward and generate's own work per token.
+Each round is one ``generate``; the rows' ms_p50 / p20 / p80 are over rounds.
 ``compare`` (and ``python benchmarks/transformers_providers.py``) runs the providers in
 interleaved rounds in one process and reports each one's minimum and its ratio to hf_sdpa.
 
@@ -132,29 +133,41 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def generate_ms(model, ids: torch.Tensor, new_tokens: int) -> float:
-    """Wall time of one greedy ``generate`` of ``new_tokens`` tokens, in ms."""
-    _synchronize(ids.device)
-    start = time.perf_counter()
-    with torch.no_grad():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, do_sample=False)
-    _synchronize(ids.device)
-    return (time.perf_counter() - start) * 1e3
+class StepClock:
+    """A logits processor that only records when ``generate`` reaches it: once per generated
+    token, right after that token's forward."""
+
+    def __init__(self):
+        self.times: List[float] = []
+
+    def __call__(self, input_ids, scores):
+        _synchronize(scores.device)
+        self.times.append(time.perf_counter())
+        return scores
 
 
 def time_round(model, ids: torch.Tensor, tokens: int = None) -> tuple:
-    """(prefill ms, decode ms per token) of one round (tokens: DECODE_TOKENS by default)."""
+    """(prefill ms, decode ms per token, fastest step ms) of one greedy ``generate`` of
+    1 + tokens tokens (tokens: DECODE_TOKENS by default): prefill from the call to the first
+    token's logits, decode the median time between consecutive tokens' logits (one step
+    each), and the shortest of those steps."""
+    from transformers import LogitsProcessorList
     tokens = DECODE_TOKENS if tokens is None else tokens
-    first = generate_ms(model, ids, 1)
-    longer = generate_ms(model, ids, 1 + tokens)
-    return first, (longer - first) / tokens
+    clock = StepClock()
+    _synchronize(ids.device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1 + tokens,
+                       min_new_tokens=1 + tokens, do_sample=False,
+                       logits_processor=LogitsProcessorList([clock]))
+    steps = [(b - a) * 1e3 for a, b in zip(clock.times, clock.times[1:])]
+    return (clock.times[0] - start) * 1e3, float(torch.tensor(steps).median()), min(steps)
 
 
 def compare(providers: Sequence[str], shape: GenerateShape, dtype: torch.dtype,
             device: torch.device, rounds: int) -> Dict[str, List[tuple]]:
-    """Every provider's (prefill, decode) per round, the providers interleaved within each
-    round after one untimed warm-up round each."""
+    """Every provider's time_round per round, the providers interleaved within each round
+    after one untimed warm-up round each."""
     spec = SPECS[shape.spec]
     models = {p: build_model(p, spec, dtype, device) for p in providers}
     ids = prompt(shape.batch, shape.seq_len, spec.vocab, device)
@@ -169,8 +182,9 @@ def compare(providers: Sequence[str], shape: GenerateShape, dtype: torch.dtype,
 
 def main(argv: Sequence[str] = None) -> int:
     parser = argparse.ArgumentParser(
-        description="DiffLlama greedy decoding: interleaved rounds, minimum per provider, "
-                    "ratio to transformers' SDPA implementation")
+        description="DiffLlama greedy decoding: interleaved rounds, minimum per provider "
+                    "(of the rounds' prefill and median step, and the fastest step), ratio to "
+                    "transformers' SDPA implementation")
     parser.add_argument("--specs", default="tiny,small")
     parser.add_argument("--prompts", default="128,1024")
     parser.add_argument("--providers", default="hf_sdpa,hf_eager,torch_path")
@@ -189,12 +203,13 @@ def main(argv: Sequence[str] = None) -> int:
         for length in (int(n) for n in args.prompts.split(",")):
             shape = GenerateShape(spec, 1, length)
             times = compare(providers, shape, torch.float32, device, args.rounds)
-            base = [min(t[i] for t in times["hf_sdpa"]) for i in (0, 1)]
+            base = [min(t[i] for t in times["hf_sdpa"]) for i in (0, 1, 2)]
             for p in providers:
-                best = [min(t[i] for t in times[p]) for i in (0, 1)]
+                best = [min(t[i] for t in times[p]) for i in (0, 1, 2)]
                 print(f"{shape.label():28s} {p:10s} prefill {best[0]:9.2f} ms "
                       f"({best[0] / base[0]:.2f}x)  decode {best[1]:7.3f} ms/token "
-                      f"({best[1] / base[1]:.2f}x)", flush=True)
+                      f"({best[1] / base[1]:.2f}x), fastest step {best[2]:7.3f} ms "
+                      f"({best[2] / base[2]:.2f}x)", flush=True)
     return 0
 
 

@@ -152,6 +152,16 @@ def test_generate_equals_transformers(implementation):
         assert torch.equal(cache.layers[0].seqlens.long(), valid)
 
 
+def test_generate_with_static_cache_and_beams():
+    reference, fused = _models()
+    ids, mask = _batch(batch=2, length=6)
+    with torch.no_grad():
+        for settings in (dict(cache_implementation="static"), dict(num_beams=2)):
+            settings.update(attention_mask=mask, max_new_tokens=4, do_sample=False)
+            assert torch.equal(fused.generate(ids, **settings),
+                               reference.generate(ids, **settings)), settings
+
+
 def test_cache_continues_across_calls_and_refuses_unfused_layers():
     reference, fused = _models()
     ids, mask = _batch(batch=2, length=12)

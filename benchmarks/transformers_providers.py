@@ -26,7 +26,6 @@ the tests' model), "small" (4 layers, hidden 512, 8 heads of 64, 4 key/value hea
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from dataclasses import dataclass

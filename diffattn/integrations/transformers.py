@@ -273,7 +273,8 @@ class DiffAttnCache(Cache):
     """A transformers ``Cache`` whose layers keep keys and values in diffattn's layout, for
     fused DiffLlama attention: one-token decoding steps run ``diff_attention_with_kvcache``
     on it. ``generate`` makes one by itself on a fused model; pass one explicitly as
-    ``model(..., past_key_values=DiffAttnCache(model.config))`` (or ``cache=``).
+    ``model(..., cache=DiffAttnCache(model.config), use_cache=True)`` (``past_key_values=``
+    in transformers versions before the rename).
 
     Args:
         config: the model's config (its number of layers), or None to add layers as they

@@ -33,7 +33,9 @@ OP_RATIOS = (("speed-up vs sdpa_x2", "sdpa_x2", "diffattn", "ms_p50"),
              ("V2 packed speed-up vs padded", "diffattn_v2_padded", "diffattn_v2_packed",
               "ms_p50"),
              ("torch path packed speed-up vs padded", "torch_path_padded", "torch_path_packed",
-              "ms_p50"))
+              "ms_p50"),
+             ("diffattn / hf_sdpa time", "diffattn", "hf_sdpa", "ms_p50"),
+             ("torch_path / hf_sdpa time", "torch_path", "hf_sdpa", "ms_p50"))
 MODEL_RATIOS = (("diffattn / sdpa_plain", "diffattn", "sdpa_plain"),
                 ("diffattn / timm", "diffattn", "timm"),
                 ("sdpa_plain / timm", "sdpa_plain", "timm"),
@@ -340,6 +342,7 @@ def summary_markdown(rows: Sequence[dict], device_name: str, on_gpu: bool, versi
     lines += host_table(rows)
     lines += comparison_table(rows, "op") + comparison_table(rows, "layer")
     lines += comparison_table(rows, "decode") + comparison_table(rows, "varlen")
+    lines += comparison_table(rows, "transformers")
     lines += model_table(rows)
     lines += compile_table(report) + tiles_table(report) + backends_table(report)
     for title, items in (("Skipped", report.skipped), ("Failed", report.failed)):

@@ -32,6 +32,14 @@ Levels and providers (benchmarks/providers.py, host.py, model_providers.py):
            d=64, causal (without --quick also not causal, and 64 sequences of up to 1024 at
            d=128); CPU: 4 short sequences (the fused ones through the interpreter as
            *_interpreter with TRITON_INTERPRET=1). FLOPs count the real tokens only.
+    transformers  Hugging Face transformers' DiffLlama (random weights) generating greedily
+           from one prompt (benchmarks/transformers_providers.py): hf_eager and hf_sdpa
+           (transformers' own attention implementations) against the same model fused by
+           diffattn.integrations.transformers, diffattn (fused kernels, GPU) and torch_path
+           (the PyTorch path); modes prefill (ms to the first token) and decode (ms per
+           further token, the median step). GPU: a 1B-shaped model at prompts 128 and 1024; CPU: the
+           tiny model at prompt 128 (--quick), also prompt 1024 and a small model. Needs the
+           optional extra diffattn[transformers] (skipped without it).
     model  training and inference steps of one tower: train_image (diffattn = DiffCLIP,
            torch_path, sdpa_plain = plain CLIP, timm, timm_diff, timm_diff_fused),
            train_text and infer_text (diffattn, torch_path, sdpa_plain) at seq_len 77 and 20;
@@ -132,6 +140,9 @@ from decode_providers import (DECODE_FUSED, DECODE_INTERPRETER_PROVIDERS,  # noq
 from varlen_providers import (VARLEN_FUSED, VARLEN_INTERPRETER_PROVIDERS,  # noqa: E402
                               VARLEN_INTERPRETER_SHAPE, VARLEN_PROVIDERS, sequence_lengths,
                               varlen_bench, varlen_flop_kind, varlen_shapes)
+from transformers_providers import (SPECS, TRANSFORMERS_FUSED,  # noqa: E402
+                                     TRANSFORMERS_MODES, TRANSFORMERS_PROVIDERS, build_model,
+                                     prompt, time_round, transformers_shapes)
 from host import (HOST_MODES, HOST_PROVIDERS, HOST_SHAPE, NO_LAUNCH_PROVIDERS,  # noqa: E402
                   host_device_label, run_host_case)
 from model_providers import (CPU_SPEC, GPU_SPEC, MODEL_PROVIDERS, TEXT_PROVIDERS,  # noqa: E402
@@ -141,17 +152,19 @@ from providers import (FUSED_PROVIDERS, INTERPRETER_PROVIDERS, LAYER_PROVIDERS, 
                        OP_MODES, OP_PROVIDERS, V2_PROVIDERS, Bench, ProviderUnavailable, Shape,
                        layer_bench, op_bench)
 from summary import Report, summary_markdown  # noqa: E402
-from timing import Timer, peak_mem_mb, time_back_to_back, time_steps  # noqa: E402
+from timing import (Timer, peak_mem_mb, quantiles_ms, time_back_to_back,  # noqa: E402
+                    time_steps)
 
 COLUMNS = ("device", "torch", "triton", "level", "provider", "mode", "dtype", "batch",
            "seq_len", "heads", "head_dim", "causal", "ms_p50", "ms_p20", "ms_p80", "tflops",
            "peak_mem_mb")
-LEVELS = ("host", "op", "layer", "decode", "varlen", "model")
+LEVELS = ("host", "op", "layer", "decode", "varlen", "model", "transformers")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ALL_PROVIDERS = tuple(dict.fromkeys(
     HOST_PROVIDERS + tuple(NO_LAUNCH_PROVIDERS) + OP_PROVIDERS + tuple(INTERPRETER_PROVIDERS)
     + LAYER_PROVIDERS + DECODE_PROVIDERS + tuple(DECODE_INTERPRETER_PROVIDERS)
-    + VARLEN_PROVIDERS + tuple(VARLEN_INTERPRETER_PROVIDERS) + MODEL_PROVIDERS))
+    + VARLEN_PROVIDERS + tuple(VARLEN_INTERPRETER_PROVIDERS) + MODEL_PROVIDERS
+    + TRANSFORMERS_PROVIDERS))
 COMPILE_CHOICES = {"default": "_compiled", "cudagraphs": "_compiled_cudagraphs"}
 MODE_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 GPU_NAIVE_BUDGET_FRACTION = 0.6
@@ -165,7 +178,7 @@ CSV_NAME, SUMMARY_NAME = "throughput.csv", "summary.md"
 INTERPRETER_SHAPE = Shape("interpreter_tiny", 1, 77, 2, 64, False)
 # Rough seconds a case takes on a GPU, compilation included, for --time-limit-s.
 EXPECTED_S = {"host": 10.0, "op": 4.0, "layer": 5.0, "decode": 3.0, "varlen": 4.0,
-              "model": 15.0,
+              "model": 15.0, "transformers": 20.0,
               "model_compiled": 100.0}
 
 
@@ -254,6 +267,13 @@ def is_target_shape(shape: Shape) -> bool:
             and (shape.name, shape.seq_len) in (("clip_vision", 197), ("long", 4096)))
 
 
+def transformers_shape(shape) -> Shape:
+    """A transformers-level measurement as a Shape: name = the model spec, seq_len = the
+    prompt, heads = differential heads, causal."""
+    spec = SPECS[shape.spec]
+    return Shape(shape.spec, shape.batch, shape.seq_len, spec.heads // 2, spec.head_dim, True)
+
+
 # ------------------------------------------------------------------------------ plan
 @dataclass(frozen=True)
 class Case:
@@ -311,6 +331,8 @@ def priority(case: Case, first_dtype: str) -> int:
         return 3 if case.provider in DECODE_FUSED + ("sdpa_x2", "flash_v2") else 5
     if case.level == "varlen":
         return 3 if case.provider in VARLEN_FUSED else 5
+    if case.level == "transformers":
+        return 5 if case.provider in TRANSFORMERS_FUSED + ("hf_sdpa", "torch_path") else 6
     return 7  # layer level
 
 
@@ -396,6 +418,12 @@ def build_plan(args, on_cuda: bool, interpret: bool, model_available: bool) -> L
                          args.image_batch or spec.image_batch, args.text_batch or spec.text_batch,
                          spec.text_lengths)
         plan += model_cases(args, spec, on_cuda, dtype)
+    if "transformers" in args.levels:
+        for dtype in args.dtype:
+            plan += [Case("transformers", p, transformers_shape(shape), dtype,
+                          TRANSFORMERS_MODES)
+                     for shape in transformers_shapes(on_cuda, args.quick)
+                     for p in TRANSFORMERS_PROVIDERS if on_cuda or p not in TRANSFORMERS_FUSED]
     if interpret and "op" in args.levels:
         names = list(INTERPRETER_PROVIDERS) + ["torch_path", "torch_path_v2"]
         plan += [Case("op", p, INTERPRETER_SHAPE, "fp32", tuple(args.modes)) for p in names]
@@ -492,6 +520,8 @@ class Runner:
                 self._measure_host(case)
             elif case.level == "model":
                 self._measure_model(case)
+            elif case.level == "transformers":
+                self._measure_transformers(case)
             else:
                 self._measure(case)
         except ProviderUnavailable as exc:
@@ -579,6 +609,17 @@ class Runner:
         peak = peak_mem_mb(measured.step) if self.env.on_cuda else math.nan
         self._row(case, mode, measured.geometry, times, math.nan, peak)
 
+    def _measure_transformers(self, case: Case) -> None:
+        """prefill and decode (ms per token) of greedy generate, quantiles over rounds."""
+        spec = SPECS[case.shape.name]
+        model = build_model(case.provider, spec, DTYPES[case.dtype], self.env.device)
+        ids = prompt(case.shape.batch, case.shape.seq_len, spec.vocab, self.env.device)
+        time_round(model, ids, tokens=2)  # warm-up (kernel compilation on a GPU)
+        rounds = [time_round(model, ids) for _ in range(self.timer.cpu_repeats)]
+        for index, mode in enumerate(TRANSFORMERS_MODES):  # time_round's first two
+            times = quantiles_ms([r[index] for r in rounds])
+            self._row(case, mode, self._geometry(case.shape), times, math.nan, math.nan)
+
     def _record_sdpa_backend(self, case: Case, bench: Bench) -> None:
         if bench.sdpa_backend is None or case.level != "op":
             return
@@ -647,7 +688,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--providers", type=comma_list(ALL_PROVIDERS), default=list(ALL_PROVIDERS),
                         help=f"comma list of {', '.join(ALL_PROVIDERS)}")
     parser.add_argument("--levels", type=comma_list(LEVELS), default=list(LEVELS),
-                        help="comma list of host, op, layer, decode, varlen, model")
+                        help="comma list of host, op, layer, decode, varlen, model, "
+                             "transformers")
     parser.add_argument("--dtype", type=comma_list(tuple(DTYPES)), default=None,
                         help="comma list of bf16, fp16, fp32 (default bf16,fp16 on CUDA, bf16 "
                              "with --quick; fp32 on CPU); host level and the model level's "

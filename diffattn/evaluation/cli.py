@@ -27,7 +27,7 @@ import warnings
 import torch
 
 from .. import BACKENDS
-from ..cli import print_error, print_warning
+from ..cli import parse_device, print_error, print_warning
 from .datasets import (IMAGENET_DATASETS, EvalDataError,
                                   read_caption_csv, read_image_folder, read_imagenet_folder,
                                   read_label_csv, read_lines, read_templates,
@@ -63,7 +63,8 @@ def _model_options() -> argparse.ArgumentParser:
                        "attention differential (V1 or V2) when it is plain in the config or file")
     group.add_argument("--backend", choices=BACKENDS, default="auto",
                        help="differential attention implementation (auto)")
-    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="cpu, cuda or cuda:N (default: cuda where CUDA is available)")
     group.add_argument("--batch-size", type=int, default=64, help="images per batch (64)")
     group.add_argument("--workers", type=int, default=None, help="DataLoader workers reading "
                        "images (default: 0 on the CPU, where the model needs the cores, 4 on a "
@@ -169,7 +170,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print_warning(message)
 
 
-def _check_numbers(args) -> None:
+def _check_options(args) -> None:
+    parse_device(args.device)
+    if args.out is not None and not args.out.strip():
+        raise EvalDataError(f"--out must name a file, got {args.out!r}")
     if args.batch_size < 1:
         raise EvalDataError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.workers is not None and args.workers < 0:
@@ -312,14 +316,14 @@ def _run(parser, args) -> int:
             images, rows = write_karpathy_csv(args.annotations, args.images, args.out, args.split)
             print(f"wrote {rows} captions of {images} images to {args.out}")
             return 0
-        _check_numbers(args)
-        if args.out:
+        _check_options(args)
+        if args.out is not None:
             check_writable(args.out)
         run = {"classify": run_classify, "retrieve": run_retrieve,
                "linear-probe": run_linear_probe}[args.command]
         result = run(args)
         _print_metrics(result)
-        if args.out:
+        if args.out is not None:
             write_result(args.out, result)
             print(f"wrote {args.out}")
     except (EvalDataError, ResultFileError, CheckpointError) as error:

@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import io
 import os
+import string
 from pathlib import Path
 from typing import Optional
 
@@ -136,16 +137,36 @@ def read_lines(path: str, option: str) -> list:
     return lines
 
 
+def _template_with_braces(template: str) -> Optional[str]:
+    """``template`` with its class-name placeholder written ``{}``, or None unless it has
+    exactly one placeholder, ``{}`` or ``{c}`` (``{{`` and ``}}`` are literal braces)."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError:  # an unmatched '{' or '}'
+        return None
+    fields = [(name, spec, conversion) for _, name, spec, conversion in parts if name is not None]
+    if len(fields) != 1 or fields[0] not in (("", "", None), ("c", "", None)):
+        return None
+    escape = lambda text: text.replace("{", "{{").replace("}", "}}")  # noqa: E731
+    return "".join(escape(literal) + ("{}" if name is not None else "")
+                   for literal, name, _, _ in parts)
+
+
 def read_templates(spec: str) -> list:
     """A built-in template set ("imagenet": OpenAI's 80, "simple": their 7) or a file with one
-    template per line, each with one ``{}``."""
+    template per line, each with exactly one placeholder for the class name: ``{}`` (Python's
+    positional field) or ``{c}`` (CLIP_benchmark's). Returned with ``{}``, for
+    ``template.format(classname)``."""
     if spec in TEMPLATE_SETS:
         return list(TEMPLATE_SETS[spec])
-    templates = read_lines(spec, "--templates")
-    bad = [template for template in templates if template.count("{}") != 1]
-    if bad:
-        raise EvalDataError(f"--templates: {spec!r}: every line needs exactly one '{{}}' for the "
-                            f"class name; not so: {bad[0]!r}")
+    templates = []
+    for line, template in enumerate(read_lines(spec, "--templates"), 1):
+        converted = _template_with_braces(template)
+        if converted is None:
+            raise EvalDataError(f"--templates: {spec!r}: every line needs exactly one '{{}}' or "
+                                f"'{{c}}' for the class name and no other braces (write a "
+                                f"literal brace as '{{{{' or '}}}}'); not so: {template!r}")
+        templates.append(converted)
     return templates
 
 

@@ -47,6 +47,8 @@ def read_result(path: str) -> dict:
 
 
 def _check_replaceable(path: str) -> None:
+    if not str(path).strip():
+        raise ResultFileError(f"--out must name a file, got {path!r}")
     if os.path.isdir(path):
         raise ResultFileError(f"--out {path!r} is a folder, not a file")
     if not os.path.lexists(path):

@@ -16,7 +16,8 @@ from sklearn.metrics import balanced_accuracy_score
 
 from diffattn.eval import main
 from diffattn.evaluation import classification_metrics, linear_probe, retrieval_recall
-from diffattn.evaluation.datasets import EvalDataError, imagenet_classes, read_imagenet_folder
+from diffattn.evaluation.datasets import (EvalDataError, imagenet_classes, read_imagenet_folder,
+                                         read_templates)
 from diffattn.evaluation.results import compare_table, read_result, write_result
 from diffattn.models import build_zero_shot_classifier, create_model, save_pretrained
 from diffattn.models.imagenet_classes import IMAGENET_CLASSNAMES
@@ -321,6 +322,8 @@ def _bad_inputs(tmp_path):
     (tmp_path / "no_label.csv").write_text("filepath,class\nimages/cat/0.png,cat\n")
     (tmp_path / "bad_label.csv").write_text("filepath,label\nimages/cat/0.png,cow\n")
     (tmp_path / "templates.txt").write_text("a photo of a cat\n")
+    (tmp_path / "other_field.txt").write_text("a {} photo\na {x} photo of {}\n")
+    (tmp_path / "two_fields.txt").write_text("a {c} photo of {}\n")
     (tmp_path / "two_names.txt").write_text("a\nb\n")
     (tmp_path / "notes.json").write_text('{"my": "notes"}')
     (tmp_path / "imagenet").mkdir()
@@ -337,6 +340,15 @@ BAD = [
     (["classify", "--csv", "{tmp}/missing.csv"], "file not found: '{tmp}/missing.csv'"),
     (["classify", "--images", "{tmp}/images", "--templates", "{tmp}/templates.txt"],
      "'{tmp}/templates.txt': every line needs exactly one '{{}}'"),
+    (["classify", "--images", "{tmp}/images", "--templates", "{tmp}/other_field.txt"],
+     "not so: 'a {{x}} photo of {{}}'"),
+    (["classify", "--images", "{tmp}/images", "--templates", "{tmp}/two_fields.txt"],
+     "not so: 'a {{c}} photo of {{}}'"),
+    (["classify", "--images", "{tmp}/images", "--device", "nonsense"],
+     "--device 'nonsense' is not a device: expected cpu, cuda or cuda:N"),
+    (["classify", "--images", "{tmp}/images", "--out", ""], "--out must name a file, got ''"),
+    (["retrieve", "--csv", "{tmp}/no_caption.csv", "--out", " "],
+     "--out must name a file, got ' '"),
     (["classify", "--images", "{tmp}/images", "--classnames", "{tmp}/two_names.txt"],
      "'{tmp}/two_names.txt' has 2 names for 3 classes"),
     (["classify", "--images", "{tmp}/imagenet", "--dataset", "imagenet-r"],
@@ -365,7 +377,8 @@ def test_bad_input_is_one_error_line_naming_it(tmp_path, argv, message, capsys):
     tmp = str(tmp_path)
     argv = [arg.format(tmp=tmp) for arg in argv]
     if argv[0] in ("classify", "retrieve", "linear-probe") and argv[-1] != "--templates":
-        argv += ["--model", "CLIP-Tiny", *ARGS]
+        device = argv[argv.index("--device"):][:2] if "--device" in argv else []
+        argv += ["--model", "CLIP-Tiny", *ARGS, *device]
     try:
         status = main(argv)
     except SystemExit as exit:  # argparse's own errors
@@ -451,3 +464,52 @@ def test_captions_csv_from_a_karpathy_file(tmp_path, capsys):
                            str(tmp_path / "new.csv")], capsys)
     assert status == 2 and _error_lines(err) == \
         [f"error: captions-csv: file not found: '{tmp_path / 'missing.json'}'"]
+
+
+def test_a_checkpoint_with_nan_weights_is_an_error_and_writes_nothing(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = create_model("CLIP-Tiny", backend="torch")
+    with torch.no_grad():
+        model.logit_scale.fill_(float("nan"))
+        model.text_projection[1, 2] = float("inf")
+    path = tmp_path / "nan.safetensors"
+    save_pretrained(model, path)
+    root = _class_tree(tmp_path / "images", per_class=1)
+    out = tmp_path / "r.json"
+    for command in (["classify", "--images", str(root)], ["retrieve", "--csv", str(
+            tmp_path / "c.csv")], ["linear-probe", "--train", str(root), "--test", str(root)]):
+        (tmp_path / "c.csv").write_text("filepath,caption\nimages/cat/0.png,a cat\n")
+        status, _, err = _run([*command, "--pretrained", str(path), "--out", str(out), *ARGS],
+                              capsys)
+        assert status == 2 and "Traceback" not in err
+        assert _error_lines(err) == [_error_lines(err)[0]] and str(path) in err
+        assert "'logit_scale' has 1 of 1" in err and "2 tensors in all" in err
+        assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_on_a_machine_without_it_is_one_error_line(tmp_path, capsys):
+    root = _class_tree(tmp_path / "images", per_class=1)
+    status, _, err = _run(["classify", "--model", "CLIP-Tiny", "--images", str(root),
+                           "--out", str(tmp_path / "r.json"), *ARGS, "--device", "cuda"], capsys)
+    assert status == 2 and "Traceback" not in err and not (tmp_path / "r.json").exists()
+    assert _error_lines(err) == [_error_lines(err)[0]]
+    assert "--device cuda: CUDA is not available on this machine" in err
+
+
+def test_templates_with_c_placeholder_are_those_with_braces(tmp_path, weights, capsys):
+    path, _ = weights
+    root = _class_tree(tmp_path / "images", per_class=1)
+    (tmp_path / "c.txt").write_text("a photo of a {c}.\n{c}, {{literally}}\n")
+    (tmp_path / "braces.txt").write_text("a photo of a {}.\n{}, {{literally}}\n")
+    assert read_templates(str(tmp_path / "c.txt")) == read_templates(str(tmp_path / "braces.txt"))
+    assert read_templates(str(tmp_path / "c.txt"))[1].format("cat") == "cat, {literally}"
+    results = []
+    for name in ("c.txt", "braces.txt"):
+        out = tmp_path / f"{name}.json"
+        status, _, err = _run(["classify", "--pretrained", path, "--images", str(root),
+                               "--templates", str(tmp_path / name), "--out", str(out), *ARGS],
+                              capsys)
+        assert status == 0, err
+        results.append(read_result(str(out))["metrics"])
+    assert results[0] == results[1]

@@ -306,6 +306,12 @@ def test_unavailable_device_is_an_error(tmp_path, capsys):
            "--device cuda: CUDA is not available on this machine", capsys)
 
 
+def test_a_device_that_is_no_device_is_an_error_and_creates_nothing(tmp_path, capsys):
+    _fails(["--data", "digits", "--device", "nonsense", "--out", str(tmp_path / "run")],
+           "--device 'nonsense' is not a device: expected cpu, cuda or cuda:N", capsys)
+    assert not (tmp_path / "run").exists()
+
+
 def test_out_naming_a_file_is_an_error(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     _fails(["--data", "digits", "--out", str(tmp_path / "file")],

@@ -28,10 +28,9 @@ import torch
 
 from .. import BACKENDS
 from ..cli import parse_device, print_error, print_warning
-from .datasets import (IMAGENET_DATASETS, EvalDataError,
-                                  read_caption_csv, read_image_folder, read_imagenet_folder,
-                                  read_label_csv, read_lines, read_templates,
-                                  write_karpathy_csv)
+from .datasets import (IMAGENET_DATASETS, EvalDataError, read_caption_csv, read_image_folder,
+                       read_imagenet_folder, read_label_csv, read_lines, read_templates,
+                       split_named_folders, write_karpathy_csv)
 from .digits_export import export_digits
 from .features import autocast_for, encode_image_files, encode_texts
 from .metrics import (classification_metrics, linear_probe, retrieval_recall,
@@ -203,6 +202,16 @@ def _result(args, task, dataset, metrics, num_samples, **extra) -> dict:
     return result
 
 
+def _warn_of_split_folders(data, root: str, option: str) -> None:
+    """A warning when class folders are named like dataset splits (ROOT/train, ROOT/test):
+    ROOT is most likely the dataset's root, not the split's folder of classes."""
+    splits = split_named_folders(data.classnames)
+    if splits:
+        print_warning(f"{option} {root!r}: the class folder(s) {', '.join(splits)} look like "
+                      f"dataset splits, not classes: {option} takes one split's folder of "
+                      f"class folders (e.g. {os.path.join(root, splits[0])!r})")
+
+
 def run_classify(args) -> dict:
     classnames = read_lines(args.classnames, "--classnames") if args.classnames else None
     templates = read_templates(args.templates)
@@ -212,6 +221,7 @@ def run_classify(args) -> dict:
         data = read_imagenet_folder(args.images, args.dataset)
     elif args.images is not None:
         data = read_image_folder(args.images)
+        _warn_of_split_folders(data, args.images, "--images")
     else:
         data = read_label_csv(args.csv, classnames, args.csv_img_key, args.csv_label_key)
     if classnames is not None:
@@ -255,6 +265,8 @@ def run_retrieve(args) -> dict:
 def run_linear_probe(args) -> dict:
     train = read_image_folder(args.train, "--train")
     test = read_image_folder(args.test, "--test")
+    _warn_of_split_folders(train, args.train, "--train")
+    _warn_of_split_folders(test, args.test, "--test")
     index = {name: label for label, name in enumerate(train.classnames)}
     unknown = [name for name in test.classnames if name not in index]
     if unknown:

@@ -51,28 +51,80 @@ class CaptionedImages:
     text_image: list
 
 
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+def is_image_name(name: str) -> bool:
+    """Whether a file name has one of the image suffixes (IMAGE_SUFFIXES, any case)."""
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+def walk_folder(root: str, option: str, above: tuple = ()):
+    """The folders under ``root``, as ``os.walk`` gives them (``(folder, subfolder names,
+    file names)``, top-down, names sorted), following symbolic links to folders: a linked
+    class folder is read like any other, by the training folder reader and by evaluation
+    alike. Entries that are not folders (files, links to files, broken links) are listed as
+    files. ``above``: the folders that hold ``root`` when it is walked on its own (a link back
+    to them is a loop too).
+
+    Raises:
+        EvalDataError: naming ``option`` and the path: a folder that cannot be listed, or a
+            link to a folder above it (a loop).
+    """
+    def walk(folder: str, ancestors: frozenset):
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError as error:
+            raise EvalDataError(f"{option}: cannot list the folder {folder!r}: "
+                                f"{error.strerror}") from None
+        subfolders, files = [], []
+        for entry in entries:
+            try:
+                is_folder = entry.is_dir()  # follows a symbolic link
+            except OSError:
+                is_folder = False
+            (subfolders if is_folder else files).append(entry.name)
+        yield folder, subfolders, files
+        for name in subfolders:
+            path = os.path.join(folder, name)
+            real = os.path.realpath(path)
+            if real in ancestors:
+                raise EvalDataError(f"{option}: {path!r} is a symbolic link to {real!r}, a "
+                                    "folder that holds it: a loop")
+            yield from walk(path, ancestors | {real})
+
+    yield from walk(root, frozenset([os.path.realpath(root), *map(os.path.realpath, above)]))
 
 
 def _class_folders(root: str, option: str) -> list:
-    path = Path(root)
-    if not path.is_dir():
+    if not os.path.isdir(root):
         raise EvalDataError(f"{option}: no such folder: {root!r}")
-    folders = sorted(child for child in path.iterdir() if child.is_dir())
+    _, subfolders, _ = next(walk_folder(root, option))
+    folders = [Path(root) / name for name in subfolders]
     if not folders:
         raise EvalDataError(f"{option}: {root!r} holds no class folders (expected one folder "
                             "of images per class)")
     return folders
 
 
-def _folder_images(folder: Path) -> list:
-    """The image files under ``folder`` (recursive), sorted; EvalDataError when there are none."""
-    images = sorted(str(child) for child in folder.rglob("*") if _is_image(child))
+def _folder_images(folder: Path, option: str) -> list:
+    """The image files under ``folder`` (recursive, symbolic links to folders followed, see
+    walk_folder), sorted; EvalDataError when there are none."""
+    walked = walk_folder(str(folder), option, above=(str(folder.parent),))
+    images = sorted(os.path.join(path, name) for path, _, files in walked
+                    for name in files if is_image_name(name))
     if not images:
         raise EvalDataError(f"empty class folder: {str(folder)!r} holds no image files "
                             f"({', '.join(IMAGE_SUFFIXES)})")
     return images
+
+
+SPLIT_NAMES = ("train", "training", "test", "testing", "val", "valid", "validation", "eval")
+
+
+def split_named_folders(classnames: list) -> list:
+    """The class names among ``classnames`` that are dataset split names (``train``, ``test``,
+    ``val``, ...): a root that holds the splits, given where one split's class folders were
+    meant."""
+    return [name for name in classnames if name.lower() in SPLIT_NAMES]
 
 
 def read_image_folder(root: str, option: str = "--images") -> LabelledImages:
@@ -80,7 +132,7 @@ def read_image_folder(root: str, option: str = "--images") -> LabelledImages:
     folders, images found recursively in each (sorted)."""
     paths, labels, classnames = [], [], []
     for label, folder in enumerate(_class_folders(root, option)):
-        images = _folder_images(folder)
+        images = _folder_images(folder, option)
         paths += images
         labels += [label] * len(images)
         classnames.append(folder.name)
@@ -114,7 +166,7 @@ def read_imagenet_folder(root: str, dataset: str, option: str = "--images") -> L
                 f"one of its {len(folder_names)} WordNet ids (e.g. {folder_names[0]})"
             raise EvalDataError(f"{option}: folder {str(folder)!r} is not a class of {dataset} "
                                 f"(expected {expected})")
-        images = _folder_images(folder)
+        images = _folder_images(folder, option)
         paths += images
         labels += [index[folder.name]] * len(images)
     return LabelledImages(paths, labels, classnames)

@@ -513,3 +513,20 @@ def test_templates_with_c_placeholder_are_those_with_braces(tmp_path, weights, c
         assert status == 0, err
         results.append(read_result(str(out))["metrics"])
     assert results[0] == results[1]
+
+
+def test_classify_on_a_root_of_splits_warns(tmp_path, weights, capsys):
+    path, _ = weights
+    _class_tree(tmp_path / "data" / "train", per_class=1)
+    _class_tree(tmp_path / "data" / "test", per_class=1)
+    status, _, err = _run(["classify", "--pretrained", path, "--images", str(tmp_path / "data"),
+                           "--templates", "simple", *ARGS], capsys)
+    assert status == 0
+    warning = [line for line in err.splitlines() if "look like dataset splits" in line]
+    assert warning == [f"warning: --images '{tmp_path / 'data'}': the class folder(s) test, "
+                       "train look like dataset splits, not classes: --images takes one "
+                       f"split's folder of class folders (e.g. '{tmp_path / 'data' / 'test'}')"]
+    status, _, err = _run(["classify", "--pretrained", path, "--images",
+                           str(tmp_path / "data" / "test"), "--templates", "simple", *ARGS],
+                          capsys)
+    assert status == 0 and "dataset splits" not in err

@@ -267,6 +267,22 @@ def _resolve(csv_path: str, image: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(csv_path)), image.strip())
 
 
+def _check_some_image_exists(csv_path: str, rows: list, column: str) -> None:
+    """EvalDataError when not one image file a CSV file lists exists: the paths were written
+    for another folder (the message names the first row's path, where it was looked for and
+    the rule); a few missing files are left to the unreadable-image limit."""
+    if any(os.path.lexists(_resolve(csv_path, values[column])) for _, values in rows):
+        return
+    line, values = rows[0]
+    folder = os.path.dirname(os.path.abspath(csv_path))
+    raise EvalDataError(
+        f"--csv: none of the {len(rows)} image files {csv_path!r} lists exists; line {line}'s "
+        f"{values[column].strip()!r} was looked for at {_resolve(csv_path, values[column])!r}. "
+        f"Relative paths in column {column!r} are relative to the CSV file's folder "
+        f"({folder!r}): check that the images are there, or write the paths relative to that "
+        "folder or absolute (captions-csv writes them so)")
+
+
 def read_label_csv(path: str, classnames: Optional[list] = None, image_column: str = "filepath",
                    label_column: str = "label") -> LabelledImages:
     """A CSV file of ``filepath,label`` rows. A label is a class name (of ``classnames`` when
@@ -286,6 +302,7 @@ def read_label_csv(path: str, classnames: Optional[list] = None, image_column: s
         else:
             raise EvalDataError(f"--csv: {path!r} line {line}: label {text!r} is not a class "
                                 f"name or index (0..{len(classnames) - 1}) of --classnames")
+    _check_some_image_exists(path, rows, image_column)
     paths = [_resolve(path, values[image_column]) for _, values in rows]
     return LabelledImages(paths, labels, list(classnames))
 
@@ -295,6 +312,7 @@ def read_caption_csv(path: str, image_column: str = "filepath",
     """A CSV file of ``filepath,caption`` rows; an image listed on several rows has several
     captions."""
     rows = _csv_rows(path, "--csv", (image_column, caption_column))
+    _check_some_image_exists(path, rows, image_column)
     image_index, paths, captions, text_image = {}, [], [], []
     for _, values in rows:
         image = _resolve(path, values[image_column])
@@ -315,8 +333,11 @@ def write_karpathy_csv(annotations: str, image_root: str, out_csv: str,
     Args:
         annotations: the JSON file (``{"images": [{"filename", "split", "sentences":
             [{"raw"}], "filepath" (COCO only)}]}``).
-        image_root: the folder of the images (COCO: the one holding ``val2014/``); written
-            into the CSV as given, joined with each image's (file)path.
+        image_root: the folder of the images (COCO: the one holding ``val2014/``), joined
+            with each image's (file)path. A relative ``image_root`` is relative to the
+            current folder, like every path argument, and the CSV stores the paths relative
+            to its own folder, which is how ``read_caption_csv`` resolves them; an absolute
+            one stays absolute.
         out_csv: a new file (an existing one is never replaced).
         split: "test" (1,000 Flickr images, 5,000 COCO images), "val" or "train".
 
@@ -327,6 +348,14 @@ def write_karpathy_csv(annotations: str, image_root: str, out_csv: str,
 
     if os.path.exists(out_csv):
         raise EvalDataError(f"captions-csv: {out_csv!r} exists; refusing to overwrite it")
+    if not os.path.isdir(image_root):
+        raise EvalDataError(f"captions-csv: no such folder: {image_root!r} (IMAGE_ROOT, the "
+                            "folder of the images)")
+    csv_folder = os.path.dirname(os.path.abspath(out_csv))
+
+    def stored(path: str) -> str:
+        return path if os.path.isabs(image_root) else os.path.relpath(path, csv_folder)
+
     try:
         with open(annotations, encoding="utf-8") as file:
             entries = json.load(file)["images"]
@@ -341,14 +370,20 @@ def write_karpathy_csv(annotations: str, image_root: str, out_csv: str,
             if entry["split"] != split:
                 continue
             path = os.path.join(image_root, entry.get("filepath", ""), entry["filename"])
-            rows += [(path, sentence["raw"].strip()) for sentence in entry["sentences"]]
+            rows += [(os.path.abspath(path), sentence["raw"].strip())
+                     for sentence in entry["sentences"]]
     except (KeyError, TypeError) as error:
         raise EvalDataError(f"captions-csv: {annotations!r}: an image entry lacks {error}") \
             from None
     if not rows:
         raise EvalDataError(f"captions-csv: {annotations!r} has no images in split {split!r}")
+    if not any(os.path.lexists(path) for path, _ in rows):
+        raise EvalDataError(f"captions-csv: none of the {len(rows)} images of split {split!r} "
+                            f"is in {image_root!r}: the first was looked for at {rows[0][0]!r} "
+                            "(IMAGE_ROOT is the folder of the images; for COCO the one holding "
+                            "val2014/)")
     with open(out_csv, "x", encoding="utf-8", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["filepath", "caption"])
-        writer.writerows(rows)
+        writer.writerows((stored(path), caption) for path, caption in rows)
     return len({path for path, _ in rows}), len(rows)

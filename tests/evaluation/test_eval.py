@@ -443,27 +443,75 @@ def test_command_line_in_a_subprocess(tmp_path, weights):
 
 def test_captions_csv_from_a_karpathy_file(tmp_path, capsys):
     annotations = {"images": [
-        {"filepath": "val2014", "filename": "a.jpg", "split": "test",
+        {"filepath": "val2014", "filename": "a.png", "split": "test",
          "sentences": [{"raw": "A dog."}, {"raw": "A brown dog, running."}]},
-        {"filepath": "val2014", "filename": "b.jpg", "split": "train",
+        {"filepath": "val2014", "filename": "b.png", "split": "train",
          "sentences": [{"raw": "A cat."}]}]}
     (tmp_path / "coco.json").write_text(json.dumps(annotations))
+    _write_png(tmp_path / "coco" / "val2014" / "a.png", 0)
     out = tmp_path / "test.csv"
-    status, stdout, _ = _run(["captions-csv", str(tmp_path / "coco.json"), "/data/coco",
+    status, stdout, _ = _run(["captions-csv", str(tmp_path / "coco.json"), str(tmp_path / "coco"),
                               str(out)], capsys)
     assert status == 0 and "wrote 2 captions of 1 images" in stdout
+    image = str(tmp_path / "coco" / "val2014" / "a.png")  # an absolute root stays absolute
     with open(out, newline="") as file:
-        assert list(csv.reader(file)) == [["filepath", "caption"],
-                                          ["/data/coco/val2014/a.jpg", "A dog."],
-                                          ["/data/coco/val2014/a.jpg", "A brown dog, running."]]
-    status, _, err = _run(["captions-csv", str(tmp_path / "coco.json"), "/data/coco", str(out)],
-                          capsys)
+        assert list(csv.reader(file)) == [["filepath", "caption"], [image, "A dog."],
+                                          [image, "A brown dog, running."]]
+    status, _, err = _run(["captions-csv", str(tmp_path / "coco.json"), str(tmp_path / "coco"),
+                           str(out)], capsys)
     assert status == 2 and _error_lines(err) == \
         [f"error: captions-csv: '{out}' exists; refusing to overwrite it"]
-    status, _, err = _run(["captions-csv", str(tmp_path / "missing.json"), "/data/coco",
+    status, _, err = _run(["captions-csv", str(tmp_path / "missing.json"), str(tmp_path / "coco"),
                            str(tmp_path / "new.csv")], capsys)
     assert status == 2 and _error_lines(err) == \
         [f"error: captions-csv: file not found: '{tmp_path / 'missing.json'}'"]
+    status, _, err = _run(["captions-csv", str(tmp_path / "coco.json"), str(tmp_path),
+                           str(tmp_path / "new.csv")], capsys)
+    assert status == 2 and _error_lines(err) == [
+        f"error: captions-csv: none of the 2 images of split 'test' is in '{tmp_path}': the "
+        f"first was looked for at '{tmp_path / 'val2014' / 'a.png'}' (IMAGE_ROOT is the folder "
+        "of the images; for COCO the one holding val2014/)"]
+    assert not (tmp_path / "new.csv").exists()
+
+
+def test_the_readme_flickr_flow_runs_as_written(tmp_path, weights, monkeypatch, capsys):
+    """captions-csv with paths relative to the working folder, then retrieve on its CSV."""
+    path, _ = weights
+    monkeypatch.chdir(tmp_path)
+    images = [{"filename": f"{i}.jpg", "split": "test",
+               "sentences": [{"raw": f"photo {i}"}, {"raw": f"picture {i}"}]} for i in range(3)]
+    os.makedirs("data/flickr30k-images")
+    for i in range(3):
+        Image.fromarray(np.full((9, 9, 3), 40 * i, np.uint8)).save(
+            f"data/flickr30k-images/{i}.jpg")
+    (tmp_path / "data" / "dataset_flickr30k.json").write_text(json.dumps({"images": images}))
+    status, _, err = _run(["captions-csv", "data/dataset_flickr30k.json", "data/flickr30k-images",
+                           "data/flickr30k_test.csv"], capsys)
+    assert status == 0, err
+    with open("data/flickr30k_test.csv", newline="") as file:
+        assert next(iter(list(csv.reader(file))[1:]))[0] == "flickr30k-images/0.jpg"
+    status, _, err = _run(["retrieve", "--csv", "data/flickr30k_test.csv", "--dataset",
+                           "flickr30k", "--pretrained", path, "--out", "res/r.json", *ARGS],
+                          capsys)
+    assert status == 0, err
+    assert read_result("res/r.json")["num_samples"] == 3
+    # a CSV whose paths were written for another folder: the error says where it looked
+    (tmp_path / "data" / "old.csv").write_text(
+        "filepath,caption\ndata/flickr30k-images/0.jpg,photo 0\n")
+    status, _, err = _run(["retrieve", "--csv", "data/old.csv", "--pretrained", path, *ARGS],
+                          capsys)
+    assert status == 2 and len(_error_lines(err)) == 1
+    assert ("none of the 1 image files 'data/old.csv' lists exists; line 2's "
+            "'data/flickr30k-images/0.jpg' was looked for at "
+            f"'{tmp_path / 'data' / 'data' / 'flickr30k-images' / '0.jpg'}'") in err
+    assert "relative to the CSV file's folder" in err and "max-unreadable" not in err
+    (tmp_path / "data" / "some.csv").write_text(
+        "filepath,caption\nflickr30k-images/0.jpg,a\nflickr30k-images/7.jpg,b\n"
+        "flickr30k-images/8.jpg,c\n")
+    status, _, err = _run(["retrieve", "--csv", "data/some.csv", "--pretrained", path, *ARGS],
+                          capsys)
+    assert status == 2 and "2 of 3 image files were not found" in _error_lines(err)[0]
+    assert "Check that these paths exist" in err and "raise --max-unreadable" not in err
 
 
 def test_a_checkpoint_with_nan_weights_is_an_error_and_writes_nothing(tmp_path, capsys):

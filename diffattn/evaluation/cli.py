@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--templates", default="imagenet", metavar="imagenet|simple|FILE",
                           help="prompt templates: OpenAI's 80 ImageNet ones (imagenet, the "
                           "default), their 7-template subset (simple), or a file with one "
-                          "template with '{}' per line")
+                          "template per line, the class name as '{}' or '{c}'")
     classify.add_argument("--dataset", metavar="NAME", help="the name recorded in the result "
                           f"(default: the folder or file name); {', '.join(IMAGENET_DATASETS)} "
                           "also take that variant's classes (200 for -a and -r) and names "
@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     retrieve.add_argument("--csv-caption-key", default="caption")
 
     probe = commands.add_parser("linear-probe", parents=[model], help="logistic regression on "
-                                "frozen image features: acc1, acc5, mean_per_class_recall")
+                                "frozen image features: lp_acc1, lp_acc5, "
+                                "lp_mean_per_class_recall")
     probe.add_argument("--train", metavar="ROOT", required=True, help="class folders to fit on")
     probe.add_argument("--test", metavar="ROOT", required=True, help="class folders to test on "
                        "(the same class folder names)")
@@ -281,11 +282,14 @@ def run_linear_probe(args) -> dict:
     test_labels = torch.as_tensor([index[test.classnames[label]] for label in test.labels])
     try:
         probe = linear_probe(train_features, train_labels, test_features, test_labels[test_kept],
-                             val_fraction=args.val_fraction, seed=args.seed)
+                             val_fraction=args.val_fraction, seed=args.seed,
+                             progress=not args.no_progress)
     except ValueError as error:
         raise EvalDataError(f"linear probe: {error}") from None
     dataset = args.dataset or _name(os.path.dirname(os.path.normpath(args.train)) or args.train)
-    return _result(args, "linear_probe", dataset, probe["metrics"], int(test_kept.numel()),
+    # CLIP_benchmark's names for a linear probe's metrics: lp_acc1, lp_acc5, ...
+    metrics = {f"lp_{name}": value for name, value in probe["metrics"].items()}
+    return _result(args, "linear_probe", dataset, metrics, int(test_kept.numel()),
                    num_train_samples=int(train_kept.numel()), C=probe["C"],
                    val_acc1=probe["val_acc1"])
 

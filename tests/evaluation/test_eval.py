@@ -246,10 +246,11 @@ def test_linear_probe_command_and_compare_table(tmp_path, weights, capsys):
     result = read_result(str(tmp_path / "a.json"))
     assert (result["task"], result["num_samples"], result["num_train_samples"]) == \
         ("linear_probe", 6, 12)
-    assert 0 <= result["metrics"]["acc1"] <= 1 and result["C"] > 0
+    assert set(result["metrics"]) == {"lp_acc1", "lp_acc5", "lp_mean_per_class_recall"}
+    assert 0 <= result["metrics"]["lp_acc1"] <= 1 and result["C"] > 0
 
-    other = dict(result, model="DiffCLIP-Tiny", metrics={"acc1": 0.75, "acc5": None,
-                                                         "mean_per_class_recall": 0.5})
+    other = dict(result, model="DiffCLIP-Tiny", metrics={"lp_acc1": 0.75, "lp_acc5": None,
+                                                         "lp_mean_per_class_recall": 0.5})
     write_result(str(tmp_path / "b.json"), other)
     status, table, _ = _run(["--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")],
                             capsys)
@@ -257,11 +258,11 @@ def test_linear_probe_command_and_compare_table(tmp_path, weights, capsys):
     lines = table.splitlines()
     assert "CLIP-Tiny (clip_tiny.safetensors)" in lines[0] and "DiffCLIP-Tiny" in lines[0]
     assert "difference" in lines[0]
-    acc1 = next(line for line in lines if " acc1 " in line)
-    assert acc1.split()[:3] == ["tiny", "linear_probe", "acc1"]
+    acc1 = next(line for line in lines if " lp_acc1 " in line)
+    assert acc1.split()[:3] == ["tiny", "linear_probe", "lp_acc1"]
     assert acc1.split()[-2] == "75.00"
-    assert acc1.split()[-1] == f"{100 * (0.75 - result['metrics']['acc1']):+.2f}"
-    assert next(line for line in lines if " acc5 " in line).split()[-1] == "-"
+    assert acc1.split()[-1] == f"{100 * (0.75 - result['metrics']['lp_acc1']):+.2f}"
+    assert next(line for line in lines if " lp_acc5 " in line).split()[-1] == "-"
     assert compare_table([result]).splitlines()[0].split()[-1] == "(clip_tiny.safetensors)"
 
 
@@ -578,3 +579,31 @@ def test_classify_on_a_root_of_splits_warns(tmp_path, weights, capsys):
                            str(tmp_path / "data" / "test"), "--templates", "simple", *ARGS],
                           capsys)
     assert status == 0 and "dataset splits" not in err
+
+
+def test_compare_reads_clip_benchmark_result_files(tmp_path, capsys):
+    """Files as CLIP_benchmark 1.6's cli.py dumps them: no num_samples, NaN acc5 below 5
+    classes, its linear-probe settings among the metrics."""
+    theirs = {"dataset": "digits", "model": "DiffCLIP-Tiny", "pretrained": "model.safetensors",
+              "task": "zeroshot_classification", "language": "en",
+              "metrics": {"acc1": 0.9, "acc5": float("nan"), "mean_per_class_recall": 0.89}}
+    probe = dict(theirs, task="linear_probe", metrics={
+        "lp_acc1": 0.8, "lp_acc5": float("nan"), "lp_mean_per_class_recall": 0.79,
+        "weight_decay": 0.01, "epochs": 10, "seed": 0, "fewshot_k": -1, "normalized": True})
+    for name, data in (("theirs.json", theirs), ("probe.json", probe)):
+        with open(tmp_path / name, "w") as file:
+            json.dump(data, file)  # as CLIP_benchmark writes it: NaN, not null
+    assert "NaN" in (tmp_path / "theirs.json").read_text()
+    ours = dict(theirs, model="CLIP-Tiny", num_samples=360,
+                metrics={"acc1": 0.8, "acc5": None, "mean_per_class_recall": 0.79})
+    write_result(str(tmp_path / "ours.json"), ours)
+    status, table, err = _run(["compare", str(tmp_path / "ours.json"),
+                               str(tmp_path / "theirs.json"), str(tmp_path / "probe.json")],
+                              capsys)
+    assert status == 0, err
+    rows = {tuple(line.split()[:3]): line.split()[3:] for line in table.splitlines()[2:]}
+    assert rows[("digits", "zeroshot_classification", "acc1")] == ["80.00", "90.00", "+10.00"]
+    assert rows[("digits", "zeroshot_classification", "acc5")] == ["-", "-", "-"]
+    assert rows[("digits", "linear_probe", "lp_acc1")] == ["-", "80.00", "-"]
+    assert not any(row[2] in ("weight_decay", "epochs", "seed", "fewshot_k", "normalized")
+                   for row in rows)

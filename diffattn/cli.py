@@ -20,14 +20,26 @@ def one_line(message) -> str:
     return text
 
 
+def _write_line(text: str) -> None:
+    """Write one line to stderr; a progress bar being drawn there is cleared first and drawn
+    again below the line (tqdm.write), so that the line never lands inside the bar."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # no progress bars without tqdm
+        print(text, file=sys.stderr, flush=True)
+        return
+    tqdm.write(text, file=sys.stderr)
+    sys.stderr.flush()
+
+
 def print_error(message) -> None:
     """Print ``error: <message>`` as one line to stderr."""
-    print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
+    _write_line(f"error: {one_line(message)}")
 
 
 def print_warning(message) -> None:
     """Print ``warning: <message>`` as one line to stderr."""
-    print(f"warning: {one_line(message)}", file=sys.stderr, flush=True)
+    _write_line(f"warning: {one_line(message)}")
 
 
 def parse_device(name: str, option: str = "--device") -> torch.device:

@@ -101,10 +101,23 @@ class TrainingDiverged(RuntimeError):
     """The loss or the weights stopped being finite; the message names the step."""
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help gives every option's default: "(default: X)" after each help text that does not
+    already say it (options whose default is None say in words what happens without them;
+    flags are off by default)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line's argument parser."""
     parser = argparse.ArgumentParser(
-        prog="python -m diffattn.train",
+        prog="python -m diffattn.train", formatter_class=_HelpWithDefaults,
         description="Contrastive (CLIP) training of CLIP / DiffCLIP models; run it under "
                     "torchrun for several processes.")
     data = parser.add_argument_group("data")
@@ -174,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch.compile mode with --compile (reduce-overhead: CUDA graphs, "
                             "one process only)")
     optim = parser.add_argument_group("optimization")
-    optim.add_argument("--epochs", type=int, default=8)
+    optim.add_argument("--epochs", type=int, default=8, help="epochs of the schedule")
     optim.add_argument("--batch-size", type=int, default=16,
                        help="GLOBAL batch: pairs per step over all processes (default 16)")
     optim.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
@@ -198,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="under torchrun: end the job with an error when a collective "
                           "operation waits longer than this for another process (a stalled "
                           f"or dead rank; default {DEFAULT_TIMEOUT_S:g})")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=int, default=0, help="seed of the initialisation, the data "
+                     "order and the validation split's draw")
     run.add_argument("--device", default=None,
                      help="cpu, cuda or cuda:N (default: CUDA if available; under torchrun "
                           "cuda:LOCAL_RANK)")

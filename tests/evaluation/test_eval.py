@@ -607,3 +607,57 @@ def test_compare_reads_clip_benchmark_result_files(tmp_path, capsys):
     assert rows[("digits", "linear_probe", "lp_acc1")] == ["-", "80.00", "-"]
     assert not any(row[2] in ("weight_decay", "epochs", "seed", "fewshot_k", "normalized")
                    for row in rows)
+
+
+def test_a_warning_during_a_progress_bar_gets_its_own_line(tmp_path, weights, monkeypatch,
+                                                            capsys):
+    """The backend's fallback warning arrives while the first batch is encoded, under the
+    progress bar: the bar is cleared first, so the warning starts a line of its own."""
+    import warnings as python_warnings
+
+    from diffattn.backend import BackendFallbackWarning
+    from diffattn.evaluation import features
+
+    path, model = weights
+    real = model.encode_image
+
+    def encode_and_warn(*args, **kwargs):
+        python_warnings.warn("diffattn: using the torch backend because of a test",
+                             BackendFallbackWarning)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(features, "encode_image_files", _with_model_hook(
+        features.encode_image_files, encode_and_warn))
+    monkeypatch.setattr("diffattn.evaluation.cli.encode_image_files",
+                        features.encode_image_files)
+    root = _class_tree(tmp_path / "images", per_class=2)
+    status, _, err = _run(["classify", "--pretrained", path, "--images", str(root),
+                           "--templates", "simple", "--device", "cpu", "--backend", "torch",
+                           "--batch-size", "2"], capsys)
+    assert status == 0
+    pieces = [piece for line in err.split("\n") for piece in line.split("\r")]
+    warned = [piece for piece in pieces if "using the torch backend" in piece]
+    assert warned == ["warning: diffattn: using the torch backend because of a test"], err
+    assert any("classify:" in piece for piece in pieces)  # a progress bar was drawn
+
+
+def _with_model_hook(encode_image_files, encode_image):
+    def hooked(model, *args, **kwargs):
+        model.encode_image = encode_image
+        try:
+            return encode_image_files(model, *args, **kwargs)
+        finally:
+            del model.encode_image
+    return hooked
+
+
+def test_linear_probe_shows_its_fits(capsys):
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(40, 4)), np.arange(40) % 2
+    linear_probe(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(x[:6]),
+                 torch.from_numpy(y[:6]), c_values=(0.1, 1.0), progress=True)
+    err = capsys.readouterr().err
+    assert "linear probe fits" in err and "3/3" in err and "final=all training samples" in err
+    linear_probe(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(x[:6]),
+                 torch.from_numpy(y[:6]), c_values=(0.1, 1.0))
+    assert capsys.readouterr().err == ""

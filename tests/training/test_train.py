@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import io
 import math
 import os
@@ -377,3 +378,15 @@ def test_resume_refuses_another_model_or_a_foreign_model_file(two_epoch_run, tmp
     folder_model = run / "epoch-0002" / MODEL_FILE
     folder_model.write_bytes(folder_model.read_bytes()[:-4] + b"\0\0\0\0")
     _fails(resume, "is not the model file", capsys)
+
+
+def test_help_gives_every_default():
+    from diffattn.training.cli import build_parser
+
+    parser = build_parser()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            text = formatter._expand_help(action)
+            assert "default" in text, f"{action.option_strings[0]}: {text!r}"
+    assert "(default: 0.0005)" in parser.format_help()

@@ -657,7 +657,7 @@ def test_linear_probe_shows_its_fits(capsys):
     linear_probe(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(x[:6]),
                  torch.from_numpy(y[:6]), c_values=(0.1, 1.0), progress=True)
     err = capsys.readouterr().err
-    assert "linear probe fits" in err and "3/3" in err and "final=all training samples" in err
+    assert "linear probe fits" in err and "final=all training samples" in err
     linear_probe(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(x[:6]),
                  torch.from_numpy(y[:6]), c_values=(0.1, 1.0))
     assert capsys.readouterr().err == ""

@@ -419,6 +419,8 @@ def test_export_digits_gives_the_held_out_images_training_evaluates(tmp_path):
         ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
     with open(root / "test_captions.csv") as file:
         rows = list(csv.DictReader(file))
+    assert (root / "templates.txt").read_text().splitlines()[0] == "a photo of the number {c}."
+    assert read_templates(str(root / "templates.txt"))[0] == "a photo of the number {}."
     assert len(rows) == 720 and rows[0]["filepath"] == rows[1]["filepath"]
     assert rows[0]["caption"] != rows[1]["caption"]
     model = create_model("DiffCLIP-Tiny", backend="torch")

@@ -211,10 +211,9 @@ def check_finite(state_dict: dict, path: str) -> None:
             that are not finite, how many of its values are not, and how many tensors are
             affected in all.
     """
-    bad = []
-    for key, tensor in state_dict.items():
-        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(tensor.isfinite().all()):
-            bad.append(key)
+    bad = [key for key, tensor in state_dict.items()
+           if (tensor.is_floating_point() or tensor.is_complex())
+           and not bool(tensor.isfinite().all())]
     if bad:
         tensor = state_dict[bad[0]]
         count = int((~tensor.isfinite()).sum())

@@ -212,7 +212,7 @@ def read_templates(spec: str) -> list:
     if spec in TEMPLATE_SETS:
         return list(TEMPLATE_SETS[spec])
     templates = []
-    for line, template in enumerate(read_lines(spec, "--templates"), 1):
+    for template in read_lines(spec, "--templates"):
         converted = _template_with_braces(template)
         if converted is None:
             raise EvalDataError(f"--templates: {spec!r}: every line needs exactly one '{{}}' or "

@@ -130,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--templates", default="simple", metavar="simple|imagenet|FILE",
                       help="caption templates for folder data's class names and --val-zeroshot: "
                            "OpenAI's 7 simple ImageNet templates (simple, the default), their 80 "
-                           "(imagenet), or a file with one template per line, the class name as '{}' or "
-                           "'{c}'")
+                           "(imagenet), or a file with one template per line, the class name as "
+                           "'{}' or '{c}'")
     data.add_argument("--csv-img-key", default="filepath", help="CSV image-path column")
     data.add_argument("--csv-caption-key", default="caption", help="CSV caption column")
     data.add_argument("--csv-separator", default=",", help="CSV delimiter")

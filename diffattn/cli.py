@@ -6,6 +6,7 @@ line, so that every problem is exactly one line of the output.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
@@ -74,3 +75,12 @@ def parse_device(name: str, option: str = "--device") -> torch.device:
         raise ValueError(f"{option} {name}: no {device.type} device is available on this "
                          "machine; use cpu or cuda")
     return device
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose argument errors are one ``error:`` line (naming ``--help``) and
+    exit status 2, like every other error of diffattn's command lines."""
+
+    def error(self, message):
+        print_error(f"{message} (see {self.prog} --help)")
+        sys.exit(2)

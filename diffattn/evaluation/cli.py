@@ -27,7 +27,7 @@ import warnings
 import torch
 
 from .. import BACKENDS
-from ..cli import parse_device, print_error, print_warning
+from ..cli import CommandLineParser, parse_device, print_error, print_warning
 from .datasets import (IMAGENET_DATASETS, EvalDataError, read_caption_csv, read_image_folder,
                        read_imagenet_folder, read_label_csv, read_lines, read_templates,
                        split_named_folders, write_karpathy_csv)
@@ -40,14 +40,6 @@ from .results import (ResultFileError, check_writable, compare_table, read_resul
 from ..models import create_model, get_config, list_models
 from ..models.checkpoint import CheckpointError
 from ..models.zero_shot import build_zero_shot_classifier
-
-
-class _Parser(argparse.ArgumentParser):
-    """Argument errors as one ``error:`` line (exit status 2)."""
-
-    def error(self, message):
-        print_error(f"{message} (see {self.prog} --help)")
-        sys.exit(2)
 
 
 def _model_options() -> argparse.ArgumentParser:
@@ -78,12 +70,12 @@ def _model_options() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m diffattn.eval", description="Zero-shot classification, "
-                     "image-text retrieval and linear probes of CLIP / DiffCLIP models, and "
-                     "tables comparing their results.")
+    parser = CommandLineParser(prog="python -m diffattn.eval", description="Zero-shot "
+                               "classification, image-text retrieval and linear probes of CLIP / "
+                               "DiffCLIP models, and tables comparing their results.")
     parser.add_argument("--compare", nargs="+", metavar="RESULT.json",
                         help="print the results side by side (one column per model)")
-    commands = parser.add_subparsers(dest="command", parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", parser_class=CommandLineParser)
     model = _model_options()
 
     classify = commands.add_parser("classify", parents=[model],

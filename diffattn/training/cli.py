@@ -19,8 +19,9 @@ checkpoint to the new epoch with one atomic rename (``checkpointing``: a kill at
 moment leaves the previous or the new checkpoint, complete), keeps the best epoch by the
 validation metric, and redraws ``OUT/training_curve.png``. ``--resume`` continues from the
 checkpoint, or starts afresh when there is none; it refuses changed optimisation arguments
-unless ``--allow-changed-args``. Errors the user can fix (data, checkpoints, arguments) end
-the command with one ``error:`` line and exit status 1.
+unless ``--allow-changed-args``. Errors the user can fix (data, checkpoints, run directories)
+end the command with one ``error:`` line and exit status 1; argument errors with one
+``error:`` line and exit status 2.
 
 The run owns ``--out``: a new run starts only in a new or empty directory, deletes only what
 its manifest records that it wrote, and holds ``OUT/train.lock`` while it trains, so that a
@@ -61,7 +62,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .. import BACKENDS
-from ..cli import print_error, print_warning
+from ..cli import CommandLineParser, print_error, print_warning
 from ..evaluation.datasets import TEMPLATE_SETS, read_image_folder, read_templates
 from ..models import create_model, list_models
 from ..models.checkpoint import CheckpointError
@@ -116,7 +117,7 @@ class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line's argument parser."""
-    parser = argparse.ArgumentParser(
+    parser = CommandLineParser(
         prog="python -m diffattn.train", formatter_class=_HelpWithDefaults,
         description="Contrastive (CLIP) training of CLIP / DiffCLIP models; run it under "
                     "torchrun for several processes.")

@@ -182,7 +182,8 @@ def test_folder_readers_of_training_and_evaluation_follow_the_same_links(tmp_pat
             read()
     (root / "dog" / "loop").unlink()
     assert main(["--data", f"folder:{root}", "--backend", "torch", "--batch-size", "4",
-                 "--warmup", "1", "--epochs", "1", "--templates", str(_templates(tmp_path)), "--out", str(tmp_path / "run")]) == 0
+                 "--warmup", "1", "--epochs", "1", "--templates", str(_templates(tmp_path)),
+                 "--out", str(tmp_path / "run")]) == 0
     capsys.readouterr()
 
 

@@ -12,7 +12,8 @@
   a safetensors file whose metadata is ``{"format": "diffattn", "config": <json>}``.
 - ``check_keys`` compares a state dict (or its shapes) against the expected names and shapes;
   ``check_floating_dtypes`` refuses integer or bool tensors where the model's are floating
-  (loading would cast them silently).
+  (loading would cast them silently); ``check_finite`` refuses tensors holding NaN or
+  infinity (a model built from them computes NaN features and meaningless scores).
 - ``check_is_file`` / ``describe_non_file``: a path that is a directory, a device or a symbolic
   link loop gets an error saying so, not "not found".
 
@@ -196,6 +197,30 @@ def check_floating_dtypes(state_dict: dict, expected: dict, path: str) -> None:
         shown = ", ".join(wrong[:5]) + (f", ... ({len(wrong)} in all)" if len(wrong) > 5 else "")
         raise CheckpointError(f"checkpoint {path!r} holds tensors whose dtype is not floating "
                               f"where the model's are: {shown}")
+
+
+def check_finite(state_dict: dict, path: str) -> None:
+    """Refuse floating tensors that hold NaN or infinity.
+
+    Args:
+        state_dict: ``{name: tensor}`` read from ``path``.
+        path: the file, for the message.
+
+    Raises:
+        CheckpointError: naming the file, the first tensor (in the file's order) with values
+            that are not finite, how many of its values are not, and how many tensors are
+            affected in all.
+    """
+    bad = [key for key, tensor in state_dict.items()
+           if (tensor.is_floating_point() or tensor.is_complex())
+           and not bool(tensor.isfinite().all())]
+    if bad:
+        tensor = state_dict[bad[0]]
+        count = int((~tensor.isfinite()).sum())
+        others = f" ({len(bad)} tensors in all: {_keys_preview(bad)})" if len(bad) > 1 else ""
+        raise CheckpointError(f"checkpoint {path!r} holds values that are not finite (NaN or "
+                              f"infinity): tensor {bad[0]!r} has {count} of {tensor.numel()}"
+                              f"{others}; a model built from it computes nothing meaningful")
 
 
 def _safetensors_error(path: str, error: Exception) -> CheckpointError:

@@ -55,7 +55,7 @@ from diffattn.user_warnings import warn_at_user_code
 
 from .augment import make_train_transform
 from .checkpoint import (DIFFATTN_FORMAT, CheckpointError, CheckpointNotFoundError,
-                         check_floating_dtypes, check_keys, describe_non_file, detect_layout,
+                         check_finite, check_floating_dtypes, check_keys, describe_non_file, detect_layout,
                          open_clip_to_diffclip, diffattn_config_from_metadata, load_state_dict_file,
                          read_safetensors_header, save_checkpoint)
 from .clip import ATTENTIONS, CLIP, CLIPConfig
@@ -228,7 +228,8 @@ def create_model(name: Union[str, CLIPConfig, None], pretrained=None, *,
         CheckpointError (a ValueError), naming the file: a path that is a directory, a
             device or a symbolic link loop (the message says which); unreadable, empty,
             truncated or corrupt file; a tensor whose dtype is not floating where the model's
-            is (the key named); a checkpoint in another layout, with another saved config or an
+            is (the key named); a tensor holding NaN or infinity (the key named); a
+            checkpoint in another layout, with another saved config or an
             invalid one; tensors that do not fit the config (missing, unexpected and
             mis-shaped ones listed), found before the model is built.
         UnsafeCheckpointError (a CheckpointError): the pickle needs objects outside the
@@ -285,6 +286,7 @@ def create_model(name: Union[str, CLIPConfig, None], pretrained=None, *,
         state_dict = remap(state_dict)[0]
     check_floating_dtypes(state_dict, {key: value.dtype for key, value in model.state_dict().items()},
                           path)
+    check_finite(state_dict, path)
     state_dict, warm = _from_plain_attention(state_dict, layers)
     model.load_state_dict(state_dict, strict=True)
     if warm or layout_note:

@@ -27,11 +27,10 @@ import warnings
 import torch
 
 from .. import BACKENDS
-from ..user_messages import print_error, print_warning
-from .datasets import (IMAGENET_DATASETS, EvalDataError,
-                                  read_caption_csv, read_image_folder, read_imagenet_folder,
-                                  read_label_csv, read_lines, read_templates,
-                                  write_karpathy_csv)
+from ..user_messages import CommandLineParser, parse_device, print_error, print_warning
+from .datasets import (IMAGENET_DATASETS, EvalDataError, read_caption_csv, read_image_folder,
+                       read_imagenet_folder, read_label_csv, read_lines, read_templates,
+                       split_named_folders, write_karpathy_csv)
 from .digits_export import export_digits
 from .features import autocast_for, encode_image_files, encode_texts
 from .metrics import (classification_metrics, linear_probe, retrieval_recall,
@@ -41,14 +40,6 @@ from .results import (ResultFileError, check_writable, compare_table, read_resul
 from ..models import create_model, get_config, list_models
 from ..models.checkpoint import CheckpointError
 from ..models.zero_shot import build_zero_shot_classifier
-
-
-class _Parser(argparse.ArgumentParser):
-    """Argument errors as one ``error:`` line (exit status 2)."""
-
-    def error(self, message):
-        print_error(f"{message} (see {self.prog} --help)")
-        sys.exit(2)
 
 
 def _model_options() -> argparse.ArgumentParser:
@@ -63,7 +54,8 @@ def _model_options() -> argparse.ArgumentParser:
                        "attention differential (V1 or V2) when it is plain in the config or file")
     group.add_argument("--backend", choices=BACKENDS, default="auto",
                        help="differential attention implementation (auto)")
-    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="cpu, cuda or cuda:N (default: cuda where CUDA is available)")
     group.add_argument("--batch-size", type=int, default=64, help="images per batch (64)")
     group.add_argument("--workers", type=int, default=None, help="DataLoader workers reading "
                        "images (default: 0 on the CPU, where the model needs the cores, 4 on a "
@@ -78,12 +70,12 @@ def _model_options() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m diffattn.eval", description="Zero-shot classification, "
-                     "image-text retrieval and linear probes of CLIP / DiffCLIP models, and "
-                     "tables comparing their results.")
+    parser = CommandLineParser(prog="python -m diffattn.eval", description="Zero-shot "
+                               "classification, image-text retrieval and linear probes of CLIP / "
+                               "DiffCLIP models, and tables comparing their results.")
     parser.add_argument("--compare", nargs="+", metavar="RESULT.json",
                         help="print the results side by side (one column per model)")
-    commands = parser.add_subparsers(dest="command", parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", parser_class=CommandLineParser)
     model = _model_options()
 
     classify = commands.add_parser("classify", parents=[model],
@@ -99,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--templates", default="imagenet", metavar="imagenet|simple|FILE",
                           help="prompt templates: OpenAI's 80 ImageNet ones (imagenet, the "
                           "default), their 7-template subset (simple), or a file with one "
-                          "template with '{}' per line")
+                          "template per line, the class name as '{}' or '{c}'")
     classify.add_argument("--dataset", metavar="NAME", help="the name recorded in the result "
                           f"(default: the folder or file name); {', '.join(IMAGENET_DATASETS)} "
                           "also take that variant's classes (200 for -a and -r) and names "
@@ -118,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     retrieve.add_argument("--csv-caption-key", default="caption")
 
     probe = commands.add_parser("linear-probe", parents=[model], help="logistic regression on "
-                                "frozen image features: acc1, acc5, mean_per_class_recall")
+                                "frozen image features: lp_acc1, lp_acc5, "
+                                "lp_mean_per_class_recall")
     probe.add_argument("--train", metavar="ROOT", required=True, help="class folders to fit on")
     probe.add_argument("--test", metavar="ROOT", required=True, help="class folders to test on "
                        "(the same class folder names)")
@@ -169,7 +162,10 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print_warning(message)
 
 
-def _check_numbers(args) -> None:
+def _check_options(args) -> None:
+    parse_device(args.device)
+    if args.out is not None and not args.out.strip():
+        raise EvalDataError(f"--out must name a file, got {args.out!r}")
     if args.batch_size < 1:
         raise EvalDataError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.workers is not None and args.workers < 0:
@@ -199,6 +195,16 @@ def _result(args, task, dataset, metrics, num_samples, **extra) -> dict:
     return result
 
 
+def _warn_of_split_folders(data, root: str, option: str) -> None:
+    """A warning when class folders are named like dataset splits (ROOT/train, ROOT/test):
+    ROOT is most likely the dataset's root, not the split's folder of classes."""
+    splits = split_named_folders(data.classnames)
+    if splits:
+        print_warning(f"{option} {root!r}: the class folder(s) {', '.join(splits)} look like "
+                      f"dataset splits, not classes: {option} takes one split's folder of "
+                      f"class folders (e.g. {os.path.join(root, splits[0])!r})")
+
+
 def run_classify(args) -> dict:
     classnames = read_lines(args.classnames, "--classnames") if args.classnames else None
     templates = read_templates(args.templates)
@@ -208,6 +214,7 @@ def run_classify(args) -> dict:
         data = read_imagenet_folder(args.images, args.dataset)
     elif args.images is not None:
         data = read_image_folder(args.images)
+        _warn_of_split_folders(data, args.images, "--images")
     else:
         data = read_label_csv(args.csv, classnames, args.csv_img_key, args.csv_label_key)
     if classnames is not None:
@@ -251,6 +258,8 @@ def run_retrieve(args) -> dict:
 def run_linear_probe(args) -> dict:
     train = read_image_folder(args.train, "--train")
     test = read_image_folder(args.test, "--test")
+    _warn_of_split_folders(train, args.train, "--train")
+    _warn_of_split_folders(test, args.test, "--test")
     index = {name: label for label, name in enumerate(train.classnames)}
     unknown = [name for name in test.classnames if name not in index]
     if unknown:
@@ -265,11 +274,14 @@ def run_linear_probe(args) -> dict:
     test_labels = torch.as_tensor([index[test.classnames[label]] for label in test.labels])
     try:
         probe = linear_probe(train_features, train_labels, test_features, test_labels[test_kept],
-                             val_fraction=args.val_fraction, seed=args.seed)
+                             val_fraction=args.val_fraction, seed=args.seed,
+                             progress=not args.no_progress)
     except ValueError as error:
         raise EvalDataError(f"linear probe: {error}") from None
     dataset = args.dataset or _name(os.path.dirname(os.path.normpath(args.train)) or args.train)
-    return _result(args, "linear_probe", dataset, probe["metrics"], int(test_kept.numel()),
+    # CLIP_benchmark's names for a linear probe's metrics: lp_acc1, lp_acc5, ...
+    metrics = {f"lp_{name}": value for name, value in probe["metrics"].items()}
+    return _result(args, "linear_probe", dataset, metrics, int(test_kept.numel()),
                    num_train_samples=int(train_kept.numel()), C=probe["C"],
                    val_acc1=probe["val_acc1"])
 
@@ -312,14 +324,14 @@ def _run(parser, args) -> int:
             images, rows = write_karpathy_csv(args.annotations, args.images, args.out, args.split)
             print(f"wrote {rows} captions of {images} images to {args.out}")
             return 0
-        _check_numbers(args)
-        if args.out:
+        _check_options(args)
+        if args.out is not None:
             check_writable(args.out)
         run = {"classify": run_classify, "retrieve": run_retrieve,
                "linear-probe": run_linear_probe}[args.command]
         result = run(args)
         _print_metrics(result)
-        if args.out:
+        if args.out is not None:
             write_result(args.out, result)
             print(f"wrote {args.out}")
     except (EvalDataError, ResultFileError, CheckpointError) as error:

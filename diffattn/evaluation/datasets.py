@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import io
 import os
+import string
 from pathlib import Path
 from typing import Optional
 
@@ -50,28 +51,80 @@ class CaptionedImages:
     text_image: list
 
 
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+def is_image_name(name: str) -> bool:
+    """Whether a file name has one of the image suffixes (IMAGE_SUFFIXES, any case)."""
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+def walk_folder(root: str, option: str, above: tuple = ()):
+    """The folders under ``root``, as ``os.walk`` gives them (``(folder, subfolder names,
+    file names)``, top-down, names sorted), following symbolic links to folders: a linked
+    class folder is read like any other, by the training folder reader and by evaluation
+    alike. Entries that are not folders (files, links to files, broken links) are listed as
+    files. ``above``: the folders that hold ``root`` when it is walked on its own (a link back
+    to them is a loop too).
+
+    Raises:
+        EvalDataError: naming ``option`` and the path: a folder that cannot be listed, or a
+            link to a folder above it (a loop).
+    """
+    def walk(folder: str, ancestors: frozenset):
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError as error:
+            raise EvalDataError(f"{option}: cannot list the folder {folder!r}: "
+                                f"{error.strerror}") from None
+        subfolders, files = [], []
+        for entry in entries:
+            try:
+                is_folder = entry.is_dir()  # follows a symbolic link
+            except OSError:
+                is_folder = False
+            (subfolders if is_folder else files).append(entry.name)
+        yield folder, subfolders, files
+        for name in subfolders:
+            path = os.path.join(folder, name)
+            real = os.path.realpath(path)
+            if real in ancestors:
+                raise EvalDataError(f"{option}: {path!r} is a symbolic link to {real!r}, a "
+                                    "folder that holds it: a loop")
+            yield from walk(path, ancestors | {real})
+
+    yield from walk(root, frozenset([os.path.realpath(root), *map(os.path.realpath, above)]))
 
 
 def _class_folders(root: str, option: str) -> list:
-    path = Path(root)
-    if not path.is_dir():
+    if not os.path.isdir(root):
         raise EvalDataError(f"{option}: no such folder: {root!r}")
-    folders = sorted(child for child in path.iterdir() if child.is_dir())
+    _, subfolders, _ = next(walk_folder(root, option))
+    folders = [Path(root) / name for name in subfolders]
     if not folders:
         raise EvalDataError(f"{option}: {root!r} holds no class folders (expected one folder "
                             "of images per class)")
     return folders
 
 
-def _folder_images(folder: Path) -> list:
-    """The image files under ``folder`` (recursive), sorted; EvalDataError when there are none."""
-    images = sorted(str(child) for child in folder.rglob("*") if _is_image(child))
+def _folder_images(folder: Path, option: str) -> list:
+    """The image files under ``folder`` (recursive, symbolic links to folders followed, see
+    walk_folder), sorted; EvalDataError when there are none."""
+    walked = walk_folder(str(folder), option, above=(str(folder.parent),))
+    images = sorted(os.path.join(path, name) for path, _, files in walked
+                    for name in files if is_image_name(name))
     if not images:
         raise EvalDataError(f"empty class folder: {str(folder)!r} holds no image files "
                             f"({', '.join(IMAGE_SUFFIXES)})")
     return images
+
+
+SPLIT_NAMES = ("train", "training", "test", "testing", "val", "valid", "validation", "eval")
+
+
+def split_named_folders(classnames: list) -> list:
+    """The class names among ``classnames`` that are dataset split names (``train``, ``test``,
+    ``val``, ...): a root that holds the splits, given where one split's class folders were
+    meant."""
+    return [name for name in classnames if name.lower() in SPLIT_NAMES]
 
 
 def read_image_folder(root: str, option: str = "--images") -> LabelledImages:
@@ -79,7 +132,7 @@ def read_image_folder(root: str, option: str = "--images") -> LabelledImages:
     folders, images found recursively in each (sorted)."""
     paths, labels, classnames = [], [], []
     for label, folder in enumerate(_class_folders(root, option)):
-        images = _folder_images(folder)
+        images = _folder_images(folder, option)
         paths += images
         labels += [label] * len(images)
         classnames.append(folder.name)
@@ -113,7 +166,7 @@ def read_imagenet_folder(root: str, dataset: str, option: str = "--images") -> L
                 f"one of its {len(folder_names)} WordNet ids (e.g. {folder_names[0]})"
             raise EvalDataError(f"{option}: folder {str(folder)!r} is not a class of {dataset} "
                                 f"(expected {expected})")
-        images = _folder_images(folder)
+        images = _folder_images(folder, option)
         paths += images
         labels += [index[folder.name]] * len(images)
     return LabelledImages(paths, labels, classnames)
@@ -136,16 +189,36 @@ def read_lines(path: str, option: str) -> list:
     return lines
 
 
+def _template_with_braces(template: str) -> Optional[str]:
+    """``template`` with its class-name placeholder written ``{}``, or None unless it has
+    exactly one placeholder, ``{}`` or ``{c}`` (``{{`` and ``}}`` are literal braces)."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError:  # an unmatched '{' or '}'
+        return None
+    fields = [(name, spec, conversion) for _, name, spec, conversion in parts if name is not None]
+    if len(fields) != 1 or fields[0] not in (("", "", None), ("c", "", None)):
+        return None
+    escape = lambda text: text.replace("{", "{{").replace("}", "}}")  # noqa: E731
+    return "".join(escape(literal) + ("{}" if name is not None else "")
+                   for literal, name, _, _ in parts)
+
+
 def read_templates(spec: str) -> list:
     """A built-in template set ("imagenet": OpenAI's 80, "simple": their 7) or a file with one
-    template per line, each with one ``{}``."""
+    template per line, each with exactly one placeholder for the class name: ``{}`` (Python's
+    positional field) or ``{c}`` (CLIP_benchmark's). Returned with ``{}``, for
+    ``template.format(classname)``."""
     if spec in TEMPLATE_SETS:
         return list(TEMPLATE_SETS[spec])
-    templates = read_lines(spec, "--templates")
-    bad = [template for template in templates if template.count("{}") != 1]
-    if bad:
-        raise EvalDataError(f"--templates: {spec!r}: every line needs exactly one '{{}}' for the "
-                            f"class name; not so: {bad[0]!r}")
+    templates = []
+    for template in read_lines(spec, "--templates"):
+        converted = _template_with_braces(template)
+        if converted is None:
+            raise EvalDataError(f"--templates: {spec!r}: every line needs exactly one '{{}}' or "
+                                f"'{{c}}' for the class name and no other braces (write a "
+                                f"literal brace as '{{{{' or '}}}}'); not so: {template!r}")
+        templates.append(converted)
     return templates
 
 
@@ -194,6 +267,22 @@ def _resolve(csv_path: str, image: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(csv_path)), image.strip())
 
 
+def _check_some_image_exists(csv_path: str, rows: list, column: str) -> None:
+    """EvalDataError when not one image file a CSV file lists exists: the paths were written
+    for another folder (the message names the first row's path, where it was looked for and
+    the rule); a few missing files are left to the unreadable-image limit."""
+    if any(os.path.lexists(_resolve(csv_path, values[column])) for _, values in rows):
+        return
+    line, values = rows[0]
+    folder = os.path.dirname(os.path.abspath(csv_path))
+    raise EvalDataError(
+        f"--csv: none of the {len(rows)} image files {csv_path!r} lists exists; line {line}'s "
+        f"{values[column].strip()!r} was looked for at {_resolve(csv_path, values[column])!r}. "
+        f"Relative paths in column {column!r} are relative to the CSV file's folder "
+        f"({folder!r}): check that the images are there, or write the paths relative to that "
+        "folder or absolute (captions-csv writes them so)")
+
+
 def read_label_csv(path: str, classnames: Optional[list] = None, image_column: str = "filepath",
                    label_column: str = "label") -> LabelledImages:
     """A CSV file of ``filepath,label`` rows. A label is a class name (of ``classnames`` when
@@ -213,6 +302,7 @@ def read_label_csv(path: str, classnames: Optional[list] = None, image_column: s
         else:
             raise EvalDataError(f"--csv: {path!r} line {line}: label {text!r} is not a class "
                                 f"name or index (0..{len(classnames) - 1}) of --classnames")
+    _check_some_image_exists(path, rows, image_column)
     paths = [_resolve(path, values[image_column]) for _, values in rows]
     return LabelledImages(paths, labels, list(classnames))
 
@@ -222,6 +312,7 @@ def read_caption_csv(path: str, image_column: str = "filepath",
     """A CSV file of ``filepath,caption`` rows; an image listed on several rows has several
     captions."""
     rows = _csv_rows(path, "--csv", (image_column, caption_column))
+    _check_some_image_exists(path, rows, image_column)
     image_index, paths, captions, text_image = {}, [], [], []
     for _, values in rows:
         image = _resolve(path, values[image_column])
@@ -242,8 +333,11 @@ def write_karpathy_csv(annotations: str, image_root: str, out_csv: str,
     Args:
         annotations: the JSON file (``{"images": [{"filename", "split", "sentences":
             [{"raw"}], "filepath" (COCO only)}]}``).
-        image_root: the folder of the images (COCO: the one holding ``val2014/``); written
-            into the CSV as given, joined with each image's (file)path.
+        image_root: the folder of the images (COCO: the one holding ``val2014/``), joined
+            with each image's (file)path. A relative ``image_root`` is relative to the
+            current folder, like every path argument, and the CSV stores the paths relative
+            to its own folder, which is how ``read_caption_csv`` resolves them; an absolute
+            one stays absolute.
         out_csv: a new file (an existing one is never replaced).
         split: "test" (1,000 Flickr images, 5,000 COCO images), "val" or "train".
 
@@ -254,6 +348,14 @@ def write_karpathy_csv(annotations: str, image_root: str, out_csv: str,
 
     if os.path.exists(out_csv):
         raise EvalDataError(f"captions-csv: {out_csv!r} exists; refusing to overwrite it")
+    if not os.path.isdir(image_root):
+        raise EvalDataError(f"captions-csv: no such folder: {image_root!r} (IMAGE_ROOT, the "
+                            "folder of the images)")
+    csv_folder = os.path.dirname(os.path.abspath(out_csv))
+
+    def stored(path: str) -> str:
+        return path if os.path.isabs(image_root) else os.path.relpath(path, csv_folder)
+
     try:
         with open(annotations, encoding="utf-8") as file:
             entries = json.load(file)["images"]
@@ -268,14 +370,20 @@ def write_karpathy_csv(annotations: str, image_root: str, out_csv: str,
             if entry["split"] != split:
                 continue
             path = os.path.join(image_root, entry.get("filepath", ""), entry["filename"])
-            rows += [(path, sentence["raw"].strip()) for sentence in entry["sentences"]]
+            rows += [(os.path.abspath(path), sentence["raw"].strip())
+                     for sentence in entry["sentences"]]
     except (KeyError, TypeError) as error:
         raise EvalDataError(f"captions-csv: {annotations!r}: an image entry lacks {error}") \
             from None
     if not rows:
         raise EvalDataError(f"captions-csv: {annotations!r} has no images in split {split!r}")
+    if not any(os.path.lexists(path) for path, _ in rows):
+        raise EvalDataError(f"captions-csv: none of the {len(rows)} images of split {split!r} "
+                            f"is in {image_root!r}: the first was looked for at {rows[0][0]!r} "
+                            "(IMAGE_ROOT is the folder of the images; for COCO the one holding "
+                            "val2014/)")
     with open(out_csv, "x", encoding="utf-8", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["filepath", "caption"])
-        writer.writerows(rows)
+        writer.writerows((stored(path), caption) for path, caption in rows)
     return len({path for path, _ in rows}), len(rows)

@@ -4,7 +4,9 @@ training splits them (``diffattn.digits.split_digits``: 80/20, stratified, seed 
     OUT/train/<digit>/<index>.png   the 1,437 training images (for a linear probe)
     OUT/test/<digit>/<index>.png    the 360 held-out images
     OUT/classnames.txt              zero, one, ..., nine (the class folders 0..9, in order)
-    OUT/templates.txt               the training captions' templates
+    OUT/templates.txt               the training captions' templates, the class name written
+                                    {c} (as CLIP_benchmark's templates write it; diffattn's
+                                    --templates reads {c} and {} alike)
     OUT/test_captions.csv           filepath,caption: two captions per held-out image
 
 Images are 8x8 RGB PNGs with the values training feeds the model (0..16 scaled to 0..255), so
@@ -56,7 +58,8 @@ def export_digits(out_dir: str) -> dict:
     with open(os.path.join(out_dir, "classnames.txt"), "w", encoding="utf-8") as file:
         file.write("\n".join(NUMBER_WORDS) + "\n")
     with open(os.path.join(out_dir, "templates.txt"), "w", encoding="utf-8") as file:
-        file.write("\n".join(DIGIT_TEMPLATES) + "\n")
+        file.write("\n".join(template.replace("{}", "{c}") for template in DIGIT_TEMPLATES)
+                   + "\n")
     rows = 0
     with open(os.path.join(out_dir, "test_captions.csv"), "w", encoding="utf-8",
               newline="") as file:

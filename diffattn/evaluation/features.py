@@ -50,6 +50,11 @@ class ImageFiles(Dataset):
 def _unreadable_error(entries: list, total: int, limit: float) -> EvalDataError:
     listed = "; ".join(f"{path} ({reason})" for path, reason in entries[:_LISTED])
     more = f"; and {len(entries) - _LISTED} more" if len(entries) > _LISTED else ""
+    if all(reason == "file not found" for _, reason in entries):
+        return EvalDataError(f"{len(entries)} of {total} image files were not found, more than "
+                             f"--max-unreadable-fraction {limit:g}: {listed}{more}. Check that "
+                             "these paths exist (a CSV file's relative paths are relative to "
+                             "its folder)")
     return EvalDataError(f"{len(entries)} of {total} image files could not be read, more than "
                          f"--max-unreadable-fraction {limit:g}: {listed}{more}. Fix or remove "
                          "these files or raise --max-unreadable-fraction")

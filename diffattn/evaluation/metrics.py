@@ -175,7 +175,8 @@ DEFAULT_C_VALUES = tuple(float(c) for c in np.logspace(-2, 4, 7))
 
 def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Tensor,
                  test_labels: Tensor, *, c_values: Sequence[float] = DEFAULT_C_VALUES,
-                 val_fraction: float = 0.2, seed: int = 0, max_iter: int = 1000) -> dict:
+                 val_fraction: float = 0.2, seed: int = 0, max_iter: int = 1000,
+                 progress: bool = False) -> dict:
     """Logistic regression on frozen (L2-normalised) features, its inverse regularisation
     strength C chosen on a validation split of the training set.
 
@@ -188,6 +189,8 @@ def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Te
             model is then fitted on the whole training set.
         seed: the validation split's seed.
         max_iter: L-BFGS iterations per fit.
+        progress: show a progress bar (tqdm, on stderr) over the fits: one per C value, then
+            the final one.
 
     Returns:
         ``{"metrics": classification_metrics of the test set, "C": the chosen C,
@@ -228,12 +231,20 @@ def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Te
     def fit(features, targets, c):
         return LogisticRegression(C=c, max_iter=max_iter).fit(features, targets)
 
+    from tqdm import tqdm
+
     best_c, best_acc = None, -1.0
-    for c in c_values:
-        accuracy = float((fit(fit_x, fit_y, c).predict(val_x) == val_y).mean())
-        if accuracy > best_acc:
-            best_c, best_acc = float(c), accuracy
-    model = fit(x, y, best_c)
+    with tqdm(total=len(c_values) + 1, desc="linear probe fits", unit="fit",
+              disable=not progress, leave=False) as bar:
+        for c in c_values:
+            bar.set_postfix(C=f"{c:g}")
+            accuracy = float((fit(fit_x, fit_y, c).predict(val_x) == val_y).mean())
+            if accuracy > best_acc:
+                best_c, best_acc = float(c), accuracy
+            bar.update()
+        bar.set_postfix(C=f"{best_c:g}", final="all training samples")
+        model = fit(x, y, best_c)
+        bar.update()
     probabilities = model.predict_proba(normalised(test_features))
     logits = torch.full((probabilities.shape[0], num_classes), float("-inf"), dtype=torch.float64)
     log_probabilities = np.log(probabilities.astype(np.float64) + 1e-300)

@@ -7,6 +7,10 @@ reads it::
      "model": "DiffCLIP-Tiny", "pretrained": "runs/digits/model.safetensors" (or ""),
      "dataset": "digits", "metrics": {"acc1": 0.9, ...}, "num_samples": 360, ...}
 
+CLIP_benchmark's own result files have the same keys but ``num_samples``; ``read_result`` and
+the comparison table read both. Metrics that are not numbers (CLIP_benchmark writes ``NaN``
+for ``acc5`` below 5 classes, where diffattn writes ``null``) show as ``-``.
+
 Files are written atomically (a temporary file in the same folder, then one rename). An
 existing file is replaced only if it is a result file itself; anything else is refused.
 """
@@ -17,7 +21,10 @@ import math
 import os
 import tempfile
 
-RESULT_KEYS = ("task", "model", "pretrained", "dataset", "metrics", "num_samples")
+RESULT_KEYS = ("task", "model", "pretrained", "dataset", "metrics")  # and ours: num_samples
+# Entries of CLIP_benchmark's linear-probe "metrics" that are its settings, not measurements:
+# left out of the comparison table.
+SETTINGS_IN_METRICS = ("weight_decay", "epochs", "seed", "fewshot_k", "normalized")
 
 
 class ResultFileError(ValueError):
@@ -46,6 +53,8 @@ def read_result(path: str) -> dict:
 
 
 def _check_replaceable(path: str) -> None:
+    if not str(path).strip():
+        raise ResultFileError(f"--out must name a file, got {path!r}")
     if os.path.isdir(path):
         raise ResultFileError(f"--out {path!r} is a folder, not a file")
     if not os.path.lexists(path):
@@ -123,6 +132,8 @@ def compare_table(results: list) -> str:
         if column not in columns:
             columns.append(column)
         for metric, value in result["metrics"].items():
+            if metric in SETTINGS_IN_METRICS:
+                continue
             row = (str(result["dataset"]), str(result["task"]), str(metric))
             if row not in rows:
                 rows.append(row)

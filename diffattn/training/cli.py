@@ -19,8 +19,9 @@ checkpoint to the new epoch with one atomic rename (``checkpointing``: a kill at
 moment leaves the previous or the new checkpoint, complete), keeps the best epoch by the
 validation metric, and redraws ``OUT/training_curve.png``. ``--resume`` continues from the
 checkpoint, or starts afresh when there is none; it refuses changed optimisation arguments
-unless ``--allow-changed-args``. Errors the user can fix (data, checkpoints, arguments) end
-the command with one ``error:`` line and exit status 1.
+unless ``--allow-changed-args``. Errors the user can fix (data, checkpoints, run directories)
+end the command with one ``error:`` line and exit status 1; argument errors with one
+``error:`` line and exit status 2.
 
 The run owns ``--out``: a new run starts only in a new or empty directory, deletes only what
 its manifest records that it wrote, and holds ``OUT/train.lock`` while it trains, so that a
@@ -62,7 +63,7 @@ from tqdm import tqdm
 
 from .. import BACKENDS
 from ..unreadable import UnreadableImages
-from ..user_messages import print_error, print_warning
+from ..user_messages import CommandLineParser, print_error, print_warning
 from ..evaluation.datasets import TEMPLATE_SETS, read_image_folder, read_templates
 from ..models import create_model, list_models
 from ..models.checkpoint import CheckpointError
@@ -102,10 +103,23 @@ class TrainingDiverged(RuntimeError):
     """The loss or the weights stopped being finite; the message names the step."""
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help gives every option's default: "(default: X)" after each help text that does not
+    already say it (options whose default is None say in words what happens without them;
+    flags are off by default)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line's argument parser."""
-    parser = argparse.ArgumentParser(
-        prog="python -m diffattn.train",
+    parser = CommandLineParser(
+        prog="python -m diffattn.train", formatter_class=_HelpWithDefaults,
         description="Contrastive (CLIP) training of CLIP / DiffCLIP models; run it under "
                     "torchrun for several processes.")
     data = parser.add_argument_group("data")
@@ -118,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--templates", default="simple", metavar="simple|imagenet|FILE",
                       help="caption templates for folder data's class names and --val-zeroshot: "
                            "OpenAI's 7 simple ImageNet templates (simple, the default), their 80 "
-                           "(imagenet), or a file with one template with '{}' per line")
+                           "(imagenet), or a file with one template per line, the class name as "
+                           "'{}' or '{c}'")
     data.add_argument("--csv-img-key", default="filepath", help="CSV image-path column")
     data.add_argument("--csv-caption-key", default="caption", help="CSV caption column")
     data.add_argument("--csv-separator", default=",", help="CSV delimiter")
@@ -174,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch.compile mode with --compile (reduce-overhead: CUDA graphs, "
                             "one process only)")
     optim = parser.add_argument_group("optimization")
-    optim.add_argument("--epochs", type=int, default=8)
+    optim.add_argument("--epochs", type=int, default=8, help="epochs of the schedule")
     optim.add_argument("--batch-size", type=int, default=16,
                        help="GLOBAL batch: pairs per step over all processes (default 16)")
     optim.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
@@ -198,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="under torchrun: end the job with an error when a collective "
                           "operation waits longer than this for another process (a stalled "
                           f"or dead rank; default {DEFAULT_TIMEOUT_S:g})")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=int, default=0, help="seed of the initialisation, the data "
+                     "order and the validation split's draw")
     run.add_argument("--device", default=None,
                      help="cpu, cuda or cuda:N (default: CUDA if available; under torchrun "
                           "cuda:LOCAL_RANK)")
@@ -206,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not args.out.strip():
+        parser.error(f"--out must name the run's directory, got {args.out!r}")
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -14,7 +14,8 @@
   class, the folder directly under ROOT that holds it (``ROOT/<class>/...``, the folder name
   as it is): a template (``templates``, by default OpenAI's 7 simple ImageNet ones) filled
   with the class name, drawn at random each read. A caption file always wins over the class
-  name; an image directly in ROOT needs a caption file.
+  name; an image directly in ROOT needs a caption file. Symbolic links to folders are
+  followed, as evaluation follows them (``diffattn.evaluation.datasets.walk_folder``).
 - ``wds:PATTERN``: WebDataset tar shards (``jpg``/``jpeg``/``png``/``webp`` image + ``txt``
   caption per sample), brace patterns such as ``data/shard-{000..127}.tar``. An epoch is
   ``train_num_samples`` samples.
@@ -55,6 +56,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Subset
 
+from ..evaluation.datasets import walk_folder
 from ..models.preprocess import UNREADABLE_IMAGE_ERRORS, load_image, unreadable_image_reason
 from ..models.imagenet_classes import SIMPLE_IMAGENET_TEMPLATES
 from ..models.tokenizer import tokenize, trim_padding
@@ -407,17 +409,18 @@ def read_folder_captions(root: str, templates) -> tuple[list, list]:
     Raises:
         DataError: ROOT is not a folder, holds no image files, or an image directly in ROOT
             has no caption file; an unreadable, non-UTF-8 or empty caption file.
+        EvalDataError (a ValueError): a folder that cannot be listed, or a symbolic link to a
+            folder above it (a loop).
     """
     if not os.path.isdir(root):
         raise DataError(f"--data folder: no such folder: {root!r}")
     templates = tuple(templates)
     paths, captions = [], []
-    for folder, subfolders, files in os.walk(root):
-        subfolders.sort()
+    for folder, _, files in walk_folder(root, "--data folder"):
         relative = os.path.relpath(folder, root)
         classname = None if relative == os.curdir else relative.split(os.sep)[0]
         names = set(files)
-        for name in sorted(files):
+        for name in files:
             stem, suffix = os.path.splitext(name)
             if suffix.lower() not in IMAGE_SUFFIXES:
                 continue

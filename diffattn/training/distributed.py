@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..user_messages import parse_device
+
 
 # Seconds a collective operation may wait for the other processes (--dist-timeout).
 DEFAULT_TIMEOUT_S = 300.0
@@ -94,12 +96,11 @@ def dist_info_from_env() -> DistInfo:
 
 def resolve_device(requested: Optional[str], info: DistInfo) -> torch.device:
     """The device of this process: ``requested`` (e.g. "cpu", "cuda", "cuda:1") or, when None,
-    CUDA if available else the CPU. A bare "cuda" becomes "cuda:LOCAL_RANK"."""
+    CUDA if available else the CPU. A bare "cuda" becomes "cuda:LOCAL_RANK". ValueError
+    (naming --device) for a name that is no device or one this machine lacks."""
     name = requested or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    device = parse_device(name)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine")
         if device.index is None:
             device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)

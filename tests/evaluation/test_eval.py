@@ -16,7 +16,8 @@ from sklearn.metrics import balanced_accuracy_score
 
 from diffattn.eval import main
 from diffattn.evaluation import classification_metrics, linear_probe, retrieval_recall
-from diffattn.evaluation.datasets import EvalDataError, imagenet_classes, read_imagenet_folder
+from diffattn.evaluation.datasets import (EvalDataError, imagenet_classes, read_imagenet_folder,
+                                         read_templates)
 from diffattn.evaluation.results import compare_table, read_result, write_result
 from diffattn.models import build_zero_shot_classifier, create_model, save_pretrained
 from diffattn.models.imagenet_classes import IMAGENET_CLASSNAMES
@@ -245,10 +246,11 @@ def test_linear_probe_command_and_compare_table(tmp_path, weights, capsys):
     result = read_result(str(tmp_path / "a.json"))
     assert (result["task"], result["num_samples"], result["num_train_samples"]) == \
         ("linear_probe", 6, 12)
-    assert 0 <= result["metrics"]["acc1"] <= 1 and result["C"] > 0
+    assert set(result["metrics"]) == {"lp_acc1", "lp_acc5", "lp_mean_per_class_recall"}
+    assert 0 <= result["metrics"]["lp_acc1"] <= 1 and result["C"] > 0
 
-    other = dict(result, model="DiffCLIP-Tiny", metrics={"acc1": 0.75, "acc5": None,
-                                                         "mean_per_class_recall": 0.5})
+    other = dict(result, model="DiffCLIP-Tiny", metrics={"lp_acc1": 0.75, "lp_acc5": None,
+                                                         "lp_mean_per_class_recall": 0.5})
     write_result(str(tmp_path / "b.json"), other)
     status, table, _ = _run(["--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")],
                             capsys)
@@ -256,11 +258,11 @@ def test_linear_probe_command_and_compare_table(tmp_path, weights, capsys):
     lines = table.splitlines()
     assert "CLIP-Tiny (clip_tiny.safetensors)" in lines[0] and "DiffCLIP-Tiny" in lines[0]
     assert "difference" in lines[0]
-    acc1 = next(line for line in lines if " acc1 " in line)
-    assert acc1.split()[:3] == ["tiny", "linear_probe", "acc1"]
+    acc1 = next(line for line in lines if " lp_acc1 " in line)
+    assert acc1.split()[:3] == ["tiny", "linear_probe", "lp_acc1"]
     assert acc1.split()[-2] == "75.00"
-    assert acc1.split()[-1] == f"{100 * (0.75 - result['metrics']['acc1']):+.2f}"
-    assert next(line for line in lines if " acc5 " in line).split()[-1] == "-"
+    assert acc1.split()[-1] == f"{100 * (0.75 - result['metrics']['lp_acc1']):+.2f}"
+    assert next(line for line in lines if " lp_acc5 " in line).split()[-1] == "-"
     assert compare_table([result]).splitlines()[0].split()[-1] == "(clip_tiny.safetensors)"
 
 
@@ -321,6 +323,8 @@ def _bad_inputs(tmp_path):
     (tmp_path / "no_label.csv").write_text("filepath,class\nimages/cat/0.png,cat\n")
     (tmp_path / "bad_label.csv").write_text("filepath,label\nimages/cat/0.png,cow\n")
     (tmp_path / "templates.txt").write_text("a photo of a cat\n")
+    (tmp_path / "other_field.txt").write_text("a {} photo\na {x} photo of {}\n")
+    (tmp_path / "two_fields.txt").write_text("a {c} photo of {}\n")
     (tmp_path / "two_names.txt").write_text("a\nb\n")
     (tmp_path / "notes.json").write_text('{"my": "notes"}')
     (tmp_path / "imagenet").mkdir()
@@ -337,6 +341,15 @@ BAD = [
     (["classify", "--csv", "{tmp}/missing.csv"], "file not found: '{tmp}/missing.csv'"),
     (["classify", "--images", "{tmp}/images", "--templates", "{tmp}/templates.txt"],
      "'{tmp}/templates.txt': every line needs exactly one '{{}}'"),
+    (["classify", "--images", "{tmp}/images", "--templates", "{tmp}/other_field.txt"],
+     "not so: 'a {{x}} photo of {{}}'"),
+    (["classify", "--images", "{tmp}/images", "--templates", "{tmp}/two_fields.txt"],
+     "not so: 'a {{c}} photo of {{}}'"),
+    (["classify", "--images", "{tmp}/images", "--device", "nonsense"],
+     "--device 'nonsense' is not a device: expected cpu, cuda or cuda:N"),
+    (["classify", "--images", "{tmp}/images", "--out", ""], "--out must name a file, got ''"),
+    (["retrieve", "--csv", "{tmp}/no_caption.csv", "--out", " "],
+     "--out must name a file, got ' '"),
     (["classify", "--images", "{tmp}/images", "--classnames", "{tmp}/two_names.txt"],
      "'{tmp}/two_names.txt' has 2 names for 3 classes"),
     (["classify", "--images", "{tmp}/imagenet", "--dataset", "imagenet-r"],
@@ -365,7 +378,8 @@ def test_bad_input_is_one_error_line_naming_it(tmp_path, argv, message, capsys):
     tmp = str(tmp_path)
     argv = [arg.format(tmp=tmp) for arg in argv]
     if argv[0] in ("classify", "retrieve", "linear-probe") and argv[-1] != "--templates":
-        argv += ["--model", "CLIP-Tiny", *ARGS]
+        device = argv[argv.index("--device"):][:2] if "--device" in argv else []
+        argv += ["--model", "CLIP-Tiny", *ARGS, *device]
     try:
         status = main(argv)
     except SystemExit as exit:  # argparse's own errors
@@ -405,6 +419,8 @@ def test_export_digits_gives_the_held_out_images_training_evaluates(tmp_path):
         ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
     with open(root / "test_captions.csv") as file:
         rows = list(csv.DictReader(file))
+    assert (root / "templates.txt").read_text().splitlines()[0] == "a photo of the number {c}."
+    assert read_templates(str(root / "templates.txt"))[0] == "a photo of the number {}."
     assert len(rows) == 720 and rows[0]["filepath"] == rows[1]["filepath"]
     assert rows[0]["caption"] != rows[1]["caption"]
     model = create_model("DiffCLIP-Tiny", backend="torch")
@@ -430,24 +446,220 @@ def test_command_line_in_a_subprocess(tmp_path, weights):
 
 def test_captions_csv_from_a_karpathy_file(tmp_path, capsys):
     annotations = {"images": [
-        {"filepath": "val2014", "filename": "a.jpg", "split": "test",
+        {"filepath": "val2014", "filename": "a.png", "split": "test",
          "sentences": [{"raw": "A dog."}, {"raw": "A brown dog, running."}]},
-        {"filepath": "val2014", "filename": "b.jpg", "split": "train",
+        {"filepath": "val2014", "filename": "b.png", "split": "train",
          "sentences": [{"raw": "A cat."}]}]}
     (tmp_path / "coco.json").write_text(json.dumps(annotations))
+    _write_png(tmp_path / "coco" / "val2014" / "a.png", 0)
     out = tmp_path / "test.csv"
-    status, stdout, _ = _run(["captions-csv", str(tmp_path / "coco.json"), "/data/coco",
+    status, stdout, _ = _run(["captions-csv", str(tmp_path / "coco.json"), str(tmp_path / "coco"),
                               str(out)], capsys)
     assert status == 0 and "wrote 2 captions of 1 images" in stdout
+    image = str(tmp_path / "coco" / "val2014" / "a.png")  # an absolute root stays absolute
     with open(out, newline="") as file:
-        assert list(csv.reader(file)) == [["filepath", "caption"],
-                                          ["/data/coco/val2014/a.jpg", "A dog."],
-                                          ["/data/coco/val2014/a.jpg", "A brown dog, running."]]
-    status, _, err = _run(["captions-csv", str(tmp_path / "coco.json"), "/data/coco", str(out)],
-                          capsys)
+        assert list(csv.reader(file)) == [["filepath", "caption"], [image, "A dog."],
+                                          [image, "A brown dog, running."]]
+    status, _, err = _run(["captions-csv", str(tmp_path / "coco.json"), str(tmp_path / "coco"),
+                           str(out)], capsys)
     assert status == 2 and _error_lines(err) == \
         [f"error: captions-csv: '{out}' exists; refusing to overwrite it"]
-    status, _, err = _run(["captions-csv", str(tmp_path / "missing.json"), "/data/coco",
+    status, _, err = _run(["captions-csv", str(tmp_path / "missing.json"), str(tmp_path / "coco"),
                            str(tmp_path / "new.csv")], capsys)
     assert status == 2 and _error_lines(err) == \
         [f"error: captions-csv: file not found: '{tmp_path / 'missing.json'}'"]
+    status, _, err = _run(["captions-csv", str(tmp_path / "coco.json"), str(tmp_path),
+                           str(tmp_path / "new.csv")], capsys)
+    assert status == 2 and _error_lines(err) == [
+        f"error: captions-csv: none of the 2 images of split 'test' is in '{tmp_path}': the "
+        f"first was looked for at '{tmp_path / 'val2014' / 'a.png'}' (IMAGE_ROOT is the folder "
+        "of the images; for COCO the one holding val2014/)"]
+    assert not (tmp_path / "new.csv").exists()
+
+
+def test_the_readme_flickr_flow_runs_as_written(tmp_path, weights, monkeypatch, capsys):
+    """captions-csv with paths relative to the working folder, then retrieve on its CSV."""
+    path, _ = weights
+    monkeypatch.chdir(tmp_path)
+    images = [{"filename": f"{i}.jpg", "split": "test",
+               "sentences": [{"raw": f"photo {i}"}, {"raw": f"picture {i}"}]} for i in range(3)]
+    os.makedirs("data/flickr30k-images")
+    for i in range(3):
+        Image.fromarray(np.full((9, 9, 3), 40 * i, np.uint8)).save(
+            f"data/flickr30k-images/{i}.jpg")
+    (tmp_path / "data" / "dataset_flickr30k.json").write_text(json.dumps({"images": images}))
+    status, _, err = _run(["captions-csv", "data/dataset_flickr30k.json", "data/flickr30k-images",
+                           "data/flickr30k_test.csv"], capsys)
+    assert status == 0, err
+    with open("data/flickr30k_test.csv", newline="") as file:
+        assert next(iter(list(csv.reader(file))[1:]))[0] == "flickr30k-images/0.jpg"
+    status, _, err = _run(["retrieve", "--csv", "data/flickr30k_test.csv", "--dataset",
+                           "flickr30k", "--pretrained", path, "--out", "res/r.json", *ARGS],
+                          capsys)
+    assert status == 0, err
+    assert read_result("res/r.json")["num_samples"] == 3
+    # a CSV whose paths were written for another folder: the error says where it looked
+    (tmp_path / "data" / "old.csv").write_text(
+        "filepath,caption\ndata/flickr30k-images/0.jpg,photo 0\n")
+    status, _, err = _run(["retrieve", "--csv", "data/old.csv", "--pretrained", path, *ARGS],
+                          capsys)
+    assert status == 2 and len(_error_lines(err)) == 1
+    assert ("none of the 1 image files 'data/old.csv' lists exists; line 2's "
+            "'data/flickr30k-images/0.jpg' was looked for at "
+            f"'{tmp_path / 'data' / 'data' / 'flickr30k-images' / '0.jpg'}'") in err
+    assert "relative to the CSV file's folder" in err and "max-unreadable" not in err
+    (tmp_path / "data" / "some.csv").write_text(
+        "filepath,caption\nflickr30k-images/0.jpg,a\nflickr30k-images/7.jpg,b\n"
+        "flickr30k-images/8.jpg,c\n")
+    status, _, err = _run(["retrieve", "--csv", "data/some.csv", "--pretrained", path, *ARGS],
+                          capsys)
+    assert status == 2 and "2 of 3 image files were not found" in _error_lines(err)[0]
+    assert "Check that these paths exist" in err and "raise --max-unreadable" not in err
+
+
+def test_a_checkpoint_with_nan_weights_is_an_error_and_writes_nothing(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = create_model("CLIP-Tiny", backend="torch")
+    with torch.no_grad():
+        model.logit_scale.fill_(float("nan"))
+        model.text_projection[1, 2] = float("inf")
+    path = tmp_path / "nan.safetensors"
+    save_pretrained(model, path)
+    root = _class_tree(tmp_path / "images", per_class=1)
+    out = tmp_path / "r.json"
+    for command in (["classify", "--images", str(root)], ["retrieve", "--csv", str(
+            tmp_path / "c.csv")], ["linear-probe", "--train", str(root), "--test", str(root)]):
+        (tmp_path / "c.csv").write_text("filepath,caption\nimages/cat/0.png,a cat\n")
+        status, _, err = _run([*command, "--pretrained", str(path), "--out", str(out), *ARGS],
+                              capsys)
+        assert status == 2 and "Traceback" not in err
+        assert _error_lines(err) == [_error_lines(err)[0]] and str(path) in err
+        assert "'logit_scale' has 1 of 1" in err and "2 tensors in all" in err
+        assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_on_a_machine_without_it_is_one_error_line(tmp_path, capsys):
+    root = _class_tree(tmp_path / "images", per_class=1)
+    status, _, err = _run(["classify", "--model", "CLIP-Tiny", "--images", str(root),
+                           "--out", str(tmp_path / "r.json"), *ARGS, "--device", "cuda"], capsys)
+    assert status == 2 and "Traceback" not in err and not (tmp_path / "r.json").exists()
+    assert _error_lines(err) == [_error_lines(err)[0]]
+    assert "--device cuda: CUDA is not available on this machine" in err
+
+
+def test_templates_with_c_placeholder_are_those_with_braces(tmp_path, weights, capsys):
+    path, _ = weights
+    root = _class_tree(tmp_path / "images", per_class=1)
+    (tmp_path / "c.txt").write_text("a photo of a {c}.\n{c}, {{literally}}\n")
+    (tmp_path / "braces.txt").write_text("a photo of a {}.\n{}, {{literally}}\n")
+    assert read_templates(str(tmp_path / "c.txt")) == read_templates(str(tmp_path / "braces.txt"))
+    assert read_templates(str(tmp_path / "c.txt"))[1].format("cat") == "cat, {literally}"
+    results = []
+    for name in ("c.txt", "braces.txt"):
+        out = tmp_path / f"{name}.json"
+        status, _, err = _run(["classify", "--pretrained", path, "--images", str(root),
+                               "--templates", str(tmp_path / name), "--out", str(out), *ARGS],
+                              capsys)
+        assert status == 0, err
+        results.append(read_result(str(out))["metrics"])
+    assert results[0] == results[1]
+
+
+def test_classify_on_a_root_of_splits_warns(tmp_path, weights, capsys):
+    path, _ = weights
+    _class_tree(tmp_path / "data" / "train", per_class=1)
+    _class_tree(tmp_path / "data" / "test", per_class=1)
+    status, _, err = _run(["classify", "--pretrained", path, "--images", str(tmp_path / "data"),
+                           "--templates", "simple", *ARGS], capsys)
+    assert status == 0
+    warning = [line for line in err.splitlines() if "look like dataset splits" in line]
+    assert warning == [f"warning: --images '{tmp_path / 'data'}': the class folder(s) test, "
+                       "train look like dataset splits, not classes: --images takes one "
+                       f"split's folder of class folders (e.g. '{tmp_path / 'data' / 'test'}')"]
+    status, _, err = _run(["classify", "--pretrained", path, "--images",
+                           str(tmp_path / "data" / "test"), "--templates", "simple", *ARGS],
+                          capsys)
+    assert status == 0 and "dataset splits" not in err
+
+
+def test_compare_reads_clip_benchmark_result_files(tmp_path, capsys):
+    """Files as CLIP_benchmark 1.6's cli.py dumps them: no num_samples, NaN acc5 below 5
+    classes, its linear-probe settings among the metrics."""
+    theirs = {"dataset": "digits", "model": "DiffCLIP-Tiny", "pretrained": "model.safetensors",
+              "task": "zeroshot_classification", "language": "en",
+              "metrics": {"acc1": 0.9, "acc5": float("nan"), "mean_per_class_recall": 0.89}}
+    probe = dict(theirs, task="linear_probe", metrics={
+        "lp_acc1": 0.8, "lp_acc5": float("nan"), "lp_mean_per_class_recall": 0.79,
+        "weight_decay": 0.01, "epochs": 10, "seed": 0, "fewshot_k": -1, "normalized": True})
+    for name, data in (("theirs.json", theirs), ("probe.json", probe)):
+        with open(tmp_path / name, "w") as file:
+            json.dump(data, file)  # as CLIP_benchmark writes it: NaN, not null
+    assert "NaN" in (tmp_path / "theirs.json").read_text()
+    ours = dict(theirs, model="CLIP-Tiny", num_samples=360,
+                metrics={"acc1": 0.8, "acc5": None, "mean_per_class_recall": 0.79})
+    write_result(str(tmp_path / "ours.json"), ours)
+    status, table, err = _run(["compare", str(tmp_path / "ours.json"),
+                               str(tmp_path / "theirs.json"), str(tmp_path / "probe.json")],
+                              capsys)
+    assert status == 0, err
+    rows = {tuple(line.split()[:3]): line.split()[3:] for line in table.splitlines()[2:]}
+    assert rows[("digits", "zeroshot_classification", "acc1")] == ["80.00", "90.00", "+10.00"]
+    assert rows[("digits", "zeroshot_classification", "acc5")] == ["-", "-", "-"]
+    assert rows[("digits", "linear_probe", "lp_acc1")] == ["-", "80.00", "-"]
+    assert not any(row[2] in ("weight_decay", "epochs", "seed", "fewshot_k", "normalized")
+                   for row in rows)
+
+
+def test_a_warning_during_a_progress_bar_gets_its_own_line(tmp_path, weights, monkeypatch,
+                                                            capsys):
+    """The backend's fallback warning arrives while the first batch is encoded, under the
+    progress bar: the bar is cleared first, so the warning starts a line of its own."""
+    import warnings as python_warnings
+
+    from diffattn.backend import BackendFallbackWarning
+    from diffattn.evaluation import features
+
+    path, model = weights
+    real = model.encode_image
+
+    def encode_and_warn(*args, **kwargs):
+        python_warnings.warn("diffattn: using the torch backend because of a test",
+                             BackendFallbackWarning)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(features, "encode_image_files", _with_model_hook(
+        features.encode_image_files, encode_and_warn))
+    monkeypatch.setattr("diffattn.evaluation.cli.encode_image_files",
+                        features.encode_image_files)
+    root = _class_tree(tmp_path / "images", per_class=2)
+    status, _, err = _run(["classify", "--pretrained", path, "--images", str(root),
+                           "--templates", "simple", "--device", "cpu", "--backend", "torch",
+                           "--batch-size", "2"], capsys)
+    assert status == 0
+    pieces = [piece for line in err.split("\n") for piece in line.split("\r")]
+    warned = [piece for piece in pieces if "using the torch backend" in piece]
+    assert warned == ["warning: diffattn: using the torch backend because of a test"], err
+    assert any("classify:" in piece for piece in pieces)  # a progress bar was drawn
+
+
+def _with_model_hook(encode_image_files, encode_image):
+    def hooked(model, *args, **kwargs):
+        model.encode_image = encode_image
+        try:
+            return encode_image_files(model, *args, **kwargs)
+        finally:
+            del model.encode_image
+    return hooked
+
+
+def test_linear_probe_shows_its_fits(capsys):
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(40, 4)), np.arange(40) % 2
+    linear_probe(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(x[:6]),
+                 torch.from_numpy(y[:6]), c_values=(0.1, 1.0), progress=True)
+    err = capsys.readouterr().err
+    assert "linear probe fits" in err and "final=all training samples" in err
+    linear_probe(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(x[:6]),
+                 torch.from_numpy(y[:6]), c_values=(0.1, 1.0))
+    assert capsys.readouterr().err == ""

@@ -336,3 +336,22 @@ def test_non_floating_tensor_where_the_model_is_floating_names_file_and_key(tmp_
     with pytest.raises(CheckpointError, match="dtype is not floating") as raised:
         create_model("CLIP-Tiny", pretrained=path)
     assert str(path) in str(raised.value) and f"{key} ({dtype})" in str(raised.value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_non_finite_weights_are_refused_naming_file_and_tensor(tmp_path, value, suffix):
+    from diffattn.models import create_model, save_pretrained
+
+    model = create_model("CLIP-Tiny")
+    key = "visual.blocks.0.mlp.fc1.weight"
+    with torch.no_grad():
+        model.state_dict()[key][0, :3] = value
+    path = tmp_path / f"nan{suffix}"
+    if suffix == ".pt":
+        torch.save(model.state_dict(), path)
+    else:
+        save_pretrained(model, path)
+    with pytest.raises(CheckpointError, match="not finite") as raised:
+        create_model("CLIP-Tiny" if suffix == ".pt" else None, pretrained=path)
+    assert str(path) in str(raised.value) and f"'{key}' has 3 of" in str(raised.value)

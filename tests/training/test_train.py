@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import io
 import math
 import os
@@ -306,6 +307,40 @@ def test_unavailable_device_is_an_error(tmp_path, capsys):
            "--device cuda: CUDA is not available on this machine", capsys)
 
 
+def test_argument_errors_are_one_error_line(tmp_path, capsys):
+    (tmp_path / "templates.txt").write_text("a {} photo\na {x} photo of {}\n")
+    for argv, message in (
+            (["--templates", str(tmp_path / "templates.txt")], "not so: 'a {x} photo of {}'"),
+            (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+            (["--out", ""], "--out must name the run's directory, got ''")):
+        argv = ["--data", "digits", "--out", str(tmp_path / "run"), *argv]
+        with pytest.raises(SystemExit) as exit:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and "Traceback" not in err and "usage:" not in err
+        assert err.splitlines() == [line for line in err.splitlines()
+                                    if line.startswith("error:")] and len(err.splitlines()) == 1
+        assert message in err and "(see python -m diffattn.train --help)" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_pretrained_weights_that_are_not_finite_are_an_error(tmp_path, capsys):
+    from diffattn.models import save_pretrained
+
+    model = create_model("CLIP-Tiny")
+    with torch.no_grad():
+        model.visual.blocks[0].mlp.fc1.weight[0, 0] = float("nan")
+    save_pretrained(model, tmp_path / "nan.safetensors")
+    _fails(["--data", "digits", "--pretrained", str(tmp_path / "nan.safetensors"), "--out",
+            str(tmp_path / "run")], "'visual.blocks.0.mlp.fc1.weight' has 1 of", capsys)
+
+
+def test_a_device_that_is_no_device_is_an_error_and_creates_nothing(tmp_path, capsys):
+    _fails(["--data", "digits", "--device", "nonsense", "--out", str(tmp_path / "run")],
+           "--device 'nonsense' is not a device: expected cpu, cuda or cuda:N", capsys)
+    assert not (tmp_path / "run").exists()
+
+
 def test_out_naming_a_file_is_an_error(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     _fails(["--data", "digits", "--out", str(tmp_path / "file")],
@@ -371,3 +406,15 @@ def test_resume_refuses_another_model_or_a_foreign_model_file(two_epoch_run, tmp
     folder_model = run / "epoch-0002" / MODEL_FILE
     folder_model.write_bytes(folder_model.read_bytes()[:-4] + b"\0\0\0\0")
     _fails(resume, "is not the model file", capsys)
+
+
+def test_help_gives_every_default():
+    from diffattn.training.cli import build_parser
+
+    parser = build_parser()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            text = formatter._expand_help(action)
+            assert "default" in text, f"{action.option_strings[0]}: {text!r}"
+    assert "(default: 0.0005)" in parser.format_help()

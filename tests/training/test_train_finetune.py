@@ -158,6 +158,41 @@ def test_folder_data_captions_from_class_names_or_caption_files(tmp_path, capsys
     assert "no such folder" in error_lines(capsys)[0]
 
 
+def test_folder_readers_of_training_and_evaluation_follow_the_same_links(tmp_path, capsys):
+    from diffattn.evaluation.datasets import read_image_folder
+
+    root = _class_tree(tmp_path / "images", per_class=2)
+    outside = _class_tree(tmp_path / "elsewhere", per_class=1)
+    (root / "bird").symlink_to(outside / "cat", target_is_directory=True)  # a linked class
+    (root / "dog" / "more").symlink_to(outside / "dog", target_is_directory=True)
+    (root / "cat" / "0.png").unlink()
+    (root / "cat" / "0.png").symlink_to(outside / "cat" / "0.png")  # a linked file
+    paths, captions = read_folder_captions(str(root), ("{}",))
+    evaluated = read_image_folder(str(root))
+    assert sorted(paths) == evaluated.paths
+    assert evaluated.classnames == ["bird", "cat", "dog"]
+    assert sorted({choices[0] for choices in captions}) == ["bird", "cat", "dog"]
+    assert str(root / "dog" / "more" / "0.png") in paths
+    # a link to a folder above it is refused by name in both, not walked forever
+    (root / "dog" / "loop").symlink_to(root, target_is_directory=True)
+    for read in (lambda: read_folder_captions(str(root), ("{}",)),
+                 lambda: read_image_folder(str(root))):
+        with pytest.raises(ValueError, match=f"'{root / 'dog' / 'loop'}' is a symbolic link "
+                                             f"to '{root}', a folder that holds it"):
+            read()
+    (root / "dog" / "loop").unlink()
+    assert main(["--data", f"folder:{root}", "--backend", "torch", "--batch-size", "4",
+                 "--warmup", "1", "--epochs", "1", "--templates", str(_templates(tmp_path)),
+                 "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+
+
+def _templates(folder):
+    path = folder / "templates.txt"
+    path.write_text("a photo of a {c}.\n")
+    return path
+
+
 def test_workers_default_is_zero_on_the_cpu():
     assert default_workers(torch.device("cpu"), "csv:x.csv") == 0
     assert default_workers(torch.device("cuda"), "digits") == 0

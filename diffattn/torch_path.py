@@ -18,7 +18,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 
 from .lambdas import lambda_for_maps
 from .masks import causal_keep_mask
@@ -32,9 +31,8 @@ def rms_norm_epilogue(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
     DiffCLIP release does.
     """
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xf = x.to(compute)
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.to(compute)
-    return (y * out_scale).to(x.dtype)
+    weight = norm_weight.to(compute) * out_scale
+    return F.rms_norm(x.to(compute), (x.shape[-1],), weight, eps).to(x.dtype)
 
 
 def zero_padding_keys(t: torch.Tensor, key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -119,6 +117,28 @@ def _pair_maps(t, H2):
     return t[:, 0::2], t[:, 1::2]
 
 
+def _value_halves(v: torch.Tensor, q: torch.Tensor, dropout_p: float) -> bool:
+    """Whether to run each map as two SDPA calls over the value halves (B, Hk, M, d) instead
+    of one over the full 2d width: PyTorch's fused CPU attention needs the value width equal
+    to the query/key width and otherwise takes the unfused math kernel, which materialises
+    the (N, M) scores. Not with dropout, whose mask must be the same for both halves."""
+    return q.device.type == "cpu" and dropout_p == 0.0 and v.shape[3] == 2 * q.shape[3]
+
+
+def _map_outputs(qh, kh, vh, bias1, bias2, *, halves, dropout_p, is_causal, scale, gqa):
+    """The two maps' SDPA outputs. qh (B, 2H, N, d), kh (B, 2Hk, M, d), vh (B, Hk, M, 2d):
+    strided views of the caller's tensors (heads 2h, 2h+1 / 2g, 2g+1 are the maps), grouped
+    keys read through enable_gqa (no repeated copy). Returns ((o1, o2), ...) per value part:
+    one part (B, H, N, 2d) each, or the two halves (B, H, N, d) each with ``halves``."""
+    parts = (vh[..., :vh.shape[3] // 2], vh[..., vh.shape[3] // 2:]) if halves else (vh,)
+    return [tuple(F.scaled_dot_product_attention(qh[:, m::2], kh[:, m::2], part,
+                                                 attn_mask=bias, dropout_p=dropout_p,
+                                                 is_causal=is_causal, scale=scale,
+                                                 enable_gqa=gqa)
+                  for m, bias in ((0, bias1), (1, bias2)))
+            for part in parts]
+
+
 def diff_attention_torch(q, k, v, lam: torch.Tensor, *, causal=False,
                          key_padding_mask: Optional[torch.Tensor] = None, scale=None,
                          norm_weight: Optional[torch.Tensor] = None, eps=1e-5, out_scale=1.0,
@@ -129,29 +149,28 @@ def diff_attention_torch(q, k, v, lam: torch.Tensor, *, causal=False,
     attn_bias: bool (True = masked out) or additive float, broadcastable to (B, 2H, N, M).
     window_size: (left, right) local attention (see window_keep_mask).
     dropout_p is applied to each map separately, before the difference (as in DiffCLIP).
+    On CPU each map is two calls over the value halves (see _value_halves); the inputs are
+    read through strided views, grouped keys without repeating them.
     """
     B, N, H2, d = q.shape
     M, Hk = v.shape[1], v.shape[2]
     H = H2 // 2
     k, v = zero_padding_keys(k, key_padding_mask), zero_padding_keys(v, key_padding_mask)
-    q1, q2 = rearrange(q, "b n (h two) d -> two b h n d", two=2)
-    k1, k2 = rearrange(k, "b m (g two) d -> two b g m d", two=2)
-    vh = rearrange(v, "b m g e -> b g m e")
-    if Hk != H:  # grouped-query attention: group g serves heads g*(H//Hk) ... (g+1)*(H//Hk)-1
-        k1, k2, vh = (t.repeat_interleave(H // Hk, dim=1) for t in (k1, k2, vh))
     bias, is_causal, row_valid = _sdpa_masks(B, H2, N, M, q.device, q.dtype, causal,
                                              key_padding_mask, attn_bias, window_size)
     bias1, bias2 = _pair_maps(bias, H2)
-    o1 = F.scaled_dot_product_attention(q1, k1, vh, attn_mask=bias1, dropout_p=dropout_p,
-                                        is_causal=is_causal, scale=scale)
-    o2 = F.scaled_dot_product_attention(q2, k2, vh, attn_mask=bias2, dropout_p=dropout_p,
-                                        is_causal=is_causal, scale=scale)
+    parts = _map_outputs(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias1, bias2,
+                         halves=_value_halves(v, q, dropout_p), dropout_p=dropout_p,
+                         is_causal=is_causal, scale=scale, gqa=Hk != H)
     compute = lam.dtype
-    x = o1.to(compute) - lam[:, None, None].to(compute) * o2.to(compute)
+    lam_heads = lam.to(compute).view(1, H, 1, 1)
+    # x = o1 - lambda o2 per value part, as (B, N, H, width) views of SDPA's outputs
+    xs = [torch.addcmul(o1.to(compute), lam_heads, o2.to(compute), value=-1.0).transpose(1, 2)
+          for o1, o2 in parts]
+    x = xs[0] if len(xs) == 1 else torch.cat(xs, dim=-1)                    # (B, N, H, 2d)
     if row_valid is not None:
         valid1, valid2 = _pair_maps(row_valid, H2)
-        x = x * (valid1 & valid2)
-    x = rearrange(x, "b h n e -> b n h e")
+        x = x * (valid1 & valid2).transpose(1, 2)
     if norm_weight is None:
         return (x * out_scale).to(q.dtype)
     return rms_norm_epilogue(x, norm_weight, eps, out_scale).to(q.dtype)
@@ -175,7 +194,7 @@ def diff_attention_v2_torch(q, k, v, lambda_, *, causal=False,
                                        scale=scale, enable_gqa=k.shape[2] != H2)  # (B, 2H, N, d)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     lam = lambda_for_maps(lambda_, H2 // 2, compute, q.device)          # (B|1, H, N|1, 1)
-    x = o[:, 0::2].to(compute) - lam * o[:, 1::2].to(compute)
+    x = torch.addcmul(o[:, 0::2].to(compute), lam, o[:, 1::2].to(compute), value=-1.0)
     if row_valid is not None:
         valid1, valid2 = _pair_maps(row_valid, H2)
         x = x * (valid1 & valid2)

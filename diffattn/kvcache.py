@@ -149,6 +149,15 @@ def _check_values(seqlens: Tensor, n_new: int, capacity: int, block_table: Optio
                   num_blocks: int, page: int) -> None:
     """The checks that need tensor values: plain errors for CPU tensors, asynchronous device
     assertions elsewhere (and while torch.compile traces), so nothing waits for the device."""
+    if block_table is None and seqlens.device.type == "cpu" and \
+            not torch.compiler.is_compiling():  # the values are on the host: one read
+        lengths = seqlens.tolist()
+        bad = [b for b, n in enumerate(lengths) if n < 0 or n + n_new > capacity]
+        if bad:
+            raise ValueError(f"cache_seqlens + seq_new ({n_new}) must be between 0 and the "
+                             f"cache capacity {capacity} for every sequence; got "
+                             f"{[lengths[b] for b in bad]} at batch index {bad}")
+        return
     fits = (seqlens >= 0) & (seqlens + n_new <= capacity)
     bad_pages = None
     if block_table is not None:
@@ -214,22 +223,54 @@ def kvcache_masked(lengths: Tensor, n_q: int, capacity: int, causal: bool) -> Te
     return masked
 
 
-def _torch_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal, scale,
-                     norm_weight, eps, out_scale, v2):
-    """The readable path: gather each sequence's keys in logical order, mask past its length
-    (and the causal diagonal), and run diff_attention's torch path."""
-    keys, values = logical_cache(k_cache, block_table), logical_cache(v_cache, block_table)
-    masked = kvcache_masked(lengths, q.shape[1], keys.shape[1], causal)
-    # Rows past a sequence's length hold whatever the cache had (stale or never written):
-    # read them as 0, so that a NaN there meets no zero probability.
-    past_end = masked[:, 0, -1]  # (B, capacity): the last query sees the most keys
-    keys, values = zero_padding_keys(keys, past_end), zero_padding_keys(values, past_end)
+def host_lengths(lengths: Tensor) -> Optional[list]:
+    """The valid lengths as Python ints when they already live on the host (a CPU tensor,
+    eager): reading them waits for no device. None on an accelerator, for meta tensors and
+    while torch.compile traces (where the lengths stay tensor values)."""
+    if lengths.device.type != "cpu" or torch.compiler.is_compiling() or \
+            torch._C._functorch.is_functorch_wrapped_tensor(lengths):
+        return None
+    return lengths.tolist()
+
+
+def _attend(q, keys, values, lambda_, causal, scale, norm_weight, eps, out_scale, v2,
+            attn_bias=None):
+    """diff_attention's torch path on (B, M, heads, dim) keys and values (any strides)."""
     if v2:
-        return diff_attention_v2_torch(q, keys, values, lambda_, scale=scale, attn_bias=masked)
+        return diff_attention_v2_torch(q, keys, values, lambda_, causal=causal, scale=scale,
+                                       attn_bias=attn_bias)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     lam = expand_lambda(lambda_, q.shape[2] // 2, acc, q.device)
-    return diff_attention_torch(q, keys, values, lam, scale=scale, norm_weight=norm_weight,
-                                eps=eps, out_scale=out_scale, attn_bias=masked)
+    return diff_attention_torch(q, keys, values, lam, causal=causal, scale=scale,
+                                norm_weight=norm_weight, eps=eps, out_scale=out_scale,
+                                attn_bias=attn_bias)
+
+
+def _torch_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal, scale,
+                     norm_weight, eps, out_scale, v2):
+    """The readable path: each sequence's keys in logical order (a gather when paged), masked
+    past its length (and the causal diagonal), and diff_attention's torch path.
+
+    When the lengths are on the host (see host_lengths) the keys are read as views of the
+    cache up to the longest sequence: with every sequence of the same length nothing is
+    masked or copied, and the rows past the end are never read. Otherwise rows past a
+    sequence's length, which hold whatever the cache had (stale or never written), are read
+    as 0, so that a NaN there meets no zero probability."""
+    keys, values = logical_cache(k_cache, block_table), logical_cache(v_cache, block_table)
+    n_q = q.shape[1]
+    known = host_lengths(lengths)
+    if known is not None and min(known, default=0) > 0:
+        longest = max(known)
+        if longest < keys.shape[1]:
+            keys, values = keys[:, :longest], values[:, :longest]
+        if min(known) == longest:  # bottom-right causal: one query sees every key
+            return _attend(q, keys, values, lambda_, causal and n_q > 1, scale, norm_weight,
+                           eps, out_scale, v2)
+    masked = kvcache_masked(lengths, n_q, keys.shape[1], causal)
+    past_end = masked[:, 0, -1]  # (B, capacity): the last query sees the most keys
+    keys, values = zero_padding_keys(keys, past_end), zero_padding_keys(values, past_end)
+    return _attend(q, keys, values, lambda_, False, scale, norm_weight, eps, out_scale, v2,
+                   attn_bias=masked)
 
 
 # ------------------------------------------------------------------ the registered operator

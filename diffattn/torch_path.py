@@ -28,11 +28,17 @@ def rms_norm_epilogue(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
     """Per-head RMSNorm over the last dim, times the weight, times out_scale.
 
     Computed in float32 (float64 for float64 inputs) and cast back to x's dtype, as the
-    DiffCLIP release does.
+    DiffCLIP release does: the mean square from one norm reduction, then two passes over x
+    (written in place when nothing needs a gradient).
     """
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    weight = norm_weight.to(compute) * out_scale
-    return F.rms_norm(x.to(compute), (x.shape[-1],), weight, eps).to(x.dtype)
+    xf = _cast(x, compute)
+    weight = _cast(norm_weight, compute) * out_scale
+    norm = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
+    inv_rms = torch.rsqrt(norm.square() / x.shape[-1] + eps)
+    if torch.is_grad_enabled() and (xf.requires_grad or weight.requires_grad):
+        return _cast(xf * inv_rms * weight, x.dtype)
+    return _cast(torch.mul(xf, inv_rms).mul_(weight), x.dtype)
 
 
 def zero_padding_keys(t: torch.Tensor, key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -125,18 +131,27 @@ def _value_halves(v: torch.Tensor, q: torch.Tensor, dropout_p: float) -> bool:
     return q.device.type == "cpu" and dropout_p == 0.0 and v.shape[3] == 2 * q.shape[3]
 
 
-def _map_outputs(qh, kh, vh, bias1, bias2, *, halves, dropout_p, is_causal, scale, gqa):
-    """The two maps' SDPA outputs. qh (B, 2H, N, d), kh (B, 2Hk, M, d), vh (B, Hk, M, 2d):
-    strided views of the caller's tensors (heads 2h, 2h+1 / 2g, 2g+1 are the maps), grouped
-    keys read through enable_gqa (no repeated copy). Returns ((o1, o2), ...) per value part:
-    one part (B, H, N, 2d) each, or the two halves (B, H, N, d) each with ``halves``."""
-    parts = (vh[..., :vh.shape[3] // 2], vh[..., vh.shape[3] // 2:]) if halves else (vh,)
-    return [tuple(F.scaled_dot_product_attention(qh[:, m::2], kh[:, m::2], part,
-                                                 attn_mask=bias, dropout_p=dropout_p,
-                                                 is_causal=is_causal, scale=scale,
-                                                 enable_gqa=gqa)
-                  for m, bias in ((0, bias1), (1, bias2)))
-            for part in parts]
+def _heads(t: torch.Tensor, width: int):
+    """t (B, S, heads, 2 * width) read as two strided views (B, heads, S, width) of its
+    halves; q (B, N, 2H, d) read as (B, N, H, 2d) gives the maps' q heads 2h and 2h+1."""
+    B, S = t.shape[0], t.shape[1]
+    return t.view(B, S, -1, 2, width).permute(3, 0, 2, 1, 4).unbind(0)
+
+
+def _map_outputs(q, k, v, bias1, bias2, *, halves, dropout_p, is_causal, scale, gqa):
+    """The two maps' SDPA outputs, from q (B, N, 2H, d), k (B, M, 2Hk, d), v (B, M, Hk, 2d)
+    read through strided views (heads 2h, 2h+1 / 2g, 2g+1 are the maps), grouped keys
+    through enable_gqa (no repeated copy). Returns one (o1, o2) pair per value part: the
+    whole value width (B, H, N, 2d), or with ``halves`` the two halves (B, H, N, d)."""
+    d = q.shape[3]
+    q1, q2 = _heads(q, d)
+    k1, k2 = _heads(k, d)
+    values = _heads(v, d) if halves else (v.transpose(1, 2),)
+    return [tuple(F.scaled_dot_product_attention(qm, km, part, attn_mask=bias,
+                                                 dropout_p=dropout_p, is_causal=is_causal,
+                                                 scale=scale, enable_gqa=gqa)
+                  for qm, km, bias in ((q1, k1, bias1), (q2, k2, bias2)))
+            for part in values]
 
 
 def diff_attention_torch(q, k, v, lam: torch.Tensor, *, causal=False,
@@ -159,21 +174,37 @@ def diff_attention_torch(q, k, v, lam: torch.Tensor, *, causal=False,
     bias, is_causal, row_valid = _sdpa_masks(B, H2, N, M, q.device, q.dtype, causal,
                                              key_padding_mask, attn_bias, window_size)
     bias1, bias2 = _pair_maps(bias, H2)
-    parts = _map_outputs(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias1, bias2,
-                         halves=_value_halves(v, q, dropout_p), dropout_p=dropout_p,
-                         is_causal=is_causal, scale=scale, gqa=Hk != H)
-    compute = lam.dtype
-    lam_heads = lam.to(compute).view(1, H, 1, 1)
-    # x = o1 - lambda o2 per value part, as (B, N, H, width) views of SDPA's outputs
-    xs = [torch.addcmul(o1.to(compute), lam_heads, o2.to(compute), value=-1.0).transpose(1, 2)
-          for o1, o2 in parts]
-    x = xs[0] if len(xs) == 1 else torch.cat(xs, dim=-1)                    # (B, N, H, 2d)
+    parts = _map_outputs(q, k, v, bias1, bias2, halves=_value_halves(v, q, dropout_p),
+                         dropout_p=dropout_p, is_causal=is_causal, scale=scale, gqa=Hk != H)
+    x = _difference(parts, lam.view(1, H, 1, 1))                            # (B, N, H, 2d)
     if row_valid is not None:
         valid1, valid2 = _pair_maps(row_valid, H2)
         x = x * (valid1 & valid2).transpose(1, 2)
-    if norm_weight is None:
-        return (x * out_scale).to(q.dtype)
-    return rms_norm_epilogue(x, norm_weight, eps, out_scale).to(q.dtype)
+    if norm_weight is not None:
+        return _cast(rms_norm_epilogue(x, norm_weight, eps, out_scale), q.dtype)
+    return _cast(x if out_scale == 1.0 else x * out_scale, q.dtype)
+
+
+def _difference(parts, lam: torch.Tensor) -> torch.Tensor:
+    """o1 - lam * o2 in lam's dtype as (B, N, H, 2d), from the value parts' SDPA outputs
+    (B, H, N, width), whose memory is (B, N, H, width) order. Written straight into one
+    output when nothing needs a gradient (eager); otherwise each part's difference,
+    concatenated."""
+    compute = lam.dtype
+    pairs = [(_cast(o1, compute), _cast(o2, compute)) for o1, o2 in parts]
+    if len(pairs) == 1:
+        o1, o2 = pairs[0]
+        return torch.addcmul(o1, lam, o2, value=-1.0).transpose(1, 2)
+    if torch.compiler.is_compiling() or torch.is_grad_enabled() and (lam.requires_grad or any(
+            t.requires_grad for pair in pairs for t in pair)):
+        return torch.cat([torch.addcmul(o1, lam, o2, value=-1.0).transpose(1, 2)
+                          for o1, o2 in pairs], dim=-1)
+    B, H, N, width = pairs[0][0].shape
+    x = pairs[0][0].new_empty(B, N, H, width * len(pairs))
+    for i, (o1, o2) in enumerate(pairs):
+        part = x[..., i * width:(i + 1) * width].transpose(1, 2)           # (B, H, N, width)
+        torch.addcmul(o1, lam, o2, value=-1.0, out=part)
+    return x
 
 
 def diff_attention_v2_torch(q, k, v, lambda_, *, causal=False,
@@ -193,12 +224,25 @@ def diff_attention_v2_torch(q, k, v, lambda_, *, causal=False,
                                        attn_mask=bias, dropout_p=dropout_p, is_causal=is_causal,
                                        scale=scale, enable_gqa=k.shape[2] != H2)  # (B, 2H, N, d)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    lam = lambda_for_maps(lambda_, H2 // 2, compute, q.device)          # (B|1, H, N|1, 1)
-    x = torch.addcmul(o[:, 0::2].to(compute), lam, o[:, 1::2].to(compute), value=-1.0)
+    o1, o2 = (_cast(t, compute) for t in o.transpose(1, 2).unflatten(2, (H2 // 2, 2)).unbind(3))
+    if isinstance(lambda_, torch.Tensor):                                 # (B, N, H, d) views
+        x = torch.addcmul(o1, _lambda_rows(lambda_, compute), o2, value=-1.0)
+    else:
+        x = torch.sub(o1, o2, alpha=float(lambda_))
     if row_valid is not None:
         valid1, valid2 = _pair_maps(row_valid, H2)
-        x = x * (valid1 & valid2)
-    return x.transpose(1, 2).to(q.dtype)
+        x = x * (valid1 & valid2).transpose(1, 2)
+    return _cast(x, q.dtype)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _lambda_rows(lambda_: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A (), (H,) or per-token (B, N, H) lambda broadcastable against (B, N, H, d)."""
+    lam = _cast(lambda_, dtype)
+    return lam[..., None] if lam.dim() == 3 else lam.reshape(1, 1, -1, 1)
 
 
 def differential_maps(q, k, *, lambda_, causal=False, key_padding_mask=None,

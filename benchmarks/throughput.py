@@ -40,6 +40,14 @@ Levels and providers (benchmarks/providers.py, host.py, model_providers.py):
            further token, the median step). GPU: a 1B-shaped model at prompts 128 and 1024; CPU: the
            tiny model at prompt 128 (--quick), also prompt 1024 and a small model. Needs the
            optional extra diffattn[transformers] (skipped without it).
+    cpu    (only when named in --levels) the library's PyTorch path against plain attention
+           on the CPU, as throughput ratios measured in one process, interleaved, minimum of
+           --cpu-rounds rounds, at each of --cpu-threads: DiffCLIP-ViT-B-16's image and text
+           towers against open_clip's plain ViT-B-16 (or, where open_clip does not import, a
+           plain ViT-B-16 computing what open_clip's towers compute), one decoding step's
+           attention against two SDPA calls on the same cache (benchmarks/cpu_compare.py);
+           written to cpu_compare.csv / cpu_compare.md and appended to summary.md.
+           --cpu-tiny: tiny shapes (a smoke run).
     model  training and inference steps of one tower: train_image (diffattn = DiffCLIP,
            torch_path, sdpa_plain = plain CLIP, timm, timm_diff, timm_diff_fused),
            train_text and infer_text (diffattn, torch_path, sdpa_plain) at seq_len 77 and 20;
@@ -158,7 +166,8 @@ from timing import (Timer, peak_mem_mb, quantiles_ms, time_back_to_back,  # noqa
 COLUMNS = ("device", "torch", "triton", "level", "provider", "mode", "dtype", "batch",
            "seq_len", "heads", "head_dim", "causal", "ms_p50", "ms_p20", "ms_p80", "tflops",
            "peak_mem_mb")
-LEVELS = ("host", "op", "layer", "decode", "varlen", "model", "transformers")
+LEVELS = ("host", "op", "layer", "decode", "varlen", "model", "transformers", "cpu")
+DEFAULT_LEVELS = LEVELS[:-1]   # "cpu" runs only when asked for
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ALL_PROVIDERS = tuple(dict.fromkeys(
     HOST_PROVIDERS + tuple(NO_LAUNCH_PROVIDERS) + OP_PROVIDERS + tuple(INTERPRETER_PROVIDERS)
@@ -678,6 +687,12 @@ def load_create_model(report: Report) -> Optional[Callable]:
 
 
 # ------------------------------------------------------------------------------ CLI
+def positive_int_list(text: str) -> List[int]:
+    """An argparse type: a comma-separated list of integers >= 1."""
+    return [positive_int(t.strip()) for t in text.split(",") if t.strip()] or \
+        [positive_int("")]
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = CliParser(description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -687,9 +702,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help="output folder (default benchmarks/out/ of this repository)")
     parser.add_argument("--providers", type=comma_list(ALL_PROVIDERS), default=list(ALL_PROVIDERS),
                         help=f"comma list of {', '.join(ALL_PROVIDERS)}")
-    parser.add_argument("--levels", type=comma_list(LEVELS), default=list(LEVELS),
-                        help="comma list of host, op, layer, decode, varlen, model, "
-                             "transformers")
+    parser.add_argument("--levels", type=comma_list(LEVELS), default=list(DEFAULT_LEVELS),
+                        help="comma list of host, op, layer, decode, varlen, model, transformers, "
+                             "cpu "
+                             "(default all but cpu)")
+    parser.add_argument("--cpu-threads", type=positive_int_list, default=[1, 2],
+                        help="cpu level: comma list of thread counts (default 1,2)")
+    parser.add_argument("--cpu-rounds", type=positive_int, default=5,
+                        help="cpu level: interleaved rounds (default 5)")
+    parser.add_argument("--cpu-tiny", action="store_true",
+                        help="cpu level: tiny shapes (a smoke run)")
     parser.add_argument("--dtype", type=comma_list(tuple(DTYPES)), default=None,
                         help="comma list of bf16, fp16, fp32 (default bf16,fp16 on CUDA, bf16 "
                              "with --quick; fp32 on CPU); host level and the model level's "
@@ -841,9 +863,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report.tiles = tile_choices(env)
     for message in write_plots(runner.rows, args.out):
         print(message, flush=True)
+    cpu_md = ""
+    if "cpu" in args.levels:
+        import cpu_compare
+        cpu_compare.run(args.out, args.cpu_threads, args.cpu_rounds, tiny=args.cpu_tiny)
+        cpu_md = (args.out / cpu_compare.MD_NAME).read_text()
     summary = summary_markdown(runner.rows, env.device_name, env.on_cuda,
                                (env.torch_version, env.triton_version), report, argv,
                                time.perf_counter() - started)
+    if cpu_md:
+        summary += "\n\n" + cpu_md.replace("# CPU comparison", "## CPU level", 1).rstrip()
     (args.out / SUMMARY_NAME).write_text(summary + "\n")
     print(f"wrote {args.out / CSV_NAME} ({len(runner.rows)} rows) and "
           f"{args.out / SUMMARY_NAME}\n", flush=True)

@@ -218,6 +218,17 @@ def _check_values(seqlens: Tensor, n_new: int, capacity: int, block_table: Optio
                   rotary_cos: Optional[Tensor] = None, rotary_rows: int = 0) -> None:
     """The checks that need tensor values: plain errors for CPU tensors, asynchronous device
     assertions elsewhere (and while torch.compile traces), so nothing waits for the device."""
+    plain = block_table is None and cache_batch_idx is None and cache_leftpad is None and \
+        rotary_cos is None
+    if plain and seqlens.device.type == "cpu" and \
+            not torch.compiler.is_compiling():  # the values are on the host: one read
+        lengths = seqlens.tolist()
+        bad = [b for b, n in enumerate(lengths) if n < 0 or n + n_new > capacity]
+        if bad:
+            raise ValueError(f"cache_seqlens + seq_new ({n_new}) must be between 0 and the "
+                             f"cache capacity {capacity} for every sequence; got "
+                             f"{[lengths[b] for b in bad]} at batch index {bad}")
+        return
     fits = (seqlens >= 0) & (seqlens + n_new <= capacity)
     bad_pages = None
     if block_table is not None:
@@ -312,27 +323,61 @@ def kvcache_masked(lengths: Tensor, n_q: int, capacity: int, causal: bool) -> Te
     return masked
 
 
+def host_lengths(lengths: Tensor) -> Optional[list]:
+    """The valid lengths as Python ints when they already live on the host (a CPU tensor,
+    eager): reading them waits for no device. None on an accelerator, for meta tensors and
+    while torch.compile traces (where the lengths stay tensor values)."""
+    if lengths.device.type != "cpu" or torch.compiler.is_compiling() or \
+            torch._C._functorch.is_functorch_wrapped_tensor(lengths):
+        return None
+    return lengths.tolist()
+
+
+def _attend(q, keys, values, lambda_, causal, scale, norm_weight, eps, out_scale, v2,
+            attn_bias=None):
+    """diff_attention's torch path on (B, M, heads, dim) keys and values (any strides)."""
+    if v2:
+        return diff_attention_v2_torch(q, keys, values, lambda_, causal=causal, scale=scale,
+                                       attn_bias=attn_bias)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lam = expand_lambda(lambda_, q.shape[2] // 2, acc, q.device)
+    return diff_attention_torch(q, keys, values, lam, causal=causal, scale=scale,
+                                norm_weight=norm_weight, eps=eps, out_scale=out_scale,
+                                attn_bias=attn_bias)
+
+
 def _torch_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal, scale,
                      norm_weight, eps, out_scale, v2, *, cache_leftpad=None,
                      cache_batch_idx=None, window_size=None, return_lse=False):
-    """The readable path: gather each sequence's keys in logical order, mask past its length
-    (and the causal diagonal), and run diff_attention's torch path."""
+    """The readable path: each sequence's keys in logical order (a gather when paged or with
+    cache_batch_idx), masked outside its keys (past its length, before its left pad, the
+    causal diagonal, the window), and diff_attention's torch path.
+
+    A plain step (none of the options) whose lengths are on the host (see host_lengths) reads
+    the keys as views of the cache up to the longest sequence: with every sequence of the same
+    length nothing is masked or copied, and the rows past the end are never read. Otherwise
+    the rows outside a sequence's keys, which hold whatever the cache had (stale or never
+    written), are read as 0, so that a NaN there meets no zero probability."""
     keys, values = logical_cache(k_cache, block_table), logical_cache(v_cache, block_table)
+    n_q = q.shape[1]
+    plain = cache_leftpad is None and cache_batch_idx is None and window_size is None and \
+        not return_lse
+    known = host_lengths(lengths) if plain else None
+    if known is not None and min(known, default=0) > 0:
+        longest = max(known)
+        if longest < keys.shape[1]:
+            keys, values = keys[:, :longest], values[:, :longest]
+        if min(known) == longest:  # bottom-right causal: one query sees every key
+            return _attend(q, keys, values, lambda_, causal and n_q > 1, scale, norm_weight,
+                           eps, out_scale, v2)
     if cache_batch_idx is not None:
         keys, values = keys[cache_batch_idx.long()], values[cache_batch_idx.long()]
-    masked = kvcache_masked(lengths, q.shape[1], keys.shape[1], causal)
-    masked = mask_step_options(masked, lengths, q.shape[1], causal, cache_leftpad, window_size)
-    # Rows outside a sequence's keys hold whatever the cache had (stale or never written):
-    # read them as 0, so that a NaN there meets no zero probability.
+    masked = kvcache_masked(lengths, n_q, keys.shape[1], causal)
+    masked = mask_step_options(masked, lengths, n_q, causal, cache_leftpad, window_size)
     unused = kvcache_unused_rows(lengths, keys.shape[1], cache_leftpad)
     keys, values = zero_padding_keys(keys, unused), zero_padding_keys(values, unused)
-    if v2:
-        out = diff_attention_v2_torch(q, keys, values, lambda_, scale=scale, attn_bias=masked)
-    else:
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        lam = expand_lambda(lambda_, q.shape[2] // 2, acc, q.device)
-        out = diff_attention_torch(q, keys, values, lam, scale=scale, norm_weight=norm_weight,
-                                   eps=eps, out_scale=out_scale, attn_bias=masked)
+    out = _attend(q, keys, values, lambda_, False, scale, norm_weight, eps, out_scale, v2,
+                  attn_bias=masked)
     if return_lse:
         return out, kvcache_lse(q, keys, masked, scale, v2)
     return out

@@ -18,7 +18,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 
 from .lambdas import lambda_for_maps
 from .masks import causal_keep_mask
@@ -29,12 +28,18 @@ def rms_norm_epilogue(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
     """Per-head RMSNorm over the last dim, times the weight, times out_scale.
 
     Computed in float32 (float64 for float64 inputs) and cast back to x's dtype, as the
-    DiffCLIP release does.
+    DiffCLIP release does: the mean square from one norm reduction, then two passes over x
+    (written in place when nothing needs a gradient).
     """
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xf = x.to(compute)
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.to(compute)
-    return (y * out_scale).to(x.dtype)
+    xf = _cast(x, compute)
+    weight = _cast(norm_weight, compute) * out_scale
+    norm = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
+    inv_rms = torch.rsqrt(norm.square() / x.shape[-1] + eps)
+    if torch.is_grad_enabled() and (xf.requires_grad or weight.requires_grad):
+        return _cast(xf * inv_rms * weight, x.dtype)
+    out = torch.empty(x.shape, dtype=compute, device=x.device)  # (..., D) row-major
+    return _cast(torch.mul(xf, inv_rms, out=out).mul_(weight), x.dtype)
 
 
 def zero_padding_keys(t: torch.Tensor, key_padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -119,6 +124,68 @@ def _pair_maps(t, H2):
     return t[:, 0::2], t[:, 1::2]
 
 
+def _value_halves(v: torch.Tensor, q: torch.Tensor, dropout_p: float) -> bool:
+    """Whether to run each map as two SDPA calls over the value halves (B, Hk, M, d) instead
+    of one over the full 2d width: PyTorch's fused CPU attention needs the value width equal
+    to the query/key width and otherwise takes the unfused math kernel, which materialises
+    the (N, M) scores. Not with dropout, whose mask must be the same for both halves."""
+    return q.device.type == "cpu" and dropout_p == 0.0 and v.shape[3] == 2 * q.shape[3]
+
+
+def _heads(t: torch.Tensor, width: int):
+    """t (B, S, heads, 2 * width) read as two strided views (B, heads, S, width) of its
+    halves; q (B, N, 2H, d) read as (B, N, H, 2d) gives the maps' q heads 2h and 2h+1."""
+    B, S = t.shape[0], t.shape[1]
+    return t.view(B, S, -1, 2, width).permute(3, 0, 2, 1, 4).unbind(0)
+
+
+def _materialise_maps(q, k, v, lam, dropout_p: float) -> bool:
+    """Whether V1 runs as _maps_difference: on CPU, in float32 or float64, without dropout,
+    grouping or anything that needs a gradient (eager), for more than one query, and only
+    where both maps together are no bigger than twice q, k and v (short sequences: the CLIP
+    towers). Then both maps cost one score GEMM and one softmax over the 2H heads, as plain
+    attention's do, and one value GEMM over the difference."""
+    B, N, H2, d = q.shape
+    M = k.shape[1]
+    return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
+            and lam.dtype == q.dtype and dropout_p == 0.0 and k.shape[2] == H2 and N > 1
+            and M > 0 and N * M <= 2 * (N + 2 * M) * d and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and any(
+                t.requires_grad for t in (q, k, v, lam))))
+
+
+def _maps_difference(q, k, v, lam: torch.Tensor, causal: bool, scale) -> torch.Tensor:
+    """(A1 - lam A2) V with both softmax maps materialised: q (B, N, 2H, d), k (B, M, 2H, d),
+    v (B, M, H, 2d), lam (1, H, 1, 1); causal only with N == M (every row sees a key).
+    One (B, 2H, N, M) buffer holds the scores, the maps (softmax in place) and the
+    difference (written over the first maps). Returns (B, N, H, 2d), a transposed view."""
+    B, N, H2, d = q.shape
+    M = k.shape[1]
+    qs = q.transpose(1, 2).contiguous().mul_(d ** -0.5 if scale is None else scale)
+    maps = torch.matmul(qs, k.transpose(1, 2).transpose(2, 3))           # (B, 2H, N, M)
+    if causal:
+        maps.masked_fill_(~causal_keep_mask(N, M, q.device), float("-inf"))
+    torch.softmax(maps, -1, out=maps)
+    diff = maps[:, 0::2].addcmul_(lam, maps[:, 1::2], value=-1.0)        # (B, H, N, M)
+    return torch.matmul(diff, v.transpose(1, 2)).transpose(1, 2)
+
+
+def _map_outputs(q, k, v, bias1, bias2, *, halves, dropout_p, is_causal, scale, gqa):
+    """The two maps' SDPA outputs, from q (B, N, 2H, d), k (B, M, 2Hk, d), v (B, M, Hk, 2d)
+    read through strided views (heads 2h, 2h+1 / 2g, 2g+1 are the maps), grouped keys
+    through enable_gqa (no repeated copy). Returns one (o1, o2) pair per value part: the
+    whole value width (B, H, N, 2d), or with ``halves`` the two halves (B, H, N, d)."""
+    d = q.shape[3]
+    q1, q2 = _heads(q, d)
+    k1, k2 = _heads(k, d)
+    values = _heads(v, d) if halves else (v.transpose(1, 2),)
+    return [tuple(F.scaled_dot_product_attention(qm, km, part, attn_mask=bias,
+                                                 dropout_p=dropout_p, is_causal=is_causal,
+                                                 scale=scale, enable_gqa=gqa)
+                  for qm, km, bias in ((q1, k1, bias1), (q2, k2, bias2)))
+            for part in values]
+
+
 def diff_attention_torch(q, k, v, lam: torch.Tensor, *, causal=False,
                          key_padding_mask: Optional[torch.Tensor] = None, scale=None,
                          norm_weight: Optional[torch.Tensor] = None, eps=1e-5, out_scale=1.0,
@@ -129,32 +196,51 @@ def diff_attention_torch(q, k, v, lam: torch.Tensor, *, causal=False,
     attn_bias: bool (True = masked out) or additive float, broadcastable to (B, 2H, N, M).
     window_size: (left, right) local attention (see window_keep_mask).
     dropout_p is applied to each map separately, before the difference (as in DiffCLIP).
+    On CPU each map is two calls over the value halves (see _value_halves); the inputs are
+    read through strided views, grouped keys without repeating them.
     """
     B, N, H2, d = q.shape
     M, Hk = v.shape[1], v.shape[2]
     H = H2 // 2
     k, v = zero_padding_keys(k, key_padding_mask), zero_padding_keys(v, key_padding_mask)
-    q1, q2 = rearrange(q, "b n (h two) d -> two b h n d", two=2)
-    k1, k2 = rearrange(k, "b m (g two) d -> two b g m d", two=2)
-    vh = rearrange(v, "b m g e -> b g m e")
-    if Hk != H:  # grouped-query attention: group g serves heads g*(H//Hk) ... (g+1)*(H//Hk)-1
-        k1, k2, vh = (t.repeat_interleave(H // Hk, dim=1) for t in (k1, k2, vh))
     bias, is_causal, row_valid = _sdpa_masks(B, H2, N, M, q.device, q.dtype, causal,
                                              key_padding_mask, attn_bias, window_size)
-    bias1, bias2 = _pair_maps(bias, H2)
-    o1 = F.scaled_dot_product_attention(q1, k1, vh, attn_mask=bias1, dropout_p=dropout_p,
-                                        is_causal=is_causal, scale=scale)
-    o2 = F.scaled_dot_product_attention(q2, k2, vh, attn_mask=bias2, dropout_p=dropout_p,
-                                        is_causal=is_causal, scale=scale)
-    compute = lam.dtype
-    x = o1.to(compute) - lam[:, None, None].to(compute) * o2.to(compute)
+    if bias is None and row_valid is None and _materialise_maps(q, k, v, lam, dropout_p):
+        x = _maps_difference(q, k, v, lam.view(1, H, 1, 1), is_causal, scale)
+    else:
+        bias1, bias2 = _pair_maps(bias, H2)
+        parts = _map_outputs(q, k, v, bias1, bias2, halves=_value_halves(v, q, dropout_p),
+                             dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                             gqa=Hk != H)
+        x = _difference(parts, lam.view(1, H, 1, 1))                        # (B, N, H, 2d)
     if row_valid is not None:
         valid1, valid2 = _pair_maps(row_valid, H2)
-        x = x * (valid1 & valid2)
-    x = rearrange(x, "b h n e -> b n h e")
-    if norm_weight is None:
-        return (x * out_scale).to(q.dtype)
-    return rms_norm_epilogue(x, norm_weight, eps, out_scale).to(q.dtype)
+        x = x * (valid1 & valid2).transpose(1, 2)
+    if norm_weight is not None:
+        return _cast(rms_norm_epilogue(x, norm_weight, eps, out_scale), q.dtype)
+    return _cast(x if out_scale == 1.0 else x * out_scale, q.dtype)
+
+
+def _difference(parts, lam: torch.Tensor) -> torch.Tensor:
+    """o1 - lam * o2 in lam's dtype as (B, N, H, 2d), from the value parts' SDPA outputs
+    (B, H, N, width), whose memory is (B, N, H, width) order. Written straight into one
+    output when nothing needs a gradient (eager); otherwise each part's difference,
+    concatenated."""
+    compute = lam.dtype
+    pairs = [(_cast(o1, compute), _cast(o2, compute)) for o1, o2 in parts]
+    if len(pairs) == 1:
+        o1, o2 = pairs[0]
+        return torch.addcmul(o1, lam, o2, value=-1.0).transpose(1, 2)
+    if torch.compiler.is_compiling() or torch.is_grad_enabled() and (lam.requires_grad or any(
+            t.requires_grad for pair in pairs for t in pair)):
+        return torch.cat([torch.addcmul(o1, lam, o2, value=-1.0).transpose(1, 2)
+                          for o1, o2 in pairs], dim=-1)
+    B, H, N, width = pairs[0][0].shape
+    x = pairs[0][0].new_empty(B, N, H, width * len(pairs))
+    for i, (o1, o2) in enumerate(pairs):
+        part = x[..., i * width:(i + 1) * width].transpose(1, 2)           # (B, H, N, width)
+        torch.addcmul(o1, lam, o2, value=-1.0, out=part)
+    return x
 
 
 def diff_attention_v2_torch(q, k, v, lambda_, *, causal=False,
@@ -174,12 +260,25 @@ def diff_attention_v2_torch(q, k, v, lambda_, *, causal=False,
                                        attn_mask=bias, dropout_p=dropout_p, is_causal=is_causal,
                                        scale=scale, enable_gqa=k.shape[2] != H2)  # (B, 2H, N, d)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    lam = lambda_for_maps(lambda_, H2 // 2, compute, q.device)          # (B|1, H, N|1, 1)
-    x = o[:, 0::2].to(compute) - lam * o[:, 1::2].to(compute)
+    o1, o2 = (_cast(t, compute) for t in o.transpose(1, 2).unflatten(2, (H2 // 2, 2)).unbind(3))
+    if isinstance(lambda_, torch.Tensor):                                 # (B, N, H, d) views
+        x = torch.addcmul(o1, _lambda_rows(lambda_, compute), o2, value=-1.0)
+    else:
+        x = torch.sub(o1, o2, alpha=float(lambda_))
     if row_valid is not None:
         valid1, valid2 = _pair_maps(row_valid, H2)
-        x = x * (valid1 & valid2)
-    return x.transpose(1, 2).to(q.dtype)
+        x = x * (valid1 & valid2).transpose(1, 2)
+    return _cast(x, q.dtype)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _lambda_rows(lambda_: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A (), (H,) or per-token (B, N, H) lambda broadcastable against (B, N, H, d)."""
+    lam = _cast(lambda_, dtype)
+    return lam[..., None] if lam.dim() == 3 else lam.reshape(1, 1, -1, 1)
 
 
 def differential_maps(q, k, *, lambda_, causal=False, key_padding_mask=None,

@@ -258,10 +258,17 @@ class CLIPConfig:
 
 # --------------------------------------------------------------------------- building blocks
 class QuickGELU(nn.Module):
-    """x * sigmoid(1.702 x), OpenAI CLIP's GELU approximation."""
+    """x * sigmoid(1.702 x), OpenAI CLIP's GELU approximation, computed as
+    silu(1.702 x) / 1.702 (PyTorch's fused SiLU, a third of the passes over x)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * torch.sigmoid(1.702 * x)
+        return F.silu(x * 1.702) * (1 / 1.702)
+
+    @staticmethod
+    def forward_(x: Tensor) -> Tensor:
+        """The same in place (x is overwritten and returned); not for tensors that need a
+        gradient."""
+        return F.silu(x.mul_(1.702), inplace=True).mul_(1 / 1.702)
 
 
 class LayerNormFp32(nn.LayerNorm):
@@ -281,6 +288,21 @@ def _layer_norm(width: int, eps: float, fp32: bool, factory: dict) -> nn.LayerNo
 
 def _activation(name: str) -> nn.Module:
     return QuickGELU() if name == "quick_gelu" else nn.GELU()
+
+
+class Mlp(nn.Sequential):
+    """The blocks' MLP: input Linear, activation, output Linear (an nn.Sequential, so its
+    children keep their names and indices). x (..., W) -> (..., W). When nothing needs a
+    gradient, QuickGELU runs in place on the hidden activations (a temporary of this
+    forward), so it allocates nothing."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        fc_in, act, fc_out = self
+        hidden = fc_in(x)
+        if isinstance(act, QuickGELU) and not (torch.is_grad_enabled() and
+                                               hidden.requires_grad):
+            return fc_out(act.forward_(hidden))
+        return fc_out(act(hidden))
 
 
 class ResidualBlock(nn.Module):
@@ -308,7 +330,7 @@ class ResidualBlock(nn.Module):
             self.attn = MultiheadAttention(width, heads, batch_first=True, **factory)
         self.add_module(norm_mlp, _layer_norm(width, ln_eps, ln_fp32, factory))
         hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(OrderedDict([
+        self.mlp = Mlp(OrderedDict([
             (mlp_in, nn.Linear(width, hidden, **factory)),
             ("act", _activation(act)),
             (mlp_out, nn.Linear(hidden, width, **factory)),

@@ -1,0 +1,69 @@
+"""The torch path's CPU forms agree: the materialised maps (short sequences, no gradient), the
+value-halves SDPA calls (with a gradient) and the float64 reference give the same V1 output,
+with and without causal masking, grouped keys and the RMSNorm epilogue; a decoding step over
+host-known lengths reads no row past them."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffattn import diff_attention, diff_attention_ref, diff_attention_with_kvcache
+from diffattn import torch_path
+from helpers import assert_close_rel
+
+
+def _inputs(B, N, M, H, Hk, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, N, 2 * H, d, generator=g, dtype=dtype)
+    k = torch.randn(B, M, 2 * Hk, d, generator=g, dtype=dtype)
+    v = torch.randn(B, M, Hk, 2 * d, generator=g, dtype=dtype)
+    lam = (torch.rand(H, generator=g) * 0.8).to(dtype)
+    weight = (torch.rand(2 * d, generator=g) + 0.5).to(dtype)
+    return q, k, v, lam, weight
+
+
+@pytest.mark.parametrize("N, M, causal, Hk", [(7, 7, True, 2), (5, 9, False, 2), (6, 6, False, 1),
+                                              (1, 12, False, 2), (8, 8, True, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_materialised_maps_and_value_halves_agree(N, M, causal, Hk, dtype):
+    q, k, v, lam, weight = _inputs(2, N, M, 2, Hk, 16, dtype)
+    kwargs = dict(causal=causal, norm_weight=weight, out_scale=0.3, backend="torch")
+    ref = diff_attention_ref(q.double(), k.double(), v.double(), lam.double(), causal=causal,
+                             norm_weight=weight.double(), out_scale=0.3)
+    with torch.no_grad():
+        fast = diff_attention(q, k, v, lam, **kwargs)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    halves = diff_attention(*leaves, lam, **kwargs)
+    assert fast.dtype == halves.dtype == dtype
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert_close_rel("no grad", fast, ref, dtype, tol)
+    assert_close_rel("grad", halves.detach(), ref, dtype, tol)
+
+
+def test_materialise_maps_only_where_it_applies():
+    q, k, v, lam, _ = _inputs(1, 8, 8, 2, 2, 16, torch.float32)
+    assert torch_path._materialise_maps(q, k, v, lam, 0.0)
+    assert not torch_path._materialise_maps(q, k, v, lam, 0.1)                  # dropout
+    assert not torch_path._materialise_maps(q[:, :1], k, v, lam, 0.0)           # one query
+    assert not torch_path._materialise_maps(q, k[:, :, :2], v[:, :, :1], lam, 0.0)  # groups
+    long_q, long_k, long_v, _, _ = _inputs(1, 512, 512, 2, 2, 16, torch.float32)
+    assert not torch_path._materialise_maps(long_q, long_k, long_v, lam, 0.0)  # big maps
+    with torch.enable_grad():
+        assert not torch_path._materialise_maps(q.requires_grad_(), k, v, lam, 0.0)
+
+
+def test_decoding_over_host_lengths_ignores_rows_past_them():
+    """Equal host-known lengths: the cache is read up to them (NaN beyond changes nothing)."""
+    q, k, v, lam, weight = _inputs(2, 1, 24, 2, 2, 16, torch.float32)
+    ref = diff_attention(q, k[:, :10], v[:, :10], lam, norm_weight=weight, backend="torch")
+    k[:, 10:], v[:, 10:] = float("nan"), float("nan")
+    out = diff_attention_with_kvcache(q, k, v, lam, cache_seqlens=10, norm_weight=weight,
+                                      backend="torch")
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    lengths = torch.tensor([10, 4], dtype=torch.int32)  # different lengths: masked path
+    out = diff_attention_with_kvcache(q, k, v, lam, cache_seqlens=lengths, norm_weight=weight,
+                                      backend="torch")
+    short = diff_attention(q[1:], k[1:, :4], v[1:, :4], lam, norm_weight=weight,
+                           backend="torch")
+    torch.testing.assert_close(out[:1], ref[:1], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out[1:], short, atol=1e-6, rtol=1e-6)

@@ -124,19 +124,25 @@ def _pair_maps(t, H2):
     return t[:, 0::2], t[:, 1::2]
 
 
-def _value_halves(v: torch.Tensor, q: torch.Tensor, dropout_p: float) -> bool:
+def _value_halves(v: torch.Tensor, q: torch.Tensor, dropout_p: float,
+                  bias: Optional[torch.Tensor]) -> bool:
     """Whether to run each map as two SDPA calls over the value halves (B, Hk, M, d) instead
     of one over the full 2d width: PyTorch's fused CPU attention needs the value width equal
     to the query/key width and otherwise takes the unfused math kernel, which materialises
-    the (N, M) scores. Not with dropout, whose mask must be the same for both halves."""
+    the (N, M) scores. Not with dropout, whose mask must be the same for both halves, and not
+    with an additive float mask when a gradient is needed: the fused CPU kernel's backward
+    goes wrong on rows masked by large finite values (transformers' masks use the dtype's
+    minimum), where the math kernel's is right."""
+    if bias is not None and bias.is_floating_point() and torch.is_grad_enabled():
+        return False
     return q.device.type == "cpu" and dropout_p == 0.0 and v.shape[3] == 2 * q.shape[3]
 
 
 def _heads(t: torch.Tensor, width: int):
     """t (B, S, heads, 2 * width) read as two strided views (B, heads, S, width) of its
     halves; q (B, N, 2H, d) read as (B, N, H, 2d) gives the maps' q heads 2h and 2h+1."""
-    B, S = t.shape[0], t.shape[1]
-    return t.view(B, S, -1, 2, width).permute(3, 0, 2, 1, 4).unbind(0)
+    B, S, heads = t.shape[0], t.shape[1], t.shape[2] * t.shape[3] // (2 * width)
+    return t.view(B, S, heads, 2, width).permute(3, 0, 2, 1, 4).unbind(0)
 
 
 def _materialise_maps(q, k, v, lam, dropout_p: float) -> bool:
@@ -209,7 +215,7 @@ def diff_attention_torch(q, k, v, lam: torch.Tensor, *, causal=False,
         x = _maps_difference(q, k, v, lam.view(1, H, 1, 1), is_causal, scale)
     else:
         bias1, bias2 = _pair_maps(bias, H2)
-        parts = _map_outputs(q, k, v, bias1, bias2, halves=_value_halves(v, q, dropout_p),
+        parts = _map_outputs(q, k, v, bias1, bias2, halves=_value_halves(v, q, dropout_p, bias),
                              dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                              gqa=Hk != H)
         x = _difference(parts, lam.view(1, H, 1, 1))                        # (B, N, H, 2d)

@@ -57,13 +57,33 @@ def test_decoding_over_host_lengths_ignores_rows_past_them():
     q, k, v, lam, weight = _inputs(2, 1, 24, 2, 2, 16, torch.float32)
     ref = diff_attention(q, k[:, :10], v[:, :10], lam, norm_weight=weight, backend="torch")
     k[:, 10:], v[:, 10:] = float("nan"), float("nan")
-    out = diff_attention_with_kvcache(q, k, v, lam, cache_seqlens=10, norm_weight=weight,
+    out = diff_attention_with_kvcache(q, k, v, cache_seqlens=10, lambda_=lam, norm_weight=weight,
                                       backend="torch")
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
     lengths = torch.tensor([10, 4], dtype=torch.int32)  # different lengths: masked path
-    out = diff_attention_with_kvcache(q, k, v, lam, cache_seqlens=lengths, norm_weight=weight,
-                                      backend="torch")
+    out = diff_attention_with_kvcache(q, k, v, cache_seqlens=lengths, lambda_=lam,
+                                      norm_weight=weight, backend="torch")
     short = diff_attention(q[1:], k[1:, :4], v[1:, :4], lam, norm_weight=weight,
                            backend="torch")
     torch.testing.assert_close(out[:1], ref[:1], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(out[1:], short, atol=1e-6, rtol=1e-6)
+
+
+def test_gradients_under_an_additive_mask_with_fully_masked_rows():
+    """transformers' additive masks hold the dtype's minimum, and left padding masks whole query
+    rows: the gradients match the float64 computation (the fused CPU kernel's backward does
+    not, so the value halves are not used there)."""
+    q, k, v, lam, weight = _inputs(2, 8, 8, 2, 1, 16, torch.float32, seed=3)
+    keep = torch.ones(8, 8, dtype=torch.bool).tril().expand(2, 1, 8, 8).clone()
+    keep[1, :, :, :3] = False
+    keep[1, :, :3, :] = False
+    grads = []
+    for dtype in (torch.float32, torch.float64):
+        bias = torch.zeros(2, 1, 8, 8, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out = diff_attention(*leaves, lam.to(dtype), attn_mask=bias,
+                             norm_weight=weight.to(dtype), backend="torch")
+        (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for name, got, want in zip("qkv", *grads):
+        assert_close_rel(f"d{name}", got, want, torch.float32, 1e-5)

@@ -37,10 +37,11 @@ from .lambdas import LambdaVectors, expand_lambda
 from .torch_path import diff_attention_torch, diff_attention_v2_torch, zero_padding_keys
 
 try:
-    from .kernels import INTERPRET
+    from .kernels import INTERPRET, AttentionCall
     from .kernels.diff_attn_decode import diff_attn_decode
+    from .ops import register_call_op
 except ImportError:  # no triton: resolve_backend never picks "triton"
-    INTERPRET, diff_attn_decode = False, None
+    INTERPRET, AttentionCall, diff_attn_decode = False, None, None
 
 
 # ------------------------------------------------------------------ argument checks
@@ -238,43 +239,39 @@ def _torch_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal,
 # it, which torch.compile functionalises. On a GPU it is a triton_op (Inductor sees the
 # kernels); under the interpreter an opaque custom op with a shape-only fake.
 if diff_attn_decode is not None:
-    _register = torch.library.custom_op if INTERPRET else torch.library.triton_op
     _WRAP = None if INTERPRET else torch.library.wrap_triton
 
-    @_register("diffattn::kvcache_fwd", mutates_args=())
+    @register_call_op("diffattn::kvcache_fwd")
     def _kvcache_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor,
-                    block_table: Optional[Tensor], lam: Optional[Tensor], lam_value: float,
-                    lam_vectors: bool, norm_weight: Optional[Tensor], scale: float,
-                    causal: bool, eps: float, out_scale: float, num_splits: int) -> Tensor:
+                    block_table: Optional[Tensor], lam: Optional[Tensor],
+                    norm_weight: Optional[Tensor], num_splits: int, *call) -> Tensor:
         """The decode kernels over caches that already hold the new keys (lengths: valid
-        keys per sequence)."""
-        return diff_attn_decode(q, k_cache, v_cache, lengths, block_table, lam, lam_value,
-                                norm_weight, scale, causal, eps, out_scale, num_splits,
-                                _WRAP, lam_vectors)
+        keys per sequence); ``call``: AttentionCall.as_schema_args()."""
+        return diff_attn_decode(q, k_cache, v_cache, lengths, block_table, lam, norm_weight,
+                                AttentionCall.from_schema_args(*call), num_splits, _WRAP)
 
     @_kvcache_op.register_fake
-    def _(q, k_cache, v_cache, lengths, block_table, lam, lam_value, lam_vectors, norm_weight,
-          scale, causal, eps, out_scale, num_splits):
+    def _(q, k_cache, v_cache, lengths, block_table, lam, norm_weight, num_splits, *call):
         B, Nq, H2, _ = q.shape
         return q.new_empty(B, Nq, H2 // 2, v_cache.shape[3])
 
 
-def _fused_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal, scale,
-                     norm_weight, eps, out_scale, num_splits):
+def _fused_attention(q, k_cache, v_cache, lengths, block_table, lambda_, norm_weight, num_splits,
+                     **options):
+    """The decode kernels; ``options``: the AttentionCall's (causal, scale, epilogue)."""
     q = _last_dim_contiguous(q)  # the decode kernel reads q's rows as contiguous vectors
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     lam, lam_value, vectors = _kernel_lambda(lambda_, acc, q.device)
+    call = AttentionCall.create(lam_value=lam_value, lam_vectors=vectors, **options)
     up = q.dtype == torch.bfloat16 and INTERPRET  # the interpreter's bf16 math is wrong
     if up:
         q, k_cache, v_cache = q.float(), k_cache.float(), v_cache.float()
     if torch.compiler.is_compiling():
-        out = _kvcache_op(q, k_cache, v_cache, lengths, block_table, lam, lam_value, vectors,
-                          norm_weight, float(scale), causal, float(eps), float(out_scale),
-                          num_splits)
+        out = _kvcache_op(q, k_cache, v_cache, lengths, block_table, lam, norm_weight,
+                          num_splits, *call.as_schema_args())
     else:
-        out = diff_attn_decode(q, k_cache, v_cache, lengths, block_table, lam, lam_value,
-                               norm_weight, float(scale), causal, float(eps), float(out_scale),
-                               num_splits, lam_vectors=vectors)
+        out = diff_attn_decode(q, k_cache, v_cache, lengths, block_table, lam, norm_weight, call,
+                               num_splits)
     return out.to(torch.bfloat16) if up else out
 
 
@@ -308,8 +305,9 @@ def run_with_kvcache(q, k_cache, v_cache, lambda_, backend, *, k=None, v=None,
     lengths = seqlens + n_new if n_new else seqlens
     scale = q.shape[3] ** -0.5 if scale is None else float(scale)
     if backend == "triton":
-        return _fused_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal,
-                                scale, norm_weight, eps, out_scale, num_splits)
+        return _fused_attention(q, k_cache, v_cache, lengths, block_table, lambda_, norm_weight,
+                                num_splits, scale=scale, causal=causal, eps=eps,
+                                out_scale=out_scale)
     return _torch_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal, scale,
                             norm_weight, eps, out_scale, v2)
 

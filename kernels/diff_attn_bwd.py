@@ -541,7 +541,7 @@ def diff_attn_bwd(dout, q, k, v, lam, key_padding_mask, norm_weight, saved, call
     has_norm = norm_weight is not None
     if has_norm and norm_weight.stride(0) != 1:
         norm_weight = norm_weight.contiguous()
-    store_dx = has_norm or call.out_scale != 1.0
+    store_dx = call.stores_difference(has_norm)
     need_dlam = need_dlam and lam is not None
     need_dw = need_dw and has_norm
     flags = variant_flags(call, q, k, v, lam, key_padding_mask)

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .call import LOG2E, dot_precision, lambda_flags, lambda_strides, strides
+from .call import LOG2E, AttentionCall, dot_precision, lambda_flags, lambda_strides, strides
 from .config import INTERPRET, cdiv, head_block
 from .launch import Launcher
 from .common import load_head_pair, load_tile, online_softmax_step, program_lambda
@@ -293,8 +293,8 @@ def split_length(capacity: int, num_splits: int, block_n: int) -> int:
     return cdiv(cdiv(capacity, num_splits), block_n) * block_n
 
 
-def diff_attn_decode(q, k_cache, v_cache, seqlens, block_table, lam, lam_value, norm_weight,
-                     scale, causal, eps, out_scale, num_splits, wrap=None, lam_vectors=False):
+def diff_attn_decode(q, k_cache, v_cache, seqlens, block_table, lam, norm_weight,
+                     call: AttentionCall, num_splits, wrap=None):
     """Launch the decode kernels.
 
     Args (validated by diffattn.kvcache):
@@ -302,9 +302,11 @@ def diff_attn_decode(q, k_cache, v_cache, seqlens, block_table, lam, lam_value, 
             (..., Hk, DV), last dims contiguous; seqlens (B,) int32, each sequence's valid
             keys (after any append); block_table (B, max_blocks) int32 or None.
         lam: lambda tensor (), (H,) or (B, Nq, H) in the accumulation dtype, or None to use
-            the float lam_value; with lam_vectors, the (4, L) lambda vectors (lambda =
-            exp(lq1 . lk1) - exp(lq2 . lk2) + lam_value, computed in the kernels).
+            the float call.lam_value; with call.lam_vectors, the (4, L) lambda vectors
+            (lambda = exp(lq1 . lk1) - exp(lq2 . lk2) + lam_value, computed in the kernels).
         norm_weight (DV,) or None (the RMSNorm epilogue).
+        call: the scale, causal mask, lambda mode and epilogue (kernels/call.py); the
+            decode kernels take neither packed sequences nor a window.
         num_splits: the number of key splits (1: one launch, no workspace; 0: chosen from
             the shapes by choose_num_splits).
     Returns (B, Nq, H, DV) in q's dtype.
@@ -336,8 +338,10 @@ def diff_attn_decode(q, k_cache, v_cache, seqlens, block_table, lam, lam_value, 
         part_lse = torch.empty((B, Hk, num_splits, 2, rows), device=device, dtype=acc_dtype)
     else:
         part_o = part_lse = out  # not written
+    lam_vectors = call.lam_vectors
     lam_flags = lambda_flags(lam, lam_vectors)
     lam_str = dict(zip(("stride_lb", "stride_ln", "stride_lh"), lambda_strides(lam, lam_vectors)))
+    lam_value, eps, out_scale = call.lam_value, call.eps, call.out_scale
     lam_t = q if lam is None else lam
     w_t = norm_weight if has_norm else q
     bt = block_table if paged else seqlens
@@ -348,9 +352,9 @@ def diff_attn_decode(q, k_cache, v_cache, seqlens, block_table, lam, lam_value, 
         OUT=out, PART_O=part_o, PART_LSE=part_lse, **strides("q", q, "bnh"),
         **strides("k", k_cache, ("page", "row", "h")), **strides("v", v_cache, ("page", "row", "h")),
         stride_bt=bt.stride(0) if paged else 0, **lam_str, Nq=Nq, H=H, GROUP=group,
-        SPLIT_LEN=split_len, lam_value=float(lam_value), qk_scale=scale * LOG2E, eps=float(eps),
+        SPLIT_LEN=split_len, lam_value=float(lam_value), qk_scale=call.scale * LOG2E, eps=float(eps),
         out_scale=float(out_scale), HEAD_DIM=d, HEAD_DIM_V=DV, BLOCK_D=head_block(d),
-        BLOCK_DV=head_block(DV), KEY_PAIR=key_pair, **lam_flags, CAUSAL=causal, PAGED=paged,
+        BLOCK_DV=head_block(DV), KEY_PAIR=key_pair, **lam_flags, CAUSAL=call.causal, PAGED=paged,
         PAGE=page, HAS_NORM=has_norm, SPLIT=split, ACC_FP64=acc_fp64,
         PRECISION=dot_precision(dtype), BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=decode_warps(block_m), num_stages=DECODE_STAGES)

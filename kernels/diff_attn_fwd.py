@@ -270,7 +270,7 @@ def diff_attn_fwd(q, k, v, lam, key_padding_mask, norm_weight, call: AttentionCa
     has_norm = norm_weight is not None
     if has_norm and norm_weight.stride(0) != 1:
         norm_weight = norm_weight.contiguous()
-    store_x = has_norm or call.out_scale != 1.0
+    store_x = call.stores_difference(has_norm)
     if save_for_backward:
         x = torch.empty_like(out) if store_x else out
         o2 = torch.empty_like(out)

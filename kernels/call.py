@@ -4,13 +4,16 @@
 the masks' rules (causal, local window), the lambda mode and the epilogue. The functional API
 builds it once (``AttentionCall.create`` normalises the window); ``diffattn.ops`` passes it
 through autograd unchanged, and the registered ops' schemas, their fake implementations and
-their saved state derive the option list from its fields (``FIELD_TYPES``,
-``as_schema_args``, ``from_schema_args``); the launchers derive every kernel flag from it and the tensors in one
-place, :func:`variant_flags`.
+their saved state derive the option list from its fields (``FIELD_TYPES``, ``as_schema_args``,
+``from_schema_args``); the launchers derive every kernel argument from it and the tensors:
+the compile-time flags in one place, :func:`variant_flags`, the score hook's arguments in
+another, ``score_arguments`` (kernels/score.py).
 
 Visibility rule (FlashAttention's): query i of N sees key j of M when
 ``i + M - N - left <= j <= i + M - N + right``; -1 means unbounded on that side, and causal is
-``right = 0``. A new mode of the kernels is one more field here and one more flag in
+``right = 0``. A new option of the kernels is one more field here and, for an option that
+changes the scores (a cap, a bias), its values and switch in the score hook (kernels/score.py);
+one that changes which tiles a program visits or how tensors are laid out is one more flag in
 ``variant_flags``: packed variable-length sequences are ``max_seqlens`` and ``VARLEN``.
 
 Packed sequences (``max_seqlens`` given): q (total_q, 2H, d), k (total_k, 2Hk or Hk, d),

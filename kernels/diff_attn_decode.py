@@ -38,10 +38,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .call import LOG2E, AttentionCall, dot_precision, lambda_flags, lambda_strides, strides
+from .call import AttentionCall, dot_precision, lambda_flags, lambda_strides, strides
 from .config import INTERPRET, cdiv, head_block
 from .launch import Launcher
 from .common import load_head_pair, load_tile, online_softmax_step, program_lambda
+from .score import attention_scores, score_arguments
 
 
 @triton.jit
@@ -108,9 +109,9 @@ def diff_attn_decode_kernel(
     stride_bt,
     stride_lb, stride_ln, stride_lh,
     Nq, H, GROUP, SPLIT_LEN,
-    lam_value, qk_scale, eps, out_scale,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr, LAM_MODE: tl.constexpr,
+    lam_value, eps, out_scale, SCORE,
+    SCORE_FLAGS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr, LAM_MODE: tl.constexpr,
     LAM_DIM: tl.constexpr, BLOCK_LAM: tl.constexpr, CAUSAL: tl.constexpr,
     PAGED: tl.constexpr, PAGE: tl.constexpr, HAS_NORM: tl.constexpr, SPLIT: tl.constexpr,
     ACC_FP64: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -153,20 +154,31 @@ def diff_attn_decode_kernel(
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         k_tile = k_head + _tile_start(BT, b, start_n, stride_bt, stride_kpage, stride_krow,
-                                      PAGED, PAGE)
+                                      PAGED=PAGED, PAGE=PAGE)
         v_tile = v_head + _tile_start(BT, b, start_n, stride_bt, stride_vpage, stride_vrow,
-                                      PAGED, PAGE)
+                                      PAGED=PAGED, PAGE=PAGE)
         k1, k2 = load_head_pair(k_tile, stride_kh, 0, end - start_n, stride_krow, offs_d,
-                                HEAD_DIM, BLOCK_N, KEY_PAIR, True, HEAD_DIM != BLOCK_D)
-        v = load_tile(v_tile, 0, end - start_n, stride_vrow, offs_dv, HEAD_DIM_V, BLOCK_N,
-                      True, HEAD_DIM_V != BLOCK_DV)
+                                n_cols=HEAD_DIM, BLOCK_ROWS=BLOCK_N, PAIR=KEY_PAIR, MASK_ROWS=True,
+                                MASK_COLS=HEAD_DIM != BLOCK_D)
+        v = load_tile(v_tile, 0, end - start_n, stride_vrow, offs_dv, HEAD_DIM_V,
+                      BLOCK_ROWS=BLOCK_N, MASK_ROWS=True, MASK_COLS=HEAD_DIM_V != BLOCK_DV)
+        # the keys exist for rows in range; with CAUSAL, query qi of Nq sees keys
+        # j <= L - Nq + qi (the bottom-right diagonal of Nq queries and L keys)
         keep = (cols < end)[None, :] & row_ok[:, None]
-        if CAUSAL:
-            keep = keep & (cols[None, :] <= (L - Nq + qi)[:, None])
-        s1 = tl.dot(q1, tl.trans(k1), input_precision=PRECISION).to(acc_dtype)
-        m1, l1, acc1 = online_softmax_step(s1, keep, m1, l1, acc1, v, qk_scale, True, PRECISION)
-        s2 = tl.dot(q2, tl.trans(k2), input_precision=PRECISION).to(acc_dtype)
-        m2, l2, acc2 = online_softmax_step(s2, keep, m2, l2, acc2, v, qk_scale, True, PRECISION)
+        s1 = attention_scores(
+            tl.dot(q1, tl.trans(k1), input_precision=PRECISION).to(acc_dtype),
+            q_idx=qi[:, None], k_idx=cols[None, :], keep=keep, N=Nq, M=L, window_left=0,
+            window_right=0, SCORE=SCORE, SCORE_FLAGS=SCORE_FLAGS, CAUSAL=CAUSAL, WINDOW=False,
+            MASKED=True)
+        m1, l1, acc1 = online_softmax_step(s1, m1, l1, acc1, v, qk_scale=SCORE.qk_scale,
+                                           MASKED=True, PRECISION=PRECISION)
+        s2 = attention_scores(
+            tl.dot(q2, tl.trans(k2), input_precision=PRECISION).to(acc_dtype),
+            q_idx=qi[:, None], k_idx=cols[None, :], keep=keep, N=Nq, M=L, window_left=0,
+            window_right=0, SCORE=SCORE, SCORE_FLAGS=SCORE_FLAGS, CAUSAL=CAUSAL, WINDOW=False,
+            MASKED=True)
+        m2, l2, acc2 = online_softmax_step(s2, m2, l2, acc2, v, qk_scale=SCORE.qk_scale,
+                                           MASKED=True, PRECISION=PRECISION)
 
     l1_safe = tl.where(l1 > 0, l1, 1.0)
     l2_safe = tl.where(l2 > 0, l2, 1.0)
@@ -186,10 +198,12 @@ def diff_attn_decode_kernel(
         tl.store(o_ptrs, o1, mask=o_mask)
         tl.store(o_ptrs + R * HEAD_DIM_V, o2, mask=o_mask)
     else:
-        lam = _row_lambda(LAM, b, qi, h, row_ok, stride_lb, stride_ln, stride_lh, lam_value,
-                          LAM_MODE, LAM_DIM, BLOCK_LAM, acc_dtype)
-        _store_output(o1, o2, lam, W, OUT, b, qi, h, row_ok, offs_dv, Nq, H, eps, out_scale,
-                      HEAD_DIM_V, HAS_NORM, acc_dtype)
+        lam = _row_lambda(LAM, b, qi, h, row_ok, stride_lb, stride_ln=stride_ln,
+                          stride_lh=stride_lh, lam_value=lam_value, LAM_MODE=LAM_MODE,
+                          LAM_DIM=LAM_DIM, BLOCK_LAM=BLOCK_LAM, ACC_DTYPE=acc_dtype)
+        _store_output(o1, o2, lam, W, OUT, b, qi=qi, h=h, row_ok=row_ok, offs_dv=offs_dv, Nq=Nq,
+                      H=H, eps=eps, out_scale=out_scale, HEAD_DIM_V=HEAD_DIM_V, HAS_NORM=HAS_NORM,
+                      ACC_DTYPE=acc_dtype)
 
 
 @triton.jit
@@ -239,14 +253,16 @@ def diff_attn_decode_combine_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     R = GROUP * Nq
     base = pid_bg.to(tl.int64) * n_splits * 2
-    o1 = _merge_map(PART_O, PART_LSE, base, rows, row_ok, offs_dv, R, n_splits, HEAD_DIM_V,
-                    acc_dtype, BLOCK_M, BLOCK_DV)
-    o2 = _merge_map(PART_O, PART_LSE, base + 1, rows, row_ok, offs_dv, R, n_splits, HEAD_DIM_V,
-                    acc_dtype, BLOCK_M, BLOCK_DV)
-    lam = _row_lambda(LAM, b, qi, h, row_ok, stride_lb, stride_ln, stride_lh, lam_value,
-                      LAM_MODE, LAM_DIM, BLOCK_LAM, acc_dtype)
-    _store_output(o1, o2, lam, W, OUT, b, qi, h, row_ok, offs_dv, Nq, H, eps, out_scale,
-                  HEAD_DIM_V, HAS_NORM, acc_dtype)
+    o1 = _merge_map(PART_O, PART_LSE, base, rows, row_ok, offs_dv, R=R, n_splits=n_splits,
+                    HEAD_DIM_V=HEAD_DIM_V, ACC_DTYPE=acc_dtype, BLOCK_M=BLOCK_M, BLOCK_DV=BLOCK_DV)
+    o2 = _merge_map(PART_O, PART_LSE, base + 1, rows, row_ok, offs_dv, R=R, n_splits=n_splits,
+                    HEAD_DIM_V=HEAD_DIM_V, ACC_DTYPE=acc_dtype, BLOCK_M=BLOCK_M, BLOCK_DV=BLOCK_DV)
+    lam = _row_lambda(LAM, b, qi, h, row_ok, stride_lb, stride_ln=stride_ln, stride_lh=stride_lh,
+                      lam_value=lam_value, LAM_MODE=LAM_MODE, LAM_DIM=LAM_DIM, BLOCK_LAM=BLOCK_LAM,
+                      ACC_DTYPE=acc_dtype)
+    _store_output(o1, o2, lam, W, OUT, b, qi=qi, h=h, row_ok=row_ok, offs_dv=offs_dv, Nq=Nq, H=H,
+                  eps=eps, out_scale=out_scale, HEAD_DIM_V=HEAD_DIM_V, HAS_NORM=HAS_NORM,
+                  ACC_DTYPE=acc_dtype)
 
 
 diff_attn_decode_launch = Launcher(diff_attn_decode_kernel)
@@ -352,11 +368,11 @@ def diff_attn_decode(q, k_cache, v_cache, seqlens, block_table, lam, norm_weight
         OUT=out, PART_O=part_o, PART_LSE=part_lse, **strides("q", q, "bnh"),
         **strides("k", k_cache, ("page", "row", "h")), **strides("v", v_cache, ("page", "row", "h")),
         stride_bt=bt.stride(0) if paged else 0, **lam_str, Nq=Nq, H=H, GROUP=group,
-        SPLIT_LEN=split_len, lam_value=float(lam_value), qk_scale=call.scale * LOG2E, eps=float(eps),
-        out_scale=float(out_scale), HEAD_DIM=d, HEAD_DIM_V=DV, BLOCK_D=head_block(d),
-        BLOCK_DV=head_block(DV), KEY_PAIR=key_pair, **lam_flags, CAUSAL=call.causal, PAGED=paged,
-        PAGE=page, HAS_NORM=has_norm, SPLIT=split, ACC_FP64=acc_fp64,
-        PRECISION=dot_precision(dtype), BLOCK_M=block_m, BLOCK_N=block_n,
+        SPLIT_LEN=split_len, lam_value=float(lam_value), eps=float(eps),
+        out_scale=float(out_scale), **score_arguments(call), HEAD_DIM=d, HEAD_DIM_V=DV,
+        BLOCK_D=head_block(d), BLOCK_DV=head_block(DV), KEY_PAIR=key_pair, **lam_flags,
+        CAUSAL=call.causal, PAGED=paged, PAGE=page, HAS_NORM=has_norm, SPLIT=split,
+        ACC_FP64=acc_fp64, PRECISION=dot_precision(dtype), BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=decode_warps(block_m), num_stages=DECODE_STAGES)
     if split:
         diff_attn_decode_combine_launch(

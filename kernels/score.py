@@ -1,0 +1,78 @@
+"""The score hook: how a tile of raw products q . k becomes the scores the softmax sees.
+
+Every kernel that forms attention probabilities (the forward, the backward's key-tile and
+query-tile programs, the decode kernel) passes each tile of raw products through
+:func:`attention_scores`, and the backward takes the gradient back through
+:func:`attention_scores_grad`. What the hook does is decided by two kernel arguments that
+every kernel passes through unchanged:
+
+    SCORE        ScoreParams, run-time fp32 values (the softmax scale, ...)
+    SCORE_FLAGS  ScoreFlags, compile-time switches (a switch that is off costs nothing)
+
+both made on the host by :func:`score_arguments` from the call (kernels/call.py). The kernels
+take the probabilities as ``exp2(s * SCORE.qk_scale - m)`` from the hook's scores ``s`` (one
+fused multiply-add before the exp2), so the scores stay in the units of q . k: the softmax
+scale itself is applied there, and an option that acts on scaled scores converts its own
+parameters (see ScoreParams).
+
+Adding a score option (a bias, a cap, ...): a field of AttentionCall, its values in
+ScoreParams and its switch in ScoreFlags (score_arguments), its math in attention_scores and
+its derivative in attention_scores_grad. No kernel signature changes.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import triton
+import triton.language as tl
+
+from .call import LOG2E
+from .common import causal_keep, window_keep
+
+
+class ScoreParams(NamedTuple):
+    """Run-time values of the score hook (fp32 kernel arguments)."""
+    scale: float        # the softmax scale: gradients of q and k are scaled by it
+    qk_scale: float     # scale * log2(e): probabilities are exp2(s * qk_scale - m)
+
+
+class ScoreFlags(NamedTuple):
+    """Compile-time switches of the score hook (one compiled variant per combination)."""
+
+
+def score_arguments(call) -> dict:
+    """The hook's kernel arguments for an AttentionCall: {"SCORE": ScoreParams(...),
+    "SCORE_FLAGS": ScoreFlags(...)}."""
+    scale = float(call.scale)
+    return dict(SCORE=ScoreParams(scale=scale, qk_scale=scale * LOG2E),
+                SCORE_FLAGS=ScoreFlags())
+
+
+@triton.jit
+def attention_scores(qk, q_idx, k_idx, keep, N, M, window_left, window_right, SCORE,
+                     SCORE_FLAGS: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                     MASKED: tl.constexpr):
+    """The scores of one tile of raw products ``qk`` (q . k in the accumulation dtype;
+    queries by keys, or keys by queries for a transposed tile: ``q_idx`` and ``k_idx``, the
+    query and key positions, broadcast to qk's shape).
+
+    With MASKED, the scores of hidden keys are -inf: ``keep`` (broadcastable to qk) is False
+    for keys that do not exist or are padding, CAUSAL hides keys past the bottom-right
+    diagonal of N queries and M keys (causal_keep), WINDOW those outside the local window
+    (window_keep). Without MASKED every key of the tile is visible and ``keep`` is unused.
+    """
+    s = qk
+    if MASKED:
+        if CAUSAL:
+            keep = keep & causal_keep(q_idx, k_idx, N, M)
+        if WINDOW:
+            keep = keep & window_keep(q_idx, k_idx, N, M, window_left, window_right)
+        s = tl.where(keep, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def attention_scores_grad(ds, qk, SCORE, SCORE_FLAGS: tl.constexpr):
+    """The gradient of the raw products from ``ds``, the gradient of the scores
+    attention_scores returned for them (same tile, hidden entries with ds = 0)."""
+    return ds

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 from typing import Optional
 
-import math
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 
 from .lambdas import lambda_for_maps
 from .masks import causal_keep_mask
+from .reference import differential_maps  # noqa: F401  (the materialised scores)
 
 
 def rms_norm_epilogue(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
@@ -180,44 +179,6 @@ def diff_attention_v2_torch(q, k, v, lambda_, *, causal=False,
         valid1, valid2 = _pair_maps(row_valid, H2)
         x = x * (valid1 & valid2)
     return x.transpose(1, 2).to(q.dtype)
-
-
-def differential_maps(q, k, *, lambda_, causal=False, key_padding_mask=None,
-                      scale=None, attn_bias=None):
-    """Both softmax maps and their difference, each (B, H, N, M), in q's dtype: the attention
-    weights a layer returns with need_weights=True.
-
-    q (B, N, 2H, d), k (B, M, 2Hk, d) (a V2 layer passes its keys repeated as pairs); lambda_
-    a float, (), (H,) or (B, N, H). attn_bias, if given, is an additive float (or bool
-    keep=False -> -inf) bias broadcastable to (B, 2H, N, M), applied to the scores of every
-    q/k head before the softmax. Rows with no visible key are all zeros; padding keys get
-    exactly 0 whatever their values.
-    """
-    B, N, H2, d = q.shape
-    M, Hk2 = k.shape[1], k.shape[2]
-    H, Hk = H2 // 2, Hk2 // 2
-    scale = d ** -0.5 if scale is None else scale
-    k = zero_padding_keys(k, key_padding_mask)
-    # Repeat each key group's pair of heads for the H // Hk differential heads that read it.
-    k_heads = k.reshape(B, M, Hk, 2, d).repeat_interleave(H // Hk, dim=2).reshape(B, M, H2, d)
-    scores = torch.einsum("bnhd,bmhd->bhnm", q, k_heads) * scale
-    keep = torch.ones(N, M, dtype=torch.bool, device=q.device)
-    if causal:
-        keep = causal_keep_mask(N, M, q.device)
-    keep = keep.expand(B, H2, N, M)
-    if key_padding_mask is not None:
-        keep = keep & ~key_padding_mask[:, None, None, :]
-    if attn_bias is not None:
-        if attn_bias.dtype == torch.bool:
-            keep = keep & ~attn_bias
-        else:
-            scores = scores + attn_bias
-            keep = keep & ~torch.isneginf(attn_bias)
-    scores = scores.masked_fill(~keep, -math.inf)
-    row_has_key = keep.any(-1, keepdim=True)
-    probs = torch.softmax(scores.masked_fill(~row_has_key, 0.0), dim=-1) * row_has_key
-    a1, a2 = probs[:, 0::2], probs[:, 1::2]
-    return a1, a2, a1 - lambda_for_maps(lambda_, H, q.dtype, q.device) * a2
 
 
 # ------------------------------------------------------------------ packed sequences

@@ -300,10 +300,12 @@ def _mask_for_kernels(key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
 
 def run_diff_attention(q, k, v, lambda_, backend, *, causal=False, key_padding_mask=None,
                        scale=None, norm_weight=None, eps=1e-5, out_scale=1.0, dropout_p=0.0,
-                       attn_mask=None, window_size=None) -> Tensor:
+                       attn_mask=None, window_size=None, **score_options) -> Tensor:
     """diff_attention without the argument checks: for callers whose inputs are already known
     to be right (DiffMultiheadAttention). ``backend`` is "triton" or "torch" (resolved);
-    ``lambda_`` may also be LambdaVectors (a layer's lambda vectors, fp32 contiguous)."""
+    ``lambda_`` may also be LambdaVectors (a layer's lambda vectors, fp32 contiguous).
+    ``score_options``: the call's score options by name (AttentionCall fields), for both
+    paths."""
     q, k, v = _autocast(q, k, v)
     d = q.shape[3]
     scale = d ** -0.5 if scale is None else float(scale)
@@ -312,7 +314,7 @@ def run_diff_attention(q, k, v, lambda_, backend, *, causal=False, key_padding_m
         lam, lam_value, vectors = _kernel_lambda(lambda_, acc_dtype, q.device)
         call = AttentionCall.create(scale, causal=causal, window_size=window_size,
                                     lam_value=lam_value, lam_vectors=vectors, eps=eps,
-                                    out_scale=out_scale)
+                                    out_scale=out_scale, **score_options)
         return fused_attention(q, k, v, lam, _mask_for_kernels(key_padding_mask), norm_weight,
                                call)
     lam = expand_lambda(lambda_, q.shape[2] // 2, acc_dtype, q.device)
@@ -321,26 +323,27 @@ def run_diff_attention(q, k, v, lambda_, backend, *, causal=False, key_padding_m
                                     key_padding_mask=key_padding_mask, scale=scale,
                                     norm_weight=norm_weight, eps=eps, out_scale=out_scale,
                                     dropout_p=dropout_p, attn_bias=attn_mask,
-                                    window_size=window_size)
+                                    window_size=window_size, **score_options)
 
 
 def run_diff_attention_v2(q, k, v, lambda_, backend, *, causal=False, key_padding_mask=None,
                           scale=None, dropout_p=0.0, attn_mask=None,
-                          window_size=None) -> Tensor:
-    """diff_attention_v2 without the argument checks; ``backend`` "triton" or "torch"."""
+                          window_size=None, **score_options) -> Tensor:
+    """diff_attention_v2 without the argument checks; ``backend`` "triton" or "torch";
+    ``score_options`` as in run_diff_attention."""
     q, k, v = _autocast(q, k, v)
     scale = q.shape[3] ** -0.5 if scale is None else float(scale)
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     if backend == "triton":
         lam, lam_value, _ = _kernel_lambda(lambda_, acc_dtype, q.device)
         call = AttentionCall.create(scale, causal=causal, window_size=window_size,
-                                    lam_value=lam_value)
+                                    lam_value=lam_value, **score_options)
         return fused_attention(q, k, v, lam, _mask_for_kernels(key_padding_mask), None, call)
     with _autocast_off(q.device.type):
         return diff_attention_v2_torch(q, k, v, lambda_, causal=causal,
                                        key_padding_mask=key_padding_mask, scale=scale,
                                        dropout_p=dropout_p, attn_bias=attn_mask,
-                                       window_size=window_size)
+                                       window_size=window_size, **score_options)
 
 
 # ------------------------------------------------------------------ public API
@@ -520,9 +523,10 @@ def diff_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
 
 def _run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, lambda_,
                 backend, *, causal, window_size, scale, norm_weight, eps, out_scale,
-                v2: bool) -> Tensor:
+                v2: bool, **score_options) -> Tensor:
     """The packed call after its checks: the backend, autocast, then the fused kernels (one
-    launch over every sequence) or the torch path (V1 or V2 by ``v2``)."""
+    launch over every sequence) or the torch path (V1 or V2 by ``v2``); ``score_options`` as
+    in run_diff_attention."""
     chosen = resolve_backend(backend, q.device, q.dtype, q.shape[2], unsupported_features(0.0,
                                                                                          None))
     q, k, v = _autocast(q, k, v)
@@ -532,19 +536,21 @@ def _run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         lam, lam_value, _ = _kernel_lambda(lambda_, acc_dtype, q.device)
         call = AttentionCall.create(scale, causal=causal, window_size=window_size,
                                     lam_value=lam_value, eps=eps, out_scale=out_scale,
-                                    max_seqlens=(max_seqlen_q, max_seqlen_k))
+                                    max_seqlens=(max_seqlen_q, max_seqlen_k), **score_options)
         return fused_attention(q, k, v, lam, None, norm_weight, call, cu_seqlens_q,
                                cu_seqlens_k)
     with _autocast_off(q.device.type):
         if v2:
             return diff_attention_v2_varlen_torch(q, k, v, lambda_, cu_seqlens_q, cu_seqlens_k,
                                                   max_seqlen_q, max_seqlen_k, causal=causal,
-                                                  scale=scale, window_size=window_size)
+                                                  scale=scale, window_size=window_size,
+                                                  **score_options)
         lam = expand_lambda(lambda_, q.shape[1] // 2, acc_dtype, q.device)
         return diff_attention_varlen_torch(q, k, v, lam, cu_seqlens_q, cu_seqlens_k,
                                            max_seqlen_q, max_seqlen_k, causal=causal,
                                            scale=scale, norm_weight=norm_weight, eps=eps,
-                                           out_scale=out_scale, window_size=window_size)
+                                           out_scale=out_scale, window_size=window_size,
+                                           **score_options)
 
 
 def diff_attention_v2_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,

@@ -216,7 +216,7 @@ def kvcache_masked(lengths: Tensor, n_q: int, capacity: int, causal: bool) -> Te
 
 
 def _torch_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal, scale,
-                     norm_weight, eps, out_scale, v2):
+                     norm_weight, eps, out_scale, v2, **score_options):
     """The readable path: gather each sequence's keys in logical order, mask past its length
     (and the causal diagonal), and run diff_attention's torch path."""
     keys, values = logical_cache(k_cache, block_table), logical_cache(v_cache, block_table)
@@ -226,11 +226,13 @@ def _torch_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal,
     past_end = masked[:, 0, -1]  # (B, capacity): the last query sees the most keys
     keys, values = zero_padding_keys(keys, past_end), zero_padding_keys(values, past_end)
     if v2:
-        return diff_attention_v2_torch(q, keys, values, lambda_, scale=scale, attn_bias=masked)
+        return diff_attention_v2_torch(q, keys, values, lambda_, scale=scale, attn_bias=masked,
+                                       **score_options)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     lam = expand_lambda(lambda_, q.shape[2] // 2, acc, q.device)
     return diff_attention_torch(q, keys, values, lam, scale=scale, norm_weight=norm_weight,
-                                eps=eps, out_scale=out_scale, attn_bias=masked)
+                                eps=eps, out_scale=out_scale, attn_bias=masked,
+                                **score_options)
 
 
 # ------------------------------------------------------------------ the registered operator
@@ -278,9 +280,11 @@ def _fused_attention(q, k_cache, v_cache, lengths, block_table, lambda_, norm_we
 # ------------------------------------------------------------------ public API
 def run_with_kvcache(q, k_cache, v_cache, lambda_, backend, *, k=None, v=None,
                      cache_seqlens=None, block_table=None, causal=True, scale=None,
-                     norm_weight=None, eps=1e-5, out_scale=1.0, num_splits=0, v2=False):
+                     norm_weight=None, eps=1e-5, out_scale=1.0, num_splits=0, v2=False,
+                     **score_options):
     """The two public functions without the shape checks (``backend`` resolved): checks the
-    lengths and block table values, appends, attends. ``lambda_`` may be LambdaVectors (V1)."""
+    lengths and block table values, appends, attends. ``lambda_`` may be LambdaVectors (V1);
+    ``score_options``: the call's score options by name (AttentionCall fields)."""
     B = q.shape[0]
     n_new = 0 if k is None else k.shape[1]
     capacity = _capacity(k_cache, block_table)
@@ -307,9 +311,9 @@ def run_with_kvcache(q, k_cache, v_cache, lambda_, backend, *, k=None, v=None,
     if backend == "triton":
         return _fused_attention(q, k_cache, v_cache, lengths, block_table, lambda_, norm_weight,
                                 num_splits, scale=scale, causal=causal, eps=eps,
-                                out_scale=out_scale)
+                                out_scale=out_scale, **score_options)
     return _torch_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal, scale,
-                            norm_weight, eps, out_scale, v2)
+                            norm_weight, eps, out_scale, v2, **score_options)
 
 
 def diff_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,

@@ -163,6 +163,12 @@ def _check_scalars(causal, scale) -> None:
         raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
 
 
+def check_softcap(softcap) -> None:
+    """softcap: a finite float >= 0 (0: no soft-capping)."""
+    if not _is_real(softcap) or not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be a finite float >= 0 (0 = off), got {softcap!r}")
+
+
 def _check_dropout(dropout_p) -> None:
     if not _is_real(dropout_p) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
@@ -352,7 +358,7 @@ def diff_attention(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Tensor
                    scale: Optional[float] = None, norm_weight: Optional[Tensor] = None,
                    eps: float = 1e-5, out_scale: float = 1.0, dropout_p: float = 0.0,
                    attn_mask: Optional[Tensor] = None,
-                   window_size: Optional[Tuple[int, int]] = None,
+                   window_size: Optional[Tuple[int, int]] = None, softcap: float = 0.0,
                    backend: str = "auto") -> Tensor:
     """Differential attention (V1 / DiffCLIP), fused:
     softmax(s q1 k1^T) v - lambda softmax(s q2 k2^T) v, then the optional per-head RMSNorm.
@@ -377,6 +383,9 @@ def diff_attention(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Tensor
             i + (M - N) - left <= j <= i + (M - N) + right (FlashAttention's rule); -1 leaves
             that side unbounded; with causal, right is 0. None or (-1, -1): no window. The
             fused kernels skip the key tiles outside the window.
+        softcap: logit soft-capping (flash-attn's softcap): the scaled scores s = scale * q . k
+            become softcap * tanh(s / softcap) before the softmax; 0 (default) is off. The
+            torch backend computes a capped call from the materialised maps (SDPA cannot cap).
         backend: "auto" | "triton" | "torch" (see diffattn.backend).
     Returns:
         (B, N, H, 2d) in q's dtype (the autocast dtype under autocast); fp32 accumulation.
@@ -386,20 +395,21 @@ def diff_attention(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Tensor
                               eps, out_scale, window_size)
     _check_attn_mask(attn_mask, q, k)
     _check_dropout(dropout_p)
+    check_softcap(softcap)
     chosen = resolve_backend(backend, q.device, q.dtype, q.shape[3],
                              unsupported_features(dropout_p, attn_mask))
     return run_diff_attention(q, k, v, lambda_, chosen, causal=causal,
                               key_padding_mask=key_padding_mask, scale=scale,
                               norm_weight=norm_weight, eps=eps, out_scale=out_scale,
                               dropout_p=dropout_p, attn_mask=attn_mask,
-                              window_size=window_size)
+                              window_size=window_size, softcap=softcap)
 
 
 def diff_attention_v2(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Tensor], *,
                       causal: bool = False, key_padding_mask: Optional[Tensor] = None,
                       scale: Optional[float] = None, dropout_p: float = 0.0,
                       attn_mask: Optional[Tensor] = None,
-                      window_size: Optional[Tuple[int, int]] = None,
+                      window_size: Optional[Tuple[int, int]] = None, softcap: float = 0.0,
                       backend: str = "auto") -> Tensor:
     """Differential attention V2 (Differential Transformer V2), fused:
     out[:, :, h] = softmax(s q_2h k_g^T) v_g - lambda softmax(s q_2h+1 k_g^T) v_g.
@@ -412,7 +422,8 @@ def diff_attention_v2(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Ten
         q: (B, N, 2H, d). k: (B, M, Hk, d). v: (B, M, Hk, d). H % Hk == 0.
         lambda_: float, 0-dim tensor, (H,) or per token (B, N, H); differentiable when a
             tensor. It multiplies directly (DiffMultiheadAttentionV2 applies the sigmoid).
-        causal, key_padding_mask, scale, window_size, backend: as in diff_attention.
+        causal, key_padding_mask, scale, window_size, softcap, backend: as in
+            diff_attention.
         dropout_p, attn_mask: as in diff_attention (torch backend only); attn_mask per q head,
             broadcastable to (B, 2H, N, M).
     Returns:
@@ -422,12 +433,13 @@ def diff_attention_v2(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Ten
     check_diff_attention_v2_args(q, k, v, lambda_, key_padding_mask, scale, causal, window_size)
     _check_attn_mask(attn_mask, q, k)
     _check_dropout(dropout_p)
+    check_softcap(softcap)
     chosen = resolve_backend(backend, q.device, q.dtype, q.shape[3],
                              unsupported_features(dropout_p, attn_mask))
     return run_diff_attention_v2(q, k, v, lambda_, chosen, causal=causal,
                                  key_padding_mask=key_padding_mask, scale=scale,
                                  dropout_p=dropout_p, attn_mask=attn_mask,
-                                 window_size=window_size)
+                                 window_size=window_size, softcap=softcap)
 
 
 # ------------------------------------------------------------------ packed sequences
@@ -486,7 +498,7 @@ def diff_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                           lambda_: Union[float, Tensor], *, causal: bool = False,
                           window_size: Optional[Tuple[int, int]] = None,
                           scale: Optional[float] = None, norm_weight: Optional[Tensor] = None,
-                          eps: float = 1e-5, out_scale: float = 1.0,
+                          eps: float = 1e-5, out_scale: float = 1.0, softcap: float = 0.0,
                           backend: str = "auto") -> Tensor:
     """diff_attention (V1 / DiffCLIP) over packed variable-length sequences, as flash-attn's
     varlen functions take them: sequence b is rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1
@@ -502,7 +514,7 @@ def diff_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
         causal, window_size: per sequence, as in diff_attention: query i of a sequence of Nq
             queries and Nk keys sees keys j <= i + Nk - Nq (bottom-right). A query that sees
             no key gives zeros.
-        scale, norm_weight, eps, out_scale, backend: as in diff_attention.
+        scale, norm_weight, eps, out_scale, softcap, backend: as in diff_attention.
     Returns:
         (total_q, H, 2d) in q's dtype.
     """
@@ -515,10 +527,12 @@ def diff_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                          f"{tuple(lambda_.shape)}")
     check_diff_attention_args(q[None], k[None], v[None], lambda_, None, norm_weight, scale,
                               causal, eps, out_scale, window_size)
+    check_softcap(softcap)
     check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return _run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        lambda_, backend, causal=causal, window_size=window_size, scale=scale,
-                       norm_weight=norm_weight, eps=eps, out_scale=out_scale, v2=False)
+                       norm_weight=norm_weight, eps=eps, out_scale=out_scale, v2=False,
+                       softcap=softcap)
 
 
 def _run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, lambda_,
@@ -557,7 +571,8 @@ def diff_attention_v2_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tens
                              cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
                              lambda_: Union[float, Tensor], *, causal: bool = False,
                              window_size: Optional[Tuple[int, int]] = None,
-                             scale: Optional[float] = None, backend: str = "auto") -> Tensor:
+                             scale: Optional[float] = None, softcap: float = 0.0,
+                             backend: str = "auto") -> Tensor:
     """diff_attention_v2 over packed variable-length sequences (see diff_attention_varlen).
 
     Args:
@@ -565,7 +580,7 @@ def diff_attention_v2_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tens
         cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k: as in diff_attention_varlen.
         lambda_: float, 0-dim tensor, (H,) or per token (total_q, H); differentiable when a
             tensor.
-        causal, window_size, scale, backend: as in diff_attention_varlen.
+        causal, window_size, scale, softcap, backend: as in diff_attention_varlen.
     Returns:
         (total_q, H, d) in q's dtype.
     """
@@ -584,7 +599,8 @@ def diff_attention_v2_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tens
         lam_check = lambda_[None]
     check_diff_attention_v2_args(q[None], k[None], v[None], lam_check, None, scale, causal,
                                  window_size)
+    check_softcap(softcap)
     check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return _run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        lambda_, backend, causal=causal, window_size=window_size, scale=scale,
-                       norm_weight=None, eps=1e-5, out_scale=1.0, v2=True)
+                       norm_weight=None, eps=1e-5, out_scale=1.0, v2=True, softcap=softcap)

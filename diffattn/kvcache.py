@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .backend import check_backend_name, resolve_backend, resolve_layer_backend
 from .functional import (_check_lambda, _check_scalars, _check_tensor, _kernel_lambda,
-                         _last_dim_contiguous, check_epilogue_args)
+                         _last_dim_contiguous, check_epilogue_args, check_softcap)
 from .lambdas import LambdaVectors, expand_lambda
 from .torch_path import diff_attention_torch, diff_attention_v2_torch, zero_padding_keys
 
@@ -324,7 +324,7 @@ def diff_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                                 scale: Optional[float] = None,
                                 norm_weight: Optional[Tensor] = None, eps: float = 1e-5,
                                 out_scale: float = 1.0, num_splits: int = 0,
-                                backend: str = "auto") -> Tensor:
+                                softcap: float = 0.0, backend: str = "auto") -> Tensor:
     """Differential attention (V1 / DiffCLIP) of a decoding step against a KV cache, forward
     only; k and v, when given, are first appended to the caches in place.
 
@@ -346,6 +346,7 @@ def diff_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
         scale, norm_weight, eps, out_scale: as in diff_attention (the RMSNorm epilogue).
         num_splits: key splits of the fused path (flash-decoding): 0 chooses from the shapes,
             1 runs one pass; the partial results are merged with their log-sum-exp.
+        softcap: logit soft-capping, as in diff_attention (0: off).
         backend: "auto" | "triton" | "torch" (see diffattn.backend). The fused path is
             forward only (call it under torch.no_grad()); differentiating through the torch
             path makes the in-place append part of the autograd graph, so the caches then
@@ -356,11 +357,12 @@ def diff_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
     check_backend_name(backend)
     _check_kvcache(q, k_cache, v_cache, lambda_, k, v, cache_seqlens, block_table, norm_weight,
                    scale, causal, eps, out_scale, num_splits, v2=False)
+    check_softcap(softcap)
     chosen = resolve_backend(backend, q.device, q.dtype, q.shape[3])
     return run_with_kvcache(q, k_cache, v_cache, lambda_, chosen, k=k, v=v,
                             cache_seqlens=cache_seqlens, block_table=block_table, causal=causal,
                             scale=scale, norm_weight=norm_weight, eps=eps, out_scale=out_scale,
-                            num_splits=num_splits, v2=False)
+                            num_splits=num_splits, v2=False, softcap=softcap)
 
 
 def diff_attention_v2_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
@@ -369,18 +371,20 @@ def diff_attention_v2_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                                    cache_seqlens: Union[int, Tensor, None] = None,
                                    block_table: Optional[Tensor] = None, causal: bool = True,
                                    scale: Optional[float] = None, num_splits: int = 0,
-                                   backend: str = "auto") -> Tensor:
+                                   softcap: float = 0.0, backend: str = "auto") -> Tensor:
     """Differential attention V2 of a decoding step against a KV cache, forward only: as
     diff_attention_with_kvcache with k_cache, v_cache (B, Mmax, Hk, d) (or
     (num_blocks, page_size, Hk, d) with block_table), k, v (B, Nnew, Hk, d), lambda_ a float,
-    (), (H,) or per token (B, Nq, H), no norm. Returns (B, Nq, H, d)."""
+    (), (H,) or per token (B, Nq, H), no norm; softcap as in diff_attention. Returns
+    (B, Nq, H, d)."""
     check_backend_name(backend)
     _check_kvcache(q, k_cache, v_cache, lambda_, k, v, cache_seqlens, block_table, None, scale,
                    causal, 1e-5, 1.0, num_splits, v2=True)
+    check_softcap(softcap)
     chosen = resolve_backend(backend, q.device, q.dtype, q.shape[3])
     return run_with_kvcache(q, k_cache, v_cache, lambda_, chosen, k=k, v=v,
                             cache_seqlens=cache_seqlens, block_table=block_table, causal=causal,
-                            scale=scale, num_splits=num_splits, v2=True)
+                            scale=scale, num_splits=num_splits, v2=True, softcap=softcap)
 
 
 # ------------------------------------------------------------------ the layers' cache

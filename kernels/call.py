@@ -47,6 +47,8 @@ class AttentionCall:
     eps, out_scale: the epilogue (RMSNorm with a norm weight, then the output scale).
     max_seqlens: (max_seqlen_q, max_seqlen_k) for packed variable-length sequences (the
         tensors come with cu_seqlens), None for the padded (batch, seq, heads, dim) layout.
+    softcap: logit soft-capping: the scaled scores s become softcap * tanh(s / softcap)
+        before the softmax; 0 is off (a score option: kernels/score.py).
 
     The fields are the one list of a call's options: the registered ops' schemas end with
     them (diffattn.ops.register_call_op), their values travel as :meth:`as_schema_args` /
@@ -61,6 +63,7 @@ class AttentionCall:
     eps: float = 1e-5
     out_scale: float = 1.0
     max_seqlens: Optional[Tuple[int, int]] = None
+    softcap: float = 0.0
 
     @classmethod
     def create(cls, scale: float, *, window_size: Optional[Tuple[int, int]] = None,

@@ -34,18 +34,31 @@ class ScoreParams(NamedTuple):
     """Run-time values of the score hook (fp32 kernel arguments)."""
     scale: float        # the softmax scale: gradients of q and k are scaled by it
     qk_scale: float     # scale * log2(e): probabilities are exp2(s * qk_scale - m)
+    softcap_in: float   # scale / softcap: the capped scores are
+    softcap_out: float  # softcap_out * tanh(q . k * softcap_in), in q . k units (0: off)
 
 
 class ScoreFlags(NamedTuple):
     """Compile-time switches of the score hook (one compiled variant per combination)."""
+    softcap: bool       # logit soft-capping (AttentionCall.softcap > 0)
 
 
 def score_arguments(call) -> dict:
     """The hook's kernel arguments for an AttentionCall: {"SCORE": ScoreParams(...),
     "SCORE_FLAGS": ScoreFlags(...)}."""
-    scale = float(call.scale)
-    return dict(SCORE=ScoreParams(scale=scale, qk_scale=scale * LOG2E),
-                SCORE_FLAGS=ScoreFlags())
+    scale, softcap = float(call.scale), float(call.softcap)
+    capped = softcap > 0.0
+    return dict(SCORE=ScoreParams(scale=scale, qk_scale=scale * LOG2E,
+                                  softcap_in=scale / softcap if capped else 0.0,
+                                  softcap_out=softcap / scale if capped else 0.0),
+                SCORE_FLAGS=ScoreFlags(softcap=capped))
+
+
+@triton.jit
+def _tanh(x):
+    """tanh(x) as 1 - 2 / (exp(2x) + 1): right for large |x| (the exp overflows to inf, giving
+    1, or underflows to 0, giving -1) and the same on the GPU and under the interpreter."""
+    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)
 
 
 @triton.jit
@@ -56,12 +69,16 @@ def attention_scores(qk, q_idx, k_idx, keep, N, M, window_left, window_right, SC
     queries by keys, or keys by queries for a transposed tile: ``q_idx`` and ``k_idx``, the
     query and key positions, broadcast to qk's shape).
 
+    SCORE_FLAGS.softcap: the scaled scores s = scale * qk become softcap * tanh(s / softcap)
+    (returned in qk's units: softcap_out * tanh(qk * softcap_in)).
     With MASKED, the scores of hidden keys are -inf: ``keep`` (broadcastable to qk) is False
     for keys that do not exist or are padding, CAUSAL hides keys past the bottom-right
     diagonal of N queries and M keys (causal_keep), WINDOW those outside the local window
     (window_keep). Without MASKED every key of the tile is visible and ``keep`` is unused.
     """
     s = qk
+    if SCORE_FLAGS.softcap:
+        s = SCORE.softcap_out * _tanh(qk * SCORE.softcap_in)
     if MASKED:
         if CAUSAL:
             keep = keep & causal_keep(q_idx, k_idx, N, M)
@@ -75,4 +92,7 @@ def attention_scores(qk, q_idx, k_idx, keep, N, M, window_left, window_right, SC
 def attention_scores_grad(ds, qk, SCORE, SCORE_FLAGS: tl.constexpr):
     """The gradient of the raw products from ``ds``, the gradient of the scores
     attention_scores returned for them (same tile, hidden entries with ds = 0)."""
+    if SCORE_FLAGS.softcap:  # d/dqk softcap_out * tanh(qk * softcap_in) = 1 - tanh^2
+        t = _tanh(qk * SCORE.softcap_in)
+        ds = ds * (1.0 - t * t)
     return ds

@@ -277,16 +277,18 @@ def query_tile_key_ranges(row0, N, M, window_left, window_right, BLOCK_M: tl.con
 
 
 @triton.jit
-def online_softmax_step(s, m, l, acc, v, qk_scale, MASKED: tl.constexpr,
+def online_softmax_step(s, keep, m, l, acc, v, qk_scale, MASKED: tl.constexpr,
                         PRECISION: tl.constexpr):
-    """Fold one tile of scores s (kernels/score.py: attention_scores, -inf where a key is
-    hidden) into a running softmax state (m, l, acc).
+    """Fold one tile of scores s (kernels/score.py: attention_scores) into a running softmax
+    state (m, l, acc).
 
     The state is kept in the exp2 domain: m is the running max of s * qk_scale (qk_scale =
     softmax scale * log2 e > 0), so each probability is one fused multiply-add and an exp2.
-    With MASKED, a row that has seen no key yet keeps m = -inf (shifted by 0 so that exp2
-    gives 0, not NaN).
+    With MASKED, scores where ``keep`` is False are dropped, and a row that has seen no key
+    yet keeps m = -inf (shifted by 0 so that exp2 gives 0, not NaN).
     """
+    if MASKED:
+        s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, 1) * qk_scale)
     if MASKED:
         m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)

@@ -169,19 +169,23 @@ def _dkdv_query_tiles(k1, k2, v, dk1, dk2, dv, col_keep, cols, start, end, q_bas
         # dP1^T (shared: dP2 = -lambda dP1), P1^T, then P2^T.
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION).to(dv.dtype)
         qkT1 = tl.dot(k1, tl.trans(q1), input_precision=PRECISION).to(dv.dtype)
-        pT1 = tl.exp2(attention_scores(
+        sT1, visible = attention_scores(
             qkT1, q_idx=rows[None, :], k_idx=cols[:, None], keep=col_keep[:, None], N=N, M=M,
             window_left=window_left, window_right=window_right, SCORE=SCORE,
             SCORE_FLAGS=SCORE_FLAGS, CAUSAL=CAUSAL, WINDOW=WINDOW, MASKED=MASKED)
-            * SCORE.qk_scale - lse1[None, :])
+        pT1 = tl.exp2(sT1 * SCORE.qk_scale - lse1[None, :])
+        if MASKED:
+            pT1 = tl.where(visible, pT1, 0.0)
         dsT1 = attention_scores_grad(pT1 * (dpT - d1[None, :]), qkT1, SCORE, SCORE_FLAGS)
         dk1 += tl.dot(dsT1.to(q1.dtype), q1, input_precision=PRECISION)
         qkT2 = tl.dot(k2, tl.trans(q2), input_precision=PRECISION).to(dv.dtype)
-        pT2 = tl.exp2(attention_scores(
+        sT2, visible = attention_scores(
             qkT2, q_idx=rows[None, :], k_idx=cols[:, None], keep=col_keep[:, None], N=N, M=M,
             window_left=window_left, window_right=window_right, SCORE=SCORE,
             SCORE_FLAGS=SCORE_FLAGS, CAUSAL=CAUSAL, WINDOW=WINDOW, MASKED=MASKED)
-            * SCORE.qk_scale - lse2[None, :])
+        pT2 = tl.exp2(sT2 * SCORE.qk_scale - lse2[None, :])
+        if MASKED:
+            pT2 = tl.where(visible, pT2, 0.0)
         dv += tl.dot((pT1 - lam[None, :] * pT2).to(do.dtype), do, input_precision=PRECISION)
         dsT2 = attention_scores_grad(pT2 * (-lam[None, :] * dpT - d2[None, :]), qkT2, SCORE,
                                      SCORE_FLAGS).to(q2.dtype)
@@ -351,19 +355,23 @@ def _dq_key_tiles(q1, q2, do, dq1, dq2, lse1, lse2, d1, d2, lam, rows, start, en
         # One map after the other (see _dkdv_query_tiles): dP1 (shared), then each map's P.
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION).to(dq1.dtype)
         qk1 = tl.dot(q1, tl.trans(k1), input_precision=PRECISION).to(dq1.dtype)
-        p1 = tl.exp2(attention_scores(
+        s1, visible = attention_scores(
             qk1, q_idx=rows[:, None], k_idx=cols[None, :], keep=kept, N=N, M=M,
             window_left=window_left, window_right=window_right, SCORE=SCORE,
             SCORE_FLAGS=SCORE_FLAGS, CAUSAL=CAUSAL, WINDOW=WINDOW, MASKED=MASKED)
-            * SCORE.qk_scale - lse1[:, None])
+        p1 = tl.exp2(s1 * SCORE.qk_scale - lse1[:, None])
+        if MASKED:
+            p1 = tl.where(visible, p1, 0.0)
         ds1 = attention_scores_grad(p1 * (dp - d1[:, None]), qk1, SCORE, SCORE_FLAGS)
         dq1 += tl.dot(ds1.to(k1.dtype), k1, input_precision=PRECISION)
         qk2 = tl.dot(q2, tl.trans(k2), input_precision=PRECISION).to(dq1.dtype)
-        p2 = tl.exp2(attention_scores(
+        s2, visible = attention_scores(
             qk2, q_idx=rows[:, None], k_idx=cols[None, :], keep=kept, N=N, M=M,
             window_left=window_left, window_right=window_right, SCORE=SCORE,
             SCORE_FLAGS=SCORE_FLAGS, CAUSAL=CAUSAL, WINDOW=WINDOW, MASKED=MASKED)
-            * SCORE.qk_scale - lse2[:, None])
+        p2 = tl.exp2(s2 * SCORE.qk_scale - lse2[:, None])
+        if MASKED:
+            p2 = tl.where(visible, p2, 0.0)
         ds2 = attention_scores_grad(p2 * (-lam[:, None] * dp - d2[:, None]), qk2, SCORE,
                                     SCORE_FLAGS)
         dq2 += tl.dot(ds2.to(k2.dtype), k2, input_precision=PRECISION)

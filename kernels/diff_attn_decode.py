@@ -165,20 +165,22 @@ def diff_attn_decode_kernel(
         # the keys exist for rows in range; with CAUSAL, query qi of Nq sees keys
         # j <= L - Nq + qi (the bottom-right diagonal of Nq queries and L keys)
         keep = (cols < end)[None, :] & row_ok[:, None]
-        s1 = attention_scores(
+        s1, visible = attention_scores(
             tl.dot(q1, tl.trans(k1), input_precision=PRECISION).to(acc_dtype),
             q_idx=qi[:, None], k_idx=cols[None, :], keep=keep, N=Nq, M=L, window_left=0,
             window_right=0, SCORE=SCORE, SCORE_FLAGS=SCORE_FLAGS, CAUSAL=CAUSAL, WINDOW=False,
             MASKED=True)
-        m1, l1, acc1 = online_softmax_step(s1, m1, l1, acc1, v, qk_scale=SCORE.qk_scale,
-                                           MASKED=True, PRECISION=PRECISION)
-        s2 = attention_scores(
+        m1, l1, acc1 = online_softmax_step(s1, visible, m1, l1, acc1, v,
+                                           qk_scale=SCORE.qk_scale, MASKED=True,
+                                           PRECISION=PRECISION)
+        s2, visible = attention_scores(
             tl.dot(q2, tl.trans(k2), input_precision=PRECISION).to(acc_dtype),
             q_idx=qi[:, None], k_idx=cols[None, :], keep=keep, N=Nq, M=L, window_left=0,
             window_right=0, SCORE=SCORE, SCORE_FLAGS=SCORE_FLAGS, CAUSAL=CAUSAL, WINDOW=False,
             MASKED=True)
-        m2, l2, acc2 = online_softmax_step(s2, m2, l2, acc2, v, qk_scale=SCORE.qk_scale,
-                                           MASKED=True, PRECISION=PRECISION)
+        m2, l2, acc2 = online_softmax_step(s2, visible, m2, l2, acc2, v,
+                                           qk_scale=SCORE.qk_scale, MASKED=True,
+                                           PRECISION=PRECISION)
 
     l1_safe = tl.where(l1 > 0, l1, 1.0)
     l2_safe = tl.where(l2 > 0, l2, 1.0)

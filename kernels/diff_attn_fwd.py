@@ -99,20 +99,22 @@ def _attend_key_tiles(q1, q2, k_base, v_base, k1_desc, k2_desc, v_desc, kpm_row,
             kept = key_keep(kpm_row, cols, M, HAS_KPM)
             if HAS_KPM:  # padding keys' values read as 0: p = 0 times a NaN/inf value is NaN
                 v = tl.where(kept[:, None], v, 0.0)
-        s1 = attention_scores(
+        s1, keep = attention_scores(
             tl.dot(q1, tl.trans(k1), input_precision=PRECISION).to(acc1.dtype),
             q_idx=rows[:, None], k_idx=cols[None, :], keep=kept, N=N, M=M,
             window_left=window_left, window_right=window_right, SCORE=SCORE,
             SCORE_FLAGS=SCORE_FLAGS, CAUSAL=CAUSAL, WINDOW=WINDOW, MASKED=MASKED)
-        m1, l1, acc1 = online_softmax_step(s1, m1, l1, acc1, v, qk_scale=SCORE.qk_scale,
-                                           MASKED=MASKED, PRECISION=PRECISION)
-        s2 = attention_scores(
+        m1, l1, acc1 = online_softmax_step(s1, keep, m1, l1, acc1, v,
+                                           qk_scale=SCORE.qk_scale, MASKED=MASKED,
+                                           PRECISION=PRECISION)
+        s2, keep = attention_scores(
             tl.dot(q2, tl.trans(k2), input_precision=PRECISION).to(acc2.dtype),
             q_idx=rows[:, None], k_idx=cols[None, :], keep=kept, N=N, M=M,
             window_left=window_left, window_right=window_right, SCORE=SCORE,
             SCORE_FLAGS=SCORE_FLAGS, CAUSAL=CAUSAL, WINDOW=WINDOW, MASKED=MASKED)
-        m2, l2, acc2 = online_softmax_step(s2, m2, l2, acc2, v, qk_scale=SCORE.qk_scale,
-                                           MASKED=MASKED, PRECISION=PRECISION)
+        m2, l2, acc2 = online_softmax_step(s2, keep, m2, l2, acc2, v,
+                                           qk_scale=SCORE.qk_scale, MASKED=MASKED,
+                                           PRECISION=PRECISION)
     return m1, l1, acc1, m2, l2, acc2
 
 

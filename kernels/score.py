@@ -2,9 +2,10 @@
 
 Every kernel that forms attention probabilities (the forward, the backward's key-tile and
 query-tile programs, the decode kernel) passes each tile of raw products through
-:func:`attention_scores`, and the backward takes the gradient back through
-:func:`attention_scores_grad`. What the hook does is decided by two kernel arguments that
-every kernel passes through unchanged:
+:func:`attention_scores` (the scores and where they are visible: masks, window, score
+options), and the backward takes the gradient back through :func:`attention_scores_grad`.
+What the hook does is decided by two kernel arguments that every kernel passes through
+unchanged:
 
     SCORE        ScoreParams, run-time fp32 values (the softmax scale, ...)
     SCORE_FLAGS  ScoreFlags, compile-time switches (a switch that is off costs nothing)
@@ -67,14 +68,16 @@ def attention_scores(qk, q_idx, k_idx, keep, N, M, window_left, window_right, SC
                      MASKED: tl.constexpr):
     """The scores of one tile of raw products ``qk`` (q . k in the accumulation dtype;
     queries by keys, or keys by queries for a transposed tile: ``q_idx`` and ``k_idx``, the
-    query and key positions, broadcast to qk's shape).
+    query and key positions, broadcast to qk's shape) and where they are visible.
 
-    SCORE_FLAGS.softcap: the scaled scores s = scale * qk become softcap * tanh(s / softcap)
-    (returned in qk's units: softcap_out * tanh(qk * softcap_in)).
-    With MASKED, the scores of hidden keys are -inf: ``keep`` (broadcastable to qk) is False
-    for keys that do not exist or are padding, CAUSAL hides keys past the bottom-right
-    diagonal of N queries and M keys (causal_keep), WINDOW those outside the local window
-    (window_keep). Without MASKED every key of the tile is visible and ``keep`` is unused.
+    Returns (s, visible). s: the scores, in qk's units (the kernels apply the softmax scale
+    in the exp2). SCORE_FLAGS.softcap: the scaled scores scale * qk become
+    softcap * tanh(scale * qk / softcap), i.e. s = softcap_out * tanh(qk * softcap_in).
+    visible (MASKED only; ``keep`` itself otherwise): ``keep`` (broadcastable to qk, False
+    for keys that do not exist or are padding) and, with CAUSAL, the keys on or below the
+    bottom-right diagonal of N queries and M keys (causal_keep) and, with WINDOW, those in
+    the local window (window_keep). The caller drops what is not visible where its math
+    wants it: the forward before the running max (-inf), the backward after the exp2 (0).
     """
     s = qk
     if SCORE_FLAGS.softcap:
@@ -84,8 +87,7 @@ def attention_scores(qk, q_idx, k_idx, keep, N, M, window_left, window_right, SC
             keep = keep & causal_keep(q_idx, k_idx, N, M)
         if WINDOW:
             keep = keep & window_keep(q_idx, k_idx, N, M, window_left, window_right)
-        s = tl.where(keep, s, float("-inf"))
-    return s
+    return s, keep
 
 
 @triton.jit

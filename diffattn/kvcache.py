@@ -37,16 +37,17 @@ from torch import Tensor
 
 from .backend import check_backend_name, resolve_backend, resolve_layer_backend
 from .functional import (_check_lambda, _check_scalars, _check_tensor, _kernel_lambda,
-                         _last_dim_contiguous, check_epilogue_args, check_values,
-                         check_window_size)
+                         _last_dim_contiguous, check_epilogue_args, check_softcap,
+                         check_values, check_window_size)
 from .lambdas import LambdaVectors, expand_lambda
 from .torch_path import diff_attention_torch, diff_attention_v2_torch, zero_padding_keys
 
 try:
-    from .kernels import INTERPRET
+    from .kernels import INTERPRET, AttentionCall
     from .kernels.diff_attn_decode import diff_attn_decode
+    from .ops import register_call_op
 except ImportError:  # no triton: resolve_backend never picks "triton"
-    INTERPRET, diff_attn_decode = False, None
+    INTERPRET, AttentionCall, diff_attn_decode = False, None, None
 
 
 # ------------------------------------------------------------------ argument checks
@@ -314,9 +315,10 @@ def kvcache_masked(lengths: Tensor, n_q: int, capacity: int, causal: bool) -> Te
 
 def _torch_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal, scale,
                      norm_weight, eps, out_scale, v2, *, cache_leftpad=None,
-                     cache_batch_idx=None, window_size=None, return_lse=False):
+                     cache_batch_idx=None, window_size=None, return_lse=False, **score_options):
     """The readable path: gather each sequence's keys in logical order, mask past its length
-    (and the causal diagonal), and run diff_attention's torch path."""
+    (and the causal diagonal, the left padding, the window), and run diff_attention's torch
+    path; ``score_options``: the call's score options by name (AttentionCall fields)."""
     keys, values = logical_cache(k_cache, block_table), logical_cache(v_cache, block_table)
     if cache_batch_idx is not None:
         keys, values = keys[cache_batch_idx.long()], values[cache_batch_idx.long()]
@@ -327,14 +329,16 @@ def _torch_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal,
     unused = kvcache_unused_rows(lengths, keys.shape[1], cache_leftpad)
     keys, values = zero_padding_keys(keys, unused), zero_padding_keys(values, unused)
     if v2:
-        out = diff_attention_v2_torch(q, keys, values, lambda_, scale=scale, attn_bias=masked)
+        out = diff_attention_v2_torch(q, keys, values, lambda_, scale=scale, attn_bias=masked,
+                                      **score_options)
     else:
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         lam = expand_lambda(lambda_, q.shape[2] // 2, acc, q.device)
         out = diff_attention_torch(q, keys, values, lam, scale=scale, norm_weight=norm_weight,
-                                   eps=eps, out_scale=out_scale, attn_bias=masked)
+                                   eps=eps, out_scale=out_scale, attn_bias=masked,
+                                   **score_options)
     if return_lse:
-        return out, kvcache_lse(q, keys, masked, scale, v2)
+        return out, kvcache_lse(q, keys, masked, scale, v2, **score_options)
     return out
 
 
@@ -399,9 +403,11 @@ def kvcache_unused_rows(lengths: Tensor, capacity: int,
     return unused
 
 
-def kvcache_lse(q: Tensor, keys: Tensor, masked: Tensor, scale: float, v2: bool) -> Tensor:
-    """(B, 2H, Nq) float32: each map's natural-log log-sum-exp of scale * q k^T over the keys
-    it sees (q head 2h: map 1 of head h, 2h + 1: map 2), +inf for a row that sees none.
+def kvcache_lse(q: Tensor, keys: Tensor, masked: Tensor, scale: float, v2: bool,
+                softcap: float = 0.0) -> Tensor:
+    """(B, 2H, Nq) float32: each map's natural-log log-sum-exp of its scores s = scale * q k^T
+    (softcap > 0: softcap * tanh(s / softcap), the softmax's input) over the keys it sees
+    (q head 2h: map 1 of head h, 2h + 1: map 2), +inf for a row that sees none.
     keys (B, M, 2Hk or Hk, d) in logical order; masked (B, 1, Nq, M), True = unseen."""
     H2 = q.shape[2]
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -412,6 +418,8 @@ def kvcache_lse(q: Tensor, keys: Tensor, masked: Tensor, scale: float, v2: bool)
         key_head = 2 * ((heads // 2) // ((H2 // 2) // (keys.shape[2] // 2))) + heads % 2
     scores = torch.einsum("bnjd,bmjd->bjnm", q.to(compute),
                           keys[:, :, key_head].to(compute)) * scale
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
     lse = torch.logsumexp(scores.masked_fill(masked, float("-inf")), dim=-1)
     return lse.masked_fill(lse == float("-inf"), float("inf")).float()
 
@@ -422,68 +430,64 @@ def kvcache_lse(q: Tensor, keys: Tensor, masked: Tensor, scale: float, v2: bool)
 # it, which torch.compile functionalises. On a GPU it is a triton_op (Inductor sees the
 # kernels); under the interpreter an opaque custom op with a shape-only fake.
 if diff_attn_decode is not None:
-    _register = torch.library.custom_op if INTERPRET else torch.library.triton_op
     _WRAP = None if INTERPRET else torch.library.wrap_triton
 
-    @_register("diffattn::kvcache_fwd", mutates_args=())
+    @register_call_op("diffattn::kvcache_fwd")
     def _kvcache_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor,
-                    block_table: Optional[Tensor], lam: Optional[Tensor], lam_value: float,
-                    lam_vectors: bool, norm_weight: Optional[Tensor], scale: float,
-                    causal: bool, eps: float, out_scale: float, num_splits: int,
-                    rotary_cos: Optional[Tensor], rotary_sin: Optional[Tensor],
-                    rotary_interleaved: bool, rotary_per_row: bool, n_new: int,
-                    cache_leftpad: Optional[Tensor], cache_batch_idx: Optional[Tensor],
-                    window_left: int, window_right: int,
-                    return_lse: bool) -> Tuple[Tensor, Tensor]:
+                    block_table: Optional[Tensor], lam: Optional[Tensor],
+                    norm_weight: Optional[Tensor], num_splits: int, rotary_cos: Optional[Tensor],
+                    rotary_sin: Optional[Tensor], rotary_interleaved: bool, rotary_per_row: bool,
+                    n_new: int, cache_leftpad: Optional[Tensor],
+                    cache_batch_idx: Optional[Tensor], return_lse: bool,
+                    *call) -> Tuple[Tensor, Tensor]:
         """The decode kernels over caches that already hold the new keys (lengths: valid
-        keys per sequence). Returns (out, lse); lse is empty without return_lse."""
+        keys per sequence); ``call``: AttentionCall.as_schema_args(). Returns (out, lse); lse
+        is empty without return_lse."""
         result = diff_attn_decode(
-            q, k_cache, v_cache, lengths, block_table, lam, lam_value, norm_weight, scale,
-            causal, eps, out_scale, num_splits, _WRAP, lam_vectors, rotary_cos=rotary_cos,
+            q, k_cache, v_cache, lengths, block_table, lam, norm_weight,
+            AttentionCall.from_schema_args(*call), num_splits, _WRAP, rotary_cos=rotary_cos,
             rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
             rotary_per_row=rotary_per_row, n_new=n_new, cache_leftpad=cache_leftpad,
-            cache_batch_idx=cache_batch_idx, window_size=(window_left, window_right),
-            return_lse=return_lse)
+            cache_batch_idx=cache_batch_idx, return_lse=return_lse)
         return result if return_lse else (result, q.new_empty(0, dtype=torch.float32))
 
     @_kvcache_op.register_fake
-    def _(q, k_cache, v_cache, lengths, block_table, lam, lam_value, lam_vectors, norm_weight,
-          scale, causal, eps, out_scale, num_splits, rotary_cos, rotary_sin, rotary_interleaved,
-          rotary_per_row, n_new, cache_leftpad, cache_batch_idx, window_left, window_right,
-          return_lse):
+    def _(q, k_cache, v_cache, lengths, block_table, lam, norm_weight, num_splits, rotary_cos,
+          rotary_sin, rotary_interleaved, rotary_per_row, n_new, cache_leftpad, cache_batch_idx,
+          return_lse, *call):
         B, Nq, H2, _ = q.shape
         lse_shape = (B, H2, Nq) if return_lse else (0,)
         return (q.new_empty(B, Nq, H2 // 2, v_cache.shape[3]),
                 q.new_empty(lse_shape, dtype=torch.float32))
 
 
-def _fused_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal, scale,
-                     norm_weight, eps, out_scale, num_splits, *, rotary_cos=None,
-                     rotary_sin=None, rotary_interleaved=True, rotary_per_row=False, n_new=0,
-                     cache_leftpad=None, cache_batch_idx=None, window_size=None,
-                     return_lse=False):
+def _fused_attention(q, k_cache, v_cache, lengths, block_table, lambda_, norm_weight, num_splits,
+                     *, rotary_cos=None, rotary_sin=None, rotary_interleaved=True,
+                     rotary_per_row=False, n_new=0, cache_leftpad=None, cache_batch_idx=None,
+                     return_lse=False, **options):
+    """The decode kernels; ``options``: the AttentionCall's (scale, causal, window_size, the
+    epilogue, score options)."""
     q = _last_dim_contiguous(q)  # the decode kernel reads q's rows as contiguous vectors
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     lam, lam_value, vectors = _kernel_lambda(lambda_, acc, q.device)
+    call = AttentionCall.create(lam_value=lam_value, lam_vectors=vectors, **options)
     up = q.dtype == torch.bfloat16 and INTERPRET  # the interpreter's bf16 math is wrong
     if up:
         q, k_cache, v_cache = q.float(), k_cache.float(), v_cache.float()
     if rotary_cos is not None:  # the kernel reads cos/sin rows as contiguous vectors
         rotary_cos, rotary_sin = _last_dim_contiguous(rotary_cos), _last_dim_contiguous(rotary_sin)
-    left, right = (-1, -1) if window_size is None else window_size
-    options = dict(rotary_cos=rotary_cos, rotary_sin=rotary_sin,
-                   rotary_interleaved=rotary_interleaved, rotary_per_row=rotary_per_row,
-                   n_new=n_new, cache_leftpad=cache_leftpad, cache_batch_idx=cache_batch_idx)
     if torch.compiler.is_compiling():
-        out, lse = _kvcache_op(q, k_cache, v_cache, lengths, block_table, lam, lam_value,
-                               vectors, norm_weight, float(scale), causal, float(eps),
-                               float(out_scale), num_splits, window_left=left,
-                               window_right=right, return_lse=return_lse, **options)
+        out, lse = _kvcache_op(q, k_cache, v_cache, lengths, block_table, lam, norm_weight,
+                               num_splits, rotary_cos, rotary_sin, rotary_interleaved,
+                               rotary_per_row, n_new, cache_leftpad, cache_batch_idx, return_lse,
+                               *call.as_schema_args())
     else:
-        result = diff_attn_decode(q, k_cache, v_cache, lengths, block_table, lam, lam_value,
-                                  norm_weight, float(scale), causal, float(eps),
-                                  float(out_scale), num_splits, lam_vectors=vectors,
-                                  window_size=(left, right), return_lse=return_lse, **options)
+        result = diff_attn_decode(q, k_cache, v_cache, lengths, block_table, lam, norm_weight,
+                                  call, num_splits, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                                  rotary_interleaved=rotary_interleaved,
+                                  rotary_per_row=rotary_per_row, n_new=n_new,
+                                  cache_leftpad=cache_leftpad, cache_batch_idx=cache_batch_idx,
+                                  return_lse=return_lse)
         out, lse = result if return_lse else (result, None)
     out = out.to(torch.bfloat16) if up else out
     return (out, lse) if return_lse else out
@@ -495,10 +499,11 @@ def run_with_kvcache(q, k_cache, v_cache, lambda_, backend, *, k=None, v=None,
                      cache_batch_idx=None, cache_leftpad=None, block_table=None, causal=False,
                      window_size=None, rotary_interleaved=True, scale=None, norm_weight=None,
                      eps=1e-5, out_scale=1.0, num_splits=0, return_softmax_lse=False,
-                     v2=False):
+                     v2=False, **score_options):
     """The two public functions without the shape checks (``backend`` resolved): checks the
     index tensors' values, rotates and appends the new keys, attends. ``lambda_`` may be
-    LambdaVectors (V1)."""
+    LambdaVectors (V1); ``score_options``: the call's score options by name (AttentionCall
+    fields)."""
     B = q.shape[0]
     n_new = 0 if k is None else k.shape[1]
     capacity = _capacity(k_cache, block_table)
@@ -542,13 +547,14 @@ def run_with_kvcache(q, k_cache, v_cache, lambda_, backend, *, k=None, v=None,
     lengths = seqlens + n_new if n_new else seqlens
     scale = q.shape[3] ** -0.5 if scale is None else float(scale)
     if backend == "triton":
-        return _fused_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal,
-                                scale, norm_weight, eps, out_scale, num_splits,
-                                rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+        return _fused_attention(q, k_cache, v_cache, lengths, block_table, lambda_, norm_weight,
+                                num_splits, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
                                 rotary_interleaved=rotary_interleaved,
                                 rotary_per_row=rotary_per_row, n_new=n_new,
                                 cache_leftpad=cache_leftpad, cache_batch_idx=cache_batch_idx,
-                                window_size=window_size, return_lse=return_softmax_lse)
+                                return_lse=return_softmax_lse, scale=scale, causal=causal,
+                                window_size=window_size, eps=eps, out_scale=out_scale,
+                                **score_options)
     if rotary_cos is not None:
         q = apply_rotary(q, rotary_cos, rotary_sin,
                          rotary_positions(seqlens, q.shape[1], rotary_per_row),
@@ -556,7 +562,7 @@ def run_with_kvcache(q, k_cache, v_cache, lambda_, backend, *, k=None, v=None,
     return _torch_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal, scale,
                             norm_weight, eps, out_scale, v2, cache_leftpad=cache_leftpad,
                             cache_batch_idx=cache_batch_idx, window_size=window_size,
-                            return_lse=return_softmax_lse)
+                            return_lse=return_softmax_lse, **score_options)
 
 
 _SIGNATURE_DOC = """
@@ -568,7 +574,7 @@ _SIGNATURE_DOC = """
             q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None, *,
             lambda_, scale=None, causal=False, window_size=None, rotary_interleaved=True,
-            {extra}num_splits=0, return_softmax_lse=False, backend="auto")
+            {extra}num_splits=0, softcap=0.0, return_softmax_lse=False, backend="auto")
 """
 
 _COMMON_ARGS_DOC = """
@@ -610,8 +616,10 @@ _COMMON_ARGS_DOC = """
             FlashAttention's rule, as in diff_attention). None or (-1, -1): no window.
         num_splits: key splits of the fused path (flash-decoding): 0 chooses from the shapes,
             1 runs one pass; the partial results are merged with their log-sum-exp.
+        softcap: logit soft-capping, as in diff_attention (0: off).
         return_softmax_lse: also return lse (B, 2H, Nq) float32, each softmax map's
-            natural-log log-sum-exp of scale * q k^T over the keys it sees, in q-head order
+            natural-log log-sum-exp of its scores (scale * q k^T, soft-capped with softcap)
+            over the keys it sees, in q-head order
             (q head 2h: map 1 of differential head h, 2h + 1: map 2); +inf for a row that
             sees no key (flash-attn's value).
         backend: "auto" | "triton" | "torch" (see diffattn.backend). The fused path is
@@ -635,7 +643,7 @@ def diff_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                                 rotary_interleaved: bool = True,
                                 norm_weight: Optional[Tensor] = None, eps: float = 1e-5,
                                 out_scale: float = 1.0, num_splits: int = 0,
-                                return_softmax_lse: bool = False,
+                                softcap: float = 0.0, return_softmax_lse: bool = False,
                                 backend: str = "auto"):
     """Differential attention (V1 / DiffCLIP) of a decoding step against a KV cache, forward
     only; k and v, when given, are first appended to the caches in place.
@@ -659,6 +667,7 @@ def diff_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                    rotary_cos=rotary_cos, rotary_sin=rotary_sin,
                    rotary_interleaved=rotary_interleaved, window_size=window_size,
                    return_softmax_lse=return_softmax_lse)
+    check_softcap(softcap)
     chosen = resolve_backend(backend, q.device, q.dtype, q.shape[3])
     return run_with_kvcache(q, k_cache, v_cache, lambda_, chosen, k=k, v=v,
                             rotary_cos=rotary_cos, rotary_sin=rotary_sin,
@@ -668,7 +677,7 @@ def diff_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                             rotary_interleaved=rotary_interleaved, scale=scale,
                             norm_weight=norm_weight, eps=eps, out_scale=out_scale,
                             num_splits=num_splits, return_softmax_lse=return_softmax_lse,
-                            v2=False)
+                            v2=False, softcap=softcap)
 
 
 def diff_attention_v2_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
@@ -683,7 +692,8 @@ def diff_attention_v2_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                                    scale: Optional[float] = None, causal: bool = False,
                                    window_size: Optional[Tuple[int, int]] = None,
                                    rotary_interleaved: bool = True, num_splits: int = 0,
-                                   return_softmax_lse: bool = False, backend: str = "auto"):
+                                   softcap: float = 0.0, return_softmax_lse: bool = False,
+                                   backend: str = "auto"):
     """Differential attention V2 of a decoding step against a KV cache, forward only; k and v,
     when given, are first appended to the caches in place.
 {signature}
@@ -705,6 +715,7 @@ def diff_attention_v2_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                    cache_leftpad=cache_leftpad, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
                    rotary_interleaved=rotary_interleaved, window_size=window_size,
                    return_softmax_lse=return_softmax_lse)
+    check_softcap(softcap)
     chosen = resolve_backend(backend, q.device, q.dtype, q.shape[3])
     return run_with_kvcache(q, k_cache, v_cache, lambda_, chosen, k=k, v=v,
                             rotary_cos=rotary_cos, rotary_sin=rotary_sin,
@@ -713,7 +724,7 @@ def diff_attention_v2_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                             causal=causal, window_size=window_size,
                             rotary_interleaved=rotary_interleaved, scale=scale,
                             num_splits=num_splits, return_softmax_lse=return_softmax_lse,
-                            v2=True)
+                            v2=True, softcap=softcap)
 
 
 for _fn, _extra in ((diff_attention_with_kvcache, "norm_weight=None, eps=1e-5, out_scale=1.0,"

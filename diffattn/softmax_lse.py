@@ -1,9 +1,10 @@
 """The softmax log-sum-exp of every map, the second result of ``return_softmax_lse=True``.
 
 One row per softmax map in q-head order, flash-attn's layouts: (B, 2H, N) for the padded
-layout, (2H, total_q) for packed sequences; natural log of the sum of exp(scale * q.k) (plus
-an additive mask; soft-capped first with softcap) over the keys the query sees; +inf for a row that sees no key (flash-attn's
-convention: exp(s - lse) is then 0 for every score s). Not differentiable.
+layout, (2H, total_q) for packed sequences; natural log of the sum of exp(s) over the keys the
+query sees, s the scores the softmax sees (scale * q.k, soft-capped with softcap, plus an
+additive mask); +inf for a row that sees no key (flash-attn's convention: exp(s - lse) is then
+0 for every score s). Not differentiable.
 
 The fused kernels compute it in their forward (base 2, (B, H, 2, N), see
 diffattn/kernels/diff_attn_fwd.py); ``fused_lse`` and ``fused_lse_varlen`` put it in these

@@ -38,7 +38,8 @@ from torch import Tensor
 from .backend import check_backend_name, resolve_backend, resolve_layer_backend
 from .functional import (_check_lambda, _check_scalars, _check_tensor, _kernel_lambda,
                          _last_dim_contiguous, check_epilogue_args, check_softcap,
-                         check_values, check_window_size)
+                         check_values, check_window_size, resolve_lambda_vectors,
+                         resolve_rms_norm)
 from .lambdas import LambdaVectors, expand_lambda
 from .torch_path import diff_attention_torch, diff_attention_v2_torch, zero_padding_keys
 
@@ -573,7 +574,7 @@ _SIGNATURE_DOC = """
         {name}(
             q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None, *,
-            lambda_, scale=None, causal=False, window_size=None, rotary_interleaved=True,
+            {lam}, scale=None, causal=False, window_size=None, rotary_interleaved=True,
             {extra}num_splits=0, softcap=0.0, return_softmax_lse=False, backend="auto")
 """
 
@@ -637,12 +638,15 @@ def diff_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                                 cache_batch_idx: Optional[Tensor] = None,
                                 cache_leftpad: Optional[Tensor] = None,
                                 block_table: Optional[Tensor] = None, *,
-                                lambda_: Union[float, Tensor], scale: Optional[float] = None,
-                                causal: bool = False,
+                                lambda_: Optional[Union[float, Tensor]] = None,
+                                scale: Optional[float] = None, causal: bool = False,
                                 window_size: Optional[Tuple[int, int]] = None,
                                 rotary_interleaved: bool = True,
                                 norm_weight: Optional[Tensor] = None, eps: float = 1e-5,
-                                out_scale: float = 1.0, num_splits: int = 0,
+                                out_scale: float = 1.0,
+                                lambda_vectors: Optional[Tensor] = None,
+                                lambda_init: Optional[float] = None,
+                                rms_norm: Optional[bool] = None, num_splits: int = 0,
                                 softcap: float = 0.0, return_softmax_lse: bool = False,
                                 backend: str = "auto"):
     """Differential attention (V1 / DiffCLIP) of a decoding step against a KV cache, forward
@@ -654,20 +658,28 @@ def diff_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
         v_cache: (B, Mmax, Hk, 2d), or (num_blocks, page_size, Hk, 2d) with block_table.
         k, v: (B, Nnew, 2Hk, d) and (B, Nnew, Hk, 2d), or None: written into the caches at
             positions cache_seqlens[b] .. cache_seqlens[b] + Nnew - 1 (in place).
-        lambda_: float, 0-dim or (H,) tensor (keyword-only).
+        lambda_: float, 0-dim or (H,) tensor (keyword-only); or None with lambda_vectors.
         scale: softmax scale (flash-attn's softmax_scale), default d ** -0.5.
-        norm_weight, eps, out_scale: as in diff_attention (the RMSNorm epilogue).{common}
+        norm_weight, eps, out_scale: as in diff_attention (the RMSNorm epilogue).
+        lambda_vectors, lambda_init: instead of lambda_, the Differential Transformer's
+            lambda exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init from the (4, d) rows lq1,
+            lk1, lq2, lk2, computed by the kernels (as in diff_attention).
+        rms_norm: as in diff_attention: None follows norm_weight; True runs the RMSNorm
+            (weightless without norm_weight); False runs none.{common}
     Returns:
         (B, Nq, H, 2d) in q's dtype; (out, lse) with return_softmax_lse.
     """
     check_backend_name(backend)
-    _check_kvcache(q, k_cache, v_cache, lambda_, k, v, cache_seqlens, block_table, norm_weight,
-                   scale, causal, eps, out_scale, num_splits, v2=False,
+    lam_check = 0.0 if lambda_ is None or lambda_vectors is not None else lambda_
+    _check_kvcache(q, k_cache, v_cache, lam_check, k, v, cache_seqlens, block_table,
+                   norm_weight, scale, causal, eps, out_scale, num_splits, v2=False,
                    cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
                    rotary_cos=rotary_cos, rotary_sin=rotary_sin,
                    rotary_interleaved=rotary_interleaved, window_size=window_size,
                    return_softmax_lse=return_softmax_lse)
     check_softcap(softcap)
+    lambda_ = resolve_lambda_vectors(lambda_, lambda_vectors, lambda_init, q)
+    norm_weight = resolve_rms_norm(norm_weight, rms_norm, v_cache.shape[3], q)
     chosen = resolve_backend(backend, q.device, q.dtype, q.shape[3])
     return run_with_kvcache(q, k_cache, v_cache, lambda_, chosen, k=k, v=v,
                             rotary_cos=rotary_cos, rotary_sin=rotary_sin,
@@ -727,14 +739,16 @@ def diff_attention_v2_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                             v2=True, softcap=softcap)
 
 
-for _fn, _extra in ((diff_attention_with_kvcache, "norm_weight=None, eps=1e-5, out_scale=1.0,"
-                                                  "\n            "),
-                    (diff_attention_v2_with_kvcache, "")):
+for _fn, _lam, _extra in (
+        (diff_attention_with_kvcache, "lambda_=None",
+         "norm_weight=None, eps=1e-5, out_scale=1.0, lambda_vectors=None, lambda_init=None,"
+         "\n            rms_norm=None, "),
+        (diff_attention_v2_with_kvcache, "lambda_", "")):
     if _fn.__doc__:  # None under python -OO
         _fn.__doc__ = _fn.__doc__.format(
-            signature=_SIGNATURE_DOC.format(name=_fn.__name__, extra=_extra),
+            signature=_SIGNATURE_DOC.format(name=_fn.__name__, lam=_lam, extra=_extra),
             common=_COMMON_ARGS_DOC.rstrip())
-del _fn, _extra
+del _fn, _lam, _extra
 
 
 # ------------------------------------------------------------------ the layers' cache

@@ -1,6 +1,8 @@
 """Logit soft-capping (``softcap``): the scaled scores s become softcap * tanh(s / softcap)
 before the softmax, on all six ops, fused (interpreter) and torch paths, against the float64
-reference; forward and every gradient where the op is differentiable."""
+reference; forward and every gradient where the op is differentiable; return_softmax_lse of
+the capped scores on the dense and packed ops (the KV-cache options with softcap are in
+test_kvcache_options.py)."""
 from __future__ import annotations
 
 import pytest

@@ -2,9 +2,10 @@
 diff_attention_v2_with_kvcache, both backends): rotary embedding (interleaved and halves,
 full and partial rotary_dim, q at its own positions or at cache_seqlens), cache_leftpad,
 cache_batch_idx, window_size and return_softmax_lse, also with softcap, against float64
-references written here from the formulas (rotate, gather, mask, cap, two softmaxes); NaN in every cache row a sequence
-does not own; greedy decoding of a left-padded batch equal to recomputation with a key padding
-mask; the flash-style positional call refused; bad option values refused by name.
+references written here from the formulas (rotate, gather, mask, cap, two softmaxes); NaN in
+every cache row a sequence does not own; greedy decoding of a left-padded batch equal to
+recomputation with a key padding mask; the flash-style positional call refused; bad option
+values refused by name.
 """
 from __future__ import annotations
 

@@ -23,10 +23,10 @@ documented semantics: ``rotary_cos``/``rotary_sin``/``rotary_interleaved`` (the 
 rotated at ``cache_seqlens[b] + i`` before the append, q likewise when causal or windowed,
 else at ``cache_seqlens[b]``), ``cache_batch_idx``, ``cache_leftpad``, ``window_size``,
 ``softcap`` and ``return_softmax_lse``. ``lambda_`` is keyword-only (V1 may instead take
-``lambda_vectors`` and ``lambda_init``, as diff_attention does). Nothing reads a length or a block table
-entry on the host (the checks on GPU values are asynchronous device assertions), and every
-shape that sizes a launch is static, so a decode step can be compiled and captured in a CUDA
-graph.
+``lambda_vectors`` and ``lambda_init``, as diff_attention does). Nothing reads a length or a
+block table entry on the host (the checks on GPU values are asynchronous device assertions),
+and every shape that sizes a launch is static, so a decode step can be compiled and captured
+in a CUDA graph.
 """
 from __future__ import annotations
 

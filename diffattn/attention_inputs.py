@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .masks import causal_keep_mask
-from .torch_path import window_keep_mask
+from .torch_path import with_window  # noqa: F401  (re-exported for the layers)
 
 
 def check_module_inputs(query, key, value, key_padding_mask, embed_dim: int, kdim: int,
@@ -164,21 +164,6 @@ def is_causal_mask(mask: Tensor, N: int, M: int) -> bool:
         answer = _values_are_causal(mask)
         _CAUSAL_ANSWERS.put(mask, answer)
     return answer
-
-
-def with_window(attn_bias: Optional[Tensor], window_size, causal: bool, N: int, M: int,
-                device) -> Optional[Tensor]:
-    """``attn_bias`` (None, bool True = masked out, or additive float) with the keys outside a
-    local window (see diffattn.diff_attention's window_size) masked out too: for the paths
-    that take a mask rather than a window (the materialised attention weights)."""
-    keep = window_keep_mask(N, M, window_size, causal, device)
-    if keep is None:
-        return attn_bias
-    if attn_bias is None:
-        return ~keep
-    if attn_bias.dtype == torch.bool:
-        return attn_bias | ~keep
-    return attn_bias.masked_fill(~keep, float("-inf"))
 
 
 def check_packed_inputs(layer, query, cu_seqlens, max_seqlen, other_arguments: dict) -> None:

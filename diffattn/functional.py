@@ -165,6 +165,12 @@ def _check_scalars(causal, scale) -> None:
         raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
 
 
+def check_softcap(softcap) -> None:
+    """softcap: a finite float >= 0 (0: no soft-capping)."""
+    if not _is_real(softcap) or not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be a finite float >= 0 (0 = off), got {softcap!r}")
+
+
 def _check_dropout(dropout_p) -> None:
     if not _is_real(dropout_p) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
@@ -368,11 +374,13 @@ def _mask_for_kernels(key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
 
 def run_diff_attention(q, k, v, lambda_, backend, *, causal=False, key_padding_mask=None,
                        scale=None, norm_weight=None, eps=1e-5, out_scale=1.0, dropout_p=0.0,
-                       attn_mask=None, window_size=None, return_lse=False):
+                       attn_mask=None, window_size=None, return_lse=False, **score_options):
     """diff_attention without the argument checks: for callers whose inputs are already known
     to be right (DiffMultiheadAttention). ``backend`` is "triton" or "torch" (resolved);
     ``lambda_`` may also be LambdaVectors (a layer's lambda vectors, fp32 contiguous).
-    return_lse: (out, lse (B, 2H, N)) as diff_attention's return_softmax_lse."""
+    return_lse: (out, lse (B, 2H, N)) as diff_attention's return_softmax_lse.
+    ``score_options``: the call's score options by name (AttentionCall fields), for both
+    paths."""
     q, k, v = _autocast(q, k, v)
     d = q.shape[3]
     scale = d ** -0.5 if scale is None else float(scale)
@@ -381,7 +389,7 @@ def run_diff_attention(q, k, v, lambda_, backend, *, causal=False, key_padding_m
         lam, lam_value, vectors = _kernel_lambda(lambda_, acc_dtype, q.device)
         call = AttentionCall.create(scale, causal=causal, window_size=window_size,
                                     lam_value=lam_value, lam_vectors=vectors, eps=eps,
-                                    out_scale=out_scale)
+                                    out_scale=out_scale, **score_options)
         result = fused_attention(q, k, v, lam, _mask_for_kernels(key_padding_mask), norm_weight,
                                  call, return_lse=return_lse)
         return (result[0], fused_lse(result[1], lse_dtype(q))) if return_lse else result
@@ -391,26 +399,26 @@ def run_diff_attention(q, k, v, lambda_, backend, *, causal=False, key_padding_m
                                    key_padding_mask=key_padding_mask, scale=scale,
                                    norm_weight=norm_weight, eps=eps, out_scale=out_scale,
                                    dropout_p=dropout_p, attn_bias=attn_mask,
-                                   window_size=window_size)
+                                   window_size=window_size, **score_options)
         if not return_lse:
             return out
         return out, softmax_lse_torch(q, k, key_pair=True, scale=scale, causal=causal,
                                       key_padding_mask=key_padding_mask, attn_bias=attn_mask,
-                                      window_size=window_size)
+                                      window_size=window_size, **score_options)
 
 
 def run_diff_attention_v2(q, k, v, lambda_, backend, *, causal=False, key_padding_mask=None,
                           scale=None, dropout_p=0.0, attn_mask=None, window_size=None,
-                          return_lse=False):
+                          return_lse=False, **score_options):
     """diff_attention_v2 without the argument checks; ``backend`` "triton" or "torch";
-    return_lse as in run_diff_attention."""
+    return_lse and ``score_options`` as in run_diff_attention."""
     q, k, v = _autocast(q, k, v)
     scale = q.shape[3] ** -0.5 if scale is None else float(scale)
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     if backend == "triton":
         lam, lam_value, _ = _kernel_lambda(lambda_, acc_dtype, q.device)
         call = AttentionCall.create(scale, causal=causal, window_size=window_size,
-                                    lam_value=lam_value)
+                                    lam_value=lam_value, **score_options)
         result = fused_attention(q, k, v, lam, _mask_for_kernels(key_padding_mask), None, call,
                                  return_lse=return_lse)
         return (result[0], fused_lse(result[1], lse_dtype(q))) if return_lse else result
@@ -418,12 +426,12 @@ def run_diff_attention_v2(q, k, v, lambda_, backend, *, causal=False, key_paddin
         out = diff_attention_v2_torch(q, k, v, lambda_, causal=causal,
                                       key_padding_mask=key_padding_mask, scale=scale,
                                       dropout_p=dropout_p, attn_bias=attn_mask,
-                                      window_size=window_size)
+                                      window_size=window_size, **score_options)
         if not return_lse:
             return out
         return out, softmax_lse_torch(q, k, key_pair=False, scale=scale, causal=causal,
                                       key_padding_mask=key_padding_mask, attn_bias=attn_mask,
-                                      window_size=window_size)
+                                      window_size=window_size, **score_options)
 
 
 # ------------------------------------------------------------------ public API
@@ -433,7 +441,7 @@ def diff_attention(q: Tensor, k: Tensor, v: Tensor,
                    scale: Optional[float] = None, norm_weight: Optional[Tensor] = None,
                    eps: float = 1e-5, out_scale: float = 1.0, dropout_p: float = 0.0,
                    attn_mask: Optional[Tensor] = None,
-                   window_size: Optional[Tuple[int, int]] = None,
+                   window_size: Optional[Tuple[int, int]] = None, softcap: float = 0.0,
                    lambda_vectors: Optional[Tensor] = None, lambda_init: Optional[float] = None,
                    rms_norm: Optional[bool] = None, return_softmax_lse: bool = False,
                    backend: str = "auto"):
@@ -461,6 +469,9 @@ def diff_attention(q: Tensor, k: Tensor, v: Tensor,
             i + (M - N) - left <= j <= i + (M - N) + right (FlashAttention's rule); -1 leaves
             that side unbounded; with causal, right is 0. None or (-1, -1): no window. The
             fused kernels skip the key tiles outside the window.
+        softcap: logit soft-capping (flash-attn's softcap): the scaled scores s = scale * q . k
+            become softcap * tanh(s / softcap) before the softmax; 0 (default) is off. The
+            torch backend computes a capped call from the materialised maps (SDPA cannot cap).
         lambda_vectors: (4, d) floating tensor, the rows lq1, lk1, lq2, lk2 of the
             Differential Transformer's lambda, exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init,
             shared by all heads; computed by the kernels (as DiffMultiheadAttention does),
@@ -486,20 +497,22 @@ def diff_attention(q: Tensor, k: Tensor, v: Tensor,
     _check_return_lse(return_softmax_lse)
     _check_attn_mask(attn_mask, q, k)
     _check_dropout(dropout_p)
+    check_softcap(softcap)
     chosen = resolve_backend(backend, q.device, q.dtype, q.shape[3],
                              unsupported_features(dropout_p, attn_mask))
     return run_diff_attention(q, k, v, lambda_, chosen, causal=causal,
                               key_padding_mask=key_padding_mask, scale=scale,
                               norm_weight=norm_weight, eps=eps, out_scale=out_scale,
                               dropout_p=dropout_p, attn_mask=attn_mask,
-                              window_size=window_size, return_lse=return_softmax_lse)
+                              window_size=window_size, return_lse=return_softmax_lse,
+                              softcap=softcap)
 
 
 def diff_attention_v2(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Tensor], *,
                       causal: bool = False, key_padding_mask: Optional[Tensor] = None,
                       scale: Optional[float] = None, dropout_p: float = 0.0,
                       attn_mask: Optional[Tensor] = None,
-                      window_size: Optional[Tuple[int, int]] = None,
+                      window_size: Optional[Tuple[int, int]] = None, softcap: float = 0.0,
                       return_softmax_lse: bool = False, backend: str = "auto"):
     """Differential attention V2 (Differential Transformer V2), fused:
     out[:, :, h] = softmax(s q_2h k_g^T) v_g - lambda softmax(s q_2h+1 k_g^T) v_g.
@@ -512,7 +525,8 @@ def diff_attention_v2(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Ten
         q: (B, N, 2H, d). k: (B, M, Hk, d). v: (B, M, Hk, d). H % Hk == 0.
         lambda_: float, 0-dim tensor, (H,) or per token (B, N, H); differentiable when a
             tensor. It multiplies directly (DiffMultiheadAttentionV2 applies the sigmoid).
-        causal, key_padding_mask, scale, window_size, backend: as in diff_attention.
+        causal, key_padding_mask, scale, window_size, softcap, backend: as in
+            diff_attention.
         dropout_p, attn_mask: as in diff_attention (torch backend only); attn_mask per q head,
             broadcastable to (B, 2H, N, M).
         return_softmax_lse: also return each softmax map's log-sum-exp, as in diff_attention.
@@ -525,12 +539,14 @@ def diff_attention_v2(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Ten
     _check_return_lse(return_softmax_lse)
     _check_attn_mask(attn_mask, q, k)
     _check_dropout(dropout_p)
+    check_softcap(softcap)
     chosen = resolve_backend(backend, q.device, q.dtype, q.shape[3],
                              unsupported_features(dropout_p, attn_mask))
     return run_diff_attention_v2(q, k, v, lambda_, chosen, causal=causal,
                                  key_padding_mask=key_padding_mask, scale=scale,
                                  dropout_p=dropout_p, attn_mask=attn_mask,
-                                 window_size=window_size, return_lse=return_softmax_lse)
+                                 window_size=window_size, return_lse=return_softmax_lse,
+                                 softcap=softcap)
 
 
 # ------------------------------------------------------------------ packed sequences
@@ -596,7 +612,7 @@ def diff_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                           lambda_: Optional[Union[float, Tensor]] = None, causal: bool = False,
                           window_size: Optional[Tuple[int, int]] = None,
                           scale: Optional[float] = None, norm_weight: Optional[Tensor] = None,
-                          eps: float = 1e-5, out_scale: float = 1.0,
+                          eps: float = 1e-5, out_scale: float = 1.0, softcap: float = 0.0,
                           lambda_vectors: Optional[Tensor] = None,
                           lambda_init: Optional[float] = None, rms_norm: Optional[bool] = None,
                           return_softmax_lse: bool = False, backend: str = "auto"):
@@ -619,8 +635,8 @@ def diff_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
         causal, window_size: per sequence, as in diff_attention: query i of a sequence of Nq
             queries and Nk keys sees keys j <= i + Nk - Nq (bottom-right). A query that sees
             no key gives zeros.
-        scale, norm_weight, eps, out_scale, lambda_vectors, lambda_init, rms_norm, backend: as
-            in diff_attention.
+        scale, norm_weight, eps, out_scale, softcap, lambda_vectors, lambda_init, rms_norm,
+            backend: as in diff_attention.
         return_softmax_lse: also return each softmax map's log-sum-exp (see Returns).
     Returns:
         (total_q, H, 2d) in q's dtype. With return_softmax_lse, (out, lse): lse (2H, total_q)
@@ -640,20 +656,21 @@ def diff_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
     lambda_ = resolve_lambda_vectors(lambda_, lambda_vectors, lambda_init, q)
     norm_weight = resolve_rms_norm(norm_weight, rms_norm, v.shape[2], q)
     _check_return_lse(return_softmax_lse)
+    check_softcap(softcap)
     cu_seqlens_q, cu_seqlens_k = check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k,
                                                    max_seqlen_q, max_seqlen_k)
     return _run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        lambda_, backend, causal=causal, window_size=window_size, scale=scale,
                        norm_weight=norm_weight, eps=eps, out_scale=out_scale, v2=False,
-                       return_lse=return_softmax_lse)
+                       return_lse=return_softmax_lse, softcap=softcap)
 
 
 def _run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, lambda_,
                 backend, *, causal, window_size, scale, norm_weight, eps, out_scale,
-                v2: bool, return_lse: bool = False):
+                v2: bool, return_lse: bool = False, **score_options):
     """The packed call after its checks: the backend, autocast, then the fused kernels (one
     launch over every sequence) or the torch path (V1 or V2 by ``v2``); with return_lse,
-    (out, lse (2H, total_q))."""
+    (out, lse (2H, total_q)); ``score_options`` as in run_diff_attention."""
     chosen = resolve_backend(backend, q.device, q.dtype, q.shape[2], unsupported_features(0.0,
                                                                                          None))
     q, k, v = _autocast(q, k, v)
@@ -663,7 +680,8 @@ def _run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         lam, lam_value, vectors = _kernel_lambda(lambda_, acc_dtype, q.device)
         call = AttentionCall.create(scale, causal=causal, window_size=window_size,
                                     lam_value=lam_value, lam_vectors=vectors, eps=eps,
-                                    out_scale=out_scale, max_seqlens=(max_seqlen_q, max_seqlen_k))
+                                    out_scale=out_scale, max_seqlens=(max_seqlen_q, max_seqlen_k),
+                                    **score_options)
         result = fused_attention(q, k, v, lam, None, norm_weight, call, cu_seqlens_q,
                                  cu_seqlens_k, return_lse=return_lse)
         if not return_lse:
@@ -673,26 +691,29 @@ def _run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         if v2:
             out = diff_attention_v2_varlen_torch(q, k, v, lambda_, cu_seqlens_q, cu_seqlens_k,
                                                  max_seqlen_q, max_seqlen_k, causal=causal,
-                                                 scale=scale, window_size=window_size)
+                                                 scale=scale, window_size=window_size,
+                                                 **score_options)
         else:
             lam = expand_lambda(lambda_, q.shape[1] // 2, acc_dtype, q.device)
             out = diff_attention_varlen_torch(q, k, v, lam, cu_seqlens_q, cu_seqlens_k,
                                               max_seqlen_q, max_seqlen_k, causal=causal,
                                               scale=scale, norm_weight=norm_weight, eps=eps,
-                                              out_scale=out_scale, window_size=window_size)
+                                              out_scale=out_scale, window_size=window_size,
+                                              **score_options)
         if not return_lse:
             return out
         return out, softmax_lse_varlen_torch(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                              max_seqlen_k, key_pair=not v2, scale=scale,
-                                             causal=causal, window_size=window_size)
+                                             causal=causal, window_size=window_size,
+                                             **score_options)
 
 
 def diff_attention_v2_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                              cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
                              lambda_: Union[float, Tensor], causal: bool = False,
                              window_size: Optional[Tuple[int, int]] = None,
-                             scale: Optional[float] = None, return_softmax_lse: bool = False,
-                             backend: str = "auto"):
+                             scale: Optional[float] = None, softcap: float = 0.0,
+                             return_softmax_lse: bool = False, backend: str = "auto"):
     """diff_attention_v2 over packed variable-length sequences (see diff_attention_varlen;
     everything after max_seqlen_k is keyword-only).
 
@@ -701,7 +722,8 @@ def diff_attention_v2_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tens
         cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k: as in diff_attention_varlen.
         lambda_: float, 0-dim tensor, (H,) or per token (total_q, H); differentiable when a
             tensor. Keyword-only, required.
-        causal, window_size, scale, return_softmax_lse, backend: as in diff_attention_varlen.
+        causal, window_size, scale, softcap, return_softmax_lse, backend: as in
+            diff_attention_varlen.
     Returns:
         (total_q, H, d) in q's dtype; with return_softmax_lse, (out, lse (2H, total_q)) as in
         diff_attention_varlen.
@@ -722,9 +744,10 @@ def diff_attention_v2_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tens
     check_diff_attention_v2_args(q[None], k[None], v[None], lam_check, None, scale, causal,
                                  window_size)
     _check_return_lse(return_softmax_lse)
+    check_softcap(softcap)
     cu_seqlens_q, cu_seqlens_k = check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k,
                                                    max_seqlen_q, max_seqlen_k)
     return _run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        lambda_, backend, causal=causal, window_size=window_size, scale=scale,
                        norm_weight=None, eps=1e-5, out_scale=1.0, v2=True,
-                       return_lse=return_softmax_lse)
+                       return_lse=return_softmax_lse, softcap=softcap)

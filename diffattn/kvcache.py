@@ -21,11 +21,12 @@ Layouts (batch first, as in diff_attention; flash-attn's ``flash_attn_with_kvcac
 bottom-right: query i sees keys ``j <= L - Nq + i``. flash-attn's options follow its
 documented semantics: ``rotary_cos``/``rotary_sin``/``rotary_interleaved`` (the new keys
 rotated at ``cache_seqlens[b] + i`` before the append, q likewise when causal or windowed,
-else at ``cache_seqlens[b]``), ``cache_batch_idx``, ``cache_leftpad``, ``window_size`` and
-``return_softmax_lse``. ``lambda_`` is keyword-only. Nothing reads a length or a block table
-entry on the host (the checks on GPU values are asynchronous device assertions), and every
-shape that sizes a launch is static, so a decode step can be compiled and captured in a CUDA
-graph.
+else at ``cache_seqlens[b]``), ``cache_batch_idx``, ``cache_leftpad``, ``window_size``,
+``softcap`` and ``return_softmax_lse``. ``lambda_`` is keyword-only (V1 may instead take
+``lambda_vectors`` and ``lambda_init``, as diff_attention does). Nothing reads a length or a
+block table entry on the host (the checks on GPU values are asynchronous device assertions),
+and every shape that sizes a launch is static, so a decode step can be compiled and captured
+in a CUDA graph.
 """
 from __future__ import annotations
 
@@ -37,16 +38,18 @@ from torch import Tensor
 
 from .backend import check_backend_name, resolve_backend, resolve_layer_backend
 from .functional import (_check_lambda, _check_scalars, _check_tensor, _kernel_lambda,
-                         _last_dim_contiguous, check_epilogue_args, check_values,
-                         check_window_size)
+                         _last_dim_contiguous, check_epilogue_args, check_softcap,
+                         check_values, check_window_size, resolve_lambda_vectors,
+                         resolve_rms_norm)
 from .lambdas import LambdaVectors, expand_lambda
 from .torch_path import diff_attention_torch, diff_attention_v2_torch, zero_padding_keys
 
 try:
-    from .kernels import INTERPRET
+    from .kernels import INTERPRET, AttentionCall
     from .kernels.diff_attn_decode import diff_attn_decode
+    from .ops import register_call_op
 except ImportError:  # no triton: resolve_backend never picks "triton"
-    INTERPRET, diff_attn_decode = False, None
+    INTERPRET, AttentionCall, diff_attn_decode = False, None, None
 
 
 # ------------------------------------------------------------------ argument checks
@@ -334,21 +337,21 @@ def host_lengths(lengths: Tensor) -> Optional[list]:
 
 
 def _attend(q, keys, values, lambda_, causal, scale, norm_weight, eps, out_scale, v2,
-            attn_bias=None):
+            attn_bias=None, **score_options):
     """diff_attention's torch path on (B, M, heads, dim) keys and values (any strides)."""
     if v2:
         return diff_attention_v2_torch(q, keys, values, lambda_, causal=causal, scale=scale,
-                                       attn_bias=attn_bias)
+                                       attn_bias=attn_bias, **score_options)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     lam = expand_lambda(lambda_, q.shape[2] // 2, acc, q.device)
     return diff_attention_torch(q, keys, values, lam, causal=causal, scale=scale,
                                 norm_weight=norm_weight, eps=eps, out_scale=out_scale,
-                                attn_bias=attn_bias)
+                                attn_bias=attn_bias, **score_options)
 
 
 def _torch_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal, scale,
                      norm_weight, eps, out_scale, v2, *, cache_leftpad=None,
-                     cache_batch_idx=None, window_size=None, return_lse=False):
+                     cache_batch_idx=None, window_size=None, return_lse=False, **score_options):
     """The readable path: each sequence's keys in logical order (a gather when paged or with
     cache_batch_idx), masked outside its keys (past its length, before its left pad, the
     causal diagonal, the window), and diff_attention's torch path.
@@ -357,7 +360,8 @@ def _torch_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal,
     the keys as views of the cache up to the longest sequence: with every sequence of the same
     length nothing is masked or copied, and the rows past the end are never read. Otherwise
     the rows outside a sequence's keys, which hold whatever the cache had (stale or never
-    written), are read as 0, so that a NaN there meets no zero probability."""
+    written), are read as 0, so that a NaN there meets no zero probability.
+    ``score_options``: the call's score options by name (AttentionCall fields)."""
     keys, values = logical_cache(k_cache, block_table), logical_cache(v_cache, block_table)
     n_q = q.shape[1]
     plain = cache_leftpad is None and cache_batch_idx is None and window_size is None and \
@@ -369,7 +373,7 @@ def _torch_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal,
             keys, values = keys[:, :longest], values[:, :longest]
         if min(known) == longest:  # bottom-right causal: one query sees every key
             return _attend(q, keys, values, lambda_, causal and n_q > 1, scale, norm_weight,
-                           eps, out_scale, v2)
+                           eps, out_scale, v2, **score_options)
     if cache_batch_idx is not None:
         keys, values = keys[cache_batch_idx.long()], values[cache_batch_idx.long()]
     masked = kvcache_masked(lengths, n_q, keys.shape[1], causal)
@@ -377,9 +381,9 @@ def _torch_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal,
     unused = kvcache_unused_rows(lengths, keys.shape[1], cache_leftpad)
     keys, values = zero_padding_keys(keys, unused), zero_padding_keys(values, unused)
     out = _attend(q, keys, values, lambda_, False, scale, norm_weight, eps, out_scale, v2,
-                  attn_bias=masked)
+                  attn_bias=masked, **score_options)
     if return_lse:
-        return out, kvcache_lse(q, keys, masked, scale, v2)
+        return out, kvcache_lse(q, keys, masked, scale, v2, **score_options)
     return out
 
 
@@ -444,9 +448,11 @@ def kvcache_unused_rows(lengths: Tensor, capacity: int,
     return unused
 
 
-def kvcache_lse(q: Tensor, keys: Tensor, masked: Tensor, scale: float, v2: bool) -> Tensor:
-    """(B, 2H, Nq) float32: each map's natural-log log-sum-exp of scale * q k^T over the keys
-    it sees (q head 2h: map 1 of head h, 2h + 1: map 2), +inf for a row that sees none.
+def kvcache_lse(q: Tensor, keys: Tensor, masked: Tensor, scale: float, v2: bool,
+                softcap: float = 0.0) -> Tensor:
+    """(B, 2H, Nq) float32: each map's natural-log log-sum-exp of its scores s = scale * q k^T
+    (softcap > 0: softcap * tanh(s / softcap), the softmax's input) over the keys it sees
+    (q head 2h: map 1 of head h, 2h + 1: map 2), +inf for a row that sees none.
     keys (B, M, 2Hk or Hk, d) in logical order; masked (B, 1, Nq, M), True = unseen."""
     H2 = q.shape[2]
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -457,6 +463,8 @@ def kvcache_lse(q: Tensor, keys: Tensor, masked: Tensor, scale: float, v2: bool)
         key_head = 2 * ((heads // 2) // ((H2 // 2) // (keys.shape[2] // 2))) + heads % 2
     scores = torch.einsum("bnjd,bmjd->bjnm", q.to(compute),
                           keys[:, :, key_head].to(compute)) * scale
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
     lse = torch.logsumexp(scores.masked_fill(masked, float("-inf")), dim=-1)
     return lse.masked_fill(lse == float("-inf"), float("inf")).float()
 
@@ -467,68 +475,64 @@ def kvcache_lse(q: Tensor, keys: Tensor, masked: Tensor, scale: float, v2: bool)
 # it, which torch.compile functionalises. On a GPU it is a triton_op (Inductor sees the
 # kernels); under the interpreter an opaque custom op with a shape-only fake.
 if diff_attn_decode is not None:
-    _register = torch.library.custom_op if INTERPRET else torch.library.triton_op
     _WRAP = None if INTERPRET else torch.library.wrap_triton
 
-    @_register("diffattn::kvcache_fwd", mutates_args=())
+    @register_call_op("diffattn::kvcache_fwd")
     def _kvcache_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor,
-                    block_table: Optional[Tensor], lam: Optional[Tensor], lam_value: float,
-                    lam_vectors: bool, norm_weight: Optional[Tensor], scale: float,
-                    causal: bool, eps: float, out_scale: float, num_splits: int,
-                    rotary_cos: Optional[Tensor], rotary_sin: Optional[Tensor],
-                    rotary_interleaved: bool, rotary_per_row: bool, n_new: int,
-                    cache_leftpad: Optional[Tensor], cache_batch_idx: Optional[Tensor],
-                    window_left: int, window_right: int,
-                    return_lse: bool) -> Tuple[Tensor, Tensor]:
+                    block_table: Optional[Tensor], lam: Optional[Tensor],
+                    norm_weight: Optional[Tensor], num_splits: int, rotary_cos: Optional[Tensor],
+                    rotary_sin: Optional[Tensor], rotary_interleaved: bool, rotary_per_row: bool,
+                    n_new: int, cache_leftpad: Optional[Tensor],
+                    cache_batch_idx: Optional[Tensor], return_lse: bool,
+                    *call) -> Tuple[Tensor, Tensor]:
         """The decode kernels over caches that already hold the new keys (lengths: valid
-        keys per sequence). Returns (out, lse); lse is empty without return_lse."""
+        keys per sequence); ``call``: AttentionCall.as_schema_args(). Returns (out, lse); lse
+        is empty without return_lse."""
         result = diff_attn_decode(
-            q, k_cache, v_cache, lengths, block_table, lam, lam_value, norm_weight, scale,
-            causal, eps, out_scale, num_splits, _WRAP, lam_vectors, rotary_cos=rotary_cos,
+            q, k_cache, v_cache, lengths, block_table, lam, norm_weight,
+            AttentionCall.from_schema_args(*call), num_splits, _WRAP, rotary_cos=rotary_cos,
             rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved,
             rotary_per_row=rotary_per_row, n_new=n_new, cache_leftpad=cache_leftpad,
-            cache_batch_idx=cache_batch_idx, window_size=(window_left, window_right),
-            return_lse=return_lse)
+            cache_batch_idx=cache_batch_idx, return_lse=return_lse)
         return result if return_lse else (result, q.new_empty(0, dtype=torch.float32))
 
     @_kvcache_op.register_fake
-    def _(q, k_cache, v_cache, lengths, block_table, lam, lam_value, lam_vectors, norm_weight,
-          scale, causal, eps, out_scale, num_splits, rotary_cos, rotary_sin, rotary_interleaved,
-          rotary_per_row, n_new, cache_leftpad, cache_batch_idx, window_left, window_right,
-          return_lse):
+    def _(q, k_cache, v_cache, lengths, block_table, lam, norm_weight, num_splits, rotary_cos,
+          rotary_sin, rotary_interleaved, rotary_per_row, n_new, cache_leftpad, cache_batch_idx,
+          return_lse, *call):
         B, Nq, H2, _ = q.shape
         lse_shape = (B, H2, Nq) if return_lse else (0,)
         return (q.new_empty(B, Nq, H2 // 2, v_cache.shape[3]),
                 q.new_empty(lse_shape, dtype=torch.float32))
 
 
-def _fused_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal, scale,
-                     norm_weight, eps, out_scale, num_splits, *, rotary_cos=None,
-                     rotary_sin=None, rotary_interleaved=True, rotary_per_row=False, n_new=0,
-                     cache_leftpad=None, cache_batch_idx=None, window_size=None,
-                     return_lse=False):
+def _fused_attention(q, k_cache, v_cache, lengths, block_table, lambda_, norm_weight, num_splits,
+                     *, rotary_cos=None, rotary_sin=None, rotary_interleaved=True,
+                     rotary_per_row=False, n_new=0, cache_leftpad=None, cache_batch_idx=None,
+                     return_lse=False, **options):
+    """The decode kernels; ``options``: the AttentionCall's (scale, causal, window_size, the
+    epilogue, score options)."""
     q = _last_dim_contiguous(q)  # the decode kernel reads q's rows as contiguous vectors
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     lam, lam_value, vectors = _kernel_lambda(lambda_, acc, q.device)
+    call = AttentionCall.create(lam_value=lam_value, lam_vectors=vectors, **options)
     up = q.dtype == torch.bfloat16 and INTERPRET  # the interpreter's bf16 math is wrong
     if up:
         q, k_cache, v_cache = q.float(), k_cache.float(), v_cache.float()
     if rotary_cos is not None:  # the kernel reads cos/sin rows as contiguous vectors
         rotary_cos, rotary_sin = _last_dim_contiguous(rotary_cos), _last_dim_contiguous(rotary_sin)
-    left, right = (-1, -1) if window_size is None else window_size
-    options = dict(rotary_cos=rotary_cos, rotary_sin=rotary_sin,
-                   rotary_interleaved=rotary_interleaved, rotary_per_row=rotary_per_row,
-                   n_new=n_new, cache_leftpad=cache_leftpad, cache_batch_idx=cache_batch_idx)
     if torch.compiler.is_compiling():
-        out, lse = _kvcache_op(q, k_cache, v_cache, lengths, block_table, lam, lam_value,
-                               vectors, norm_weight, float(scale), causal, float(eps),
-                               float(out_scale), num_splits, window_left=left,
-                               window_right=right, return_lse=return_lse, **options)
+        out, lse = _kvcache_op(q, k_cache, v_cache, lengths, block_table, lam, norm_weight,
+                               num_splits, rotary_cos, rotary_sin, rotary_interleaved,
+                               rotary_per_row, n_new, cache_leftpad, cache_batch_idx, return_lse,
+                               *call.as_schema_args())
     else:
-        result = diff_attn_decode(q, k_cache, v_cache, lengths, block_table, lam, lam_value,
-                                  norm_weight, float(scale), causal, float(eps),
-                                  float(out_scale), num_splits, lam_vectors=vectors,
-                                  window_size=(left, right), return_lse=return_lse, **options)
+        result = diff_attn_decode(q, k_cache, v_cache, lengths, block_table, lam, norm_weight,
+                                  call, num_splits, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                                  rotary_interleaved=rotary_interleaved,
+                                  rotary_per_row=rotary_per_row, n_new=n_new,
+                                  cache_leftpad=cache_leftpad, cache_batch_idx=cache_batch_idx,
+                                  return_lse=return_lse)
         out, lse = result if return_lse else (result, None)
     out = out.to(torch.bfloat16) if up else out
     return (out, lse) if return_lse else out
@@ -540,10 +544,11 @@ def run_with_kvcache(q, k_cache, v_cache, lambda_, backend, *, k=None, v=None,
                      cache_batch_idx=None, cache_leftpad=None, block_table=None, causal=False,
                      window_size=None, rotary_interleaved=True, scale=None, norm_weight=None,
                      eps=1e-5, out_scale=1.0, num_splits=0, return_softmax_lse=False,
-                     v2=False):
+                     v2=False, **score_options):
     """The two public functions without the shape checks (``backend`` resolved): checks the
     index tensors' values, rotates and appends the new keys, attends. ``lambda_`` may be
-    LambdaVectors (V1)."""
+    LambdaVectors (V1); ``score_options``: the call's score options by name (AttentionCall
+    fields)."""
     B = q.shape[0]
     n_new = 0 if k is None else k.shape[1]
     capacity = _capacity(k_cache, block_table)
@@ -587,13 +592,14 @@ def run_with_kvcache(q, k_cache, v_cache, lambda_, backend, *, k=None, v=None,
     lengths = seqlens + n_new if n_new else seqlens
     scale = q.shape[3] ** -0.5 if scale is None else float(scale)
     if backend == "triton":
-        return _fused_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal,
-                                scale, norm_weight, eps, out_scale, num_splits,
-                                rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+        return _fused_attention(q, k_cache, v_cache, lengths, block_table, lambda_, norm_weight,
+                                num_splits, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
                                 rotary_interleaved=rotary_interleaved,
                                 rotary_per_row=rotary_per_row, n_new=n_new,
                                 cache_leftpad=cache_leftpad, cache_batch_idx=cache_batch_idx,
-                                window_size=window_size, return_lse=return_softmax_lse)
+                                return_lse=return_softmax_lse, scale=scale, causal=causal,
+                                window_size=window_size, eps=eps, out_scale=out_scale,
+                                **score_options)
     if rotary_cos is not None:
         q = apply_rotary(q, rotary_cos, rotary_sin,
                          rotary_positions(seqlens, q.shape[1], rotary_per_row),
@@ -601,7 +607,7 @@ def run_with_kvcache(q, k_cache, v_cache, lambda_, backend, *, k=None, v=None,
     return _torch_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal, scale,
                             norm_weight, eps, out_scale, v2, cache_leftpad=cache_leftpad,
                             cache_batch_idx=cache_batch_idx, window_size=window_size,
-                            return_lse=return_softmax_lse)
+                            return_lse=return_softmax_lse, **score_options)
 
 
 _SIGNATURE_DOC = """
@@ -612,8 +618,8 @@ _SIGNATURE_DOC = """
         {name}(
             q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None, *,
-            lambda_, scale=None, causal=False, window_size=None, rotary_interleaved=True,
-            {extra}num_splits=0, return_softmax_lse=False, backend="auto")
+            {lam}, scale=None, causal=False, window_size=None, rotary_interleaved=True,
+            {extra}num_splits=0, softcap=0.0, return_softmax_lse=False, backend="auto")
 """
 
 _COMMON_ARGS_DOC = """
@@ -655,8 +661,10 @@ _COMMON_ARGS_DOC = """
             FlashAttention's rule, as in diff_attention). None or (-1, -1): no window.
         num_splits: key splits of the fused path (flash-decoding): 0 chooses from the shapes,
             1 runs one pass; the partial results are merged with their log-sum-exp.
+        softcap: logit soft-capping, as in diff_attention (0: off).
         return_softmax_lse: also return lse (B, 2H, Nq) float32, each softmax map's
-            natural-log log-sum-exp of scale * q k^T over the keys it sees, in q-head order
+            natural-log log-sum-exp of its scores (scale * q k^T, soft-capped with softcap)
+            over the keys it sees, in q-head order
             (q head 2h: map 1 of differential head h, 2h + 1: map 2); +inf for a row that
             sees no key (flash-attn's value).
         backend: "auto" | "triton" | "torch" (see diffattn.backend). The fused path is
@@ -674,13 +682,16 @@ def diff_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                                 cache_batch_idx: Optional[Tensor] = None,
                                 cache_leftpad: Optional[Tensor] = None,
                                 block_table: Optional[Tensor] = None, *,
-                                lambda_: Union[float, Tensor], scale: Optional[float] = None,
-                                causal: bool = False,
+                                lambda_: Optional[Union[float, Tensor]] = None,
+                                scale: Optional[float] = None, causal: bool = False,
                                 window_size: Optional[Tuple[int, int]] = None,
                                 rotary_interleaved: bool = True,
                                 norm_weight: Optional[Tensor] = None, eps: float = 1e-5,
-                                out_scale: float = 1.0, num_splits: int = 0,
-                                return_softmax_lse: bool = False,
+                                out_scale: float = 1.0,
+                                lambda_vectors: Optional[Tensor] = None,
+                                lambda_init: Optional[float] = None,
+                                rms_norm: Optional[bool] = None, num_splits: int = 0,
+                                softcap: float = 0.0, return_softmax_lse: bool = False,
                                 backend: str = "auto"):
     """Differential attention (V1 / DiffCLIP) of a decoding step against a KV cache, forward
     only; k and v, when given, are first appended to the caches in place.
@@ -691,19 +702,28 @@ def diff_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
         v_cache: (B, Mmax, Hk, 2d), or (num_blocks, page_size, Hk, 2d) with block_table.
         k, v: (B, Nnew, 2Hk, d) and (B, Nnew, Hk, 2d), or None: written into the caches at
             positions cache_seqlens[b] .. cache_seqlens[b] + Nnew - 1 (in place).
-        lambda_: float, 0-dim or (H,) tensor (keyword-only).
+        lambda_: float, 0-dim or (H,) tensor (keyword-only); or None with lambda_vectors.
         scale: softmax scale (flash-attn's softmax_scale), default d ** -0.5.
-        norm_weight, eps, out_scale: as in diff_attention (the RMSNorm epilogue).{common}
+        norm_weight, eps, out_scale: as in diff_attention (the RMSNorm epilogue).
+        lambda_vectors, lambda_init: instead of lambda_, the Differential Transformer's
+            lambda exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init from the (4, d) rows lq1,
+            lk1, lq2, lk2, computed by the kernels (as in diff_attention).
+        rms_norm: as in diff_attention: None follows norm_weight; True runs the RMSNorm
+            (weightless without norm_weight); False runs none.{common}
     Returns:
         (B, Nq, H, 2d) in q's dtype; (out, lse) with return_softmax_lse.
     """
     check_backend_name(backend)
-    _check_kvcache(q, k_cache, v_cache, lambda_, k, v, cache_seqlens, block_table, norm_weight,
-                   scale, causal, eps, out_scale, num_splits, v2=False,
+    lam_check = 0.0 if lambda_ is None or lambda_vectors is not None else lambda_
+    _check_kvcache(q, k_cache, v_cache, lam_check, k, v, cache_seqlens, block_table,
+                   norm_weight, scale, causal, eps, out_scale, num_splits, v2=False,
                    cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
                    rotary_cos=rotary_cos, rotary_sin=rotary_sin,
                    rotary_interleaved=rotary_interleaved, window_size=window_size,
                    return_softmax_lse=return_softmax_lse)
+    check_softcap(softcap)
+    lambda_ = resolve_lambda_vectors(lambda_, lambda_vectors, lambda_init, q)
+    norm_weight = resolve_rms_norm(norm_weight, rms_norm, v_cache.shape[3], q)
     chosen = resolve_backend(backend, q.device, q.dtype, q.shape[3])
     return run_with_kvcache(q, k_cache, v_cache, lambda_, chosen, k=k, v=v,
                             rotary_cos=rotary_cos, rotary_sin=rotary_sin,
@@ -713,7 +733,7 @@ def diff_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                             rotary_interleaved=rotary_interleaved, scale=scale,
                             norm_weight=norm_weight, eps=eps, out_scale=out_scale,
                             num_splits=num_splits, return_softmax_lse=return_softmax_lse,
-                            v2=False)
+                            v2=False, softcap=softcap)
 
 
 def diff_attention_v2_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
@@ -728,7 +748,8 @@ def diff_attention_v2_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                                    scale: Optional[float] = None, causal: bool = False,
                                    window_size: Optional[Tuple[int, int]] = None,
                                    rotary_interleaved: bool = True, num_splits: int = 0,
-                                   return_softmax_lse: bool = False, backend: str = "auto"):
+                                   softcap: float = 0.0, return_softmax_lse: bool = False,
+                                   backend: str = "auto"):
     """Differential attention V2 of a decoding step against a KV cache, forward only; k and v,
     when given, are first appended to the caches in place.
 {signature}
@@ -750,6 +771,7 @@ def diff_attention_v2_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                    cache_leftpad=cache_leftpad, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
                    rotary_interleaved=rotary_interleaved, window_size=window_size,
                    return_softmax_lse=return_softmax_lse)
+    check_softcap(softcap)
     chosen = resolve_backend(backend, q.device, q.dtype, q.shape[3])
     return run_with_kvcache(q, k_cache, v_cache, lambda_, chosen, k=k, v=v,
                             rotary_cos=rotary_cos, rotary_sin=rotary_sin,
@@ -758,17 +780,19 @@ def diff_attention_v2_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                             causal=causal, window_size=window_size,
                             rotary_interleaved=rotary_interleaved, scale=scale,
                             num_splits=num_splits, return_softmax_lse=return_softmax_lse,
-                            v2=True)
+                            v2=True, softcap=softcap)
 
 
-for _fn, _extra in ((diff_attention_with_kvcache, "norm_weight=None, eps=1e-5, out_scale=1.0,"
-                                                  "\n            "),
-                    (diff_attention_v2_with_kvcache, "")):
+for _fn, _lam, _extra in (
+        (diff_attention_with_kvcache, "lambda_=None",
+         "norm_weight=None, eps=1e-5, out_scale=1.0, lambda_vectors=None, lambda_init=None,"
+         "\n            rms_norm=None, "),
+        (diff_attention_v2_with_kvcache, "lambda_", "")):
     if _fn.__doc__:  # None under python -OO
         _fn.__doc__ = _fn.__doc__.format(
-            signature=_SIGNATURE_DOC.format(name=_fn.__name__, extra=_extra),
+            signature=_SIGNATURE_DOC.format(name=_fn.__name__, lam=_lam, extra=_extra),
             common=_COMMON_ARGS_DOC.rstrip())
-del _fn, _extra
+del _fn, _lam, _extra
 
 
 # ------------------------------------------------------------------ the layers' cache

@@ -23,12 +23,16 @@ are computed in fp32 and the results cast back.
 """
 from __future__ import annotations
 
-from typing import Optional
+import functools
+import inspect
+import typing
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from .kernels import INTERPRET, AttentionCall, diff_attn_bwd, diff_attn_fwd
+from .kernels.call import FIELD_TYPES, call_dims
 
 _EMPTY = (0,)
 
@@ -136,27 +140,56 @@ class DiffAttentionFunction(torch.autograd.Function):
 # On a GPU the ops are triton_ops: torch.compile traces through their bodies to the kernels.
 # Under the interpreter the kernels cannot run on the fake tensors of a trace (they read
 # memory), so there the ops are opaque custom ops with shape-only fake implementations.
-# Their schemas take the AttentionCall's fields as plain arguments (AttentionCall.as_schema_args),
-# and last, with defaults for the padded layout, packed sequences' cumulative offsets and
-# maximum lengths (AttentionCall.packed_schema_args).
+# Their schemas end with the AttentionCall's fields (register_call_op), which the
+# implementations, the fake implementations and the autograd glue take as *call and turn
+# back into the AttentionCall (AttentionCall.from_schema_args): no field is spelled here.
 _register_op = torch.library.custom_op if INTERPRET else torch.library.triton_op
 _WRAP = None if INTERPRET else torch.library.wrap_triton
 
+# {AttentionCall field type: the Python annotation torch.library reads a schema type from}
+_ANNOTATIONS = {"float": float, "bool": bool, "int": int, "Tuple[int, int]": Sequence[int],
+                "Optional[Tuple[int, int]]": Optional[Sequence[int]]}
 
-@_register_op("diffattn::fwd", mutates_args=())
+
+def register_call_op(name: str):
+    """Register ``fn(<annotated arguments>, *call)`` as the custom operator ``name`` whose
+    schema is fn's own arguments followed by AttentionCall's fields (fn receives their
+    values, ``AttentionCall.as_schema_args()``, as ``call``). Returns the registered op (a
+    ``torch.library`` CustomOpDef: ``register_fake``, ``register_autograd``)."""
+    def register(fn):
+        hints = typing.get_type_hints(fn)
+        parameters = [p.replace(annotation=hints[p.name])
+                      for p in inspect.signature(fn).parameters.values()
+                      if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+        parameters += [inspect.Parameter(field, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                         annotation=_ANNOTATIONS[ty])
+                       for field, ty in FIELD_TYPES.items()]
+
+        @functools.wraps(fn)
+        def op(*args):
+            return fn(*args)
+        op.__signature__ = inspect.Signature(parameters, return_annotation=hints["return"])
+        return _register_op(name, op, mutates_args=())
+    return register
+
+
+# fused_fwd's arguments before the call's fields: six tensors, the two cumulative offsets
+# of packed sequences (None for the padded layout), save_for_backward.
+_N_TENSORS = 6
+_N_FIXED = _N_TENSORS + 3
+_FIVE = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+@register_call_op("diffattn::fwd")
 def fused_fwd(q: Tensor, k: Tensor, v: Tensor, lam: Optional[Tensor],
-              key_padding_mask: Optional[Tensor], norm_weight: Optional[Tensor], scale: float,
-              causal: bool, window_left: int, window_right: int, lam_value: float,
-              lam_vectors: bool, eps: float, out_scale: float, save_for_backward: bool,
-              cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
-              max_seqlen_q: int = -1, max_seqlen_k: int = -1
-              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Forward kernel. Returns (out, x, o2, lse, rstd); x is empty when it would be out (outputs
-    of an op may not alias), and all but out are empty without save_for_backward. Packed
-    sequences: the cumulative offsets and max_seqlen_q / max_seqlen_k >= 0."""
-    call = AttentionCall.from_schema_args(scale, causal, window_left, window_right, lam_value,
-                                          lam_vectors, eps, out_scale, max_seqlen_q,
-                                          max_seqlen_k)
+              key_padding_mask: Optional[Tensor], norm_weight: Optional[Tensor],
+              cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+              save_for_backward: bool, *call) -> _FIVE:
+    """Forward kernel: fused_fwd(q, k, v, lam, key_padding_mask, norm_weight, cu_seqlens_q,
+    cu_seqlens_k, save_for_backward, *call.as_schema_args()). Returns (out, x, o2, lse, rstd);
+    x is empty when it would be out (outputs of an op may not alias), and all but out are
+    empty without save_for_backward."""
+    call = AttentionCall.from_schema_args(*call)
     out, x, o2, lse, rstd = _forward(q, k, v, lam, key_padding_mask, norm_weight, call,
                                      save_for_backward, _WRAP, cu_seqlens_q, cu_seqlens_k)
     if not save_for_backward:
@@ -168,20 +201,14 @@ def fused_fwd(q: Tensor, k: Tensor, v: Tensor, lam: Optional[Tensor],
     return out, x, o2, lse, rstd
 
 
-@_register_op("diffattn::bwd", mutates_args=())
+@register_call_op("diffattn::bwd")
 def fused_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lam: Optional[Tensor],
               key_padding_mask: Optional[Tensor], norm_weight: Optional[Tensor], x: Tensor,
-              o2: Tensor, lse: Tensor, rstd: Tensor, scale: float, causal: bool,
-              window_left: int, window_right: int, lam_value: float, lam_vectors: bool,
-              eps: float, out_scale: float, need_dlam: bool, need_dw: bool,
-              cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
-              max_seqlen_q: int = -1, max_seqlen_k: int = -1
-              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+              o2: Tensor, lse: Tensor, rstd: Tensor, cu_seqlens_q: Optional[Tensor],
+              cu_seqlens_k: Optional[Tensor], need_dlam: bool, need_dw: bool, *call) -> _FIVE:
     """Backward kernels. Returns (dq, dk, dv, dlam, dnorm_weight); dlam and dnorm_weight are
     empty where not needed."""
-    call = AttentionCall.from_schema_args(scale, causal, window_left, window_right, lam_value,
-                                          lam_vectors, eps, out_scale, max_seqlen_q,
-                                          max_seqlen_k)
+    call = AttentionCall.from_schema_args(*call)
     dq, dk, dv, dlam, dw = _backward(dout, q, k, v, lam, key_padding_mask, norm_weight, x, o2,
                                      lse, rstd, call, need_dlam, need_dw, _WRAP, cu_seqlens_q,
                                      cu_seqlens_k)
@@ -191,23 +218,13 @@ def fused_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lam: Optional[Tenso
     return dq, dk, dv, dlam, dw
 
 
-# fused_fwd's inputs: six tensors, the call's fields, save_for_backward, then the two
-# cumulative offsets and the two maximum lengths of packed sequences.
-_N_TENSORS = 6
-_N_CALL_FIELDS = len(AttentionCall(1.0).as_schema_args())
-_SAVE = _N_TENSORS + _N_CALL_FIELDS
-
-
 def _setup_context(ctx, inputs, output):
-    q, k, v, lam, kpm, norm_weight = inputs[:_N_TENSORS]
+    q, k, v, lam, kpm, norm_weight, cu_q, cu_k, save = inputs[:_N_FIXED]
     out, x, o2, lse, rstd = output
-    cu_q, cu_k, max_q, max_k = (tuple(inputs[_SAVE + 1:]) + (None, None, -1, -1)[
-        len(inputs) - _SAVE - 1:])
     ctx.save_for_backward(q, k, v, lam, kpm, norm_weight, x if x.numel() > 0 else out, o2, lse,
                           rstd, cu_q, cu_k)
-    ctx.call_args = tuple(inputs[_N_TENSORS:_SAVE])
-    ctx.max_seqlens = (max_q, max_k)
-    ctx.saved = inputs[_SAVE]
+    ctx.call = AttentionCall.from_schema_args(*inputs[_N_FIXED:])
+    ctx.saved = save
     ctx.n_inputs = len(inputs)
     ctx.need = (lam is not None and lam.requires_grad,
                 norm_weight is not None and norm_weight.requires_grad)
@@ -219,8 +236,8 @@ def _op_backward(ctx, dout, _dx, _do2, _dlse, _drstd):
         raise RuntimeError("diffattn::fwd ran with save_for_backward=False, so it kept nothing "
                            "to differentiate; call it with save_for_backward=True")
     dq, dk, dv, dlam, dw = torch.ops.diffattn.bwd(dout, q, k, v, lam, kpm, norm_weight, x, o2,
-                                                  lse, rstd, *ctx.call_args, *ctx.need, cu_q,
-                                                  cu_k, *ctx.max_seqlens)
+                                                  lse, rstd, cu_q, cu_k, *ctx.need,
+                                                  *ctx.call.as_schema_args())
     grads = (dq, dk, dv, dlam if ctx.need[0] else None, None, dw if ctx.need[1] else None) + \
         (None,) * (ctx.n_inputs - _N_TENSORS)
     return _once_differentiable(grads, (dout, q, k, v, lam, norm_weight))
@@ -231,31 +248,25 @@ fused_fwd.register_autograd(_op_backward, setup_context=_setup_context)
 
 if INTERPRET:
     @fused_fwd.register_fake
-    def _(q, k, v, lam, key_padding_mask, norm_weight, scale, causal, window_left,
-          window_right, lam_value, lam_vectors, eps, out_scale, save_for_backward,
-          cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=-1, max_seqlen_k=-1):
-        H2 = q.shape[-2]
+    def _(q, k, v, lam, key_padding_mask, norm_weight, cu_seqlens_q, cu_seqlens_k,
+          save_for_backward, *call):
+        call = AttentionCall.from_schema_args(*call)
+        B, N, _, H, _, _, DV, rows = call_dims(call, q, v, cu_seqlens_q)
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        if max_seqlen_q >= 0:  # packed: (total_q, H, DV); row statistics (batch, H, ., max)
-            B, N = cu_seqlens_q.shape[0] - 1, max_seqlen_q
-            out = q.new_empty(q.shape[0], H2 // 2, v.shape[-1])
-        else:
-            B, N = q.shape[0], q.shape[1]
-            out = q.new_empty(B, N, H2 // 2, v.shape[3])
+        out = q.new_empty(*rows, H, DV)
         if not save_for_backward:
             return (out, q.new_empty(_EMPTY), q.new_empty(_EMPTY), q.new_empty(_EMPTY, dtype=acc),
                     q.new_empty(_EMPTY, dtype=acc))
-        kept = acc if norm_weight is not None else out.dtype  # x and o2: see diff_attn_fwd
-        x = out.new_empty(out.shape if norm_weight is not None or out_scale != 1.0 else _EMPTY,
-                          dtype=kept)
-        rstd = q.new_empty(B, H2 // 2, N if norm_weight is not None else 0, dtype=acc)
-        return (out, x, out.new_empty(out.shape, dtype=kept),
-                q.new_empty(B, H2 // 2, 2, N, dtype=acc), rstd)
+        has_norm = norm_weight is not None
+        kept = acc if has_norm else out.dtype  # x and o2: see diff_attn_fwd
+        x = out.new_empty(out.shape if call.stores_difference(has_norm) else _EMPTY, dtype=kept)
+        rstd = q.new_empty(B, H, N if has_norm else 0, dtype=acc)
+        return (out, x, out.new_empty(out.shape, dtype=kept), q.new_empty(B, H, 2, N, dtype=acc),
+                rstd)
 
     @fused_bwd.register_fake
-    def _(dout, q, k, v, lam, key_padding_mask, norm_weight, x, o2, lse, rstd, scale, causal,
-          window_left, window_right, lam_value, lam_vectors, eps, out_scale, need_dlam,
-          need_dw, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=-1, max_seqlen_k=-1):
+    def _(dout, q, k, v, lam, key_padding_mask, norm_weight, x, o2, lse, rstd, cu_seqlens_q,
+          cu_seqlens_k, need_dlam, need_dw, *call):
         dlam = lse.new_empty(lam.shape if need_dlam and lam is not None else _EMPTY)
         dw = lse.new_empty((v.shape[-1],) if need_dw and norm_weight is not None else _EMPTY)
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dlam, dw
@@ -279,10 +290,8 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, lam: Optional[Tensor],
     if torch.compiler.is_compiling():
         save = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, lam, norm_weight))
-        packed = (cu_seqlens_q, cu_seqlens_k, *call.packed_schema_args()) if call.varlen \
-            else ()
-        outputs = fused_fwd(q, k, v, lam, key_padding_mask, norm_weight,
-                            *call.as_schema_args(), save or return_lse, *packed)
+        outputs = fused_fwd(q, k, v, lam, key_padding_mask, norm_weight, cu_seqlens_q,
+                            cu_seqlens_k, save or return_lse, *call.as_schema_args())
         return (outputs[0], outputs[3]) if return_lse else outputs[0]
     _refuse_functorch(q, k, v, lam, key_padding_mask, norm_weight)
     if torch.is_grad_enabled() and (

@@ -1,9 +1,10 @@
 """The softmax log-sum-exp of every map, the second result of ``return_softmax_lse=True``.
 
 One row per softmax map in q-head order, flash-attn's layouts: (B, 2H, N) for the padded
-layout, (2H, total_q) for packed sequences; natural log of the sum of exp(scale * q.k) (plus
-an additive mask) over the keys the query sees; +inf for a row that sees no key (flash-attn's
-convention: exp(s - lse) is then 0 for every score s). Not differentiable.
+layout, (2H, total_q) for packed sequences; natural log of the sum of exp(s) over the keys the
+query sees, s the scores the softmax sees (scale * q.k, soft-capped with softcap, plus an
+additive mask); +inf for a row that sees no key (flash-attn's convention: exp(s - lse) is then
+0 for every score s). Not differentiable.
 
 The fused kernels compute it in their forward (base 2, (B, H, 2, N), see
 diffattn/kernels/diff_attn_fwd.py); ``fused_lse`` and ``fused_lse_varlen`` put it in these
@@ -51,7 +52,8 @@ def fused_lse_varlen(lse2: Tensor, cu_seqlens_q: Tensor, total_q: int,
 @torch.no_grad()
 def softmax_lse_torch(q: Tensor, k: Tensor, *, key_pair: bool, scale: float,
                       causal: bool = False, key_padding_mask: Optional[Tensor] = None,
-                      attn_bias: Optional[Tensor] = None, window_size=None) -> Tensor:
+                      attn_bias: Optional[Tensor] = None, window_size=None,
+                      softcap: float = 0.0) -> Tensor:
     """(B, 2H, N) log-sum-exp of each map's scores, from the materialised (B, 2H, N, M) scores
     in float32 (computed in float64 for float64 inputs).
 
@@ -59,6 +61,8 @@ def softmax_lse_torch(q: Tensor, k: Tensor, *, key_pair: bool, scale: float,
     2g + a) or (B, M, Hk, d) (V2: both maps read key head g), g = h // (H // Hk).
     causal, window_size, key_padding_mask (B, M) True = ignore: as in diff_attention.
     attn_bias: bool (True = masked out) or additive float, broadcastable to (B, 2H, N, M).
+    softcap > 0: the scores are the soft-capped ones, softcap * tanh(s / softcap) (the
+    softmax's own input, as flash-attn's lse).
     """
     B, N, H2, d = q.shape
     M = k.shape[1]
@@ -70,6 +74,8 @@ def softmax_lse_torch(q: Tensor, k: Tensor, *, key_pair: bool, scale: float,
     else:
         k_heads = k.repeat_interleave(H2 // k.shape[2], dim=2)
     scores = torch.einsum("bnhd,bmhd->bhnm", q.to(compute), k_heads.to(compute)) * scale
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
     keep = window_keep_mask(N, M, window_size, causal, q.device)
     keep = torch.ones(N, M, dtype=torch.bool, device=q.device) if keep is None else keep
     keep = keep[None, None]
@@ -86,13 +92,16 @@ def softmax_lse_torch(q: Tensor, k: Tensor, *, key_pair: bool, scale: float,
 
 def softmax_lse_varlen_torch(q: Tensor, k: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                              max_seqlen_q: int, max_seqlen_k: int, *, key_pair: bool,
-                             scale: float, causal: bool = False, window_size=None) -> Tensor:
+                             scale: float, causal: bool = False, window_size=None,
+                             softcap: float = 0.0) -> Tensor:
     """(2H, total_q) log-sum-exp over packed sequences: q (total_q, 2H, d), k (total_k, 2Hk,
     d) with key_pair, else (total_k, Hk, d); each sequence padded right-aligned (its causal
-    diagonal and window are then the padded layout's), softmax_lse_torch, then unpadded."""
+    diagonal and window are then the padded layout's), softmax_lse_torch (softcap as there),
+    then unpadded."""
     N, M = max(max_seqlen_q, 1), max(max_seqlen_k, 1)
     qp, _ = pad_packed(q, cu_seqlens_q, N)
     kp, k_valid = pad_packed(k, cu_seqlens_k, M)
     lse = softmax_lse_torch(qp, kp, key_pair=key_pair, scale=scale, causal=causal,
-                            key_padding_mask=~k_valid, window_size=window_size)
+                            key_padding_mask=~k_valid, window_size=window_size,
+                            softcap=softcap)
     return unpad_packed(lse.transpose(1, 2), cu_seqlens_q, q.shape[0]).t().contiguous()

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from .lambdas import lambda_for_maps
 from .masks import causal_keep_mask
+from .reference import differential_maps  # noqa: F401  (the materialised scores)
 
 
 def rms_norm_epilogue(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
@@ -69,6 +68,40 @@ def window_keep_mask(seq_q: int, seq_k: int, window_size, causal: bool = False,
     if right >= 0:
         keep = keep & (cols <= diagonal + right)
     return keep
+
+
+def with_window(attn_bias: Optional[torch.Tensor], window_size, causal: bool, N: int, M: int,
+                device) -> Optional[torch.Tensor]:
+    """``attn_bias`` (None, bool True = masked out, or additive float) with the keys outside a
+    local window (see diffattn.diff_attention's window_size) masked out too: for the paths
+    that take a mask rather than a window (the materialised scores)."""
+    keep = window_keep_mask(N, M, window_size, causal, device)
+    if keep is None:
+        return attn_bias
+    if attn_bias is None:
+        return ~keep
+    if attn_bias.dtype == torch.bool:
+        return attn_bias | ~keep
+    return attn_bias.masked_fill(~keep, float("-inf"))
+
+
+def _materialised_attention(q, k, v, lambda_, *, causal, key_padding_mask, scale, dropout_p,
+                            attn_bias, window_size, score_options):
+    """x = (A1 - lambda A2) v from the materialised maps (reference.differential_maps), for
+    score options SDPA cannot express. q (B, N, 2H, d), k (B, M, 2Hk, d) (key pairs),
+    v (B, M, Hk, DV); computed in float32 (float64 for float64 inputs); dropout_p applies to
+    each map. Returns x (B, N, H, DV) in the compute dtype."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    N, M, H = q.shape[1], k.shape[1], q.shape[2] // 2
+    bias = with_window(attn_bias, window_size, causal, N, M, q.device)
+    a1, a2, diff = differential_maps(q.to(compute), k.to(compute), lambda_=lambda_,
+                                     causal=causal, key_padding_mask=key_padding_mask,
+                                     scale=scale, attn_bias=bias, **score_options)
+    if dropout_p > 0.0:
+        lam = lambda_for_maps(lambda_, H, compute, q.device)
+        diff = F.dropout(a1, dropout_p) - lam * F.dropout(a2, dropout_p)
+    v_heads = zero_padding_keys(v, key_padding_mask).to(compute)
+    return torch.einsum("bhnm,bmhe->bnhe", diff, v_heads.repeat_interleave(H // v.shape[2], 2))
 
 
 def _sdpa_masks(B, H2, N, M, device, dtype, causal, key_padding_mask, attn_bias,
@@ -196,7 +229,7 @@ def diff_attention_torch(q, k, v, lam: torch.Tensor, *, causal=False,
                          key_padding_mask: Optional[torch.Tensor] = None, scale=None,
                          norm_weight: Optional[torch.Tensor] = None, eps=1e-5, out_scale=1.0,
                          dropout_p=0.0, attn_bias: Optional[torch.Tensor] = None,
-                         window_size=None):
+                         window_size=None, **score_options):
     """V1: two SDPA calls and the difference. lam is (H,) (fp32, fp64 for fp64 inputs).
 
     attn_bias: bool (True = masked out) or additive float, broadcastable to (B, 2H, N, M).
@@ -204,10 +237,19 @@ def diff_attention_torch(q, k, v, lam: torch.Tensor, *, causal=False,
     dropout_p is applied to each map separately, before the difference (as in DiffCLIP).
     On CPU each map is two calls over the value halves (see _value_halves); the inputs are
     read through strided views, grouped keys without repeating them.
+    score_options: the call's score options (keywords of reference.differential_maps beyond
+    its masks); any that is set (non-zero) is computed from the materialised maps instead of
+    SDPA.
     """
     B, N, H2, d = q.shape
     M, Hk = v.shape[1], v.shape[2]
     H = H2 // 2
+    if any(score_options.values()):  # scores SDPA cannot express: materialised
+        x = _materialised_attention(q, k, v, lam, causal=causal,
+                                    key_padding_mask=key_padding_mask, scale=scale,
+                                    dropout_p=dropout_p, attn_bias=attn_bias,
+                                    window_size=window_size, score_options=score_options)
+        return _epilogue(x, norm_weight, eps, out_scale).to(q.dtype)
     k, v = zero_padding_keys(k, key_padding_mask), zero_padding_keys(v, key_padding_mask)
     bias, is_causal, row_valid = _sdpa_masks(B, H2, N, M, q.device, q.dtype, causal,
                                              key_padding_mask, attn_bias, window_size)
@@ -249,16 +291,30 @@ def _difference(parts, lam: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _epilogue(x, norm_weight, eps, out_scale):
+    """x * out_scale, or the RMSNorm epilogue with a norm weight."""
+    if norm_weight is None:
+        return x * out_scale
+    return rms_norm_epilogue(x, norm_weight, eps, out_scale)
+
+
 def diff_attention_v2_torch(q, k, v, lambda_, *, causal=False,
                             key_padding_mask: Optional[torch.Tensor] = None, scale=None,
                             dropout_p=0.0, attn_bias: Optional[torch.Tensor] = None,
-                            window_size=None):
+                            window_size=None, **score_options):
     """V2: one SDPA call over the 2H q heads (keys/values grouped), then map 2h minus lambda
     times map 2h+1. lambda_: a float, () or (H,) or (B, N, H) tensor. attn_bias: bool
     (True = masked out) or additive float, broadcastable to (B, 2H, N, M); dropout_p applies
-    to every map. window_size: (left, right) local attention (see window_keep_mask)."""
+    to every map. window_size: (left, right) local attention (see window_keep_mask).
+    score_options: as in diff_attention_torch."""
     B, N, H2, d = q.shape
     M = k.shape[1]
+    if any(score_options.values()):  # scores SDPA cannot express: materialised
+        return _materialised_attention(q, k.repeat_interleave(2, dim=2), v, lambda_,
+                                       causal=causal, key_padding_mask=key_padding_mask,
+                                       scale=scale, dropout_p=dropout_p, attn_bias=attn_bias,
+                                       window_size=window_size,
+                                       score_options=score_options).to(q.dtype)
     k, v = zero_padding_keys(k, key_padding_mask), zero_padding_keys(v, key_padding_mask)
     bias, is_causal, row_valid = _sdpa_masks(B, H2, N, M, q.device, q.dtype, causal,
                                              key_padding_mask, attn_bias, window_size)
@@ -285,44 +341,6 @@ def _lambda_rows(lambda_: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A (), (H,) or per-token (B, N, H) lambda broadcastable against (B, N, H, d)."""
     lam = _cast(lambda_, dtype)
     return lam[..., None] if lam.dim() == 3 else lam.reshape(1, 1, -1, 1)
-
-
-def differential_maps(q, k, *, lambda_, causal=False, key_padding_mask=None,
-                      scale=None, attn_bias=None):
-    """Both softmax maps and their difference, each (B, H, N, M), in q's dtype: the attention
-    weights a layer returns with need_weights=True.
-
-    q (B, N, 2H, d), k (B, M, 2Hk, d) (a V2 layer passes its keys repeated as pairs); lambda_
-    a float, (), (H,) or (B, N, H). attn_bias, if given, is an additive float (or bool
-    keep=False -> -inf) bias broadcastable to (B, 2H, N, M), applied to the scores of every
-    q/k head before the softmax. Rows with no visible key are all zeros; padding keys get
-    exactly 0 whatever their values.
-    """
-    B, N, H2, d = q.shape
-    M, Hk2 = k.shape[1], k.shape[2]
-    H, Hk = H2 // 2, Hk2 // 2
-    scale = d ** -0.5 if scale is None else scale
-    k = zero_padding_keys(k, key_padding_mask)
-    # Repeat each key group's pair of heads for the H // Hk differential heads that read it.
-    k_heads = k.reshape(B, M, Hk, 2, d).repeat_interleave(H // Hk, dim=2).reshape(B, M, H2, d)
-    scores = torch.einsum("bnhd,bmhd->bhnm", q, k_heads) * scale
-    keep = torch.ones(N, M, dtype=torch.bool, device=q.device)
-    if causal:
-        keep = causal_keep_mask(N, M, q.device)
-    keep = keep.expand(B, H2, N, M)
-    if key_padding_mask is not None:
-        keep = keep & ~key_padding_mask[:, None, None, :]
-    if attn_bias is not None:
-        if attn_bias.dtype == torch.bool:
-            keep = keep & ~attn_bias
-        else:
-            scores = scores + attn_bias
-            keep = keep & ~torch.isneginf(attn_bias)
-    scores = scores.masked_fill(~keep, -math.inf)
-    row_has_key = keep.any(-1, keepdim=True)
-    probs = torch.softmax(scores.masked_fill(~row_has_key, 0.0), dim=-1) * row_has_key
-    a1, a2 = probs[:, 0::2], probs[:, 1::2]
-    return a1, a2, a1 - lambda_for_maps(lambda_, H, q.dtype, q.device) * a2
 
 
 # ------------------------------------------------------------------ packed sequences
@@ -353,7 +371,7 @@ def unpad_packed(padded: torch.Tensor, cu_seqlens: torch.Tensor, total: int) -> 
 def diff_attention_varlen_torch(q, k, v, lam: torch.Tensor, cu_seqlens_q, cu_seqlens_k,
                                 max_seqlen_q: int, max_seqlen_k: int, *, causal=False,
                                 scale=None, norm_weight=None, eps=1e-5, out_scale=1.0,
-                                window_size=None):
+                                window_size=None, **score_options):
     """V1 over packed sequences: q (total_q, 2H, d), k (total_k, 2Hk, d), v (total_k, Hk, 2d)
     padded right-aligned (pad_packed), padding keys excluded through a key padding mask, then
     diff_attention_torch and the rows unpadded. lam (H,). -> (total_q, H, 2d)."""
@@ -363,13 +381,13 @@ def diff_attention_varlen_torch(q, k, v, lam: torch.Tensor, cu_seqlens_q, cu_seq
     vp, _ = pad_packed(v, cu_seqlens_k, M)
     out = diff_attention_torch(qp, kp, vp, lam, causal=causal, key_padding_mask=~k_valid,
                                scale=scale, norm_weight=norm_weight, eps=eps,
-                               out_scale=out_scale, window_size=window_size)
+                               out_scale=out_scale, window_size=window_size, **score_options)
     return unpad_packed(out, cu_seqlens_q, q.shape[0])
 
 
 def diff_attention_v2_varlen_torch(q, k, v, lambda_, cu_seqlens_q, cu_seqlens_k,
                                    max_seqlen_q: int, max_seqlen_k: int, *, causal=False,
-                                   scale=None, window_size=None):
+                                   scale=None, window_size=None, **score_options):
     """V2 over packed sequences (see diff_attention_varlen_torch): k, v (total_k, Hk, d);
     lambda_ a float, (), (H,) or per token (total_q, H). -> (total_q, H, d)."""
     N, M = max(max_seqlen_q, 1), max(max_seqlen_k, 1)
@@ -380,5 +398,5 @@ def diff_attention_v2_varlen_torch(q, k, v, lambda_, cu_seqlens_q, cu_seqlens_k,
         lambda_ = pad_packed(lambda_, cu_seqlens_q, N)[0]
     out = diff_attention_v2_torch(qp, kp, vp, lambda_, causal=causal,
                                   key_padding_mask=~k_valid, scale=scale,
-                                  window_size=window_size)
+                                  window_size=window_size, **score_options)
     return unpad_packed(out, cu_seqlens_q, q.shape[0])

@@ -6,7 +6,11 @@ per row; with or without the RMSNorm epilogue; causal or local-window masks), as
 flags derived from one call description:
 
 - ``call``: ``AttentionCall``, the non-tensor description of a call (scale, causal, window,
-  lambda mode, epilogue), and ``variant_flags``, the one place the kernels' flags come from.
+  lambda mode, epilogue, score options such as softcap), and ``variant_flags``, the one place
+  the kernels' flags come from.
+- ``score``: the score hook, one device function that turns each tile of q . k products into
+  scores and their visibility (masks, window, softcap) for the forward, backward and decode
+  kernels, with its derivative; ``score_arguments`` makes its kernel arguments from the call.
 - ``diff_attn_fwd``: both softmax maps, the lambda difference and the optional per-head RMSNorm
   epilogue in one pass.
 - ``diff_attn_bwd``: the matching backward (epilogue, dq, dk, dv, dlambda, d norm weight) in two

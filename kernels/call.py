@@ -2,14 +2,18 @@
 
 :class:`AttentionCall` holds everything about a call that is not a tensor: the softmax scale,
 the masks' rules (causal, local window), the lambda mode and the epilogue. The functional API
-builds it once (``AttentionCall.create`` checks and normalises the window); ``diffattn.ops``
-passes it through autograd unchanged (flattened by ``as_schema_args`` only where a
-``torch.library`` schema needs plain arguments) and the launchers derive every kernel flag
-from it and the tensors in one place, :func:`variant_flags`.
+builds it once (``AttentionCall.create`` normalises the window); ``diffattn.ops`` passes it
+through autograd unchanged, and the registered ops' schemas, their fake implementations and
+their saved state derive the option list from its fields (``FIELD_TYPES``, ``as_schema_args``,
+``from_schema_args``); the launchers derive every kernel argument from it and the tensors:
+the compile-time flags in one place, :func:`variant_flags`, the score hook's arguments in
+another, ``score_arguments`` (kernels/score.py).
 
 Visibility rule (FlashAttention's): query i of N sees key j of M when
 ``i + M - N - left <= j <= i + M - N + right``; -1 means unbounded on that side, and causal is
-``right = 0``. A new mode of the kernels is one more field here and one more flag in
+``right = 0``. A new option of the kernels is one more field here and, for an option that
+changes the scores (a cap, a bias), its values and switch in the score hook (kernels/score.py);
+one that changes which tiles a program visits or how tensors are laid out is one more flag in
 ``variant_flags``: packed variable-length sequences are ``max_seqlens`` and ``VARLEN``.
 
 Packed sequences (``max_seqlens`` given): q (total_q, 2H, d), k (total_k, 2Hk or Hk, d),
@@ -20,7 +24,7 @@ bound every sequence's lengths (the grid is sized from them, as in flash-attn).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional, Tuple
 
 import torch
@@ -43,6 +47,13 @@ class AttentionCall:
     eps, out_scale: the epilogue (RMSNorm with a norm weight, then the output scale).
     max_seqlens: (max_seqlen_q, max_seqlen_k) for packed variable-length sequences (the
         tensors come with cu_seqlens), None for the padded (batch, seq, heads, dim) layout.
+    softcap: logit soft-capping: the scaled scores s become softcap * tanh(s / softcap)
+        before the softmax; 0 is off (a score option: kernels/score.py).
+
+    The fields are the one list of a call's options: the registered ops' schemas end with
+    them (diffattn.ops.register_call_op), their values travel as :meth:`as_schema_args` /
+    :meth:`from_schema_args`. A field's type is float, bool, int, Tuple[int, int] or
+    Optional[Tuple[int, int]].
     """
     scale: float
     causal: bool = False
@@ -52,22 +63,26 @@ class AttentionCall:
     eps: float = 1e-5
     out_scale: float = 1.0
     max_seqlens: Optional[Tuple[int, int]] = None
+    softcap: float = 0.0
 
     @classmethod
-    def create(cls, scale: float, *, causal: bool = False,
-               window_size: Optional[Tuple[int, int]] = None, lam_value: float = 0.0,
-               lam_vectors: bool = False, eps: float = 1e-5, out_scale: float = 1.0,
-               max_seqlens: Optional[Tuple[int, int]] = None) -> "AttentionCall":
-        """The call with ``window_size`` normalised (causal folds into right = 0). The window
-        must already be checked (diffattn.functional.check_window_size)."""
+    def create(cls, scale: float, *, window_size: Optional[Tuple[int, int]] = None,
+               **options) -> "AttentionCall":
+        """The call from the functional API's arguments: ``options`` are fields by name
+        (converted to their field's type), ``window_size`` the caller's (left, right) window
+        (None: no window), normalised into ``window`` with causal folded in (right = 0). The
+        window must already be checked (diffattn.functional.check_window_size)."""
+        unknown = sorted(set(options) - set(FIELD_TYPES) | ({"window"} & set(options)))
+        if unknown:
+            raise TypeError(f"AttentionCall.create() got unknown options {unknown}; the "
+                            f"options are {sorted(set(FIELD_TYPES) - {'scale', 'window'})} "
+                            f"and window_size")
+        values = {name: _typed(FIELD_TYPES[name], value) for name, value in options.items()}
         left, right = (-1, -1) if window_size is None else (int(window_size[0]),
                                                               int(window_size[1]))
-        if causal:
+        if values.get("causal", False):
             right = 0
-        if max_seqlens is not None:
-            max_seqlens = (int(max_seqlens[0]), int(max_seqlens[1]))
-        return cls(float(scale), bool(causal), (left, right), float(lam_value),
-                   bool(lam_vectors), float(eps), float(out_scale), max_seqlens)
+        return cls(float(scale), window=(left, right), **values)
 
     @property
     def varlen(self) -> bool:
@@ -87,24 +102,31 @@ class AttentionCall:
         left, right = self.window
         return (M if left < 0 else min(left, M)), (N if right < 0 else min(right, N))
 
-    def as_schema_args(self) -> tuple:
-        """The fields as plain arguments, in the order of ``from_schema_args`` (all but
-        max_seqlens, see packed_schema_args)."""
-        return (self.scale, self.causal, self.window[0], self.window[1], self.lam_value,
-                self.lam_vectors, self.eps, self.out_scale)
+    def stores_difference(self, has_norm: bool) -> bool:
+        """True when the output is not the difference X itself (an RMSNorm epilogue or an
+        output scale): X is then stored apart from the output for the backward."""
+        return has_norm or self.out_scale != 1.0
 
-    def packed_schema_args(self) -> tuple:
-        """max_seqlens as two plain ints, (-1, -1) for the padded layout: the registered ops
-        take them last, after the cumulative offsets, with these defaults."""
-        return (-1, -1) if self.max_seqlens is None else self.max_seqlens
+    def as_schema_args(self) -> tuple:
+        """The fields' values in the order of :meth:`schema`."""
+        return tuple(getattr(self, name) for name in FIELD_TYPES)
 
     @classmethod
-    def from_schema_args(cls, scale: float, causal: bool, window_left: int, window_right: int,
-                         lam_value: float, lam_vectors: bool, eps: float, out_scale: float,
-                         max_seqlen_q: int = -1, max_seqlen_k: int = -1) -> "AttentionCall":
-        max_seqlens = None if max_seqlen_q < 0 else (max_seqlen_q, max_seqlen_k)
-        return cls(scale, causal, (window_left, window_right), lam_value, lam_vectors, eps,
-                   out_scale, max_seqlens)
+    def from_schema_args(cls, *args) -> "AttentionCall":
+        """The call from the values of :meth:`as_schema_args` (int lists back to tuples)."""
+        return cls(*[_typed(ty, value) for ty, value in zip(FIELD_TYPES.values(), args)])
+
+
+# {field name: its type as written in the class}, in field order (computed once: torch.compile
+# traces the methods above, and dataclasses.fields of a class is opaque to it).
+FIELD_TYPES = {f.name: f.type for f in fields(AttentionCall)}
+def _typed(field_type: str, value):
+    """``value`` as the Python type of an AttentionCall field of ``field_type``."""
+    if field_type.startswith("Optional[") and value is None:
+        return None
+    if "Tuple" in field_type:
+        return tuple(int(x) for x in value)
+    return {"float": float, "bool": bool, "int": int}[field_type](value)
 
 
 def dot_precision(dtype) -> str:

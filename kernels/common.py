@@ -94,10 +94,11 @@ def load_head_pair(base, stride_head, start, n_rows, stride, cols, n_cols,
     base + stride_head) with PAIR, or one head shared by both maps without it. q tiles always
     come in pairs; key tiles do in the Differential Transformer V1 (heads 2g, 2g+1 of group g)
     and not in V2 (head g)."""
-    t1 = load_tile(base, start, n_rows, stride, cols, n_cols, BLOCK_ROWS, MASK_ROWS, MASK_COLS)
+    t1 = load_tile(base, start, n_rows, stride, cols, n_cols, BLOCK_ROWS=BLOCK_ROWS,
+                   MASK_ROWS=MASK_ROWS, MASK_COLS=MASK_COLS)
     if PAIR:
-        t2 = load_tile(base + stride_head, start, n_rows, stride, cols, n_cols, BLOCK_ROWS,
-                       MASK_ROWS, MASK_COLS)
+        t2 = load_tile(base + stride_head, start, n_rows, stride, cols, n_cols,
+                       BLOCK_ROWS=BLOCK_ROWS, MASK_ROWS=MASK_ROWS, MASK_COLS=MASK_COLS)
     else:
         t2 = t1
     return t1, t2
@@ -160,9 +161,10 @@ def load_key_value_tiles(k_base, v_base, stride_kh, stride_km, stride_vm, start,
     """The two maps' key tiles (see load_head_pair) and the shared value tile of key rows
     start .. start + BLOCK_N - 1; masked loads (ragged last tile) with MASKED."""
     k1, k2 = load_head_pair(k_base, stride_kh, start, M, stride_km, tl.arange(0, BLOCK_D),
-                            HEAD_DIM, BLOCK_N, KEY_PAIR, MASKED, HEAD_DIM != BLOCK_D)
-    v = load_tile(v_base, start, M, stride_vm, tl.arange(0, BLOCK_DV), HEAD_DIM_V, BLOCK_N,
-                  MASKED, HEAD_DIM_V != BLOCK_DV)
+                            n_cols=HEAD_DIM, BLOCK_ROWS=BLOCK_N, PAIR=KEY_PAIR, MASK_ROWS=MASKED,
+                            MASK_COLS=HEAD_DIM != BLOCK_D)
+    v = load_tile(v_base, start, M, stride_vm, tl.arange(0, BLOCK_DV), HEAD_DIM_V,
+                  BLOCK_ROWS=BLOCK_N, MASK_ROWS=MASKED, MASK_COLS=HEAD_DIM_V != BLOCK_DV)
     return k1, k2, v
 
 
@@ -187,20 +189,6 @@ def load_kept_key_value_tiles(k_base, v_base, stride_kh, stride_km, stride_vm, s
     v_ptrs = (v_base + tl.cast(start, tl.int64) * stride_vm) + (local * stride_vm + offs_dv)
     v = tl.load(v_ptrs, mask=kept[:, None] & (offs_dv < HEAD_DIM_V), other=0.0)
     return k1, k2, v
-
-
-@triton.jit
-def query_key_keep(kpm_row, rows, cols, N, M, window_left, window_right, HAS_KPM: tl.constexpr,
-                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
-    """(len(rows), len(cols)) True where query ``rows`` see key ``cols``: the key exists, is not
-    padding, with CAUSAL is on or below the bottom-right diagonal and with WINDOW lies in the
-    local window (window_keep)."""
-    keep = key_keep(kpm_row, cols, M, HAS_KPM)[None, :]
-    if CAUSAL:
-        keep = keep & causal_keep(rows[:, None], cols[None, :], N, M)
-    if WINDOW:
-        keep = keep & window_keep(rows[:, None], cols[None, :], N, M, window_left, window_right)
-    return keep
 
 
 @triton.jit
@@ -291,7 +279,8 @@ def query_tile_key_ranges(row0, N, M, window_left, window_right, BLOCK_M: tl.con
 @triton.jit
 def online_softmax_step(s, keep, m, l, acc, v, qk_scale, MASKED: tl.constexpr,
                         PRECISION: tl.constexpr):
-    """Fold one tile of raw scores s = q k^T into a running softmax state (m, l, acc).
+    """Fold one tile of scores s (kernels/score.py: attention_scores) into a running softmax
+    state (m, l, acc).
 
     The state is kept in the exp2 domain: m is the running max of s * qk_scale (qk_scale =
     softmax scale * log2 e > 0), so each probability is one fused multiply-add and an exp2.

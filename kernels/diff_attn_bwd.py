@@ -33,14 +33,14 @@ import triton
 import triton.language as tl
 
 from .config import RED_COLS, RED_ROWS, ROWS_BLOCK_M, cdiv, rows_warps
-from .call import (LOG2E, AttentionCall, call_dims, lambda_strides, packed_strides,
-                   variant_flags)
+from .call import AttentionCall, call_dims, lambda_strides, packed_strides, variant_flags
 from .launch import Launcher
-from .common import (band_tiles, causal_keep, key_keep, load_head_pair,
+from .common import (band_tiles, key_keep, load_head_pair,
                      load_kept_key_value_tiles, load_key_value_tiles, load_lambda_rows,
-                     load_lambda_vectors, load_tile, program_lambda, query_key_keep,
+                     load_lambda_vectors, load_tile, program_lambda,
                      query_tile_key_ranges, row_offset, sequence_bounds, sequence_rows,
-                     sequence_start, window_keep)
+                     sequence_start)
+from .score import attention_scores, attention_scores_grad, score_arguments
 from .tuning import BWD_TILES
 
 # dlambda reduction modes (DLAM_REDUCE): lambda per row and head (no reduction: the row pass
@@ -76,18 +76,18 @@ def diff_attn_bwd_rows_kernel(
     mask = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
 
     dy = load_tile(DY + row_offset(b, q_row0, stride_dyb, stride_dyn, VARLEN) + h * stride_dyh,
-                   pid_m * BLOCK_M, N_b, stride_dyn, offs_dv, HEAD_DIM_V, BLOCK_M, True,
-                   HEAD_DIM_V != BLOCK_DV).to(acc_dtype)
+                   pid_m * BLOCK_M, N_b, stride_dyn, offs_dv, HEAD_DIM_V, BLOCK_ROWS=BLOCK_M,
+                   MASK_ROWS=True, MASK_COLS=HEAD_DIM_V != BLOCK_DV).to(acc_dtype)
     # X, O2, DX: (B, N, H, DV) or packed (total_q, H, DV) contiguous; the tile's first element
     # in int64, the rest int32.
     first = ((sequence_start(b, N, q_row0, VARLEN) + pid_m * BLOCK_M) * H + h) * HEAD_DIM_V
     tile_off = tl.arange(0, BLOCK_M)[:, None] * (H * HEAD_DIM_V) + offs_dv[None, :]
     x = tl.load(X + first + tile_off, mask=mask, other=0.0).to(acc_dtype)
     o2 = tl.load(O2 + first + tile_off, mask=mask, other=0.0).to(acc_dtype)
+    lam_scalar = program_lambda(LAM, lam_value, LAM_MODE, LAM_DIM, BLOCK_LAM, acc_dtype)
     lam = load_lambda_rows(sequence_rows(LAM, q_row0, stride_ln, VARLEN), b, rows, N_b, h,
-                           stride_lb, stride_ln, stride_lh,
-                           program_lambda(LAM, lam_value, LAM_MODE, LAM_DIM, BLOCK_LAM,
-                                          acc_dtype), LAM_MODE, acc_dtype)
+                           stride_lb, stride_ln=stride_ln, stride_lh=stride_lh,
+                           lam_scalar=lam_scalar, LAM_MODE=LAM_MODE, ACC_DTYPE=acc_dtype)
 
     g = dy * out_scale
     if HAS_NORM:
@@ -145,57 +145,56 @@ def _load_row_stats(lse_base, delta_base, rows, N, stride_map, MASKED: tl.conste
 
 
 @triton.jit
-def _probabilities(a, b, lse, qk_scale, keep, MASKED: tl.constexpr, PRECISION: tl.constexpr,
-                   ACC_DTYPE: tl.constexpr):
-    """A map's probabilities recomputed from its saved base-2 log-sum-exp: exp2(s a b^T - lse)
-    with a b^T the raw scores (queries by keys, or keys by queries for the transposed tile)
-    and ``lse`` broadcast along the query axis; zero where ``keep`` is False with MASKED."""
-    p = tl.exp2(tl.dot(a, tl.trans(b), input_precision=PRECISION).to(ACC_DTYPE) * qk_scale - lse)
-    if MASKED:
-        p = tl.where(keep, p, 0.0)
-    return p
-
-
-@triton.jit
 def _dkdv_query_tiles(k1, k2, v, dk1, dk2, dv, col_keep, cols, start, end, q_base, do_base,
                       lse_base, delta_base, LAM, b, h, stride_lb, stride_ln, stride_lh,
                       lam_scalar, stride_qh, stride_qn, stride_don, N, M, stride_map,
-                      window_left, window_right, qk_scale, HEAD_DIM: tl.constexpr,
-                      HEAD_DIM_V: tl.constexpr,
+                      window_left, window_right, SCORE, SCORE_FLAGS: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                       BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr,
                       LAM_MODE: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
                       MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
     """Accumulate one key tile's dK and dV over the query tiles [start, end) of head h
     (lam_scalar: the program's lambda, see program_lambda; N, M: this sequence's lengths;
-    stride_map: the row statistics' distance between the two maps)."""
+    stride_map: the row statistics' distance between the two maps). The tiles are
+    transposed (keys by queries); probabilities come from the score hook's scores and the
+    saved log-sum-exps, and the score gradients go back through the hook's derivative."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        q1, q2 = load_head_pair(q_base, stride_qh, start_m, N, stride_qn, offs_d, HEAD_DIM,
-                                BLOCK_M, True, MASKED, HEAD_DIM != BLOCK_D)
-        do = load_tile(do_base, start_m, N, stride_don, offs_dv, HEAD_DIM_V, BLOCK_M, MASKED,
-                       HEAD_DIM_V != BLOCK_DV)
+        q1, q2 = load_head_pair(q_base, stride_qh, start_m, N, stride_qn, offs_d,
+                                n_cols=HEAD_DIM, BLOCK_ROWS=BLOCK_M, PAIR=True, MASK_ROWS=MASKED,
+                                MASK_COLS=HEAD_DIM != BLOCK_D)
+        do = load_tile(do_base, start_m, N, stride_don, offs_dv, HEAD_DIM_V, BLOCK_ROWS=BLOCK_M,
+                       MASK_ROWS=MASKED, MASK_COLS=HEAD_DIM_V != BLOCK_DV)
         lse1, lse2, d1, d2 = _load_row_stats(lse_base, delta_base, rows, N, stride_map, MASKED)
-        lam = load_lambda_rows(LAM, b, rows, N, h, stride_lb, stride_ln, stride_lh, lam_scalar,
-                               LAM_MODE, dv.dtype)
-
-        keep = None
-        if MASKED:
-            keep = col_keep[:, None]
-            if CAUSAL:
-                keep = keep & causal_keep(rows[None, :], cols[:, None], N, M)
-            if WINDOW:
-                keep = keep & window_keep(rows[None, :], cols[:, None], N, M, window_left,
-                                          window_right)
+        lam = load_lambda_rows(LAM, b, rows, N, h, stride_lb, stride_ln=stride_ln,
+                               stride_lh=stride_lh, lam_scalar=lam_scalar, LAM_MODE=LAM_MODE,
+                               ACC_DTYPE=dv.dtype)
         # One map after the other, so that few (BLOCK_N x BLOCK_M) fp32 tiles are live at once:
         # dP1^T (shared: dP2 = -lambda dP1), P1^T, then P2^T.
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION).to(dv.dtype)
-        pT1 = _probabilities(k1, q1, lse1[None, :], qk_scale, keep, MASKED, PRECISION, dv.dtype)
-        dk1 += tl.dot((pT1 * (dpT - d1[None, :])).to(q1.dtype), q1, input_precision=PRECISION)
-        pT2 = _probabilities(k2, q2, lse2[None, :], qk_scale, keep, MASKED, PRECISION, dv.dtype)
+        qkT1 = tl.dot(k1, tl.trans(q1), input_precision=PRECISION).to(dv.dtype)
+        sT1, visible = attention_scores(
+            qkT1, q_idx=rows[None, :], k_idx=cols[:, None], keep=col_keep[:, None], N=N, M=M,
+            window_left=window_left, window_right=window_right, SCORE=SCORE,
+            SCORE_FLAGS=SCORE_FLAGS, CAUSAL=CAUSAL, WINDOW=WINDOW, MASKED=MASKED)
+        pT1 = tl.exp2(sT1 * SCORE.qk_scale - lse1[None, :])
+        if MASKED:
+            pT1 = tl.where(visible, pT1, 0.0)
+        dsT1 = attention_scores_grad(pT1 * (dpT - d1[None, :]), qkT1, SCORE, SCORE_FLAGS)
+        dk1 += tl.dot(dsT1.to(q1.dtype), q1, input_precision=PRECISION)
+        qkT2 = tl.dot(k2, tl.trans(q2), input_precision=PRECISION).to(dv.dtype)
+        sT2, visible = attention_scores(
+            qkT2, q_idx=rows[None, :], k_idx=cols[:, None], keep=col_keep[:, None], N=N, M=M,
+            window_left=window_left, window_right=window_right, SCORE=SCORE,
+            SCORE_FLAGS=SCORE_FLAGS, CAUSAL=CAUSAL, WINDOW=WINDOW, MASKED=MASKED)
+        pT2 = tl.exp2(sT2 * SCORE.qk_scale - lse2[None, :])
+        if MASKED:
+            pT2 = tl.where(visible, pT2, 0.0)
         dv += tl.dot((pT1 - lam[None, :] * pT2).to(do.dtype), do, input_precision=PRECISION)
-        dsT2 = (pT2 * (-lam[None, :] * dpT - d2[None, :])).to(q2.dtype)
+        dsT2 = attention_scores_grad(pT2 * (-lam[None, :] * dpT - d2[None, :]), qkT2, SCORE,
+                                     SCORE_FLAGS).to(q2.dtype)
         if KEY_PAIR:
             dk2 += tl.dot(dsT2, q2, input_precision=PRECISION)
         else:  # one key head serves both maps
@@ -208,7 +207,8 @@ def _dkdv_program(tile, bg, Q, K, V, LAM, KPM, DO, LSE, DELTA, DK, DV, CU_Q, CU_
                   stride_qb, stride_qn, stride_qh, stride_kb, stride_km, stride_kh,
                   stride_vb, stride_vm, stride_vh, stride_dob, stride_don, stride_doh,
                   stride_lb, stride_ln, stride_lh, stride_kpm_b,
-                  N, M, H, HK, GROUP, window_left, window_right, lam_value, qk_scale, sm_scale,
+                  N, M, H, HK, GROUP, window_left, window_right, lam_value, SCORE,
+                  SCORE_FLAGS: tl.constexpr,
                   HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr, LAM_MODE: tl.constexpr,
                   LAM_DIM: tl.constexpr, BLOCK_LAM: tl.constexpr,
@@ -230,21 +230,18 @@ def _dkdv_program(tile, bg, Q, K, V, LAM, KPM, DO, LSE, DELTA, DK, DV, CU_Q, CU_
     offs_dv = tl.arange(0, BLOCK_DV)
 
     col_keep = key_keep(KPM + b * stride_kpm_b, cols, M_b, HAS_KPM)
+    k_base = K + row_offset(b, k_row0, stride_kb, stride_km, VARLEN) + key_heads * g * stride_kh
+    v_base = V + row_offset(b, k_row0, stride_vb, stride_vm, VARLEN) + g * stride_vh
     if HAS_KPM:  # padding keys read as 0: no NaN/inf there reaches dK
-        k1, k2, v = load_kept_key_value_tiles(K + row_offset(b, k_row0, stride_kb, stride_km,
-                                                             VARLEN) + key_heads * g * stride_kh,
-                                              V + row_offset(b, k_row0, stride_vb, stride_vm,
-                                                             VARLEN) + g * stride_vh, stride_kh,
-                                              stride_km, stride_vm, tile * BLOCK_N, col_keep,
-                                              HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR,
-                                              BLOCK_N)
+        k1, k2, v = load_kept_key_value_tiles(
+            k_base, v_base, stride_kh, stride_km, stride_vm, tile * BLOCK_N, kept=col_keep,
+            HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+            KEY_PAIR=KEY_PAIR, BLOCK_N=BLOCK_N)
     else:
-        k1, k2, v = load_key_value_tiles(K + row_offset(b, k_row0, stride_kb, stride_km, VARLEN)
-                                         + key_heads * g * stride_kh,
-                                         V + row_offset(b, k_row0, stride_vb, stride_vm, VARLEN)
-                                         + g * stride_vh, stride_kh, stride_km, stride_vm,
-                                         tile * BLOCK_N, M_b, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
-                                         BLOCK_DV, KEY_PAIR, True, BLOCK_N)
+        k1, k2, v = load_key_value_tiles(
+            k_base, v_base, stride_kh, stride_km, stride_vm, tile * BLOCK_N, M=M_b,
+            HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+            KEY_PAIR=KEY_PAIR, MASKED=True, BLOCK_N=BLOCK_N)
     dk1 = tl.zeros([BLOCK_N, BLOCK_D], dtype=acc_dtype)
     dk2 = tl.zeros([BLOCK_N, BLOCK_D], dtype=acc_dtype)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=acc_dtype)
@@ -280,24 +277,45 @@ def _dkdv_program(tile, bg, Q, K, V, LAM, KPM, DO, LSE, DELTA, DK, DV, CU_Q, CU_
         do_base = DO + row_offset(b, q_row0, stride_dob, stride_don, VARLEN) + h * stride_doh
         lse_base = LSE + ((b * H + h) * 2) * N
         delta_base = DELTA + ((b * H + h) * 2) * N
-        dk1, dk2, dv = _dkdv_query_tiles(
-            k1, k2, v, dk1, dk2, dv, col_keep, cols, lo, open_lo, q_base, do_base, lse_base,
-            delta_base, lam_rows, b, h, stride_lb, stride_ln, stride_lh, lam_scalar, stride_qh,
-            stride_qn, stride_don, N_b, M_b, N, window_left, window_right, qk_scale, HEAD_DIM,
-            HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR, LAM_MODE, CAUSAL, WINDOW, True, PRECISION,
-            BLOCK_M)
-        dk1, dk2, dv = _dkdv_query_tiles(
-            k1, k2, v, dk1, dk2, dv, col_keep, cols, open_lo, open_hi, q_base, do_base,
-            lse_base, delta_base, lam_rows, b, h, stride_lb, stride_ln, stride_lh, lam_scalar,
-            stride_qh, stride_qn, stride_don, N_b, M_b, N, window_left, window_right, qk_scale,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR, LAM_MODE, CAUSAL, WINDOW, False,
-            PRECISION, BLOCK_M)
-        dk1, dk2, dv = _dkdv_query_tiles(
-            k1, k2, v, dk1, dk2, dv, col_keep, cols, open_hi, hi, q_base, do_base, lse_base,
-            delta_base, lam_rows, b, h, stride_lb, stride_ln, stride_lh, lam_scalar, stride_qh,
-            stride_qn, stride_don, N_b, M_b, N, window_left, window_right, qk_scale, HEAD_DIM,
-            HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR, LAM_MODE, CAUSAL, WINDOW, True, PRECISION,
-            BLOCK_M)
+        dk1, dk2, dv = _dkdv_query_tiles(k1, k2, v, dk1, dk2, dv, col_keep=col_keep, cols=cols,
+                                         start=lo, end=open_lo, q_base=q_base, do_base=do_base,
+                                         lse_base=lse_base, delta_base=delta_base, LAM=lam_rows,
+                                         b=b, h=h, stride_lb=stride_lb, stride_ln=stride_ln,
+                                         stride_lh=stride_lh, lam_scalar=lam_scalar,
+                                         stride_qh=stride_qh, stride_qn=stride_qn,
+                                         stride_don=stride_don, N=N_b, M=M_b, stride_map=N,
+                                         window_left=window_left, window_right=window_right,
+                                         SCORE=SCORE, SCORE_FLAGS=SCORE_FLAGS, HEAD_DIM=HEAD_DIM,
+                                         HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+                                         KEY_PAIR=KEY_PAIR, LAM_MODE=LAM_MODE, CAUSAL=CAUSAL,
+                                         WINDOW=WINDOW, MASKED=True, PRECISION=PRECISION,
+                                         BLOCK_M=BLOCK_M)
+        dk1, dk2, dv = _dkdv_query_tiles(k1, k2, v, dk1, dk2, dv, col_keep=col_keep, cols=cols,
+                                         start=open_lo, end=open_hi, q_base=q_base, do_base=do_base,
+                                         lse_base=lse_base, delta_base=delta_base, LAM=lam_rows,
+                                         b=b, h=h, stride_lb=stride_lb, stride_ln=stride_ln,
+                                         stride_lh=stride_lh, lam_scalar=lam_scalar,
+                                         stride_qh=stride_qh, stride_qn=stride_qn,
+                                         stride_don=stride_don, N=N_b, M=M_b, stride_map=N,
+                                         window_left=window_left, window_right=window_right,
+                                         SCORE=SCORE, SCORE_FLAGS=SCORE_FLAGS, HEAD_DIM=HEAD_DIM,
+                                         HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+                                         KEY_PAIR=KEY_PAIR, LAM_MODE=LAM_MODE, CAUSAL=CAUSAL,
+                                         WINDOW=WINDOW, MASKED=False, PRECISION=PRECISION,
+                                         BLOCK_M=BLOCK_M)
+        dk1, dk2, dv = _dkdv_query_tiles(k1, k2, v, dk1, dk2, dv, col_keep=col_keep, cols=cols,
+                                         start=open_hi, end=hi, q_base=q_base, do_base=do_base,
+                                         lse_base=lse_base, delta_base=delta_base, LAM=lam_rows,
+                                         b=b, h=h, stride_lb=stride_lb, stride_ln=stride_ln,
+                                         stride_lh=stride_lh, lam_scalar=lam_scalar,
+                                         stride_qh=stride_qh, stride_qn=stride_qn,
+                                         stride_don=stride_don, N=N_b, M=M_b, stride_map=N,
+                                         window_left=window_left, window_right=window_right,
+                                         SCORE=SCORE, SCORE_FLAGS=SCORE_FLAGS, HEAD_DIM=HEAD_DIM,
+                                         HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+                                         KEY_PAIR=KEY_PAIR, LAM_MODE=LAM_MODE, CAUSAL=CAUSAL,
+                                         WINDOW=WINDOW, MASKED=True, PRECISION=PRECISION,
+                                         BLOCK_M=BLOCK_M)
 
     # DK (B, M, key_heads * HK, d), DV (B, M, HK, DV) or packed (total_k, ...) contiguous: the
     # tile's first element in int64, the rest in int32 offsets.
@@ -307,9 +325,9 @@ def _dkdv_program(tile, bg, Q, K, V, LAM, KPM, DO, LSE, DELTA, DK, DV, CU_Q, CU_
     dk_ptrs = (DK + ((k_start + tile * BLOCK_N) * (key_heads * HK) + key_heads * g) * HEAD_DIM
                + (local * (key_heads * HK * HEAD_DIM) + offs_d[None, :]))
     k_mask = col_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    tl.store(dk_ptrs, (dk1 * sm_scale).to(DK.dtype.element_ty), mask=k_mask)
+    tl.store(dk_ptrs, (dk1 * SCORE.scale).to(DK.dtype.element_ty), mask=k_mask)
     if KEY_PAIR:
-        tl.store(dk_ptrs + HEAD_DIM, (dk2 * sm_scale).to(DK.dtype.element_ty), mask=k_mask)
+        tl.store(dk_ptrs + HEAD_DIM, (dk2 * SCORE.scale).to(DK.dtype.element_ty), mask=k_mask)
     dv_ptrs = (DV + ((k_start + tile * BLOCK_N) * HK + g) * HEAD_DIM_V
                + (local * (HK * HEAD_DIM_V) + offs_dv[None, :]))
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty),
@@ -319,34 +337,50 @@ def _dkdv_program(tile, bg, Q, K, V, LAM, KPM, DO, LSE, DELTA, DK, DV, CU_Q, CU_
 @triton.jit
 def _dq_key_tiles(q1, q2, do, dq1, dq2, lse1, lse2, d1, d2, lam, rows, start, end, k_base,
                   v_base, kpm_row, stride_kh, stride_km, stride_vm, N, M, window_left,
-                  window_right, qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr,
-                  CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, WINDOW: tl.constexpr,
-                  MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+                  window_right, SCORE, SCORE_FLAGS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  KEY_PAIR: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                  WINDOW: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
     """Accumulate a query tile's dq over the key tiles [start, end)."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        if MASKED and HAS_KPM:  # padding keys read as 0: p = 0 times NaN/inf would be NaN
-            k1, k2, v = load_kept_key_value_tiles(k_base, v_base, stride_kh, stride_km,
-                                                  stride_vm, start_n,
-                                                  key_keep(kpm_row, cols, M, HAS_KPM), HEAD_DIM,
-                                                  HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR,
-                                                  BLOCK_N)
-        else:
-            k1, k2, v = load_key_value_tiles(k_base, v_base, stride_kh, stride_km, stride_vm,
-                                             start_n, M, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
-                                             BLOCK_DV, KEY_PAIR, MASKED, BLOCK_N)
-        keep = None
+        kept = None
         if MASKED:
-            keep = query_key_keep(kpm_row, rows, cols, N, M, window_left, window_right,
-                                  HAS_KPM, CAUSAL, WINDOW)
+            kept = key_keep(kpm_row, cols, M, HAS_KPM)
+        if MASKED and HAS_KPM:  # padding keys read as 0: p = 0 times NaN/inf would be NaN
+            k1, k2, v = load_kept_key_value_tiles(
+                k_base, v_base, stride_kh, stride_km, stride_vm, start_n, kept=kept,
+                HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+                KEY_PAIR=KEY_PAIR, BLOCK_N=BLOCK_N)
+        else:
+            k1, k2, v = load_key_value_tiles(
+                k_base, v_base, stride_kh, stride_km, stride_vm, start_n, M=M,
+                HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+                KEY_PAIR=KEY_PAIR, MASKED=MASKED, BLOCK_N=BLOCK_N)
         # One map after the other (see _dkdv_query_tiles): dP1 (shared), then each map's P.
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION).to(dq1.dtype)
-        p1 = _probabilities(q1, k1, lse1[:, None], qk_scale, keep, MASKED, PRECISION, dq1.dtype)
-        dq1 += tl.dot((p1 * (dp - d1[:, None])).to(k1.dtype), k1, input_precision=PRECISION)
-        p2 = _probabilities(q2, k2, lse2[:, None], qk_scale, keep, MASKED, PRECISION, dq1.dtype)
-        dq2 += tl.dot((p2 * (-lam[:, None] * dp - d2[:, None])).to(k2.dtype), k2,
-                      input_precision=PRECISION)
+        qk1 = tl.dot(q1, tl.trans(k1), input_precision=PRECISION).to(dq1.dtype)
+        s1, visible = attention_scores(
+            qk1, q_idx=rows[:, None], k_idx=cols[None, :], keep=kept, N=N, M=M,
+            window_left=window_left, window_right=window_right, SCORE=SCORE,
+            SCORE_FLAGS=SCORE_FLAGS, CAUSAL=CAUSAL, WINDOW=WINDOW, MASKED=MASKED)
+        p1 = tl.exp2(s1 * SCORE.qk_scale - lse1[:, None])
+        if MASKED:
+            p1 = tl.where(visible, p1, 0.0)
+        ds1 = attention_scores_grad(p1 * (dp - d1[:, None]), qk1, SCORE, SCORE_FLAGS)
+        dq1 += tl.dot(ds1.to(k1.dtype), k1, input_precision=PRECISION)
+        qk2 = tl.dot(q2, tl.trans(k2), input_precision=PRECISION).to(dq1.dtype)
+        s2, visible = attention_scores(
+            qk2, q_idx=rows[:, None], k_idx=cols[None, :], keep=kept, N=N, M=M,
+            window_left=window_left, window_right=window_right, SCORE=SCORE,
+            SCORE_FLAGS=SCORE_FLAGS, CAUSAL=CAUSAL, WINDOW=WINDOW, MASKED=MASKED)
+        p2 = tl.exp2(s2 * SCORE.qk_scale - lse2[:, None])
+        if MASKED:
+            p2 = tl.where(visible, p2, 0.0)
+        ds2 = attention_scores_grad(p2 * (-lam[:, None] * dp - d2[:, None]), qk2, SCORE,
+                                    SCORE_FLAGS)
+        dq2 += tl.dot(ds2.to(k2.dtype), k2, input_precision=PRECISION)
     return dq1, dq2
 
 
@@ -355,7 +389,8 @@ def _dq_program(tile, bh, Q, K, V, LAM, KPM, DO, LSE, DELTA, DQ, CU_Q, CU_K,
                 stride_qb, stride_qn, stride_qh, stride_kb, stride_km, stride_kh,
                 stride_vb, stride_vm, stride_vh, stride_dob, stride_don, stride_doh,
                 stride_lb, stride_ln, stride_lh, stride_kpm_b,
-                N, M, H, GROUP, window_left, window_right, lam_value, qk_scale, sm_scale,
+                N, M, H, GROUP, window_left, window_right, lam_value, SCORE,
+                SCORE_FLAGS: tl.constexpr,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr, LAM_MODE: tl.constexpr,
                 LAM_DIM: tl.constexpr, BLOCK_LAM: tl.constexpr,
@@ -379,16 +414,17 @@ def _dq_program(tile, bh, Q, K, V, LAM, KPM, DO, LSE, DELTA, DQ, CU_Q, CU_K,
 
     q1, q2 = load_head_pair(Q + row_offset(b, q_row0, stride_qb, stride_qn, VARLEN)
                             + 2 * h * stride_qh, stride_qh, tile * BLOCK_M, N_b, stride_qn,
-                            offs_d, HEAD_DIM, BLOCK_M, True, True, HEAD_DIM != BLOCK_D)
+                            offs_d, n_cols=HEAD_DIM, BLOCK_ROWS=BLOCK_M, PAIR=True,
+                            MASK_ROWS=True, MASK_COLS=HEAD_DIM != BLOCK_D)
     do = load_tile(DO + row_offset(b, q_row0, stride_dob, stride_don, VARLEN) + h * stride_doh,
-                   tile * BLOCK_M, N_b, stride_don, offs_dv, HEAD_DIM_V, BLOCK_M, True,
-                   HEAD_DIM_V != BLOCK_DV)
+                   tile * BLOCK_M, N_b, stride_don, offs_dv, HEAD_DIM_V, BLOCK_ROWS=BLOCK_M,
+                   MASK_ROWS=True, MASK_COLS=HEAD_DIM_V != BLOCK_DV)
     lse1, lse2, d1, d2 = _load_row_stats(LSE + ((b * H + h) * 2) * N,
                                          DELTA + ((b * H + h) * 2) * N, rows, N_b, N, True)
+    lam_scalar = program_lambda(LAM, lam_value, LAM_MODE, LAM_DIM, BLOCK_LAM, acc_dtype)
     lam = load_lambda_rows(sequence_rows(LAM, q_row0, stride_ln, VARLEN), b, rows, N_b, h,
-                           stride_lb, stride_ln, stride_lh,
-                           program_lambda(LAM, lam_value, LAM_MODE, LAM_DIM, BLOCK_LAM,
-                                          acc_dtype), LAM_MODE, acc_dtype)
+                           stride_lb, stride_ln=stride_ln, stride_lh=stride_lh,
+                           lam_scalar=lam_scalar, LAM_MODE=LAM_MODE, ACC_DTYPE=acc_dtype)
     k_base = K + row_offset(b, k_row0, stride_kb, stride_km, VARLEN) + key_heads * g * stride_kh
     v_base = V + row_offset(b, k_row0, stride_vb, stride_vm, VARLEN) + g * stride_vh
     kpm_row = KPM + b * stride_kpm_b
@@ -396,31 +432,42 @@ def _dq_program(tile, bh, Q, K, V, LAM, KPM, DO, LSE, DELTA, DQ, CU_Q, CU_K,
     dq2 = tl.zeros([BLOCK_M, BLOCK_D], dtype=acc_dtype)
 
     start, open_start, open_end, end = query_tile_key_ranges(
-        tile * BLOCK_M, N_b, M_b, window_left, window_right, BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM,
-        WINDOW)
+         tile * BLOCK_M, N_b, M_b, window_left, window_right, BLOCK_M, BLOCK_N=BLOCK_N,
+        CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, WINDOW=WINDOW)
     if WINDOW:  # the band's leading edge (the trailing one is the masked run below)
-        dq1, dq2 = _dq_key_tiles(q1, q2, do, dq1, dq2, lse1, lse2, d1, d2, lam, rows, start,
-                                 open_start, k_base, v_base, kpm_row, stride_kh, stride_km,
-                                 stride_vm, N_b, M_b, window_left, window_right, qk_scale,
-                                 HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR, CAUSAL,
-                                 HAS_KPM, WINDOW, True, PRECISION, BLOCK_N)
-    dq1, dq2 = _dq_key_tiles(q1, q2, do, dq1, dq2, lse1, lse2, d1, d2, lam, rows, open_start,
-                             open_end, k_base, v_base, kpm_row, stride_kh, stride_km, stride_vm,
-                             N_b, M_b, window_left, window_right, qk_scale, HEAD_DIM, HEAD_DIM_V,
-                             BLOCK_D, BLOCK_DV, KEY_PAIR, CAUSAL, HAS_KPM, WINDOW, False,
-                             PRECISION, BLOCK_N)
-    dq1, dq2 = _dq_key_tiles(q1, q2, do, dq1, dq2, lse1, lse2, d1, d2, lam, rows, open_end, end,
-                             k_base, v_base, kpm_row, stride_kh, stride_km, stride_vm, N_b,
-                             M_b, window_left, window_right, qk_scale, HEAD_DIM, HEAD_DIM_V,
-                             BLOCK_D, BLOCK_DV, KEY_PAIR, CAUSAL, HAS_KPM, WINDOW, True,
-                             PRECISION, BLOCK_N)
+        dq1, dq2 = _dq_key_tiles(q1, q2, do, dq1, dq2, lse1, lse2=lse2, d1=d1, d2=d2, lam=lam,
+                                 rows=rows, start=start, end=open_start, k_base=k_base,
+                                 v_base=v_base, kpm_row=kpm_row, stride_kh=stride_kh,
+                                 stride_km=stride_km, stride_vm=stride_vm, N=N_b, M=M_b,
+                                 window_left=window_left, window_right=window_right, SCORE=SCORE,
+                                 SCORE_FLAGS=SCORE_FLAGS, HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V,
+                                 BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, KEY_PAIR=KEY_PAIR,
+                                 CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, WINDOW=WINDOW, MASKED=True,
+                                 PRECISION=PRECISION, BLOCK_N=BLOCK_N)
+    dq1, dq2 = _dq_key_tiles(q1, q2, do, dq1, dq2, lse1, lse2=lse2, d1=d1, d2=d2, lam=lam,
+                             rows=rows, start=open_start, end=open_end, k_base=k_base,
+                             v_base=v_base, kpm_row=kpm_row, stride_kh=stride_kh,
+                             stride_km=stride_km, stride_vm=stride_vm, N=N_b, M=M_b,
+                             window_left=window_left, window_right=window_right, SCORE=SCORE,
+                             SCORE_FLAGS=SCORE_FLAGS, HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V,
+                             BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, KEY_PAIR=KEY_PAIR, CAUSAL=CAUSAL,
+                             HAS_KPM=HAS_KPM, WINDOW=WINDOW, MASKED=False, PRECISION=PRECISION,
+                             BLOCK_N=BLOCK_N)
+    dq1, dq2 = _dq_key_tiles(q1, q2, do, dq1, dq2, lse1, lse2=lse2, d1=d1, d2=d2, lam=lam,
+                             rows=rows, start=open_end, end=end, k_base=k_base, v_base=v_base,
+                             kpm_row=kpm_row, stride_kh=stride_kh, stride_km=stride_km,
+                             stride_vm=stride_vm, N=N_b, M=M_b, window_left=window_left,
+                             window_right=window_right, SCORE=SCORE, SCORE_FLAGS=SCORE_FLAGS,
+                             HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D,
+                             BLOCK_DV=BLOCK_DV, KEY_PAIR=KEY_PAIR, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM,
+                             WINDOW=WINDOW, MASKED=True, PRECISION=PRECISION, BLOCK_N=BLOCK_N)
 
     dq_ptrs = (DQ + ((sequence_start(b, N, q_row0, VARLEN) + tile * BLOCK_M) * (2 * H) + 2 * h)
                * HEAD_DIM
                + (tl.arange(0, BLOCK_M)[:, None] * (2 * H * HEAD_DIM) + offs_d[None, :]))
     q_mask = (rows < N_b)[:, None] & (offs_d[None, :] < HEAD_DIM)
-    tl.store(dq_ptrs, (dq1 * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
-    tl.store(dq_ptrs + HEAD_DIM, (dq2 * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+    tl.store(dq_ptrs, (dq1 * SCORE.scale).to(DQ.dtype.element_ty), mask=q_mask)
+    tl.store(dq_ptrs + HEAD_DIM, (dq2 * SCORE.scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
 @triton.jit
@@ -486,9 +533,9 @@ def diff_attn_bwd_kernel(
     stride_kpm_b,
     N, M, H, HK, GROUP, window_left, window_right,
     n_kv_tiles, n_q_tiles, n_kv_progs, n_q_progs, n_lam_parts, n_dw_rows, n_dlam_progs,
-    lam_value, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr, LAM_MODE: tl.constexpr,
+    lam_value, SCORE,
+    SCORE_FLAGS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr, LAM_MODE: tl.constexpr,
     LAM_DIM: tl.constexpr, BLOCK_LAM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
     DLAM_REDUCE: tl.constexpr,
@@ -498,28 +545,40 @@ def diff_attn_bwd_kernel(
 ):
     pid = tl.program_id(0)
     if pid < n_kv_progs:
-        _dkdv_program(pid % n_kv_tiles, pid // n_kv_tiles, Q, K, V, LAM, KPM, DO, LSE, DELTA,
-                      DK, DV, CU_Q, CU_K, stride_qb, stride_qn, stride_qh, stride_kb, stride_km,
-                      stride_kh,
-                      stride_vb, stride_vm, stride_vh, stride_dob, stride_don, stride_doh,
-                      stride_lb, stride_ln, stride_lh, stride_kpm_b, N, M, H, HK, GROUP,
-                      window_left, window_right, lam_value, qk_scale, sm_scale, HEAD_DIM,
-                      HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR, LAM_MODE, LAM_DIM, BLOCK_LAM,
-                      CAUSAL, HAS_KPM, WINDOW, VARLEN, ACC_FP64, PRECISION, BLOCK_M1, BLOCK_N1)
+        _dkdv_program(pid % n_kv_tiles, pid // n_kv_tiles, Q, K, V, LAM, KPM=KPM, DO=DO, LSE=LSE,
+                      DELTA=DELTA, DK=DK, DV=DV, CU_Q=CU_Q, CU_K=CU_K, stride_qb=stride_qb,
+                      stride_qn=stride_qn, stride_qh=stride_qh, stride_kb=stride_kb,
+                      stride_km=stride_km, stride_kh=stride_kh, stride_vb=stride_vb,
+                      stride_vm=stride_vm, stride_vh=stride_vh, stride_dob=stride_dob,
+                      stride_don=stride_don, stride_doh=stride_doh, stride_lb=stride_lb,
+                      stride_ln=stride_ln, stride_lh=stride_lh, stride_kpm_b=stride_kpm_b, N=N, M=M,
+                      H=H, HK=HK, GROUP=GROUP, window_left=window_left, window_right=window_right,
+                      lam_value=lam_value, SCORE=SCORE, SCORE_FLAGS=SCORE_FLAGS, HEAD_DIM=HEAD_DIM,
+                      HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, KEY_PAIR=KEY_PAIR,
+                      LAM_MODE=LAM_MODE, LAM_DIM=LAM_DIM, BLOCK_LAM=BLOCK_LAM, CAUSAL=CAUSAL,
+                      HAS_KPM=HAS_KPM, WINDOW=WINDOW, VARLEN=VARLEN, ACC_FP64=ACC_FP64,
+                      PRECISION=PRECISION, BLOCK_M=BLOCK_M1, BLOCK_N=BLOCK_N1)
     elif pid < n_kv_progs + n_q_progs:
         pid_q = pid - n_kv_progs
-        _dq_program(pid_q % n_q_tiles, pid_q // n_q_tiles, Q, K, V, LAM, KPM, DO, LSE, DELTA,
-                    DQ, CU_Q, CU_K, stride_qb, stride_qn, stride_qh, stride_kb, stride_km, stride_kh,
-                    stride_vb, stride_vm, stride_vh, stride_dob, stride_don, stride_doh,
-                    stride_lb, stride_ln, stride_lh, stride_kpm_b, N, M, H, GROUP,
-                    window_left, window_right, lam_value, qk_scale, sm_scale, HEAD_DIM,
-                    HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR, LAM_MODE, LAM_DIM, BLOCK_LAM,
-                    CAUSAL, HAS_KPM, WINDOW, VARLEN, ACC_FP64, PRECISION, BLOCK_M2, BLOCK_N2)
+        _dq_program(pid_q % n_q_tiles, pid_q // n_q_tiles, Q, K, V, LAM, KPM=KPM, DO=DO, LSE=LSE,
+                    DELTA=DELTA, DQ=DQ, CU_Q=CU_Q, CU_K=CU_K, stride_qb=stride_qb,
+                    stride_qn=stride_qn, stride_qh=stride_qh, stride_kb=stride_kb,
+                    stride_km=stride_km, stride_kh=stride_kh, stride_vb=stride_vb,
+                    stride_vm=stride_vm, stride_vh=stride_vh, stride_dob=stride_dob,
+                    stride_don=stride_don, stride_doh=stride_doh, stride_lb=stride_lb,
+                    stride_ln=stride_ln, stride_lh=stride_lh, stride_kpm_b=stride_kpm_b, N=N, M=M,
+                    H=H, GROUP=GROUP, window_left=window_left, window_right=window_right,
+                    lam_value=lam_value, SCORE=SCORE, SCORE_FLAGS=SCORE_FLAGS, HEAD_DIM=HEAD_DIM,
+                    HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, KEY_PAIR=KEY_PAIR,
+                    LAM_MODE=LAM_MODE, LAM_DIM=LAM_DIM, BLOCK_LAM=BLOCK_LAM, CAUSAL=CAUSAL,
+                    HAS_KPM=HAS_KPM, WINDOW=WINDOW, VARLEN=VARLEN, ACC_FP64=ACC_FP64,
+                    PRECISION=PRECISION, BLOCK_M=BLOCK_M2, BLOCK_N=BLOCK_N2)
     else:
         _reduce_program(pid - n_kv_progs - n_q_progs, DLAM_PART, DLAM, DW_PART, DW, LAM,
-                        n_lam_parts, H, n_dw_rows, n_dlam_progs, HEAD_DIM_V,
-                        BLOCK_DV, DLAM_REDUCE, LAM_DIM, BLOCK_LAM, ACC_FP64, RED_ROWS,
-                        RED_COLS)
+                        n_lam_parts=n_lam_parts, H=H, n_dw_rows=n_dw_rows,
+                        n_dlam_progs=n_dlam_progs, HEAD_DIM_V=HEAD_DIM_V, BLOCK_DV=BLOCK_DV,
+                        DLAM_REDUCE=DLAM_REDUCE, LAM_DIM=LAM_DIM, BLOCK_LAM=BLOCK_LAM,
+                        ACC_FP64=ACC_FP64, RED_ROWS=RED_ROWS, RED_COLS=RED_COLS)
 
 
 diff_attn_bwd_launch = Launcher(diff_attn_bwd_kernel)
@@ -549,7 +608,7 @@ def diff_attn_bwd(dout, q, k, v, lam, key_padding_mask, norm_weight, saved, call
     has_norm = norm_weight is not None
     if has_norm and norm_weight.stride(0) != 1:
         norm_weight = norm_weight.contiguous()
-    store_dx = has_norm or call.out_scale != 1.0
+    store_dx = call.stores_difference(has_norm)
     need_dlam = need_dlam and lam is not None
     need_dw = need_dw and has_norm
     flags = variant_flags(call, q, k, v, lam, key_padding_mask)
@@ -613,7 +672,7 @@ def diff_attn_bwd(dout, q, k, v, lam, key_padding_mask, norm_weight, saved, call
         window_right=window_right)
     reductions = dict(n_lam_parts=n_row_tiles * B, n_dw_rows=n_row_tiles * B * H,
                       n_dlam_progs=n_dlam_progs, lam_value=float(call.lam_value),
-                      qk_scale=call.scale * LOG2E, sm_scale=float(call.scale), **flags,
+                      **score_arguments(call), **flags,
                       DLAM_REDUCE=dlam_reduce, RED_ROWS=RED_ROWS, RED_COLS=RED_COLS)
 
     def run(config):

@@ -3,8 +3,11 @@
 
 The caches hold each sequence's keys and values at logical positions 0 .. capacity - 1;
 sequence b has ``seqlens[b]`` valid keys (the cache length after this call's append). The Nq
-query rows of sequence b are its last Nq positions: with CAUSAL, query i sees keys
-j <= seqlens[b] - Nq + i (the bottom-right diagonal); without, every valid key.
+query rows of sequence b are its last Nq positions; which keys a query sees is the score
+hook's rule (kernels/score.py: attention_scores, with N = Nq queries and M = seqlens[b] keys):
+with CAUSAL, query i sees keys j <= seqlens[b] - Nq + i (the bottom-right diagonal); with
+WINDOW, the keys of its local window (AttentionCall.window, causal folded in); without
+either, every valid key. The hook also applies the call's score options (softcap).
 
 Two layouts of the caches, a compile-time flag:
 
@@ -39,12 +42,12 @@ flag that leaves the kernel as above when off:
   interleaved pairs with ROTARY_INTERLEAVED, else GPT-NeoX halves) by the rows of COS, SIN
   (seqlen_ro, ROTARY_DIM / 2) at position seqlens[b] - n_new + i for query i
   (ROTARY_PER_ROW: causal or windowed), else at seqlens[b] - n_new for every query;
-- HAS_LEFTPAD: sequence b's keys start at logical position LEFTPAD[b] (earlier ones unseen);
+- HAS_LEFTPAD: sequence b's keys start at logical position LEFTPAD[b] (earlier ones do not
+  exist for it: never visible, read as 0);
 - HAS_CACHE_ROWS: sequence b reads cache row CACHE_ROWS[b] (contiguous caches only);
-- WINDOW: local attention, query i sees keys L - Nq + i - window_left ..
-  L - Nq + i + window_right (-1: unbounded);
 - RETURN_LSE: LSE (B, 2H, Nq) float32, each map's natural-log log-sum-exp of its scaled
-  scores (q head 2h: map 1 of head h, 2h + 1: map 2), -inf for a row that saw no key.
+  (and soft-capped) scores (q head 2h: map 1 of head h, 2h + 1: map 2), +inf for a row that
+  saw no key.
 """
 from __future__ import annotations
 
@@ -52,10 +55,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .call import LOG2E, dot_precision, lambda_flags, lambda_strides, strides
+from .call import AttentionCall, dot_precision, lambda_flags, lambda_strides, strides
 from .config import INTERPRET, cdiv, head_block
 from .launch import Launcher
 from .common import load_head_pair, load_tile, online_softmax_step, program_lambda
+from .score import attention_scores, score_arguments
 
 
 @triton.jit
@@ -172,18 +176,17 @@ def diff_attn_decode_kernel(
     stride_bt,
     stride_lb, stride_ln, stride_lh,
     Nq, H, GROUP, SPLIT_LEN,
-    lam_value, qk_scale, eps, out_scale,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr, LAM_MODE: tl.constexpr,
-    LAM_DIM: tl.constexpr, BLOCK_LAM: tl.constexpr, CAUSAL: tl.constexpr,
+    lam_value, eps, out_scale, window_left, window_right, SCORE,
+    SCORE_FLAGS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr, LAM_MODE: tl.constexpr,
+    LAM_DIM: tl.constexpr, BLOCK_LAM: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
     PAGED: tl.constexpr, PAGE: tl.constexpr, HAS_NORM: tl.constexpr, SPLIT: tl.constexpr,
     ACC_FP64: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     # the step's options (see the module docstring); unused pointers may be any tensor
-    COS, SIN, LEFTPAD, CACHE_ROWS, LSE, stride_ro, n_new, window_left, window_right,
+    COS, SIN, LEFTPAD, CACHE_ROWS, LSE, stride_ro, n_new,
     ROTARY_DIM: tl.constexpr, ROTARY_INTERLEAVED: tl.constexpr, ROTARY_PER_ROW: tl.constexpr,
-    HAS_LEFTPAD: tl.constexpr, HAS_CACHE_ROWS: tl.constexpr, WINDOW: tl.constexpr,
-    RETURN_LSE: tl.constexpr,
+    HAS_LEFTPAD: tl.constexpr, HAS_CACHE_ROWS: tl.constexpr, RETURN_LSE: tl.constexpr,
 ):
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     pid_m = tl.program_id(0)
@@ -212,7 +215,13 @@ def diff_attn_decode_kernel(
     end = tl.minimum(start + SPLIT_LEN, L)
     if CAUSAL:  # the tile's last query sees keys < L - Nq + its index + 1
         end = tl.minimum(end, L - Nq + tl.max(tl.where(row_ok, qi, 0), 0) + 1)
-    # ---- the step's options: rotary q, cache rows, left padding, window
+    if WINDOW:  # the key range of the tile's windows (window_keep's band; the bounds are
+        # never negative: the host passes the capacity and Nq for unbounded sides)
+        diagonal = L - Nq + qi                                              # (BLOCK_M,)
+        band_start = tl.min(tl.where(row_ok, diagonal, L), 0) - window_left
+        end = tl.minimum(end, tl.max(tl.where(row_ok, diagonal, 0), 0) + window_right + 1)
+        start = tl.maximum(start, (tl.maximum(band_start, 0) // BLOCK_N) * BLOCK_N)
+    # ---- the step's options: rotary q, cache rows, left padding
     if ROTARY_DIM > 0:
         pos = L - n_new + 0 * qi
         if ROTARY_PER_ROW:
@@ -227,16 +236,9 @@ def diff_attn_decode_kernel(
     kv_b = b  # the cache row (contiguous caches) or the block table's row (paged: always b)
     if HAS_CACHE_ROWS:
         kv_b = tl.load(CACHE_ROWS + b).to(tl.int64)
-    first_key = L * 0
-    if HAS_LEFTPAD:
+    first_key = L * 0  # the sequence's keys are first_key .. L - 1
+    if HAS_LEFTPAD:     # whole key tiles before the first key are skipped
         first_key = tl.load(LEFTPAD + b).to(tl.int32)
-    if WINDOW:
-        diagonal = L - Nq + qi                                              # (BLOCK_M,)
-        band_start = tl.min(tl.where(row_ok, diagonal, L), 0) - window_left
-        band_end = tl.max(tl.where(row_ok, diagonal, 0), 0) + window_right + 1
-        first_key = tl.where(window_left >= 0, tl.maximum(first_key, band_start), first_key)
-        end = tl.where(window_right >= 0, tl.minimum(end, band_end), end)
-    if HAS_LEFTPAD or WINDOW:  # whole key tiles before the first visible key are skipped
         start = tl.maximum(start, (tl.maximum(first_key, 0) // BLOCK_N) * BLOCK_N)
     # ----
 
@@ -249,31 +251,37 @@ def diff_attn_decode_kernel(
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         k_tile = k_head + _tile_start(BT, kv_b, start_n, stride_bt, stride_kpage, stride_krow,
-                                      PAGED, PAGE)
+                                      PAGED=PAGED, PAGE=PAGE)
         v_tile = v_head + _tile_start(BT, kv_b, start_n, stride_bt, stride_vpage, stride_vrow,
-                                      PAGED, PAGE)
+                                      PAGED=PAGED, PAGE=PAGE)
         k1, k2 = load_head_pair(k_tile, stride_kh, 0, end - start_n, stride_krow, offs_d,
-                                HEAD_DIM, BLOCK_N, KEY_PAIR, True, HEAD_DIM != BLOCK_D)
-        v = load_tile(v_tile, 0, end - start_n, stride_vrow, offs_dv, HEAD_DIM_V, BLOCK_N,
-                      True, HEAD_DIM_V != BLOCK_DV)
+                                n_cols=HEAD_DIM, BLOCK_ROWS=BLOCK_N, PAIR=KEY_PAIR, MASK_ROWS=True,
+                                MASK_COLS=HEAD_DIM != BLOCK_D)
+        v = load_tile(v_tile, 0, end - start_n, stride_vrow, offs_dv, HEAD_DIM_V,
+                      BLOCK_ROWS=BLOCK_N, MASK_ROWS=True, MASK_COLS=HEAD_DIM_V != BLOCK_DV)
+        # the sequence's keys: first_key <= j < L (the rows before a left pad were never
+        # written: their values are read as 0); the score hook adds the causal diagonal and
+        # the window of query qi of Nq over L keys
         keep = (cols < end)[None, :] & row_ok[:, None]
-        if CAUSAL:
-            keep = keep & (cols[None, :] <= (L - Nq + qi)[:, None])
-        # ---- the step's options: keys before the left pad (never written: read as 0) and
-        # outside the window are unseen
         if HAS_LEFTPAD:
             keep = keep & (cols >= first_key)[None, :]
             v = tl.where((cols >= first_key)[:, None], v, 0.0)
-        if WINDOW:
-            band = (cols[None, :] >= (diagonal - window_left)[:, None]) | (window_left < 0)
-            band = band & ((cols[None, :] <= (diagonal + window_right)[:, None])
-                           | (window_right < 0))
-            keep = keep & band
-        # ----
-        s1 = tl.dot(q1, tl.trans(k1), input_precision=PRECISION).to(acc_dtype)
-        m1, l1, acc1 = online_softmax_step(s1, keep, m1, l1, acc1, v, qk_scale, True, PRECISION)
-        s2 = tl.dot(q2, tl.trans(k2), input_precision=PRECISION).to(acc_dtype)
-        m2, l2, acc2 = online_softmax_step(s2, keep, m2, l2, acc2, v, qk_scale, True, PRECISION)
+        s1, visible = attention_scores(
+            tl.dot(q1, tl.trans(k1), input_precision=PRECISION).to(acc_dtype),
+            q_idx=qi[:, None], k_idx=cols[None, :], keep=keep, N=Nq, M=L,
+            window_left=window_left, window_right=window_right, SCORE=SCORE,
+            SCORE_FLAGS=SCORE_FLAGS, CAUSAL=CAUSAL, WINDOW=WINDOW, MASKED=True)
+        m1, l1, acc1 = online_softmax_step(s1, visible, m1, l1, acc1, v,
+                                           qk_scale=SCORE.qk_scale, MASKED=True,
+                                           PRECISION=PRECISION)
+        s2, visible = attention_scores(
+            tl.dot(q2, tl.trans(k2), input_precision=PRECISION).to(acc_dtype),
+            q_idx=qi[:, None], k_idx=cols[None, :], keep=keep, N=Nq, M=L,
+            window_left=window_left, window_right=window_right, SCORE=SCORE,
+            SCORE_FLAGS=SCORE_FLAGS, CAUSAL=CAUSAL, WINDOW=WINDOW, MASKED=True)
+        m2, l2, acc2 = online_softmax_step(s2, visible, m2, l2, acc2, v,
+                                           qk_scale=SCORE.qk_scale, MASKED=True,
+                                           PRECISION=PRECISION)
 
     l1_safe = tl.where(l1 > 0, l1, 1.0)
     l2_safe = tl.where(l2 > 0, l2, 1.0)
@@ -298,10 +306,12 @@ def diff_attn_decode_kernel(
         tl.store(o_ptrs, o1, mask=o_mask)
         tl.store(o_ptrs + R * HEAD_DIM_V, o2, mask=o_mask)
     else:
-        lam = _row_lambda(LAM, b, qi, h, row_ok, stride_lb, stride_ln, stride_lh, lam_value,
-                          LAM_MODE, LAM_DIM, BLOCK_LAM, acc_dtype)
-        _store_output(o1, o2, lam, W, OUT, b, qi, h, row_ok, offs_dv, Nq, H, eps, out_scale,
-                      HEAD_DIM_V, HAS_NORM, acc_dtype)
+        lam = _row_lambda(LAM, b, qi, h, row_ok, stride_lb, stride_ln=stride_ln,
+                          stride_lh=stride_lh, lam_value=lam_value, LAM_MODE=LAM_MODE,
+                          LAM_DIM=LAM_DIM, BLOCK_LAM=BLOCK_LAM, ACC_DTYPE=acc_dtype)
+        _store_output(o1, o2, lam, W, OUT, b, qi=qi, h=h, row_ok=row_ok, offs_dv=offs_dv, Nq=Nq,
+                      H=H, eps=eps, out_scale=out_scale, HEAD_DIM_V=HEAD_DIM_V, HAS_NORM=HAS_NORM,
+                      ACC_DTYPE=acc_dtype)
 
 
 @triton.jit
@@ -352,14 +362,16 @@ def diff_attn_decode_combine_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     R = GROUP * Nq
     base = pid_bg.to(tl.int64) * n_splits * 2
-    o1 = _merge_map(PART_O, PART_LSE, base, rows, row_ok, offs_dv, R, n_splits, HEAD_DIM_V,
-                    acc_dtype, BLOCK_M, BLOCK_DV)
-    o2 = _merge_map(PART_O, PART_LSE, base + 1, rows, row_ok, offs_dv, R, n_splits, HEAD_DIM_V,
-                    acc_dtype, BLOCK_M, BLOCK_DV)
-    lam = _row_lambda(LAM, b, qi, h, row_ok, stride_lb, stride_ln, stride_lh, lam_value,
-                      LAM_MODE, LAM_DIM, BLOCK_LAM, acc_dtype)
-    _store_output(o1, o2, lam, W, OUT, b, qi, h, row_ok, offs_dv, Nq, H, eps, out_scale,
-                  HEAD_DIM_V, HAS_NORM, acc_dtype)
+    o1 = _merge_map(PART_O, PART_LSE, base, rows, row_ok, offs_dv, R=R, n_splits=n_splits,
+                    HEAD_DIM_V=HEAD_DIM_V, ACC_DTYPE=acc_dtype, BLOCK_M=BLOCK_M, BLOCK_DV=BLOCK_DV)
+    o2 = _merge_map(PART_O, PART_LSE, base + 1, rows, row_ok, offs_dv, R=R, n_splits=n_splits,
+                    HEAD_DIM_V=HEAD_DIM_V, ACC_DTYPE=acc_dtype, BLOCK_M=BLOCK_M, BLOCK_DV=BLOCK_DV)
+    lam = _row_lambda(LAM, b, qi, h, row_ok, stride_lb, stride_ln=stride_ln, stride_lh=stride_lh,
+                      lam_value=lam_value, LAM_MODE=LAM_MODE, LAM_DIM=LAM_DIM, BLOCK_LAM=BLOCK_LAM,
+                      ACC_DTYPE=acc_dtype)
+    _store_output(o1, o2, lam, W, OUT, b, qi=qi, h=h, row_ok=row_ok, offs_dv=offs_dv, Nq=Nq, H=H,
+                  eps=eps, out_scale=out_scale, HEAD_DIM_V=HEAD_DIM_V, HAS_NORM=HAS_NORM,
+                  ACC_DTYPE=acc_dtype)
     if RETURN_LSE:
         for map_index in tl.static_range(2):
             lse2 = _merged_lse(PART_LSE=PART_LSE, base=base + map_index, rows=rows,
@@ -413,11 +425,10 @@ def split_length(capacity: int, num_splits: int, block_n: int) -> int:
     return cdiv(cdiv(capacity, num_splits), block_n) * block_n
 
 
-def diff_attn_decode(q, k_cache, v_cache, seqlens, block_table, lam, lam_value, norm_weight,
-                     scale, causal, eps, out_scale, num_splits, wrap=None, lam_vectors=False, *,
-                     rotary_cos=None, rotary_sin=None, rotary_interleaved=True,
-                     rotary_per_row=False, n_new=0, cache_leftpad=None, cache_batch_idx=None,
-                     window_size=None, return_lse=False):
+def diff_attn_decode(q, k_cache, v_cache, seqlens, block_table, lam, norm_weight,
+                     call: AttentionCall, num_splits, wrap=None, *, rotary_cos=None,
+                     rotary_sin=None, rotary_interleaved=True, rotary_per_row=False, n_new=0,
+                     cache_leftpad=None, cache_batch_idx=None, return_lse=False):
     """Launch the decode kernels.
 
     Args (validated by diffattn.kvcache):
@@ -425,9 +436,11 @@ def diff_attn_decode(q, k_cache, v_cache, seqlens, block_table, lam, lam_value, 
             (..., Hk, DV), last dims contiguous; seqlens (B,) int32, each sequence's valid
             keys (after any append); block_table (B, max_blocks) int32 or None.
         lam: lambda tensor (), (H,) or (B, Nq, H) in the accumulation dtype, or None to use
-            the float lam_value; with lam_vectors, the (4, L) lambda vectors (lambda =
-            exp(lq1 . lk1) - exp(lq2 . lk2) + lam_value, computed in the kernels).
+            the float call.lam_value; with call.lam_vectors, the (4, L) lambda vectors
+            (lambda = exp(lq1 . lk1) - exp(lq2 . lk2) + lam_value, computed in the kernels).
         norm_weight (DV,) or None (the RMSNorm epilogue).
+        call: the scale, causal mask, window, score options, lambda mode and epilogue
+            (kernels/call.py); the decode kernels take no packed sequences.
         num_splits: the number of key splits (1: one launch, no workspace; 0: chosen from
             the shapes by choose_num_splits).
         rotary_cos, rotary_sin (seqlen_ro, rotary_dim / 2), last dim contiguous, or None:
@@ -436,8 +449,6 @@ def diff_attn_decode(q, k_cache, v_cache, seqlens, block_table, lam, lam_value, 
         cache_leftpad (B,) int32 contiguous or None: the first key of each sequence.
         cache_batch_idx (B,) int32 contiguous or None: the cache row of each sequence
             (contiguous caches only).
-        window_size (left, right) or None: local attention, -1 unbounded (right ignored with
-            causal).
         return_lse: also return each map's log-sum-exp (B, 2H, Nq) float32.
     Returns (B, Nq, H, DV) in q's dtype, and the log-sum-exp with return_lse.
     """
@@ -471,39 +482,39 @@ def diff_attn_decode(q, k_cache, v_cache, seqlens, block_table, lam, lam_value, 
         part_lse = torch.empty((B, Hk, num_splits, 2, rows), device=device, dtype=acc_dtype)
     else:
         part_o = part_lse = out  # not written
+    lam_vectors = call.lam_vectors
     lam_flags = lambda_flags(lam, lam_vectors)
     lam_str = dict(zip(("stride_lb", "stride_ln", "stride_lh"), lambda_strides(lam, lam_vectors)))
+    lam_value, eps, out_scale = call.lam_value, call.eps, call.out_scale
     lam_t = q if lam is None else lam
     w_t = norm_weight if has_norm else q
     bt = block_table if paged else seqlens
     acc_fp64 = acc_dtype == torch.float64
     # the step's options
     rotary_dim = 0 if rotary_cos is None else 2 * rotary_cos.shape[1]
-    left, right = (-1, -1) if window_size is None else window_size
-    if causal:
-        right = -1  # the causal bound is the tighter one
-    window = left >= 0 or right >= 0
+    window_left, window_right = call.window_bounds(Nq, capacity)
     lse = torch.empty((B, H2, Nq), device=device, dtype=torch.float32) if return_lse else out
     options = dict(
         COS=q if rotary_cos is None else rotary_cos, SIN=q if rotary_sin is None else rotary_sin,
         LEFTPAD=seqlens if cache_leftpad is None else cache_leftpad,
         CACHE_ROWS=seqlens if cache_batch_idx is None else cache_batch_idx, LSE=lse,
         stride_ro=0 if rotary_cos is None else rotary_cos.stride(0), n_new=int(n_new),
-        window_left=int(left), window_right=int(right), ROTARY_DIM=rotary_dim,
-        ROTARY_INTERLEAVED=bool(rotary_interleaved), ROTARY_PER_ROW=bool(rotary_per_row),
-        HAS_LEFTPAD=cache_leftpad is not None, HAS_CACHE_ROWS=cache_batch_idx is not None,
-        WINDOW=window, RETURN_LSE=bool(return_lse))
+        ROTARY_DIM=rotary_dim, ROTARY_INTERLEAVED=bool(rotary_interleaved),
+        ROTARY_PER_ROW=bool(rotary_per_row), HAS_LEFTPAD=cache_leftpad is not None,
+        HAS_CACHE_ROWS=cache_batch_idx is not None, RETURN_LSE=bool(return_lse))
     grid = (cdiv(rows, block_m), B * Hk, num_splits)
     diff_attn_decode_launch(
         grid, wrap, Q=q, K=k_cache, V=v_cache, SEQLENS=seqlens, BT=bt, LAM=lam_t, W=w_t,
         OUT=out, PART_O=part_o, PART_LSE=part_lse, **strides("q", q, "bnh"),
         **strides("k", k_cache, ("page", "row", "h")), **strides("v", v_cache, ("page", "row", "h")),
         stride_bt=bt.stride(0) if paged else 0, **lam_str, Nq=Nq, H=H, GROUP=group,
-        SPLIT_LEN=split_len, lam_value=float(lam_value), qk_scale=scale * LOG2E, eps=float(eps),
-        out_scale=float(out_scale), HEAD_DIM=d, HEAD_DIM_V=DV, BLOCK_D=head_block(d),
-        BLOCK_DV=head_block(DV), KEY_PAIR=key_pair, **lam_flags, CAUSAL=causal, PAGED=paged,
-        PAGE=page, HAS_NORM=has_norm, SPLIT=split, ACC_FP64=acc_fp64,
-        PRECISION=dot_precision(dtype), BLOCK_M=block_m, BLOCK_N=block_n, **options,
+        SPLIT_LEN=split_len, lam_value=float(lam_value), eps=float(eps),
+        out_scale=float(out_scale), window_left=window_left, window_right=window_right,
+        **score_arguments(call), HEAD_DIM=d, HEAD_DIM_V=DV, BLOCK_D=head_block(d),
+        BLOCK_DV=head_block(DV), KEY_PAIR=key_pair, **lam_flags,
+        CAUSAL=call.causal and not call.local, WINDOW=call.local, PAGED=paged, PAGE=page,
+        HAS_NORM=has_norm, SPLIT=split, ACC_FP64=acc_fp64, PRECISION=dot_precision(dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, **options,
         num_warps=decode_warps(block_m), num_stages=DECODE_STAGES)
     if split:
         diff_attn_decode_combine_launch(

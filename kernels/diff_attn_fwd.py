@@ -10,6 +10,10 @@ row of the program sees in full run without masks; only the ragged last tile, th
 causal diagonal and, with a key padding mask, every tile are masked. Nothing of size N x M is
 stored.
 
+Scores: each tile of raw products q . k goes through the score hook (kernels/score.py:
+attention_scores, with the SCORE and SCORE_FLAGS arguments), which applies the masks and the
+score options of the call; the softmax scale is folded into the exp2.
+
 Variants are compile-time flags of this one kernel:
 
 =============  ==========================================  =================================
@@ -38,7 +42,7 @@ O2 (total_q, H, DV); CU_Q, CU_K int32 (B + 1,) cumulative offsets. Program (m, b
 sequence b's first rows and lengths N_b, M_b from them (sequence_bounds) and exits when its
 query tile starts past N_b; N and M are then the maxima (the grid and LSE, RSTD are sized by
 them) and every mask and loop bound uses N_b, M_b. Without VARLEN the same helpers give b * N,
-N, b * M, M where they are used, so the padded kernel's code is what it was.
+N, b * M, M where they are used: the padded layout reads no offsets.
 USE_TMA (Hopper, DIFFATTN_TMA=1, kernels/tma.py): the key and value tiles come through tensor
 descriptors made on the device instead of pointer loads; everything else is the same.
 The equations: docs/kernel-math.md.
@@ -50,30 +54,29 @@ import triton
 import triton.language as tl
 
 from . import tma
-from .call import (LOG2E, AttentionCall, call_dims, lambda_strides, packed_strides,
-                   variant_flags)
+from .call import AttentionCall, call_dims, lambda_strides, packed_strides, variant_flags
 from .config import cdiv
 from .launch import Launcher
 from .common import (key_keep, load_head_pair, load_key_value_tiles, load_lambda_rows,
-                     online_softmax_step, program_lambda, query_key_keep,
-                     query_tile_key_ranges, row_offset, sequence_bounds, sequence_rows,
-                     sequence_start)
+                     online_softmax_step, program_lambda, query_tile_key_ranges, row_offset,
+                     sequence_bounds, sequence_rows, sequence_start)
+from .score import attention_scores, score_arguments
 from .tuning import FWD_TILES
 
 
 @triton.jit
 def _attend_key_tiles(q1, q2, k_base, v_base, k1_desc, k2_desc, v_desc, kpm_row, rows, start,
                       end, skip_from, skip, m1, l1, acc1, m2, l2, acc2, stride_kh, stride_km,
-                      stride_vm, N, M, window_left, window_right, qk_scale,
-                      HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-                      BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                      stride_vm, N, M, window_left, window_right, SCORE,
+                      SCORE_FLAGS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                       KEY_PAIR: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
                       WINDOW: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
                       BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
     """Both online softmaxes over the key tiles [start, end) (with WINDOW and MASKED, the
     tiles from skip_from on are shifted by ``skip``: the band's two edges in one loop). MASKED
-    applies the ragged-edge, padding, causal and window masks; without it every key of every
-    tile is visible to every row.
+    applies the ragged-edge, padding, causal and window masks (in the score hook); without it
+    every key of every tile is visible to every row.
     USE_TMA reads the key and value tiles through the tensor descriptors (rows past M read
     as zero) instead of the pointers."""
     for loop_n in range(start, end, BLOCK_N):
@@ -88,21 +91,31 @@ def _attend_key_tiles(q1, q2, k_base, v_base, k1_desc, k2_desc, v_desc, kpm_row,
                 k2 = k2_desc.load([start_n, 0])
             v = v_desc.load([start_n, 0])
         else:
-            k1, k2, v = load_key_value_tiles(k_base, v_base, stride_kh, stride_km, stride_vm,
-                                             start_n, M, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
-                                             BLOCK_DV, KEY_PAIR, MASKED, BLOCK_N)
-        keep = None
+            k1, k2, v = load_key_value_tiles(
+                k_base, v_base, stride_kh, stride_km, stride_vm, start_n, M=M,
+                HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+                KEY_PAIR=KEY_PAIR, MASKED=MASKED, BLOCK_N=BLOCK_N)
+        kept = None
         if MASKED:
-            keep = query_key_keep(kpm_row, rows, cols, N, M, window_left, window_right,
-                                  HAS_KPM, CAUSAL, WINDOW)
+            kept = key_keep(kpm_row, cols, M, HAS_KPM)
             if HAS_KPM:  # padding keys' values read as 0: p = 0 times a NaN/inf value is NaN
-                v = tl.where(key_keep(kpm_row, cols, M, HAS_KPM)[:, None], v, 0.0)
-        s1 = tl.dot(q1, tl.trans(k1), input_precision=PRECISION).to(acc1.dtype)
-        m1, l1, acc1 = online_softmax_step(s1, keep, m1, l1, acc1, v, qk_scale, MASKED,
-                                           PRECISION)
-        s2 = tl.dot(q2, tl.trans(k2), input_precision=PRECISION).to(acc2.dtype)
-        m2, l2, acc2 = online_softmax_step(s2, keep, m2, l2, acc2, v, qk_scale, MASKED,
-                                           PRECISION)
+                v = tl.where(kept[:, None], v, 0.0)
+        s1, keep = attention_scores(
+            tl.dot(q1, tl.trans(k1), input_precision=PRECISION).to(acc1.dtype),
+            q_idx=rows[:, None], k_idx=cols[None, :], keep=kept, N=N, M=M,
+            window_left=window_left, window_right=window_right, SCORE=SCORE,
+            SCORE_FLAGS=SCORE_FLAGS, CAUSAL=CAUSAL, WINDOW=WINDOW, MASKED=MASKED)
+        m1, l1, acc1 = online_softmax_step(s1, keep, m1, l1, acc1, v,
+                                           qk_scale=SCORE.qk_scale, MASKED=MASKED,
+                                           PRECISION=PRECISION)
+        s2, keep = attention_scores(
+            tl.dot(q2, tl.trans(k2), input_precision=PRECISION).to(acc2.dtype),
+            q_idx=rows[:, None], k_idx=cols[None, :], keep=kept, N=N, M=M,
+            window_left=window_left, window_right=window_right, SCORE=SCORE,
+            SCORE_FLAGS=SCORE_FLAGS, CAUSAL=CAUSAL, WINDOW=WINDOW, MASKED=MASKED)
+        m2, l2, acc2 = online_softmax_step(s2, keep, m2, l2, acc2, v,
+                                           qk_scale=SCORE.qk_scale, MASKED=MASKED,
+                                           PRECISION=PRECISION)
     return m1, l1, acc1, m2, l2, acc2
 
 
@@ -118,9 +131,9 @@ def diff_attn_fwd_kernel(
     stride_lb, stride_ln, stride_lh,
     stride_kpm_b,
     N, M, H, GROUP, window_left, window_right,
-    lam_value, qk_scale, eps, out_scale,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr, LAM_MODE: tl.constexpr,
+    lam_value, eps, out_scale, SCORE,
+    SCORE_FLAGS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, KEY_PAIR: tl.constexpr, LAM_MODE: tl.constexpr,
     LAM_DIM: tl.constexpr, BLOCK_LAM: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, WINDOW: tl.constexpr, VARLEN: tl.constexpr,
     HAS_NORM: tl.constexpr, SAVE_FOR_BWD: tl.constexpr, STORE_X: tl.constexpr,
@@ -147,7 +160,8 @@ def diff_attn_fwd_kernel(
 
     q1, q2 = load_head_pair(Q + row_offset(b, q_row0, stride_qb, stride_qn, VARLEN)
                             + 2 * h * stride_qh, stride_qh, pid_m * BLOCK_M, N_b, stride_qn,
-                            offs_d, HEAD_DIM, BLOCK_M, True, True, HEAD_DIM != BLOCK_D)
+                            offs_d, n_cols=HEAD_DIM, BLOCK_ROWS=BLOCK_M, PAIR=True,
+                            MASK_ROWS=True, MASK_COLS=HEAD_DIM != BLOCK_D)
     key_heads = 2 if KEY_PAIR else 1
     k_base = K + row_offset(b, k_row0, stride_kb, stride_km, VARLEN) + key_heads * g * stride_kh
     v_base = V + row_offset(b, k_row0, stride_vb, stride_vm, VARLEN) + g * stride_vh
@@ -177,32 +191,40 @@ def diff_attn_fwd_kernel(
     # tiles from there to `end` (and, with a window, from `start` to open_start) need masks.
     # Causal or windowed: tiles outside the rows' band are never visited.
     start, open_start, open_end, end = query_tile_key_ranges(
-        pid_m * BLOCK_M, N_b, M_b, window_left, window_right, BLOCK_M, BLOCK_N, CAUSAL, HAS_KPM,
-        WINDOW)
+         pid_m * BLOCK_M, N_b, M_b, window_left, window_right, BLOCK_M, BLOCK_N=BLOCK_N,
+        CAUSAL=CAUSAL, HAS_KPM=HAS_KPM, WINDOW=WINDOW)
     if WINDOW:  # the band's edges [start, open_start) and [open_end, end) in one masked loop
         masked_start, masked_end = start, end - (open_end - open_start)
     else:
         masked_start, masked_end = open_end, end
     m1, l1, acc1, m2, l2, acc2 = _attend_key_tiles(
-        q1, q2, k_base, v_base, k1_desc, k2_desc, v_desc, kpm_row, rows, open_start, open_end,
-        0, 0, m1, l1, acc1, m2, l2, acc2, stride_kh, stride_km, stride_vm, N_b, M_b, window_left,
-        window_right, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, KEY_PAIR, CAUSAL,
-        HAS_KPM, WINDOW, False, PRECISION, BLOCK_N, USE_TMA)
+        q1, q2, m1=m1, l1=l1, acc1=acc1, m2=m2, l2=l2, acc2=acc2, start=open_start,
+        end=open_end, skip_from=0, skip=0, MASKED=False,
+        k_base=k_base, v_base=v_base, k1_desc=k1_desc, k2_desc=k2_desc,
+        v_desc=v_desc, kpm_row=kpm_row, rows=rows, stride_kh=stride_kh, stride_km=stride_km,
+        stride_vm=stride_vm, N=N_b, M=M_b, window_left=window_left, window_right=window_right,
+        SCORE=SCORE, SCORE_FLAGS=SCORE_FLAGS, HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V,
+        BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, KEY_PAIR=KEY_PAIR, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM,
+        WINDOW=WINDOW, PRECISION=PRECISION, BLOCK_N=BLOCK_N, USE_TMA=USE_TMA)
     m1, l1, acc1, m2, l2, acc2 = _attend_key_tiles(
-        q1, q2, k_base, v_base, k1_desc, k2_desc, v_desc, kpm_row, rows, masked_start,
-        masked_end, open_start, open_end - open_start, m1, l1, acc1, m2, l2, acc2, stride_kh,
-        stride_km, stride_vm, N_b, M_b, window_left, window_right, qk_scale, HEAD_DIM, HEAD_DIM_V,
-        BLOCK_D, BLOCK_DV, KEY_PAIR, CAUSAL, HAS_KPM, WINDOW, True, PRECISION, BLOCK_N, USE_TMA)
+        q1, q2, m1=m1, l1=l1, acc1=acc1, m2=m2, l2=l2, acc2=acc2, start=masked_start,
+        end=masked_end, skip_from=open_start, skip=open_end - open_start, MASKED=True,
+        k_base=k_base, v_base=v_base, k1_desc=k1_desc, k2_desc=k2_desc,
+        v_desc=v_desc, kpm_row=kpm_row, rows=rows, stride_kh=stride_kh, stride_km=stride_km,
+        stride_vm=stride_vm, N=N_b, M=M_b, window_left=window_left, window_right=window_right,
+        SCORE=SCORE, SCORE_FLAGS=SCORE_FLAGS, HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V,
+        BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, KEY_PAIR=KEY_PAIR, CAUSAL=CAUSAL, HAS_KPM=HAS_KPM,
+        WINDOW=WINDOW, PRECISION=PRECISION, BLOCK_N=BLOCK_N, USE_TMA=USE_TMA)
 
     # A row that saw no key: O = 0 and LSE = +inf, so backward recomputes P = 0 there.
     l1_safe = tl.where(l1 > 0, l1, 1.0)
     l2_safe = tl.where(l2 > 0, l2, 1.0)
     inv_l1 = tl.where(l1 > 0, 1.0 / l1_safe, 0.0)
     inv_l2 = tl.where(l2 > 0, 1.0 / l2_safe, 0.0)
+    lam_scalar = program_lambda(LAM, lam_value, LAM_MODE, LAM_DIM, BLOCK_LAM, acc_dtype)
     lam = load_lambda_rows(sequence_rows(LAM, q_row0, stride_ln, VARLEN), b, rows, N_b, h,
-                           stride_lb, stride_ln, stride_lh,
-                           program_lambda(LAM, lam_value, LAM_MODE, LAM_DIM, BLOCK_LAM,
-                                          acc_dtype), LAM_MODE, acc_dtype)
+                           stride_lb, stride_ln=stride_ln, stride_lh=stride_lh,
+                           lam_scalar=lam_scalar, LAM_MODE=LAM_MODE, ACC_DTYPE=acc_dtype)
     o2 = acc2 * inv_l2[:, None]
     x = acc1 * inv_l1[:, None] - lam[:, None] * o2
 
@@ -274,7 +296,7 @@ def diff_attn_fwd(q, k, v, lam, key_padding_mask, norm_weight, call: AttentionCa
     has_norm = norm_weight is not None
     if has_norm and norm_weight.stride(0) != 1:
         norm_weight = norm_weight.contiguous()
-    store_x = has_norm or call.out_scale != 1.0
+    store_x = call.stores_difference(has_norm)
     if save_for_backward:
         # The norm's backward takes dY's part along X out of dX, so the lambda gradient
         # -rowsum(dX * O2) is a small remainder of large terms wherever O2 lies near X's
@@ -305,8 +327,8 @@ def diff_attn_fwd(q, k, v, lam, key_padding_mask, norm_weight, call: AttentionCa
                    lambda_strides(lam, call.lam_vectors))),
         stride_kpm_b=kpm.stride(0) if key_padding_mask is not None else 0,
         N=N, M=M, H=H, GROUP=H // Hk, window_left=window_left, window_right=window_right,
-        lam_value=float(call.lam_value), qk_scale=call.scale * LOG2E, eps=float(call.eps),
-        out_scale=float(call.out_scale),
+        lam_value=float(call.lam_value), eps=float(call.eps), out_scale=float(call.out_scale),
+        **score_arguments(call),
         **variant_flags(call, q, k, v, lam, key_padding_mask), HAS_NORM=has_norm,
         SAVE_FOR_BWD=save_for_backward, STORE_X=store_x,
         USE_TMA=wrap is None and not call.varlen and tma.tma_loads(k, v))

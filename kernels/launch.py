@@ -87,9 +87,12 @@ def launch_path() -> str:
 
 def _fact(value):
     """What of an argument decides Triton's specialisation: a tensor's dtype and pointer
-    alignment, an integer's value, the type of anything else (floats are always fp32)."""
+    alignment, an integer's value, a tuple's elements' facts, the type of anything else
+    (floats are always fp32)."""
     if isinstance(value, int):
         return value
+    if isinstance(value, tuple):  # the score hook's arguments (kernels/score.py)
+        return tuple([_fact(v) for v in value])
     data_ptr = getattr(value, "data_ptr", None)
     if data_ptr is not None:
         return value.dtype, data_ptr() & 15

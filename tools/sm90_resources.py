@@ -386,6 +386,7 @@ def record_case(case: Case, fwd_config: Optional[tuple] = None,
 def record_decode(case: Case) -> List[Launch]:
     """The launches of one decode call of the case's variant (no kernel runs)."""
     import torch
+    from diffattn.kernels import AttentionCall
     from diffattn.kernels.diff_attn_decode import diff_attn_decode
     variant, dtype, d = case.spec, _torch_dtype(case.dtype), case.head_dim
     batch, heads, groups, length, page = 2, DECODE_H, DECODE_HK, DECODE_M, DECODE_PAGE
@@ -408,9 +409,11 @@ def record_decode(case: Case) -> List[Launch]:
     norm = None if variant.v2 else torch.ones(dv)
     launches: List[Launch] = []
     with recording(launches):
-        diff_attn_decode(q, k_cache, v_cache, seqlens, block_table, lam, lam_value, norm,
-                         d ** -0.5, True, 1e-5, 1.0 - LAMBDA_INIT if norm is not None else 1.0,
-                         variant.splits, lam_vectors=variant.lam == "vectors")
+        call = AttentionCall.create(d ** -0.5, causal=True, lam_value=lam_value,
+                                    lam_vectors=variant.lam == "vectors",
+                                    out_scale=1.0 - LAMBDA_INIT if norm is not None else 1.0)
+        diff_attn_decode(q, k_cache, v_cache, seqlens, block_table, lam, norm, call,
+                         variant.splits)
     return launches
 
 

@@ -77,7 +77,8 @@ def test_recorded_signatures_match_the_kernels_arguments():
     # bf16 tensors, fp32 lambda and statistics, sizes kept unspecialised, fp32 scalars.
     assert fwd["signature"]["Q"] == "*bf16" and fwd["signature"]["LAM"] == "*fp32"
     assert fwd["signature"]["LSE"] == "*fp32" and fwd["signature"]["N"] == "i32"
-    assert fwd["signature"]["qk_scale"] == "fp32"
+    assert fwd["signature"]["eps"] == "fp32"
+    assert set(fwd["signature"]["SCORE"]) == {"fp32"}  # the score hook's run-time values
     assert fwd["attrs"][str(names.index("Q"))] == "D"
     assert str(names.index("N")) not in fwd["attrs"]
     # V1 d=64 with the epilogue: value width 128, the narrow group's first candidate.

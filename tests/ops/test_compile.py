@@ -70,29 +70,52 @@ def test_opcheck_forward(save, vectors):
     q, k, v, lam, mask, weight = _op_inputs(requires_grad=save)
     if vectors:  # lambda from the (4, L) vectors lq1, lk1, lq2, lk2, lambda_init 0.8
         lam = (0.1 * torch.randn(4, 16)).requires_grad_(save)
-    init = 0.8 if vectors else 0.0
+    call = AttentionCall.create(0.25, causal=True, lam_value=0.8 if vectors else 0.0,
+                                lam_vectors=vectors, out_scale=0.2)
     torch.library.opcheck(torch.ops.diffattn.fwd.default,
-                          (q, k, v, lam, mask, weight, 0.25, True, -1, -1, init, vectors, 1e-5,
-                           0.2, save))
+                          (q, k, v, lam, mask, weight, None, None, save, *call.as_schema_args()))
 
 
 @requires_interpreter
 def test_opcheck_backward():
     q, k, v, lam, mask, weight = _op_inputs(requires_grad=False)
-    saved = ops.fused_fwd(q, k, v, lam, mask, weight, 0.25, True, -1, -1, 0.0, False, 1e-5, 0.2,
-                          True)[1:]
+    call = AttentionCall.create(0.25, causal=True, out_scale=0.2)
+    saved = ops.fused_fwd(q, k, v, lam, mask, weight, None, None, True,
+                          *call.as_schema_args())[1:]
     dout = torch.randn(2, 20, 2, 32)
     torch.library.opcheck(torch.ops.diffattn.bwd.default,
-                          (dout, q, k, v, lam, mask, weight, *saved, 0.25, True, -1, -1, 0.0,
-                           False, 1e-5, 0.2, True, True))
+                          (dout, q, k, v, lam, mask, weight, *saved, None, None, True, True,
+                           *call.as_schema_args()))
+
+
+def test_registered_schemas_end_with_the_calls_fields():
+    """The ops' schemas take AttentionCall's fields last, in field order, and the call
+    survives the trip through them."""
+    import dataclasses
+    from diffattn import kvcache
+    names = [f.name for f in dataclasses.fields(AttentionCall)]
+    for op in (torch.ops.diffattn.fwd.default, torch.ops.diffattn.bwd.default,
+               torch.ops.diffattn.kvcache_fwd.default):
+        assert kvcache.diff_attn_decode is not None
+        arguments = [a.name for a in op._schema.arguments]
+        assert arguments[-len(names):] == names, op
+    call = AttentionCall.create(0.5, causal=True, window_size=(3, 4), lam_value=0.8,
+                                lam_vectors=True, out_scale=0.2, max_seqlens=(5, 6))
+    assert call.window == (3, 0)
+    assert AttentionCall.from_schema_args(*call.as_schema_args()) == call
+    assert AttentionCall.from_schema_args(
+        *[list(a) if isinstance(a, tuple) else a for a in call.as_schema_args()]) == call
+    with pytest.raises(TypeError, match="unknown options"):
+        AttentionCall.create(0.5, windw=(1, 1))
 
 
 @requires_interpreter
 def test_eager_path_and_registered_ops_agree_bitwise():
     q, k, v, lam, mask, weight = _op_inputs(requires_grad=True)
-    call = AttentionCall(0.25, causal=True, eps=1e-5, out_scale=0.2)
+    call = AttentionCall.create(0.25, causal=True, out_scale=0.2)
     eager = ops.DiffAttentionFunction.apply(q, k, v, lam, mask, weight, call)
-    traced = ops.fused_fwd(q, k, v, lam, mask, weight, *call.as_schema_args(), True)[0]
+    traced = ops.fused_fwd(q, k, v, lam, mask, weight, None, None, True,
+                           *call.as_schema_args())[0]
     assert torch.equal(eager, traced)
     dout = torch.randn(eager.shape)
     inputs = (q, k, v, lam, weight)
@@ -104,7 +127,8 @@ def test_eager_path_and_registered_ops_agree_bitwise():
 @requires_interpreter
 def test_backward_of_an_unsaved_forward_is_a_clear_error():
     q, k, v, lam, mask, weight = _op_inputs(requires_grad=True)
-    out = ops.fused_fwd(q, k, v, lam, mask, weight, 0.25, True, -1, -1, 0.0, False, 1e-5, 0.2,
-                        False)[0]
+    call = AttentionCall.create(0.25, causal=True, out_scale=0.2)
+    out = ops.fused_fwd(q, k, v, lam, mask, weight, None, None, False,
+                        *call.as_schema_args())[0]
     with pytest.raises(RuntimeError, match="save_for_backward=False"):
         out.sum().backward()

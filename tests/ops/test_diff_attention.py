@@ -226,6 +226,7 @@ def test_inference_writes_only_the_output(poison_empty):
     """Without autograd the forward stores the output alone (no O2, X, LSE, rstd) and gives
     the same values."""
     from diffattn import ops
+    from diffattn.kernels import AttentionCall
     c = Case(B=2, N=40, M=40, H=2, Hk=1, d=16, causal=True, padding=True, norm=True)
     q, k, v, lam, mask, weight, _ = make_inputs(c)
     with_grad = diff_attention(q, k, v, lam, causal=True, key_padding_mask=mask,
@@ -233,8 +234,9 @@ def test_inference_writes_only_the_output(poison_empty):
     with torch.no_grad():
         inference = diff_attention(q, k, v, lam, causal=True, key_padding_mask=mask,
                                    norm_weight=weight, out_scale=0.2, backend="triton")
-        saved = ops.fused_fwd(q, k, v, lam, mask, weight, 0.25, True, -1, -1, 0.0, False,
-                              1e-5, 0.2, False)
+        call = AttentionCall.create(0.25, causal=True, out_scale=0.2)
+        saved = ops.fused_fwd(q, k, v, lam, mask, weight, None, None, False,
+                              *call.as_schema_args())
     assert torch.equal(inference, with_grad.detach())
     assert torch.equal(saved[0], inference)
     assert all(t.numel() == 0 for t in saved[1:])

@@ -304,9 +304,10 @@ def _op_inputs(norm: bool, requires_grad: bool, save_for_backward: bool = True):
     q, k, v = (problem[n].clone().requires_grad_(requires_grad) for n in ("q", "k", "v"))
     lam = problem["lambda_"].clone().requires_grad_(requires_grad)
     weight = problem["norm_weight"].float() if norm else None
-    out_scale = 0.2 if norm else 1.0
-    return (q, k, v, lam, problem["kwargs"].get("key_padding_mask"), weight, 64 ** -0.5, True,
-            -1, -1, 0.0, False, 1e-5, out_scale, save_for_backward), problem["dout"]
+    from diffattn.kernels import AttentionCall
+    call = AttentionCall.create(64 ** -0.5, causal=True, out_scale=0.2 if norm else 1.0)
+    return (q, k, v, lam, problem["kwargs"].get("key_padding_mask"), weight, None, None,
+            save_for_backward, *call.as_schema_args()), problem["dout"]
 
 
 @pytest.mark.parametrize("norm,save", [(False, True), (True, True), (True, False)],
@@ -320,11 +321,11 @@ def test_opcheck_fwd(norm, save):
 def test_opcheck_bwd():
     from diffattn import ops  # noqa: F401
     args, dout = _op_inputs(norm=True, requires_grad=False)
-    q, k, v, lam, kpm, weight, *call_args, _ = args
+    q, k, v, lam, kpm, weight, cu_q, cu_k, _, *call_args = args
     out, x, o2, lse, rstd = torch.ops.diffattn.fwd(*args)
     torch.library.opcheck(torch.ops.diffattn.bwd.default,
-                          (dout, q, k, v, lam, kpm, weight, x, o2, lse, rstd, *call_args, True,
-                           True))
+                          (dout, q, k, v, lam, kpm, weight, x, o2, lse, rstd, cu_q, cu_k, True,
+                           True, *call_args))
 
 
 # ------------------------------------------------------------------------------ accuracy

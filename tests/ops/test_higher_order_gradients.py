@@ -80,7 +80,8 @@ def test_fused_first_derivatives_under_create_graph_stay_right():
 def test_registered_op_refuses_second_derivatives():
     (q, k, v, lam), _ = _inputs(False)
     call = AttentionCall.create(0.5)
-    out = torch.ops.diffattn.fwd(q, k, v, lam, None, None, *call.as_schema_args(), True)[0]
+    out = torch.ops.diffattn.fwd(q, k, v, lam, None, None, None, None, True,
+                                 *call.as_schema_args())[0]
     (dq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match=REMEDY):
         dq.pow(2).sum().backward()

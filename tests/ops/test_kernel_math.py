@@ -3,7 +3,7 @@ materialised, against torch.autograd through diff_attention_ref."""
 import torch
 
 from diffattn import diff_attention_ref
-from diffattn.reference import differential_maps_ref
+from diffattn.reference import differential_maps
 
 
 def test_documented_backward_equals_autograd():
@@ -20,7 +20,7 @@ def test_documented_backward_equals_autograd():
 
     with torch.no_grad():
         s = d ** -0.5
-        P1, P2, _ = differential_maps_ref(q, k, lambda_=lam)                  # (B, H, N, M)
+        P1, P2, _ = differential_maps(q, k, lambda_=lam)                  # (B, H, N, M)
         Vh = v.transpose(1, 2)                                            # (B, H, M, 2d)
         O1, O2 = P1 @ Vh, P2 @ Vh
         L = lam[None, :, None, None]

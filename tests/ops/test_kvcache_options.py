@@ -1,10 +1,11 @@
 """flash-attn's options of the KV-cache ops (diff_attention_with_kvcache and
 diff_attention_v2_with_kvcache, both backends): rotary embedding (interleaved and halves,
 full and partial rotary_dim, q at its own positions or at cache_seqlens), cache_leftpad,
-cache_batch_idx, window_size and return_softmax_lse, against float64 references written here
-from the formulas (rotate, gather, mask, two softmaxes); NaN in every cache row a sequence
-does not own; greedy decoding of a left-padded batch equal to recomputation with a key padding
-mask; the flash-style positional call refused; bad option values refused by name.
+cache_batch_idx, window_size and return_softmax_lse, also with softcap, against float64
+references written here from the formulas (rotate, gather, mask, cap, two softmaxes); NaN in
+every cache row a sequence does not own; greedy decoding of a left-padded batch equal to
+recomputation with a key padding mask; the flash-style positional call refused; bad option
+values refused by name.
 """
 from __future__ import annotations
 
@@ -159,9 +160,9 @@ def appended_keys(c: Case, t) -> Tuple[torch.Tensor, torch.Tensor]:
     return keys, values
 
 
-def reference(c: Case, t):
+def reference(c: Case, t, softcap: float = 0.0):
     """float64 output (B, Nq, H, dv) and log-sum-exp (B, 2H, Nq), one sequence, head and
-    query at a time."""
+    query at a time; softcap > 0 caps the scaled scores s: softcap * tanh(s / softcap)."""
     keys, values = appended_keys(c, t)
     B, H, d = c.B, c.H, c.d
     group = H // c.Hk
@@ -188,6 +189,8 @@ def reference(c: Case, t):
                     continue
                 s1 = scale * (k1[seen] @ q[i, 2 * h])
                 s2 = scale * (k2[seen] @ q[i, 2 * h + 1])
+                if softcap > 0:
+                    s1, s2 = softcap * torch.tanh(s1 / softcap), softcap * torch.tanh(s2 / softcap)
                 lse[b, 2 * h, i], lse[b, 2 * h + 1, i] = s1.logsumexp(0), s2.logsumexp(0)
                 lam = t["lam"][b, i, h] if c.v2 else t["lam"][h]
                 x = torch.softmax(s1, 0) @ values[b, seen, g] - \
@@ -261,6 +264,21 @@ def test_options_match_reference(c, v2, backend, poison_empty):  # noqa: F811
     assert_close_rel("out", out, ref, c.dtype, tol)
     assert_lse_close(lse, ref_lse, 1e-4 if c.dtype == torch.float32 else 2e-2)
     check_caches(c, t, k_cache, v_cache)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("c", [CASES[2], CASES[3], CASES[4]], ids=str)
+def test_options_with_softcap(c, v2, backend, poison_empty):  # noqa: F811
+    """softcap with rotary, cache_leftpad, cache_batch_idx, window_size, paged caches, splits
+    and return_softmax_lse: the output and the lse of the capped scores."""
+    c = Case(**{**c.__dict__, "v2": v2})
+    t = make(c, seed=1)
+    t["q"] = 3 * t["q"]  # scores of a few units: the cap changes every map
+    ref, ref_lse = reference(c, t, softcap=2.0)
+    out, lse, _, _ = run(c, t, backend, softcap=2.0)
+    assert_close_rel("out", out, ref, c.dtype, 5e-5)
+    assert_lse_close(lse, ref_lse, 1e-4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,6 +1,7 @@
 """lambda from its four vectors in the functional ops (lambda_vectors=lv (4, d) = lq1, lk1, lq2,
 lk2 and lambda_init: lambda = exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init), the weightless
-RMSNorm (rms_norm=True), and the packed ops' keyword-only lambda_ (a flash-style positional
+RMSNorm (rms_norm=True), both also on the V1 KV-cache op, and the packed ops' keyword-only
+lambda_ (a flash-style positional
 dropout_p is a TypeError). Both backends (the fused kernels through the Triton interpreter);
 gradients into lv against float64, gradcheck in float64."""
 from __future__ import annotations
@@ -8,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffattn import diff_attention, diff_attention_v2_varlen, diff_attention_varlen
+from diffattn import (diff_attention, diff_attention_v2_varlen, diff_attention_varlen,
+                      diff_attention_with_kvcache)
 from helpers import assert_close_rel, requires_interpreter
 
 BACKENDS = [pytest.param("triton", marks=requires_interpreter), "torch"]
@@ -133,3 +135,33 @@ def test_flash_style_positional_dropout_is_a_type_error():
         diff_attention_v2_varlen(q, k[:, :1], v[..., :8], CU, CU, 7, 7, 0.0)
     with pytest.raises(TypeError, match="lambda_"):
         diff_attention_v2_varlen(q, k[:, :1], v[..., :8], CU, CU, 7, 7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kvcache_lambda_vectors_and_weightless_norm(backend):
+    """diff_attention_with_kvcache(lambda_vectors=, lambda_init=, rms_norm=True) equals the
+    call with the lambda they compute and a norm weight of ones (an append, causal, two
+    sequence lengths); neither lambda_ nor lambda_vectors is refused."""
+    g = torch.Generator().manual_seed(4)
+    B, Nq, d, capacity = 2, 2, 8, 20
+    q = torch.randn(B, Nq, 4, d, generator=g)
+    k_new, v_new = torch.randn(B, Nq, 2, d, generator=g), torch.randn(B, Nq, 1, 2 * d,
+                                                                        generator=g)
+    k_cache = torch.randn(B, capacity, 2, d, generator=g)
+    v_cache = torch.randn(B, capacity, 1, 2 * d, generator=g)
+    lv = 0.3 * torch.randn(4, d, generator=g)
+    seqlens = torch.tensor([3, 11], dtype=torch.int32)
+
+    def step(**kwargs):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        with torch.no_grad():
+            return diff_attention_with_kvcache(q, kc, vc, k=k_new, v=v_new,
+                                               cache_seqlens=seqlens, causal=True,
+                                               backend=backend, **kwargs)
+
+    got = step(lambda_vectors=lv, lambda_init=LAMBDA_INIT, rms_norm=True)
+    want = step(lambda_=float(lambda_from(lv)), norm_weight=torch.ones(2 * d))
+    assert_close_rel("out", got, want, torch.float32, 1e-5)
+    assert not torch.allclose(got, step(lambda_vectors=lv, lambda_init=LAMBDA_INIT))
+    with pytest.raises(TypeError, match="lambda_ is required"):
+        step()

@@ -57,11 +57,11 @@ def test_decoding_over_host_lengths_ignores_rows_past_them():
     q, k, v, lam, weight = _inputs(2, 1, 24, 2, 2, 16, torch.float32)
     ref = diff_attention(q, k[:, :10], v[:, :10], lam, norm_weight=weight, backend="torch")
     k[:, 10:], v[:, 10:] = float("nan"), float("nan")
-    out = diff_attention_with_kvcache(q, k, v, lam, cache_seqlens=10, norm_weight=weight,
+    out = diff_attention_with_kvcache(q, k, v, lambda_=lam, cache_seqlens=10, norm_weight=weight,
                                       backend="torch")
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
     lengths = torch.tensor([10, 4], dtype=torch.int32)  # different lengths: masked path
-    out = diff_attention_with_kvcache(q, k, v, lam, cache_seqlens=lengths, norm_weight=weight,
+    out = diff_attention_with_kvcache(q, k, v, lambda_=lam, cache_seqlens=lengths, norm_weight=weight,
                                       backend="torch")
     short = diff_attention(q[1:], k[1:, :4], v[1:, :4], lam, norm_weight=weight,
                            backend="torch")

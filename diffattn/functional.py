@@ -193,11 +193,21 @@ def _check_lambda(lambda_, q: Tensor, per_token: bool) -> None:
 _LAMBDA_NOT_FINITE = "lambda_ must be finite: the lambda_ tensor holds NaN or inf"
 
 
+_HOST_READ_NUMEL = 128  # up to this many values, reading a CPU tensor beats isfinite + all
+
+
 def _check_lambda_values(lambda_: Tensor) -> None:
     """NaN or inf in a lambda_ tensor: a ValueError for a CPU tensor, an asynchronous device
     assertion on an accelerator (the check never waits for the device). Skipped where values
-    do not exist (meta tensors) or cannot be checked (inside torch.func transforms)."""
-    if lambda_.device.type == "meta" or torch._C._functorch.is_functorch_wrapped_tensor(lambda_):
+    do not exist (meta tensors) or cannot be checked (inside torch.func transforms). A small
+    CPU tensor (a decoding step's lambda) is read once on the host instead of reduced."""
+    if lambda_.is_meta or torch._C._functorch.is_functorch_wrapped_tensor(lambda_):
+        return
+    if lambda_.is_cpu and lambda_.numel() <= _HOST_READ_NUMEL and \
+            not torch.compiler.is_compiling():
+        values = lambda_.tolist() if lambda_.dim() == 1 else lambda_.reshape(-1).tolist()
+        if not all(map(math.isfinite, values)):
+            raise ValueError(_LAMBDA_NOT_FINITE)
         return
     check_values(torch.isfinite(lambda_).all(), _LAMBDA_NOT_FINITE)
 

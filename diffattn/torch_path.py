@@ -260,8 +260,10 @@ def diff_attention_v2_torch(q, k, v, lambda_, *, causal=False,
                                        attn_mask=bias, dropout_p=dropout_p, is_causal=is_causal,
                                        scale=scale, enable_gqa=k.shape[2] != H2)  # (B, 2H, N, d)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    o1, o2 = (_cast(t, compute) for t in o.transpose(1, 2).unflatten(2, (H2 // 2, 2)).unbind(3))
-    if isinstance(lambda_, torch.Tensor):                                 # (B, N, H, d) views
+    o = _cast(o.transpose(1, 2), compute)                                 # (B, N, 2H, d)
+    pairs = o.view(B, N, H2 // 2, 2, d) if o.is_contiguous() else o.unflatten(2, (H2 // 2, 2))
+    o1, o2 = pairs.unbind(3)                                              # (B, N, H, d) views
+    if isinstance(lambda_, torch.Tensor):
         x = torch.addcmul(o1, _lambda_rows(lambda_, compute), o2, value=-1.0)
     else:
         x = torch.sub(o1, o2, alpha=float(lambda_))
@@ -278,7 +280,7 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _lambda_rows(lambda_: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A (), (H,) or per-token (B, N, H) lambda broadcastable against (B, N, H, d)."""
     lam = _cast(lambda_, dtype)
-    return lam[..., None] if lam.dim() == 3 else lam.reshape(1, 1, -1, 1)
+    return lam.unsqueeze(-1) if lam.dim() == 3 else lam.reshape(1, 1, -1, 1)
 
 
 def differential_maps(q, k, *, lambda_, causal=False, key_padding_mask=None,

@@ -67,3 +67,22 @@ def test_decoding_over_host_lengths_ignores_rows_past_them():
                            backend="torch")
     torch.testing.assert_close(out[:1], ref[:1], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(out[1:], short, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(), (2,), (3, 1, 2), (80, 1, 2)])  # read on the host or reduced
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_lambda_tensor_is_a_value_error_at_any_size(shape, bad):
+    """A decoding step's per-token lambda with a NaN or inf: a ValueError, whether the CPU
+    check reads the values on the host (small tensors) or reduces them."""
+    from diffattn import diff_attention_v2_with_kvcache
+    B = shape[0] if len(shape) == 3 else 3
+    q = torch.randn(B, 1, 4, 8)
+    k_cache, v_cache = torch.randn(B, 6, 1, 8), torch.randn(B, 6, 1, 8)
+    lam = torch.full(shape, 0.5, dtype=torch.float16)
+    lam.view(-1)[-1] = bad
+    with pytest.raises(ValueError, match="lambda_ must be finite"):
+        diff_attention_v2_with_kvcache(q, k_cache, v_cache, lambda_=lam.float(),
+                                       cache_seqlens=6, backend="torch")
+    with pytest.raises(ValueError, match="lambda_ must be finite"):
+        diff_attention_v2_with_kvcache(q.half(), k_cache.half(), v_cache.half(), lambda_=lam,
+                                       cache_seqlens=6, backend="torch")

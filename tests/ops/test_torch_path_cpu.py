@@ -44,7 +44,11 @@ def test_materialise_maps_only_where_it_applies():
     q, k, v, lam, _ = _inputs(1, 8, 8, 2, 2, 16, torch.float32)
     assert torch_path._materialise_maps(q, k, v, lam, 0.0)
     assert not torch_path._materialise_maps(q, k, v, lam, 0.1)                  # dropout
-    assert not torch_path._materialise_maps(q[:, :1], k, v, lam, 0.0)           # one query
+    assert torch_path._materialise_maps(q[:, :1], k, v, lam, 0.0)               # one query
+    assert torch_path._materialise_maps(q[:, :1], k[:, :, :2], v[:, :, :1], lam, 0.0)
+    two = torch.cat([q, q])[:, :1]
+    assert not torch_path._materialise_maps(two, *(torch.cat([t, t]) for t in (k, v)), lam,
+                                            0.0)                                # one query, B 2
     assert not torch_path._materialise_maps(q, k[:, :, :2], v[:, :, :1], lam, 0.0)  # groups
     long_q, long_k, long_v, _, _ = _inputs(1, 512, 512, 2, 2, 16, torch.float32)
     assert not torch_path._materialise_maps(long_q, long_k, long_v, lam, 0.0)  # big maps
@@ -86,3 +90,22 @@ def test_a_non_finite_lambda_tensor_is_a_value_error_at_any_size(shape, bad):
     with pytest.raises(ValueError, match="lambda_ must be finite"):
         diff_attention_v2_with_kvcache(q.half(), k_cache.half(), v_cache.half(), lambda_=lam,
                                        cache_seqlens=6, backend="torch")
+
+
+@pytest.mark.parametrize("H, Hk", [(4, 4), (4, 2), (4, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_query_maps_agree_with_the_reference(H, Hk, dtype):
+    """One query of one sequence (a decoding step) through the materialised maps, grouped keys
+    read as views of a larger cache: the float64 reference's output."""
+    q, k, v, lam, weight = _inputs(1, 1, 24, H, Hk, 16, dtype)
+    ref = diff_attention_ref(q.double(), k[:, :17].double(), v[:, :17].double(), lam.double(),
+                             norm_weight=weight.double(), out_scale=0.3)
+    assert torch_path._materialise_maps(q, k, v, lam, 0.0)
+    with torch.no_grad():
+        out = diff_attention(q, k[:, :17], v[:, :17], lam, norm_weight=weight, out_scale=0.3,
+                             backend="torch")
+        step = diff_attention_with_kvcache(q, k, v, lambda_=lam, cache_seqlens=17,
+                                           norm_weight=weight, out_scale=0.3, backend="torch")
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert_close_rel("one query", out, ref, dtype, tol)
+    assert_close_rel("kv cache", step, ref, dtype, tol)

@@ -353,8 +353,9 @@ def _autocast_available(device_type: str) -> bool:
 
 
 def _autocast_off(device_type: str):
-    """A context without autocast for the torch path's own dtype handling."""
-    if _autocast_available(device_type):
+    """A context without autocast for the torch path's own dtype handling (nothing to switch
+    off, and no autocast context to enter, where autocast is not on)."""
+    if _autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 

@@ -199,11 +199,21 @@ def _check_lambda(lambda_, q: Tensor, per_token: bool) -> None:
 _LAMBDA_NOT_FINITE = "lambda_ must be finite: the lambda_ tensor holds NaN or inf"
 
 
+_HOST_READ_NUMEL = 128  # up to this many values, reading a CPU tensor beats isfinite + all
+
+
 def _check_lambda_values(lambda_: Tensor) -> None:
     """NaN or inf in a lambda_ tensor: a ValueError for a CPU tensor, an asynchronous device
     assertion on an accelerator (the check never waits for the device). Skipped where values
-    do not exist (meta tensors) or cannot be checked (inside torch.func transforms)."""
-    if lambda_.device.type == "meta" or torch._C._functorch.is_functorch_wrapped_tensor(lambda_):
+    do not exist (meta tensors) or cannot be checked (inside torch.func transforms). A small
+    CPU tensor (a decoding step's lambda) is read once on the host instead of reduced."""
+    if lambda_.is_meta or torch._C._functorch.is_functorch_wrapped_tensor(lambda_):
+        return
+    if lambda_.is_cpu and lambda_.numel() <= _HOST_READ_NUMEL and \
+            not torch.compiler.is_compiling():
+        values = lambda_.tolist() if lambda_.dim() == 1 else lambda_.reshape(-1).tolist()
+        if not all(map(math.isfinite, values)):
+            raise ValueError(_LAMBDA_NOT_FINITE)
         return
     check_values(torch.isfinite(lambda_).all(), _LAMBDA_NOT_FINITE)
 
@@ -349,8 +359,9 @@ def _autocast_available(device_type: str) -> bool:
 
 
 def _autocast_off(device_type: str):
-    """A context without autocast for the torch path's own dtype handling."""
-    if _autocast_available(device_type):
+    """A context without autocast for the torch path's own dtype handling (nothing to switch
+    off, and no autocast context to enter, where autocast is not on)."""
+    if _autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 

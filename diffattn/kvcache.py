@@ -179,6 +179,10 @@ def _check_step_options(q, k, block_table, cache_batch_idx, cache_leftpad, rotar
                         rotary_sin, rotary_interleaved, window_size, return_softmax_lse) -> None:
     """The options of flash_attn_with_kvcache: cache rows, left padding, rotary embedding,
     local window, the log-sum-exp (types and shapes; values in _check_values)."""
+    if cache_batch_idx is None and cache_leftpad is None and rotary_cos is None and \
+            rotary_sin is None and window_size is None and rotary_interleaved is True and \
+            return_softmax_lse is False:  # every option at its default
+        return
     if cache_batch_idx is not None:
         _check_index_tensor("cache_batch_idx", cache_batch_idx, q, "the cache row of each "
                             "sequence")
@@ -223,7 +227,7 @@ def _check_values(seqlens: Tensor, n_new: int, capacity: int, block_table: Optio
     assertions elsewhere (and while torch.compile traces), so nothing waits for the device."""
     plain = block_table is None and cache_batch_idx is None and cache_leftpad is None and \
         rotary_cos is None
-    if plain and seqlens.device.type == "cpu" and \
+    if plain and seqlens.is_cpu and \
             not torch.compiler.is_compiling():  # the values are on the host: one read
         lengths = seqlens.tolist()
         bad = [b for b, n in enumerate(lengths) if n < 0 or n + n_new > capacity]
@@ -330,7 +334,7 @@ def host_lengths(lengths: Tensor) -> Optional[list]:
     """The valid lengths as Python ints when they already live on the host (a CPU tensor,
     eager): reading them waits for no device. None on an accelerator, for meta tensors and
     while torch.compile traces (where the lengths stay tensor values)."""
-    if lengths.device.type != "cpu" or torch.compiler.is_compiling() or \
+    if not lengths.is_cpu or torch.compiler.is_compiling() or \
             torch._C._functorch.is_functorch_wrapped_tensor(lengths):
         return None
     return lengths.tolist()

@@ -157,18 +157,16 @@ def _pair_maps(t, H2):
     return t[:, 0::2], t[:, 1::2]
 
 
-def _value_halves(v: torch.Tensor, q: torch.Tensor, dropout_p: float,
-                  bias: Optional[torch.Tensor]) -> bool:
+def _value_halves(v: torch.Tensor, q: torch.Tensor, dropout_p: float) -> bool:
     """Whether to run each map as two SDPA calls over the value halves (B, Hk, M, d) instead
     of one over the full 2d width: PyTorch's fused CPU attention needs the value width equal
     to the query/key width and otherwise takes the unfused math kernel, which materialises
-    the (N, M) scores. Not with dropout, whose mask must be the same for both halves, and not
-    with an additive float mask when a gradient is needed: the fused CPU kernel's backward
-    goes wrong on rows masked by large finite values (transformers' masks use the dtype's
-    minimum), where the math kernel's is right."""
-    if bias is not None and bias.is_floating_point() and torch.is_grad_enabled():
-        return False
-    return q.device.type == "cpu" and dropout_p == 0.0 and v.shape[3] == 2 * q.shape[3]
+    the (N, M) scores. Only where nothing needs a gradient (inference, evaluation): the math
+    kernel's backward is the one with second derivatives (gradient penalties) and the one
+    that is right on rows masked by large finite values (transformers' additive masks), and
+    not with dropout, whose mask must be the same for both halves."""
+    return q.device.type == "cpu" and dropout_p == 0.0 and v.shape[3] == 2 * q.shape[3] \
+        and not torch.is_grad_enabled()
 
 
 def _heads(t: torch.Tensor, width: int):
@@ -179,16 +177,18 @@ def _heads(t: torch.Tensor, width: int):
 
 
 def _materialise_maps(q, k, v, lam, dropout_p: float) -> bool:
-    """Whether V1 runs as _maps_difference: on CPU, in float32 or float64, without dropout,
-    grouping or anything that needs a gradient (eager), for more than one query, and only
-    where both maps together are no bigger than twice q, k and v (short sequences: the CLIP
-    towers). Then both maps cost one score GEMM and one softmax over the 2H heads, as plain
-    attention's do, and one value GEMM over the difference."""
+    """Whether V1 runs as _maps_difference: on CPU, in float32 or float64, without dropout
+    or anything that needs a gradient (eager), and either for more than one query without
+    grouping where both maps together are no bigger than twice q, k and v (short sequences:
+    the CLIP towers), or for one query of one sequence (a decoding step, grouped keys too).
+    Then both maps cost one score GEMM and one softmax over the 2H heads, as plain
+    attention's do, and one value GEMM over the difference (SDPA would need four calls: two
+    maps, two value halves)."""
     B, N, H2, d = q.shape
     M = k.shape[1]
-    return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
-            and lam.dtype == q.dtype and dropout_p == 0.0 and k.shape[2] == H2 and N > 1
-            and M > 0 and N * M <= 2 * (N + 2 * M) * d and not torch.compiler.is_compiling()
+    shapes = N == 1 and B == 1 or N > 1 and k.shape[2] == H2 and N * M <= 2 * (N + 2 * M) * d
+    return (q.is_cpu and q.dtype in (torch.float32, torch.float64) and lam.dtype == q.dtype
+            and dropout_p == 0.0 and M > 0 and shapes and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and any(
                 t.requires_grad for t in (q, k, v, lam))))
 
@@ -197,9 +197,12 @@ def _maps_difference(q, k, v, lam: torch.Tensor, causal: bool, scale) -> torch.T
     """(A1 - lam A2) V with both softmax maps materialised: q (B, N, 2H, d), k (B, M, 2H, d),
     v (B, M, H, 2d), lam (1, H, 1, 1); causal only with N == M (every row sees a key).
     One (B, 2H, N, M) buffer holds the scores, the maps (softmax in place) and the
-    difference (written over the first maps). Returns (B, N, H, 2d), a transposed view."""
+    difference (written over the first maps). Returns (B, N, H, 2d), a transposed view.
+    One query of one sequence goes to _one_query_difference (grouped keys too)."""
     B, N, H2, d = q.shape
     M = k.shape[1]
+    if N == 1 and B == 1:  # one key at most under causal: it sees every key
+        return _one_query_difference(q, k, v, lam, scale)
     qs = q.transpose(1, 2).contiguous().mul_(d ** -0.5 if scale is None else scale)
     maps = torch.matmul(qs, k.transpose(1, 2).transpose(2, 3))           # (B, 2H, N, M)
     if causal:
@@ -207,6 +210,22 @@ def _maps_difference(q, k, v, lam: torch.Tensor, causal: bool, scale) -> torch.T
     torch.softmax(maps, -1, out=maps)
     diff = maps[:, 0::2].addcmul_(lam, maps[:, 1::2], value=-1.0)        # (B, H, N, M)
     return torch.matmul(diff, v.transpose(1, 2)).transpose(1, 2)
+
+
+def _one_query_difference(q, k, v, lam: torch.Tensor, scale) -> torch.Tensor:
+    """_maps_difference for one query of one sequence (a decoding step): q (1, 1, 2H, d),
+    k (1, M, 2Hk, d), v (1, M, Hk, 2d), lam (1, H, 1, 1). Group g's r = H / Hk heads are the
+    rows of one GEMV batch per map against the group's key (views of k, never repeated):
+    scores (1, Hk, 2, r, M), the maps in place, the difference over the first maps, one
+    value GEMM per group. Returns (1, 1, H, 2d)."""
+    B, N, H2, d = q.shape
+    M, Hk = k.shape[1], v.shape[2]
+    r = H2 // 2 // Hk
+    qs = q.reshape(B, Hk, r, 2, d).transpose(2, 3) * (d ** -0.5 if scale is None else scale)
+    maps = torch.matmul(qs, k.view(B, M, Hk, 2, d).permute(0, 2, 3, 4, 1))  # (B, Hk, 2, r, M)
+    torch.softmax(maps, -1, out=maps)
+    diff = maps[:, :, 0].addcmul_(lam.view(1, Hk, r, 1), maps[:, :, 1], value=-1.0)
+    return torch.matmul(diff, v.transpose(1, 2)).view(B, N, H2 // 2, v.shape[3])
 
 
 def _map_outputs(q, k, v, bias1, bias2, *, halves, dropout_p, is_causal, scale, gqa):
@@ -257,7 +276,7 @@ def diff_attention_torch(q, k, v, lam: torch.Tensor, *, causal=False,
         x = _maps_difference(q, k, v, lam.view(1, H, 1, 1), is_causal, scale)
     else:
         bias1, bias2 = _pair_maps(bias, H2)
-        parts = _map_outputs(q, k, v, bias1, bias2, halves=_value_halves(v, q, dropout_p, bias),
+        parts = _map_outputs(q, k, v, bias1, bias2, halves=_value_halves(v, q, dropout_p),
                              dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                              gqa=Hk != H)
         x = _difference(parts, lam.view(1, H, 1, 1))                        # (B, N, H, 2d)
@@ -322,8 +341,10 @@ def diff_attention_v2_torch(q, k, v, lambda_, *, causal=False,
                                        attn_mask=bias, dropout_p=dropout_p, is_causal=is_causal,
                                        scale=scale, enable_gqa=k.shape[2] != H2)  # (B, 2H, N, d)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    o1, o2 = (_cast(t, compute) for t in o.transpose(1, 2).unflatten(2, (H2 // 2, 2)).unbind(3))
-    if isinstance(lambda_, torch.Tensor):                                 # (B, N, H, d) views
+    o = _cast(o.transpose(1, 2), compute)                                 # (B, N, 2H, d)
+    pairs = o.view(B, N, H2 // 2, 2, d) if o.is_contiguous() else o.unflatten(2, (H2 // 2, 2))
+    o1, o2 = pairs.unbind(3)                                              # (B, N, H, d) views
+    if isinstance(lambda_, torch.Tensor):
         x = torch.addcmul(o1, _lambda_rows(lambda_, compute), o2, value=-1.0)
     else:
         x = torch.sub(o1, o2, alpha=float(lambda_))
@@ -340,7 +361,7 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _lambda_rows(lambda_: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A (), (H,) or per-token (B, N, H) lambda broadcastable against (B, N, H, d)."""
     lam = _cast(lambda_, dtype)
-    return lam[..., None] if lam.dim() == 3 else lam.reshape(1, 1, -1, 1)
+    return lam.unsqueeze(-1) if lam.dim() == 3 else lam.reshape(1, 1, -1, 1)
 
 
 # ------------------------------------------------------------------ packed sequences

@@ -178,6 +178,21 @@ def test_cache_continues_across_calls_and_refuses_unfused_layers():
             reference(ids, cache=DiffAttnCache(reference.config), use_cache=True)
 
 
+def test_decoding_steps_of_one_length_equal_transformers():
+    """One-token steps of sequences of one length (lengths on the host: the step writes into
+    the cache and attends over its views): each step's logits are transformers' own."""
+    reference, fused = _models()
+    ids = torch.randint(1, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = reference(ids).logits
+        cache = DiffAttnCache(fused.config)
+        got = [fused(ids[:, :5], cache=cache, use_cache=True).logits]
+        for i in range(5, 9):
+            got.append(fused(ids[:, i:i + 1], cache=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(got, 1), want, atol=2e-5, rtol=1e-5)
+    assert cache.layers[0].seqlens.tolist() == [9, 9] and cache.get_seq_length() == 9
+
+
 # ------------------------------------------------------------------ training
 def test_training_step_gradients_equal_transformers():
     reference, fused = _models("eager")

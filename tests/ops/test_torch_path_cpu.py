@@ -1,5 +1,6 @@
 """The torch path's CPU forms agree: the materialised maps (short sequences, no gradient), the
-value-halves SDPA calls (with a gradient) and the float64 reference give the same V1 output,
+value-halves SDPA calls (no gradient, a mask), the math kernel (with a gradient) and the
+float64 reference give the same V1 output,
 with and without causal masking, grouped keys and the RMSNorm epilogue; a decoding step over
 host-known lengths reads no row past them."""
 from __future__ import annotations
@@ -38,13 +39,21 @@ def test_materialised_maps_and_value_halves_agree(N, M, causal, Hk, dtype):
     tol = 1e-12 if dtype == torch.float64 else 2e-6
     assert_close_rel("no grad", fast, ref, dtype, tol)
     assert_close_rel("grad", halves.detach(), ref, dtype, tol)
+    with torch.no_grad():  # a mask: SDPA over the value halves
+        masked = diff_attention(q, k, v, lam, key_padding_mask=torch.zeros(2, M, dtype=torch.bool),
+                                **kwargs)
+    assert_close_rel("value halves", masked, ref, dtype, tol)
 
 
 def test_materialise_maps_only_where_it_applies():
     q, k, v, lam, _ = _inputs(1, 8, 8, 2, 2, 16, torch.float32)
     assert torch_path._materialise_maps(q, k, v, lam, 0.0)
     assert not torch_path._materialise_maps(q, k, v, lam, 0.1)                  # dropout
-    assert not torch_path._materialise_maps(q[:, :1], k, v, lam, 0.0)           # one query
+    assert torch_path._materialise_maps(q[:, :1], k, v, lam, 0.0)               # one query
+    assert torch_path._materialise_maps(q[:, :1], k[:, :, :2], v[:, :, :1], lam, 0.0)
+    two = torch.cat([q, q])[:, :1]
+    assert not torch_path._materialise_maps(two, *(torch.cat([t, t]) for t in (k, v)), lam,
+                                            0.0)                                # one query, B 2
     assert not torch_path._materialise_maps(q, k[:, :, :2], v[:, :, :1], lam, 0.0)  # groups
     long_q, long_k, long_v, _, _ = _inputs(1, 512, 512, 2, 2, 16, torch.float32)
     assert not torch_path._materialise_maps(long_q, long_k, long_v, lam, 0.0)  # big maps
@@ -72,7 +81,7 @@ def test_decoding_over_host_lengths_ignores_rows_past_them():
 def test_gradients_under_an_additive_mask_with_fully_masked_rows():
     """transformers' additive masks hold the dtype's minimum, and left padding masks whole query
     rows: the gradients match the float64 computation (the fused CPU kernel's backward does
-    not, so the value halves are not used there)."""
+    not, so the value halves run only without a gradient)."""
     q, k, v, lam, weight = _inputs(2, 8, 8, 2, 1, 16, torch.float32, seed=3)
     keep = torch.ones(8, 8, dtype=torch.bool).tril().expand(2, 1, 8, 8).clone()
     keep[1, :, :, :3] = False
@@ -87,3 +96,41 @@ def test_gradients_under_an_additive_mask_with_fully_masked_rows():
         grads.append([t.grad for t in leaves])
     for name, got, want in zip("qkv", *grads):
         assert_close_rel(f"d{name}", got, want, torch.float32, 1e-5)
+
+
+@pytest.mark.parametrize("shape", [(), (2,), (3, 1, 2), (80, 1, 2)])  # read on the host or reduced
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_lambda_tensor_is_a_value_error_at_any_size(shape, bad):
+    """A decoding step's per-token lambda with a NaN or inf: a ValueError, whether the CPU
+    check reads the values on the host (small tensors) or reduces them."""
+    from diffattn import diff_attention_v2_with_kvcache
+    B = shape[0] if len(shape) == 3 else 3
+    q = torch.randn(B, 1, 4, 8)
+    k_cache, v_cache = torch.randn(B, 6, 1, 8), torch.randn(B, 6, 1, 8)
+    lam = torch.full(shape, 0.5, dtype=torch.float16)
+    lam.view(-1)[-1] = bad
+    with pytest.raises(ValueError, match="lambda_ must be finite"):
+        diff_attention_v2_with_kvcache(q, k_cache, v_cache, lambda_=lam.float(),
+                                       cache_seqlens=6, backend="torch")
+    with pytest.raises(ValueError, match="lambda_ must be finite"):
+        diff_attention_v2_with_kvcache(q.half(), k_cache.half(), v_cache.half(), lambda_=lam,
+                                       cache_seqlens=6, backend="torch")
+
+
+@pytest.mark.parametrize("H, Hk", [(4, 4), (4, 2), (4, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_query_maps_agree_with_the_reference(H, Hk, dtype):
+    """One query of one sequence (a decoding step) through the materialised maps, grouped keys
+    read as views of a larger cache: the float64 reference's output."""
+    q, k, v, lam, weight = _inputs(1, 1, 24, H, Hk, 16, dtype)
+    ref = diff_attention_ref(q.double(), k[:, :17].double(), v[:, :17].double(), lam.double(),
+                             norm_weight=weight.double(), out_scale=0.3)
+    assert torch_path._materialise_maps(q, k, v, lam, 0.0)
+    with torch.no_grad():
+        out = diff_attention(q, k[:, :17], v[:, :17], lam, norm_weight=weight, out_scale=0.3,
+                             backend="torch")
+        step = diff_attention_with_kvcache(q, k, v, lambda_=lam, cache_seqlens=17,
+                                           norm_weight=weight, out_scale=0.3, backend="torch")
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert_close_rel("one query", out, ref, dtype, tol)
+    assert_close_rel("kv cache", step, ref, dtype, tol)

@@ -233,12 +233,12 @@ def _decode_case(M: int, H: int, Hk: int, d: int, g: torch.Generator) -> List[Gr
     v2_members = OrderedDict([
         ("kvcache_v2", lambda: diff_attention_v2_with_kvcache(
             q, k2, v2, cache_seqlens=lengths, lambda_=lam2, backend="torch")),
-        ("functional_v2", lambda: diff_attention_v2(q, k2, v2, lam2, backend="torch"))])
+        ("functional_v2", lambda: diff_attention_v2(q, k2, v2, lambda_=lam2, backend="torch"))])
     return [Group("decode V1", case, "sdpa_x2", OrderedDict([
                 ("sdpa_x2", lambda: sdpa_x2_attention(q, k1, v1, lam1)),
                 ("kvcache", lambda: diff_attention_with_kvcache(
                     q, k1, v1, cache_seqlens=lengths, lambda_=lam1, backend="torch")),
-                ("functional", lambda: diff_attention(q, k1, v1, lam1, backend="torch"))])),
+                ("functional", lambda: diff_attention(q, k1, v1, lambda_=lam1, backend="torch"))])),
             Group("decode V2", case, "sdpa_x2_v2",
                   OrderedDict([("sdpa_x2_v2", sdpa_x2_v2), *v2_members.items()])),
             Group("decode V2", case, "flash_v2",

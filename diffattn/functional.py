@@ -1,8 +1,12 @@
 """``diff_attention`` and ``diff_attention_v2``: the functional API (argument checks, autocast,
 backend choice).
 
-    out = diff_attention(q, k, v, lambda_)        # Differential Transformer V1 / DiffCLIP
-    out = diff_attention_v2(q, k, v, lambda_)     # Differential Transformer V2
+    out = diff_attention(q, k, v, lambda_=0.8)    # Differential Transformer V1 / DiffCLIP
+    out = diff_attention_v2(q, k, v, lambda_=lam)  # Differential Transformer V2
+
+``lambda_`` and everything after q, k, v are keyword-only: where flash-attn's functions take
+``dropout_p`` (or, in the KV-cache op, ``k``), a positional value is a TypeError, never a
+silent run with that value as lambda.
 
 Layouts, batch first like flash-attn; q heads 2h and 2h+1 are the two maps of differential
 head h, which reads key/value group g = h // (H // Hk):
@@ -446,9 +450,8 @@ def run_diff_attention_v2(q, k, v, lambda_, backend, *, causal=False, key_paddin
 
 
 # ------------------------------------------------------------------ public API
-def diff_attention(q: Tensor, k: Tensor, v: Tensor,
-                   lambda_: Optional[Union[float, Tensor]] = None, *,
-                   causal: bool = False, key_padding_mask: Optional[Tensor] = None,
+def diff_attention(q: Tensor, k: Tensor, v: Tensor, *,
+                   lambda_: Optional[Union[float, Tensor]] = None, causal: bool = False, key_padding_mask: Optional[Tensor] = None,
                    scale: Optional[float] = None, norm_weight: Optional[Tensor] = None,
                    eps: float = 1e-5, out_scale: float = 1.0, dropout_p: float = 0.0,
                    attn_mask: Optional[Tensor] = None,
@@ -519,7 +522,7 @@ def diff_attention(q: Tensor, k: Tensor, v: Tensor,
                               softcap=softcap)
 
 
-def diff_attention_v2(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Tensor], *,
+def diff_attention_v2(q: Tensor, k: Tensor, v: Tensor, *, lambda_: Union[float, Tensor],
                       causal: bool = False, key_padding_mask: Optional[Tensor] = None,
                       scale: Optional[float] = None, dropout_p: float = 0.0,
                       attn_mask: Optional[Tensor] = None,

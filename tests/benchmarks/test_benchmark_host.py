@@ -52,19 +52,19 @@ def test_kernels_not_launched_runs_the_library_on_cpu_and_restores_everything():
     before = _real_state()
     with host.kernels_not_launched() as stubs:
         q, k, v, lam = _v1_inputs()
-        out = diff_attention(q, k, v, lam, backend="triton")
+        out = diff_attention(q, k, v, lambda_=lam, backend="triton")
         assert out.shape == (1, 16, 1, 128) and out.dtype == torch.bfloat16
         torch.autograd.grad(out, (q, k, v, lam), torch.ones_like(out))
         assert {name: s.launches for name, s in stubs.items()} == {
             "diff_attn_fwd_kernel": 1, "diff_attn_bwd_rows_kernel": 1,
             "diff_attn_bwd_kernel": 1}
         with torch.no_grad():
-            out2 = diff_attention_v2(q, k[:, :, :1], v[..., :64], torch.rand(1, 16, 1),
+            out2 = diff_attention_v2(q, k[:, :, :1], v[..., :64], lambda_=torch.rand(1, 16, 1),
                                      backend="triton")
         assert out2.shape == (1, 16, 1, 64)
         assert stubs["diff_attn_fwd_kernel"].launches == 2
         # a second call of the same key takes the launch shortcut, which launches too
-        torch.autograd.grad(diff_attention(q, k, v, lam, backend="triton"), (q, k, v, lam),
+        torch.autograd.grad(diff_attention(q, k, v, lambda_=lam, backend="triton"), (q, k, v, lam),
                             torch.ones_like(out))
         assert [s.launches for s in stubs.values()] == [3, 2, 2]
         assert len(FWD_MODULE.diff_attn_fwd_launch.compiled) == 2  # V1 and V2
@@ -86,7 +86,7 @@ def test_tile_choice_takes_the_untuned_gpu_path_once_per_key(monkeypatch):
     with host.kernels_not_launched():
         q, k, v, lam = _v1_inputs(requires_grad=False)
         for _ in range(3):
-            diff_attention(q, k, v, lam, backend="triton")
+            diff_attention(q, k, v, lambda_=lam, backend="triton")
         (key, config), = [(k_, c) for k_, c in TUNING.FWD_TILES.chosen.items()
                           if k_[1] == torch.bfloat16 and k_[-2:] == (16, 16)]
         from diffattn.kernels.config import FWD_CANDIDATES

@@ -156,7 +156,7 @@ def run_case(c: Case, backend: str):
     fn, reference = FUNCTIONS[c.variant]
     q, k, v, lam, mask, weight, leaves = make_inputs(c)
     epilogue = dict(norm_weight=weight, out_scale=0.2) if c.norm else {}
-    out = fn(q, k, v, lam, causal=c.causal, key_padding_mask=mask, backend=backend, **epilogue)
+    out = fn(q, k, v, lambda_=lam, causal=c.causal, key_padding_mask=mask, backend=backend, **epilogue)
     assert out.dtype == c.dtype and out.shape == (c.B, c.N, c.H, c.v_width)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1),
                            dtype=torch.float64)
@@ -211,7 +211,7 @@ def test_fully_masked_rows_are_zero_in_forward_and_backward(variant):
     q, k, v, lam, mask, weight, _ = make_inputs(c)
     fn, _ = FUNCTIONS[variant]
     epilogue = dict(norm_weight=weight) if c.norm else {}
-    out = fn(q, k, v, lam, key_padding_mask=mask, backend="triton", **epilogue)
+    out = fn(q, k, v, lambda_=lam, key_padding_mask=mask, backend="triton", **epilogue)
     assert torch.equal(out[0], torch.zeros_like(out[0]))  # batch 0 has no visible key
     out.sum().backward()
     per_row = [q, k, v] + ([lam] if c.lam == "tokens" else [])
@@ -229,10 +229,10 @@ def test_inference_writes_only_the_output(poison_empty):
     from diffattn.kernels import AttentionCall
     c = Case(B=2, N=40, M=40, H=2, Hk=1, d=16, causal=True, padding=True, norm=True)
     q, k, v, lam, mask, weight, _ = make_inputs(c)
-    with_grad = diff_attention(q, k, v, lam, causal=True, key_padding_mask=mask,
+    with_grad = diff_attention(q, k, v, lambda_=lam, causal=True, key_padding_mask=mask,
                                norm_weight=weight, out_scale=0.2, backend="triton")
     with torch.no_grad():
-        inference = diff_attention(q, k, v, lam, causal=True, key_padding_mask=mask,
+        inference = diff_attention(q, k, v, lambda_=lam, causal=True, key_padding_mask=mask,
                                    norm_weight=weight, out_scale=0.2, backend="triton")
         call = AttentionCall.create(0.25, causal=True, out_scale=0.2)
         saved = ops.fused_fwd(q, k, v, lam, mask, weight, None, None, False,
@@ -248,11 +248,11 @@ def test_causal_rule_is_bottom_right(N, M):
     """Query i sees key j iff j <= i + (M - N): changing a key it must not see changes nothing."""
     c = Case(N=N, M=M, H=1, Hk=1, d=16)
     q, k, v, *_ = make_inputs(c)
-    out = diff_attention(q, k, v, 0.5, causal=True, backend="triton")
+    out = diff_attention(q, k, v, lambda_=0.5, causal=True, backend="triton")
     i = N - 2  # sees keys 0 .. i + M - N
     v2 = v.detach().clone()
     v2[:, i + M - N + 1:] += 10.0
-    out2 = diff_attention(q, k, v2, 0.5, causal=True, backend="triton")
+    out2 = diff_attention(q, k, v2, lambda_=0.5, causal=True, backend="triton")
     torch.testing.assert_close(out[:, : i + 1], out2[:, : i + 1])
     assert not torch.allclose(out[:, -1], out2[:, -1])
 
@@ -286,7 +286,7 @@ def test_gradcheck_triton_float64(variant):
     def fn(q, k, v, lam, w=None):
         if w is not None:
             epilogue["norm_weight"] = w
-        return attention(q, k, v, lam, causal=True, key_padding_mask=mask, backend="triton",
+        return attention(q, k, v, lambda_=lam, causal=True, key_padding_mask=mask, backend="triton",
                          **epilogue)
 
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
@@ -301,7 +301,7 @@ def test_gradcheck_triton_float64_full_jacobian():
     lam = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
 
     def fn(q, k, v, lam):
-        return diff_attention(q, k, v, lam, causal=True, backend="triton")
+        return diff_attention(q, k, v, lambda_=lam, causal=True, backend="triton")
 
     assert torch.autograd.gradcheck(fn, (q, k, v, lam), eps=1e-6, atol=1e-5, rtol=1e-4)
 
@@ -316,7 +316,7 @@ def test_gradcheck_torch_backend_float64():
     w = torch.rand(8, generator=g, dtype=torch.float64).add(0.5).requires_grad_()
 
     def fn(q, k, v, lam, w):
-        return diff_attention(q, k, v, lam, causal=True, norm_weight=w, backend="torch")
+        return diff_attention(q, k, v, lambda_=lam, causal=True, norm_weight=w, backend="torch")
 
     assert torch.autograd.gradcheck(fn, (q, k, v, lam, w), eps=1e-6, atol=1e-5, rtol=1e-4)
 
@@ -325,12 +325,12 @@ def test_gradcheck_torch_backend_float64():
 def test_stride_zero_and_noncontiguous_output_gradients():
     c = Case(B=2, N=30, M=30, d=16)
     q, k, v, lam, *_ = make_inputs(c)
-    out = diff_attention(q, k, v, lam, backend="triton")
+    out = diff_attention(q, k, v, lambda_=lam, backend="triton")
     out.sum().backward()  # gradient with stride 0 everywhere
     ref = [t.grad.clone() for t in (q, k, v, lam)]
     for t in (q, k, v, lam):
         t.grad = None
-    out = diff_attention(q, k, v, lam, backend="triton")
+    out = diff_attention(q, k, v, lambda_=lam, backend="triton")
     ones = torch.ones(out.shape[::-1]).permute(3, 2, 1, 0)  # last dim not contiguous
     out.backward(ones)
     for r, t in zip(ref, (q, k, v, lam)):
@@ -343,8 +343,8 @@ def test_last_dim_noncontiguous_inputs_are_accepted():
     q, k, v, lam, *_ = make_inputs(c)
     qt = q.detach().transpose(-1, -2).contiguous().transpose(-1, -2)  # stride(-1) != 1
     assert qt.stride(-1) != 1
-    torch.testing.assert_close(diff_attention(qt, k, v, lam, backend="triton"),
-                               diff_attention(q, k, v, lam, backend="triton"))
+    torch.testing.assert_close(diff_attention(qt, k, v, lambda_=lam, backend="triton"),
+                               diff_attention(q, k, v, lambda_=lam, backend="triton"))
 
 
 @requires_interpreter
@@ -353,7 +353,7 @@ def test_backward_is_deterministic():
     results = []
     for _ in range(2):
         q, k, v, lam, mask, w, leaves = make_inputs(c)
-        out = diff_attention(q, k, v, lam, key_padding_mask=mask, norm_weight=w,
+        out = diff_attention(q, k, v, lambda_=lam, key_padding_mask=mask, norm_weight=w,
                              backend="triton")
         results.append(torch.autograd.grad(out.square().sum(), [q, k, v, lam, w]))
     for a, b in zip(*results):
@@ -365,7 +365,7 @@ def test_autocast_casts_inputs_and_returns_input_dtype_gradients():
     c = Case(N=20, M=20, d=16)
     q, k, v, lam, *_ = make_inputs(c)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = diff_attention(q, k, v, lam, backend="triton")
+        out = diff_attention(q, k, v, lambda_=lam, backend="triton")
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert q.grad.dtype == k.grad.dtype == v.grad.dtype == torch.float32
@@ -378,14 +378,14 @@ def test_autocast_casts_inputs_and_returns_input_dtype_gradients():
 def test_auto_backend_uses_triton_under_interpreter_and_torch_beyond_head_dim_128():
     c = Case(N=8, M=8, d=16)
     q, k, v, lam, *_ = make_inputs(c)
-    torch.testing.assert_close(diff_attention(q, k, v, lam),
-                               diff_attention(q, k, v, lam, backend="triton"))
+    torch.testing.assert_close(diff_attention(q, k, v, lambda_=lam),
+                               diff_attention(q, k, v, lambda_=lam, backend="triton"))
     big = Case(N=8, M=8, H=1, Hk=1, d=160)
     q, k, v, lam, *_ = make_inputs(big)
     with pytest.warns(UserWarning, match="head_dim 160"):
-        diff_attention(q, k, v, lam)
+        diff_attention(q, k, v, lambda_=lam)
     with pytest.raises(RuntimeError, match="head_dim 160"):
-        diff_attention(q, k, v, lam, backend="triton")
+        diff_attention(q, k, v, lambda_=lam, backend="triton")
 
 
 def test_triton_without_a_device_is_an_error_not_a_fallback(monkeypatch):
@@ -394,10 +394,10 @@ def test_triton_without_a_device_is_an_error_not_a_fallback(monkeypatch):
     c = Case(N=4, M=4, d=16)
     q, k, v, lam, *_ = make_inputs(c)
     with pytest.raises(RuntimeError, match="backend='triton' cannot run here"):
-        diff_attention(q, k, v, lam, backend="triton")
+        diff_attention(q, k, v, lambda_=lam, backend="triton")
     monkeypatch.setattr(backend, "_warned", set())
     with pytest.warns(UserWarning, match="using the torch backend"):
-        diff_attention(q, k, v, lam, backend="auto")
+        diff_attention(q, k, v, lambda_=lam, backend="auto")
 
 
 def test_dropout_and_attn_mask_run_on_the_torch_path():
@@ -405,18 +405,18 @@ def test_dropout_and_attn_mask_run_on_the_torch_path():
     q, k, v, lam, *_ = make_inputs(c)
     bias = torch.randn(10, 12)
     bias[3] = float("-inf")  # one query row fully masked -> zeros
-    out = diff_attention(q, k, v, lam, attn_mask=bias, backend="torch")
+    out = diff_attention(q, k, v, lambda_=lam, attn_mask=bias, backend="torch")
     ref = diff_attention_ref(q.double(), k.double(), v.double(), lam.double(),
                              attn_bias=bias.double())
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-4)
     assert torch.equal(out[:, 3], torch.zeros_like(out[:, 3]))
     with pytest.raises(RuntimeError, match="attn_mask"):
-        diff_attention(q, k, v, lam, attn_mask=bias, backend="triton")
+        diff_attention(q, k, v, lambda_=lam, attn_mask=bias, backend="triton")
     with pytest.raises(RuntimeError, match="dropout"):
-        diff_attention(q, k, v, lam, dropout_p=0.1, backend="triton")
+        diff_attention(q, k, v, lambda_=lam, dropout_p=0.1, backend="triton")
     torch.manual_seed(0)
-    dropped = diff_attention(q, k, v, lam, dropout_p=0.5, backend="torch")
-    assert not torch.allclose(dropped, diff_attention(q, k, v, lam, backend="torch"))
+    dropped = diff_attention(q, k, v, lambda_=lam, dropout_p=0.5, backend="torch")
+    assert not torch.allclose(dropped, diff_attention(q, k, v, lambda_=lam, backend="torch"))
 
 
 def _bad_inputs_v1():
@@ -504,7 +504,7 @@ def test_device_mismatch_is_named():
     k = torch.randn(1, 3, 2, 16, device="meta")
     v = torch.randn(1, 3, 1, 32)
     with pytest.raises(ValueError, match="k must be on q's device"):
-        diff_attention(q, k, v, 0.5)
+        diff_attention(q, k, v, lambda_=0.5)
 
 
 def test_tolerances_cover_every_supported_dtype():
@@ -517,9 +517,9 @@ def test_v2_is_v1_with_each_key_head_shared_by_both_maps():
     """With lambda per head, V2 equals V1 on keys repeated per pair and values of width d."""
     c = V2(B=2, N=9, M=11, H=4, Hk=2, d=16, lam="heads")
     q, k, v, lam, *_ = make_inputs(c)
-    v2 = diff_attention_v2(q, k, v, lam, causal=True, backend="torch")
+    v2 = diff_attention_v2(q, k, v, lambda_=lam, causal=True, backend="torch")
     # V1 value heads have width 2d: put V2's values in the first half, zeros in the second.
     v1_values = torch.cat([v, torch.zeros_like(v)], dim=-1)
-    v1 = diff_attention(q, k.repeat_interleave(2, dim=2), v1_values, lam, causal=True,
+    v1 = diff_attention(q, k.repeat_interleave(2, dim=2), v1_values, lambda_=lam, causal=True,
                         backend="torch")
     torch.testing.assert_close(v2, v1[..., :c.d])

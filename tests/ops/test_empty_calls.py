@@ -42,7 +42,7 @@ def _call(op: str, axis: str, backend: str):
     if op in ("v1", "v2"):
         fn = diff_attention_v2 if v2 else diff_attention
         tensors = [rnd(B, N, 2 * H, D), rnd(B, M, key_heads, D), rnd(B, M, HK, dv), lam, w]
-        return (lambda q, k, v, lam, w: fn(q, k, v, lam, causal=True, backend=backend,
+        return (lambda q, k, v, lam, w: fn(q, k, v, lambda_=lam, causal=True, backend=backend,
                                            **({} if v2 else dict(norm_weight=w)))), tensors, True
     if op.startswith("varlen"):
         cu_q, cu_k = _offsets([N] * B), _offsets([M] * B)

@@ -98,7 +98,7 @@ def run(problem: dict, backend: str, **extra):
     if backend == "ref":
         out = diff_attention_ref(q, k, v, lam, **kwargs)
     else:
-        out = diff_attention(q, k, v, lam, backend=backend, **kwargs)
+        out = diff_attention(q, k, v, lambda_=lam, backend=backend, **kwargs)
     out.backward(problem["dout"].to(out.dtype))
     return out.detach(), {name: t.grad for name, t in leaves.items()}
 
@@ -180,7 +180,7 @@ def test_launch_shortcut_matches_tritons_launch_bitwise():
         return out
 
     def fused(inputs: dict):
-        out = diff_attention(inputs["q"], inputs["k"], inputs["v"], inputs["lambda_"],
+        out = diff_attention(inputs["q"], inputs["k"], inputs["v"], lambda_=inputs["lambda_"],
                              norm_weight=inputs["norm_weight"], causal=True, backend="triton",
                              **problem["kwargs"])
         return [out.detach()] + list(torch.autograd.grad(out, list(inputs.values()),
@@ -425,7 +425,7 @@ def test_v2_bf16_matches_reference():
 def test_autocast_bf16_returns_bf16():
     problem = make_problem(seq_q=77, dtype=torch.float32)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = diff_attention(problem["q"], problem["k"], problem["v"], 0.5, backend="triton")
+        out = diff_attention(problem["q"], problem["k"], problem["v"], lambda_=0.5, backend="triton")
     assert out.dtype == torch.bfloat16
 
 
@@ -453,7 +453,7 @@ def test_forward_element_offsets_past_2_31():
                     dtype=torch.bfloat16)
     assert q.numel() > 2 ** 31
     with torch.no_grad():
-        out = diff_attention(q, k, v, 0.6, backend="triton")
+        out = diff_attention(q, k, v, lambda_=0.6, backend="triton")
     assert out.numel() > 2 ** 31
     rows = torch.tensor([0, 1, seq_q // 2, boundary - 1, boundary, boundary + 1, seq_q - 2,
                          seq_q - 1], device=DEVICE)

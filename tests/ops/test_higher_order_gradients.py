@@ -33,7 +33,7 @@ def _inputs(v2: bool, dtype=torch.float64, seed=0):
 def _gradient_penalty_grads(fn, leaves, **kw):
     """Gradients of sum(|d(out . w)/d(q, k, v)|^2) with respect to q, k, v and lambda."""
     q, k, v, lam = leaves
-    out = fn(q, k, v, lam, **kw)
+    out = fn(q, k, v, lambda_=lam, **kw)
     w = torch.linspace(-1.0, 1.0, out.numel(), dtype=out.dtype).reshape(out.shape)
     first = torch.autograd.grad((out * w).sum(), (q, k, v), create_graph=True)
     penalty = sum(g.pow(2).sum() for g in first)
@@ -69,7 +69,7 @@ def test_fused_first_derivatives_under_create_graph_stay_right():
     # create_graph=True alone is fine as long as nothing differentiates the attention's
     # gradients again: the first derivatives are the usual ones.
     leaves, _ = _inputs(False)
-    out = diff_attention(*leaves, backend="triton")
+    out = diff_attention(*leaves[:3], lambda_=leaves[3], backend="triton")
     got = torch.autograd.grad(out.sum(), leaves, create_graph=True)
     want = torch.autograd.grad(diff_attention_ref(*leaves).sum(), leaves)
     for g, r in zip(got, want):
@@ -99,7 +99,7 @@ def test_gradient_penalty_through_the_fused_layer_is_refused():
 
 
 def _v1(q, k, v, lam, backend):
-    return diff_attention(q, k, v, lam, backend=backend)
+    return diff_attention(q, k, v, lambda_=lam, backend=backend)
 
 
 @needs_fused

@@ -43,14 +43,14 @@ def test_functional_ops_read_no_values(backend):
     mask = torch.rand(2, 24, generator=g) < 0.3
     with NoHostReads():
         for causal in (False, True):
-            out = diff_attention(q, k, v, lam, causal=causal, key_padding_mask=mask,
+            out = diff_attention(q, k, v, lambda_=lam, causal=causal, key_padding_mask=mask,
                                  norm_weight=torch.ones(32), backend=backend)
             out.sum().backward()
-            out = diff_attention_v2(q, k2, v2, lam_tokens, causal=causal, key_padding_mask=mask,
+            out = diff_attention_v2(q, k2, v2, lambda_=lam_tokens, causal=causal, key_padding_mask=mask,
                                     backend=backend)
             out.sum().backward()
         with torch.no_grad():
-            diff_attention(q, k, v, 0.3, causal=True, backend=backend)
+            diff_attention(q, k, v, lambda_=0.3, causal=True, backend=backend)
 
 
 @pytest.mark.parametrize("layer", [DiffMultiheadAttention, DiffMultiheadAttentionV2])

@@ -472,7 +472,7 @@ def test_greedy_decoding_of_a_left_padded_batch_matches_recomputation(v2, backen
         x, q, k, v = lm.project(recomputed)
         q, k = lm.rotate(q, torch.arange(T)), lm.rotate(k, torch.arange(T))
         padding = torch.arange(T)[None] < pads[:, None].long()
-        att = dense(q, k, v, lam, causal=True, key_padding_mask=padding, backend="torch")
+        att = dense(q, k, v, lambda_=lam, causal=True, key_padding_mask=padding, backend="torch")
         nxt = lm.logits(x, att)[:, -1].argmax(-1)
         recomputed = torch.cat((recomputed, nxt[:, None]), 1)
 

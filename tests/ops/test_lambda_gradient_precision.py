@@ -79,7 +79,7 @@ def _gradients(c: Case, backend: str, dtype: torch.dtype, device: str):
     if backend == "reference":
         out = diff_attention_ref(q, k, v, lam, **kw)
     else:
-        out = diff_attention(q, k, v, lam, backend=backend, **kw)
+        out = diff_attention(q, k, v, lambda_=lam, backend=backend, **kw)
     grads = torch.autograd.grad(out, leaves, dout.to(device=device, dtype=out.dtype))
     return [g.double().cpu() for g in grads]
 

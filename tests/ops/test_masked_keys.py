@@ -63,7 +63,7 @@ def test_poisoned_padding_keys_reach_no_output_or_gradient(backend, v2, causal, 
 def test_backends_agree_with_poisoned_padding_keys():
     q, k, v, mask, lam = _inputs(False, seed=1)
     k[mask], v[mask] = float("nan"), float("inf")
-    outs = [diff_attention(q, k, v, lam, key_padding_mask=mask, backend=b)
+    outs = [diff_attention(q, k, v, lambda_=lam, key_padding_mask=mask, backend=b)
             for b in ("torch", "triton")]
     assert_close_rel("triton vs torch", outs[1], outs[0], torch.float32)
 

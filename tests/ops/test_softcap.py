@@ -52,7 +52,7 @@ def test_v1_forward_and_every_gradient(backend, causal, window, padding, poison_
     if padding:
         mask[0, -3:] = True
     leaves = _leaves(q, k, v, lam, weight)
-    out = diff_attention(*leaves[:4], causal=causal, window_size=window,
+    out = diff_attention(*leaves[:3], lambda_=leaves[3], causal=causal, window_size=window,
                          key_padding_mask=mask if padding else None, norm_weight=leaves[4],
                          out_scale=0.7, softcap=CAP, backend=backend)
     ref_leaves = [t.double() for t in _leaves(q, k, v, lam, weight)]
@@ -76,7 +76,8 @@ def test_v2_forward_and_every_gradient(backend, poison_empty):
     q, k = _rand(g, B, N, 2 * H, d, scale=2.0), _rand(g, B, M, Hk, d, scale=2.0)
     v, lam = _rand(g, B, M, Hk, d), 0.5 * _rand(g, B, N, H).abs()    # lambda per token
     leaves = _leaves(q, k, v, lam)
-    out = diff_attention_v2(*leaves, causal=True, softcap=CAP, backend=backend)
+    out = diff_attention_v2(*leaves[:3], lambda_=leaves[3], causal=True, softcap=CAP,
+                            backend=backend)
     ref_leaves = [t.double().detach().requires_grad_() for t in (q, k, v, lam)]
     ref = diff_attention_v2_ref(*ref_leaves, causal=True, softcap=CAP)
     _check_all(out, ref, leaves, ref_leaves, "q k v lambda".split())
@@ -151,11 +152,11 @@ def test_kvcache_forward(backend, v2):
 def test_softcap_zero_is_off_and_bad_values_are_refused():
     g = torch.Generator().manual_seed(5)
     q, k, v = _rand(g, 1, 4, 2, 8), _rand(g, 1, 4, 2, 8), _rand(g, 1, 4, 1, 16)
-    plain = diff_attention(q, k, v, 0.5, backend="torch")
-    assert torch.equal(diff_attention(q, k, v, 0.5, softcap=0.0, backend="torch"), plain)
+    plain = diff_attention(q, k, v, lambda_=0.5, backend="torch")
+    assert torch.equal(diff_attention(q, k, v, lambda_=0.5, softcap=0.0, backend="torch"), plain)
     for bad in (-1.0, float("inf"), float("nan"), "4"):
         with pytest.raises(ValueError, match="softcap"):
-            diff_attention(q, k, v, 0.5, softcap=bad)
+            diff_attention(q, k, v, lambda_=0.5, softcap=bad)
 
 
 def _capped_lse(q, k, keep, scale):

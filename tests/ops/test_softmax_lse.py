@@ -120,7 +120,7 @@ def test_torch_path_lse_includes_the_additive_mask():
     q, k, v = dense_inputs(False, B=1, N=4, M=6, seed=2)
     bias = torch.randn(1, 4, 4, 6)
     bias[0, 1, 2] = -math.inf  # q head 1, query 2 sees no key
-    _, lse = diff_attention(q, k, v, 0.5, attn_mask=bias, return_softmax_lse=True,
+    _, lse = diff_attention(q, k, v, lambda_=0.5, attn_mask=bias, return_softmax_lse=True,
                             backend="torch")
     keep = torch.ones(4, 6, dtype=torch.bool)
     check_lse(lse, reference_lse(q[0], k[0], keep, pair=True, bias=bias[0])[None])
@@ -165,7 +165,7 @@ def test_packed_lse(backend, v2, causal, window, grad):
 def test_backends_agree_on_float64_lse():
     q, k, v = dense_inputs(False, seed=4)
     q, k, v = q.double(), k.double(), v.double()
-    lses = [diff_attention(q, k, v, 0.4, causal=True, return_softmax_lse=True,
+    lses = [diff_attention(q, k, v, lambda_=0.4, causal=True, return_softmax_lse=True,
                            backend=backend)[1] for backend in ("triton", "torch")]
     assert lses[0].dtype == lses[1].dtype == torch.float32  # flash-attn's dtype for every input
     torch.testing.assert_close(lses[0], lses[1], rtol=1e-6, atol=1e-6)
@@ -174,7 +174,7 @@ def test_backends_agree_on_float64_lse():
 def test_return_softmax_lse_must_be_a_bool():
     q, k, v = dense_inputs(False)
     with pytest.raises(TypeError, match="return_softmax_lse must be a bool"):
-        diff_attention(q, k, v, 0.4, return_softmax_lse=1, backend="torch")
+        diff_attention(q, k, v, lambda_=0.4, return_softmax_lse=1, backend="torch")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -32,15 +32,15 @@ def test_materialised_maps_and_value_halves_agree(N, M, causal, Hk, dtype):
     ref = diff_attention_ref(q.double(), k.double(), v.double(), lam.double(), causal=causal,
                              norm_weight=weight.double(), out_scale=0.3)
     with torch.no_grad():
-        fast = diff_attention(q, k, v, lam, **kwargs)
+        fast = diff_attention(q, k, v, lambda_=lam, **kwargs)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    halves = diff_attention(*leaves, lam, **kwargs)
+    halves = diff_attention(*leaves, lambda_=lam, **kwargs)
     assert fast.dtype == halves.dtype == dtype
     tol = 1e-12 if dtype == torch.float64 else 2e-6
     assert_close_rel("no grad", fast, ref, dtype, tol)
     assert_close_rel("grad", halves.detach(), ref, dtype, tol)
     with torch.no_grad():  # a mask: SDPA over the value halves
-        masked = diff_attention(q, k, v, lam, key_padding_mask=torch.zeros(2, M, dtype=torch.bool),
+        masked = diff_attention(q, k, v, lambda_=lam, key_padding_mask=torch.zeros(2, M, dtype=torch.bool),
                                 **kwargs)
     assert_close_rel("value halves", masked, ref, dtype, tol)
 
@@ -64,7 +64,7 @@ def test_materialise_maps_only_where_it_applies():
 def test_decoding_over_host_lengths_ignores_rows_past_them():
     """Equal host-known lengths: the cache is read up to them (NaN beyond changes nothing)."""
     q, k, v, lam, weight = _inputs(2, 1, 24, 2, 2, 16, torch.float32)
-    ref = diff_attention(q, k[:, :10], v[:, :10], lam, norm_weight=weight, backend="torch")
+    ref = diff_attention(q, k[:, :10], v[:, :10], lambda_=lam, norm_weight=weight, backend="torch")
     k[:, 10:], v[:, 10:] = float("nan"), float("nan")
     out = diff_attention_with_kvcache(q, k, v, cache_seqlens=10, lambda_=lam, norm_weight=weight,
                                       backend="torch")
@@ -72,7 +72,7 @@ def test_decoding_over_host_lengths_ignores_rows_past_them():
     lengths = torch.tensor([10, 4], dtype=torch.int32)  # different lengths: masked path
     out = diff_attention_with_kvcache(q, k, v, cache_seqlens=lengths, lambda_=lam,
                                       norm_weight=weight, backend="torch")
-    short = diff_attention(q[1:], k[1:, :4], v[1:, :4], lam, norm_weight=weight,
+    short = diff_attention(q[1:], k[1:, :4], v[1:, :4], lambda_=lam, norm_weight=weight,
                            backend="torch")
     torch.testing.assert_close(out[:1], ref[:1], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(out[1:], short, atol=1e-6, rtol=1e-6)
@@ -90,7 +90,7 @@ def test_gradients_under_an_additive_mask_with_fully_masked_rows():
     for dtype in (torch.float32, torch.float64):
         bias = torch.zeros(2, 1, 8, 8, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
         leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-        out = diff_attention(*leaves, lam.to(dtype), attn_mask=bias,
+        out = diff_attention(*leaves, lambda_=lam.to(dtype), attn_mask=bias,
                              norm_weight=weight.to(dtype), backend="torch")
         (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum().backward()
         grads.append([t.grad for t in leaves])
@@ -127,7 +127,7 @@ def test_one_query_maps_agree_with_the_reference(H, Hk, dtype):
                              norm_weight=weight.double(), out_scale=0.3)
     assert torch_path._materialise_maps(q, k, v, lam, 0.0)
     with torch.no_grad():
-        out = diff_attention(q, k[:, :17], v[:, :17], lam, norm_weight=weight, out_scale=0.3,
+        out = diff_attention(q, k[:, :17], v[:, :17], lambda_=lam, norm_weight=weight, out_scale=0.3,
                              backend="torch")
         step = diff_attention_with_kvcache(q, k, v, lambda_=lam, cache_seqlens=17,
                                            norm_weight=weight, out_scale=0.3, backend="torch")

@@ -176,7 +176,7 @@ def test_uniform_lengths_equal_the_padded_call():
     B, N, M = 3, 9, 11
     q, k, v = torch.randn(B, N, 4, 16, generator=g), torch.randn(B, M, 2, 16, generator=g), \
         torch.randn(B, M, 1, 32, generator=g)
-    padded = diff_attention(q, k, v, 0.4, causal=True, backend="triton")
+    padded = diff_attention(q, k, v, lambda_=0.4, causal=True, backend="triton")
     packed = diff_attention_varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
                                    offsets([N] * B), offsets([M] * B), N, M, lambda_=0.4,
                                    causal=True, backend="triton")

@@ -139,11 +139,11 @@ def test_window_matches_the_band_reference(case, backend, poison_empty):  # noqa
     ref = band_reference(rq, rk, rv, rlam, keep, kpm, rnorm, out_scale=out_scale)
     gq, gk, gv, glam, gnorm = split(got_in)
     if case.version == 1:
-        got = diff_attention(gq, gk, gv, glam, causal=case.causal, key_padding_mask=kpm,
+        got = diff_attention(gq, gk, gv, lambda_=glam, causal=case.causal, key_padding_mask=kpm,
                              norm_weight=gnorm, out_scale=out_scale, window_size=case.window,
                              backend=backend)
     else:
-        got = diff_attention_v2(gq, gk, gv, glam, causal=case.causal, key_padding_mask=kpm,
+        got = diff_attention_v2(gq, gk, gv, lambda_=glam, causal=case.causal, key_padding_mask=kpm,
                                 window_size=case.window, backend=backend)
     assert_close_rel("out", got, ref, case.dtype)
     seen = keep[None].expand(got.shape[0], -1, -1)
@@ -167,18 +167,18 @@ def test_window_size_is_checked():
     for bad, error in (((1,), TypeError), ((1, 2.0), TypeError), ((-2, 0), ValueError),
                        ("left", TypeError)):
         with pytest.raises(error, match="window_size"):
-            diff_attention(q, k, v, 0.5, window_size=bad, backend="torch")
+            diff_attention(q, k, v, lambda_=0.5, window_size=bad, backend="torch")
         with pytest.raises(error, match="window_size"):
-            diff_attention_v2(q, k[:, :, :1], v[:, :, :, :16], 0.5, window_size=bad,
+            diff_attention_v2(q, k[:, :, :1], v[:, :, :, :16], lambda_=0.5, window_size=bad,
                               backend="torch")
 
 
 def test_unbounded_window_is_full_attention():
     q, k, v, lam, kpm, _ = _inputs(Case(1, 20, 24, (-1, -1), padding=True))
-    full = diff_attention(q, k, v, lam, key_padding_mask=kpm, backend="torch")
-    windowed = diff_attention(q, k, v, lam, key_padding_mask=kpm, window_size=(-1, -1),
+    full = diff_attention(q, k, v, lambda_=lam, key_padding_mask=kpm, backend="torch")
+    windowed = diff_attention(q, k, v, lambda_=lam, key_padding_mask=kpm, window_size=(-1, -1),
                               backend="torch")
-    wide = diff_attention(q, k, v, lam, key_padding_mask=kpm, window_size=(100, 100),
+    wide = diff_attention(q, k, v, lambda_=lam, key_padding_mask=kpm, window_size=(100, 100),
                           backend="torch")
     assert torch.equal(full, windowed)
     torch.testing.assert_close(full, wide)

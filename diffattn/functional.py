@@ -33,7 +33,7 @@ from .torch_path import (diff_attention_torch, diff_attention_v2_torch,
 from .kernels import AttentionCall
 
 try:
-    from .ops import fused_attention
+    from .autograd import fused_attention
 except ImportError:  # no triton: resolve_backend never picks "triton"
     fused_attention = None
 

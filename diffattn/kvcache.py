@@ -47,7 +47,7 @@ from .torch_path import diff_attention_torch, diff_attention_v2_torch, zero_padd
 try:
     from .kernels import INTERPRET, AttentionCall
     from .kernels.diff_attn_decode import diff_attn_decode
-    from .ops import register_call_op
+    from .autograd import register_call_op
 except ImportError:  # no triton: resolve_backend never picks "triton"
     INTERPRET, AttentionCall, diff_attn_decode = False, None, None
 

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from .attention_inputs import (attention_masks, check_module_inputs, check_packed_inputs,
                                restore_layout, with_window)
 from .backend import check_backend_name, resolve_layer_backend, unsupported_features
-from .functional import check_window_size, diff_attention_varlen, run_diff_attention
+from .checks import check_window_size
+from .functional import diff_attention_varlen, run_diff_attention
 from .kvcache import DiffKVCache, layer_decode_step
 from .lambdas import LambdaVectors
 from .packed_projection import load_packed, projection_slice, save_packed

@@ -71,7 +71,7 @@ class AttentionCall:
         """The call from the functional API's arguments: ``options`` are fields by name
         (converted to their field's type), ``window_size`` the caller's (left, right) window
         (None: no window), normalised into ``window`` with causal folded in (right = 0). The
-        window must already be checked (diffattn.functional.check_window_size)."""
+        window must already be checked (diffattn.checks.check_window_size)."""
         unknown = sorted(set(options) - set(FIELD_TYPES) | ({"window"} & set(options)))
         if unknown:
             raise TypeError(f"AttentionCall.create() got unknown options {unknown}; the "

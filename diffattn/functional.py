@@ -137,6 +137,27 @@ def run_diff_attention_v2(q, k, v, lambda_, backend, *, causal=False, key_paddin
 
 
 # ------------------------------------------------------------------ public API
+def _check_options_and_backend(q, k, backend, return_softmax_lse, attn_mask, dropout_p,
+                               softcap) -> str:
+    """The checks diff_attention and diff_attention_v2 share after their tensors' checks, and
+    the backend that runs the call."""
+    check_return_lse(return_softmax_lse)
+    check_attn_mask(attn_mask, q, k)
+    check_dropout(dropout_p)
+    check_softcap(softcap)
+    return resolve_backend(backend, q.device, q.dtype, q.shape[3],
+                           unsupported_features(dropout_p, attn_mask))
+
+
+def _check_packed_options(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                          return_softmax_lse, softcap) -> Tuple[Tensor, Tensor]:
+    """The checks diff_attention_varlen and diff_attention_v2_varlen share after their tensors'
+    checks; returns the offsets as check_varlen_args does."""
+    check_return_lse(return_softmax_lse)
+    check_softcap(softcap)
+    return check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+
+
 def diff_attention(q: Tensor, k: Tensor, v: Tensor,
                    lambda_: Optional[Union[float, Tensor]] = None, *,
                    causal: bool = False, key_padding_mask: Optional[Tensor] = None,
@@ -196,12 +217,8 @@ def diff_attention(q: Tensor, k: Tensor, v: Tensor,
                               eps, out_scale, window_size)
     lambda_ = resolve_lambda_vectors(lambda_, lambda_vectors, lambda_init, q)
     norm_weight = resolve_rms_norm(norm_weight, rms_norm, v.shape[3], q)
-    check_return_lse(return_softmax_lse)
-    check_attn_mask(attn_mask, q, k)
-    check_dropout(dropout_p)
-    check_softcap(softcap)
-    chosen = resolve_backend(backend, q.device, q.dtype, q.shape[3],
-                             unsupported_features(dropout_p, attn_mask))
+    chosen = _check_options_and_backend(q, k, backend, return_softmax_lse, attn_mask, dropout_p,
+                                        softcap)
     return run_diff_attention(q, k, v, lambda_, chosen, causal=causal,
                               key_padding_mask=key_padding_mask, scale=scale,
                               norm_weight=norm_weight, eps=eps, out_scale=out_scale,
@@ -238,12 +255,8 @@ def diff_attention_v2(q: Tensor, k: Tensor, v: Tensor, lambda_: Union[float, Ten
     """
     check_backend_name(backend)
     check_diff_attention_v2_args(q, k, v, lambda_, key_padding_mask, scale, causal, window_size)
-    check_return_lse(return_softmax_lse)
-    check_attn_mask(attn_mask, q, k)
-    check_dropout(dropout_p)
-    check_softcap(softcap)
-    chosen = resolve_backend(backend, q.device, q.dtype, q.shape[3],
-                             unsupported_features(dropout_p, attn_mask))
+    chosen = _check_options_and_backend(q, k, backend, return_softmax_lse, attn_mask, dropout_p,
+                                        softcap)
     return run_diff_attention_v2(q, k, v, lambda_, chosen, causal=causal,
                                  key_padding_mask=key_padding_mask, scale=scale,
                                  dropout_p=dropout_p, attn_mask=attn_mask,
@@ -299,10 +312,9 @@ def diff_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                               causal, eps, out_scale, window_size)
     lambda_ = resolve_lambda_vectors(lambda_, lambda_vectors, lambda_init, q)
     norm_weight = resolve_rms_norm(norm_weight, rms_norm, v.shape[2], q)
-    check_return_lse(return_softmax_lse)
-    check_softcap(softcap)
-    cu_seqlens_q, cu_seqlens_k = check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k,
-                                                   max_seqlen_q, max_seqlen_k)
+    cu_seqlens_q, cu_seqlens_k = _check_packed_options(q, k, cu_seqlens_q, cu_seqlens_k,
+                                                       max_seqlen_q, max_seqlen_k,
+                                                       return_softmax_lse, softcap)
     return _run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        lambda_, backend, causal=causal, window_size=window_size, scale=scale,
                        norm_weight=norm_weight, eps=eps, out_scale=out_scale, v2=False,
@@ -387,10 +399,9 @@ def diff_attention_v2_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tens
         lam_check = lambda_[None]
     check_diff_attention_v2_args(q[None], k[None], v[None], lam_check, None, scale, causal,
                                  window_size)
-    check_return_lse(return_softmax_lse)
-    check_softcap(softcap)
-    cu_seqlens_q, cu_seqlens_k = check_varlen_args(q, k, cu_seqlens_q, cu_seqlens_k,
-                                                   max_seqlen_q, max_seqlen_k)
+    cu_seqlens_q, cu_seqlens_k = _check_packed_options(q, k, cu_seqlens_q, cu_seqlens_k,
+                                                       max_seqlen_q, max_seqlen_k,
+                                                       return_softmax_lse, softcap)
     return _run_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        lambda_, backend, causal=causal, window_size=window_size, scale=scale,
                        norm_weight=None, eps=1e-5, out_scale=1.0, v2=True,

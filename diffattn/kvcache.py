@@ -673,6 +673,36 @@ _COMMON_ARGS_DOC = """
 """
 
 
+def _with_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
+                  cache_batch_idx, cache_leftpad, block_table, *, lambda_, scale, causal,
+                  window_size, rotary_interleaved, num_splits, softcap, return_softmax_lse,
+                  backend, v2: bool, norm_weight=None, eps=1e-5, out_scale=1.0,
+                  lambda_vectors=None, lambda_init=None, rms_norm=None):
+    """diff_attention_with_kvcache, or diff_attention_v2_with_kvcache with ``v2``: the checks,
+    the backend, then run_with_kvcache."""
+    check_backend_name(backend)
+    lam_check = 0.0 if not v2 and (lambda_ is None or lambda_vectors is not None) else lambda_
+    _check_kvcache(q, k_cache, v_cache, lam_check, k, v, cache_seqlens, block_table,
+                   norm_weight, scale, causal, eps, out_scale, num_splits, v2=v2,
+                   cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
+                   rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                   rotary_interleaved=rotary_interleaved, window_size=window_size,
+                   return_softmax_lse=return_softmax_lse)
+    check_softcap(softcap)
+    lambda_ = resolve_lambda_vectors(lambda_, lambda_vectors, lambda_init, q)
+    norm_weight = resolve_rms_norm(norm_weight, rms_norm, v_cache.shape[3], q)
+    chosen = resolve_backend(backend, q.device, q.dtype, q.shape[3])
+    return run_with_kvcache(q, k_cache, v_cache, lambda_, chosen, k=k, v=v,
+                            rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                            cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
+                            cache_leftpad=cache_leftpad, block_table=block_table,
+                            causal=causal, window_size=window_size,
+                            rotary_interleaved=rotary_interleaved, scale=scale,
+                            norm_weight=norm_weight, eps=eps, out_scale=out_scale,
+                            num_splits=num_splits, return_softmax_lse=return_softmax_lse,
+                            v2=v2, softcap=softcap)
+
+
 def diff_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                                 k: Optional[Tensor] = None, v: Optional[Tensor] = None,
                                 rotary_cos: Optional[Tensor] = None,
@@ -712,27 +742,14 @@ def diff_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
     Returns:
         (B, Nq, H, 2d) in q's dtype; (out, lse) with return_softmax_lse.
     """
-    check_backend_name(backend)
-    lam_check = 0.0 if lambda_ is None or lambda_vectors is not None else lambda_
-    _check_kvcache(q, k_cache, v_cache, lam_check, k, v, cache_seqlens, block_table,
-                   norm_weight, scale, causal, eps, out_scale, num_splits, v2=False,
-                   cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
-                   rotary_cos=rotary_cos, rotary_sin=rotary_sin,
-                   rotary_interleaved=rotary_interleaved, window_size=window_size,
-                   return_softmax_lse=return_softmax_lse)
-    check_softcap(softcap)
-    lambda_ = resolve_lambda_vectors(lambda_, lambda_vectors, lambda_init, q)
-    norm_weight = resolve_rms_norm(norm_weight, rms_norm, v_cache.shape[3], q)
-    chosen = resolve_backend(backend, q.device, q.dtype, q.shape[3])
-    return run_with_kvcache(q, k_cache, v_cache, lambda_, chosen, k=k, v=v,
-                            rotary_cos=rotary_cos, rotary_sin=rotary_sin,
-                            cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
-                            cache_leftpad=cache_leftpad, block_table=block_table,
-                            causal=causal, window_size=window_size,
-                            rotary_interleaved=rotary_interleaved, scale=scale,
-                            norm_weight=norm_weight, eps=eps, out_scale=out_scale,
-                            num_splits=num_splits, return_softmax_lse=return_softmax_lse,
-                            v2=False, softcap=softcap)
+    return _with_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
+                         cache_batch_idx, cache_leftpad, block_table, lambda_=lambda_,
+                         scale=scale, causal=causal, window_size=window_size,
+                         rotary_interleaved=rotary_interleaved, norm_weight=norm_weight, eps=eps,
+                         out_scale=out_scale, lambda_vectors=lambda_vectors,
+                         lambda_init=lambda_init, rms_norm=rms_norm, num_splits=num_splits,
+                         softcap=softcap, return_softmax_lse=return_softmax_lse,
+                         backend=backend, v2=False)
 
 
 def diff_attention_v2_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
@@ -764,22 +781,12 @@ def diff_attention_v2_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
     Returns:
         (B, Nq, H, d) in q's dtype; (out, lse) with return_softmax_lse.
     """
-    check_backend_name(backend)
-    _check_kvcache(q, k_cache, v_cache, lambda_, k, v, cache_seqlens, block_table, None, scale,
-                   causal, 1e-5, 1.0, num_splits, v2=True, cache_batch_idx=cache_batch_idx,
-                   cache_leftpad=cache_leftpad, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
-                   rotary_interleaved=rotary_interleaved, window_size=window_size,
-                   return_softmax_lse=return_softmax_lse)
-    check_softcap(softcap)
-    chosen = resolve_backend(backend, q.device, q.dtype, q.shape[3])
-    return run_with_kvcache(q, k_cache, v_cache, lambda_, chosen, k=k, v=v,
-                            rotary_cos=rotary_cos, rotary_sin=rotary_sin,
-                            cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
-                            cache_leftpad=cache_leftpad, block_table=block_table,
-                            causal=causal, window_size=window_size,
-                            rotary_interleaved=rotary_interleaved, scale=scale,
-                            num_splits=num_splits, return_softmax_lse=return_softmax_lse,
-                            v2=True, softcap=softcap)
+    return _with_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
+                         cache_batch_idx, cache_leftpad, block_table, lambda_=lambda_,
+                         scale=scale, causal=causal, window_size=window_size,
+                         rotary_interleaved=rotary_interleaved, num_splits=num_splits,
+                         softcap=softcap, return_softmax_lse=return_softmax_lse,
+                         backend=backend, v2=True)
 
 
 for _fn, _lam, _extra in (

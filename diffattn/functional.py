@@ -83,6 +83,28 @@ def run_diff_attention(q, k, v, lambda_, backend, *, causal=False, key_padding_m
     return_lse: (out, lse (B, 2H, N)) as diff_attention's return_softmax_lse.
     ``score_options``: the call's score options by name (AttentionCall fields), for both
     paths."""
+    return _run_dense(q, k, v, lambda_, backend, v2=False, causal=causal,
+                      key_padding_mask=key_padding_mask, scale=scale, norm_weight=norm_weight,
+                      eps=eps, out_scale=out_scale, dropout_p=dropout_p, attn_mask=attn_mask,
+                      window_size=window_size, return_lse=return_lse, **score_options)
+
+
+def run_diff_attention_v2(q, k, v, lambda_, backend, *, causal=False, key_padding_mask=None,
+                          scale=None, dropout_p=0.0, attn_mask=None, window_size=None,
+                          return_lse=False, **score_options):
+    """diff_attention_v2 without the argument checks; ``backend`` "triton" or "torch";
+    return_lse and ``score_options`` as in run_diff_attention."""
+    return _run_dense(q, k, v, lambda_, backend, v2=True, causal=causal,
+                      key_padding_mask=key_padding_mask, scale=scale, norm_weight=None,
+                      eps=1e-5, out_scale=1.0, dropout_p=dropout_p, attn_mask=attn_mask,
+                      window_size=window_size, return_lse=return_lse, **score_options)
+
+
+def _run_dense(q, k, v, lambda_, backend, *, v2: bool, causal, key_padding_mask, scale,
+               norm_weight, eps, out_scale, dropout_p, attn_mask, window_size, return_lse,
+               **score_options):
+    """run_diff_attention, or run_diff_attention_v2 with ``v2``: autocast, then the fused
+    kernels or the torch path."""
     q, k, v = _autocast(q, k, v)
     d = q.shape[3]
     scale = d ** -0.5 if scale is None else float(scale)
@@ -95,43 +117,22 @@ def run_diff_attention(q, k, v, lambda_, backend, *, causal=False, key_padding_m
         result = fused_attention(q, k, v, lam, _mask_for_kernels(key_padding_mask), norm_weight,
                                  call, return_lse=return_lse)
         return (result[0], fused_lse(result[1], lse_dtype(q))) if return_lse else result
-    lam = expand_lambda(lambda_, q.shape[2] // 2, acc_dtype, q.device)
     with _autocast_off(q.device.type):
-        out = diff_attention_torch(q, k, v, lam, causal=causal,
-                                   key_padding_mask=key_padding_mask, scale=scale,
-                                   norm_weight=norm_weight, eps=eps, out_scale=out_scale,
-                                   dropout_p=dropout_p, attn_bias=attn_mask,
-                                   window_size=window_size, **score_options)
+        if v2:
+            out = diff_attention_v2_torch(q, k, v, lambda_, causal=causal,
+                                          key_padding_mask=key_padding_mask, scale=scale,
+                                          dropout_p=dropout_p, attn_bias=attn_mask,
+                                          window_size=window_size, **score_options)
+        else:
+            lam = expand_lambda(lambda_, q.shape[2] // 2, acc_dtype, q.device)
+            out = diff_attention_torch(q, k, v, lam, causal=causal,
+                                       key_padding_mask=key_padding_mask, scale=scale,
+                                       norm_weight=norm_weight, eps=eps, out_scale=out_scale,
+                                       dropout_p=dropout_p, attn_bias=attn_mask,
+                                       window_size=window_size, **score_options)
         if not return_lse:
             return out
-        return out, softmax_lse_torch(q, k, key_pair=True, scale=scale, causal=causal,
-                                      key_padding_mask=key_padding_mask, attn_bias=attn_mask,
-                                      window_size=window_size, **score_options)
-
-
-def run_diff_attention_v2(q, k, v, lambda_, backend, *, causal=False, key_padding_mask=None,
-                          scale=None, dropout_p=0.0, attn_mask=None, window_size=None,
-                          return_lse=False, **score_options):
-    """diff_attention_v2 without the argument checks; ``backend`` "triton" or "torch";
-    return_lse and ``score_options`` as in run_diff_attention."""
-    q, k, v = _autocast(q, k, v)
-    scale = q.shape[3] ** -0.5 if scale is None else float(scale)
-    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    if backend == "triton":
-        lam, lam_value, _ = kernel_lambda(lambda_, acc_dtype, q.device)
-        call = AttentionCall.create(scale, causal=causal, window_size=window_size,
-                                    lam_value=lam_value, **score_options)
-        result = fused_attention(q, k, v, lam, _mask_for_kernels(key_padding_mask), None, call,
-                                 return_lse=return_lse)
-        return (result[0], fused_lse(result[1], lse_dtype(q))) if return_lse else result
-    with _autocast_off(q.device.type):
-        out = diff_attention_v2_torch(q, k, v, lambda_, causal=causal,
-                                      key_padding_mask=key_padding_mask, scale=scale,
-                                      dropout_p=dropout_p, attn_bias=attn_mask,
-                                      window_size=window_size, **score_options)
-        if not return_lse:
-            return out
-        return out, softmax_lse_torch(q, k, key_pair=False, scale=scale, causal=causal,
+        return out, softmax_lse_torch(q, k, key_pair=not v2, scale=scale, causal=causal,
                                       key_padding_mask=key_padding_mask, attn_bias=attn_mask,
                                       window_size=window_size, **score_options)
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .masks import causal_keep_mask
-from .torch_path import with_window  # noqa: F401  (re-exported for the layers)
+from .torch_path import differential_maps, with_window
 
 
 def check_module_inputs(query, key, value, key_padding_mask, embed_dim: int, kdim: int,
@@ -207,3 +207,17 @@ def check_packed_inputs(layer, query, cu_seqlens, max_seqlen, other_arguments: d
         raise ValueError(f"attention dropout (dropout={layer.dropout}) is not available on "
                          f"packed sequences (cu_seqlens): build the layer with dropout=0, or "
                          f"call it in eval mode")
+
+
+def attention_weights(q: Tensor, k: Tensor, lambda_, *, causal: bool, key_padding_mask, bias,
+                      window_size, average: bool, unbatched: bool) -> Tensor:
+    """The layers' need_weights output: the difference of the two softmax maps, (B, H, N, M),
+    or (B, N, M) averaged over the heads with ``average``, without the batch dimension when
+    ``unbatched``. q (B, N, 2H, d), k (B, M, 2H, d) (V2 passes its keys repeated as pairs);
+    ``bias`` the layer's attention bias, ``window_size`` folded into it."""
+    N, M = q.shape[1], k.shape[1]
+    *_, diff = differential_maps(q, k, lambda_=lambda_, causal=causal,
+                                 key_padding_mask=key_padding_mask,
+                                 attn_bias=with_window(bias, window_size, causal, N, M, q.device))
+    weights = diff.mean(1) if average else diff
+    return weights.squeeze(0) if unbatched else weights

@@ -111,7 +111,7 @@ def fused_path_on_cpu() -> Iterator[None]:
     every kernel by a stand-in (``diffattn.kernels.launch.kernels_replaced``) to measure the
     host's own work; a real launch on CPU tensors inside would fail. Restored on exit."""
     import importlib
-    ops = importlib.import_module("diffattn.ops")
+    autograd = importlib.import_module("diffattn.autograd")
     tuning = importlib.import_module("diffattn.kernels.tuning")
     module = importlib.import_module(__name__)
     real_reason = module.triton_unavailable_reason
@@ -124,7 +124,7 @@ def fused_path_on_cpu() -> Iterator[None]:
         return None
 
     patches = [(module, "triton_unavailable_reason", allowed_on_cpu),
-               (tuning, "INTERPRET", False), (ops, "INTERPRET", False)]
+               (tuning, "INTERPRET", False), (autograd, "INTERPRET", False)]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     try:
         for obj, name, value in patches:

@@ -30,24 +30,23 @@ in a CUDA graph.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .backend import check_backend_name, resolve_backend, resolve_layer_backend
-from .functional import (_check_lambda, _check_scalars, _check_tensor, _kernel_lambda,
-                         _last_dim_contiguous, check_epilogue_args, check_softcap,
-                         check_values, check_window_size, resolve_lambda_vectors,
-                         resolve_rms_norm)
+from .checks import (check_epilogue_args, check_lambda, check_scalars, check_softcap,
+                     check_tensor, check_values, check_window_size, resolve_lambda_vectors,
+                     resolve_rms_norm)
+from .kernel_inputs import kernel_lambda, last_dim_contiguous
 from .lambdas import LambdaVectors, expand_lambda
 from .torch_path import diff_attention_torch, diff_attention_v2_torch, zero_padding_keys
 
 try:
     from .kernels import INTERPRET, AttentionCall
     from .kernels.diff_attn_decode import diff_attn_decode
-    from .ops import register_call_op
+    from .autograd import register_call_op
 except ImportError:  # no triton: resolve_backend never picks "triton"
     INTERPRET, AttentionCall, diff_attn_decode = False, None, None
 
@@ -68,16 +67,16 @@ def _check_kvcache(q, k_cache, v_cache, lambda_, k, v, cache_seqlens, block_tabl
         if t is not None and not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a tensor or None, got {type(t).__name__} (lambda_ "
                             f"is keyword-only: lambda_=...)")
-    _check_tensor("q", q, 4, "(batch, seq_q, 2 * heads, head_dim)")
+    check_tensor("q", q, 4, "(batch, seq_q, 2 * heads, head_dim)")
     B, Nq, H2, d = q.shape
     if H2 % 2 or H2 == 0:
         raise ValueError(f"q must have an even number of heads (two maps per differential "
                          f"head), got {H2}")
     dv = d if v2 else 2 * d
     rows = "(num_blocks, page_size" if block_table is not None else "(batch, capacity"
-    _check_tensor("k_cache", k_cache, 4, f"{rows}, kv_heads, head_dim)")
+    check_tensor("k_cache", k_cache, 4, f"{rows}, kv_heads, head_dim)")
     value_width = "head_dim" if v2 else "2 * head_dim"
-    _check_tensor("v_cache", v_cache, 4, f"{rows}, kv_heads, {value_width})")
+    check_tensor("v_cache", v_cache, 4, f"{rows}, kv_heads, {value_width})")
     Hk = v_cache.shape[2]
     key_heads = Hk if v2 else 2 * Hk
     if k_cache.shape[2:] != (key_heads, d) or Hk < 1:
@@ -120,7 +119,7 @@ def _check_kvcache(q, k_cache, v_cache, lambda_, k, v, cache_seqlens, block_tabl
         raise ValueError("k and v must be given together (the new keys and values) or both None")
     if k is not None:
         for name, t, cache in (("k", k, k_cache), ("v", v, v_cache)):
-            _check_tensor(name, t, 4, f"(batch, seq_new, {cache.shape[2]}, {cache.shape[3]})")
+            check_tensor(name, t, 4, f"(batch, seq_new, {cache.shape[2]}, {cache.shape[3]})")
             if t.shape[0] != B or t.shape[2:] != cache.shape[2:]:
                 raise ValueError(f"{name} must have shape ({B}, seq_new, {cache.shape[2]}, "
                                  f"{cache.shape[3]}) to match q and {name}_cache, got "
@@ -156,9 +155,9 @@ def _check_kvcache(q, k_cache, v_cache, lambda_, k, v, cache_seqlens, block_tabl
                         f"{type(cache_seqlens).__name__}")
     _check_step_options(q, k, block_table, cache_batch_idx, cache_leftpad, rotary_cos,
                         rotary_sin, rotary_interleaved, window_size, return_softmax_lse)
-    _check_lambda(lambda_, q, per_token=v2)
+    check_lambda(lambda_, q, per_token=v2)
     check_epilogue_args(norm_weight, eps, out_scale, dv, q.device)
-    _check_scalars(causal, scale)
+    check_scalars(causal, scale)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0: chosen from the shapes), got "
                          f"{num_splits!r}")
@@ -516,15 +515,15 @@ def _fused_attention(q, k_cache, v_cache, lengths, block_table, lambda_, norm_we
                      return_lse=False, **options):
     """The decode kernels; ``options``: the AttentionCall's (scale, causal, window_size, the
     epilogue, score options)."""
-    q = _last_dim_contiguous(q)  # the decode kernel reads q's rows as contiguous vectors
+    q = last_dim_contiguous(q)  # the decode kernel reads q's rows as contiguous vectors
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    lam, lam_value, vectors = _kernel_lambda(lambda_, acc, q.device)
+    lam, lam_value, vectors = kernel_lambda(lambda_, acc, q.device)
     call = AttentionCall.create(lam_value=lam_value, lam_vectors=vectors, **options)
     up = q.dtype == torch.bfloat16 and INTERPRET  # the interpreter's bf16 math is wrong
     if up:
         q, k_cache, v_cache = q.float(), k_cache.float(), v_cache.float()
     if rotary_cos is not None:  # the kernel reads cos/sin rows as contiguous vectors
-        rotary_cos, rotary_sin = _last_dim_contiguous(rotary_cos), _last_dim_contiguous(rotary_sin)
+        rotary_cos, rotary_sin = last_dim_contiguous(rotary_cos), last_dim_contiguous(rotary_sin)
     if torch.compiler.is_compiling():
         out, lse = _kvcache_op(q, k_cache, v_cache, lengths, block_table, lam, norm_weight,
                                num_splits, rotary_cos, rotary_sin, rotary_interleaved,
@@ -678,6 +677,36 @@ _COMMON_ARGS_DOC = """
 """
 
 
+def _with_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
+                  cache_batch_idx, cache_leftpad, block_table, *, lambda_, scale, causal,
+                  window_size, rotary_interleaved, num_splits, softcap, return_softmax_lse,
+                  backend, v2: bool, norm_weight=None, eps=1e-5, out_scale=1.0,
+                  lambda_vectors=None, lambda_init=None, rms_norm=None):
+    """diff_attention_with_kvcache, or diff_attention_v2_with_kvcache with ``v2``: the checks,
+    the backend, then run_with_kvcache."""
+    check_backend_name(backend)
+    lam_check = 0.0 if not v2 and (lambda_ is None or lambda_vectors is not None) else lambda_
+    _check_kvcache(q, k_cache, v_cache, lam_check, k, v, cache_seqlens, block_table,
+                   norm_weight, scale, causal, eps, out_scale, num_splits, v2=v2,
+                   cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
+                   rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                   rotary_interleaved=rotary_interleaved, window_size=window_size,
+                   return_softmax_lse=return_softmax_lse)
+    check_softcap(softcap)
+    lambda_ = resolve_lambda_vectors(lambda_, lambda_vectors, lambda_init, q)
+    norm_weight = resolve_rms_norm(norm_weight, rms_norm, v_cache.shape[3], q)
+    chosen = resolve_backend(backend, q.device, q.dtype, q.shape[3])
+    return run_with_kvcache(q, k_cache, v_cache, lambda_, chosen, k=k, v=v,
+                            rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+                            cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
+                            cache_leftpad=cache_leftpad, block_table=block_table,
+                            causal=causal, window_size=window_size,
+                            rotary_interleaved=rotary_interleaved, scale=scale,
+                            norm_weight=norm_weight, eps=eps, out_scale=out_scale,
+                            num_splits=num_splits, return_softmax_lse=return_softmax_lse,
+                            v2=v2, softcap=softcap)
+
+
 def diff_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
                                 k: Optional[Tensor] = None, v: Optional[Tensor] = None,
                                 rotary_cos: Optional[Tensor] = None,
@@ -717,27 +746,14 @@ def diff_attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
     Returns:
         (B, Nq, H, 2d) in q's dtype; (out, lse) with return_softmax_lse.
     """
-    check_backend_name(backend)
-    lam_check = 0.0 if lambda_ is None or lambda_vectors is not None else lambda_
-    _check_kvcache(q, k_cache, v_cache, lam_check, k, v, cache_seqlens, block_table,
-                   norm_weight, scale, causal, eps, out_scale, num_splits, v2=False,
-                   cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
-                   rotary_cos=rotary_cos, rotary_sin=rotary_sin,
-                   rotary_interleaved=rotary_interleaved, window_size=window_size,
-                   return_softmax_lse=return_softmax_lse)
-    check_softcap(softcap)
-    lambda_ = resolve_lambda_vectors(lambda_, lambda_vectors, lambda_init, q)
-    norm_weight = resolve_rms_norm(norm_weight, rms_norm, v_cache.shape[3], q)
-    chosen = resolve_backend(backend, q.device, q.dtype, q.shape[3])
-    return run_with_kvcache(q, k_cache, v_cache, lambda_, chosen, k=k, v=v,
-                            rotary_cos=rotary_cos, rotary_sin=rotary_sin,
-                            cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
-                            cache_leftpad=cache_leftpad, block_table=block_table,
-                            causal=causal, window_size=window_size,
-                            rotary_interleaved=rotary_interleaved, scale=scale,
-                            norm_weight=norm_weight, eps=eps, out_scale=out_scale,
-                            num_splits=num_splits, return_softmax_lse=return_softmax_lse,
-                            v2=False, softcap=softcap)
+    return _with_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
+                         cache_batch_idx, cache_leftpad, block_table, lambda_=lambda_,
+                         scale=scale, causal=causal, window_size=window_size,
+                         rotary_interleaved=rotary_interleaved, norm_weight=norm_weight, eps=eps,
+                         out_scale=out_scale, lambda_vectors=lambda_vectors,
+                         lambda_init=lambda_init, rms_norm=rms_norm, num_splits=num_splits,
+                         softcap=softcap, return_softmax_lse=return_softmax_lse,
+                         backend=backend, v2=False)
 
 
 def diff_attention_v2_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
@@ -769,22 +785,12 @@ def diff_attention_v2_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor,
     Returns:
         (B, Nq, H, d) in q's dtype; (out, lse) with return_softmax_lse.
     """
-    check_backend_name(backend)
-    _check_kvcache(q, k_cache, v_cache, lambda_, k, v, cache_seqlens, block_table, None, scale,
-                   causal, 1e-5, 1.0, num_splits, v2=True, cache_batch_idx=cache_batch_idx,
-                   cache_leftpad=cache_leftpad, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
-                   rotary_interleaved=rotary_interleaved, window_size=window_size,
-                   return_softmax_lse=return_softmax_lse)
-    check_softcap(softcap)
-    chosen = resolve_backend(backend, q.device, q.dtype, q.shape[3])
-    return run_with_kvcache(q, k_cache, v_cache, lambda_, chosen, k=k, v=v,
-                            rotary_cos=rotary_cos, rotary_sin=rotary_sin,
-                            cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
-                            cache_leftpad=cache_leftpad, block_table=block_table,
-                            causal=causal, window_size=window_size,
-                            rotary_interleaved=rotary_interleaved, scale=scale,
-                            num_splits=num_splits, return_softmax_lse=return_softmax_lse,
-                            v2=True, softcap=softcap)
+    return _with_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
+                         cache_batch_idx, cache_leftpad, block_table, lambda_=lambda_,
+                         scale=scale, causal=causal, window_size=window_size,
+                         rotary_interleaved=rotary_interleaved, num_splits=num_splits,
+                         softcap=softcap, return_softmax_lse=return_softmax_lse,
+                         backend=backend, v2=True)
 
 
 for _fn, _lam, _extra in (

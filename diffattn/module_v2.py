@@ -26,13 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention_inputs import (attention_masks, check_module_inputs, check_packed_inputs,
-                               restore_layout, with_window)
+from .attention_inputs import (attention_masks, attention_weights, check_module_inputs,
+                               check_packed_inputs, restore_layout)
 from .backend import check_backend_name, resolve_layer_backend, unsupported_features
-from .functional import check_window_size, diff_attention_v2_varlen, run_diff_attention_v2
+from .checks import check_window_size
+from .functional import diff_attention_v2_varlen, run_diff_attention_v2
 from .kvcache import DiffKVCache, layer_decode_step
 from .packed_projection import load_packed, projection_slice, save_packed
-from .torch_path import differential_maps
 
 # lambda at the start of a layer converted from plain attention (from_plain): small enough that
 # the layer computes what the plain one did, within about this much relative.
@@ -255,14 +255,10 @@ class DiffMultiheadAttentionV2(nn.Module):
 
         weights = None
         if need_weights:
-            *_, diff = differential_maps(q, k.repeat_interleave(2, dim=2),
-                                         lambda_=lam.to(q.dtype), causal=causal,
-                                         key_padding_mask=key_padding_mask,
-                                         attn_bias=with_window(bias, window_size, causal, N, M,
-                                                               q.device))
-            weights = diff.mean(1) if average_attn_weights else diff
-            if unbatched:
-                weights = weights.squeeze(0)
+            weights = attention_weights(q, k.repeat_interleave(2, dim=2), lam.to(q.dtype),
+                                        causal=causal, key_padding_mask=key_padding_mask,
+                                        bias=bias, window_size=window_size,
+                                        average=average_attn_weights, unbatched=unbatched)
         return restore_layout(out, self.batch_first, unbatched), weights
 
     def _forward_packed(self, query: Tensor, cu_seqlens, max_seqlen, is_causal, window_size,

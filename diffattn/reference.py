@@ -48,6 +48,25 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_scale: floa
     return (xf / rms * weight.to(compute) * out_scale).to(x.dtype)
 
 
+def masked_scores(scores, keep, *, softcap=0.0, key_padding_mask=None, attn_bias=None):
+    """(scores, keep) of scaled scores (B, 2H, N, M) and their keep mask (True where a score
+    counts, broadcastable to the scores): softcap > 0 caps the scores (softcap * tanh(s /
+    softcap)); key_padding_mask (B, M) bool (True = ignore) and a bool attn_bias (True =
+    masked out) narrow keep; a float attn_bias is added to the scores, its -inf entries
+    leaving keep."""
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    if key_padding_mask is not None:
+        keep = keep & ~key_padding_mask[:, None, None, :]
+    if attn_bias is not None:
+        if attn_bias.dtype == torch.bool:
+            keep = keep & ~attn_bias
+        else:
+            scores = scores + attn_bias
+            keep = keep & ~torch.isneginf(attn_bias)
+    return scores, keep
+
+
 def differential_maps(q, k, *, lambda_, causal=False, key_padding_mask=None, scale=None,
                       attn_bias=None, softcap=0.0):
     """Both softmax maps and their difference, each (B, H, N, M), in q's dtype: the one
@@ -71,20 +90,11 @@ def differential_maps(q, k, *, lambda_, causal=False, key_padding_mask=None, sca
     # Repeat each key group's pair of heads for the H // Hk differential heads that read it.
     k_heads = k.reshape(B, M, Hk, 2, d).repeat_interleave(H // Hk, dim=2).reshape(B, M, H2, d)
     scores = torch.einsum("bnhd,bmhd->bhnm", q, k_heads) * scale
-    if softcap > 0:
-        scores = softcap * torch.tanh(scores / softcap)
     keep = torch.ones(N, M, dtype=torch.bool, device=q.device)
     if causal:
         keep = _causal_keep(N, M, q.device)
-    keep = keep.expand(B, H2, N, M)
-    if key_padding_mask is not None:
-        keep = keep & ~key_padding_mask[:, None, None, :]
-    if attn_bias is not None:
-        if attn_bias.dtype == torch.bool:
-            keep = keep & ~attn_bias
-        else:
-            scores = scores + attn_bias
-            keep = keep & ~torch.isneginf(attn_bias)
+    scores, keep = masked_scores(scores, keep.expand(B, H2, N, M), softcap=softcap,
+                                 key_padding_mask=key_padding_mask, attn_bias=attn_bias)
     scores = scores.masked_fill(~keep, -math.inf)
     row_has_key = keep.any(-1, keepdim=True)
     probs = torch.softmax(scores.masked_fill(~row_has_key, 0.0), dim=-1) * row_has_key

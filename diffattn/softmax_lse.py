@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .reference import masked_scores
 from .torch_path import pad_packed, unpad_packed, window_keep_mask
 
 LN2 = math.log(2.0)
@@ -74,18 +75,12 @@ def softmax_lse_torch(q: Tensor, k: Tensor, *, key_pair: bool, scale: float,
     else:
         k_heads = k.repeat_interleave(H2 // k.shape[2], dim=2)
     scores = torch.einsum("bnhd,bmhd->bhnm", q.to(compute), k_heads.to(compute)) * scale
-    if softcap > 0:
-        scores = softcap * torch.tanh(scores / softcap)
     keep = window_keep_mask(N, M, window_size, causal, q.device)
     keep = torch.ones(N, M, dtype=torch.bool, device=q.device) if keep is None else keep
-    keep = keep[None, None]
-    if key_padding_mask is not None:
-        keep = keep & ~key_padding_mask[:, None, None, :]
-    if attn_bias is not None:
-        if attn_bias.dtype == torch.bool:
-            keep = keep & ~attn_bias
-        else:
-            scores = scores + attn_bias.to(compute)
+    if attn_bias is not None and attn_bias.is_floating_point():
+        attn_bias = attn_bias.to(compute)
+    scores, keep = masked_scores(scores, keep[None, None], softcap=softcap,
+                                 key_padding_mask=key_padding_mask, attn_bias=attn_bias)
     lse = torch.logsumexp(scores.masked_fill(~keep, -math.inf), dim=-1)
     return lse.masked_fill(torch.isneginf(lse), math.inf).to(lse_dtype(q))
 

@@ -2,7 +2,7 @@
 
 :class:`AttentionCall` holds everything about a call that is not a tensor: the softmax scale,
 the masks' rules (causal, local window), the lambda mode and the epilogue. The functional API
-builds it once (``AttentionCall.create`` normalises the window); ``diffattn.ops`` passes it
+builds it once (``AttentionCall.create`` normalises the window); ``diffattn.autograd`` passes it
 through autograd unchanged, and the registered ops' schemas, their fake implementations and
 their saved state derive the option list from its fields (``FIELD_TYPES``, ``as_schema_args``,
 ``from_schema_args``); the launchers derive every kernel argument from it and the tensors:
@@ -51,7 +51,7 @@ class AttentionCall:
         before the softmax; 0 is off (a score option: kernels/score.py).
 
     The fields are the one list of a call's options: the registered ops' schemas end with
-    them (diffattn.ops.register_call_op), their values travel as :meth:`as_schema_args` /
+    them (diffattn.autograd.register_call_op), their values travel as :meth:`as_schema_args` /
     :meth:`from_schema_args`. A field's type is float, bool, int, Tuple[int, int] or
     Optional[Tuple[int, int]].
     """
@@ -71,7 +71,7 @@ class AttentionCall:
         """The call from the functional API's arguments: ``options`` are fields by name
         (converted to their field's type), ``window_size`` the caller's (left, right) window
         (None: no window), normalised into ``window`` with causal folded in (right = 0). The
-        window must already be checked (diffattn.functional.check_window_size)."""
+        window must already be checked (diffattn.checks.check_window_size)."""
         unknown = sorted(set(options) - set(FIELD_TYPES) | ({"window"} & set(options)))
         if unknown:
             raise TypeError(f"AttentionCall.create() got unknown options {unknown}; the "

@@ -93,7 +93,8 @@ from transformers.models.diffllama import modeling_diffllama  # noqa: E402
 from transformers.models.diffllama.modeling_diffllama import DiffLlamaAttention  # noqa: E402
 
 from ..backend import check_backend_name, resolve_layer_backend  # noqa: E402
-from ..functional import check_values, run_diff_attention  # noqa: E402
+from ..checks import check_values  # noqa: E402
+from ..functional import run_diff_attention  # noqa: E402
 from ..kvcache import append_to_cache, host_lengths, run_with_kvcache  # noqa: E402
 from ..lambdas import LambdaVectors, expand_lambda  # noqa: E402
 from ..masks import causal_keep_mask  # noqa: E402

@@ -28,7 +28,7 @@ FWD_MODULE = importlib.import_module("diffattn.kernels.diff_attn_fwd")
 BWD_MODULE = importlib.import_module("diffattn.kernels.diff_attn_bwd")
 TUNING = importlib.import_module("diffattn.kernels.tuning")
 BACKEND = importlib.import_module("diffattn.backend")
-OPS = importlib.import_module("diffattn.ops")
+OPS = importlib.import_module("diffattn.autograd")
 
 
 def _v1_inputs(dtype=torch.bfloat16, requires_grad=True):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffattn import DiffMultiheadAttention, DiffMultiheadAttentionV2, ops
+from diffattn import DiffMultiheadAttention, DiffMultiheadAttentionV2, autograd
 from diffattn.kernels import AttentionCall
 from helpers import INTERPRET, requires_interpreter
 
@@ -80,7 +80,7 @@ def test_opcheck_forward(save, vectors):
 def test_opcheck_backward():
     q, k, v, lam, mask, weight = _op_inputs(requires_grad=False)
     call = AttentionCall.create(0.25, causal=True, out_scale=0.2)
-    saved = ops.fused_fwd(q, k, v, lam, mask, weight, None, None, True,
+    saved = autograd.fused_fwd(q, k, v, lam, mask, weight, None, None, True,
                           *call.as_schema_args())[1:]
     dout = torch.randn(2, 20, 2, 32)
     torch.library.opcheck(torch.ops.diffattn.bwd.default,
@@ -113,8 +113,8 @@ def test_registered_schemas_end_with_the_calls_fields():
 def test_eager_path_and_registered_ops_agree_bitwise():
     q, k, v, lam, mask, weight = _op_inputs(requires_grad=True)
     call = AttentionCall.create(0.25, causal=True, out_scale=0.2)
-    eager = ops.DiffAttentionFunction.apply(q, k, v, lam, mask, weight, call)
-    traced = ops.fused_fwd(q, k, v, lam, mask, weight, None, None, True,
+    eager = autograd.DiffAttentionFunction.apply(q, k, v, lam, mask, weight, call)
+    traced = autograd.fused_fwd(q, k, v, lam, mask, weight, None, None, True,
                            *call.as_schema_args())[0]
     assert torch.equal(eager, traced)
     dout = torch.randn(eager.shape)
@@ -128,7 +128,7 @@ def test_eager_path_and_registered_ops_agree_bitwise():
 def test_backward_of_an_unsaved_forward_is_a_clear_error():
     q, k, v, lam, mask, weight = _op_inputs(requires_grad=True)
     call = AttentionCall.create(0.25, causal=True, out_scale=0.2)
-    out = ops.fused_fwd(q, k, v, lam, mask, weight, None, None, False,
+    out = autograd.fused_fwd(q, k, v, lam, mask, weight, None, None, False,
                         *call.as_schema_args())[0]
     with pytest.raises(RuntimeError, match="save_for_backward=False"):
         out.sum().backward()

@@ -225,7 +225,7 @@ def test_fully_masked_rows_are_zero_in_forward_and_backward(variant):
 def test_inference_writes_only_the_output(poison_empty):
     """Without autograd the forward stores the output alone (no O2, X, LSE, rstd) and gives
     the same values."""
-    from diffattn import ops
+    from diffattn import autograd
     from diffattn.kernels import AttentionCall
     c = Case(B=2, N=40, M=40, H=2, Hk=1, d=16, causal=True, padding=True, norm=True)
     q, k, v, lam, mask, weight, _ = make_inputs(c)
@@ -235,7 +235,7 @@ def test_inference_writes_only_the_output(poison_empty):
         inference = diff_attention(q, k, v, lambda_=lam, causal=True, key_padding_mask=mask,
                                    norm_weight=weight, out_scale=0.2, backend="triton")
         call = AttentionCall.create(0.25, causal=True, out_scale=0.2)
-        saved = ops.fused_fwd(q, k, v, lam, mask, weight, None, None, False,
+        saved = autograd.fused_fwd(q, k, v, lam, mask, weight, None, None, False,
                               *call.as_schema_args())
     assert torch.equal(inference, with_grad.detach())
     assert torch.equal(saved[0], inference)

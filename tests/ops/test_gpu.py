@@ -313,13 +313,13 @@ def _op_inputs(norm: bool, requires_grad: bool, save_for_backward: bool = True):
 @pytest.mark.parametrize("norm,save", [(False, True), (True, True), (True, False)],
                          ids=["plain", "norm", "norm-inference"])
 def test_opcheck_fwd(norm, save):
-    from diffattn import ops  # noqa: F401  (registers torch.ops.diffattn)
+    from diffattn import autograd  # noqa: F401  (registers torch.ops.diffattn)
     args, _ = _op_inputs(norm, requires_grad=save, save_for_backward=save)
     torch.library.opcheck(torch.ops.diffattn.fwd.default, args)
 
 
 def test_opcheck_bwd():
-    from diffattn import ops  # noqa: F401
+    from diffattn import autograd  # noqa: F401
     args, dout = _op_inputs(norm=True, requires_grad=False)
     q, k, v, lam, kpm, weight, cu_q, cu_k, _, *call_args = args
     out, x, o2, lse, rstd = torch.ops.diffattn.fwd(*args)

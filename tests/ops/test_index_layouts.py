@@ -308,7 +308,7 @@ def test_layer_cache_with_strided_lengths(v2, backend):
 def test_launchers_read_a_strided_key_padding_mask_as_laid_out():
     """The launchers themselves (below the API's checks) take a key padding mask whose last
     dimension is strided: forward and gradients as with a contiguous one."""
-    from diffattn import ops
+    from diffattn import autograd
     from diffattn.kernels import AttentionCall
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 5, 4, 16, generator=g), torch.randn(2, 7, 4, 16, generator=g)
@@ -318,7 +318,7 @@ def test_launchers_read_a_strided_key_padding_mask_as_laid_out():
     results = []
     for m in (mask, strided):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = ops.fused_attention(*leaves, None, m, None, AttentionCall(0.25))
+        out = autograd.fused_attention(*leaves, None, m, None, AttentionCall(0.25))
         results.append([out, *torch.autograd.grad(out, leaves, torch.ones_like(out))])
     for name, want, got in zip(("out", "dq", "dk", "dv"), *results):
         assert torch.equal(got, want), name

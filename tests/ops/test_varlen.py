@@ -201,20 +201,20 @@ def test_no_value_is_read_on_the_host(backend):
 def test_registered_ops_opcheck_and_agree_with_the_eager_path():
     """torch.ops.diffattn.fwd / bwd take packed sequences' offsets after the tensors and
     their maximum lengths in the call's fields."""
-    from diffattn import ops
+    from diffattn import autograd
     from diffattn.kernels import AttentionCall
     q, k, v, lam, weight, cu_q, cu_k = v1_inputs(torch.float32, ([3, 0, 4], [2, 5, 0]), d=8)
     call = AttentionCall.create(0.25, causal=True, out_scale=0.5, max_seqlens=(4, 5))
     args = (q, k, v, lam, None, weight, cu_q, cu_k, True, *call.as_schema_args())
     torch.library.opcheck(torch.ops.diffattn.fwd.default, args)
-    saved = [t.detach() for t in ops.fused_fwd(*args)[1:]]
+    saved = [t.detach() for t in autograd.fused_fwd(*args)[1:]]
     dout = torch.randn(7, 2, 16)
     plain = [t.detach() for t in (q, k, v, lam, weight)]
     torch.library.opcheck(torch.ops.diffattn.bwd.default,
                           (dout, *plain[:4], None, plain[4], *saved, cu_q, cu_k, True, True,
                            *call.as_schema_args()))
-    eager = ops.fused_attention(q, k, v, lam, None, weight, call, cu_q, cu_k)
-    traced = ops.fused_fwd(*args)[0]
+    eager = autograd.fused_attention(q, k, v, lam, None, weight, call, cu_q, cu_k)
+    traced = autograd.fused_fwd(*args)[0]
     assert torch.equal(eager, traced)
     leaves = (q, k, v, lam, weight)
     for a, b in zip(torch.autograd.grad(eager, leaves, dout),

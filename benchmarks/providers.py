@@ -398,7 +398,7 @@ def op_forward(provider: str, shape: Shape, dtype: torch.dtype,
     q, k, v, lam = leaves = (v2_inputs if v2 else v1_inputs)(shape, dtype, device)
     if kernel in _LIBRARY_BACKENDS:
         op, backend = diff_attention_v2 if v2 else diff_attention, _LIBRARY_BACKENDS[kernel]
-        return (lambda: op(q, k, v, lam, causal=causal, backend=backend)), leaves, None
+        return (lambda: op(q, k, v, lambda_=lam, causal=causal, backend=backend)), leaves, None
     if v2:
         probe = lambda: sdpa_backend_name(q.transpose(1, 2), k.transpose(1, 2),
                                           v.transpose(1, 2), causal, enable_gqa=True)

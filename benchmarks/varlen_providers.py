@@ -107,6 +107,6 @@ def varlen_bench(provider: str, shape: Shape, dtype: torch.dtype, device: torch.
         fn = diff_attention_v2 if v2 else diff_attention
 
         def forward():
-            return fn(q, k, v, lam, causal=shape.causal, key_padding_mask=mask,
+            return fn(q, k, v, lambda_=lam, causal=shape.causal, key_padding_mask=mask,
                       backend=backend)
     return Bench(forward_modes(forward, modes), [q, k, v, lam])

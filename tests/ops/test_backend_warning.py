@@ -14,7 +14,7 @@ SCRIPT = textwrap.dedent("""\
     for _ in range(3):
         y, _ = attn(x)
     q, k, v = torch.randn(1, 4, 4, 8), torch.randn(1, 4, 4, 8), torch.randn(1, 4, 2, 16)
-    out = diff_attention(q, k, v, 0.5)
+    out = diff_attention(q, k, v, lambda_=0.5)
     print(attn.last_backend)
 """)
 

@@ -29,7 +29,7 @@ def _inputs(v2: bool, seed=0):
 
 def _run(fn, q, k, v, lam, dout, **kw):
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, lam)]
-    out = fn(*leaves, **kw)
+    out = fn(*leaves[:3], lambda_=leaves[3], **kw)
     (out * dout).sum().backward()
     return out.detach(), [t.grad for t in leaves]
 

@@ -179,9 +179,9 @@ def test_dense_lse_is_of_the_capped_scores(backend, v2):
     k = _rand(g, B, M, H if v2 else 2 * H, d, scale=2.0)
     v = _rand(g, B, M, H, d if v2 else 2 * d)
     fn = diff_attention_v2 if v2 else diff_attention
-    out, lse = fn(q, k, v, 0.4, causal=True, window_size=(2, 0), return_softmax_lse=True,
+    out, lse = fn(q, k, v, lambda_=0.4, causal=True, window_size=(2, 0), return_softmax_lse=True,
                   softcap=CAP, backend=backend)
-    assert torch.equal(out, fn(q, k, v, 0.4, causal=True, window_size=(2, 0), softcap=CAP,
+    assert torch.equal(out, fn(q, k, v, lambda_=0.4, causal=True, window_size=(2, 0), softcap=CAP,
                                backend=backend))
     i, j = torch.arange(N)[:, None] + (M - N), torch.arange(M)[None, :]
     keep = (j <= i) & (j >= i - 2)

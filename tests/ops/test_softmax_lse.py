@@ -90,9 +90,9 @@ def test_dense_lse(backend, v2, N, M, causal, window, padding, grad):
     if grad:
         q.requires_grad_()
     fn = diff_attention_v2 if v2 else diff_attention
-    out, lse = fn(q, k, v, 0.4, causal=causal, window_size=window, key_padding_mask=kpm,
+    out, lse = fn(q, k, v, lambda_=0.4, causal=causal, window_size=window, key_padding_mask=kpm,
                   return_softmax_lse=True, backend=backend)
-    assert torch.equal(out, fn(q, k, v, 0.4, causal=causal, window_size=window,
+    assert torch.equal(out, fn(q, k, v, lambda_=0.4, causal=causal, window_size=window,
                                key_padding_mask=kpm, backend=backend))
     want = []
     for b in range(2):
@@ -112,7 +112,7 @@ def test_dense_lse_grouped_keys(backend, v2):
     """Four differential heads over two key groups: q heads 0-3 read group 0, 4-7 group 1."""
     q, k, v = dense_inputs(v2, B=1, N=4, M=6, H=4, Hk=2, seed=1)
     _, lse = (diff_attention_v2 if v2 else diff_attention)(
-        q, k, v, torch.rand(4), causal=True, return_softmax_lse=True, backend=backend)
+        q, k, v, lambda_=torch.rand(4), causal=True, return_softmax_lse=True, backend=backend)
     check_lse(lse, reference_lse(q[0], k[0], visible(4, 6, True, None), pair=not v2)[None])
 
 

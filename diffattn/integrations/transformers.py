@@ -95,10 +95,9 @@ from transformers.models.diffllama.modeling_diffllama import DiffLlamaAttention 
 from ..backend import check_backend_name, resolve_layer_backend  # noqa: E402
 from ..checks import check_values  # noqa: E402
 from ..functional import run_diff_attention  # noqa: E402
-from ..kvcache import append_to_cache, host_lengths, run_with_kvcache  # noqa: E402
-from ..lambdas import LambdaVectors, expand_lambda  # noqa: E402
+from ..kvcache import append_to_cache, run_with_kvcache  # noqa: E402
+from ..lambdas import LambdaVectors  # noqa: E402
 from ..masks import causal_keep_mask  # noqa: E402
-from ..torch_path import diff_attention_torch  # noqa: E402
 from ..user_warnings import warn_at_user_code  # noqa: E402
 
 __all__ = ["DiffAttnCache", "DiffAttnCacheLayer", "FusedDiffLlamaAttention",
@@ -349,12 +348,6 @@ class FusedDiffLlamaAttention(DiffLlamaAttention):
         vectors = torch.stack([self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2])
         return LambdaVectors(vectors.float(), self.lambda_init)
 
-    def _lambda_value(self) -> Tensor:
-        """diff_lambda()'s value as a 0-dim float32 tensor, without stacking the vectors."""
-        return torch.exp(torch.dot(self.lambda_q1.float(), self.lambda_k1.float())) - \
-            torch.exp(torch.dot(self.lambda_q2.float(), self.lambda_k2.float())) + \
-            self.lambda_init
-
     def _epilogue(self) -> dict:
         weight = self.groupnorm.weight
         eps = self.groupnorm.eps
@@ -405,22 +398,6 @@ class FusedDiffLlamaAttention(DiffLlamaAttention):
             layer.append(k, v, valid)
             return out
         layer.reserve(k, v)
-        known = host_lengths(layer.seqlens) if backend == "torch" and N == 1 and \
-            valid is None else None
-        if known and min(known) == max(known):
-            # a decoding step of sequences of one length that lives on the host (CPU):
-            # the new key and value written in place, the keys read as views of the cache
-            # (what the KV-cache op's torch path runs, without its per-call work)
-            at = known[0]
-            layer.keys[:, at:at + 1] = k
-            layer.values[:, at:at + 1] = v
-            acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-            lam = expand_lambda(self._lambda_value(), q.shape[2] // 2, acc, q.device)
-            out = diff_attention_torch(q, layer.keys[:, :at + 1], layer.values[:, :at + 1],
-                                       lam, scale=self.scaling, **self._epilogue())
-            layer.seqlens += 1
-            layer.length += 1
-            return out
         if N == 1:  # a decoding step: the KV-cache op appends and attends
             out = run_with_kvcache(q, layer.keys[:, :past + 1], layer.values[:, :past + 1],
                                    self.diff_lambda(), backend, k=k, v=v,

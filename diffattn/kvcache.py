@@ -224,6 +224,8 @@ def _check_values(seqlens: Tensor, n_new: int, capacity: int, block_table: Optio
                   rotary_cos: Optional[Tensor] = None, rotary_rows: int = 0) -> None:
     """The checks that need tensor values: plain errors for CPU tensors, asynchronous device
     assertions elsewhere (and while torch.compile traces), so nothing waits for the device."""
+    fit_msg = (f"cache_seqlens + seq_new ({n_new}) must be between 0 and the cache capacity "
+               f"{capacity} for every sequence")
     plain = block_table is None and cache_batch_idx is None and cache_leftpad is None and \
         rotary_cos is None
     if plain and seqlens.is_cpu and \
@@ -231,9 +233,7 @@ def _check_values(seqlens: Tensor, n_new: int, capacity: int, block_table: Optio
         lengths = seqlens.tolist()
         bad = [b for b, n in enumerate(lengths) if n < 0 or n + n_new > capacity]
         if bad:
-            raise ValueError(f"cache_seqlens + seq_new ({n_new}) must be between 0 and the "
-                             f"cache capacity {capacity} for every sequence; got "
-                             f"{[lengths[b] for b in bad]} at batch index {bad}")
+            raise ValueError(f"{fit_msg}; got {[lengths[b] for b in bad]} at batch index {bad}")
         return
     fits = (seqlens >= 0) & (seqlens + n_new <= capacity)
     bad_pages = None
@@ -245,8 +245,6 @@ def _check_values(seqlens: Tensor, n_new: int, capacity: int, block_table: Optio
                            >= (cache_leftpad // page)[:, None])
         bad_pages = used & ((block_table < 0) | (block_table >= num_blocks))
     on_host = seqlens.device.type == "cpu" and not torch.compiler.is_compiling()
-    fit_msg = (f"cache_seqlens + seq_new ({n_new}) must be between 0 and the cache capacity "
-               f"{capacity} for every sequence")
     page_msg = (f"block_table must point into the pool of {num_blocks} pages for every page a "
                 f"sequence uses")
     if seqlens.device.type == "meta":

@@ -268,7 +268,7 @@ def diff_attention_torch(q, k, v, lam: torch.Tensor, *, causal=False,
                                     key_padding_mask=key_padding_mask, scale=scale,
                                     dropout_p=dropout_p, attn_bias=attn_bias,
                                     window_size=window_size, score_options=score_options)
-        return _epilogue(x, norm_weight, eps, out_scale).to(q.dtype)
+        return _cast(_epilogue(x, norm_weight, eps, out_scale), q.dtype)
     k, v = zero_padding_keys(k, key_padding_mask), zero_padding_keys(v, key_padding_mask)
     bias, is_causal, row_valid = _sdpa_masks(B, H2, N, M, q.device, q.dtype, causal,
                                              key_padding_mask, attn_bias, window_size)
@@ -283,9 +283,7 @@ def diff_attention_torch(q, k, v, lam: torch.Tensor, *, causal=False,
     if row_valid is not None:
         valid1, valid2 = _pair_maps(row_valid, H2)
         x = x * (valid1 & valid2).transpose(1, 2)
-    if norm_weight is not None:
-        return _cast(rms_norm_epilogue(x, norm_weight, eps, out_scale), q.dtype)
-    return _cast(x if out_scale == 1.0 else x * out_scale, q.dtype)
+    return _cast(_epilogue(x, norm_weight, eps, out_scale), q.dtype)
 
 
 def _difference(parts, lam: torch.Tensor) -> torch.Tensor:
@@ -313,7 +311,7 @@ def _difference(parts, lam: torch.Tensor) -> torch.Tensor:
 def _epilogue(x, norm_weight, eps, out_scale):
     """x * out_scale, or the RMSNorm epilogue with a norm weight."""
     if norm_weight is None:
-        return x * out_scale
+        return x if out_scale == 1.0 else x * out_scale
     return rms_norm_epilogue(x, norm_weight, eps, out_scale)
 
 

@@ -40,7 +40,7 @@ from .common import (band_tiles, key_keep, load_head_pair,
                      load_lambda_vectors, load_tile, program_lambda,
                      query_tile_key_ranges, row_offset, sequence_bounds, sequence_rows,
                      sequence_start)
-from .score import attention_scores, attention_scores_grad, score_arguments
+from .score import attention_scores, attention_scores_grad, score_arguments, score_visibility
 from .tuning import BWD_TILES
 
 # dlambda reduction modes (DLAM_REDUCE): lambda per row and head (no reduction: the row pass
@@ -156,8 +156,9 @@ def _dkdv_query_tiles(k1, k2, v, dk1, dk2, dv, col_keep, cols, start, end, q_bas
     """Accumulate one key tile's dK and dV over the query tiles [start, end) of head h
     (lam_scalar: the program's lambda, see program_lambda; N, M: this sequence's lengths;
     stride_map: the row statistics' distance between the two maps). The tiles are
-    transposed (keys by queries); probabilities come from the score hook's scores and the
-    saved log-sum-exps, and the score gradients go back through the hook's derivative."""
+    transposed (keys by queries); probabilities come from the score hook's visibility and
+    scores and the saved log-sum-exps, and the score gradients go back through the hook's
+    derivative."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in range(start, end, BLOCK_M):
@@ -171,24 +172,23 @@ def _dkdv_query_tiles(k1, k2, v, dk1, dk2, dv, col_keep, cols, start, end, q_bas
         lam = load_lambda_rows(LAM, b, rows, N, h, stride_lb, stride_ln=stride_ln,
                                stride_lh=stride_lh, lam_scalar=lam_scalar, LAM_MODE=LAM_MODE,
                                ACC_DTYPE=dv.dtype)
+        visible = score_visibility(rows[None, :], cols[:, None], keep=col_keep[:, None], N=N,
+                                   M=M, window_left=window_left, window_right=window_right,
+                                   CAUSAL=CAUSAL, WINDOW=WINDOW, MASKED=MASKED)
         # One map after the other, so that few (BLOCK_N x BLOCK_M) fp32 tiles are live at once:
         # dP1^T (shared: dP2 = -lambda dP1), P1^T, then P2^T.
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION).to(dv.dtype)
         qkT1 = tl.dot(k1, tl.trans(q1), input_precision=PRECISION).to(dv.dtype)
-        sT1, visible = attention_scores(
-            qkT1, q_idx=rows[None, :], k_idx=cols[:, None], keep=col_keep[:, None], N=N, M=M,
-            window_left=window_left, window_right=window_right, SCORE=SCORE,
-            SCORE_FLAGS=SCORE_FLAGS, CAUSAL=CAUSAL, WINDOW=WINDOW, MASKED=MASKED)
+        sT1 = attention_scores(qkT1, q_idx=rows[None, :], k_idx=cols[:, None], SCORE=SCORE,
+                               SCORE_FLAGS=SCORE_FLAGS)
         pT1 = tl.exp2(sT1 * SCORE.qk_scale - lse1[None, :])
         if MASKED:
             pT1 = tl.where(visible, pT1, 0.0)
         dsT1 = attention_scores_grad(pT1 * (dpT - d1[None, :]), qkT1, SCORE, SCORE_FLAGS)
         dk1 += tl.dot(dsT1.to(q1.dtype), q1, input_precision=PRECISION)
         qkT2 = tl.dot(k2, tl.trans(q2), input_precision=PRECISION).to(dv.dtype)
-        sT2, visible = attention_scores(
-            qkT2, q_idx=rows[None, :], k_idx=cols[:, None], keep=col_keep[:, None], N=N, M=M,
-            window_left=window_left, window_right=window_right, SCORE=SCORE,
-            SCORE_FLAGS=SCORE_FLAGS, CAUSAL=CAUSAL, WINDOW=WINDOW, MASKED=MASKED)
+        sT2 = attention_scores(qkT2, q_idx=rows[None, :], k_idx=cols[:, None], SCORE=SCORE,
+                               SCORE_FLAGS=SCORE_FLAGS)
         pT2 = tl.exp2(sT2 * SCORE.qk_scale - lse2[None, :])
         if MASKED:
             pT2 = tl.where(visible, pT2, 0.0)
@@ -358,23 +358,22 @@ def _dq_key_tiles(q1, q2, do, dq1, dq2, lse1, lse2, d1, d2, lam, rows, start, en
                 k_base, v_base, stride_kh, stride_km, stride_vm, start_n, M=M,
                 HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
                 KEY_PAIR=KEY_PAIR, MASKED=MASKED, BLOCK_N=BLOCK_N)
+        visible = score_visibility(rows[:, None], cols[None, :], keep=kept, N=N, M=M,
+                                   window_left=window_left, window_right=window_right,
+                                   CAUSAL=CAUSAL, WINDOW=WINDOW, MASKED=MASKED)
         # One map after the other (see _dkdv_query_tiles): dP1 (shared), then each map's P.
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION).to(dq1.dtype)
         qk1 = tl.dot(q1, tl.trans(k1), input_precision=PRECISION).to(dq1.dtype)
-        s1, visible = attention_scores(
-            qk1, q_idx=rows[:, None], k_idx=cols[None, :], keep=kept, N=N, M=M,
-            window_left=window_left, window_right=window_right, SCORE=SCORE,
-            SCORE_FLAGS=SCORE_FLAGS, CAUSAL=CAUSAL, WINDOW=WINDOW, MASKED=MASKED)
+        s1 = attention_scores(qk1, q_idx=rows[:, None], k_idx=cols[None, :], SCORE=SCORE,
+                              SCORE_FLAGS=SCORE_FLAGS)
         p1 = tl.exp2(s1 * SCORE.qk_scale - lse1[:, None])
         if MASKED:
             p1 = tl.where(visible, p1, 0.0)
         ds1 = attention_scores_grad(p1 * (dp - d1[:, None]), qk1, SCORE, SCORE_FLAGS)
         dq1 += tl.dot(ds1.to(k1.dtype), k1, input_precision=PRECISION)
         qk2 = tl.dot(q2, tl.trans(k2), input_precision=PRECISION).to(dq1.dtype)
-        s2, visible = attention_scores(
-            qk2, q_idx=rows[:, None], k_idx=cols[None, :], keep=kept, N=N, M=M,
-            window_left=window_left, window_right=window_right, SCORE=SCORE,
-            SCORE_FLAGS=SCORE_FLAGS, CAUSAL=CAUSAL, WINDOW=WINDOW, MASKED=MASKED)
+        s2 = attention_scores(qk2, q_idx=rows[:, None], k_idx=cols[None, :], SCORE=SCORE,
+                              SCORE_FLAGS=SCORE_FLAGS)
         p2 = tl.exp2(s2 * SCORE.qk_scale - lse2[:, None])
         if MASKED:
             p2 = tl.where(visible, p2, 0.0)

@@ -4,7 +4,7 @@
 The caches hold each sequence's keys and values at logical positions 0 .. capacity - 1;
 sequence b has ``seqlens[b]`` valid keys (the cache length after this call's append). The Nq
 query rows of sequence b are its last Nq positions; which keys a query sees is the score
-hook's rule (kernels/score.py: attention_scores, with N = Nq queries and M = seqlens[b] keys):
+hook's rule (kernels/score.py: score_visibility, with N = Nq queries and M = seqlens[b] keys):
 with CAUSAL, query i sees keys j <= seqlens[b] - Nq + i (the bottom-right diagonal); with
 WINDOW, the keys of its local window (AttentionCall.window, causal folded in); without
 either, every valid key. The hook also applies the call's score options (softcap).
@@ -59,7 +59,7 @@ from .call import AttentionCall, dot_precision, lambda_flags, lambda_strides, st
 from .config import INTERPRET, cdiv, head_block
 from .launch import Launcher
 from .common import load_head_pair, load_tile, online_softmax_step, program_lambda
-from .score import attention_scores, score_arguments
+from .score import attention_scores, score_arguments, score_visibility
 
 
 @triton.jit
@@ -266,19 +266,18 @@ def diff_attn_decode_kernel(
         if HAS_LEFTPAD:
             keep = keep & (cols >= first_key)[None, :]
             v = tl.where((cols >= first_key)[:, None], v, 0.0)
-        s1, visible = attention_scores(
-            tl.dot(q1, tl.trans(k1), input_precision=PRECISION).to(acc_dtype),
-            q_idx=qi[:, None], k_idx=cols[None, :], keep=keep, N=Nq, M=L,
-            window_left=window_left, window_right=window_right, SCORE=SCORE,
-            SCORE_FLAGS=SCORE_FLAGS, CAUSAL=CAUSAL, WINDOW=WINDOW, MASKED=True)
+        visible = score_visibility(qi[:, None], cols[None, :], keep=keep, N=Nq, M=L,
+                                   window_left=window_left, window_right=window_right,
+                                   CAUSAL=CAUSAL, WINDOW=WINDOW, MASKED=True)
+        s1 = attention_scores(tl.dot(q1, tl.trans(k1), input_precision=PRECISION).to(acc_dtype),
+                              q_idx=qi[:, None], k_idx=cols[None, :], SCORE=SCORE,
+                              SCORE_FLAGS=SCORE_FLAGS)
         m1, l1, acc1 = online_softmax_step(s1, visible, m1, l1, acc1, v,
                                            qk_scale=SCORE.qk_scale, MASKED=True,
                                            PRECISION=PRECISION)
-        s2, visible = attention_scores(
-            tl.dot(q2, tl.trans(k2), input_precision=PRECISION).to(acc_dtype),
-            q_idx=qi[:, None], k_idx=cols[None, :], keep=keep, N=Nq, M=L,
-            window_left=window_left, window_right=window_right, SCORE=SCORE,
-            SCORE_FLAGS=SCORE_FLAGS, CAUSAL=CAUSAL, WINDOW=WINDOW, MASKED=True)
+        s2 = attention_scores(tl.dot(q2, tl.trans(k2), input_precision=PRECISION).to(acc_dtype),
+                              q_idx=qi[:, None], k_idx=cols[None, :], SCORE=SCORE,
+                              SCORE_FLAGS=SCORE_FLAGS)
         m2, l2, acc2 = online_softmax_step(s2, visible, m2, l2, acc2, v,
                                            qk_scale=SCORE.qk_scale, MASKED=True,
                                            PRECISION=PRECISION)

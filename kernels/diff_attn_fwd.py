@@ -10,9 +10,10 @@ row of the program sees in full run without masks; only the ragged last tile, th
 causal diagonal and, with a key padding mask, every tile are masked. Nothing of size N x M is
 stored.
 
-Scores: each tile of raw products q . k goes through the score hook (kernels/score.py:
-attention_scores, with the SCORE and SCORE_FLAGS arguments), which applies the masks and the
-score options of the call; the softmax scale is folded into the exp2.
+Scores: the score hook (kernels/score.py, with the SCORE and SCORE_FLAGS arguments) says where
+a tile is visible (score_visibility: masks and window) and turns each tile of raw products
+q . k into scores (attention_scores: the score options of the call); the softmax scale is
+folded into the exp2.
 
 Variants are compile-time flags of this one kernel:
 
@@ -60,7 +61,7 @@ from .launch import Launcher
 from .common import (key_keep, load_head_pair, load_key_value_tiles, load_lambda_rows,
                      online_softmax_step, program_lambda, query_tile_key_ranges, row_offset,
                      sequence_bounds, sequence_rows, sequence_start)
-from .score import attention_scores, score_arguments
+from .score import attention_scores, score_arguments, score_visibility
 from .tuning import FWD_TILES
 
 
@@ -75,7 +76,7 @@ def _attend_key_tiles(q1, q2, k_base, v_base, k1_desc, k2_desc, v_desc, kpm_row,
                       BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
     """Both online softmaxes over the key tiles [start, end) (with WINDOW and MASKED, the
     tiles from skip_from on are shifted by ``skip``: the band's two edges in one loop). MASKED
-    applies the ragged-edge, padding, causal and window masks (in the score hook); without it
+    applies the ragged-edge, padding, causal and window masks (score_visibility); without it
     every key of every tile is visible to every row.
     USE_TMA reads the key and value tiles through the tensor descriptors (rows past M read
     as zero) instead of the pointers."""
@@ -100,20 +101,19 @@ def _attend_key_tiles(q1, q2, k_base, v_base, k1_desc, k2_desc, v_desc, kpm_row,
             kept = key_keep(kpm_row, cols, M, HAS_KPM)
             if HAS_KPM:  # padding keys' values read as 0: p = 0 times a NaN/inf value is NaN
                 v = tl.where(kept[:, None], v, 0.0)
-        s1, keep = attention_scores(
-            tl.dot(q1, tl.trans(k1), input_precision=PRECISION).to(acc1.dtype),
-            q_idx=rows[:, None], k_idx=cols[None, :], keep=kept, N=N, M=M,
-            window_left=window_left, window_right=window_right, SCORE=SCORE,
-            SCORE_FLAGS=SCORE_FLAGS, CAUSAL=CAUSAL, WINDOW=WINDOW, MASKED=MASKED)
-        m1, l1, acc1 = online_softmax_step(s1, keep, m1, l1, acc1, v,
+        visible = score_visibility(rows[:, None], cols[None, :], keep=kept, N=N, M=M,
+                                   window_left=window_left, window_right=window_right,
+                                   CAUSAL=CAUSAL, WINDOW=WINDOW, MASKED=MASKED)
+        s1 = attention_scores(tl.dot(q1, tl.trans(k1), input_precision=PRECISION).to(acc1.dtype),
+                              q_idx=rows[:, None], k_idx=cols[None, :], SCORE=SCORE,
+                              SCORE_FLAGS=SCORE_FLAGS)
+        m1, l1, acc1 = online_softmax_step(s1, visible, m1, l1, acc1, v,
                                            qk_scale=SCORE.qk_scale, MASKED=MASKED,
                                            PRECISION=PRECISION)
-        s2, keep = attention_scores(
-            tl.dot(q2, tl.trans(k2), input_precision=PRECISION).to(acc2.dtype),
-            q_idx=rows[:, None], k_idx=cols[None, :], keep=kept, N=N, M=M,
-            window_left=window_left, window_right=window_right, SCORE=SCORE,
-            SCORE_FLAGS=SCORE_FLAGS, CAUSAL=CAUSAL, WINDOW=WINDOW, MASKED=MASKED)
-        m2, l2, acc2 = online_softmax_step(s2, keep, m2, l2, acc2, v,
+        s2 = attention_scores(tl.dot(q2, tl.trans(k2), input_precision=PRECISION).to(acc2.dtype),
+                              q_idx=rows[:, None], k_idx=cols[None, :], SCORE=SCORE,
+                              SCORE_FLAGS=SCORE_FLAGS)
+        m2, l2, acc2 = online_softmax_step(s2, visible, m2, l2, acc2, v,
                                            qk_scale=SCORE.qk_scale, MASKED=MASKED,
                                            PRECISION=PRECISION)
     return m1, l1, acc1, m2, l2, acc2

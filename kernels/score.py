@@ -1,9 +1,10 @@
 """The score hook: how a tile of raw products q . k becomes the scores the softmax sees.
 
 Every kernel that forms attention probabilities (the forward, the backward's key-tile and
-query-tile programs, the decode kernel) passes each tile of raw products through
-:func:`attention_scores` (the scores and where they are visible: masks, window, score
-options), and the backward takes the gradient back through :func:`attention_scores_grad`.
+query-tile programs, the decode kernel) asks :func:`score_visibility` where a tile's scores are
+visible (padding, causal and window masks; from positions alone, once per tile before the
+products), passes each tile of raw products through :func:`attention_scores` (the score
+options) and takes the gradient back through :func:`attention_scores_grad` in the backward.
 What the hook does is decided by two kernel arguments that every kernel passes through
 unchanged:
 
@@ -18,7 +19,8 @@ parameters (see ScoreParams).
 
 Adding a score option (a bias, a cap, ...): a field of AttentionCall, its values in
 ScoreParams and its switch in ScoreFlags (score_arguments), its math in attention_scores and
-its derivative in attention_scores_grad. No kernel signature changes.
+its derivative in attention_scores_grad (a mask: its comparison in score_visibility). No
+kernel signature changes.
 """
 from __future__ import annotations
 
@@ -63,37 +65,45 @@ def _tanh(x):
 
 
 @triton.jit
-def attention_scores(qk, q_idx, k_idx, keep, N, M, window_left, window_right, SCORE,
-                     SCORE_FLAGS: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                     MASKED: tl.constexpr):
-    """The scores of one tile of raw products ``qk`` (q . k in the accumulation dtype;
-    queries by keys, or keys by queries for a transposed tile: ``q_idx`` and ``k_idx``, the
-    query and key positions, broadcast to qk's shape) and where they are visible.
+def score_visibility(q_idx, k_idx, keep, N, M, window_left, window_right,
+                     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASKED: tl.constexpr):
+    """Where the scores of a tile are visible (MASKED only; ``keep`` itself otherwise):
+    ``keep`` (broadcastable to the tile, False for keys that do not exist or are padding) and,
+    with CAUSAL, the keys on or below the bottom-right diagonal of N queries and M keys
+    (causal_keep) and, with WINDOW, those in the local window (window_keep). ``q_idx`` and
+    ``k_idx``: the query and key positions, broadcast to the tile's shape (queries by keys, or
+    keys by queries for a transposed tile).
 
-    Returns (s, visible). s: the scores, in qk's units (the kernels apply the softmax scale
-    in the exp2). SCORE_FLAGS.softcap: the scaled scores scale * qk become
-    softcap * tanh(scale * qk / softcap), i.e. s = softcap_out * tanh(qk * softcap_in).
-    visible (MASKED only; ``keep`` itself otherwise): ``keep`` (broadcastable to qk, False
-    for keys that do not exist or are padding) and, with CAUSAL, the keys on or below the
-    bottom-right diagonal of N queries and M keys (causal_keep) and, with WINDOW, those in
-    the local window (window_keep). The caller drops what is not visible where its math
-    wants it: the forward before the running max (-inf), the backward after the exp2 (0).
-    """
-    s = qk
-    if SCORE_FLAGS.softcap:
-        s = SCORE.softcap_out * _tanh(qk * SCORE.softcap_in)
+    It reads positions only, so the kernels compute it once per tile, before the q . k
+    products, for both maps (fewer live registers than comparing after the products). The
+    caller drops what is not visible where its math wants it: the forward before the running
+    max (-inf), the backward after the exp2 (0)."""
     if MASKED:
         if CAUSAL:
             keep = keep & causal_keep(q_idx, k_idx, N, M)
         if WINDOW:
             keep = keep & window_keep(q_idx, k_idx, N, M, window_left, window_right)
-    return s, keep
+    return keep
+
+
+@triton.jit
+def attention_scores(qk, q_idx, k_idx, SCORE, SCORE_FLAGS: tl.constexpr):
+    """The scores of one tile of raw products ``qk`` (q . k in the accumulation dtype), in
+    qk's units (the kernels apply the softmax scale in the exp2); ``q_idx`` and ``k_idx`` as
+    for score_visibility, for options that depend on the positions.
+    SCORE_FLAGS.softcap: the scaled scores scale * qk become softcap * tanh(scale * qk /
+    softcap), i.e. s = softcap_out * tanh(qk * softcap_in)."""
+    s = qk
+    if SCORE_FLAGS.softcap:
+        s = SCORE.softcap_out * _tanh(qk * SCORE.softcap_in)
+    return s
 
 
 @triton.jit
 def attention_scores_grad(ds, qk, SCORE, SCORE_FLAGS: tl.constexpr):
     """The gradient of the raw products from ``ds``, the gradient of the scores
-    attention_scores returned for them (same tile, hidden entries with ds = 0)."""
+    attention_scores returned for them (same tile, entries that are not visible with
+    ds = 0)."""
     if SCORE_FLAGS.softcap:  # d/dqk softcap_out * tanh(qk * softcap_in) = 1 - tanh^2
         t = _tanh(qk * SCORE.softcap_in)
         ds = ds * (1.0 - t * t)

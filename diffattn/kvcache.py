@@ -221,19 +221,19 @@ def _check_step_options(q, k, block_table, cache_batch_idx, cache_leftpad, rotar
 def _check_values(seqlens: Tensor, n_new: int, capacity: int, block_table: Optional[Tensor],
                   num_blocks: int, page: int, *, cache_batch_idx: Optional[Tensor] = None,
                   cache_rows: int = 0, cache_leftpad: Optional[Tensor] = None,
-                  rotary_cos: Optional[Tensor] = None, rotary_rows: int = 0) -> None:
+                  rotary_cos: Optional[Tensor] = None, rotary_rows: int = 0,
+                  known: Optional[list] = None) -> None:
     """The checks that need tensor values: plain errors for CPU tensors, asynchronous device
-    assertions elsewhere (and while torch.compile traces), so nothing waits for the device."""
+    assertions elsewhere (and while torch.compile traces), so nothing waits for the device.
+    ``known``: seqlens as Python ints when they are on the host (host_lengths)."""
     fit_msg = (f"cache_seqlens + seq_new ({n_new}) must be between 0 and the cache capacity "
                f"{capacity} for every sequence")
     plain = block_table is None and cache_batch_idx is None and cache_leftpad is None and \
         rotary_cos is None
-    if plain and seqlens.is_cpu and \
-            not torch.compiler.is_compiling():  # the values are on the host: one read
-        lengths = seqlens.tolist()
-        bad = [b for b, n in enumerate(lengths) if n < 0 or n + n_new > capacity]
-        if bad:
-            raise ValueError(f"{fit_msg}; got {[lengths[b] for b in bad]} at batch index {bad}")
+    if plain and known is not None:  # the values are on the host: checked as ints
+        if min(known, default=0) < 0 or max(known, default=0) + n_new > capacity:
+            bad = [b for b, n in enumerate(known) if n < 0 or n + n_new > capacity]
+            raise ValueError(f"{fit_msg}; got {[known[b] for b in bad]} at batch index {bad}")
         return
     fits = (seqlens >= 0) & (seqlens + n_new <= capacity)
     bad_pages = None
@@ -286,11 +286,18 @@ def _check_option_values(seqlens: Tensor, n_new: int, cache_batch_idx: Optional[
 # ------------------------------------------------------------------ pieces
 def append_to_cache(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, seqlens: Tensor,
                     block_table: Optional[Tensor] = None,
-                    cache_batch_idx: Optional[Tensor] = None) -> None:
+                    cache_batch_idx: Optional[Tensor] = None, *,
+                    start: Optional[int] = None) -> None:
     """Write k, v (B, Nnew, ...) into the caches in place at positions seqlens[b] + i
     (through the block table when paged; into cache row cache_batch_idx[b] when given). Index
-    writes, no host synchronisation."""
+    writes, no host synchronisation. ``start``: seqlens' common value when the caller knows
+    it on the host (every sequence equally long): a contiguous cache is then written as one
+    slice per tensor."""
     B, n_new = k.shape[0], k.shape[1]
+    if start is not None and block_table is None and cache_batch_idx is None:
+        k_cache[:, start:start + n_new] = k
+        v_cache[:, start:start + n_new] = v
+        return
     pos = seqlens.long()[:, None] + torch.arange(n_new, device=k.device)    # (B, Nnew)
     if block_table is None:
         rows = torch.arange(B, device=k.device) if cache_batch_idx is None \
@@ -351,23 +358,24 @@ def _attend(q, keys, values, lambda_, causal, scale, norm_weight, eps, out_scale
 
 
 def _torch_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal, scale,
-                     norm_weight, eps, out_scale, v2, *, cache_leftpad=None,
+                     norm_weight, eps, out_scale, v2, *, known_lengths=None, cache_leftpad=None,
                      cache_batch_idx=None, window_size=None, return_lse=False, **score_options):
     """The readable path: each sequence's keys in logical order (a gather when paged or with
     cache_batch_idx), masked outside its keys (past its length, before its left pad, the
     causal diagonal, the window), and diff_attention's torch path.
 
-    A plain step (none of the options) whose lengths are on the host (see host_lengths) reads
-    the keys as views of the cache up to the longest sequence: with every sequence of the same
-    length nothing is masked or copied, and the rows past the end are never read. Otherwise
-    the rows outside a sequence's keys, which hold whatever the cache had (stale or never
-    written), are read as 0, so that a NaN there meets no zero probability.
+    A plain step (none of the options) whose lengths are on the host (``known_lengths``, the
+    lengths as Python ints, see host_lengths) reads the keys as views of the cache up to the
+    longest sequence: with every sequence of the same length nothing is masked or copied, and
+    the rows past the end are never read. Otherwise the rows outside a sequence's keys, which
+    hold whatever the cache had (stale or never written), are read as 0, so that a NaN there
+    meets no zero probability.
     ``score_options``: the call's score options by name (AttentionCall fields)."""
     keys, values = logical_cache(k_cache, block_table), logical_cache(v_cache, block_table)
     n_q = q.shape[1]
     plain = cache_leftpad is None and cache_batch_idx is None and window_size is None and \
         not return_lse
-    known = host_lengths(lengths) if plain else None
+    known = known_lengths if plain else None
     if known is not None and min(known, default=0) > 0:
         longest = max(known)
         if longest < keys.shape[1]:
@@ -553,12 +561,13 @@ def run_with_kvcache(q, k_cache, v_cache, lambda_, backend, *, k=None, v=None,
     B = q.shape[0]
     n_new = 0 if k is None else k.shape[1]
     capacity = _capacity(k_cache, block_table)
-    if cache_seqlens is None:
-        seqlens = torch.full((B,), capacity, dtype=torch.int32, device=q.device)
-    elif isinstance(cache_seqlens, int):
-        seqlens = torch.full((B,), cache_seqlens, dtype=torch.int32, device=q.device)
+    if cache_seqlens is None or isinstance(cache_seqlens, int):
+        start = capacity if cache_seqlens is None else cache_seqlens
+        seqlens = torch.full((B,), start, dtype=torch.int32, device=q.device)
+        known = [start] * B  # the lengths as Python ints (host_lengths)
     else:  # the kernels read the lengths and a block table's rows at stride 1, and so do
         seqlens = cache_seqlens.contiguous()  # the value checks (strided views are copied)
+        known = host_lengths(seqlens)
     if block_table is not None:
         block_table = block_table.contiguous()
     # index tensors are read as laid out: one int per sequence, contiguous
@@ -576,7 +585,8 @@ def run_with_kvcache(q, k_cache, v_cache, lambda_, backend, *, k=None, v=None,
         _check_values(seqlens, n_new, capacity, block_table, k_cache.shape[0], k_cache.shape[1],
                       cache_batch_idx=cache_batch_idx, cache_rows=k_cache.shape[0],
                       cache_leftpad=cache_leftpad, rotary_cos=rotary_cos,
-                      rotary_rows=max(n_new, q.shape[1] if rotary_per_row else 1))
+                      rotary_rows=max(n_new, q.shape[1] if rotary_per_row else 1),
+                      known=known)
     if backend == "triton" and torch.is_grad_enabled() and any(
             isinstance(t, Tensor) and t.requires_grad for t in (
                 q, k, v, k_cache, v_cache, norm_weight, rotary_cos, rotary_sin,
@@ -589,7 +599,9 @@ def run_with_kvcache(q, k_cache, v_cache, lambda_, backend, *, k=None, v=None,
         if rotary_cos is not None:
             k = apply_rotary(k, rotary_cos, rotary_sin, rotary_positions(seqlens, n_new, True),
                              rotary_interleaved)
-        append_to_cache(k_cache, v_cache, k, v, seqlens, block_table, cache_batch_idx)
+        same = known is not None and min(known, default=0) == max(known, default=0)
+        append_to_cache(k_cache, v_cache, k, v, seqlens, block_table, cache_batch_idx,
+                        start=known[0] if same and B else None)
     lengths = seqlens + n_new if n_new else seqlens
     scale = q.shape[3] ** -0.5 if scale is None else float(scale)
     if backend == "triton":
@@ -606,7 +618,9 @@ def run_with_kvcache(q, k_cache, v_cache, lambda_, backend, *, k=None, v=None,
                          rotary_positions(seqlens, q.shape[1], rotary_per_row),
                          rotary_interleaved)
     return _torch_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal, scale,
-                            norm_weight, eps, out_scale, v2, cache_leftpad=cache_leftpad,
+                            norm_weight, eps, out_scale, v2,
+                            known_lengths=None if known is None else [n + n_new for n in known],
+                            cache_leftpad=cache_leftpad,
                             cache_batch_idx=cache_batch_idx, window_size=window_size,
                             return_lse=return_softmax_lse, **score_options)
 

@@ -17,8 +17,14 @@ class LambdaVectors(NamedTuple):
 
     def value(self) -> torch.Tensor:
         """0-dim tensor in the vectors' dtype."""
-        lq1, lk1, lq2, lk2 = self.vectors
-        return torch.exp(torch.dot(lq1, lk1)) - torch.exp(torch.dot(lq2, lk2)) + self.init
+        return lambda_from_vectors(*self.vectors, self.init)
+
+
+def lambda_from_vectors(lq1: torch.Tensor, lk1: torch.Tensor, lq2: torch.Tensor,
+                        lk2: torch.Tensor, init: float) -> torch.Tensor:
+    """exp(lq1 . lk1) - exp(lq2 . lk2) + init from the four (L,) vectors: a 0-dim tensor in
+    their dtype (LambdaVectors.value without stacking them)."""
+    return torch.exp(torch.dot(lq1, lk1)) - torch.exp(torch.dot(lq2, lk2)) + init
 
 
 def expand_lambda(lambda_, num_heads: int, dtype: torch.dtype, device) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .lambdas import lambda_for_maps
+from .lambdas import expand_lambda, lambda_for_maps
 from .masks import causal_keep_mask
 from .reference import differential_maps  # noqa: F401  (the materialised scores)
 
@@ -177,10 +177,11 @@ def _heads(t: torch.Tensor, width: int):
 
 
 def _materialise_maps(q, k, v, lam, dropout_p: float) -> bool:
-    """Whether V1 runs as _maps_difference: on CPU, in float32 or float64, without dropout
-    or anything that needs a gradient (eager), and either for more than one query without
-    grouping where both maps together are no bigger than twice q, k and v (short sequences:
-    the CLIP towers), or for one query of one sequence (a decoding step, grouped keys too).
+    """Whether V1 runs as _maps_difference (V2: one query of one sequence as
+    _one_query_difference_v2): on CPU, in float32 or float64, without dropout or anything
+    that needs a gradient (eager), and either for more than one query without grouping
+    where both maps together are no bigger than twice q, k and v (short sequences: the CLIP
+    towers), or for one query of one sequence (a decoding step, grouped keys too).
     Then both maps cost one score GEMM and one softmax over the 2H heads, as plain
     attention's do, and one value GEMM over the difference (SDPA would need four calls: two
     maps, two value halves)."""
@@ -225,6 +226,22 @@ def _one_query_difference(q, k, v, lam: torch.Tensor, scale) -> torch.Tensor:
     maps = torch.matmul(qs, k.view(B, M, Hk, 2, d).permute(0, 2, 3, 4, 1))  # (B, Hk, 2, r, M)
     torch.softmax(maps, -1, out=maps)
     diff = maps[:, :, 0].addcmul_(lam.view(1, Hk, r, 1), maps[:, :, 1], value=-1.0)
+    return torch.matmul(diff, v.transpose(1, 2)).view(B, N, H2 // 2, v.shape[3])
+
+
+def _one_query_difference_v2(q, k, v, lam: torch.Tensor, scale) -> torch.Tensor:
+    """V2's _one_query_difference: q (1, 1, 2H, d), k (1, M, Hk, d), v (1, M, Hk, d), lam
+    (1, Hk, r, 1) with r = H / Hk. Group g's 2r q heads (maps 1 and 2 of its r heads, in
+    order) are the rows of one GEMV batch against the group's key head (a view of k):
+    scores (1, Hk, 2r, M), the maps in place, the difference over the first maps, one value
+    GEMM per group. Returns (1, 1, H, d)."""
+    B, N, H2, d = q.shape
+    M, Hk = k.shape[1], k.shape[2]
+    qs = q.reshape(B, Hk, H2 // Hk, d) * (d ** -0.5 if scale is None else scale)
+    maps = torch.matmul(qs, k.permute(0, 2, 3, 1))                         # (B, Hk, 2r, M)
+    torch.softmax(maps, -1, out=maps)
+    pairs = maps.view(B, Hk, H2 // Hk // 2, 2, M)
+    diff = pairs[:, :, :, 0].addcmul_(lam, pairs[:, :, :, 1], value=-1.0)  # (B, Hk, r, M)
     return torch.matmul(diff, v.transpose(1, 2)).view(B, N, H2 // 2, v.shape[3])
 
 
@@ -335,6 +352,13 @@ def diff_attention_v2_torch(q, k, v, lambda_, *, causal=False,
     k, v = zero_padding_keys(k, key_padding_mask), zero_padding_keys(v, key_padding_mask)
     bias, is_causal, row_valid = _sdpa_masks(B, H2, N, M, q.device, q.dtype, causal,
                                              key_padding_mask, attn_bias, window_size)
+    if bias is None and row_valid is None and N == 1 and B == 1:  # a decoding step
+        lam = expand_lambda(lambda_.reshape(-1) if isinstance(lambda_, torch.Tensor)
+                            else lambda_, H2 // 2, q.dtype, q.device)
+        if _materialise_maps(q, k, v, lam, dropout_p):
+            Hk = k.shape[2]
+            return _one_query_difference_v2(q, k, v, lam.reshape(1, Hk, H2 // 2 // Hk, 1),
+                                            scale)
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        attn_mask=bias, dropout_p=dropout_p, is_causal=is_causal,
                                        scale=scale, enable_gqa=k.shape[2] != H2)  # (B, 2H, N, d)

@@ -24,8 +24,8 @@ How DiffLlama maps onto diffattn's layout (transformers 5, models/diffllama):
   q, k and the values are re-laid out inside (one copy of each, views otherwise). Group g of
   head h is h // (H / Hk) in both.
 - lambda = exp(lambda_q1 . lambda_k1) - exp(lambda_q2 . lambda_k2) + lambda_init, one scalar
-  per layer: the four vectors go to diffattn, which computes lambda (and the vectors'
-  gradients) itself.
+  per layer: the fused kernels take the four vectors and compute lambda (and the vectors'
+  gradients) themselves; the torch path takes its float32 value.
 - ``groupnorm`` is a weightless RMSNorm(2d) and the output is scaled by 1 - lambda_init:
   diffattn's RMSNorm epilogue with a weight of ones (a non-persistent buffer, outside the
   state dict), ``eps=groupnorm.eps``, ``out_scale=1 - lambda_init``.
@@ -96,7 +96,7 @@ from ..backend import check_backend_name, resolve_layer_backend  # noqa: E402
 from ..checks import check_values  # noqa: E402
 from ..functional import run_diff_attention  # noqa: E402
 from ..kvcache import append_to_cache, run_with_kvcache  # noqa: E402
-from ..lambdas import LambdaVectors  # noqa: E402
+from ..lambdas import LambdaVectors, lambda_from_vectors  # noqa: E402
 from ..masks import causal_keep_mask  # noqa: E402
 from ..user_warnings import warn_at_user_code  # noqa: E402
 
@@ -342,11 +342,14 @@ class FusedDiffLlamaAttention(DiffLlamaAttention):
                 f"backend={self.backend!r}")
 
     # -- the pieces of diffattn's call
-    def diff_lambda(self) -> LambdaVectors:
-        """lambda as diffattn takes it: the four vectors (computed from by the kernels, or
-        by diffattn.lambdas on the torch path) and lambda_init."""
-        vectors = torch.stack([self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2])
-        return LambdaVectors(vectors.float(), self.lambda_init)
+    def diff_lambda(self, backend: str):
+        """lambda as diffattn takes it: for the fused kernels the four vectors and lambda_init
+        (the kernels compute lambda and the vectors' gradients), for the torch path its
+        float32 value (a 0-dim tensor, differentiable)."""
+        vectors = (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2)
+        if backend == "torch":
+            return lambda_from_vectors(*(t.float() for t in vectors), self.lambda_init)
+        return LambdaVectors(torch.stack(vectors).float(), self.lambda_init)
 
     def _epilogue(self) -> dict:
         weight = self.groupnorm.weight
@@ -383,7 +386,7 @@ class FusedDiffLlamaAttention(DiffLlamaAttention):
         else:
             raise ValueError(f"attention_mask must be None, 2-D or 4-D, got shape "
                              f"{tuple(mask.shape)}")
-        return run_diff_attention(q, k, v, self.diff_lambda(), backend, causal=causal,
+        return run_diff_attention(q, k, v, self.diff_lambda(backend), backend, causal=causal,
                                   key_padding_mask=key_padding_mask, scale=self.scaling,
                                   attn_mask=attn_mask, **self._epilogue())
 
@@ -400,7 +403,7 @@ class FusedDiffLlamaAttention(DiffLlamaAttention):
         layer.reserve(k, v)
         if N == 1:  # a decoding step: the KV-cache op appends and attends
             out = run_with_kvcache(q, layer.keys[:, :past + 1], layer.values[:, :past + 1],
-                                   self.diff_lambda(), backend, k=k, v=v,
+                                   self.diff_lambda(backend), backend, k=k, v=v,
                                    cache_seqlens=layer.seqlens, causal=False,
                                    scale=self.scaling, **self._epilogue())
             if valid is None:
@@ -415,8 +418,8 @@ class FusedDiffLlamaAttention(DiffLlamaAttention):
             else ~valid
         keys = torch.cat([layer.keys[:, :past], k], 1)
         values = torch.cat([layer.values[:, :past], v], 1)
-        out = run_diff_attention(q, keys, values, self.diff_lambda(), backend, causal=True,
-                                 key_padding_mask=torch.cat([cached, new_padding], 1),
+        out = run_diff_attention(q, keys, values, self.diff_lambda(backend), backend,
+                                 causal=True, key_padding_mask=torch.cat([cached, new_padding], 1),
                                  scale=self.scaling, **self._epilogue())
         layer.append(k, v, valid)
         return out

@@ -2,13 +2,16 @@
 value-halves SDPA calls (no gradient, a mask), the math kernel (with a gradient) and the
 float64 reference give the same V1 output,
 with and without causal masking, grouped keys and the RMSNorm epilogue; a decoding step over
-host-known lengths reads no row past them."""
+host-known lengths reads no row past them; V2's decoding step through its materialised maps
+gives the reference's output too."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from diffattn import diff_attention, diff_attention_ref, diff_attention_with_kvcache
+from diffattn import (diff_attention, diff_attention_ref, diff_attention_v2,
+                      diff_attention_v2_ref, diff_attention_v2_with_kvcache,
+                      diff_attention_with_kvcache)
 from diffattn import torch_path
 from helpers import assert_close_rel
 
@@ -103,7 +106,6 @@ def test_gradients_under_an_additive_mask_with_fully_masked_rows():
 def test_a_non_finite_lambda_tensor_is_a_value_error_at_any_size(shape, bad):
     """A decoding step's per-token lambda with a NaN or inf: a ValueError, whether the CPU
     check reads the values on the host (small tensors) or reduces them."""
-    from diffattn import diff_attention_v2_with_kvcache
     B = shape[0] if len(shape) == 3 else 3
     q = torch.randn(B, 1, 4, 8)
     k_cache, v_cache = torch.randn(B, 6, 1, 8), torch.randn(B, 6, 1, 8)
@@ -134,3 +136,37 @@ def test_one_query_maps_agree_with_the_reference(H, Hk, dtype):
     tol = 1e-12 if dtype == torch.float64 else 2e-6
     assert_close_rel("one query", out, ref, dtype, tol)
     assert_close_rel("kv cache", step, ref, dtype, tol)
+
+
+@pytest.mark.parametrize("H, Hk", [(4, 4), (4, 2), (4, 1)])
+@pytest.mark.parametrize("lam_form", ["float", "head", "token"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_query_maps_agree_with_the_reference_v2(H, Hk, lam_form, dtype, monkeypatch):
+    """V2's decoding step through the materialised maps (one GEMV batch per key head), keys
+    read as views of a larger cache whose unused rows hold NaN: the float64 reference's
+    output, for every lambda form; the same through SDPA when a gradient is needed."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 1, 2 * H, 16, generator=g, dtype=dtype)
+    k = torch.randn(1, 24, Hk, 16, generator=g, dtype=dtype)
+    v = torch.randn(1, 24, Hk, 16, generator=g, dtype=dtype)
+    k[:, 17:], v[:, 17:] = float("nan"), float("nan")
+    lam = {"float": 0.35, "head": (torch.rand(H, generator=g) * 0.8).to(dtype),
+           "token": (torch.rand(1, 1, H, generator=g) * 0.8).to(dtype)}[lam_form]
+    lam64 = lam.double() if isinstance(lam, torch.Tensor) else lam
+    ref = diff_attention_v2_ref(q.double(), k[:, :17].double(), v[:, :17].double(), lam64)
+    taken = []
+    original = torch_path._one_query_difference_v2
+    monkeypatch.setattr(torch_path, "_one_query_difference_v2",
+                        lambda *args: taken.append(1) or original(*args))
+    with torch.no_grad():
+        out = diff_attention_v2(q, k[:, :17], v[:, :17], lambda_=lam, backend="torch")
+        step = diff_attention_v2_with_kvcache(q, k, v, lambda_=lam, cache_seqlens=17,
+                                              backend="torch")
+    assert len(taken) == 2
+    leaf = q.clone().requires_grad_()
+    graph = diff_attention_v2(leaf, k[:, :17], v[:, :17], lambda_=lam, backend="torch")
+    assert len(taken) == 2  # a gradient is needed: SDPA
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    for name, t in (("one query", out), ("kv cache", step), ("sdpa", graph.detach())):
+        assert t.dtype == dtype
+        assert_close_rel(name, t, ref, dtype, tol)

@@ -217,32 +217,37 @@ def _one_query_difference(q, k, v, lam: torch.Tensor, scale) -> torch.Tensor:
     """_maps_difference for one query of one sequence (a decoding step): q (1, 1, 2H, d),
     k (1, M, 2Hk, d), v (1, M, Hk, 2d), lam (1, H, 1, 1). Group g's r = H / Hk heads are the
     rows of one GEMV batch per map against the group's key (views of k, never repeated):
-    scores (1, Hk, 2, r, M), the maps in place, the difference over the first maps, one
-    value GEMM per group. Returns (1, 1, H, 2d)."""
+    scores (2Hk, r, M) from one batched GEMM, the maps in place, the difference over the
+    first maps, one batched value GEMM. Returns (1, 1, H, 2d)."""
     B, N, H2, d = q.shape
     M, Hk = k.shape[1], v.shape[2]
     r = H2 // 2 // Hk
-    qs = q.reshape(B, Hk, r, 2, d).transpose(2, 3) * (d ** -0.5 if scale is None else scale)
-    maps = torch.matmul(qs, k.view(B, M, Hk, 2, d).permute(0, 2, 3, 4, 1))  # (B, Hk, 2, r, M)
-    torch.softmax(maps, -1, out=maps)
-    diff = maps[:, :, 0].addcmul_(lam.view(1, Hk, r, 1), maps[:, :, 1], value=-1.0)
-    return torch.matmul(diff, v.transpose(1, 2)).view(B, N, H2 // 2, v.shape[3])
+    qs = q.reshape(Hk, r, 2, d).transpose(1, 2).reshape(2 * Hk, r, d)     # (Hk * 2, r, d)
+    maps = torch.bmm(qs, k[0].view(M, Hk, 2, d).permute(1, 2, 3, 0).reshape(2 * Hk, d, M))
+    _softmax_scaled_(maps, d ** -0.5 if scale is None else scale)
+    pairs = maps.view(Hk, 2, r, M)
+    diff = pairs[:, 0].addcmul_(lam.view(Hk, r, 1), pairs[:, 1], value=-1.0)  # (Hk, r, M)
+    return torch.bmm(diff, v[0].transpose(0, 1)).view(B, N, H2 // 2, v.shape[3])
 
 
 def _one_query_difference_v2(q, k, v, lam: torch.Tensor, scale) -> torch.Tensor:
     """V2's _one_query_difference: q (1, 1, 2H, d), k (1, M, Hk, d), v (1, M, Hk, d), lam
     (1, Hk, r, 1) with r = H / Hk. Group g's 2r q heads (maps 1 and 2 of its r heads, in
     order) are the rows of one GEMV batch against the group's key head (a view of k):
-    scores (1, Hk, 2r, M), the maps in place, the difference over the first maps, one value
-    GEMM per group. Returns (1, 1, H, d)."""
+    scores (Hk, 2r, M) from one batched GEMM, the maps in place, the difference over the
+    first maps, one batched value GEMM. Returns (1, 1, H, d)."""
     B, N, H2, d = q.shape
     M, Hk = k.shape[1], k.shape[2]
-    qs = q.reshape(B, Hk, H2 // Hk, d) * (d ** -0.5 if scale is None else scale)
-    maps = torch.matmul(qs, k.permute(0, 2, 3, 1))                         # (B, Hk, 2r, M)
-    torch.softmax(maps, -1, out=maps)
-    pairs = maps.view(B, Hk, H2 // Hk // 2, 2, M)
-    diff = pairs[:, :, :, 0].addcmul_(lam, pairs[:, :, :, 1], value=-1.0)  # (B, Hk, r, M)
-    return torch.matmul(diff, v.transpose(1, 2)).view(B, N, H2 // 2, v.shape[3])
+    maps = torch.bmm(q.reshape(Hk, H2 // Hk, d), k[0].permute(1, 2, 0))     # (Hk, 2r, M)
+    _softmax_scaled_(maps, d ** -0.5 if scale is None else scale)
+    pairs = maps.view(Hk, H2 // Hk // 2, 2, M)
+    diff = pairs[:, :, 0].addcmul_(lam.view(Hk, -1, 1), pairs[:, :, 1], value=-1.0)
+    return torch.bmm(diff, v[0].transpose(0, 1)).view(B, N, H2 // 2, v.shape[3])
+
+
+def _softmax_scaled_(scores: torch.Tensor, scale: float) -> None:
+    """softmax(scale * scores) over the last dim, in place."""
+    torch.softmax(scores.mul_(scale), -1, out=scores)
 
 
 def _map_outputs(q, k, v, bias1, bias2, *, halves, dropout_p, is_causal, scale, gqa):

@@ -172,9 +172,11 @@ def _dkdv_query_tiles(k1, k2, v, dk1, dk2, dv, col_keep, cols, start, end, q_bas
         lam = load_lambda_rows(LAM, b, rows, N, h, stride_lb, stride_ln=stride_ln,
                                stride_lh=stride_lh, lam_scalar=lam_scalar, LAM_MODE=LAM_MODE,
                                ACC_DTYPE=dv.dtype)
-        visible = score_visibility(rows[None, :], cols[:, None], keep=col_keep[:, None], N=N,
-                                   M=M, window_left=window_left, window_right=window_right,
-                                   CAUSAL=CAUSAL, WINDOW=WINDOW, MASKED=MASKED)
+        visible = None
+        if MASKED:
+            visible = score_visibility(rows[None, :], cols[:, None], keep=col_keep[:, None],
+                                       N=N, M=M, window_left=window_left,
+                                       window_right=window_right, CAUSAL=CAUSAL, WINDOW=WINDOW)
         # One map after the other, so that few (BLOCK_N x BLOCK_M) fp32 tiles are live at once:
         # dP1^T (shared: dP2 = -lambda dP1), P1^T, then P2^T.
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION).to(dv.dtype)
@@ -358,9 +360,11 @@ def _dq_key_tiles(q1, q2, do, dq1, dq2, lse1, lse2, d1, d2, lam, rows, start, en
                 k_base, v_base, stride_kh, stride_km, stride_vm, start_n, M=M,
                 HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
                 KEY_PAIR=KEY_PAIR, MASKED=MASKED, BLOCK_N=BLOCK_N)
-        visible = score_visibility(rows[:, None], cols[None, :], keep=kept, N=N, M=M,
-                                   window_left=window_left, window_right=window_right,
-                                   CAUSAL=CAUSAL, WINDOW=WINDOW, MASKED=MASKED)
+        visible = kept
+        if MASKED:
+            visible = score_visibility(rows[:, None], cols[None, :], keep=kept, N=N, M=M,
+                                       window_left=window_left, window_right=window_right,
+                                       CAUSAL=CAUSAL, WINDOW=WINDOW)
         # One map after the other (see _dkdv_query_tiles): dP1 (shared), then each map's P.
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION).to(dq1.dtype)
         qk1 = tl.dot(q1, tl.trans(k1), input_precision=PRECISION).to(dq1.dtype)

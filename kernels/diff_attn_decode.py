@@ -268,7 +268,7 @@ def diff_attn_decode_kernel(
             v = tl.where((cols >= first_key)[:, None], v, 0.0)
         visible = score_visibility(qi[:, None], cols[None, :], keep=keep, N=Nq, M=L,
                                    window_left=window_left, window_right=window_right,
-                                   CAUSAL=CAUSAL, WINDOW=WINDOW, MASKED=True)
+                                   CAUSAL=CAUSAL, WINDOW=WINDOW)
         s1 = attention_scores(tl.dot(q1, tl.trans(k1), input_precision=PRECISION).to(acc_dtype),
                               q_idx=qi[:, None], k_idx=cols[None, :], SCORE=SCORE,
                               SCORE_FLAGS=SCORE_FLAGS)

@@ -101,9 +101,11 @@ def _attend_key_tiles(q1, q2, k_base, v_base, k1_desc, k2_desc, v_desc, kpm_row,
             kept = key_keep(kpm_row, cols, M, HAS_KPM)
             if HAS_KPM:  # padding keys' values read as 0: p = 0 times a NaN/inf value is NaN
                 v = tl.where(kept[:, None], v, 0.0)
-        visible = score_visibility(rows[:, None], cols[None, :], keep=kept, N=N, M=M,
-                                   window_left=window_left, window_right=window_right,
-                                   CAUSAL=CAUSAL, WINDOW=WINDOW, MASKED=MASKED)
+        visible = kept
+        if MASKED:
+            visible = score_visibility(rows[:, None], cols[None, :], keep=kept, N=N, M=M,
+                                       window_left=window_left, window_right=window_right,
+                                       CAUSAL=CAUSAL, WINDOW=WINDOW)
         s1 = attention_scores(tl.dot(q1, tl.trans(k1), input_precision=PRECISION).to(acc1.dtype),
                               q_idx=rows[:, None], k_idx=cols[None, :], SCORE=SCORE,
                               SCORE_FLAGS=SCORE_FLAGS)

@@ -66,8 +66,9 @@ def _tanh(x):
 
 @triton.jit
 def score_visibility(q_idx, k_idx, keep, N, M, window_left, window_right,
-                     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASKED: tl.constexpr):
-    """Where the scores of a tile are visible (MASKED only; ``keep`` itself otherwise):
+                     CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """Where the scores of a masked tile are visible (the kernels call it for the tiles they
+    mask, and use no mask elsewhere):
     ``keep`` (broadcastable to the tile, False for keys that do not exist or are padding) and,
     with CAUSAL, the keys on or below the bottom-right diagonal of N queries and M keys
     (causal_keep) and, with WINDOW, those in the local window (window_keep). ``q_idx`` and
@@ -78,11 +79,10 @@ def score_visibility(q_idx, k_idx, keep, N, M, window_left, window_right,
     products, for both maps (fewer live registers than comparing after the products). The
     caller drops what is not visible where its math wants it: the forward before the running
     max (-inf), the backward after the exp2 (0)."""
-    if MASKED:
-        if CAUSAL:
-            keep = keep & causal_keep(q_idx, k_idx, N, M)
-        if WINDOW:
-            keep = keep & window_keep(q_idx, k_idx, N, M, window_left, window_right)
+    if CAUSAL:
+        keep = keep & causal_keep(q_idx, k_idx, N, M)
+    if WINDOW:
+        keep = keep & window_keep(q_idx, k_idx, N, M, window_left, window_right)
     return keep
 
 

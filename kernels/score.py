@@ -1,10 +1,12 @@
 """The score hook: how a tile of raw products q . k becomes the scores the softmax sees.
 
 Every kernel that forms attention probabilities (the forward, the backward's key-tile and
-query-tile programs, the decode kernel) asks :func:`score_visibility` where a tile's scores are
-visible (padding, causal and window masks; from positions alone, once per tile before the
-products), passes each tile of raw products through :func:`attention_scores` (the score
-options) and takes the gradient back through :func:`attention_scores_grad` in the backward.
+query-tile programs, the decode kernel) asks :func:`score_visibility` where the scores of a
+tile it masks are visible (padding, causal and window masks; from positions alone, once per
+tile before the products), passes each tile of raw products through :func:`attention_scores`
+(the score options) and takes the gradient back through :func:`attention_scores_grad` in the
+backward. Every hook function returns a tensor (Triton 3.6 cannot return None from a device
+function).
 What the hook does is decided by two kernel arguments that every kernel passes through
 unchanged:
 

@@ -63,6 +63,7 @@ from ..functional import run_diff_attention
 from ..lambdas import LambdaVectors
 from ..self_attention import is_qkv_attention
 from ..user_warnings import warn_at_user_code
+from .class_swap import layers_to_swap
 
 __all__ = ["FusedDiffAttention", "fuse_diff_attention"]
 
@@ -176,15 +177,9 @@ def fuse_diff_attention(model: nn.Module, *, backend: str = "auto") -> int:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_backend_name(backend)
-    layers = []
-    for name, module in model.named_modules():
-        if isinstance(module, FusedDiffAttention) or not isinstance(module, DiffAttention):
-            continue
-        if type(module) is not DiffAttention:
-            raise TypeError(f"layer {name or '<model>'!r} is a {type(module).__qualname__}, a "
-                            f"subclass of timm's DiffAttention with its own code: swap it "
-                            f"yourself (fuse_diff_attention only swaps DiffAttention itself)")
-        layers.append(module)
+    layers = layers_to_swap(model, DiffAttention, FusedDiffAttention,
+                            "subclass of timm's DiffAttention with its own code: swap it yourself "
+                            "(fuse_diff_attention only swaps DiffAttention itself)")
     if not layers:
         already = sum(isinstance(module, FusedDiffAttention) for module in model.modules())
         plain = sum(is_qkv_attention(module) for module in model.modules())

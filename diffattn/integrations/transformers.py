@@ -99,6 +99,7 @@ from ..kvcache import append_to_cache, run_with_kvcache  # noqa: E402
 from ..lambdas import LambdaVectors, lambda_from_vectors  # noqa: E402
 from ..masks import causal_keep_mask  # noqa: E402
 from ..user_warnings import warn_at_user_code  # noqa: E402
+from .class_swap import layers_to_swap  # noqa: E402
 
 __all__ = ["DiffAttnCache", "DiffAttnCacheLayer", "FusedDiffLlamaAttention",
            "fuse_diff_attention", "unfuse_diff_attention"]
@@ -495,16 +496,9 @@ def fuse_diff_attention(model: nn.Module, *, backend: str = "auto") -> int:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_backend_name(backend)
-    layers = []
-    for name, module in model.named_modules():
-        if isinstance(module, FusedDiffLlamaAttention) or \
-                not isinstance(module, DiffLlamaAttention):
-            continue
-        if type(module) is not DiffLlamaAttention:
-            raise TypeError(f"layer {name or '<model>'!r} is a {type(module).__qualname__}, a "
-                            f"subclass of transformers' DiffLlamaAttention with its own code: "
-                            f"fuse_diff_attention only fuses DiffLlamaAttention itself")
-        layers.append(module)
+    layers = layers_to_swap(model, DiffLlamaAttention, FusedDiffLlamaAttention,
+                            "subclass of transformers' DiffLlamaAttention with its own code: "
+                            "fuse_diff_attention only fuses DiffLlamaAttention itself")
     if not layers:
         already = sum(isinstance(m, FusedDiffLlamaAttention) for m in model.modules())
         message = (f"fuse_diff_attention fused nothing: {type(model).__name__} holds no "

@@ -15,6 +15,12 @@ from .lambdas import LambdaVectors
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def is_float_tensor(t, ndim: int) -> bool:
+    """Whether t passes check_tensor (a float16/bfloat16/float32/float64 tensor of ndim dims):
+    the cheap test, so that a caller builds check_tensor's message only when it fails."""
+    return isinstance(t, Tensor) and t.dim() == ndim and t.dtype in _DTYPES
+
+
 def check_tensor(name: str, t, ndim: int, layout: str) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(t).__name__}")
@@ -24,8 +30,11 @@ def check_tensor(name: str, t, ndim: int, layout: str) -> None:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
-def _check_same(q: Tensor, **tensors) -> None:
-    for name, t in tensors.items():
+def _check_same(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """k and v have q's dtype and device."""
+    if k.dtype == v.dtype == q.dtype and k.device == q.device and v.device == q.device:
+        return
+    for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
         if t.device != q.device:
@@ -67,7 +76,7 @@ def check_diff_attention_args(q, k, v, lambda_, key_padding_mask=None, norm_weig
         raise ValueError(f"v must have shape {(B, k.shape[1], Hk, 2 * d)} = (batch, seq_k, "
                          f"kv_heads, 2 * head_dim) to match q and k, got {tuple(v.shape)}")
     _check_groups(H2 // 2, Hk, "k.shape[2] // 2")
-    _check_same(q, k=k, v=v)
+    _check_same(q, k, v)
     check_lambda(lambda_, q, per_token=False)
     _check_key_padding_mask(key_padding_mask, q, k)
     check_epilogue_args(norm_weight, eps, out_scale, 2 * d, q.device)
@@ -108,7 +117,7 @@ def check_diff_attention_v2_args(q, k, v, lambda_, key_padding_mask=None, scale=
         raise ValueError(f"v must have k's shape {tuple(k.shape)} = (batch, seq_k, kv_heads, "
                          f"head_dim), got {tuple(v.shape)}")
     _check_groups(H2 // 2, k.shape[2], "k.shape[2]")
-    _check_same(q, k=k, v=v)
+    _check_same(q, k, v)
     check_lambda(lambda_, q, per_token=True)
     _check_key_padding_mask(key_padding_mask, q, k)
     check_scalars(causal, scale)
@@ -151,10 +160,13 @@ def check_dropout(dropout_p) -> None:
 
 
 def check_lambda(lambda_, q: Tensor, per_token: bool) -> None:
-    B, N, H = q.shape[0], q.shape[1], q.shape[2] // 2
-    shapes = [(), (H,)] + [(B, N, H)] * per_token
+    """lambda_: a finite float, or a floating 0-dim, (H,) or (per_token) (B, N, H) tensor on
+    q's device holding no NaN or inf."""
     if isinstance(lambda_, Tensor):
-        if tuple(lambda_.shape) not in shapes:
+        shape, H = lambda_.shape, q.shape[2] // 2
+        if shape != () and shape != (H,) and not (
+                per_token and shape == (q.shape[0], q.shape[1], H)):
+            shapes = [(), (H,)] + [(q.shape[0], q.shape[1], H)] * per_token
             wanted = "a 0-dim tensor, (H,)" + (" or (B, N, H)" if per_token else "")
             raise ValueError(f"lambda_ must be a float, {wanted} = "
                              f"{' or '.join(str(s) for s in shapes[1:])} tensor, got "

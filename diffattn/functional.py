@@ -225,12 +225,10 @@ def diff_attention(q: Tensor, k: Tensor, v: Tensor, *,
     norm_weight = resolve_rms_norm(norm_weight, rms_norm, v.shape[3], q)
     chosen = _check_options_and_backend(q, k, backend, return_softmax_lse, attn_mask, dropout_p,
                                         softcap)
-    return run_diff_attention(q, k, v, lambda_, chosen, causal=causal,
-                              key_padding_mask=key_padding_mask, scale=scale,
-                              norm_weight=norm_weight, eps=eps, out_scale=out_scale,
-                              dropout_p=dropout_p, attn_mask=attn_mask,
-                              window_size=window_size, return_lse=return_softmax_lse,
-                              softcap=softcap)
+    return _run_dense(q, k, v, lambda_, chosen, v2=False, causal=causal,
+                      key_padding_mask=key_padding_mask, scale=scale, norm_weight=norm_weight,
+                      eps=eps, out_scale=out_scale, dropout_p=dropout_p, attn_mask=attn_mask,
+                      window_size=window_size, return_lse=return_softmax_lse, softcap=softcap)
 
 
 def diff_attention_v2(q: Tensor, k: Tensor, v: Tensor, *, lambda_: Union[float, Tensor],
@@ -263,11 +261,10 @@ def diff_attention_v2(q: Tensor, k: Tensor, v: Tensor, *, lambda_: Union[float, 
     check_diff_attention_v2_args(q, k, v, lambda_, key_padding_mask, scale, causal, window_size)
     chosen = _check_options_and_backend(q, k, backend, return_softmax_lse, attn_mask, dropout_p,
                                         softcap)
-    return run_diff_attention_v2(q, k, v, lambda_, chosen, causal=causal,
-                                 key_padding_mask=key_padding_mask, scale=scale,
-                                 dropout_p=dropout_p, attn_mask=attn_mask,
-                                 window_size=window_size, return_lse=return_softmax_lse,
-                                 softcap=softcap)
+    return _run_dense(q, k, v, lambda_, chosen, v2=True, causal=causal,
+                      key_padding_mask=key_padding_mask, scale=scale, norm_weight=None,
+                      eps=1e-5, out_scale=1.0, dropout_p=dropout_p, attn_mask=attn_mask,
+                      window_size=window_size, return_lse=return_softmax_lse, softcap=softcap)
 
 
 def diff_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,

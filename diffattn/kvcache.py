@@ -37,8 +37,8 @@ from torch import Tensor
 
 from .backend import check_backend_name, resolve_backend, resolve_layer_backend
 from .checks import (check_epilogue_args, check_lambda, check_scalars, check_softcap,
-                     check_tensor, check_values, check_window_size, resolve_lambda_vectors,
-                     resolve_rms_norm)
+                     check_tensor, check_values, check_window_size, is_float_tensor,
+                     resolve_lambda_vectors, resolve_rms_norm)
 from .kernel_inputs import kernel_lambda, last_dim_contiguous
 from .lambdas import LambdaVectors, expand_lambda
 from .torch_path import diff_attention_torch, diff_attention_v2_torch, zero_padding_keys
@@ -62,42 +62,51 @@ def _check_kvcache(q, k_cache, v_cache, lambda_, k, v, cache_seqlens, block_tabl
                    rotary_interleaved=True, window_size=None,
                    return_softmax_lse=False) -> None:
     """Raise a ValueError/TypeError naming the first bad argument (shapes, dtypes, devices,
-    and the values of host-side integers; tensor values are checked in _check_values)."""
-    for name, t in (("k", k), ("v", v)):
-        if t is not None and not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a tensor or None, got {type(t).__name__} (lambda_ "
-                            f"is keyword-only: lambda_=...)")
+    and the values of host-side integers; tensor values are checked in _check_values).
+    Written for a decoding loop: each check is one cheap branch, its message built only
+    when it fails."""
+    if k is not None or v is not None:
+        for name, t in (("k", k), ("v", v)):
+            if t is not None and not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a tensor or None, got {type(t).__name__} "
+                                f"(lambda_ is keyword-only: lambda_=...)")
     check_tensor("q", q, 4, "(batch, seq_q, 2 * heads, head_dim)")
     B, Nq, H2, d = q.shape
     if H2 % 2 or H2 == 0:
         raise ValueError(f"q must have an even number of heads (two maps per differential "
                          f"head), got {H2}")
     dv = d if v2 else 2 * d
-    rows = "(num_blocks, page_size" if block_table is not None else "(batch, capacity"
-    check_tensor("k_cache", k_cache, 4, f"{rows}, kv_heads, head_dim)")
-    value_width = "head_dim" if v2 else "2 * head_dim"
-    check_tensor("v_cache", v_cache, 4, f"{rows}, kv_heads, {value_width})")
-    Hk = v_cache.shape[2]
+    paged = block_table is not None
+    if not is_float_tensor(k_cache, 4):
+        check_tensor("k_cache", k_cache, 4, f"{_cache_rows(paged)}, kv_heads, head_dim)")
+    if not is_float_tensor(v_cache, 4):
+        check_tensor("v_cache", v_cache, 4, f"{_cache_rows(paged)}, kv_heads, "
+                     f"{'head_dim' if v2 else '2 * head_dim'})")
+    k_shape, v_shape = k_cache.shape, v_cache.shape
+    Hk = v_shape[2]
     key_heads = Hk if v2 else 2 * Hk
-    if k_cache.shape[2:] != (key_heads, d) or Hk < 1:
-        raise ValueError(f"k_cache must have shape {rows}, {'kv_heads' if v2 else '2 * kv_heads'}"
-                         f", head_dim) = (..., {key_heads}, {d}) to match q {tuple(q.shape)} "
-                         f"and v_cache {tuple(v_cache.shape)}, got {tuple(k_cache.shape)}")
-    if v_cache.shape[:2] != k_cache.shape[:2] or v_cache.shape[3] != dv:
-        raise ValueError(f"v_cache must have shape {(*k_cache.shape[:2], Hk, dv)} to match "
-                         f"k_cache and q, got {tuple(v_cache.shape)}")
+    if k_shape[2] != key_heads or k_shape[3] != d or Hk < 1:
+        raise ValueError(f"k_cache must have shape {_cache_rows(paged)}, "
+                         f"{'kv_heads' if v2 else '2 * kv_heads'}, head_dim) = (..., "
+                         f"{key_heads}, {d}) to match q {tuple(q.shape)} and v_cache "
+                         f"{tuple(v_shape)}, got {tuple(k_shape)}")
+    if v_shape[0] != k_shape[0] or v_shape[1] != k_shape[1] or v_shape[3] != dv:
+        raise ValueError(f"v_cache must have shape {(*k_shape[:2], Hk, dv)} to match "
+                         f"k_cache and q, got {tuple(v_shape)}")
     if (H2 // 2) % Hk:
         raise ValueError(f"the number of differential heads ({H2 // 2}) must be a multiple of "
                          f"the caches' kv_heads ({Hk})")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} must have a contiguous last dimension (it is written in "
-                             f"place), got strides {t.stride()}")
-    if block_table is not None:
+    if not (k_cache.dtype == v_cache.dtype == q.dtype and k_cache.device == q.device and
+            v_cache.device == q.device and k_cache.stride(3) == 1 and v_cache.stride(3) == 1):
+        for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if t.dtype != q.dtype:
+                raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+            if t.device != q.device:
+                raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+            if t.stride(-1) != 1:
+                raise ValueError(f"{name} must have a contiguous last dimension (it is written "
+                                 f"in place), got strides {t.stride()}")
+    if paged:
         if not isinstance(block_table, Tensor) or block_table.dtype != torch.int32:
             got = block_table.dtype if isinstance(block_table, Tensor) else type(block_table)
             raise TypeError(f"block_table must be an int32 tensor (batch, max_blocks), got {got}")
@@ -107,14 +116,14 @@ def _check_kvcache(q, k_cache, v_cache, lambda_, k, v, cache_seqlens, block_tabl
         if block_table.device != q.device:
             raise ValueError(f"block_table must be on q's device {q.device}, got "
                              f"{block_table.device}")
-        page = k_cache.shape[1]
+        page = k_shape[1]
         if page < 16 or page & (page - 1):
             raise ValueError(f"page_size (k_cache.shape[1] with a block_table) must be a power "
                              f"of two >= 16, got {page}")
-    elif k_cache.shape[0] != B and cache_batch_idx is None:
+    elif k_shape[0] != B and cache_batch_idx is None:
         raise ValueError(f"k_cache must have q's batch {B} in its first dimension (or pass a "
                          f"block_table for a paged cache, or cache_batch_idx), got "
-                         f"{tuple(k_cache.shape)}")
+                         f"{tuple(k_shape)}")
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (the new keys and values) or both None")
     if k is not None:
@@ -131,8 +140,6 @@ def _check_kvcache(q, k_cache, v_cache, lambda_, k, v, cache_seqlens, block_tabl
         if v.shape[1] != k.shape[1]:
             raise ValueError(f"k and v must have the same seq_new, got {k.shape[1]} and "
                              f"{v.shape[1]}")
-    n_new = 0 if k is None else k.shape[1]
-    capacity = _capacity(k_cache, block_table)
     if cache_seqlens is None:
         if k is not None:
             raise ValueError("cache_seqlens is needed to append k and v (where each cache ends)")
@@ -140,13 +147,15 @@ def _check_kvcache(q, k_cache, v_cache, lambda_, k, v, cache_seqlens, block_tabl
         if cache_seqlens.dtype != torch.int32:
             raise TypeError(f"cache_seqlens must be an int or an int32 tensor (batch,), got "
                             f"{cache_seqlens.dtype}")
-        if tuple(cache_seqlens.shape) != (B,):
+        if cache_seqlens.dim() != 1 or cache_seqlens.shape[0] != B:
             raise ValueError(f"cache_seqlens must have shape (batch,) = ({B},), got "
                              f"{tuple(cache_seqlens.shape)}")
         if cache_seqlens.device != q.device:
             raise ValueError(f"cache_seqlens must be on q's device {q.device}, got "
                              f"{cache_seqlens.device}")
     elif isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        n_new = 0 if k is None else k.shape[1]
+        capacity = _capacity(k_cache, block_table)
         if cache_seqlens < 0 or cache_seqlens + n_new > capacity:
             raise ValueError(f"cache_seqlens + seq_new ({cache_seqlens} + {n_new}) must be "
                              f"between 0 and the cache capacity {capacity}")
@@ -161,6 +170,11 @@ def _check_kvcache(q, k_cache, v_cache, lambda_, k, v, cache_seqlens, block_tabl
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0: chosen from the shapes), got "
                          f"{num_splits!r}")
+
+
+def _cache_rows(paged: bool) -> str:
+    """The leading dims of a cache's layout, for messages."""
+    return "(num_blocks, page_size" if paged else "(batch, capacity"
 
 
 def _check_index_tensor(name: str, t, q: Tensor, meaning: str) -> None:
@@ -547,6 +561,41 @@ def _fused_attention(q, k_cache, v_cache, lengths, block_table, lambda_, norm_we
     return (out, lse) if return_lse else out
 
 
+_NO_WINDOW = (None, (-1, -1), [-1, -1])
+
+
+def _equal_host_length(cache_seqlens, capacity: int) -> Optional[int]:
+    """Every sequence's cache length as one Python int when that is known without reading a
+    device: an int, None (full caches), or a CPU tensor (eager) whose values are all equal.
+    None otherwise."""
+    if cache_seqlens is None or isinstance(cache_seqlens, int):
+        return capacity if cache_seqlens is None else cache_seqlens
+    known = host_lengths(cache_seqlens)
+    if not known or min(known) != max(known):
+        return None
+    return known[0]
+
+
+def _plain_step(q, k_cache, v_cache, k, v, start: int, lambda_, causal, scale, norm_weight,
+                eps, out_scale, v2, score_options):
+    """The torch path of a step with none of the options whose B > 0 sequences all hold
+    ``start`` cached keys, and at least one key after the append (start + Nnew within the
+    capacity): the new keys appended as one slice, the attention over views of the caches'
+    first start + Nnew rows (nothing masked, nothing copied; causal: bottom-right aligned)."""
+    end = start if k is None else start + k.shape[1]
+    if end > start:
+        k_cache[:, start:end] = k
+        v_cache[:, start:end] = v
+    if end < k_cache.shape[1]:
+        k_cache, v_cache = k_cache.narrow(1, 0, end), v_cache.narrow(1, 0, end)
+    return _attend(q, k_cache, v_cache, lambda_, causal and q.shape[1] > 1, _scale(q, scale),
+                   norm_weight, eps, out_scale, v2, **score_options)
+
+
+def _scale(q: Tensor, scale) -> float:
+    return q.shape[3] ** -0.5 if scale is None else float(scale)
+
+
 # ------------------------------------------------------------------ public API
 def run_with_kvcache(q, k_cache, v_cache, lambda_, backend, *, k=None, v=None,
                      rotary_cos=None, rotary_sin=None, cache_seqlens=None,
@@ -561,6 +610,13 @@ def run_with_kvcache(q, k_cache, v_cache, lambda_, backend, *, k=None, v=None,
     B = q.shape[0]
     n_new = 0 if k is None else k.shape[1]
     capacity = _capacity(k_cache, block_table)
+    if backend == "torch" and block_table is None and cache_batch_idx is None and \
+            cache_leftpad is None and rotary_cos is None and window_size in _NO_WINDOW and \
+            not return_softmax_lse:  # a plain step: equal lengths known on the host?
+        start = _equal_host_length(cache_seqlens, capacity)
+        if start is not None and B and 0 <= start and 0 < start + n_new <= capacity:
+            return _plain_step(q, k_cache, v_cache, k, v, start, lambda_, causal, scale,
+                               norm_weight, eps, out_scale, v2, score_options)
     if cache_seqlens is None or isinstance(cache_seqlens, int):
         start = capacity if cache_seqlens is None else cache_seqlens
         seqlens = torch.full((B,), start, dtype=torch.int32, device=q.device)
@@ -603,7 +659,7 @@ def run_with_kvcache(q, k_cache, v_cache, lambda_, backend, *, k=None, v=None,
         append_to_cache(k_cache, v_cache, k, v, seqlens, block_table, cache_batch_idx,
                         start=known[0] if same and B else None)
     lengths = seqlens + n_new if n_new else seqlens
-    scale = q.shape[3] ** -0.5 if scale is None else float(scale)
+    scale = _scale(q, scale)
     if backend == "triton":
         return _fused_attention(q, k_cache, v_cache, lengths, block_table, lambda_, norm_weight,
                                 num_splits, rotary_cos=rotary_cos, rotary_sin=rotary_sin,

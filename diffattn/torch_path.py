@@ -176,6 +176,9 @@ def _heads(t: torch.Tensor, width: int):
     return t.view(B, S, heads, 2, width).permute(3, 0, 2, 1, 4).unbind(0)
 
 
+_MAP_DTYPES = (torch.float32, torch.float64)
+
+
 def _materialise_maps(q, k, v, lam, dropout_p: float) -> bool:
     """Whether V1 runs as _maps_difference (V2: one query of one sequence as
     _one_query_difference_v2): on CPU, in float32 or float64, without dropout or anything
@@ -184,14 +187,16 @@ def _materialise_maps(q, k, v, lam, dropout_p: float) -> bool:
     towers), or for one query of one sequence (a decoding step, grouped keys too).
     Then both maps cost one score GEMM and one softmax over the 2H heads, as plain
     attention's do, and one value GEMM over the difference (SDPA would need four calls: two
-    maps, two value halves)."""
+    maps, two value halves). ``lam``: a tensor in q's dtype, or (V2) a float."""
     B, N, H2, d = q.shape
     M = k.shape[1]
     shapes = N == 1 and B == 1 or N > 1 and k.shape[2] == H2 and N * M <= 2 * (N + 2 * M) * d
-    return (q.is_cpu and q.dtype in (torch.float32, torch.float64) and lam.dtype == q.dtype
+    is_tensor = isinstance(lam, torch.Tensor)
+    return (q.is_cpu and q.dtype in _MAP_DTYPES and (not is_tensor or lam.dtype == q.dtype)
             and dropout_p == 0.0 and M > 0 and shapes and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and any(
-                t.requires_grad for t in (q, k, v, lam))))
+            and not (torch.is_grad_enabled() and (
+                q.requires_grad or k.requires_grad or v.requires_grad
+                or is_tensor and lam.requires_grad)))
 
 
 def _maps_difference(q, k, v, lam: torch.Tensor, causal: bool, scale) -> torch.Tensor:
@@ -230,19 +235,23 @@ def _one_query_difference(q, k, v, lam: torch.Tensor, scale) -> torch.Tensor:
     return torch.bmm(diff, v[0].transpose(0, 1)).view(B, N, H2 // 2, v.shape[3])
 
 
-def _one_query_difference_v2(q, k, v, lam: torch.Tensor, scale) -> torch.Tensor:
-    """V2's _one_query_difference: q (1, 1, 2H, d), k (1, M, Hk, d), v (1, M, Hk, d), lam
-    (1, Hk, r, 1) with r = H / Hk. Group g's 2r q heads (maps 1 and 2 of its r heads, in
-    order) are the rows of one GEMV batch against the group's key head (a view of k):
-    scores (Hk, 2r, M) from one batched GEMM, the maps in place, the difference over the
-    first maps, one batched value GEMM. Returns (1, 1, H, d)."""
+def _one_query_difference_v2(q, k, v, lam, scale) -> torch.Tensor:
+    """V2's _one_query_difference: q (1, 1, 2H, d), k (1, M, Hk, d), v (1, M, Hk, d), lam a
+    float or a (), (H,) or (1, 1, H) tensor. Group g's 2r q heads (maps 1 and 2 of its
+    r = H / Hk heads, in order) are the rows of one GEMV batch against the group's key head
+    (a view of k): scores (Hk, 2r, M) from one batched GEMM, the maps in place, the
+    difference over the first maps, one batched value GEMM. Returns (1, 1, H, d)."""
     B, N, H2, d = q.shape
     M, Hk = k.shape[1], k.shape[2]
     maps = torch.bmm(q.reshape(Hk, H2 // Hk, d), k[0].permute(1, 2, 0))     # (Hk, 2r, M)
     _softmax_scaled_(maps, d ** -0.5 if scale is None else scale)
-    pairs = maps.view(Hk, H2 // Hk // 2, 2, M)
-    diff = pairs[:, :, 0].addcmul_(lam.view(Hk, -1, 1), pairs[:, :, 1], value=-1.0)
-    return torch.bmm(diff, v[0].transpose(0, 1)).view(B, N, H2 // 2, v.shape[3])
+    first, second = maps.view(Hk, H2 // Hk // 2, 2, M).unbind(2)           # (Hk, r, M) each
+    if isinstance(lam, torch.Tensor):
+        first.addcmul_(lam.reshape(Hk, -1, 1) if lam.numel() > 1 else lam.reshape(1, 1, 1),
+                       second, value=-1.0)
+    else:
+        first.sub_(second, alpha=lam)
+    return torch.bmm(first, v[0].transpose(0, 1)).view(B, N, H2 // 2, v.shape[3])
 
 
 def _softmax_scaled_(scores: torch.Tensor, scale: float) -> None:
@@ -348,22 +357,20 @@ def diff_attention_v2_torch(q, k, v, lambda_, *, causal=False,
     score_options: as in diff_attention_torch."""
     B, N, H2, d = q.shape
     M = k.shape[1]
-    if any(score_options.values()):  # scores SDPA cannot express: materialised
+    if score_options and any(score_options.values()):  # scores SDPA cannot express
         return _materialised_attention(q, k.repeat_interleave(2, dim=2), v, lambda_,
                                        causal=causal, key_padding_mask=key_padding_mask,
                                        scale=scale, dropout_p=dropout_p, attn_bias=attn_bias,
                                        window_size=window_size,
                                        score_options=score_options).to(q.dtype)
+    if N == 1 and B == 1 and key_padding_mask is None and attn_bias is None and \
+            window_size is None:  # a decoding step: causal or not, the query sees every key
+        lam = _cast(lambda_, q.dtype) if isinstance(lambda_, torch.Tensor) else lambda_
+        if _materialise_maps(q, k, v, lam, dropout_p):
+            return _one_query_difference_v2(q, k, v, lam, scale)
     k, v = zero_padding_keys(k, key_padding_mask), zero_padding_keys(v, key_padding_mask)
     bias, is_causal, row_valid = _sdpa_masks(B, H2, N, M, q.device, q.dtype, causal,
                                              key_padding_mask, attn_bias, window_size)
-    if bias is None and row_valid is None and N == 1 and B == 1:  # a decoding step
-        lam = expand_lambda(lambda_.reshape(-1) if isinstance(lambda_, torch.Tensor)
-                            else lambda_, H2 // 2, q.dtype, q.device)
-        if _materialise_maps(q, k, v, lam, dropout_p):
-            Hk = k.shape[2]
-            return _one_query_difference_v2(q, k, v, lam.reshape(1, Hk, H2 // 2 // Hk, 1),
-                                            scale)
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        attn_mask=bias, dropout_p=dropout_p, is_causal=is_causal,
                                        scale=scale, enable_gqa=k.shape[2] != H2)  # (B, 2H, N, d)

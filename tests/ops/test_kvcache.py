@@ -258,6 +258,7 @@ def _call(args, v2=False):
 
 @pytest.mark.parametrize("change, error, words", [
     (dict(cache_seqlens=torch.tensor([3, 32], dtype=torch.int32)), ValueError, "capacity"),
+    (dict(cache_seqlens=torch.tensor([32, 32], dtype=torch.int32)), ValueError, "capacity"),
     (dict(cache_seqlens=torch.tensor([-1, 3], dtype=torch.int32)), ValueError, "capacity"),
     (dict(cache_seqlens=32), ValueError, "capacity"),
     (dict(cache_seqlens=torch.tensor([3, 3])), TypeError, "int32"),
@@ -272,6 +273,12 @@ def _call(args, v2=False):
     (dict(k_cache=torch.zeros(3, 32, 2, 16), v_cache=torch.zeros(3, 32, 1, 32)), ValueError,
      "batch"),
     (dict(k_cache=torch.zeros(2, 32, 16, 2).transpose(-1, -2)), ValueError, "contiguous"),
+    (dict(v_cache=torch.zeros(2, 32, 1, 32, dtype=torch.float64)), TypeError,
+     "v_cache must have q's dtype"),
+    (dict(v_cache=torch.zeros(2, 32, 1, 32, device="meta")), ValueError,
+     "v_cache must be on q's device"),
+    (dict(k_cache=[0.0]), TypeError, "k_cache must be a torch.Tensor"),
+    (dict(k=[0.0]), TypeError, "k must be a tensor or None"),
     (dict(lambda_=torch.ones(2, 1, 2)), ValueError, "lambda_"),
     (dict(num_splits=-1), ValueError, "num_splits"),
     (dict(norm_weight=torch.ones(16)), ValueError, "norm_weight"),

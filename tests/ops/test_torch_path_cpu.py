@@ -170,3 +170,44 @@ def test_one_query_maps_agree_with_the_reference_v2(H, Hk, lam_form, dtype, monk
     for name, t in (("one query", out), ("kv cache", step), ("sdpa", graph.detach())):
         assert t.dtype == dtype
         assert_close_rel(name, t, ref, dtype, tol)
+
+
+@pytest.mark.parametrize("v2", [False, True])
+@pytest.mark.parametrize("lengths", ["int", "tensor", "full"])
+@pytest.mark.parametrize("n_new, causal", [(0, False), (1, True), (3, True), (3, False)])
+def test_a_plain_step_appends_and_reads_views_of_the_caches(v2, lengths, n_new, causal,
+                                                            monkeypatch):
+    """A step with none of the options whose sequences are equally long (lengths known on the
+    host): the new keys appended in place, the attention over the caches' first rows only
+    (rows past them hold NaN), causal bottom-right; the float64 reference's output, and the
+    masked path is never taken."""
+    B, H, Hk, d, start = 2, 4, 2, 16, 9
+    g = torch.Generator().manual_seed(5)
+    capacity = start + n_new if lengths == "full" else start + n_new + 5
+    if lengths == "full" and n_new == 0:
+        capacity = start
+    key_heads, value_dim = (Hk, d) if v2 else (2 * Hk, 2 * d)
+    q = torch.randn(B, max(n_new, 1), 2 * H, d, generator=g)
+    k_cache = torch.full((B, capacity, key_heads, d), float("nan"))
+    v_cache = torch.full((B, capacity, Hk, value_dim), float("nan"))
+    k_cache[:, :start] = torch.randn(B, start, key_heads, d, generator=g)
+    v_cache[:, :start] = torch.randn(B, start, Hk, value_dim, generator=g)
+    k_new = torch.randn(B, n_new, key_heads, d, generator=g) if n_new else None
+    v_new = torch.randn(B, n_new, Hk, value_dim, generator=g) if n_new else None
+    lam = torch.rand(B, q.shape[1], H, generator=g) if v2 else torch.rand(H, generator=g)
+    seqlens = {"int": start, "tensor": torch.full((B,), start, dtype=torch.int32),
+               "full": None if n_new == 0 else start}[lengths]
+    end = start + n_new
+    keys = torch.cat([k_cache[:, :start], k_new], 1) if n_new else k_cache[:, :start]
+    values = torch.cat([v_cache[:, :start], v_new], 1) if n_new else v_cache[:, :start]
+    reference = diff_attention_v2_ref if v2 else diff_attention_ref
+    ref = reference(q.double(), keys.double(), values.double(), lam.double(), causal=causal)
+    monkeypatch.setattr("diffattn.kvcache._torch_attention", None)  # the masked path
+    op = diff_attention_v2_with_kvcache if v2 else diff_attention_with_kvcache
+    with torch.no_grad():
+        out = op(q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens, lambda_=lam,
+                 causal=causal, backend="torch")
+    assert_close_rel("step", out, ref, torch.float32, 2e-6)
+    torch.testing.assert_close(k_cache[:, :end], keys)
+    torch.testing.assert_close(v_cache[:, :end], values)
+    assert k_cache[:, end:].isnan().all() and v_cache[:, end:].isnan().all()

@@ -193,15 +193,14 @@ def _check_lambda_values(lambda_: Tensor) -> None:
     assertion on an accelerator (the check never waits for the device). Skipped where values
     do not exist (meta tensors) or cannot be checked (inside torch.func transforms). A small
     CPU tensor (a decoding step's lambda) is read once on the host instead of reduced."""
-    if lambda_.is_meta or torch._C._functorch.is_functorch_wrapped_tensor(lambda_):
-        return
-    if lambda_.is_cpu and lambda_.numel() <= _HOST_READ_NUMEL and \
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor(lambda_)
+    if lambda_.is_cpu and not wrapped and lambda_.numel() <= _HOST_READ_NUMEL and \
             not torch.compiler.is_compiling():
         values = lambda_.tolist() if lambda_.dim() == 1 else lambda_.reshape(-1).tolist()
         if not all(map(math.isfinite, values)):
             raise ValueError(_LAMBDA_NOT_FINITE)
-        return
-    check_values(torch.isfinite(lambda_).all(), _LAMBDA_NOT_FINITE)
+    elif not (lambda_.is_meta or wrapped):
+        check_values(torch.isfinite(lambda_).all(), _LAMBDA_NOT_FINITE)
 
 
 def resolve_lambda_vectors(lambda_, lambda_vectors, lambda_init, q: Tensor):

@@ -47,13 +47,18 @@ except ImportError:  # no triton: resolve_backend never picks "triton"
 
 # ------------------------------------------------------------------ running
 def _autocast(q: Tensor, k: Tensor, v: Tensor):
-    """Under autocast, float32 inputs run in the autocast dtype (as SDPA does)."""
-    device_type = q.device.type
-    if q.dtype == torch.float32 and _autocast_available(device_type) and \
-            torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
+    """Under autocast, float32 inputs run in the autocast dtype (as SDPA does); each with a
+    contiguous last dimension."""
+    if q.dtype == torch.float32 and _autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    if q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1:
+        return q, k, v
     return last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    return _autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 _AUTOCAST_AVAILABLE: dict = {}
@@ -70,7 +75,7 @@ def _autocast_available(device_type: str) -> bool:
 def _autocast_off(device_type: str):
     """A context without autocast for the torch path's own dtype handling (nothing to switch
     off, and no autocast context to enter, where autocast is not on)."""
-    if _autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    if _autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
@@ -122,24 +127,30 @@ def _run_dense(q, k, v, lambda_, backend, *, v2: bool, causal, key_padding_mask,
         result = fused_attention(q, k, v, lam, _mask_for_kernels(key_padding_mask), norm_weight,
                                  call, return_lse=return_lse)
         return (result[0], fused_lse(result[1], lse_dtype(q))) if return_lse else result
-    with _autocast_off(q.device.type):
-        if v2:
-            out = diff_attention_v2_torch(q, k, v, lambda_, causal=causal,
-                                          key_padding_mask=key_padding_mask, scale=scale,
-                                          dropout_p=dropout_p, attn_bias=attn_mask,
-                                          window_size=window_size, **score_options)
-        else:
-            lam = expand_lambda(lambda_, q.shape[2] // 2, acc_dtype, q.device)
-            out = diff_attention_torch(q, k, v, lam, causal=causal,
-                                       key_padding_mask=key_padding_mask, scale=scale,
-                                       norm_weight=norm_weight, eps=eps, out_scale=out_scale,
-                                       dropout_p=dropout_p, attn_bias=attn_mask,
-                                       window_size=window_size, **score_options)
-        if not return_lse:
-            return out
-        return out, softmax_lse_torch(q, k, key_pair=not v2, scale=scale, causal=causal,
-                                      key_padding_mask=key_padding_mask, attn_bias=attn_mask,
+    if _autocast_enabled(q.device.type):  # the torch path casts itself: again, autocast off
+        with torch.autocast(q.device.type, enabled=False):
+            return _run_dense(q, k, v, lambda_, backend, v2=v2, causal=causal,
+                              key_padding_mask=key_padding_mask, scale=scale,
+                              norm_weight=norm_weight, eps=eps, out_scale=out_scale,
+                              dropout_p=dropout_p, attn_mask=attn_mask,
+                              window_size=window_size, return_lse=return_lse, **score_options)
+    if v2:
+        out = diff_attention_v2_torch(q, k, v, lambda_, causal=causal,
+                                      key_padding_mask=key_padding_mask, scale=scale,
+                                      dropout_p=dropout_p, attn_bias=attn_mask,
                                       window_size=window_size, **score_options)
+    else:
+        lam = expand_lambda(lambda_, q.shape[2] // 2, acc_dtype, q.device)
+        out = diff_attention_torch(q, k, v, lam, causal=causal,
+                                   key_padding_mask=key_padding_mask, scale=scale,
+                                   norm_weight=norm_weight, eps=eps, out_scale=out_scale,
+                                   dropout_p=dropout_p, attn_bias=attn_mask,
+                                   window_size=window_size, **score_options)
+    if not return_lse:
+        return out
+    return out, softmax_lse_torch(q, k, key_pair=not v2, scale=scale, causal=causal,
+                                  key_padding_mask=key_padding_mask, attn_bias=attn_mask,
+                                  window_size=window_size, **score_options)
 
 
 # ------------------------------------------------------------------ public API

@@ -211,3 +211,26 @@ def test_a_plain_step_appends_and_reads_views_of_the_caches(v2, lengths, n_new, 
     torch.testing.assert_close(k_cache[:, :end], keys)
     torch.testing.assert_close(v_cache[:, :end], values)
     assert k_cache[:, end:].isnan().all() and v_cache[:, end:].isnan().all()
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_the_torch_path_under_autocast_runs_in_the_autocast_dtype(v2):
+    """CPU autocast to bf16: float32 inputs run in bf16 (as SDPA does), the output is bf16,
+    the gradients come back in float32, autocast is still on after the call, and the result
+    is the float64 reference's within bf16's precision."""
+    g = torch.Generator().manual_seed(7)
+    H, Hk, d = 2, 1, 16
+    q = torch.randn(2, 6, 2 * H, d, generator=g, requires_grad=True)
+    k = torch.randn(2, 9, Hk if v2 else 2 * Hk, d, generator=g, requires_grad=True)
+    v = torch.randn(2, 9, Hk, d if v2 else 2 * d, generator=g, requires_grad=True)
+    lam = torch.rand(H, generator=g) * 0.8
+    op, reference = (diff_attention_v2, diff_attention_v2_ref) if v2 else \
+        (diff_attention, diff_attention_ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = op(q, k, v, lambda_=lam, causal=True, backend="torch")
+        assert torch.is_autocast_enabled("cpu")
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert q.grad.dtype == k.grad.dtype == v.grad.dtype == torch.float32
+    ref = reference(*(t.detach().double() for t in (q, k, v)), lam.double(), causal=True)
+    assert_close_rel("autocast", out, ref, torch.bfloat16, 3e-2)

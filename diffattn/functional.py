@@ -127,7 +127,7 @@ def _run_dense(q, k, v, lambda_, backend, *, v2: bool, causal, key_padding_mask,
         result = fused_attention(q, k, v, lam, _mask_for_kernels(key_padding_mask), norm_weight,
                                  call, return_lse=return_lse)
         return (result[0], fused_lse(result[1], lse_dtype(q))) if return_lse else result
-    if _autocast_enabled(q.device.type):  # the torch path casts itself: again, autocast off
+    if _autocast_enabled(q.device.type):  # the torch path handles its dtypes: autocast off
         with torch.autocast(q.device.type, enabled=False):
             return _run_dense(q, k, v, lambda_, backend, v2=v2, causal=causal,
                               key_padding_mask=key_padding_mask, scale=scale,

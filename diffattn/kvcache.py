@@ -298,15 +298,15 @@ def _check_option_values(seqlens: Tensor, n_new: int, cache_batch_idx: Optional[
 
 
 # ------------------------------------------------------------------ pieces
-def append_to_cache(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, seqlens: Tensor,
-                    block_table: Optional[Tensor] = None,
+def append_to_cache(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor,
+                    seqlens: Optional[Tensor], block_table: Optional[Tensor] = None,
                     cache_batch_idx: Optional[Tensor] = None, *,
                     start: Optional[int] = None) -> None:
     """Write k, v (B, Nnew, ...) into the caches in place at positions seqlens[b] + i
     (through the block table when paged; into cache row cache_batch_idx[b] when given). Index
     writes, no host synchronisation. ``start``: seqlens' common value when the caller knows
     it on the host (every sequence equally long): a contiguous cache is then written as one
-    slice per tensor."""
+    slice per tensor, and seqlens is not read (it may be None)."""
     B, n_new = k.shape[0], k.shape[1]
     if start is not None and block_table is None and cache_batch_idx is None:
         k_cache[:, start:start + n_new] = k
@@ -392,11 +392,11 @@ def _torch_attention(q, k_cache, v_cache, lengths, block_table, lambda_, causal,
     known = known_lengths if plain else None
     if known is not None and min(known, default=0) > 0:
         longest = max(known)
+        if min(known) == longest:
+            return _attend_first_rows(q, keys, values, longest, lambda_, causal, scale,
+                                      norm_weight, eps, out_scale, v2, score_options)
         if longest < keys.shape[1]:
             keys, values = keys[:, :longest], values[:, :longest]
-        if min(known) == longest:  # bottom-right causal: one query sees every key
-            return _attend(q, keys, values, lambda_, causal and n_q > 1, scale, norm_weight,
-                           eps, out_scale, v2, **score_options)
     if cache_batch_idx is not None:
         keys, values = keys[cache_batch_idx.long()], values[cache_batch_idx.long()]
     masked = kvcache_masked(lengths, n_q, keys.shape[1], causal)
@@ -576,20 +576,16 @@ def _equal_host_length(cache_seqlens, capacity: int) -> Optional[int]:
     return known[0]
 
 
-def _plain_step(q, k_cache, v_cache, k, v, start: int, lambda_, causal, scale, norm_weight,
-                eps, out_scale, v2, score_options):
-    """The torch path of a step with none of the options whose B > 0 sequences all hold
-    ``start`` cached keys, and at least one key after the append (start + Nnew within the
-    capacity): the new keys appended as one slice, the attention over views of the caches'
-    first start + Nnew rows (nothing masked, nothing copied; causal: bottom-right aligned)."""
-    end = start if k is None else start + k.shape[1]
-    if end > start:
-        k_cache[:, start:end] = k
-        v_cache[:, start:end] = v
-    if end < k_cache.shape[1]:
-        k_cache, v_cache = k_cache.narrow(1, 0, end), v_cache.narrow(1, 0, end)
-    return _attend(q, k_cache, v_cache, lambda_, causal and q.shape[1] > 1, _scale(q, scale),
-                   norm_weight, eps, out_scale, v2, **score_options)
+def _attend_first_rows(q, keys, values, end: int, lambda_, causal, scale, norm_weight, eps,
+                       out_scale, v2, score_options):
+    """The attention when every sequence's keys are exactly the first ``end`` > 0 rows of
+    keys and values (B, M, heads, dim, logical order): over views of those rows, nothing
+    masked or copied, the rows past them never read; causal bottom-right (one query sees
+    every key)."""
+    if end < keys.shape[1]:
+        keys, values = keys.narrow(1, 0, end), values.narrow(1, 0, end)
+    return _attend(q, keys, values, lambda_, causal and q.shape[1] > 1, scale, norm_weight,
+                   eps, out_scale, v2, **score_options)
 
 
 def _scale(q: Tensor, scale) -> float:
@@ -615,8 +611,11 @@ def run_with_kvcache(q, k_cache, v_cache, lambda_, backend, *, k=None, v=None,
             not return_softmax_lse:  # a plain step: equal lengths known on the host?
         start = _equal_host_length(cache_seqlens, capacity)
         if start is not None and B and 0 <= start and 0 < start + n_new <= capacity:
-            return _plain_step(q, k_cache, v_cache, k, v, start, lambda_, causal, scale,
-                               norm_weight, eps, out_scale, v2, score_options)
+            if n_new:
+                append_to_cache(k_cache, v_cache, k, v, None, start=start)
+            return _attend_first_rows(q, k_cache, v_cache, start + n_new, lambda_, causal,
+                                      _scale(q, scale), norm_weight, eps, out_scale, v2,
+                                      score_options)
     if cache_seqlens is None or isinstance(cache_seqlens, int):
         start = capacity if cache_seqlens is None else cache_seqlens
         seqlens = torch.full((B,), start, dtype=torch.int32, device=q.device)

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .lambdas import expand_lambda, lambda_for_maps
+from .lambdas import lambda_for_maps
 from .masks import causal_keep_mask
 from .reference import differential_maps  # noqa: F401  (the materialised scores)
 
